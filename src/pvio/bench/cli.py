@@ -1,0 +1,15 @@
+"""`pvio bench`: one subcommand per layer."""
+
+from __future__ import annotations
+
+import click
+
+from pvio.cli.lazy import LazyGroup
+
+#: name -> ("module:command", one-line help).  Each layer adds its line here.
+BENCHMARKS: dict[str, tuple[str, str]] = {}
+
+
+@click.group(cls=LazyGroup, lazy=BENCHMARKS)
+def bench() -> None:
+    """Benchmarks: pvio next to what users would pick instead, as ratios in one run."""

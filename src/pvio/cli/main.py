@@ -1,0 +1,26 @@
+"""The `pvio` command: one entry point, subcommands loaded lazily."""
+
+from __future__ import annotations
+
+import click
+
+from pvio import __version__
+from pvio.cli.lazy import LazyGroup
+
+#: name -> ("module:command", one-line help).  Each subsystem adds its line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pvio")
+def cli() -> None:
+    """pvio: paravirtual I/O (Xen split drivers and lguest devices) between Linux processes.
+
+    Start with `pvio up`; the guided tour of the code is TOUR.md.
+    """
+
+
+def main() -> None:
+    cli()

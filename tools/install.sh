@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Shared by tools/test.sh and the README's commands: install pvio and what it talks to.
+# Debian packages are the real peers pvio is tested against (Xen's headers and XenStore
+# clients, QEMU's and libnbd's NBD clients, fio, the kernel's tools); Python packages go
+# into a virtual environment at .venv so the system Python is left alone.
+set -euo pipefail
+
+VENV="${PVIO_VENV:-$PWD/.venv}"
+
+# gcc + libxen-dev: the C layout probe and C ring/blkif peers (gcc-multilib for -m32);
+# xenstore-utils, python3-pyxs: Xen's own XenStore clients; qemu-utils, libnbd-bin,
+# nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
+# mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN.
+DEBIAN_PACKAGES=(
+  gcc gcc-multilib libc6-dev libxen-dev python3-venv
+  xenstore-utils python3-pyxs
+  qemu-utils libnbd-bin nbdfuse fio
+  fuse3 e2fsprogs util-linux
+  iproute2 iperf3 iputils-ping
+)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+install_debian_packages() {
+  local missing=()
+  for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    step "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+}
+
+install_python_env() {
+  local extra="${1:-}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    step "python3 -m venv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  step "pip install -e .${extra:+[$extra]}"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".${extra:+[$extra]}"
+}
+
+# Run directly (as the README's first command does): install everything.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  install_debian_packages
+  install_python_env
+  step "pvio is installed: $VENV/bin/pvio"
+fi
