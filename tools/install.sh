@@ -13,8 +13,9 @@ VENV="${PVIO_VENV:-$PWD/.venv}"
 # nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
 # mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN.
 DEBIAN_PACKAGES=(
-  gcc gcc-multilib libc6-dev libxen-dev python3-venv libatomic1
+  gcc gcc-multilib libc6-dev libxen-dev python3-venv
   xenstore-utils python3-pyxs
+  libatomic1
   qemu-utils libnbd-bin nbdfuse fio
   fuse3 e2fsprogs util-linux
   iproute2 iperf3 iputils-ping
