@@ -66,15 +66,17 @@ def _as_bytes_view(mem: memoryview | bytearray) -> memoryview:
 class RingMemory:
     """The 2**order pages of a shared ring, contiguous or not.
 
-    `pages` is one writable buffer of 1, 2, 4, 8 or 16 pages, or a sequence of that many
-    writable 4 KiB page buffers (each page-aligned in its own mapping).
+    `pages` is one writable buffer of 1, 2, 4, 8 or 16 pages (alone or as the only item
+    of a sequence), or a sequence of that many writable 4 KiB page buffers (each
+    page-aligned in its own mapping).
     """
 
     __slots__ = ("nbytes", "order", "pages")
 
     def __init__(self, pages: memoryview | bytearray | Sequence[memoryview | bytearray]) -> None:
-        if isinstance(pages, memoryview | bytearray):
-            whole = _as_bytes_view(pages)
+        if isinstance(pages, memoryview | bytearray) or len(pages) == 1:
+            whole = _as_bytes_view(pages if isinstance(pages, memoryview | bytearray)
+                                   else pages[0])
             views = [whole]
             nbytes = len(whole)
         else:
@@ -83,8 +85,6 @@ class RingMemory:
                 if len(p) != XEN_PAGE_SIZE:
                     raise ValueError(f"ring page {i} is {len(p)} bytes, not {XEN_PAGE_SIZE}")
             nbytes = XEN_PAGE_SIZE * len(views)
-            if len(views) == 1:
-                views = [views[0]]
         npages, rem = divmod(nbytes, XEN_PAGE_SIZE)
         if rem or npages == 0 or npages & (npages - 1) or npages > 1 << MAX_RING_PAGE_ORDER:
             raise ValueError(
