@@ -7,7 +7,9 @@ import click
 from pvio.cli.lazy import LazyGroup
 
 #: name -> ("module:command", one-line help).  Each layer adds its line here.
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "ring": ("pvio.bench.ring:ring", "Round trips/s through an io/ring.h front/back pair."),
+}
 
 
 @click.group(cls=LazyGroup, lazy=BENCHMARKS)
