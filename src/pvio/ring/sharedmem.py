@@ -35,16 +35,18 @@ little-endian standard-size integers byte by byte, which could tear.)
   gives that for free: each memoryview access is a separate C call made by the
   interpreter, through pointers the C compiler cannot see past, in program order.  The
   ``full`` barrier needs a real store-load fence.
-* **arm64** (and anything else): every ordering point needs a barrier instruction.
-  ``acquire`` is ``dmb ishld``, ``release`` and ``full`` are ``dmb ish``.
+* **arm64** (and anything else): every ordering point needs a barrier instruction, so
+  ``acquire`` and ``release`` call the fence too (``dmb ishld`` / ``dmb ish`` would do;
+  libatomic may give the full ``dmb ish`` for every order: stronger, never weaker).
 
 Where the fence comes from
 --------------------------
 Python has no fence.  pvio calls ``atomic_thread_fence`` in GCC's libatomic (the
 ``libatomic1`` package, part of every GCC toolchain, well kept with the compiler) through
-ctypes: on x86-64 it is ``lock orq $0,(%rsp)``, a full barrier; on arm64 a ``dmb``.  Its
-cost (measured with ``pvio bench ring``, which prints a fence table) is that of one ctypes
-call, about 0.2-0.3 µs, paid once per push and once per final check, not per entry.
+ctypes.  Its out-of-line definition is sequentially consistent whatever order it is
+passed: on x86-64 it disassembles to ``lock orq $0,(%rsp)``, a full barrier; on arm64 it
+is a ``dmb``.  Its cost (``pvio bench ring`` prints a fence table) is that of one
+ctypes call, about 0.25 µs, paid once per push and once per final check, not per entry.
 
 Alternatives rejected:
 
