@@ -175,9 +175,13 @@ def test_wrong_sizes_are_local_errors() -> None:
     _, front, back = pair()
     with pytest.raises(RingUsageError, match="bytes"):
         front.put_request(b"short")
-    with pytest.raises(RingUsageError):
-        front.put_requests([req(0), b"short"])
-    assert front.req_prod_pvt == 1  # the good one before the bad one went in
+    before = front.sring.memory.tobytes()
+    for bad in ([req(0), b"short"], iter([req(0), req(1), b"x" * 200])):
+        with pytest.raises(RingUsageError):
+            front.put_requests(bad)
+    assert front.req_prod_pvt == 0  # nothing of a bad batch went in
+    assert front.sring.memory.tobytes() == before
+    front.put_request(req(0))
     front.push_requests()
     back.take_requests()
     with pytest.raises(RingUsageError):

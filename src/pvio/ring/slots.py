@@ -126,3 +126,18 @@ class RingMemory:
 def slot_views(memory: RingMemory, entry_size: int, nr_ents: int, size: int) -> list[SlotView]:
     """A view of the first `size` bytes of each of the `nr_ents` slots."""
     return [memory.view(SRING_RING_OFFSET + i * entry_size, size) for i in range(nr_ents)]
+
+
+def write_run(area: memoryview, first: int, entries: Sequence[bytes], nr_ents: int,
+              entry_size: int) -> None:
+    """Write whole-slot `entries` (each exactly `entry_size` bytes) from slot `first` on.
+
+    One store per run of consecutive slots (at most two, because of the wrap).
+    """
+    i, n = 0, len(entries)
+    while i < n:
+        k = min(n - i, nr_ents - first)
+        start = first * entry_size
+        area[start : start + k * entry_size] = b"".join(entries[i : i + k])
+        i += k
+        first = 0

@@ -53,6 +53,7 @@ reading entries through struct formats here (a second declaration of the layouts
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 from pvio.abi.blkif import ABI_NATIVE, BlkifABI
@@ -60,7 +61,7 @@ from pvio.abi.ring import RING_IDX_MASK, SRING_HEADER, SRING_RING_OFFSET, const_
 from pvio.ring.errors import RingBroken, RingUsageError
 from pvio.ring.notify import notify_needed
 from pvio.ring.sharedmem import SringIndices
-from pvio.ring.slots import RingMemory, SlotView, slot_views
+from pvio.ring.slots import RingMemory, SlotView, slot_views, write_run
 
 _M = RING_IDX_MASK
 
@@ -85,8 +86,8 @@ class SharedRing:
     `rsp_size` are the request's and response's sizes (each at most `entry_size`).
     """
 
-    __slots__ = ("entry_size", "indices", "memory", "nr_ents", "req_size", "req_views",
-                 "rsp_size", "rsp_views")
+    __slots__ = ("area", "entry_size", "indices", "memory", "nr_ents", "req_size",
+                 "req_views", "rsp_size", "rsp_views")
 
     def __init__(self, pages: PagesLike, *, entry_size: int, req_size: int, rsp_size: int) -> None:
         if not 0 < req_size <= entry_size or not 0 < rsp_size <= entry_size:
@@ -104,6 +105,13 @@ class SharedRing:
                                                     req_size)
         self.rsp_views: list[SlotView] = slot_views(self.memory, entry_size, self.nr_ents,
                                                     rsp_size)
+        #: The slot array as one view when the memory is contiguous: the fast path copies
+        #: runs of consecutive slots at once.  None for scattered pages.
+        self.area: memoryview | None = None
+        if self.memory.contiguous:
+            self.area = self.memory.pages[0][
+                SRING_RING_OFFSET : SRING_RING_OFFSET + self.nr_ents * entry_size
+            ]
 
     @classmethod
     def for_blkif(cls, pages: PagesLike, abi: BlkifABI = ABI_NATIVE) -> SharedRing:
@@ -139,14 +147,61 @@ class SharedRing:
 class _End:
     """What both ends share: geometry, and the broken flag."""
 
-    __slots__ = ("_broken", "_mask", "_name", "nr_ents", "sring")
+    __slots__ = ("_area", "_broken", "_entry_size", "_mask", "_name", "nr_ents", "sring")
 
     def __init__(self, sring: SharedRing, name: str) -> None:
         self.sring = sring
         self.nr_ents = sring.nr_ents  # RING_SIZE
         self._mask = sring.nr_ents - 1
+        self._area = sring.area
+        self._entry_size = sring.entry_size
         self._broken: RingBroken | None = None
         self._name = name
+
+    def _batch(self, entries: Iterable[bytes], room: int, size: int, what: str) -> list[bytes]:
+        """Up to `room` of `entries`, all checked to be `size` bytes before any is written."""
+        if isinstance(entries, list):
+            batch = entries if len(entries) <= room else entries[:room]
+        else:
+            batch = list(itertools.islice(entries, room))
+        if batch and set(map(len, batch)) != {size}:
+            bad = next(len(e) for e in batch if len(e) != size)
+            raise RingUsageError(f"{what} is {bad} bytes, not {size}")
+        return batch
+
+    def _copy_out(self, views: list[SlotView], first: int, count: int) -> list[bytes]:
+        """Copy `count` entries out of shared memory, from ring index `first` on.
+
+        Iterating over a slice of the precomputed slot views is the fastest way CPython
+        offers (faster than one bulk copy then slicing it), contiguous or scattered.
+        """
+        s = first & self._mask
+        e = s + count
+        if e <= self.nr_ents:
+            return [v.tobytes() for v in views[s:e]]
+        return [v.tobytes() for v in views[s:]] + [v.tobytes() for v in views[: e - self.nr_ents]]
+
+    def _copy_in(self, views: list[SlotView], first: int, batch: list[bytes],
+                 size: int) -> None:
+        """Write `batch` into the slots from ring index `first` on.
+
+        Fast path: whole-slot entries into contiguous memory go in one store per run of
+        consecutive slots.  Otherwise one store per slot (a SplitSlot does two).
+        """
+        n = len(batch)
+        s = first & self._mask
+        if self._area is not None and size == self._entry_size and n > 1:
+            write_run(self._area, s, batch, self.nr_ents, size)
+            return
+        head = self.nr_ents - s
+        if n <= head:
+            for view, entry in zip(views[s : s + n], batch, strict=True):
+                view[:] = entry
+            return
+        for view, entry in zip(views[s:], batch[:head], strict=True):
+            view[:] = entry
+        for view, entry in zip(views[: n - head], batch[head:], strict=True):
+            view[:] = entry
 
     @property
     def broken(self) -> RingBroken | None:
@@ -218,23 +273,17 @@ class FrontRing(_End):
         self.req_prod_pvt = (pvt + 1) & _M
 
     def put_requests(self, requests: Iterable[bytes]) -> int:
-        """Write as many of `requests` as there are free slots; returns how many."""
+        """Write as many of `requests` as there are free slots; returns how many.
+
+        Every request taken is checked to be request-sized before any is written.
+        """
         self._check_usable()
-        size = self.req_size
         pvt = self.req_prod_pvt
         free = self.nr_ents - ((pvt - self.rsp_cons) & _M)
-        views, mask = self._req_views, self._mask
-        n = 0
-        for request in requests:
-            if n == free:
-                break
-            if len(request) != size:
-                self.req_prod_pvt = (pvt + n) & _M
-                raise RingUsageError(f"request is {len(request)} bytes, not {size}")
-            views[(pvt + n) & mask][:] = request
-            n += 1
-        self.req_prod_pvt = (pvt + n) & _M
-        return n
+        batch = self._batch(requests, free, self.req_size, "request")
+        self._copy_in(self._req_views, pvt, batch, self.req_size)
+        self.req_prod_pvt = (pvt + len(batch)) & _M
+        return len(batch)
 
     def push_requests(self) -> None:
         """RING_PUSH_REQUESTS: publish req_prod_pvt."""
@@ -283,8 +332,7 @@ class FrontRing(_End):
         if max_count is not None and max_count < avail:
             avail = max(max_count, 0)
         cons = self.rsp_cons
-        views, mask = self._rsp_views, self._mask
-        out = [views[(cons + k) & mask].tobytes() for k in range(avail)]
+        out = self._copy_out(self._rsp_views, cons, avail)
         self.rsp_cons = (cons + avail) & _M
         return out
 
@@ -369,8 +417,7 @@ class BackRing(_End):
         if max_count is not None and max_count < avail:
             avail = max(max_count, 0)
         cons = self.req_cons
-        views, mask = self._req_views, self._mask
-        out = [views[(cons + k) & mask].tobytes() for k in range(avail)]
+        out = self._copy_out(self._req_views, cons, avail)
         self.req_cons = (cons + avail) & _M
         return out
 
@@ -392,23 +439,17 @@ class BackRing(_End):
         self.rsp_prod_pvt = (pvt + 1) & _M
 
     def put_responses(self, responses: Iterable[bytes]) -> int:
-        """Write as many of `responses` as there are consumed requests; returns how many."""
+        """Write as many of `responses` as there are consumed requests; returns how many.
+
+        Every response taken is checked to be response-sized before any is written.
+        """
         self._check_usable()
-        size = self.rsp_size
         pvt = self.rsp_prod_pvt
         room = (self.req_cons - pvt) & _M
-        views, mask = self._rsp_views, self._mask
-        n = 0
-        for response in responses:
-            if n == room:
-                break
-            if len(response) != size:
-                self.rsp_prod_pvt = (pvt + n) & _M
-                raise RingUsageError(f"response is {len(response)} bytes, not {size}")
-            views[(pvt + n) & mask][:] = response
-            n += 1
-        self.rsp_prod_pvt = (pvt + n) & _M
-        return n
+        batch = self._batch(responses, room, self.rsp_size, "response")
+        self._copy_in(self._rsp_views, pvt, batch, self.rsp_size)
+        self.rsp_prod_pvt = (pvt + len(batch)) & _M
+        return len(batch)
 
     def push_responses(self) -> None:
         """RING_PUSH_RESPONSES: publish rsp_prod_pvt."""
