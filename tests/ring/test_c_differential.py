@@ -228,25 +228,27 @@ def test_stress_c_and_python_never_lose_a_wakeup(
     assert f"{c_role} done 6000" in out
 
 
-def test_stress_python_and_python_never_lose_a_wakeup(tmp_path: Path) -> None:
-    """Two Python processes: this one the back, a child the front."""
-    order, count = 0, 6000
+@pytest.mark.parametrize("child_role", ["front", "back"])
+def test_stress_python_and_python_never_lose_a_wakeup(tmp_path: Path, child_role: str) -> None:
+    """Two Python processes: a child plays `child_role`, this process the other end."""
+    order, count = 0, 4000
     path = ring_file(tmp_path / "py.ring", order)
     to_child = os.eventfd(0)
     to_us = os.eventfd(0)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen(
-        [sys.executable, str(PEER_PY), "stress", "front", str(path), str(order), str(START),
-         str(count), str(to_child), str(to_us), "5", "native"],
+        [sys.executable, str(PEER_PY), "stress", child_role, str(path), str(order),
+         str(START), str(count), str(to_child), str(to_us), "5", "native"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         pass_fds=(to_child, to_us),
     )
     try:
         sring = SharedRing.for_blkif(map_pages(path, order, scattered=False), ABI_NATIVE)
-        stress_back(sring, ABI_NATIVE, START, count, to_us, to_child, 11)
+        run = stress_back if child_role == "front" else stress_front
+        run(sring, ABI_NATIVE, START, count, to_us, to_child, 11)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, (proc.returncode, err, out)
-        assert f"front done {count}" in out
+        assert f"{child_role} done {count}" in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -105,8 +105,8 @@ class SharedRing:
                                                     req_size)
         self.rsp_views: list[SlotView] = slot_views(self.memory, entry_size, self.nr_ents,
                                                     rsp_size)
-        #: The slot array as one view when the memory is contiguous: the fast path copies
-        #: runs of consecutive slots at once.  None for scattered pages.
+        #: The slot array as one view when the memory is contiguous: the fast path writes
+        #: runs of whole-slot entries with one store.  None for scattered pages.
         self.area: memoryview | None = None
         if self.memory.contiguous:
             self.area = self.memory.pages[0][
