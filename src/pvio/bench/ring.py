@@ -8,9 +8,8 @@ the min..max.  The baseline, measured in the same run and interleaved with it, i
 same entries through a UNIX socketpair (the usual way to pass messages between processes
 without shared memory), both ends in this process, a batch per send, split into one
 bytes object per entry on receipt as the ring's consumer gets them; the ratio is pvio's
-rate over the baseline's.  A second table prices
-the fence pvio uses (libatomic's atomic_thread_fence through ctypes) next to a system call
-and a no-op call.
+rate over the baseline's.  A second table prices the fence pvio uses (libatomic's
+atomic_thread_fence through ctypes) next to a system call and a no-op call.
 """
 
 from __future__ import annotations

@@ -33,8 +33,11 @@ little-endian standard-size integers byte by byte, which could tear.)
   not with later stores; only a store followed by a load may be reordered (through the
   store buffer).  So ``acquire`` and ``release`` need only a *compiler* barrier, and CPython
   gives that for free: each memoryview access is a separate C call made by the
-  interpreter, through pointers the C compiler cannot see past, in program order.  The
-  ``full`` barrier needs a real store-load fence.
+  interpreter, through pointers the C compiler cannot see past, in program order.  Entry
+  copies may be ``memcpy`` with ``rep movsb``: the SDM (8.2.4) keeps string-operation
+  stores ordered with other stores, and glibc uses non-temporal stores only for copies
+  of megabytes (and fences them); a ring's copies are at most 64 KiB.  The ``full``
+  barrier needs a real store-load fence.
 * **arm64** (and anything else): every ordering point needs a barrier instruction, so
   ``acquire`` and ``release`` call the fence too (``dmb ishld`` / ``dmb ish`` would do;
   libatomic may give the full ``dmb ish`` for every order: stronger, never weaker).

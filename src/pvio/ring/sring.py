@@ -46,7 +46,8 @@ was.  The checks are a little stricter than io/ring.h's *_PROD_OVERFLOW macros, 
 accept a producer index that moved backwards; a peer that does so is broken too.
 
 What this deliberately does not do: notify (the caller owns the event channel and is
-told when to kick it), wait, allocate ids, or interpret entries.  Alternatives rejected:
+told when to kick it), wait, lock (an end belongs to one thread, as in C), allocate ids,
+or interpret entries.  Alternatives rejected:
 a ring class per protocol (the ring is generic over sizes; blkif is `for_blkif`), and
 reading entries through struct formats here (a second declaration of the layouts).
 """
