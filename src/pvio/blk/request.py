@@ -1,0 +1,278 @@
+"""blkif requests: parse the bytes copied out of the ring, validate, describe the I/O.
+
+Theory of operation
+-------------------
+blkback never looks at a request in shared memory twice.  The ring hands it a *copy* of
+the slot (bytes); `parse_request` turns that copy into an immutable `BlkifRequest`;
+`validate` checks it against the disk it targets and either returns a `DiskIO` — the
+exact byte ranges of the disk and of each granted page to move — or raises
+`BlkifRequestError` carrying the BLKIF_RSP_* status to answer with.  Nothing here touches
+grants, files or rings: the engine that maps grants and does the I/O consumes `DiskIO`.
+
+Checks, and where they come from (Linux blkback `dispatch_rw_block_io`, QEMU xen-block
+`xen_block_parse_request`):
+
+- an operation pvio does not serve (unknown, RESERVED_1, INDIRECT, DISCARD without
+  `feature-discard`, FLUSH/BARRIER without their feature) → BLKIF_RSP_EOPNOTSUPP;
+- READ/WRITE with 0 segments, or any request with more than 11 → BLKIF_RSP_ERROR;
+- a segment whose last_sect is past the page or before first_sect → BLKIF_RSP_ERROR;
+- an access that ends past the end of the disk → BLKIF_RSP_ERROR;
+- a write (WRITE, BARRIER or FLUSH with data, DISCARD) to a read-only disk →
+  BLKIF_RSP_ERROR.
+
+The grant checks (missing, for another domain, read-only for a READ) belong to the
+hypervisor's map/copy and are answered the same way by the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pvio.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_NAMES,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    SECTOR_SIZE,
+    SECTORS_PER_PAGE,
+    BlkifABI,
+)
+
+# T:610 A request, copied out and checked
+# blkback's first act on a request is to copy its slot out of the shared ring: from then
+# on the frontend can scribble over the slot without changing what blkback sees.  The
+# copy is parsed, then checked against the disk: the operation must be one pvio serves,
+# the segment count in range, every segment inside its page, the whole transfer inside
+# the disk, and no write may reach a read-only disk.  A failed check is not an exception
+# that escapes: it becomes a response with BLKIF_RSP_ERROR or BLKIF_RSP_EOPNOTSUPP, and
+# the ring keeps going.  What survives is a `DiskIO`: where on the disk, and which sectors
+# of which granted page, in order.
+# :T
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """struct blkif_request_segment, copied out: one granted page and the sectors used."""
+
+    gref: int
+    first_sect: int
+    last_sect: int
+
+    @property
+    def nsect(self) -> int:
+        return self.last_sect - self.first_sect + 1
+
+    @property
+    def offset(self) -> int:
+        """Byte offset of the data within the granted page."""
+        return self.first_sect * SECTOR_SIZE
+
+    @property
+    def length(self) -> int:
+        return self.nsect * SECTOR_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class BlkifRequest:
+    """A request as the frontend sent it, not yet validated.
+
+    For BLKIF_OP_DISCARD, `segments` is empty and `nr_sectors`/`flag` are set from the
+    struct blkif_request_discard view of the same bytes.
+    """
+
+    operation: int
+    nr_segments: int
+    handle: int
+    id: int
+    sector_number: int
+    segments: tuple[Segment, ...]
+    nr_sectors: int = 0
+    flag: int = 0
+
+    @property
+    def op_name(self) -> str:
+        return BLKIF_OP_NAMES.get(self.operation, f"unknown operation {self.operation}")
+
+
+class BlkifRequestError(Exception):
+    """A request blkback refuses: answered in-band with `status`, never fatal."""
+
+    def __init__(self, request: BlkifRequest, status: int, field: str, reason: str):
+        super().__init__(f"{request.op_name} id={request.id}: {field}: {reason}")
+        self.request = request
+        self.status = status
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What blkback knows about the disk a request targets."""
+
+    sectors: int  # in 512-byte blkif sectors
+    read_only: bool = False
+    feature_flush_cache: bool = True
+    feature_barrier: bool = True
+    feature_discard: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIO:
+    """A validated request: what to do to the disk and with which granted sectors.
+
+    `kind` is "read", "write", "flush" (no data) or "discard".  `write` requests of
+    WRITE_BARRIER/FLUSH_DISKCACHE carry `preflush`/`postflush` (QEMU's presync/postsync):
+    drain and flush before, flush after.
+    """
+
+    request: BlkifRequest
+    kind: str
+    offset: int  # byte offset on the disk
+    length: int  # bytes
+    segments: tuple[Segment, ...]
+    preflush: bool = False
+    postflush: bool = False
+
+    @property
+    def sectors(self) -> int:
+        return self.length // SECTOR_SIZE
+
+
+def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
+    """Parse a request slot already copied out of the ring (at least `abi.request.size`)."""
+    values = abi.request_flat.unpack_from(raw)
+    operation, nr_segments, handle, req_id, sector_number = values[:5]
+    if operation == BLKIF_OP_DISCARD:
+        d = abi.request_discard.packer.unpack_from(raw)
+        # blkif_request_discard: operation, flag, handle, id, sector_number, nr_sectors
+        return BlkifRequest(operation, 0, d[2], d[3], d[4], (), nr_sectors=d[5], flag=d[1])
+    count = min(nr_segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    segs = tuple(
+        Segment(values[5 + 3 * i], values[6 + 3 * i], values[7 + 3 * i]) for i in range(count)
+    )
+    return BlkifRequest(operation, nr_segments, handle, req_id, sector_number, segs)
+
+
+def validate(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
+    """Check `request` against `disk`; return the I/O to do or raise BlkifRequestError."""
+    op = request.operation
+    if op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        return _validate_rw(request, disk, op == BLKIF_OP_WRITE, False, False)
+    if op == BLKIF_OP_WRITE_BARRIER:
+        if not disk.feature_barrier:
+            raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "no barriers")
+        return _flush_or_write(request, disk)
+    if op == BLKIF_OP_FLUSH_DISKCACHE:
+        if not disk.feature_flush_cache:
+            raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "no flush")
+        return _flush_or_write(request, disk)
+    if op == BLKIF_OP_DISCARD:
+        return _validate_discard(request, disk)
+    raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "not supported")
+
+
+def _flush_or_write(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
+    if request.nr_segments == 0:
+        return DiskIO(request, "flush", 0, 0, (), preflush=True)
+    return _validate_rw(request, disk, True, True, True)
+
+
+def _validate_rw(
+    request: BlkifRequest, disk: DiskInfo, write: bool, preflush: bool, postflush: bool
+) -> DiskIO:
+    n = request.nr_segments
+    if n == 0 or n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        raise BlkifRequestError(
+            request, BLKIF_RSP_ERROR, "nr_segments", f"{n} not in 1..{BLKIF_MAX_SEGMENTS_PER_REQUEST}"
+        )
+    total = 0
+    for i, seg in enumerate(request.segments):
+        if seg.last_sect >= SECTORS_PER_PAGE or seg.first_sect > seg.last_sect:
+            raise BlkifRequestError(
+                request,
+                BLKIF_RSP_ERROR,
+                f"seg[{i}]",
+                f"sectors {seg.first_sect}..{seg.last_sect} are not inside one page",
+            )
+        total += seg.nsect
+    if write and disk.read_only:
+        raise BlkifRequestError(request, BLKIF_RSP_ERROR, "operation", "disk is read-only")
+    _check_range(request, disk, request.sector_number, total)
+    return DiskIO(
+        request,
+        "write" if write else "read",
+        request.sector_number * SECTOR_SIZE,
+        total * SECTOR_SIZE,
+        request.segments,
+        preflush=preflush,
+        postflush=postflush,
+    )
+
+
+def _validate_discard(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
+    if not disk.feature_discard:
+        raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "no discard")
+    if disk.read_only:
+        raise BlkifRequestError(request, BLKIF_RSP_ERROR, "operation", "disk is read-only")
+    _check_range(request, disk, request.sector_number, request.nr_sectors)
+    return DiskIO(
+        request, "discard", request.sector_number * SECTOR_SIZE, request.nr_sectors * SECTOR_SIZE, ()
+    )
+
+
+def _check_range(request: BlkifRequest, disk: DiskInfo, start: int, count: int) -> None:
+    if start + count > disk.sectors:
+        raise BlkifRequestError(
+            request,
+            BLKIF_RSP_ERROR,
+            "sector_number",
+            f"sectors {start}..{start + count - 1} end past the disk ({disk.sectors} sectors)",
+        )
+
+
+def build_request(
+    abi: BlkifABI,
+    operation: int,
+    req_id: int,
+    sector_number: int,
+    segments: tuple[Segment, ...] | list[Segment] = (),
+    handle: int = 0,
+) -> bytes:
+    """The bytes of a request slot, as a frontend writes it (used by blkfront and tests)."""
+    if len(segments) > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        raise ValueError(f"{len(segments)} segments > {BLKIF_MAX_SEGMENTS_PER_REQUEST}")
+    flat: list[int] = [operation, len(segments), handle, req_id, sector_number]
+    for seg in segments:
+        flat += (seg.gref, seg.first_sect, seg.last_sect)
+    flat += [0] * (3 * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segments)))
+    return abi.request_flat.pack(*flat)
+
+
+def build_discard(
+    abi: BlkifABI, req_id: int, sector_number: int, nr_sectors: int, flag: int = 0, handle: int = 0
+) -> bytes:
+    raw = abi.request_discard.pack(
+        operation=BLKIF_OP_DISCARD,
+        flag=flag,
+        handle=handle,
+        id=req_id,
+        sector_number=sector_number,
+        nr_sectors=nr_sectors,
+    )
+    return raw + bytes(abi.request.size - len(raw))
+
+
+def build_response(abi: BlkifABI, req_id: int, operation: int, status: int) -> bytes:
+    """struct blkif_response bytes for this ABI."""
+    return abi.response.packer.pack(req_id, operation, status)
+
+
+def parse_response(abi: BlkifABI, raw: bytes) -> tuple[int, int, int]:
+    """(id, operation, status) of a response slot copied out of the ring."""
+    req_id, operation, status = abi.response.packer.unpack_from(raw)
+    return req_id, operation, status

@@ -1,0 +1,103 @@
+"""blkfront's shadow table: a copy of every request in flight, found again by its id.
+
+Theory of operation
+-------------------
+Linux blkfront keeps, for each ring slot's worth of requests, a *shadow*: the request as
+it was sent, the grant references of its pages, and who is waiting for it.  The `id` a
+frontend puts in a request is simply the shadow's index, handed out from a free list, so
+a response finds its request in O(1) — and a response the frontend cannot match is proof
+of a broken or hostile backend.  After a backend reconnect (blkif_recover) the shadows
+are the frontend's memory of what must be sent again.
+
+Checks on every response (`complete`): the id is in range, its shadow is in flight (not
+free, not already completed), and the response's operation is the request's.  Any
+failure raises `BackendProtocolError`, on which blkfront marks the device broken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BackendProtocolError(Exception):
+    """The backend answered something no correct backend can: the device is broken."""
+
+
+@dataclass
+class Shadow:
+    """One request in flight, as the frontend sent it."""
+
+    id: int
+    operation: int
+    sector_number: int
+    request: bytes  # the exact slot bytes, to re-issue on recovery
+    grefs: tuple[int, ...] = ()
+    cookie: Any = None  # the caller's completion handle
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ShadowTable:
+    """Ids 0..size-1 handed out from a free list (lowest first)."""
+
+    def __init__(self, size: int):
+        if size <= 0:
+            raise ValueError("shadow table size must be positive")
+        self.size = size
+        self._slots: list[Shadow | None] = [None] * size
+        self._free: list[int] = list(range(size - 1, -1, -1))
+
+    def __len__(self) -> int:
+        """Requests in flight."""
+        return self.size - len(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def alloc(
+        self,
+        operation: int,
+        sector_number: int,
+        build: Any,
+        grefs: tuple[int, ...] = (),
+        cookie: Any = None,
+    ) -> Shadow:
+        """Take an id, build the request bytes with `build(id)`, and record the shadow."""
+        if not self._free:
+            raise RuntimeError("no free request id: the caller must wait for a response")
+        req_id = self._free.pop()
+        try:
+            raw = build(req_id)
+        except BaseException:
+            self._free.append(req_id)
+            raise
+        shadow = Shadow(req_id, operation, sector_number, bytes(raw), grefs, cookie)
+        self._slots[req_id] = shadow
+        return shadow
+
+    def complete(self, req_id: int, operation: int) -> Shadow:
+        """Match a response to its request and free the id; BackendProtocolError if none."""
+        if not 0 <= req_id < self.size:
+            raise BackendProtocolError(f"response id {req_id} is not a request id")
+        shadow = self._slots[req_id]
+        if shadow is None:
+            raise BackendProtocolError(f"response id {req_id} answers no request in flight")
+        if shadow.operation != operation:
+            raise BackendProtocolError(
+                f"response id {req_id} has operation {operation}, request had {shadow.operation}"
+            )
+        self._slots[req_id] = None
+        self._free.append(req_id)
+        return shadow
+
+    def in_flight(self) -> list[Shadow]:
+        """Every shadow still waiting, oldest id first (for recovery)."""
+        return [s for s in self._slots if s is not None]
+
+    def reset(self) -> list[Shadow]:
+        """Forget every shadow (after recovery has copied them) and free all ids."""
+        pending = self.in_flight()
+        self._slots = [None] * self.size
+        self._free = list(range(self.size - 1, -1, -1))
+        return pending

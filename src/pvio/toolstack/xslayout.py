@@ -1,0 +1,108 @@
+"""The XenStore directories a toolstack writes for a vbd, as libxl writes them.
+
+Pure data: `vbd_add` returns the operations (in order, for one transaction) that create
+a disk's frontend and backend directories, and `vbd_remove_request` the ones that ask
+the backend to disconnect.  The XenStore client runs them; nothing here does I/O.
+
+Paths and permissions (libxl `libxl__device_generic_add`)::
+
+    /local/domain/<fe>/device/vbd/<devid>            perms n<fe> r<be>  guest owns, backend reads
+    /local/domain/<be>/backend/vbd/<fe>/<devid>      perms n<be> r<fe>  backend owns, guest reads
+    /libxl/<fe>/device/vbd/<devid>/{frontend,backend}                   the toolstack's own copy
+
+`<devid>` is the virtual-device number (xvda = 51712).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pvio.toolstack.diskspec import DiskSpec
+
+XENBUS_STATE_INITIALISING = "1"
+XENBUS_STATE_CLOSING = "5"
+
+
+@dataclass(frozen=True)
+class XsOp:
+    """One XenStore operation: "rm", "mkdir", "write" (value) or "set_perms" (perms)."""
+
+    op: str
+    path: str
+    value: str = ""
+    perms: tuple[str, ...] = ()
+
+
+def frontend_path(domid: int, devid: int, kind: str = "vbd") -> str:
+    return f"/local/domain/{domid}/device/{kind}/{devid}"
+
+
+def backend_path(backend_domid: int, domid: int, devid: int, kind: str = "vbd") -> str:
+    return f"/local/domain/{backend_domid}/backend/{kind}/{domid}/{devid}"
+
+
+def libxl_path(domid: int, devid: int, kind: str = "vbd") -> str:
+    return f"/libxl/{domid}/device/{kind}/{devid}"
+
+
+def vbd_add(domid: int, disk: DiskSpec, params: str, backend_domid: int = 0) -> list[XsOp]:
+    """Operations that create a vbd's three directories, for one transaction.
+
+    `params` is what the backend opens (the image path, or an NBD URI for other formats).
+    """
+    devid = disk.vdev.number
+    fe = frontend_path(domid, devid)
+    be = backend_path(backend_domid, domid, devid)
+    lx = libxl_path(domid, devid)
+    fe_keys = {
+        "backend": be,
+        "backend-id": str(backend_domid),
+        "state": XENBUS_STATE_INITIALISING,
+        "virtual-device": str(devid),
+        "device-type": disk.devtype,
+        "trusted": "1" if disk.trusted else "0",
+    }
+    be_keys = {
+        "frontend": fe,
+        "frontend-id": str(domid),
+        "online": "1",
+        "removable": "1" if disk.devtype == "cdrom" else "0",
+        "bootable": "1",
+        "state": XENBUS_STATE_INITIALISING,
+        "dev": disk.vdev.name,
+        "type": disk.backendtype,
+        "mode": "r" if disk.read_only else "w",
+        "device-type": disk.devtype,
+        "params": params,
+        "format": disk.format,
+        "discard-enable": "1" if disk.discard else "0",
+    }
+    ops = [
+        XsOp("rm", fe),
+        XsOp("mkdir", fe),
+        XsOp("set_perms", fe, perms=(f"n{domid}", f"r{backend_domid}")),
+    ]
+    ops += [XsOp("write", f"{fe}/{k}", v) for k, v in fe_keys.items()]
+    ops += [
+        XsOp("rm", be),
+        XsOp("mkdir", be),
+        XsOp("set_perms", be, perms=(f"n{backend_domid}", f"r{domid}")),
+    ]
+    ops += [XsOp("write", f"{be}/{k}", v) for k, v in be_keys.items()]
+    ops += [XsOp("write", f"{lx}/frontend", fe), XsOp("write", f"{lx}/backend", be)]
+    return ops
+
+
+def vbd_remove_request(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
+    """libxl__initiate_device_generic_remove: online=0 and backend state=Closing."""
+    be = backend_path(backend_domid, domid, devid)
+    return [XsOp("write", f"{be}/online", "0"), XsOp("write", f"{be}/state", XENBUS_STATE_CLOSING)]
+
+
+def vbd_destroy(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
+    """After both ends are Closed: remove the three directories."""
+    return [
+        XsOp("rm", frontend_path(domid, devid)),
+        XsOp("rm", backend_path(backend_domid, domid, devid)),
+        XsOp("rm", libxl_path(domid, devid)),
+    ]
