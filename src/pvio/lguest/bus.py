@@ -72,6 +72,7 @@ class BusEvent(enum.Enum):
     PROBE_FAILED = "probe failed"
     REFUSED = "refused"
     DEVICE_FAILED = "device failed"
+    HOST_FAILED = "host failed"
     HOST_REMOVED = "host removed"
     REMOVED_ACKED = "removed acked"
 
@@ -108,6 +109,7 @@ RA = LGUEST_DEVICE_S_REMOVED_ACK
 #   PROBE_FAILED    ACK|DRIVER      DRIVER_OK|FAILED   FAILED       guest  probe returned an error
 #   REFUSED         ACK             DRIVER|FAILED      FAILED       guest  device_register failed
 #   DEVICE_FAILED   ACK|DRIVER_OK   FAILED             FAILED       guest  (pvio) the host broke the protocol
+#   HOST_FAILED     -               FAILED             FAILED       host   (pvio) the guest broke the DMA rules
 #   HOST_REMOVED    -               REMOVED            REMOVED      host   "the Host can set REMOVED"
 #   REMOVED_ACKED   REMOVED         REMOVED_ACK        REMOVED_ACK  guest  "driver has been told"
 #
@@ -120,6 +122,7 @@ STATUS_TABLE: dict[BusEvent, Transition] = {
     BusEvent.PROBE_FAILED: Transition(A | D, OK | F, F, "guest", "probe returned an error"),
     BusEvent.REFUSED: Transition(A, D | F, F, "guest", "device_register failed"),
     BusEvent.DEVICE_FAILED: Transition(A | OK, F, F, "guest", "the host broke the protocol"),
+    BusEvent.HOST_FAILED: Transition(0, F, F, "host", "the guest broke the DMA rules"),
     BusEvent.HOST_REMOVED: Transition(0, R, R, "host", "the Host can set REMOVED"),
     BusEvent.REMOVED_ACKED: Transition(R, RA, RA, "guest", "driver has been told"),
 }
@@ -234,7 +237,20 @@ class DeviceTable:
 
     def remove(self, port: LauncherPort, index: int) -> None:
         """Unplug: the host sets REMOVED; the guest will answer REMOVED_ACK."""
-        status = next_status(self.status(port, index), BusEvent.HOST_REMOVED, who="host")
+        self._host_event(port, index, BusEvent.HOST_REMOVED)
+
+    def fail(self, port: LauncherPort, index: int) -> bool:
+        """The guest broke the rules on this device: mark it FAILED (once)."""
+        if self.status(port, index) & F:
+            return False
+        self._host_event(port, index, BusEvent.HOST_FAILED)
+        return True
+
+    def failed(self, port: LauncherPort, index: int) -> bool:
+        return bool(self.status(port, index) & F)
+
+    def _host_event(self, port: LauncherPort, index: int, event: BusEvent) -> None:
+        status = next_status(self.status(port, index), event, who="host")
         port.write(self.descriptor_addr + index * DESC_SIZE + _STATUS_OFFSET, _STATUS.pack(status))
 
 
@@ -307,8 +323,12 @@ class Bus:
         return value
 
     def set_status(self, index: int, event: BusEvent) -> int:
-        # Read-modify-write of the live field: the host may have set REMOVED meanwhile.
-        status = next_status(self.status(index), event)
+        # Read-modify-write of the live field: the host may have set REMOVED or FAILED
+        # meanwhile.  A device the host already failed stays failed.
+        status = self.status(index)
+        if STATUS_TABLE[event].sets == F and status & F:
+            return status
+        status = next_status(status, event)
         self.port.write(self._status_addr(index), _STATUS.pack(status))
         return status
 
@@ -368,6 +388,10 @@ class Bus:
         except LguestError:
             self.stats.probe_failures += 1
             self.set_status(dev.index, BusEvent.PROBE_FAILED)
+            return None
+        if self.status(dev.index) & F:  # the host failed it while it was probed
+            self.stats.probe_failures += 1
+            driver.remove()
             return None
         self.drivers[dev.index] = driver
         self.set_status(dev.index, BusEvent.PROBE_OK)

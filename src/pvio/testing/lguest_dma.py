@@ -22,6 +22,7 @@ this module with the hypervisor's implementation of the same two ports.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,9 +145,22 @@ class InProcessDmaHost:
 
     # -- the two hypercalls -----------------------------------------------------------
 
+    def _refuse(self, guest: InProcessGuest, key: int) -> None:
+        """A violation: count it, and mark the device that owns `key` FAILED."""
+        guest.stats.violations += 1
+        index = guest.table.index_for_key(key)
+        if index is not None:
+            guest.table.fail(guest.launcher, index)
+
+    def _check_alive(self, guest: InProcessGuest, key: int) -> None:
+        index = guest.table.index_for_key(key)
+        if index is not None and guest.table.failed(guest.launcher, index):
+            raise DmaError(f"device {index} has FAILED", field="key", err=errno.EIO)
+
     def bind(self, guest: InProcessGuest, key: int, dmas: int, count: int, irq: int) -> None:
         try:
             check_key(key, guest.table.device_ranges())
+            self._check_alive(guest, key)
             if irq == 0:
                 self.unbind(guest, key, dmas)
                 return
@@ -155,7 +169,7 @@ class InProcessDmaHost:
             if sum(1 for b in self._all() if b.guest is guest) >= MAX_BINDINGS:
                 raise DmaError(f"more than {MAX_BINDINGS} bindings", field="key")
         except DmaError:
-            guest.stats.violations += 1
+            self._refuse(guest, key)
             raise
         gkey = self._global_key(guest, key)
         self._bindings.setdefault(gkey, []).append(_Binding(guest, key, dmas, count, irq))
@@ -181,14 +195,27 @@ class InProcessDmaHost:
         for lst in self._bindings.values():
             yield from lst
 
+    # T:840 SEND_DMA: the host's copy
+    # A SEND_DMA names a key and one buffer.  The host checks the key (a multiple of 4 in
+    # one of the sender's devices, or the console's 0), copies the buffer's description
+    # out and validates it, then resolves the key as lguest's futex keys did: a key in
+    # pages shared with other guests (the LAN page) reaches the other guest bound there,
+    # and the bytes go straight into its first buffer whose used_len is 0, which gets
+    # used_len set and its interrupt raised; any other key belongs to the sender's own
+    # Launcher device.  The sender's used_len becomes the number of bytes copied.  A
+    # violation is refused with a DmaError, counted against the sender, and the device
+    # owning the key is marked FAILED; no other guest notices.  This module is the test
+    # double; the hypervisor performs the same steps with the same rule functions.
+    # :T
     def send(self, sender: InProcessGuest, key: int, dma: int) -> int:
         mem = sender.memory
         try:
             check_key(key, sender.table.device_ranges())
+            self._check_alive(sender, key)
             check_range(dma, DMA_SIZE, memory_size=mem.size, field="dma")
             buf = parse_dma(mem.read(dma, DMA_SIZE), memory_size=mem.size)
         except DmaError:
-            sender.stats.violations += 1
+            self._refuse(sender, key)
             raise
         data = b"".join(mem.read(s.addr, s.length) for s in buf.sections)
         sender.stats.sends += 1
