@@ -199,54 +199,51 @@ class BlockDevice:
         port.write(self.slot.addr, LGUEST_BLOCK_PAGE.pack(num_sectors=sectors))
 
     # T:860 Block, Launcher side: serve one request, refuse what is wrong
-    # The Launcher wakes on the guest's SEND_DMA to the page's key.  It copies the
-    # request page out once, then finds the guest's bound reply buffer (LHREQ_GETDMA).
-    # A write stores the data sent; a read fills the reply buffer from the image.  The
-    # result is lguest's `1 + (bytes != len)` — 1 when exactly the requested bytes moved.
-    # Where lguest's Launcher exited (offset past the end, no reply buffer) or wrote and
-    # then truncated the image back and killed the guest (a write running past the end),
-    # pvio answers result 2, counts it, and leaves the image untouched.  The result is
-    # written before the reply buffer is filled, because filling it raises the interrupt.
+    # The Launcher wakes on the guest's SEND_DMA to the page's key and copies the request
+    # page out once.  A write stores the data that came with the DMA; a read takes
+    # `bytes` (at most sixteen pages) from the image and delivers it into the reply
+    # buffer the guest bound at the same key.  The result is lguest's
+    # `1 + (bytes != len)`: 1 when exactly the requested bytes moved.  Where lguest's
+    # Launcher exited (an offset past the end, no reply buffer) or wrote, truncated the
+    # image back and killed the guest (a write running past the end), pvio answers
+    # result 2, counts it, and leaves the image untouched.  The result is written before
+    # the reply is delivered, because delivering raises the guest's interrupt.
     # :T
     def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
         if key != self.slot.addr:
             self.stats.stray_keys += 1
             return 0
         req = LGUEST_BLOCK_PAGE.unpack(port.read(self.slot.addr, LGUEST_BLOCK_PAGE.size))
-        reply = port.get_dma(key)
-        if reply is None:
-            self.stats.no_reply_buffer += 1
-            self._result(port, LGUEST_BLOCK_RESULT_ERROR)
-            port.trigger_irq(self.slot.irq)
-            return 0
         offset = req["sector"] * LGUEST_SECTOR_SIZE
         size = self.storage.size
         payload = b""
+        length = -1  # -1: refused
         if req["type"] == LGUEST_BLOCK_WRITE:
             self.stats.writes += 1
-            if offset >= size or len(data) > size - offset:
-                self.stats.refused_writes += 1
-                length = -1
-            else:
+            if offset < size and len(data) <= size - offset:
                 length = self.storage.pwrite(data, offset)
                 self.stats.bytes_written += length
+            else:
+                self.stats.refused_writes += 1
         elif req["type"] == LGUEST_BLOCK_READ:
             self.stats.reads += 1
-            if offset >= size:
-                length = -1
-            else:
-                payload = self.storage.pread(min(reply.buffer.capacity, size - offset), offset)
+            if offset < size:
+                want = min(req["bytes"], MAX_REQUEST_BYTES, size - offset)
+                payload = self.storage.pread(want, offset)
                 length = len(payload)
                 self.stats.bytes_read += length
-        else:
-            length = -1
-        result = LGUEST_BLOCK_RESULT_ERROR
-        if length >= 0:
-            result = 1 + (req["bytes"] != length)
+        result = LGUEST_BLOCK_RESULT_ERROR if length < 0 else 1 + (req["bytes"] != length)
         if result != LGUEST_BLOCK_RESULT_OK:
             self.stats.errors += 1
         self._result(port, result)
-        port.fill(reply, payload)
+        if port.deliver(key, payload) is None:
+            # No reply buffer: the guest broke the protocol.  Still answer, so it can
+            # never hang waiting for this request.
+            self.stats.no_reply_buffer += 1
+            if result == LGUEST_BLOCK_RESULT_OK:
+                self.stats.errors += 1
+            self._result(port, LGUEST_BLOCK_RESULT_ERROR)
+            port.trigger_irq(self.slot.irq)
         return 0
 
     def _result(self, port: LauncherPort, result: int) -> None:

@@ -127,10 +127,9 @@ class ConsoleDevice:
         """Offer terminal input; returns how much the guest's buffer took."""
         if not data:
             return 0
-        bound = port.get_dma(LGUEST_CONSOLE_DMA_KEY)
-        if bound is None:
+        n = port.deliver(LGUEST_CONSOLE_DMA_KEY, data[:CONSOLE_BUFFER])
+        if n is None:
             self.stats.input_busy += 1
             return 0
-        n = port.fill(bound, data[: bound.buffer.capacity])
         self.stats.input_bytes += n
         return n

@@ -20,7 +20,7 @@ over bytes and integers:
 Two interfaces (``typing.Protocol``) connect the protocol logic to whatever performs the
 copies: `DmaPort` is what a guest driver sees (bind_dma, send_dma, read/write of its own
 memory); `LauncherPort` is what the Launcher's device logic sees (read/write of the
-guest's memory, LHREQ_GETDMA as `get_dma`, `fill` a bound buffer and raise its interrupt).
+guest's memory, `deliver` into the buffer the guest bound at a key, raise an interrupt).
 In tests both are implemented in process by `pvio.testing.lguest_dma`; in end-to-end runs
 the hypervisor implements them with the same functions from this module.
 
@@ -243,7 +243,12 @@ class DmaPort(Protocol):
 
 
 class LauncherPort(Protocol):
-    """What the Launcher's device logic uses to reach one guest."""
+    """What the Launcher's device logic uses to reach one guest.
+
+    Deliberately small, so that it maps onto either host: in process, the Launcher
+    writes into the guest's bound buffer itself (lguest's LHREQ_GETDMA); under pvio's
+    hypervisor, the Launcher is a domain sharing the device's pages and `deliver` is its
+    own SEND_DMA to the key."""
 
     def read(self, addr: int, length: int) -> bytes:
         """Read guest memory (bounds-checked)."""
@@ -251,15 +256,13 @@ class LauncherPort(Protocol):
     def write(self, addr: int, data: bytes) -> None:
         """Write guest memory (bounds-checked)."""
 
-    def get_dma(self, key: int) -> BoundDma | None:
-        """LHREQ_GETDMA: the guest's next bound buffer on `key` with used_len 0."""
-
-    def fill(self, bound: BoundDma, data: bytes) -> int:
-        """Copy `data` into `bound`'s sections, set its used_len, raise its interrupt;
-        returns the bytes copied."""
+    def deliver(self, key: int, data: bytes) -> int | None:
+        """Copy `data` into the guest's next free buffer bound at `key`, set its
+        used_len and raise its interrupt; the bytes copied, or None if no buffer was
+        free."""
 
     def trigger_irq(self, irq: int) -> None:
-        """LHREQ_IRQ."""
+        """LHREQ_IRQ: raise a guest interrupt with no data."""
 
 
 class LauncherDevice(Protocol):

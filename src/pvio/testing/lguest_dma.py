@@ -338,9 +338,13 @@ class _Launcher:
         self._guest.memory.write(addr, data)
 
     def get_dma(self, key: int) -> BoundDma | None:
+        """LHREQ_GETDMA: the guest's next free buffer bound at `key`."""
         return self._guest.host.get_dma(self._guest, key)
 
-    def fill(self, bound: BoundDma, data: bytes) -> int:
+    def deliver(self, key: int, data: bytes) -> int | None:
+        bound = self.get_dma(key)
+        if bound is None:
+            return None
         return self._guest.fill(bound, data)
 
     def trigger_irq(self, irq: int) -> None:
