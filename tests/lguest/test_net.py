@@ -29,6 +29,7 @@ from pvio.lguest.net import (
     mac_eq,
     peer_key,
     route,
+    route_page,
 )
 from pvio.testing.lguest_dma import InProcessDmaHost
 from pvio.testing.lguest_guest import InProcessLguest, Lan, build_guest
@@ -220,3 +221,17 @@ def test_a_peer_slot_beyond_the_page_fails_the_probe() -> None:
     alloc = Allocator(PAGE_SIZE, 64 * PAGE_SIZE)
     assert bus.register_driver(LGUEST_DEVICE_T_NET, lambda d: NetDriver(d, alloc)) == []
     assert table.status(g.launcher, 0) & LGUEST_DEVICE_S_FAILED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(0, 40), st.binary(min_size=6, max_size=6), max_size=12),
+       st.one_of(st.binary(min_size=6, max_size=6), st.sampled_from([BROADCAST])),
+       st.integers(0, 40), st.booleans())
+def test_route_page_agrees_with_route(slots: dict[int, bytes], dest: bytes, me: int,
+                                      to_a_peer: bool) -> None:
+    page = bytearray(PAGE_SIZE)
+    for i, mac in slots.items():
+        page[i * 6 : i * 6 + 6] = mac
+    if to_a_peer and slots:
+        dest = bytes([slots[min(slots)][0] & 0xFE]) + slots[min(slots)][1:]
+    assert route_page(dest, bytes(page), me) == route(dest, lan_slots(bytes(page)), me)

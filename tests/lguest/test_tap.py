@@ -15,7 +15,6 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from pvio.abi.linux_if import IFF_NO_PI, IFF_TAP, IFREQ_FLAGS, TUNSETIFF
 from pvio.export.tap import (
     TapError,
     TapInterface,
-    TapLink,
     create_tap,
     namespace_exists,
     netns_name,
@@ -33,7 +31,7 @@ from pvio.export.tap import (
     stale_namespaces,
 )
 from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import InProcessLguest, Lan, build_guest
+from pvio.testing.lguest_guest import Lan, TapSwitchboard, build_guest
 
 pytestmark = pytest.mark.root
 
@@ -113,27 +111,6 @@ def test_bad_names_are_refused() -> None:
         create_tap("ok", address="10.0.0.1/24", mac=b"\x01" * 6)  # multicast MAC
 
 
-class Switchboard:
-    """Two TAPs joined by two in-process lguest guests on one LAN page."""
-
-    def __init__(self, rigs: list[InProcessLguest], taps: list[TapInterface]) -> None:
-        self.rigs = rigs
-        self.links = [TapLink(tap, partial(self.from_tap, i)) for i, tap in enumerate(taps)]
-
-    def from_tap(self, i: int, frame: bytes) -> None:
-        net = self.rigs[i].net
-        assert net is not None
-        net.transmit(frame)
-        self.pump()
-
-    def pump(self) -> None:
-        for rig, link in zip(self.rigs, self.links, strict=True):
-            rig.run_interrupts()
-            assert rig.net is not None
-            for frame in rig.net.take_frames():
-                link.send(frame)
-
-
 async def _run(*cmd: str, timeout: float) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
@@ -157,7 +134,7 @@ def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
             assert rig.net is not None
             rig.net.open()
             taps.append(create_tap(names[i], address=f"10.0.0.{i + 1}/24", mac=rig.net.mac))
-        board = Switchboard(rigs, taps)
+        board = TapSwitchboard(rigs, taps)
         ns1, ns2 = (t.netns for t in taps)
 
         async def scenario() -> tuple[str, dict[str, object]]:

@@ -7,7 +7,9 @@ import click
 from pvio.cli.lazy import LazyGroup
 
 #: name -> ("module:command", one-line help).  Each layer adds its line here.
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "lguest": ("pvio.bench.lguest:lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
+}
 
 
 @click.group(cls=LazyGroup, lazy=BENCHMARKS)

@@ -88,12 +88,30 @@ class GuestMemory:
                 yield hit[0].data, hit[1], n
             addr += n
 
+    def _private_only(self, addr: int, length: int) -> bool:
+        end = addr + length
+        return all(end <= start or addr >= start + pages.size for start, pages in self._shared)
+
+    def _within_shared(self, addr: int, length: int) -> tuple[bytearray, int] | None:
+        for start, pages in self._shared:
+            if start <= addr and addr + length <= start + pages.size:
+                return pages.data, addr - start
+        return None
+
     def read(self, addr: int, length: int) -> bytes:
         check_range(addr, length, memory_size=self.size)
+        if self._private_only(addr, length):
+            return bytes(self._private[addr : addr + length])
+        hit = self._within_shared(addr, length)
+        if hit is not None:
+            return bytes(hit[0][hit[1] : hit[1] + length])
         return b"".join(bytes(buf[off : off + n]) for buf, off, n in self._chunks(addr, length))
 
     def write(self, addr: int, data: bytes) -> None:
         check_range(addr, len(data), memory_size=self.size)
+        if self._private_only(addr, len(data)):
+            self._private[addr : addr + len(data)] = data
+            return
         done = 0
         for buf, off, n in self._chunks(addr, len(data)):
             buf[off : off + n] = data[done : done + n]

@@ -11,6 +11,7 @@ hypervisor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from pvio.abi.lguest import (
     LGUEST_DEVICE_F_RANDOMNESS,
@@ -18,6 +19,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
 )
+from pvio.export.tap import TapInterface, TapLink
 from pvio.lguest.block import BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.console import ConsoleDevice, ConsoleDriver
@@ -113,3 +115,25 @@ def build_guest(
     rig.bus.register_driver(LGUEST_DEVICE_T_BLOCK, probe_block)
     rig.bus.register_driver(LGUEST_DEVICE_T_NET, probe_net)
     return rig
+
+
+class TapSwitchboard:
+    """In-process guests on one LAN, each joined to a TAP: the kernel's frames become
+    driver transmits, and whatever a driver receives is written to its TAP."""
+
+    def __init__(self, rigs: list[InProcessLguest], taps: list[TapInterface]) -> None:
+        self.rigs = rigs
+        self.links = [TapLink(tap, partial(self.from_tap, i)) for i, tap in enumerate(taps)]
+
+    def from_tap(self, i: int, frame: bytes) -> None:
+        net = self.rigs[i].net
+        if net is not None:
+            net.transmit(frame)
+        self.pump()
+
+    def pump(self) -> None:
+        for rig, link in zip(self.rigs, self.links, strict=True):
+            rig.run_interrupts()
+            if rig.net is not None:
+                for frame in rig.net.take_frames():
+                    link.send(frame)
