@@ -132,7 +132,8 @@ def route_page(dest: bytes, page: bytes, me: int) -> list[int]:
         first = firsts[i]
         if first == 0 or i == me:
             continue
-        if broadcast or first & PROMISC_BIT or (first == dest[0] and page[i * MAC_SIZE + 1 : i * MAC_SIZE + MAC_SIZE] == dest[1:6]):
+        mine = first == dest[0] and page[i * MAC_SIZE + 1 : (i + 1) * MAC_SIZE] == dest[1:6]
+        if broadcast or first & PROMISC_BIT or mine:
             out.append(i)
     return out
 
