@@ -197,3 +197,19 @@ def test_random_requests_match_a_model_disk(ops: list[tuple[bool, int, int]]) ->
         if not is_write and inside:
             assert done.data == bytes(model[sector * 512 : sector * 512 + nbytes])
     assert storage.data == model
+
+
+def test_block_page_golden_bytes() -> None:
+    raw = LGUEST_BLOCK_PAGE.pack(type=1, sector=0x01020304, bytes=4096, result=2,
+                                 num_sectors=0xA0B0C0D0)
+    assert raw == bytes.fromhex("01000000" "04030201" "00100000" "02000000" "d0c0b0a0")
+
+
+def test_a_failed_device_leaves_nothing_in_flight() -> None:
+    rig = _rig()
+    blk = rig.block
+    assert blk is not None
+    rig.table.fail(rig.guest.launcher, 0)
+    with pytest.raises(DmaError):
+        blk.read(0, 512)
+    assert not blk.busy and blk.stats.errors == 1

@@ -235,3 +235,40 @@ def test_route_page_agrees_with_route(slots: dict[int, bytes], dest: bytes, me: 
     if to_a_peer and slots:
         dest = bytes([slots[min(slots)][0] & 0xFE]) + slots[min(slots)][1:]
     assert route_page(dest, bytes(page), me) == route(dest, lan_slots(bytes(page)), me)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["peer", "bcast", "other"]),
+                          st.integers(0, 1600)), max_size=30))
+def test_random_frames_arrive_exactly_when_valid(sends: list[tuple[int, str, int]]) -> None:
+    _, gs = lan_of(3)
+    nets = [g.net for g in gs]
+    expected: list[list[bytes]] = [[], [], []]
+    dropped = 0
+    for n, (src, kind, size) in enumerate(sends):
+        me = nets[src]
+        assert me is not None
+        peer = (src + 1) % 3
+        dest = {"peer": nets[peer].mac, "bcast": BROADCAST,  # type: ignore[union-attr]
+                "other": b"\x02\xee\xee\xee\xee\xee"}[kind]
+        f = (dest + me.mac + bytes([n]) * max(0, size - 12))[:size]
+        me.transmit(f)
+        if not 14 <= size <= ETH_FRAME_LEN:
+            dropped += 1
+        elif kind == "peer":
+            expected[peer].append(f)
+        elif kind == "bcast":
+            for i in range(3):
+                if i != src:
+                    expected[i].append(f)
+        assert deliver(gs) == expected  # each send is delivered at once
+        expected = [[], [], []]
+    assert sum(n.stats.tx_dropped for n in nets if n is not None) == dropped
+
+
+def test_a_failed_net_device_counts_tx_errors() -> None:
+    _, (g0, g1) = lan_of(2)
+    assert g0.net is not None and g1.net is not None
+    g0.table.fail(g0.guest.launcher, 0)
+    assert g0.net.transmit(frame(g1.net.mac, g0.net.mac)) == 0
+    assert g0.net.stats.tx_errors == 1 and deliver([g1]) == [[]]

@@ -131,14 +131,23 @@ class BlockDriver:
         self._check(sector, len(data))
         self.port.write(self.data, data)
         self.port.write(self.send_dma, self._setup(LGUEST_BLOCK_WRITE, sector, len(data)))
-        self.port.send_dma(self.page, self.send_dma)
+        self._send()
 
     def read(self, sector: int, nbytes: int) -> None:
         """do_read: the reply buffer points at our data pages; an empty DMA pings."""
         self._check(sector, nbytes)
         self.port.write(self.reply_dma, self._setup(LGUEST_BLOCK_READ, sector, nbytes))
         self.port.write(self.send_dma, build_dma([]))
-        self.port.send_dma(self.page, self.send_dma)
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            self.port.send_dma(self.page, self.send_dma)
+        except LguestError:
+            # Refused (the device has FAILED): nothing is in flight any more.
+            self._in_flight = None
+            self.stats.errors += 1
+            raise
 
     def interrupt(self) -> None:
         """lgb_irq: finish the request once the Launcher has written a result."""

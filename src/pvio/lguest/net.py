@@ -295,7 +295,11 @@ class NetDriver:
         dma = build_dma(page_sections(self.tx_buf, len(frame)))
         for peer in targets:
             self.port.write(self.tx_dma, dma)  # used_len 0 before each send
-            used = self.port.send_dma(peer_key(self.peer_phys, peer), self.tx_dma)
+            try:
+                used = self.port.send_dma(peer_key(self.peer_phys, peer), self.tx_dma)
+            except LguestError:
+                self.stats.tx_errors += 1  # refused by the host (our device has FAILED)
+                return 0
             if used != len(frame):
                 self.stats.tx_carrier_errors += 1
             else:
