@@ -272,3 +272,38 @@ def test_a_failed_net_device_counts_tx_errors() -> None:
     g0.table.fail(g0.guest.launcher, 0)
     assert g0.net.transmit(frame(g1.net.mac, g0.net.mac)) == 0
     assert g0.net.stats.tx_errors == 1 and deliver([g1]) == [[]]
+
+
+def test_the_host_as_a_peer() -> None:
+    host = InProcessDmaHost()
+    lan = Lan()
+    g0 = build_guest(host, "g0", lan=lan, console=False)
+    peer = lan.add_host_peer(host, bytes.fromhex("02aaaaaaaa01"))
+    g1 = build_guest(host, "g1", lan=lan, console=False)
+    n0, n1 = g0.net, g1.net
+    assert n0 is not None and n1 is not None
+    n0.open()
+    n1.open()
+    assert peer.slot == 1 and lan.owner.macs()[1][0] & PROMISC_BIT  # lguest: promisc host
+    # Host -> one guest, host -> everyone.
+    f = frame(n1.mac, peer.mac)
+    assert peer.transmit(f) == 1
+    b = frame(BROADCAST, peer.mac, fill=9)
+    assert peer.transmit(b) == 2
+    assert deliver([g0, g1]) == [[b], [f, b]]
+    # Guest -> host, and guest -> an address outside the LAN (the promiscuous host).
+    to_host = frame(peer.mac, n0.mac)
+    outside = frame(b"\x02\x12\x34\x56\x78\x9a", n0.mac)
+    assert n0.transmit(to_host) == 1 and n0.transmit(outside) == 1
+    assert peer.take_frames() == [to_host, outside]
+    # Runts from the host are dropped; a full guest is counted, not fatal.
+    assert peer.transmit(b"\x00" * 10) == 0 and peer.stats.tx_dropped == 1
+    for _ in range(NUM_SKBS + 3):
+        peer.transmit(f)
+    assert peer.stats.tx_no_buffer == 3
+    # A flood toward the host is bounded.
+    peer.queue_limit = 5
+    for _ in range(20):
+        n0.transmit(to_host)
+    assert len(peer.take_frames()) == 5 and peer.stats.rx_dropped == 15
+    assert n0.stats.tx_carrier_errors == 15

@@ -48,7 +48,7 @@ def _require_root() -> None:
 def names() -> Iterator[list[str]]:
     _require_root()
     tag = secrets.token_hex(3)
-    made = [f"t1-{tag}", f"t2-{tag}"]
+    made = [f"t1-{tag}", f"t2-{tag}", f"th-{tag}"]
     yield made
     for name in made:
         remove_namespace(netns_name(name))
@@ -127,7 +127,7 @@ async def _run(*cmd: str, timeout: float) -> tuple[int, str]:
 def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
     host = InProcessDmaHost()
     lan = Lan()
-    rigs = [build_guest(host, name, lan=lan, console=False) for name in names]
+    rigs = [build_guest(host, name, lan=lan, console=False) for name in names[:2]]
     taps: list[TapInterface] = []
     try:
         for i, rig in enumerate(rigs):
@@ -182,3 +182,43 @@ def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
         for name in names:
             remove_namespace(netns_name(name))
     assert not any(namespace_exists(netns_name(n)) for n in names)
+
+
+def test_the_host_peer_reaches_the_guests(names: list[str]) -> None:
+    """lguest's --tunnet: the host is one more peer on the LAN, with a TAP of its own."""
+    host = InProcessDmaHost()
+    lan = Lan()
+    rigs = [build_guest(host, name, lan=lan, console=False) for name in names[:2]]
+    host_mac = bytes.fromhex("02aaaaaaaa01")
+    peer = lan.add_host_peer(host, host_mac)
+    taps: list[TapInterface] = []
+    try:
+        for i, rig in enumerate(rigs):
+            assert rig.net is not None
+            rig.net.open()
+            taps.append(create_tap(names[i], address=f"10.0.0.{i + 1}/24", mac=rig.net.mac))
+        host_tap = create_tap(names[2], address="10.0.0.254/24", mac=host_mac)
+        taps.append(host_tap)
+        board = TapSwitchboard(rigs, taps[:2], host=(peer, host_tap))
+
+        async def scenario() -> list[tuple[int, str]]:
+            loop = asyncio.get_running_loop()
+            for link in board.all_links():
+                link.start(loop)
+            try:
+                return [
+                    await _run("ip", "netns", "exec", host_tap.netns, "ping", "-c", "2", "-i",
+                               "0.2", "-W", "3", "10.0.0.2", timeout=30),
+                    await _run("ip", "netns", "exec", taps[0].netns, "ping", "-c", "2", "-i",
+                               "0.2", "-W", "3", "10.0.0.254", timeout=30),
+                ]
+            finally:
+                for link in board.all_links():
+                    link.stop()
+
+        for code, out in asyncio.run(asyncio.wait_for(scenario(), 60)):
+            assert code == 0 and "2 received" in out, out
+        assert peer.stats.tx_frames > 0 and peer.stats.rx_frames > 0
+    finally:
+        for tap in taps:
+            tap.close()

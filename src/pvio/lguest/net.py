@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from pvio.lguest.dma import (
     DMA_SIZE,
     PAGE_SIZE,
     Fault,
+    LauncherPort,
     LguestError,
     build_dma,
     page_sections,
@@ -328,3 +330,90 @@ class NetDriver:
     def take_frames(self) -> list[bytes]:
         frames, self._frames = self._frames, []
         return frames
+
+
+#: Frames from guests waiting for the host's TAP; beyond this they are dropped.
+HOST_QUEUE_LIMIT = 256
+
+
+@dataclass
+class HostPeerStatistics:
+    rx_frames: int = 0  # from guests, queued for the host
+    rx_dropped: int = 0  # the queue was full
+    rx_length_errors: int = 0
+    tx_frames: int = 0  # delivered into a guest's buffer
+    tx_no_buffer: int = 0  # a guest had no free buffer
+    tx_dropped: int = 0  # runt or oversized frames from the host
+
+
+@dataclass
+class _GuestEnd:
+    port: LauncherPort
+    peer_phys: int  # where this guest sees the LAN page
+
+
+@dataclass
+class HostNetPeer:
+    """The host as one more peer on a LAN (lguest's ``--tunnet``), on the Launcher side.
+
+    It owns a slot and publishes its MAC there, promiscuous as lguest's Launcher did (so
+    every frame for an address outside the LAN comes to it).  Guests SEND_DMA frames to
+    its key like to any peer; they land in `handle_output` and wait in a bounded queue
+    for the host's TAP.  Frames from the TAP go to the guests `route` picks, each by
+    `LauncherPort.deliver` into that guest's buffers at its key for the slot."""
+
+    lan: LanPage
+    mac: bytes
+    queue_limit: int = HOST_QUEUE_LIMIT
+    stats: HostPeerStatistics = field(default_factory=HostPeerStatistics)
+
+    def __post_init__(self) -> None:
+        self.slot = self.lan.claim()
+        self.lan.publish(self.slot, self.mac, promisc=True)
+        self._guests: dict[int, _GuestEnd] = {}
+        self._queue: deque[bytes] = deque()
+
+    def attach(self, slot: int, port: LauncherPort, peer_phys: int) -> None:
+        """Guest in `slot` sees the LAN page at `peer_phys` through `port`."""
+        self._guests[slot] = _GuestEnd(port, peer_phys)
+
+    def detach(self, slot: int) -> None:
+        self._guests.pop(slot, None)
+
+    def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
+        """A guest sent a frame to the host's key."""
+        try:
+            check_frame(data)
+        except FrameError:
+            self.stats.rx_length_errors += 1
+            return 0
+        if len(self._queue) >= self.queue_limit:
+            self.stats.rx_dropped += 1
+            return 0  # the sender counts a carrier error, as for a full guest
+        self._queue.append(data)
+        self.stats.rx_frames += 1
+        return len(data)
+
+    def take_frames(self) -> list[bytes]:
+        frames = list(self._queue)
+        self._queue.clear()
+        return frames
+
+    def transmit(self, frame: bytes) -> int:
+        """A frame from the host's TAP: deliver it to every guest that wants it."""
+        try:
+            check_frame(frame)
+        except FrameError:
+            self.stats.tx_dropped += 1
+            return 0
+        sent = 0
+        for slot in route_page(frame[:ETH_ALEN], bytes(self.lan.page), self.slot):
+            end = self._guests.get(slot)
+            if end is None:
+                continue
+            if end.port.deliver(peer_key(end.peer_phys, slot), frame) is None:
+                self.stats.tx_no_buffer += 1
+            else:
+                self.stats.tx_frames += 1
+                sent += 1
+        return sent

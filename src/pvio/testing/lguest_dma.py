@@ -144,6 +144,11 @@ class InProcessDmaHost:
     def __init__(self) -> None:
         self._guests: list[InProcessGuest] = []
         self._bindings: dict[tuple[int, int], list[_Binding]] = {}
+        self._launcher_keys: dict[tuple[int, int], LauncherDevice] = {}
+
+    def bind_launcher(self, pages: SharedPages, offset: int, device: LauncherDevice) -> None:
+        """A Launcher-side peer (the host on a LAN) receives SEND_DMAs to this shared key."""
+        self._launcher_keys[(id(pages), offset)] = device
 
     def new_guest(self, name: str, table: DeviceTable) -> InProcessGuest:
         guest = InProcessGuest(self, name, table)
@@ -247,6 +252,9 @@ class InProcessDmaHost:
         return used
 
     def _to_peer(self, sender: InProcessGuest, gkey: tuple[int, int], data: bytes) -> int:
+        device = self._launcher_keys.get(gkey)
+        if device is not None:
+            return device.handle_output(sender.launcher, gkey[1], data)
         for binding in self._bindings.get(gkey, []):
             if binding.guest is sender:
                 continue

@@ -25,7 +25,7 @@ from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.console import ConsoleDevice, ConsoleDriver
 from pvio.lguest.dma import PAGE_SIZE
 from pvio.lguest.guest import Allocator
-from pvio.lguest.net import LanPage, NetDriver, lan_features
+from pvio.lguest.net import HostNetPeer, LanPage, NetDriver, lan_features
 from pvio.lguest.storage import Storage
 from pvio.testing.lguest_dma import InProcessDmaHost, InProcessGuest, SharedPages
 
@@ -36,6 +36,22 @@ class Lan:
     def __init__(self, num_pages: int = 1) -> None:
         self.pages = SharedPages(num_pages)
         self.owner = LanPage(self.pages.data)
+        self.host_peer: HostNetPeer | None = None
+        self._guests: list[tuple[int, InProcessGuest, int]] = []  # slot, guest, page address
+
+    def add_host_peer(self, host: InProcessDmaHost, mac: bytes) -> HostNetPeer:
+        """The host joins the LAN (lguest's --tunnet): a slot, a key, every guest reachable."""
+        peer = HostNetPeer(self.owner, mac)
+        host.bind_launcher(self.pages, 4 * peer.slot, peer)
+        for slot, guest, addr in self._guests:
+            peer.attach(slot, guest.launcher, addr)
+        self.host_peer = peer
+        return peer
+
+    def joined(self, slot: int, guest: InProcessGuest, addr: int) -> None:
+        self._guests.append((slot, guest, addr))
+        if self.host_peer is not None:
+            self.host_peer.attach(slot, guest.launcher, addr)
 
 
 @dataclass
@@ -86,8 +102,9 @@ def build_guest(
         net_slot = table.add(LGUEST_DEVICE_T_NET, features=lan_features(lan_slot),
                              num_pages=lan.pages.size // PAGE_SIZE)
     guest = host.new_guest(name, table)
-    if lan is not None and net_slot is not None:
+    if lan is not None and net_slot is not None and lan_slot is not None:
         guest.memory.map_shared(net_slot.pfn, lan.pages)
+        lan.joined(lan_slot, guest, net_slot.addr)
     rig = InProcessLguest(guest, table, Bus(guest, table.top_pfn, table.total_pages),
                           Allocator(PAGE_SIZE, ram_pages * PAGE_SIZE), lan_slot=lan_slot)
     if cons_slot is not None:
@@ -119,16 +136,31 @@ def build_guest(
 
 class TapSwitchboard:
     """In-process guests on one LAN, each joined to a TAP: the kernel's frames become
-    driver transmits, and whatever a driver receives is written to its TAP."""
+    driver transmits, and whatever a driver receives is written to its TAP.  With
+    `host`, the LAN's host peer is joined to a TAP of its own too."""
 
-    def __init__(self, rigs: list[InProcessLguest], taps: list[TapInterface]) -> None:
+    def __init__(self, rigs: list[InProcessLguest], taps: list[TapInterface],
+                 host: tuple[HostNetPeer, TapInterface] | None = None) -> None:
         self.rigs = rigs
         self.links = [TapLink(tap, partial(self.from_tap, i)) for i, tap in enumerate(taps)]
+        self.host_peer: HostNetPeer | None = None
+        self.host_link: TapLink | None = None
+        if host is not None:
+            self.host_peer = host[0]
+            self.host_link = TapLink(host[1], self.from_host_tap)
+
+    def all_links(self) -> list[TapLink]:
+        return self.links + ([self.host_link] if self.host_link is not None else [])
 
     def from_tap(self, i: int, frame: bytes) -> None:
         net = self.rigs[i].net
         if net is not None:
             net.transmit(frame)
+        self.pump()
+
+    def from_host_tap(self, frame: bytes) -> None:
+        if self.host_peer is not None:
+            self.host_peer.transmit(frame)
         self.pump()
 
     def pump(self) -> None:
@@ -137,3 +169,6 @@ class TapSwitchboard:
             if rig.net is not None:
                 for frame in rig.net.take_frames():
                     link.send(frame)
+        if self.host_peer is not None and self.host_link is not None:
+            for frame in self.host_peer.take_frames():
+                self.host_link.send(frame)
