@@ -98,6 +98,18 @@ class GuestMemory:
                 return pages.data, addr - start
         return None
 
+    def view(self, addr: int, length: int) -> memoryview:
+        """A live view of [addr, addr+length), which must lie in one backing (private
+        memory or one shared mapping), like a domain's view of its physical space."""
+        check_range(addr, length, memory_size=self.size)
+        if self._private_only(addr, length):
+            return memoryview(self._private)[addr : addr + length]
+        hit = self._within_shared(addr, length)
+        if hit is None:
+            raise DmaError(f"{addr:#x}+{length} straddles a shared mapping", fault=Fault.LOCAL,
+                           field="addr")
+        return memoryview(hit[0])[hit[1] : hit[1] + length]
+
     def read(self, addr: int, length: int) -> bytes:
         check_range(addr, length, memory_size=self.size)
         if self._private_only(addr, length):
