@@ -60,6 +60,10 @@ MAX_DMAS_PER_BIND = 64
 #: Bindings one guest may hold at once (LGUEST_MAX_DMA in lguest_launcher.h).
 MAX_BINDINGS = LGUEST_MAX_DMA
 DMA_SIZE = LGUEST_DMA.size
+# Positions of addr[0] and len[0] among the unpacked values of LGUEST_DMA.
+_ADDR0 = 1
+_LEN0 = 1 + LGUEST_MAX_DMA_SECTIONS
+assert [f.name for f in LGUEST_DMA.named_fields()] == ["used_len", "addr", "len"]
 
 
 class Fault(enum.Enum):
@@ -118,16 +122,18 @@ def parse_dma(raw: bytes | bytearray | memoryview, *, memory_size: int) -> DmaBu
     """Validate a `struct lguest_dma` copied out of guest memory."""
     if len(raw) < DMA_SIZE:
         raise DmaError(f"need {DMA_SIZE} bytes, got {len(raw)}", field="lguest_dma")
-    fields = LGUEST_DMA.unpack(raw)
+    # The hot path: one unpack_from of the declared layout, then plain indexing
+    # (used_len, addr[0..15], len[0..15], in declaration order).
+    values = LGUEST_DMA.packer.unpack_from(raw)
     sections: list[DmaSection] = []
     for i in range(LGUEST_MAX_DMA_SECTIONS):
-        length = fields["len"][i]
+        length = values[_LEN0 + i]
         if length == 0:
             break
-        addr = fields["addr"][i]
+        addr = values[_ADDR0 + i]
         check_section(addr, length, memory_size=memory_size, field=f"addr[{i}]")
         sections.append(DmaSection(addr, length))
-    return DmaBuffer(fields["used_len"], tuple(sections))
+    return DmaBuffer(values[0], tuple(sections))
 
 
 def check_section(addr: int, length: int, *, memory_size: int, field: str = "addr") -> None:
@@ -157,10 +163,9 @@ def build_dma(sections: Sequence[tuple[int, int]], used_len: int = 0) -> bytes:
         if addr % PAGE_SIZE + length > PAGE_SIZE:
             raise DmaError(f"section {addr:#x}+{length} crosses a page",
                            fault=Fault.LOCAL, field="addr")
-    return LGUEST_DMA.pack(
-        used_len=used_len,
-        addr=[a for a, _ in sections],
-        len=[n for _, n in sections],
+    pad = [0] * (LGUEST_MAX_DMA_SECTIONS - len(sections))
+    return LGUEST_DMA.packer.pack(
+        used_len, *[a for a, _ in sections], *pad, *[n for _, n in sections], *pad
     )
 
 

@@ -239,6 +239,7 @@ class NetDriver:
         self.promisc = False
         self.is_open = False
         self._frames: list[bytes] = []
+        self._tx_dmas: dict[int, bytes] = {}
 
     @property
     def my_key(self) -> int:
@@ -294,7 +295,9 @@ class NetDriver:
         if not targets:
             return 0
         self.port.write(self.tx_buf, frame)
-        dma = build_dma(page_sections(self.tx_buf, len(frame)))
+        dma = self._tx_dmas.get(len(frame))
+        if dma is None:  # one struct per frame length, built once
+            dma = self._tx_dmas[len(frame)] = build_dma(page_sections(self.tx_buf, len(frame)))
         for peer in targets:
             self.port.write(self.tx_dma, dma)  # used_len 0 before each send
             try:

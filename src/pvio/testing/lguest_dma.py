@@ -90,7 +90,10 @@ class GuestMemory:
 
     def _private_only(self, addr: int, length: int) -> bool:
         end = addr + length
-        return all(end <= start or addr >= start + pages.size for start, pages in self._shared)
+        for start, pages in self._shared:
+            if end > start and addr < start + pages.size:
+                return False
+        return True
 
     def _within_shared(self, addr: int, length: int) -> tuple[bytearray, int] | None:
         for start, pages in self._shared:
