@@ -90,10 +90,7 @@ class GuestMemory:
 
     def _private_only(self, addr: int, length: int) -> bool:
         end = addr + length
-        for start, pages in self._shared:
-            if end > start and addr < start + pages.size:
-                return False
-        return True
+        return not any(end > start and addr < start + pages.size for start, pages in self._shared)
 
     def _within_shared(self, addr: int, length: int) -> tuple[bytearray, int] | None:
         for start, pages in self._shared:
