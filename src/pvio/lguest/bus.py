@@ -99,8 +99,9 @@ RA = LGUEST_DEVICE_S_REMOVED_ACK
 # (unknown type, pages outside memory, no pages, too many) is refused: counted, and
 # marked FAILED so the Launcher can see where setup stopped.  Matching is by type; the
 # bus sets DRIVER before calling the driver's probe and DRIVER_OK if the probe succeeds,
-# FAILED if not.  The host may set only REMOVED, to unplug; the guest answers with
-# REMOVED_ACK once its driver has let go.  Every change goes through STATUS_TABLE:
+# FAILED if not.  The host sets only REMOVED, to unplug (the guest answers REMOVED_ACK
+# once its driver has let go), and FAILED when the guest broke the DMA rules on that
+# device.  Every change goes through STATUS_TABLE:
 #
 #   event           requires        forbids            sets         who    seed
 #   FOUND           -               ACK                ACKNOWLEDGE  guest  scan_devices/add_lguest_device

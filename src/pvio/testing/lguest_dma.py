@@ -240,7 +240,8 @@ class InProcessDmaHost:
     # Launcher device.  The sender's used_len becomes the number of bytes copied.  A
     # violation is refused with a DmaError, counted against the sender, and the device
     # owning the key is marked FAILED; no other guest notices.  This module is the test
-    # double; the hypervisor performs the same steps with the same rule functions.
+    # double, built on the rule functions of pvio.lguest.dma; the hypervisor's own
+    # implementation performs the same steps between processes.
     # :T
     def send(self, sender: InProcessGuest, key: int, dma: int) -> int:
         mem = sender.memory
