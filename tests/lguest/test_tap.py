@@ -225,3 +225,40 @@ def test_the_host_peer_reaches_the_guests(names: list[str]) -> None:
     finally:
         for tap in taps:
             tap.close()
+
+
+def test_cleanup_after_a_crash(names: list[str]) -> None:
+    """A process that dies holding a TAP leaves only its namespace; removal by name works."""
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pvio.export.tap import create_tap\n"
+        f"create_tap({names[0]!r}, address='10.9.0.1/24', mac=bytes.fromhex('020000aa0003'))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        ns = netns_name(names[0])
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True,
+                               check=True).stdout
+        assert "eth0" in links
+        proc.kill()
+        proc.wait(10)
+        # The TAP went with its fd; the namespace outlived the process.
+        assert namespace_exists(ns)
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True,
+                               check=True).stdout
+        assert "eth0" not in links
+        assert ns in stale_namespaces()
+        remove_namespace(ns)
+        assert not namespace_exists(ns)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
