@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 
 from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_NET
-from pvio.lguest.aio import GuestThread, ThreadedDmaPort
+from pvio.lguest.aio import GuestThread, LguestDisk, ThreadedDmaPort
 from pvio.lguest.block import BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.dma import PAGE_SIZE, DmaError, LguestError
@@ -33,6 +34,8 @@ class FakeAsyncClient:
 
     def __init__(self, guest: InProcessGuest) -> None:
         self.guest = guest
+        self.after_send: Callable[[], Awaitable[None]] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def bind_dma(self, key: int, dmas: int, count: int, irq: int) -> None:
         try:
@@ -45,9 +48,14 @@ class FakeAsyncClient:
 
     async def send_dma(self, key: int, dma: int) -> int:
         try:
-            return self.guest.send_dma(key, dma)
+            used = self.guest.send_dma(key, dma)
         except DmaError as exc:
             raise RefusedByHypervisor(-exc.errno, exc.field) from exc
+        if self.after_send is not None:  # interrupts are delivered later, on the loop
+            task = asyncio.get_running_loop().create_task(self.after_send())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return used
 
     def phys(self, addr: int, length: int) -> memoryview:
         return self.guest.memory.view(addr, length)
@@ -139,3 +147,56 @@ async def _net_scenario() -> None:
 
 def test_net_drivers_in_threads() -> None:
     asyncio.run(asyncio.wait_for(_net_scenario(), 30))
+
+
+async def _disk_scenario() -> None:
+    host = InProcessDmaHost()
+    table = DeviceTable(64)
+    slot = table.add(LGUEST_DEVICE_T_BLOCK)
+    guest = host.new_guest("g", table)
+    storage = MemoryStorage(1 << 20)
+    device = BlockDevice(slot, storage)
+    device.setup(guest.launcher)
+    guest.attach(slot.index, device)
+    loop = asyncio.get_running_loop()
+    client = FakeAsyncClient(guest)
+    port = ThreadedDmaPort(client, loop, timeout=5)
+    thread = GuestThread()
+    try:
+        bus = Bus(port, table.top_pfn, table.total_pages)
+        alloc = Allocator(PAGE_SIZE, 64 * PAGE_SIZE)
+        drivers: list[BlockDriver] = []
+        await thread.call(bus.scan)
+        await thread.call(bus.register_driver, LGUEST_DEVICE_T_BLOCK,
+                          lambda d: drivers.append(BlockDriver(d, alloc)) or drivers[-1])
+        disk = LguestDisk(drivers[0], thread)
+
+        async def deliver_interrupts() -> None:
+            for irq in guest.take_irqs():
+                await thread.call(bus.interrupt, irq)
+            await disk.completed()
+
+        client.after_send = deliver_interrupts
+        assert disk.size == 1 << 20
+        data = bytes(range(256)) * 800  # 200 KiB: four 64 KiB requests
+        await disk.write(4096, data)
+        assert bytes(storage.data[4096 : 4096 + len(data)]) == data
+        assert await disk.read(4096, len(data)) == data
+        await disk.flush()
+        with pytest.raises(OSError) as exc:
+            await disk.read(1000, 512)  # not sector-aligned
+        assert exc.value.errno == errno.EINVAL
+        with pytest.raises(OSError):
+            await disk.write((1 << 20) - 512, b"x" * 1024)  # past the end
+        assert device.stats.refused_writes == 0  # refused before it reached the wire
+        del storage.data[512 * 1024 :]  # the image shrank under the Launcher
+        with pytest.raises(OSError) as exc:
+            await disk.read(768 * 1024, 4096)
+        assert exc.value.errno == errno.EIO
+        assert await disk.read(0, 512) == bytes(512)  # and the disk still works
+    finally:
+        thread.close()
+
+
+def test_lguest_disk_for_an_export() -> None:
+    asyncio.run(asyncio.wait_for(_disk_scenario(), 30))

@@ -30,6 +30,8 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from pvio.abi.lguest import LGUEST_SECTOR_SIZE
+from pvio.lguest.block import MAX_REQUEST_BYTES, BlockCompletion, BlockDriver
 from pvio.lguest.dma import DmaError, Fault, LguestError
 
 T = TypeVar("T")
@@ -103,3 +105,68 @@ class ThreadedDmaPort:
 
     def write(self, addr: int, data: bytes) -> None:
         self.client.phys(addr, len(data))[:] = data
+
+
+class LguestDisk:
+    """A guest's lguest disk as async read/write, for an export such as NBD.
+
+    Requests are split into the protocol's 64 KiB pieces and sent one at a time (one
+    request in flight is the protocol).  Whoever delivers the guest's interrupts calls
+    `completed()` after the block device's interrupt ran, which wakes the waiting
+    request.  A result of 2 becomes OSError(EIO).  There is no flush in lguest's block
+    protocol: the Launcher has written each piece by the time it answers, so `flush`
+    only waits for nothing to be in flight."""
+
+    def __init__(self, driver: BlockDriver, thread: GuestThread) -> None:
+        self.driver = driver
+        self.thread = thread
+        self.size = driver.num_sectors * LGUEST_SECTOR_SIZE
+        self._lock = asyncio.Lock()
+        self._waiting: asyncio.Future[BlockCompletion] | None = None
+
+    async def _one(self, submit: Callable[..., None], *args: Any) -> BlockCompletion:
+        self._waiting = asyncio.get_running_loop().create_future()
+        try:
+            await self.thread.call(submit, *args)
+            return await self._waiting
+        finally:
+            self._waiting = None
+
+    async def completed(self) -> None:
+        """The block device's interrupt has been handled: hand over its completion."""
+        for done in await self.thread.call(self.driver.take_completions):
+            if self._waiting is not None and not self._waiting.done():
+                self._waiting.set_result(done)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset % LGUEST_SECTOR_SIZE or length % LGUEST_SECTOR_SIZE:
+            raise OSError(errno.EINVAL, "lguest disks move whole 512-byte sectors")
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"{offset}+{length} outside a {self.size}-byte disk")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        out = bytearray()
+        async with self._lock:
+            for start in range(offset, offset + length, MAX_REQUEST_BYTES):
+                n = min(MAX_REQUEST_BYTES, offset + length - start)
+                done = await self._one(self.driver.read, start // LGUEST_SECTOR_SIZE, n)
+                if not done.ok:
+                    raise OSError(errno.EIO, f"lguest read at {start} failed")
+                out += done.data
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        view = memoryview(data)
+        async with self._lock:
+            for pos in range(0, len(view), MAX_REQUEST_BYTES):
+                piece = bytes(view[pos : pos + MAX_REQUEST_BYTES])
+                sector = (offset + pos) // LGUEST_SECTOR_SIZE
+                done = await self._one(self.driver.write, sector, piece)
+                if not done.ok:
+                    raise OSError(errno.EIO, f"lguest write at {offset + pos} failed")
+
+    async def flush(self) -> None:
+        async with self._lock:
+            return None
