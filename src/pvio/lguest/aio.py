@@ -12,6 +12,8 @@ mapped memory, and each hypercall is handed to the event loop and waited for.
 
 Interrupts arrive on the event loop; the guest's adapter forwards each with
 ``await thread.call(bus.interrupt, irq)``, so they too run in the worker thread.
+`LguestDisk` builds on both to offer a guest's disk as async read/write (what an NBD
+export serves), one 64 KiB protocol request at a time.
 
 What this does not do: I/O of its own (no sockets, no fds); it only moves calls between
 one thread and one loop.  Calling a port method on the loop's own thread would wait for
