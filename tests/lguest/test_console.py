@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pvio.lguest.console import CONSOLE_BUFFER, HVC_CHUNK
+from pvio.lguest.dma import build_dma
 from pvio.testing.lguest_dma import InProcessDmaHost
 from pvio.testing.lguest_guest import InProcessLguest, build_guest
 
 
-def _rig() -> InProcessLguest:
-    rig = build_guest(InProcessDmaHost(), "g")
+def _rig(console_page: bool = False) -> InProcessLguest:
+    rig = build_guest(InProcessDmaHost(), "g", console_page=console_page)
     assert rig.console is not None and rig.console_device is not None
     return rig
 
@@ -94,3 +95,19 @@ def test_partial_reads_reassemble_the_input(data: bytes, counts: list[int]) -> N
         got += con.get_chars(counts[i % len(counts)])
         i += 1
     assert got == data and con.get_chars(10) == b""
+
+
+def test_a_console_with_a_page_uses_the_page_as_its_key() -> None:
+    rig = _rig(console_page=True)
+    con, dev = rig.console, rig.console_device
+    assert con is not None and dev is not None
+    assert con.key == dev.key == dev.slot.addr != 0
+    con.put_chars(b"via the page\n")
+    assert dev.take_output() == b"via the page\n"
+    assert dev.input(rig.guest.launcher, b"ls\n") == 3
+    rig.run_interrupts()
+    assert con.take_input() == b"ls\n"
+    # Key 0 reaches nobody now.
+    rig.guest.write(0x1000, b"x")
+    rig.guest.write(0x2000, build_dma([(0x1000, 1)]))
+    assert rig.guest.send_dma(0, 0x2000) == 0 and dev.take_output() == b""

@@ -13,6 +13,12 @@ lguest's known M:002 — loses the excess, counted) and offers input: `input()` 
 how many bytes the guest's buffer took, so the terminal adapter keeps the rest instead
 of discarding it as lguest did when the buffer was busy.
 
+One pvio extension: if the Launcher gives the console a page (num_pages 1), the key is
+that page's address instead of 0.  lguest delivered key 0 to the guest's own Launcher as
+a private key; a host that routes keys only through pages shared with the Launcher
+(pvio's hypervisor, where the Launcher is a domain) needs a page for the console too.
+Without a page, the console behaves exactly as lguest's.
+
 Not here: the pty or terminal (raw mode, three ^C to quit) — that is an I/O adapter.
 """
 
@@ -56,8 +62,9 @@ class ConsoleDriver:
         self.output_dma = alloc.alloc_unsplit(DMA_SIZE)
         self._offset = 0  # cons_offset
         self._input = bytearray()
+        self.key = device.phys_addr if device.num_pages else LGUEST_CONSOLE_DMA_KEY
         self.port.write(self.input_dma, build_dma([(self.inbuf, CONSOLE_BUFFER)]))
-        self.port.bind_dma(LGUEST_CONSOLE_DMA_KEY, self.input_dma, 1, device.irq)
+        self.port.bind_dma(self.key, self.input_dma, 1, device.irq)
 
     def put_chars(self, data: bytes) -> int:
         """Send `data` to the host's console, 256 bytes per SEND_DMA."""
@@ -65,7 +72,7 @@ class ConsoleDriver:
             chunk = data[i : i + CONSOLE_BUFFER]
             self.port.write(self.outbuf, chunk)
             self.port.write(self.output_dma, build_dma(page_sections(self.outbuf, len(chunk))))
-            self.port.send_dma(LGUEST_CONSOLE_DMA_KEY, self.output_dma)
+            self.port.send_dma(self.key, self.output_dma)
         return len(data)
 
     def get_chars(self, count: int) -> bytes:
@@ -92,7 +99,7 @@ class ConsoleDriver:
         return data
 
     def remove(self) -> None:
-        self.port.unbind_dma(LGUEST_CONSOLE_DMA_KEY, self.input_dma)
+        self.port.unbind_dma(self.key, self.input_dma)
 
 
 @dataclass
@@ -112,6 +119,10 @@ class ConsoleDevice:
     stats: ConsoleStatistics = field(default_factory=ConsoleStatistics)
     _output: bytearray = field(default_factory=bytearray)
 
+    @property
+    def key(self) -> int:
+        return self.slot.addr if self.slot.num_pages else LGUEST_CONSOLE_DMA_KEY
+
     def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
         room = max(0, self.output_limit - len(self._output))
         self._output += data[:room]
@@ -127,7 +138,7 @@ class ConsoleDevice:
         """Offer terminal input; returns how much the guest's buffer took."""
         if not data:
             return 0
-        n = port.deliver(LGUEST_CONSOLE_DMA_KEY, data[:CONSOLE_BUFFER])
+        n = port.deliver(self.key, data[:CONSOLE_BUFFER])
         if n is None:
             self.stats.input_busy += 1
             return 0

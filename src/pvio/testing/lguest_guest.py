@@ -88,11 +88,13 @@ def build_guest(
     ram_pages: int = 256,
     disk: Storage | None = None,
     console: bool = True,
+    console_page: bool = False,
     lan: Lan | None = None,
     mac: bytes = b"",
 ) -> InProcessLguest:
     table = DeviceTable(ram_pages)
-    cons_slot = table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=0) if console else None
+    cons_slot = (table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=1 if console_page else 0)
+                 if console else None)
     blk_slot = (table.add(LGUEST_DEVICE_T_BLOCK, features=LGUEST_DEVICE_F_RANDOMNESS)
                 if disk is not None else None)
     lan_slot = None
