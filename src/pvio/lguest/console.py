@@ -48,7 +48,9 @@ _USED_LEN = struct.Struct("<I")
 # reads it out in pieces — hvc_console asks for 16 bytes at a time — remembering how far
 # it got, and only when every byte is taken does it set used_len back to 0 so the host
 # may fill it again.  On the Launcher's side, input the buffer could not take is left
-# with the terminal rather than thrown away.
+# with the terminal rather than thrown away.  (Given a page by the Launcher, the console
+# uses the page's address instead of key 0: pvio's hypervisor routes keys to the
+# Launcher only through pages the two share.)
 # :T
 class ConsoleDriver:
     """The guest's lguest console (hvc_lguest)."""
