@@ -1,13 +1,13 @@
 """pvio.abi: every binary layout and constant pvio shares with C, declared once.
 
 One module per header: `ring` (io/ring.h), `blkif` (io/blkif.h, io/protocols.h),
-`grant_table`, `event_channel`, `xs_wire` (io/xs_wire.h), `console` (io/console.h)
-and `lguest` (lguest_launcher.h, 2.6.23).  Importing this package declares them all, so
-that `pvio.abi.layout.REGISTRY` is complete for the C layout probe.  This package imports
-nothing that does I/O.
+`grant_table`, `event_channel`, `xs_wire` (io/xs_wire.h), `console` (io/console.h),
+`lguest` (lguest_launcher.h, 2.6.23) and `linux_if` (net/if.h, linux/if_tun.h, for TAP).
+Importing this package declares them all, so that `pvio.abi.layout.REGISTRY` is complete
+for the C layout probe.  This package imports nothing that does I/O.
 """
 
-from pvio.abi import blkif, console, event_channel, grant_table, lguest, ring, xs_wire
+from pvio.abi import blkif, console, event_channel, grant_table, lguest, linux_if, ring, xs_wire
 from pvio.abi.layout import REGISTRY, Layout, layouts
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "grant_table",
     "layouts",
     "lguest",
+    "linux_if",
     "ring",
     "xs_wire",
 ]

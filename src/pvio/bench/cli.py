@@ -9,6 +9,7 @@ from pvio.cli.lazy import LazyGroup
 #: name -> ("module:command", one-line help).  Each layer adds its line here.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "ring": ("pvio.bench.ring:ring", "Round trips/s through an io/ring.h front/back pair."),
+    "lguest": ("pvio.bench.lguest:lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
 }
 
 

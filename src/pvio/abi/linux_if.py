@@ -1,0 +1,40 @@
+"""Linux <net/if.h> and <linux/if_tun.h>: the ifreq TUNSETIFF takes, and TUN/TAP flags.
+
+Used by `pvio.export.tap` to create a TAP interface.  Native ABI (x86_64): the struct is
+passed to the running kernel by ioctl, never shared with a 32-bit peer.
+"""
+
+from __future__ import annotations
+
+from pvio.abi.layout import ABI_X86_64, Layout
+
+C_PROLOGUE = "#include <net/if.h>\n"
+
+#: <net/if.h>: # define IFNAMSIZ IF_NAMESIZE (16, including the NUL)
+IFNAMSIZ = 16
+
+#   struct ifreq {
+#       union { char ifrn_name[IFNAMSIZ]; } ifr_ifrn;     /* # define ifr_name ... */
+#       union {
+#           struct sockaddr ifru_addr; ...
+#           short int ifru_flags;                          /* # define ifr_flags ... */
+#           int ifru_ivalue; ...
+#           struct ifmap ifru_map;                         /* the largest: 24 bytes */
+#           ...
+#       } ifr_ifru;
+#   };
+# Declared as TUNSETIFF uses it: the name, the flags, and the rest of the union.
+IFREQ_FLAGS = Layout(
+    "ifreq_flags",
+    (("ifr_name", f"{IFNAMSIZ}s"), ("ifr_flags", "h"), ("", "22x")),
+    c_type="struct ifreq",
+    abi=ABI_X86_64,
+    c_prologue=C_PROLOGUE,
+)
+
+#: <linux/if_tun.h>: #define TUNSETIFF _IOW('T', 202, int)
+TUNSETIFF = 0x400454CA
+#: #define IFF_TAP 0x0002
+IFF_TAP = 0x0002
+#: #define IFF_NO_PI 0x1000   (no 4-byte packet-information header before each frame)
+IFF_NO_PI = 0x1000

@@ -1,0 +1,257 @@
+"""`pvio bench lguest`: lguest's LAN and disk next to what the kernel does without them.
+
+* TCP throughput and ping round trip between two network namespaces joined by pvio's
+  lguest LAN (a TAP in each namespace, two in-process guests on one LAN page, every frame
+  transmitted by one guest's driver and DMAed into the other's receive buffers by the
+  in-process host, all in this Python process), next to a veth pair between two
+  namespaces measured in the same run (the kernel's own limit on this machine).  iperf3
+  and ping run as real processes in the namespaces.
+* Block: 4 KiB random reads through the guest's lguest block driver and the Launcher's
+  block device (one request in flight, as the protocol has it) from an image file, next
+  to os.pread of the same blocks from the same file.
+
+Each scenario runs `--runs` times, interleaved with its baseline; the table shows
+medians and the ratio pvio / baseline.  Needs root (namespaces, TAP).  Until the
+hypervisor wiring lands, the DMA copies are the in-process host's, so these figures
+bound the Python data path, not the cross-process one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import click
+
+from pvio.export.tap import TapInterface, create_tap, netns_name, remove_namespace
+from pvio.lguest.storage import FileStorage
+from pvio.testing.lguest_dma import InProcessDmaHost
+from pvio.testing.lguest_guest import Lan, TapSwitchboard, build_guest
+
+#: The issue's target: at least this share of the veth pair's TCP throughput.
+TARGET_TCP_RATIO = 0.25
+
+
+@dataclass
+class Row:
+    scenario: str
+    unit: str
+    pvio: float
+    baseline: float
+    ratio: float
+
+
+async def _run(*cmd: str, timeout: float) -> str:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise click.ClickException(f"{' '.join(cmd)} failed:\n{out.decode(errors='replace')}")
+    return out.decode(errors="replace")
+
+
+async def _iperf(client_ns: str, server_ns: str, seconds: float) -> float:
+    """Bits per second, client -> server."""
+    server = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    last = ""
+    try:
+        for _attempt in range(10):
+            try:
+                out = await _run("ip", "netns", "exec", client_ns, "iperf3", "-c", "10.0.0.2",
+                                 "-p", "5201", "-t", str(seconds), "-J",
+                                 timeout=seconds + 30)
+            except click.ClickException as exc:
+                last = str(exc)
+                await asyncio.sleep(0.2)  # the server was not listening yet
+                continue
+            report = json.loads(out)
+            if "error" in report or "sum_received" not in report.get("end", {}):
+                last = report.get("error", out[-300:])
+                await asyncio.sleep(0.2)
+                continue
+            bps: float = report["end"]["sum_received"]["bits_per_second"]
+            return bps
+        raise click.ClickException(f"iperf3 never connected: {last}")
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.wait()
+
+
+async def _ping(ns: str, count: int) -> float:
+    """Average round trip in microseconds."""
+    out = await _run("ip", "netns", "exec", ns, "ping", "-q", "-c", str(count), "-i", "0.01",
+                     "-W", "2", "10.0.0.2", timeout=60)
+    m = re.search(r"= [\d.]+/([\d.]+)/", out)
+    if m is None:
+        raise click.ClickException(f"cannot parse ping output:\n{out}")
+    return float(m.group(1)) * 1000
+
+
+class _Veth:
+    def __init__(self, tag: str) -> None:
+        self.ns = [netns_name(f"bv1-{tag}"), netns_name(f"bv2-{tag}")]
+
+    def __enter__(self) -> list[str]:
+        for ns in self.ns:
+            remove_namespace(ns)
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "link", "add", "vb0", "netns", self.ns[0], "type", "veth",
+                        "peer", "name", "vb0", "netns", self.ns[1]], check=True)
+        for i, ns in enumerate(self.ns):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.0.0.{i + 1}/24", "dev", "vb0"],
+                           check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "vb0", "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        return self.ns
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in self.ns:
+            remove_namespace(ns)
+
+
+class _LguestLan:
+    def __init__(self, tag: str) -> None:
+        self.names = [f"bl1-{tag}", f"bl2-{tag}"]
+        self.taps: list[TapInterface] = []
+        self.board: TapSwitchboard | None = None
+
+    def __enter__(self) -> list[str]:
+        host, lan = InProcessDmaHost(), Lan()
+        rigs = [build_guest(host, n, lan=lan, console=False) for n in self.names]
+        try:
+            for i, rig in enumerate(rigs):
+                assert rig.net is not None
+                rig.net.open()
+                self.taps.append(create_tap(self.names[i], address=f"10.0.0.{i + 1}/24",
+                                            mac=rig.net.mac))
+        except BaseException:
+            self.__exit__()
+            raise
+        self.board = TapSwitchboard(rigs, self.taps)
+        for link in self.board.links:
+            link.start(asyncio.get_running_loop())
+        return [t.netns for t in self.taps]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.board is not None:
+            for link in self.board.links:
+                link.stop()
+        for tap in self.taps:
+            tap.close()
+        for n in self.names:
+            remove_namespace(netns_name(n))
+
+
+async def _network(seconds: float, runs: int) -> list[Row]:
+    tag = secrets.token_hex(3)
+    tcp: dict[str, list[float]] = {"pvio": [], "veth": []}
+    rtt: dict[str, list[float]] = {"pvio": [], "veth": []}
+    for _ in range(runs):
+        with _Veth(tag) as ns:
+            tcp["veth"].append(await _iperf(ns[0], ns[1], seconds))
+            rtt["veth"].append(await _ping(ns[0], 20))
+        with _LguestLan(tag) as ns:
+            await _ping(ns[0], 2)  # ARP settled before measuring
+            tcp["pvio"].append(await _iperf(ns[0], ns[1], seconds))
+            rtt["pvio"].append(await _ping(ns[0], 20))
+    t_p, t_b = statistics.median(tcp["pvio"]) / 1e6, statistics.median(tcp["veth"]) / 1e6
+    r_p, r_b = statistics.median(rtt["pvio"]), statistics.median(rtt["veth"])
+    return [
+        Row("TCP g1->g2 (iperf3)", "Mbit/s", t_p, t_b, t_p / t_b),
+        Row("ping round trip", "us", r_p, r_b, r_b / r_p),  # higher is better, as for TCP
+    ]
+
+
+def _block(seconds: float, runs: int) -> list[Row]:
+    size = 16 << 20
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "disk.img")
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+        storage = FileStorage(path)
+        try:
+            rig = build_guest(InProcessDmaHost(), "bench", disk=storage, console=False)
+            blk = rig.block
+            assert blk is not None
+            rng = random.Random(1)
+            sectors = size // 512 - 8
+
+            def via_lguest(deadline: float) -> int:
+                n = 0
+                while time.perf_counter() < deadline:
+                    blk.read(rng.randrange(0, sectors, 8), 4096)
+                    rig.run_interrupts()
+                    (done,) = blk.take_completions()
+                    assert done.ok
+                    n += 1
+                return n
+
+            def via_pread(deadline: float) -> int:
+                n = 0
+                while time.perf_counter() < deadline:
+                    os.pread(storage.fd, 4096, rng.randrange(0, sectors, 8) * 512)
+                    n += 1
+                return n
+
+            rates: dict[str, list[float]] = {"pvio": [], "pread": []}
+            for _ in range(runs):
+                for name, fn in (("pread", via_pread), ("pvio", via_lguest)):
+                    t0 = time.perf_counter()
+                    n = fn(t0 + seconds)
+                    rates[name].append(n / (time.perf_counter() - t0))
+        finally:
+            storage.close()
+    p, b = statistics.median(rates["pvio"]), statistics.median(rates["pread"])
+    return [Row("block 4 KiB random read", "IOPS", p, b, p / b)]
+
+
+def _table(rows: list[Row]) -> str:
+    lines = [f"{'scenario':28} {'unit':7} {'pvio':>12} {'baseline':>12} {'ratio':>7}"]
+    for r in rows:
+        lines.append(f"{r.scenario:28} {r.unit:7} {r.pvio:12.1f} {r.baseline:12.1f} {r.ratio:7.2f}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--seconds", default=2.0, show_default=True, help="Length of each measurement.")
+@click.option("--runs", default=3, show_default=True, help="Runs per scenario (median shown).")
+@click.option("--only", type=click.Choice(["all", "net", "block"]), default="all",
+              show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON here.")
+def lguest(seconds: float, runs: int, only: str, json_path: str | None) -> None:
+    """TCP and ping across the lguest LAN vs a veth pair; block IOPS vs pread."""
+    rows: list[Row] = []
+    if only in ("all", "net"):
+        if os.geteuid() != 0:
+            raise click.ClickException("the network benchmark needs root (namespaces, TAP)")
+        rows += asyncio.run(_network(seconds, runs))
+    if only in ("all", "block"):
+        rows += _block(seconds, runs)
+    click.echo(_table(rows))
+    click.echo("baselines: veth pair between two namespaces; os.pread of the same image. "
+               "ratio = pvio / baseline (for ping: baseline rtt / pvio rtt).")
+    for r in rows:
+        if r.scenario.startswith("TCP"):
+            verdict = "meets" if r.ratio >= TARGET_TCP_RATIO else "misses"
+            click.echo(f"TCP target {TARGET_TCP_RATIO:.0%} of veth: {verdict} ({r.ratio:.1%})")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)

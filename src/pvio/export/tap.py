@@ -1,0 +1,274 @@
+"""A guest's network end: a TAP interface in its own network namespace ``pvio-<name>``.
+
+Theory of operation
+-------------------
+Each lguest guest's network device ends in a TAP interface inside a network namespace
+of its own, so the kernel's TCP/IP stack in that namespace is the guest's network stack:
+``ip netns exec pvio-g1 ping 10.0.0.2`` sends real frames, which pvio reads from the TAP
+and hands to the guest's lguest network driver, and frames the driver receives are
+written back into the TAP.
+
+`create_tap` makes the namespace with iproute2 (``ip netns add``), then opens
+/dev/net/tun from *inside* it: a short-lived thread enters the namespace with setns(2)
+(Python 3.11 has no os.setns, so through libc by ctypes) and issues TUNSETIFF with
+IFF_TAP | IFF_NO_PI, so the interface is born in the namespace and the process's other
+threads never change namespace.  The address, netmask, MAC and link state are set with
+``ip -n``.  The fd is non-blocking, for asyncio (`TapLink`).
+
+Cleanup is by name and idempotent: the interface is not persistent, so it vanishes when
+its fd is closed (also when the process dies); the namespace is a bind mount that
+outlives a crash, so `remove_namespace` deletes it if present and does nothing if not,
+and `create_tap` first removes a leftover namespace of the same name.
+
+Rejected: creating the TAP in the root namespace and moving it with ``ip link set netns``
+(a window in which the host sees the interface, and a moved TAP keeps no carrier state
+worth having); a persistent TAP (TUNSETPERSIST) that a crash would leave behind; the
+pyroute2 package (iproute2 is already a dependency of the tests and simpler to read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pvio.abi.linux_if import IFF_NO_PI, IFF_TAP, IFNAMSIZ, IFREQ_FLAGS, TUNSETIFF
+
+NETNS_PREFIX = "pvio-"
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+#: Frames waiting for a TAP that will not take them; beyond this they are dropped.
+TAP_QUEUE_LIMIT = 256
+#: Frames read per wake-up before yielding to the loop (one busy TAP cannot hog it).
+READ_BATCH = 64
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+class TapError(Exception):
+    """Creating or configuring a namespace or TAP failed (the host's side)."""
+
+
+def netns_name(name: str) -> str:
+    """The namespace of guest `name`: ``pvio-<name>``."""
+    if not _NAME.match(name):
+        raise TapError(f"bad guest name {name!r}")
+    return NETNS_PREFIX + name
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise TapError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def namespace_exists(netns: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, netns))
+
+
+def remove_namespace(netns: str) -> None:
+    """Delete namespace `netns` if it exists (idempotent: safe after a crash)."""
+    if namespace_exists(netns):
+        _ip("netns", "delete", netns, check=False)
+    if namespace_exists(netns):
+        raise TapError(f"could not remove namespace {netns}")
+
+
+def stale_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
+    """Namespaces named `prefix`... that exist now (left over by a crash, or in use)."""
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _open_tap_in(netns: str, ifname: str) -> int:
+    """Open a TAP named `ifname` from inside `netns`, in a thread of its own."""
+    result: list[int] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            ns_fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(ns_fd)  # this thread only; it ends right after
+            finally:
+                os.close(ns_fd)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=IFF_TAP | IFF_NO_PI)
+                fcntl.ioctl(fd, TUNSETIFF, ifr)
+            except BaseException:
+                os.close(fd)
+                raise
+            result.append(fd)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=work, name=f"tap-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise TapError(f"opening a TAP in {netns}: {failure[0]}") from failure[0]
+    return result[0]
+
+
+@dataclass
+class TapInterface:
+    """A TAP interface in its own namespace; `close()` removes both."""
+
+    netns: str
+    ifname: str
+    fd: int
+    mac: bytes
+    address: str
+
+    def read_frame(self) -> bytes | None:
+        """One frame, or None when none is waiting."""
+        try:
+            return os.read(self.fd, 65536)
+        except BlockingIOError:
+            return None
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write one frame; False if the TAP would block."""
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        remove_namespace(self.netns)
+
+    def __enter__(self) -> TapInterface:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# T:890 The guest's end of the LAN: a TAP in its own namespace
+# A guest's network device ends in the kernel: a TAP interface inside a network
+# namespace `pvio-<name>`, so that namespace's TCP/IP stack is the guest's.  The
+# namespace is made with iproute2; the TAP is opened from inside it by a thread that
+# setns()es there and asks /dev/net/tun for IFF_TAP|IFF_NO_PI (raw Ethernet frames, no
+# header), then given the guest's MAC — the one its driver publishes in the LAN page, so
+# the unicast frames the page routes are the ones the kernel answers — its address, and
+# a link that is up.  Frames the kernel sends become the driver's transmits; frames the
+# driver receives are written back.  The TAP dies with its fd; the namespace, which
+# would outlive a crash, is removed by name, idempotently.
+# :T
+def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
+               mtu: int = 1500) -> TapInterface:
+    """Namespace ``pvio-<name>`` holding TAP `ifname` with `address` (CIDR) and `mac`."""
+    netns = netns_name(name)
+    if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
+        raise TapError(f"bad interface name {ifname!r}")
+    if len(mac) != 6 or mac[0] & 1:
+        raise TapError(f"bad MAC {mac.hex(':')}")
+    remove_namespace(netns)  # a leftover from a crash
+    _ip("netns", "add", netns)
+    fd = -1
+    try:
+        fd = _open_tap_in(netns, ifname)
+        _ip("-n", netns, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
+        _ip("-n", netns, "addr", "add", address, "dev", ifname)
+        _ip("-n", netns, "link", "set", "dev", ifname, "up")
+        _ip("-n", netns, "link", "set", "dev", "lo", "up")
+        os.set_blocking(fd, False)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        remove_namespace(netns)
+        raise
+    return TapInterface(netns, ifname, fd, mac, address)
+
+
+@dataclass
+class TapStatistics:
+    rx_frames: int = 0  # read from the TAP
+    tx_frames: int = 0  # written to the TAP
+    tx_dropped: int = 0  # the TAP's queue was full
+
+
+@dataclass
+class TapLink:
+    """asyncio glue: frames from the TAP go to `on_frame`; `send` writes to the TAP.
+
+    Writes the TAP refuses wait in a bounded queue (TAP_QUEUE_LIMIT); beyond it they
+    are dropped and counted, so a flood toward one guest cannot grow memory."""
+
+    tap: TapInterface
+    on_frame: Callable[[bytes], None]
+    queue_limit: int = TAP_QUEUE_LIMIT
+    stats: TapStatistics = field(default_factory=TapStatistics)
+    _queue: deque[bytes] = field(default_factory=deque)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _writing: bool = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.tap.fd, self._readable)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.tap.fd)
+            if self._writing:
+                self._loop.remove_writer(self.tap.fd)
+            self._loop = None
+
+    def _readable(self) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                frame = self.tap.read_frame()
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EIO):
+                    self.stop()
+                    return
+                raise
+            if frame is None:
+                return
+            self.stats.rx_frames += 1
+            self.on_frame(frame)
+
+    def send(self, frame: bytes) -> None:
+        if not self._queue and self.tap.write_frame(frame):
+            self.stats.tx_frames += 1
+            return
+        if len(self._queue) >= self.queue_limit:
+            self.stats.tx_dropped += 1
+            return
+        self._queue.append(frame)
+        if self._loop is not None and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self.tap.fd, self._writable)
+
+    def _writable(self) -> None:
+        while self._queue:
+            if not self.tap.write_frame(self._queue[0]):
+                return
+            self._queue.popleft()
+            self.stats.tx_frames += 1
+        if self._loop is not None:
+            self._loop.remove_writer(self.tap.fd)
+        self._writing = False
+

@@ -1,0 +1,422 @@
+"""lguest's network: the LAN page of MAC slots, routing, and the guest driver (lguest_net.c).
+
+Theory of operation
+-------------------
+A LAN is one page of `struct lguest_net` slots (six-byte MACs) mapped into every guest
+on it.  Each peer (a guest, or the host) owns one slot: it publishes its MAC there and
+binds its eight receive buffers at key ``page + 4 * slot``.  There is no switch: a
+sender reads the page, decides who wants the frame (`route`: the destination MAC, every
+peer for broadcast and multicast, any peer whose published MAC has the multicast bit —
+that bit means "promiscuous") and SEND_DMAs the frame to each of them in turn; the host
+copies it straight into the receiver's buffers.  A peer whose buffers are all full
+simply misses the frame: the sender sees a short used_len and counts a carrier error.
+
+Slots are handed out by the page's owner (`LanPage.claim`), one at a time.  lguest's
+Launchers shared a file and took a one-byte fcntl lock at offset = slot, so a crashed
+Launcher's slot came free when the kernel dropped its lock.  In pvio the page has one
+owner — the hypervisor, or the Launcher running the LAN — which serialises every claim
+in its event loop (so a claim is atomic without a lock) and calls `release` when a
+peer's connection closes, which is when lguest's kernel would have dropped the lock.
+The guest learns its slot from the low bits of its descriptor's features, as in lguest.
+
+What this deliberately does not do: protect a slot from a hostile guest that writes
+another peer's MAC (every guest maps the page writable, as in lguest), or queue frames:
+delivery is a synchronous copy, so a flood costs the flooder and the flooded receiver's
+buffers and nobody else's.  The guest's frames go to and from a TAP interface through
+`pvio.export.tap`.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pvio.abi.lguest import LGUEST_NET, LGUEST_NET_F_NOCSUM
+from pvio.lguest.bus import LguestDevice
+from pvio.lguest.dma import (
+    DMA_SIZE,
+    PAGE_SIZE,
+    Fault,
+    LauncherPort,
+    LguestError,
+    build_dma,
+    page_sections,
+)
+from pvio.lguest.guest import Allocator
+
+ETH_ALEN = 6
+ETH_HLEN = 14
+ETH_DATA_LEN = 1500
+#: The largest frame: a 14-byte header and 1500 bytes of payload.
+ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN
+#: Receive buffers per guest (lguest_net's NUM_SKBS).
+NUM_SKBS = 8
+#: "We overload the multicast bit to show promiscuous mode."
+PROMISC_BIT = 0x01
+MAC_SIZE = LGUEST_NET.size
+BROADCAST = b"\xff" * ETH_ALEN
+_USED_LEN = struct.Struct("<I")
+_ZERO_LEN = _USED_LEN.pack(0)
+
+
+class FrameError(LguestError):
+    """A frame too short for an Ethernet header or longer than 1514 bytes."""
+
+
+def check_frame(frame: bytes) -> None:
+    if len(frame) < ETH_HLEN:
+        raise FrameError(f"runt frame of {len(frame)} bytes", field="len")
+    if len(frame) > ETH_FRAME_LEN:
+        raise FrameError(f"{len(frame)}-byte frame > {ETH_FRAME_LEN}", field="len")
+
+
+def peer_key(peer_phys: int, slot: int) -> int:
+    """A peer's receive key: the LAN page's address plus 4 × slot (keys are multiples
+    of 4)."""
+    return peer_phys + 4 * slot
+
+
+def lan_slots(page: bytes) -> list[bytes]:
+    """The published MACs of a LAN page (b"" for an unused slot: mac[0] == 0)."""
+    out: list[bytes] = []
+    for i in range(len(page) // MAC_SIZE):
+        mac = page[i * MAC_SIZE : (i + 1) * MAC_SIZE]
+        out.append(b"" if mac[0] == 0 else bytes(mac))
+    return out
+
+
+def is_multicast(mac: bytes) -> bool:
+    """By definition the broadcast address is also a multicast address."""
+    return bool(mac[0] & 0x01)
+
+
+def mac_eq(dest: bytes, published: bytes) -> bool:
+    """The destination matches a published MAC, ignoring the peer's promiscuous bit."""
+    return (published[0] & ~PROMISC_BIT & 0xFF) == dest[0] and dest[1:6] == published[1:6]
+
+
+# T:880 The network: a page of MAC slots, and who gets each frame
+# A LAN is a page of six-byte MAC slots shared by every peer on it.  A peer's slot is
+# handed out by the page's owner, one claim at a time, and freed when the peer goes
+# (lguest used a one-byte fcntl lock per slot for the same effect).  A peer publishes
+# its MAC in its slot and binds eight 1514-byte receive buffers at page + 4 × slot.
+# To send, a guest reads the page and picks the receivers: every used slot but its own
+# when the destination is broadcast or multicast, every peer whose published MAC has the
+# multicast bit set (lguest's way of saying "promiscuous"), and the peer whose MAC is the
+# destination.  It SEND_DMAs the frame to each in turn.  A receiver with no free buffer
+# misses the frame; the sender sees used_len short of the frame and counts a carrier
+# error.  Frames shorter than an Ethernet header or longer than 1514 bytes are dropped
+# and counted on both sides.
+# :T
+def route(dest: bytes, macs: Sequence[bytes], me: int) -> list[int]:
+    """The slots a frame for `dest` goes to, from `me` (lguestnet_start_xmit)."""
+    broadcast = is_multicast(dest)
+    out: list[int] = []
+    for i, mac in enumerate(macs):
+        if i == me or not mac:
+            continue
+        if broadcast or mac[0] & PROMISC_BIT or mac_eq(dest, mac):
+            out.append(i)
+    return out
+
+
+def route_page(dest: bytes, page: bytes, me: int) -> list[int]:
+    """`route` straight from a LAN page's bytes, looking only at slots up to the last one
+    in use (slots are claimed lowest first, so that is usually a handful)."""
+    firsts = page[0 : len(page) - len(page) % MAC_SIZE : MAC_SIZE]
+    used = len(firsts.rstrip(b"\0"))
+    broadcast = is_multicast(dest)
+    out: list[int] = []
+    for i in range(used):
+        first = firsts[i]
+        if first == 0 or i == me:
+            continue
+        mine = first == dest[0] and page[i * MAC_SIZE + 1 : (i + 1) * MAC_SIZE] == dest[1:6]
+        if broadcast or first & PROMISC_BIT or mine:
+            out.append(i)
+    return out
+
+
+class LanPage:
+    """The owner's view of a LAN page: claims and releases slots, one at a time."""
+
+    def __init__(self, page: bytearray | memoryview) -> None:
+        if len(page) % PAGE_SIZE or not len(page):
+            raise LguestError("a LAN is whole pages", fault=Fault.LOCAL, field="page")
+        self.page = page
+        self.slots = len(page) // MAC_SIZE
+        self._claimed: set[int] = set()
+
+    def claim(self) -> int:
+        """The lowest free slot, reserved for one peer; ENOSPC when the LAN is full."""
+        for slot in range(self.slots):
+            if slot not in self._claimed:
+                self._claimed.add(slot)
+                self._clear(slot)
+                return slot
+        raise LguestError("no free slot on the LAN", fault=Fault.LOCAL, field="slot",
+                          err=errno.ENOSPC)
+
+    def release(self, slot: int) -> None:
+        """The peer went away: its slot and published MAC go with it."""
+        self._claimed.discard(slot)
+        self._clear(slot)
+
+    def claimed(self) -> set[int]:
+        return set(self._claimed)
+
+    def publish(self, slot: int, mac: bytes, *, promisc: bool = False) -> None:
+        """Publish a MAC for `slot` (the host's own peer, or a test acting as a guest)."""
+        first = (mac[0] | PROMISC_BIT) if promisc else (mac[0] & ~PROMISC_BIT & 0xFF)
+        LGUEST_NET.pack_into(self.page, slot * MAC_SIZE, mac=bytes([first]) + mac[1:6])
+
+    def macs(self) -> list[bytes]:
+        return lan_slots(bytes(self.page))
+
+    def _clear(self, slot: int) -> None:
+        self.page[slot * MAC_SIZE : (slot + 1) * MAC_SIZE] = bytes(MAC_SIZE)
+
+
+def lan_features(slot: int, *, nocsum: bool = True) -> int:
+    """A network descriptor's features: the peer slot in the low bits (as lguest's
+    Launcher did), and NOCSUM."""
+    return slot | (LGUEST_NET_F_NOCSUM if nocsum else 0)
+
+
+@dataclass
+class NetStatistics:
+    """The net_device statistics lguest_net kept, plus pvio's drop reasons."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    rx_length_errors: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0  # frames refused before sending (runt, oversized)
+    tx_carrier_errors: int = 0  # a peer took less than the whole frame
+
+
+@dataclass
+class _RxSlot:
+    buf: int
+    dma: int
+
+
+@dataclass
+class NetDriver:
+    """The guest's lguest network device."""
+
+    device: LguestDevice
+    alloc: Allocator
+    mac: bytes = b""
+    stats: NetStatistics = field(default_factory=NetStatistics)
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        self.port = dev.port
+        self.peer_phys = dev.phys_addr
+        self.mapsize = dev.num_pages * PAGE_SIZE
+        # "This stores our peerid (upper bits reserved for future)."
+        self.me = dev.features & (self.mapsize - 1)
+        if self.me >= self.mapsize // MAC_SIZE:
+            raise LguestError(f"peer slot {self.me} beyond the LAN page", field="features")
+        self.nocsum = bool(dev.features & LGUEST_NET_F_NOCSUM)
+        if not self.mac:
+            # lguest: 02:00:<guest id>:00:00, the locally-administered bit set.
+            self.mac = bytes([0x02, 0x00, dev.index, self.me & 0xFF, 0x00, 0x00])
+        if len(self.mac) != ETH_ALEN or self.mac[0] & 0x01 or self.mac[0] == 0:
+            raise LguestError(f"bad MAC {self.mac.hex(':')}", fault=Fault.LOCAL, field="mac")
+        self.rx_dmas = self.alloc.alloc(NUM_SKBS * DMA_SIZE, align=PAGE_SIZE)
+        self.rx = [_RxSlot(self.alloc.alloc(ETH_FRAME_LEN), self.rx_dmas + i * DMA_SIZE)
+                   for i in range(NUM_SKBS)]
+        self.tx_buf = self.alloc.alloc(ETH_FRAME_LEN)
+        self.tx_dma = self.alloc.alloc_unsplit(DMA_SIZE)
+        self.promisc = False
+        self.is_open = False
+        self._frames: list[bytes] = []
+        self._tx_dmas: dict[int, bytes] = {}
+
+    @property
+    def my_key(self) -> int:
+        return peer_key(self.peer_phys, self.me)
+
+    def _slot_addr(self, slot: int) -> int:
+        return self.peer_phys + slot * MAC_SIZE
+
+    def _publish(self) -> None:
+        first = self.mac[0] | PROMISC_BIT if self.promisc else self.mac[0]
+        self.port.write(self._slot_addr(self.me), bytes([first]) + self.mac[1:])
+
+    def open(self, *, promisc: bool = False) -> None:
+        """lguestnet_open: publish our MAC, fill eight buffers, bind them at our key."""
+        self.promisc = promisc
+        self._publish()
+        for slot in self.rx:
+            self._fill(slot)
+        self.port.bind_dma(self.my_key, self.rx_dmas, NUM_SKBS, self.device.irq)
+        self.is_open = True
+
+    def set_promisc(self, on: bool) -> None:
+        """lguestnet_set_multicast: the multicast bit of our published MAC."""
+        self.promisc = on
+        if self.is_open:
+            self._publish()
+
+    def close(self) -> None:
+        """lguestnet_close: clear our slot, unbind our buffers."""
+        self.port.write(self._slot_addr(self.me), bytes(MAC_SIZE))
+        self.port.unbind_dma(self.my_key, self.rx_dmas)
+        self.is_open = False
+
+    def remove(self) -> None:
+        if self.is_open:
+            self.close()
+
+    def _fill(self, slot: _RxSlot) -> None:
+        # The sections first, used_len 0 last: the host must never see a free buffer
+        # whose sections are not yet written (lguest's wmb()).
+        self.port.write(slot.dma, build_dma(page_sections(slot.buf, ETH_FRAME_LEN)))
+
+    def transmit(self, frame: bytes) -> int:
+        """lguestnet_start_xmit: send to every peer that wants it; returns how many."""
+        try:
+            check_frame(frame)
+        except FrameError:
+            self.stats.tx_dropped += 1
+            self.stats.tx_errors += 1
+            return 0
+        page = self.port.read(self.peer_phys, self.mapsize)  # copied once
+        targets = route_page(frame[:ETH_ALEN], page, self.me)
+        if not targets:
+            return 0
+        self.port.write(self.tx_buf, frame)
+        dma = self._tx_dmas.get(len(frame))
+        if dma is None:  # one struct per frame length, built once
+            dma = self._tx_dmas[len(frame)] = build_dma(page_sections(self.tx_buf, len(frame)))
+        for peer in targets:
+            self.port.write(self.tx_dma, dma)  # used_len 0 before each send
+            try:
+                used = self.port.send_dma(peer_key(self.peer_phys, peer), self.tx_dma)
+            except LguestError:
+                self.stats.tx_errors += 1  # refused by the host (our device has FAILED)
+                return 0
+            if used != len(frame):
+                self.stats.tx_carrier_errors += 1
+            else:
+                self.stats.tx_packets += 1
+                self.stats.tx_bytes += len(frame)
+        return len(targets)
+
+    def interrupt(self) -> None:
+        """lguestnet_rcv: take every filled buffer, refill it, check the length."""
+        dmas = self.port.read(self.rx_dmas, NUM_SKBS * DMA_SIZE)  # every used_len at once
+        for i, slot in enumerate(self.rx):
+            length = _USED_LEN.unpack_from(dmas, i * DMA_SIZE)[0]
+            if length == 0:
+                continue
+            frame = self.port.read(slot.buf, min(length, ETH_FRAME_LEN))
+            # Our sections never change; giving the buffer back is used_len = 0.
+            self.port.write(slot.dma, _ZERO_LEN)
+            if length < ETH_HLEN or length > ETH_FRAME_LEN:
+                self.stats.rx_errors += 1
+                self.stats.rx_length_errors += 1
+                continue
+            self.stats.rx_packets += 1
+            self.stats.rx_bytes += length
+            self._frames.append(frame)
+
+    def take_frames(self) -> list[bytes]:
+        frames, self._frames = self._frames, []
+        return frames
+
+
+#: Frames from guests waiting for the host's TAP; beyond this they are dropped.
+HOST_QUEUE_LIMIT = 256
+
+
+@dataclass
+class HostPeerStatistics:
+    rx_frames: int = 0  # from guests, queued for the host
+    rx_dropped: int = 0  # the queue was full
+    rx_length_errors: int = 0
+    tx_frames: int = 0  # delivered into a guest's buffer
+    tx_no_buffer: int = 0  # a guest had no free buffer
+    tx_dropped: int = 0  # runt or oversized frames from the host
+
+
+@dataclass
+class _GuestEnd:
+    port: LauncherPort
+    peer_phys: int  # where this guest sees the LAN page
+
+
+@dataclass
+class HostNetPeer:
+    """The host as one more peer on a LAN (lguest's ``--tunnet``), on the Launcher side.
+
+    It owns a slot and publishes its MAC there, promiscuous as lguest's Launcher did (so
+    every frame for an address outside the LAN comes to it).  Guests SEND_DMA frames to
+    its key like to any peer; they land in `handle_output` and wait in a bounded queue
+    for the host's TAP.  Frames from the TAP go to the guests `route` picks, each by
+    `LauncherPort.deliver` into that guest's buffers at its key for the slot."""
+
+    lan: LanPage
+    mac: bytes
+    queue_limit: int = HOST_QUEUE_LIMIT
+    stats: HostPeerStatistics = field(default_factory=HostPeerStatistics)
+
+    def __post_init__(self) -> None:
+        self.slot = self.lan.claim()
+        self.lan.publish(self.slot, self.mac, promisc=True)
+        self._guests: dict[int, _GuestEnd] = {}
+        self._queue: deque[bytes] = deque()
+
+    def attach(self, slot: int, port: LauncherPort, peer_phys: int) -> None:
+        """Guest in `slot` sees the LAN page at `peer_phys` through `port`."""
+        self._guests[slot] = _GuestEnd(port, peer_phys)
+
+    def detach(self, slot: int) -> None:
+        self._guests.pop(slot, None)
+
+    def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
+        """A guest sent a frame to the host's key."""
+        try:
+            check_frame(data)
+        except FrameError:
+            self.stats.rx_length_errors += 1
+            return 0
+        if len(self._queue) >= self.queue_limit:
+            self.stats.rx_dropped += 1
+            return 0  # the sender counts a carrier error, as for a full guest
+        self._queue.append(data)
+        self.stats.rx_frames += 1
+        return len(data)
+
+    def take_frames(self) -> list[bytes]:
+        frames = list(self._queue)
+        self._queue.clear()
+        return frames
+
+    def transmit(self, frame: bytes) -> int:
+        """A frame from the host's TAP: deliver it to every guest that wants it."""
+        try:
+            check_frame(frame)
+        except FrameError:
+            self.stats.tx_dropped += 1
+            return 0
+        sent = 0
+        for slot in route_page(frame[:ETH_ALEN], bytes(self.lan.page), self.slot):
+            end = self._guests.get(slot)
+            if end is None:
+                continue
+            if end.port.deliver(peer_key(end.peer_phys, slot), frame) is None:
+                self.stats.tx_no_buffer += 1
+            else:
+                self.stats.tx_frames += 1
+                sent += 1
+        return sent
