@@ -42,6 +42,7 @@ double the reply paths to test).
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -102,7 +103,7 @@ class Export:
         if len(self.description.encode()) > w.NBD_MAX_STRING:
             raise ValueError("export description: at most 4096 bytes")
 
-    @property
+    @functools.cached_property
     def transmission_flags(self) -> int:
         """The flags advertised for this export: exactly what its backend supports."""
         info = self.info
@@ -191,7 +192,7 @@ class State(enum.Enum):
 
 # Which command flags each command accepts (beyond that: EINVAL), given the export.
 def _allowed_flags(cmd: int, export: Export) -> int:
-    fua = w.NBD_CMD_FLAG_FUA if export.info.can_fua else 0
+    fua = w.NBD_CMD_FLAG_FUA if export.transmission_flags & w.NBD_FLAG_SEND_FUA else 0
     if cmd == w.NBD_CMD_WRITE or cmd == w.NBD_CMD_TRIM:
         return fua
     if cmd == w.NBD_CMD_WRITE_ZEROES:
