@@ -66,6 +66,11 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, client: NbdClient) -> None:
         self.client = client
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Set here, not when create_connection returns: the greeting may be read first.
+        assert isinstance(transport, asyncio.Transport)
+        self.client._transport = transport
+
     def data_received(self, data: bytes) -> None:
         self.client._data_received(data)
 
@@ -113,11 +118,9 @@ class NbdClient:
         else:
             coro = loop.create_connection(lambda: _ClientProtocol(self), addr.host or "localhost", addr.port)
         transport, _ = await asyncio.wait_for(coro, timeout)
-        assert isinstance(transport, asyncio.Transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._transport = transport
 
     # --- protocol callbacks -------------------------------------------------------------------
 
