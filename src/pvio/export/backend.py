@@ -38,6 +38,17 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+# T:750 What an export serves
+# `BlockBackend` is the whole contract between the NBD server and storage: `info` (size,
+# read-only, block-size constraints, which optional operations really work) and async
+# read, write (with FUA), flush, trim and write_zeroes.  The server validates every request
+# against `info` before calling, so a backend never sees an out-of-range or unaligned
+# request.  pvio ships a raw-file backend, a memory backend for tests, and `NbdClient`
+# (which makes any NBD server a backend); pvio's blkfront disk implements the same
+# protocol, which is how a guest's disk becomes an NBD export.
+# :T
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """A backend's size, access, block-size constraints and optional operations."""

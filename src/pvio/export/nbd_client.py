@@ -131,6 +131,18 @@ class _Pending:
     length: int
 
 
+# T:770 The client's side
+# pvio also speaks NBD as a client, for storage it does not hold itself: a qcow2 image
+# behind qemu-nbd, or a disk on another machine.  `NbdClientConnection` mirrors the server:
+# it answers the greeting with FIXED_NEWSTYLE and NO_ZEROES, sends NBD_OPT_GO asking for
+# NBD_INFO_BLOCK_SIZE (and then keeps the promise: every request is checked against size,
+# alignment, maximum and flags before it is sent), and falls back to NBD_OPT_EXPORT_NAME
+# only for servers that answer NBD_REP_ERR_UNSUP.  Replies are matched to requests by
+# cookie; a reply for no request, a bad magic or an unasked-for structured reply marks the
+# server broken and fails everything pending.
+# :T
+
+
 @dataclass
 class NbdClientConnection:
     """The client side of one NBD connection (see the module docstring)."""

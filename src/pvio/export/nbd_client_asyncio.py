@@ -78,6 +78,16 @@ class _ClientProtocol(asyncio.Protocol):
         self.client._connection_lost(exc)
 
 
+# T:780 A remote export as a backend
+# `NbdClient` runs the client core on an asyncio socket.  Every call sends its request at
+# once and awaits a future the matching reply resolves, so concurrent callers pipeline on
+# one connection.  It implements `BlockBackend`: its `info` is derived from what
+# NBD_OPT_GO reported.  So an `NbdServer` can serve an `NbdClient` — a qcow2 behind
+# qemu-nbd, re-exported by pvio — and pvio's blkback uses the same object as the storage
+# behind a guest disk whenever the image is not a raw file.
+# :T
+
+
 class NbdClient:
     """One NBD connection, pipelined; a `BlockBackend` over a remote export."""
 

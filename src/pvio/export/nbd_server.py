@@ -217,6 +217,19 @@ class _Draining:
     then: Callable[[], None] | None = None
 
 
+# T:720 The handshake, as a table
+# A connection starts with the server's greeting (NBDMAGIC, IHAVEOPT, and the handshake
+# flags FIXED_NEWSTYLE and NO_ZEROES); the client answers with its own flags, and any flag
+# pvio does not know ends the connection, as the protocol demands.  Then options: each is
+# looked up in `_OPTION_HANDLERS` (at the end of this module).  NBD_OPT_GO and
+# NBD_OPT_INFO answer NBD_INFO_EXPORT (size and transmission flags) and NBD_INFO_BLOCK_SIZE,
+# then NBD_REP_ACK; GO then switches to transmission.  The transmission flags are derived
+# from the backend's `BackendInfo`, so FLUSH, FUA, TRIM and WRITE_ZEROES are advertised
+# exactly when the backend implements them.  An option not in the table is answered
+# NBD_REP_ERR_UNSUP and haggling goes on; the empty export name selects the default export.
+# :T
+
+
 @dataclass
 class NbdServerConnection:
     """One server-side NBD connection (see the module docstring)."""
@@ -547,6 +560,18 @@ class NbdServerConnection:
             self._issue(cookie, cmd, flags, offset, length, b"")
         return w.REQUEST.size
 
+    # T:730 Copy once, validate, then act
+    # A request is unpacked once from the 28 header bytes into locals; nothing is read
+    # from the buffer again.  `_validate` checks it in the protocol's order: an unknown or
+    # unadvertised command or flag is EINVAL, a write to a read-only export EPERM, a read or
+    # write above the maximum block size or off the minimum alignment EINVAL, and a range
+    # past the end ENOSPC for writes and EINVAL otherwise.  A refused request is answered
+    # right here, in band, and reported as `CommandRejected`; only a valid one becomes a
+    # `Command` event for the adapter.  A refused write's payload is still consumed —
+    # streamed past by `_Draining` without being buffered — so that the next header is
+    # read where it really starts.  Only a broken byte stream (bad magic, a payload too
+    # large to be anything but an attack) ends the connection.
+    # :T
     def _validate(self, cmd: int, flags: int, offset: int, length: int) -> NbdError | None:
         export = self.export
         assert export is not None

@@ -75,6 +75,18 @@ def nbd_error_for(exc: BaseException) -> int:
     return w.NBD_EIO
 
 
+# T:740 Many requests in flight, replies in any order
+# The adapter is an `asyncio.Protocol`: received bytes go into the sans-IO core and each
+# `Command` it returns becomes a task awaiting the export's backend.  A task writes its
+# reply the moment it completes, with `writelines` so a read's data is not copied again;
+# replies therefore leave in completion order and the client pairs them up by cookie.  A
+# connection that has `max_in_flight` commands running, or whose replies the client is
+# not reading, stops being read until it drains: memory stays bounded whatever a client
+# sends.  A backend exception becomes EIO (ENOSPC, EPERM where the errno says so) for that
+# request only; a client that vanishes mid-request only loses its own replies.
+# :T
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server

@@ -52,6 +52,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+# T:760 A raw file without blocking the event loop
+# Reads first try `preadv(..., RWF_NOWAIT)` inline: if the data is in the page cache that
+# is one system call and done; otherwise the kernel says EAGAIN at once and the read goes
+# to a small thread pool.  Writes do the same with `pwritev` where the file system allows
+# it.  FUA writes use RWF_DSYNC, FLUSH is fdatasync, TRIM punches a hole and WRITE_ZEROES
+# zeroes a range with fallocate(2) — all in the pool, so a slow disk stalls only the
+# requests waiting for it.
+# :T
+
+
 class RawFileBackend:
     """A raw image file served as a block device (see the module docstring)."""
 
