@@ -22,11 +22,13 @@ compares this backend, served over NBD, with qemu-nbd on the same file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from pvio.export.backend import DEFAULT_MAX_BLOCK, BackendInfo
@@ -62,6 +64,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 # :T
 
 
+_Call = tuple[Callable[..., object], tuple[object, ...], "asyncio.Future[object]"]
+#: A batch longer than this many calls per worker is split across the workers.
+_BATCH_SPLIT = 4
+
+
+def _complete(results: list[tuple[asyncio.Future[object], object, BaseException | None]]) -> None:
+    for fut, value, exc in results:
+        if fut.cancelled():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+
 class RawFileBackend:
     """A raw image file served as a block device (see the module docstring)."""
 
@@ -86,6 +103,8 @@ class RawFileBackend:
         )
         self._regular = regular
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pvio-rawfile")
+        self._workers = workers
+        self._batch: list[_Call] = []
         self._nowait_read = bool(_RWF_NOWAIT)
         self._nowait_write = bool(_RWF_NOWAIT)
         self._punch_ok = True
@@ -95,9 +114,38 @@ class RawFileBackend:
     def info(self) -> BackendInfo:
         return self._info
 
-    async def _in_pool(self, fn: object, *args: object) -> object:
+    # --- the thread pool, batched ----------------------------------------------------------
+    #
+    # One thread hop per request costs more than a 4 KiB pwrite itself (a future, a wakeup
+    # of a worker, and a wakeup of the loop through its self-pipe).  So calls made in the
+    # same loop iteration are collected and handed to the pool together at the end of the
+    # iteration, and completed together with one wakeup of the loop; a large batch is
+    # split across the workers so that they still run in parallel.
+
+    async def _in_pool(self, fn: Callable[..., object], *args: object) -> object:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+        fut: asyncio.Future[object] = loop.create_future()
+        self._batch.append((fn, args, fut))
+        if len(self._batch) == 1:
+            loop.call_soon(self._submit_batch, loop)
+        return await fut
+
+    def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._batch = self._batch, []
+        parts = max(1, min(self._workers, len(batch) // _BATCH_SPLIT))
+        for i in range(parts):
+            self._pool.submit(self._run_batch, loop, batch[i::parts])
+
+    @staticmethod
+    def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_Call]) -> None:
+        results: list[tuple[asyncio.Future[object], object, BaseException | None]] = []
+        for fn, args, fut in batch:
+            try:
+                results.append((fut, fn(*args), None))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                results.append((fut, None, exc))
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(_complete, results)
 
     # --- read -------------------------------------------------------------------------------
 
