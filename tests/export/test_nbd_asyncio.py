@@ -296,3 +296,29 @@ def test_many_connections_at_once(tmp_path: Path) -> None:
             await asyncio.gather(*(one(path, i) for i in range(32)))
 
     run(main())
+
+
+def test_in_flight_bytes_are_bounded(tmp_path: Path) -> None:
+    class Gauge(SlowBackend):
+        def __init__(self) -> None:
+            super().__init__(MemoryBackend(4 << 20))
+            self.now = self.peak = 0
+
+        async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+            self.now += len(data)
+            self.peak = max(self.peak, self.now)
+            await super().write(offset, data, fua)
+            self.now -= len(data)
+
+    gauge = Gauge()
+    chunk = 32 << 10
+
+    async def main() -> None:
+        server, path = await serve(tmp_path, {"disk": gauge}, max_in_flight_bytes=4 * chunk)
+        async with server, await NbdClient.connect(NbdAddress(socket_path=path)) as client:
+            await asyncio.gather(*(client.write(i * chunk, bytes([i]) * chunk) for i in range(64)))
+        assert gauge.inner.data[63 * chunk : 64 * chunk] == bytes([63]) * chunk
+
+    run(main())
+    # The limit is checked between reads from the socket, so one read's worth may overshoot.
+    assert 4 * chunk <= gauge.peak <= 4 * chunk + (256 << 10)

@@ -10,9 +10,10 @@ pairs them up on the client's side).  Rejected requests were already answered by
 core.
 
 Flow control is by pausing the socket: reading stops while a connection has
-`max_in_flight` commands running, or while its replies are not being read (the transport
-asked us to pause writing); it resumes as they drain.  Memory per connection is therefore
-bounded by about max_in_flight × the largest request.
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data in flight, or
+while its replies are not being read (the transport asked us to pause writing); it
+resumes as they drain.  Memory per connection is therefore bounded by about
+max_in_flight_bytes plus one maximum-size request being received.
 
 A client that disconnects mid-request disturbs nobody: its running commands finish (a
 write half-done is worse than a write done), their replies are dropped, and no other
@@ -53,6 +54,8 @@ log = logging.getLogger("pvio.export.nbd")
 
 #: Commands one connection may have running before the server stops reading from it.
 DEFAULT_MAX_IN_FLIGHT = 64
+#: Bytes of read and write data one connection may have in flight before the same.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 # OSError errno -> NBD error.  "SHOULD map EDQUOT and EFBIG to ENOSPC"; anything else is EIO.
 _ERRNO_TO_NBD = {
@@ -87,6 +90,10 @@ def nbd_error_for(exc: BaseException) -> int:
 # :T
 
 
+def _data_bytes(cmd: Command) -> int:
+    return cmd.length if cmd.type in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -94,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self.backend: BlockBackend | None = None
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.bytes_in_flight = 0
         self.lost = False
         self.closing = False  # close once the in-flight commands are answered
         self.write_paused = False
@@ -117,6 +125,7 @@ class _Connection(asyncio.Protocol):
         for event in self.core.receive_data(data):
             if isinstance(event, Command):
                 self.server.stats[event.name] += 1
+                self.bytes_in_flight += _data_bytes(event)
                 task = asyncio.get_running_loop().create_task(self._run(event))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
@@ -176,6 +185,7 @@ class _Connection(asyncio.Protocol):
             self.server.stats["backend_errors"] += 1
             log.warning("%s at %d+%d failed: %r", cmd.name, cmd.offset, cmd.length, exc)
         parts = self.core.reply(cmd, error, data)
+        self.bytes_in_flight -= _data_bytes(cmd)
         if not self.lost and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
 
@@ -196,7 +206,11 @@ class _Connection(asyncio.Protocol):
     def _flow(self) -> None:
         if self.transport is None or self.lost or self.transport.is_closing():
             return
-        want_pause = self.write_paused or len(self.tasks) >= self.server.max_in_flight
+        want_pause = (
+            self.write_paused
+            or len(self.tasks) >= self.server.max_in_flight
+            or self.bytes_in_flight >= self.server.max_in_flight_bytes
+        )
         if want_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
@@ -231,6 +245,7 @@ class NbdServer:
         descriptions: Mapping[str, str] | None = None,
         default_export: str | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -244,6 +259,7 @@ class NbdServer:
         if self.default_export not in self.backends:
             raise ValueError(f"default export {self.default_export!r} is not an export")
         self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.closing = False
         self.stats: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
