@@ -212,3 +212,35 @@ def test_fuzz_client_reply_parser(items: list[object], chunk: int) -> None:
                 assert event.error == 0 or event.data == b""
     except ServerProtocolError:
         assert client.broken is not None
+
+
+@FUZZ
+@given(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 0xFFFF),
+    st.one_of(st.none(), st.tuples(*[st.integers(0, 2**32 - 1) | st.sampled_from([1, 512, 4096, 1 << 16, 1 << 25, 0xFFFFFFFF])] * 3)),
+)
+def test_fuzz_go_replies_give_a_usable_export_or_an_error(
+    size: int, flags: int, sizes: tuple[int, int, int] | None
+) -> None:
+    client = NbdClientConnection(export_name="x")
+    client.receive_data(w.NEW_HANDSHAKE.pack(nbdmagic=w.NBDMAGIC, version=w.IHAVEOPT, gflags=3))
+
+    def rep(reply: int, data: bytes = b"") -> bytes:
+        return w.FIXED_NEW_OPTION_REPLY.pack(
+            magic=w.NBD_REP_MAGIC, option=w.NBD_OPT_GO, reply=reply, replylen=len(data)
+        ) + data
+
+    stream = rep(w.NBD_REP_INFO, w.INFO_EXPORT.pack(info=0, exportsize=size, eflags=flags))
+    if sizes is not None:
+        lo, pref, hi = sizes
+        stream += rep(w.NBD_REP_INFO, w.INFO_BLOCK_SIZE.pack(info=3, minimum=lo, preferred=pref, maximum=hi))
+    stream += rep(w.NBD_REP_ACK)
+    try:
+        events = client.receive_data(stream)
+    except ServerProtocolError:
+        return
+    (ready,) = events
+    assert isinstance(ready, Ready)
+    info = ready.export.backend_info()  # never an impossible BackendInfo
+    assert info.size == size < 1 << 63 and info.max_block <= w.NBD_MAX_PAYLOAD_PORTABLE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +33,15 @@ def sh(*args: str) -> str:
     return proc.stdout
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class QemuNbd:
     def __init__(self, image: Path, sock: Path, *extra: str) -> None:
         self.image = image
@@ -42,7 +52,7 @@ class QemuNbd:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + 15
-        while not sock.exists():
+        while not _listening(sock):  # the socket file exists a moment before listen()
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError("qemu-nbd did not start")

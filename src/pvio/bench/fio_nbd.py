@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -117,9 +118,18 @@ def run_fio(uri: str, job: FioJob, timeout: float | None = None) -> FioResult:
     return parse_fio_json(proc.stdout)
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not _listening(path):  # the file appears a moment before listen()
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before listening")
         if time.monotonic() > deadline:

@@ -371,7 +371,15 @@ class NbdClientConnection:
                 raise ServerProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
             fields = w.INFO_BLOCK_SIZE.unpack(data)
             lo, pref, hi = fields["minimum"], fields["preferred"], fields["maximum"]
-            if lo < 1 or lo & (lo - 1) or lo > 1 << 16 or pref < lo or hi < lo:
+            # The NBD_INFO_BLOCK_SIZE rules: a server breaking them is not to be trusted.
+            if (
+                lo < 1
+                or lo & (lo - 1)
+                or lo > 1 << 16
+                or pref < max(lo, 512)
+                or pref & (pref - 1)
+                or (hi != 0xFFFFFFFF and (hi % lo or hi < min(pref, self._info.get("size", pref))))
+            ):
                 raise ServerProtocolError(f"impossible block sizes {lo}/{pref}/{hi}")
             self._info.update(min_block=lo, preferred_block=pref, max_block=hi)
         elif info == w.NBD_INFO_DESCRIPTION:
@@ -379,6 +387,8 @@ class NbdClientConnection:
         # Other info types (NBD_INFO_NAME, future ones) are ignored, as the protocol says.
 
     def _ready(self, events: list[ClientEvent]) -> None:
+        if self._info["size"] >= 1 << 63:  # what no file, device or lseek(2) can address
+            raise ServerProtocolError(f"export size {self._info['size']} is not addressable")
         flags = self._info["flags"]
         if not flags & w.NBD_FLAG_HAS_FLAGS:
             flags = w.NBD_FLAG_HAS_FLAGS  # no flags: nothing beyond read and write
@@ -388,7 +398,7 @@ class NbdClientConnection:
             size=self._info["size"],
             flags=flags,
             min_block=self._info.get("min_block", 1),
-            preferred_block=self._info.get("preferred_block", 4096),
+            preferred_block=min(self._info.get("preferred_block", 4096), w.NBD_MAX_PAYLOAD_PORTABLE),
             max_block=min(max_block, w.NBD_MAX_PAYLOAD_PORTABLE),
             description=getattr(self, "_description", ""),
         )
