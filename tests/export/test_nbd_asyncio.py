@@ -322,3 +322,21 @@ def test_in_flight_bytes_are_bounded(tmp_path: Path) -> None:
     run(main())
     # The limit is checked between reads from the socket, so one read's worth may overshoot.
     assert 4 * chunk <= gauge.peak <= 4 * chunk + (256 << 10)
+
+
+def test_close_answers_in_flight_requests_first(tmp_path: Path) -> None:
+    slow = SlowBackend(MemoryBackend(1 << 20))
+    slow.inner.data[:4096] = b"\x42" * 4096
+
+    async def main() -> None:
+        server, path = await serve(tmp_path, {"disk": slow})
+        client = await NbdClient.connect(NbdAddress(socket_path=path))
+        reads = [asyncio.ensure_future(client.read(0, 4096)) for _ in range(16)]
+        while slow.started < 16:  # every read has reached the backend
+            await asyncio.sleep(0.001)
+        await server.close()
+        assert [await r for r in reads] == [b"\x42" * 4096] * 16
+        with pytest.raises(ConnectionError):
+            await client.read(0, 1)
+
+    run(main())

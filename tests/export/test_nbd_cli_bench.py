@@ -65,6 +65,8 @@ def test_fio_command_and_result_from_a_real_run(tmp_path: Path) -> None:
     job = FioJob("t", "randwrite", "4k", 4, runtime=0.5, size="8m")
     cmd = fio_command("nbd+unix:///?socket=/x", job)
     assert "--ioengine=nbd" in cmd and "--uri=nbd+unix:///?socket=/x" in cmd and "--iodepth=4" in cmd
+    assert "--time_based" in cmd
+    assert "--time_based" not in fio_command("u", FioJob("fill", "write", "1m", 8, runtime=0))
     with ServerThread(exports, str(tmp_path / "b.sock")) as server:
         result = run_fio(server.uri(), job)
     assert result.iops > 0 and result.bw_bytes == pytest.approx(result.iops * 4096, rel=0.05)

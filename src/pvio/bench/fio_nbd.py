@@ -79,11 +79,11 @@ def fio_command(uri: str, job: FioJob) -> list[str]:
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
         f"--size={job.size}",
-        f"--runtime={job.runtime}",
-        "--time_based",
-        "--ramp_time=0.5",
         "--output-format=json",
-    ]
+    ] + (
+        # A timed job loops over its region; runtime 0 means one pass over it, untimed.
+        [f"--runtime={job.runtime}", "--time_based", "--ramp_time=0.5"] if job.runtime > 0 else []
+    )
 
 
 def parse_fio_json(text: str) -> FioResult:
