@@ -292,8 +292,8 @@ class NbdServerConnection:
     ) -> list[bytes | bytearray | memoryview]:
         """The simple reply to `command` (header, then a successful read's data).
 
-        Return the pieces rather than one joined buffer so that a large read is not
-        copied again: the adapter writes them with `writelines`.
+        Return the pieces rather than one joined buffer: the adapter gathers them with
+        other replies and copies each once, into the one buffer it sends.
         """
         if self._in_flight.pop(command.tag, None) is None:
             raise LocalProtocolError(f"reply to {command.name} #{command.tag}: not in flight")

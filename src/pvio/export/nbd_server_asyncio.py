@@ -92,6 +92,12 @@ def nbd_error_for(exc: BaseException) -> int:
 # :T
 
 
+#: The send buffer asked for on every connection (the kernel may grant less).
+SOCKET_SEND_BUFFER = 4 << 20
+#: Reply pieces at least this large are written on their own rather than joined.
+_JOIN_LIMIT = 64 << 10
+
+
 def _data_bytes(cmd: Command) -> int:
     return cmd.length if cmd.type in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
 
@@ -117,8 +123,14 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Room for whole large reads in the kernel: with the default (~200 KiB) a 1 MiB
+            # reply goes out in pieces, each leaving a remainder the transport must copy
+            # and shift in its own buffer.  The kernel caps this at net.core.wmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
         self.server._connections.add(self)
         self.server.stats["connections"] += 1
         if self.server.closing:
@@ -211,8 +223,21 @@ class _Connection(asyncio.Protocol):
     def _flush_replies(self) -> None:
         self.flush_scheduled = False
         replies, self.replies = self.replies, []
-        if replies and not self.lost and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(replies))
+        if not replies or self.lost or self.transport is None or self.transport.is_closing():
+            return
+        # Small replies travel together; a large read's data is handed over on its own, so
+        # the transport can send it from the buffer it is in rather than from a copy.
+        small: list[bytes | bytearray | memoryview] = []
+        for part in replies:
+            if len(part) < _JOIN_LIMIT:
+                small.append(part)
+                continue
+            if small:
+                self.transport.write(b"".join(small))
+                small = []
+            self.transport.write(part)
+        if small:
+            self.transport.write(b"".join(small))
 
     def _send(self) -> None:
         out = self.core.data_to_send()
