@@ -15,7 +15,7 @@ import pytest
 
 from export.nbd_helpers import client_flags, go_data, option, request
 from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo, BlockBackend, MemoryBackend
+from pvio.export.backend import BackendInfo, BlockBackend, MemoryBackend, ReadIntoBackend
 from pvio.export.nbd_client import ClientRequestError
 from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient, NbdCommandError
 from pvio.export.nbd_server_asyncio import NbdServer
@@ -77,8 +77,8 @@ def test_backends_satisfy_the_protocol(tmp_path: Path) -> None:
     img = tmp_path / "x.img"
     img.write_bytes(bytes(4096))
     with RawFileBackend(img) as raw:
-        assert isinstance(raw, BlockBackend)
-    assert isinstance(MemoryBackend(4096), BlockBackend)
+        assert isinstance(raw, BlockBackend) and isinstance(raw, ReadIntoBackend)
+    assert isinstance(MemoryBackend(4096), ReadIntoBackend)
 
 
 def test_pipelined_out_of_order_round_trip(tmp_path: Path) -> None:
@@ -270,6 +270,16 @@ def test_raw_file_backend(tmp_path: Path) -> None:
             assert await raw.read(20000, 100) == bytes(100)
             assert await raw.read(1 << 21, 4096) == bytes(4096)
             assert await raw.read(0, 3) == b"fua"
+            page = bytearray(4096)
+            await raw.read_into(12345 + 100, memoryview(page)[8:])
+            assert page[:8] == bytes(8) and page[8:] == data[100 : 100 + 4088]
+            # The file shrinking under the export: what is past its new end reads as zeroes.
+            os.truncate(img, 12445 + 10)
+            page[:] = b"\xff" * 4096
+            await raw.read_into(12445, memoryview(page))
+            assert page[:10] == data[100:110] and page[10:] == bytes(4086)
+            os.truncate(img, 4 << 20)
+            await raw.write(12345, data)
 
         content = img.read_bytes()
         assert content[:3] == b"fua" and content[12345 + 100 : 20000] == data[100 : 20000 - 12345]

@@ -110,6 +110,14 @@ class BlockBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadIntoBackend(BlockBackend, Protocol):
+    """A backend that can also read straight into a caller's buffer (zero-copy into a
+    granted page); `RawFileBackend` and `MemoryBackend` can."""
+
+    async def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+
 class MemoryBackend:
     """A `BlockBackend` in a bytearray: for tests, and as the simplest correct backend.
 
@@ -149,6 +157,10 @@ class MemoryBackend:
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         return bytes(self.data[offset : offset + length])
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        self._check(offset, len(buf))
+        buf[:] = self.data[offset : offset + len(buf)]
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._check(offset, len(data))

@@ -151,6 +151,12 @@ class RawFileBackend:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf))
+        return buf  # a bytearray: handed to the socket as is, never copied again
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """Read len(buf) bytes at `offset` straight into `buf` (a granted page, say)."""
+        length = len(buf)
         done = 0
         if self._nowait_read and length:
             try:
@@ -163,13 +169,12 @@ class RawFileBackend:
                 self._nowait_read = False
         if done < length:
             await self._in_pool(self._pread_rest, buf, done, offset)
-        return buf  # a bytearray: handed to the socket as is, never copied again
 
-    def _pread_rest(self, buf: bytearray, done: int, offset: int) -> None:
-        view = memoryview(buf)
-        while done < len(buf):
+    def _pread_rest(self, view: memoryview, done: int, offset: int) -> None:
+        while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n == 0:  # the file shrank under us: what is beyond its end reads as zeroes
+                view[done:] = bytes(len(view) - done)
                 break
             done += n
 
