@@ -169,7 +169,8 @@ def test_fio_random_writes_verify_crc32c(server: ServerThread, bs: str, size: st
     proc = sh(
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri()}",
         "--rw=randwrite", f"--bs={bs}", f"--size={size}", "--iodepth=16",
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        "--output-format=json",
         timeout=120,
     )  # fmt: skip
     job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
