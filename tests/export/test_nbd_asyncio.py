@@ -16,6 +16,7 @@ import pytest
 from export.nbd_helpers import client_flags, go_data, option, request
 from pvio.export import nbd_wire as w
 from pvio.export.backend import BackendInfo, BlockBackend, MemoryBackend, ReadIntoBackend
+from pvio.export.conformance import check_backend
 from pvio.export.nbd_client import ClientRequestError
 from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient, NbdCommandError
 from pvio.export.nbd_server_asyncio import NbdServer
@@ -350,3 +351,41 @@ def test_close_answers_in_flight_requests_first(tmp_path: Path) -> None:
             await client.read(0, 1)
 
     run(main())
+
+
+@pytest.mark.parametrize("kind", ["memory", "raw", "nbd-client-over-pvio", "raw-aligned-nbd"])
+def test_backend_conformance(kind: str, tmp_path: Path) -> None:
+    img = tmp_path / "c.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+
+    async def main() -> None:
+        if kind == "memory":
+            await check_backend(MemoryBackend(1 << 20))
+        elif kind == "raw":
+            with RawFileBackend(img) as raw:
+                await check_backend(raw)
+        else:
+            inner: BlockBackend = (
+                MemoryBackend(1 << 20, min_block=512, max_block=65536)
+                if kind == "raw-aligned-nbd"
+                else RawFileBackend(img)
+            )
+            server, path = await serve(tmp_path, {"x": inner})
+            async with server, await NbdClient.connect(NbdAddress(socket_path=path)) as client:
+                await check_backend(client)
+            if isinstance(inner, RawFileBackend):
+                inner.close()
+
+    run(main())
+
+
+def test_conformance_suite_catches_a_lying_backend() -> None:
+    class Forgetful(MemoryBackend):
+        async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+            if len(data) == 2:
+                return  # drops some writes on the floor
+            await super().write(offset, data, fua)
+
+    with pytest.raises(AssertionError, match="did not read back"):
+        run(check_backend(Forgetful(1 << 20)))

@@ -16,6 +16,7 @@ import pytest
 from export.nbd_helpers import ServerThread
 from pvio.export import nbd_wire as w
 from pvio.export.backend import BlockBackend
+from pvio.export.conformance import check_backend
 from pvio.export.nbd_client import ClientRequestError, NbdOptionError
 from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient
 
@@ -189,3 +190,11 @@ def test_qcow2_served_through_pvio(qemu: QemuNbd, tmp_path: Path) -> None:
     data = qcow2_bytes(qemu.image, tmp_path)
     assert data[3:100003] == b"\x5a" * 100000 and data[:3] == bytes(3)
     assert data[10 << 20 : 11 << 20] == b"\xa5" * (1 << 20)
+
+
+def test_nbd_client_over_qemu_nbd_passes_backend_conformance(qemu: QemuNbd) -> None:
+    async def main() -> None:
+        async with await NbdClient.connect(qemu.address()) as client:
+            await check_backend(client)
+
+    run(main())
