@@ -389,3 +389,22 @@ def test_conformance_suite_catches_a_lying_backend() -> None:
 
     with pytest.raises(AssertionError, match="did not read back"):
         run(check_backend(Forgetful(1 << 20)))
+
+
+def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, path = await serve(tmp_path, {"disk": MemoryBackend(4096)}, max_connections=2)
+        async with server:
+            a = await NbdClient.connect(NbdAddress(socket_path=path))
+            b = await NbdClient.connect(NbdAddress(socket_path=path))
+            with pytest.raises(ConnectionError):
+                await NbdClient.connect(NbdAddress(socket_path=path))
+            await a.close()
+            await asyncio.sleep(0.05)
+            c = await NbdClient.connect(NbdAddress(socket_path=path))  # room again
+            assert await c.read(0, 1) == b"\0" and await b.read(0, 1) == b"\0"
+            await b.close()
+            await c.close()
+            assert server.stats["refused_connections"] == 1
+
+    run(main())

@@ -92,6 +92,8 @@ def nbd_error_for(exc: BaseException) -> int:
 # :T
 
 
+#: Connections served at once; more are closed on arrival.
+DEFAULT_MAX_CONNECTIONS = 128
 #: The send buffer asked for on every connection (the kernel may grant less).
 SOCKET_SEND_BUFFER = 4 << 20
 #: Reply pieces at least this large are written on their own rather than joined.
@@ -131,6 +133,13 @@ class _Connection(asyncio.Protocol):
             # and shift in its own buffer.  The kernel caps this at net.core.wmem_max.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+        if len(self.server._connections) >= self.server.max_connections:
+            # Refused before the greeting: memory per connection is bounded, so is their number.
+            self.server.stats["refused_connections"] += 1
+            log.warning("refusing a connection: %d already open", len(self.server._connections))
+            transport.abort()
+            self.lost = True
+            return
         self.server._connections.add(self)
         self.server.stats["connections"] += 1
         if self.server.closing:
@@ -289,6 +298,7 @@ class NbdServer:
         default_export: str | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -303,6 +313,7 @@ class NbdServer:
             raise ValueError(f"default export {self.default_export!r} is not an export")
         self.max_in_flight = max_in_flight
         self.max_in_flight_bytes = max_in_flight_bytes
+        self.max_connections = max_connections
         self.closing = False
         self.stats: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
