@@ -408,3 +408,19 @@ def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
             assert server.stats["refused_connections"] == 1
 
     run(main())
+
+
+def test_a_silent_client_is_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, path = await serve(tmp_path, {"disk": MemoryBackend(4096)}, handshake_timeout=0.2)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(path)
+            assert len(await reader.readexactly(18)) == 18
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed on us
+            writer.close()
+            async with await NbdClient.connect(NbdAddress(socket_path=path)) as client:
+                await asyncio.sleep(0.4)  # past the timeout, but the handshake is done
+                assert await client.read(0, 1) == b"\0"
+            assert server.stats["handshake_timeouts"] == 1
+
+    run(main())

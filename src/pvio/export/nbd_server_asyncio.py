@@ -94,6 +94,8 @@ def nbd_error_for(exc: BaseException) -> int:
 
 #: Connections served at once; more are closed on arrival.
 DEFAULT_MAX_CONNECTIONS = 128
+#: Seconds a connection may take to choose an export before it is closed.
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 #: The send buffer asked for on every connection (the kernel may grant less).
 SOCKET_SEND_BUFFER = 4 << 20
 #: Reply pieces at least this large are written on their own rather than joined.
@@ -118,6 +120,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False  # close once the in-flight commands are answered
         self.write_paused = False
         self.read_paused = False
+        self.handshake_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -142,6 +145,9 @@ class _Connection(asyncio.Protocol):
             return
         self.server._connections.add(self)
         self.server.stats["connections"] += 1
+        self.handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_expired
+        )
         if self.server.closing:
             self.core.start_shutdown()
         self._send()
@@ -156,6 +162,8 @@ class _Connection(asyncio.Protocol):
                 task.add_done_callback(self._done)
             elif isinstance(event, ExportChosen):
                 self.backend = self.server.backends[event.export.name]
+                if self.handshake_timer is not None:
+                    self.handshake_timer.cancel()
                 log.debug("connection chose export %r", event.export.name)
             elif isinstance(event, CommandRejected | OptionRejected):
                 self.server.stats["rejected"] += 1
@@ -170,7 +178,16 @@ class _Connection(asyncio.Protocol):
         self._send()
         self._flow()
 
+    def _handshake_expired(self) -> None:
+        # A client that never finishes the handshake would hold a connection slot forever.
+        if self.backend is None and self.transport is not None and not self.lost:
+            self.server.stats["handshake_timeouts"] += 1
+            log.info("closing a connection: no export chosen in %ss", self.server.handshake_timeout)
+            self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         self.lost = True
         self.server._connections.discard(self)
 
@@ -299,6 +316,7 @@ class NbdServer:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -314,6 +332,7 @@ class NbdServer:
         self.max_in_flight = max_in_flight
         self.max_in_flight_bytes = max_in_flight_bytes
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.closing = False
         self.stats: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
