@@ -424,3 +424,46 @@ def test_a_silent_client_is_closed_after_the_handshake_timeout(tmp_path: Path) -
             assert server.stats["handshake_timeouts"] == 1
 
     run(main())
+
+
+def test_fuzz_bytes_at_a_live_server_never_hurt_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Random and half-valid byte streams over real sockets; a good client keeps working."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from export.nbd_helpers import request as req
+
+    prefix = st.sampled_from(
+        [b"", client_flags(), client_flags() + option(w.NBD_OPT_GO, go_data(""))]
+    )
+    body = st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.builds(req, st.integers(0, 9), st.integers(0, 1 << 17), st.integers(0, 1 << 16)),
+        ),
+        max_size=6,
+    ).map(b"".join)
+    mem = MemoryBackend(1 << 17)
+
+    async def attack(path: str, data: bytes) -> None:
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(0)
+        writer.close()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prefix, body)
+    def one(pre: bytes, rest: bytes) -> None:
+        async def main() -> None:
+            server, path = await serve(tmp_path, {"disk": mem})
+            async with server, await NbdClient.connect(NbdAddress(socket_path=path)) as good:
+                await asyncio.gather(*(attack(path, pre + rest) for _ in range(3)))
+                await good.write(0, b"ok")
+                assert await good.read(0, 2) == b"ok"
+
+        run(main(), timeout=20)
+
+    with caplog.at_level(logging.ERROR):
+        one()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
