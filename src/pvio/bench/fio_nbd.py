@@ -167,6 +167,7 @@ def qemu_nbd_server(image: Path, sock: Path) -> Iterator[str]:
     proc = subprocess.Popen(
         ["qemu-nbd", "-f", "raw", "--persistent", "--shared=16", f"--socket={sock}", str(image)],
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # "Broken pipe" each time fio hangs up
     )
     try:
         _wait_for_socket(sock, proc)
