@@ -16,7 +16,9 @@ DEBIAN_PACKAGES=(
   gcc gcc-multilib libc6-dev libxen-dev python3-venv
   xenstore-utils python3-pyxs
   libatomic1
-  qemu-utils libnbd-bin nbdfuse fio
+  # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which
+  # dpkg-query never reports installed (apt-get would run on every call).
+  qemu-utils libnbd-bin fio
   fuse3 e2fsprogs util-linux
   iproute2 iperf3 iputils-ping
 )

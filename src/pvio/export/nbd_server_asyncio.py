@@ -1,0 +1,394 @@
+"""`NbdServer`: named exports on a UNIX socket (and optionally TCP on localhost), asyncio.
+
+Theory of operation
+-------------------
+One `asyncio.Protocol` per connection feeds received bytes to its sans-IO
+`NbdServerConnection` and acts on the events: each validated `Command` becomes a task that
+awaits the export's `BlockBackend` and writes the reply the moment it completes, so a
+connection has many requests in flight and replies leave in completion order (the cookie
+pairs them up on the client's side).  Rejected requests were already answered by the
+core.
+
+Flow control is by pausing the socket: reading stops while a connection has
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data in flight, or
+while its replies are not being read (the transport asked us to pause writing); it
+resumes as they drain.  Memory per connection is therefore bounded by about
+max_in_flight_bytes plus one maximum-size request being received.
+
+A client that disconnects mid-request disturbs nobody: its running commands finish (a
+write half-done is worse than a write done), their replies are dropped, and no other
+connection shares any state with it but the backend.  `close()` stops listening, answers
+new options and requests with a shutdown error, waits (bounded) for in-flight commands,
+then closes every connection and removes the socket file.
+
+Alternatives rejected: asyncio streams (`readexactly` per field costs a coroutine switch
+per header and makes the parser I/O-shaped); a thread per connection (does not pipeline
+without a thread per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from pvio.export import nbd_wire as w
+from pvio.export.backend import BlockBackend
+from pvio.export.nbd_server import (
+    Command,
+    CommandRejected,
+    Disconnect,
+    Export,
+    ExportChosen,
+    NbdServerConnection,
+    OptionRejected,
+)
+
+log = logging.getLogger("pvio.export.nbd")
+
+#: Commands one connection may have running before the server stops reading from it.
+DEFAULT_MAX_IN_FLIGHT = 64
+#: Bytes of read and write data one connection may have in flight before the same.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
+
+# OSError errno -> NBD error.  "SHOULD map EDQUOT and EFBIG to ENOSPC"; anything else is EIO.
+_ERRNO_TO_NBD = {
+    errno.ENOSPC: w.NBD_ENOSPC,
+    errno.EDQUOT: w.NBD_ENOSPC,
+    errno.EFBIG: w.NBD_ENOSPC,
+    errno.EPERM: w.NBD_EPERM,
+    errno.EROFS: w.NBD_EPERM,
+    errno.EACCES: w.NBD_EPERM,
+    errno.ENOMEM: w.NBD_ENOMEM,
+    errno.EINVAL: w.NBD_EINVAL,
+    errno.EOPNOTSUPP: w.NBD_ENOTSUP,
+}
+
+
+def nbd_error_for(exc: BaseException) -> int:
+    """The wire error for a backend failure."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_TO_NBD.get(exc.errno, w.NBD_EIO)
+    return w.NBD_EIO
+
+
+# T:740 Many requests in flight, replies in any order
+# The adapter is an `asyncio.Protocol`: received bytes go into the sans-IO core and each
+# `Command` it returns becomes a task awaiting the export's backend.  A task writes its
+# reply the moment it completes; replies therefore leave in completion order and the
+# client pairs them up by cookie.  Replies completed in the same turn of the event loop
+# are gathered and sent with one system call at the end of that turn (at queue depth 32
+# that is one send for many replies instead of one each).  A
+# connection that has `max_in_flight` commands running, or whose replies the client is
+# not reading, stops being read until it drains: memory stays bounded whatever a client
+# sends.  A backend exception becomes EIO (ENOSPC, EPERM where the errno says so) for that
+# request only; a client that vanishes mid-request only loses its own replies.
+# :T
+
+
+#: Connections served at once; more are closed on arrival.
+DEFAULT_MAX_CONNECTIONS = 128
+#: Seconds a connection may take to choose an export before it is closed.
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+#: The send buffer asked for on every connection (the kernel may grant less).
+SOCKET_SEND_BUFFER = 4 << 20
+#: Reply pieces at least this large are written on their own rather than joined.
+_JOIN_LIMIT = 64 << 10
+
+
+def _data_bytes(cmd: Command) -> int:
+    return cmd.length if cmd.type in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.core = NbdServerConnection(server.exports, server.default_export)
+        self.backend: BlockBackend | None = None
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.bytes_in_flight = 0
+        self.replies: list[bytes | bytearray | memoryview] = []
+        self.flush_scheduled = False
+        self.lost = False
+        self.closing = False  # close once the in-flight commands are answered
+        self.write_paused = False
+        self.read_paused = False
+        self.handshake_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Room for whole large reads in the kernel: with the default (~200 KiB) a 1 MiB
+            # reply goes out in pieces, each leaving a remainder the transport must copy
+            # and shift in its own buffer.  The kernel caps this at net.core.wmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+        if len(self.server._connections) >= self.server.max_connections:
+            # Refused before the greeting: memory per connection is bounded, so is their number.
+            self.server.stats["refused_connections"] += 1
+            log.warning("refusing a connection: %d already open", len(self.server._connections))
+            transport.abort()
+            self.lost = True
+            return
+        self.server._connections.add(self)
+        self.server.stats["connections"] += 1
+        self.handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_expired
+        )
+        if self.server.closing:
+            self.core.start_shutdown()
+        self._send()
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.core.receive_data(data):
+            if isinstance(event, Command):
+                self.server.stats[event.name] += 1
+                self.bytes_in_flight += _data_bytes(event)
+                task = asyncio.get_running_loop().create_task(self._run(event))
+                self.tasks.add(task)
+                task.add_done_callback(self._done)
+            elif isinstance(event, ExportChosen):
+                self.backend = self.server.backends[event.export.name]
+                if self.handshake_timer is not None:
+                    self.handshake_timer.cancel()
+                log.debug("connection chose export %r", event.export.name)
+            elif isinstance(event, CommandRejected | OptionRejected):
+                self.server.stats["rejected"] += 1
+                log.debug("rejected: %s", event.error)
+            elif isinstance(event, Disconnect):
+                if event.error is not None:
+                    self.server.stats["protocol_errors"] += 1
+                    log.info("closing a connection: %s", event.reason)
+                self._send()
+                self.closing = True
+                self._maybe_close()
+        self._send()
+        self._flow()
+
+    def _handshake_expired(self) -> None:
+        # A client that never finishes the handshake would hold a connection slot forever.
+        if self.backend is None and self.transport is not None and not self.lost:
+            self.server.stats["handshake_timeouts"] += 1
+            log.info("closing a connection: no export chosen in %ss", self.server.handshake_timeout)
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+        self.lost = True
+        self.server._connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flow()
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def _run(self, cmd: Command) -> None:
+        backend = self.backend
+        assert backend is not None
+        data: bytes | bytearray | memoryview = b""
+        error = 0
+        try:
+            if cmd.type == w.NBD_CMD_READ:
+                data = await backend.read(cmd.offset, cmd.length)
+                if len(data) != cmd.length:
+                    raise OSError(errno.EIO, f"backend returned {len(data)} of {cmd.length} bytes")
+            elif cmd.type == w.NBD_CMD_WRITE:
+                await backend.write(cmd.offset, cmd.data, cmd.fua)
+            elif cmd.type == w.NBD_CMD_FLUSH:
+                await backend.flush()
+            elif cmd.type == w.NBD_CMD_TRIM:
+                await backend.trim(cmd.offset, cmd.length, cmd.fua)
+            elif cmd.type == w.NBD_CMD_WRITE_ZEROES:
+                may_trim = not cmd.flags & w.NBD_CMD_FLAG_NO_HOLE
+                await backend.write_zeroes(cmd.offset, cmd.length, cmd.fua, may_trim)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the backend failed: the client gets an error, the server lives
+            error = nbd_error_for(exc)
+            self.server.stats["backend_errors"] += 1
+            log.warning("%s at %d+%d failed: %r", cmd.name, cmd.offset, cmd.length, exc)
+        parts = self.core.reply(cmd, error, data)
+        self.bytes_in_flight -= _data_bytes(cmd)
+        if not self.lost and self.transport is not None and not self.transport.is_closing():
+            self._queue_reply(parts)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD command task failed", exc_info=task.exception())
+        self._flow()
+        self._maybe_close()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _queue_reply(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        self.replies.extend(parts)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_replies)
+
+    def _flush_replies(self) -> None:
+        self.flush_scheduled = False
+        replies, self.replies = self.replies, []
+        if not replies or self.lost or self.transport is None or self.transport.is_closing():
+            return
+        # Small replies travel together; a large read's data is handed over on its own, so
+        # the transport can send it from the buffer it is in rather than from a copy.
+        small: list[bytes | bytearray | memoryview] = []
+        for part in replies:
+            if len(part) < _JOIN_LIMIT:
+                small.append(part)
+                continue
+            if small:
+                self.transport.write(b"".join(small))
+                small = []
+            self.transport.write(part)
+        if small:
+            self.transport.write(b"".join(small))
+
+    def _send(self) -> None:
+        out = self.core.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _flow(self) -> None:
+        if self.transport is None or self.lost or self.transport.is_closing():
+            return
+        want_pause = (
+            self.write_paused
+            or len(self.tasks) >= self.server.max_in_flight
+            or self.bytes_in_flight >= self.server.max_in_flight_bytes
+        )
+        if want_pause and not self.read_paused:
+            self.transport.pause_reading()
+            self.read_paused = True
+        elif not want_pause and self.read_paused:
+            self.transport.resume_reading()
+            self.read_paused = False
+
+    def _maybe_close(self) -> None:
+        if self.closing and not self.tasks and self.transport is not None:
+            self._flush_replies()
+            self.transport.close()
+
+    async def shutdown(self, timeout: float) -> None:
+        self.core.start_shutdown()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+        self._flush_replies()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class NbdServer:
+    """Serve named `BlockBackend`s over NBD (see the module docstring).
+
+    `exports` maps export names to backends; `default_export` (by default the first
+    name) is what a client asking for the empty name "" gets, as `nbd+unix:///?socket=`
+    URIs and fio do.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, BlockBackend],
+        *,
+        descriptions: Mapping[str, str] | None = None,
+        default_export: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        if not exports:
+            raise ValueError("an NBD server needs at least one export")
+        self.backends = dict(exports)
+        descriptions = descriptions or {}
+        self.exports = {
+            name: Export(name, backend.info, descriptions.get(name, ""))
+            for name, backend in self.backends.items()
+        }
+        self.default_export = default_export if default_export is not None else next(iter(self.backends))
+        if self.default_export not in self.backends:
+            raise ValueError(f"default export {self.default_export!r} is not an export")
+        self.max_in_flight = max_in_flight
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.closing = False
+        self.stats: Counter[str] = Counter()
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[_Connection] = set()
+
+    async def listen_unix(self, path: str | os.PathLike[str]) -> str:
+        """Listen on a UNIX socket (a stale socket file at `path` is replaced)."""
+        path = os.fspath(path)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not _is_socket(path):
+                raise FileExistsError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        return path
+
+    async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen on TCP, on localhost unless told otherwise; returns the bound address."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._servers.append(server)
+        sockname: Any = server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop listening, finish (bounded by `timeout`) in-flight commands, disconnect all."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        conns = list(self._connections)
+        if conns:
+            await asyncio.gather(*(c.shutdown(timeout) for c in conns))
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout)
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+    async def __aenter__(self) -> NbdServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
