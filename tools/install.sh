@@ -8,11 +8,13 @@ set -euo pipefail
 VENV="${PVIO_VENV:-$PWD/.venv}"
 
 # gcc + libxen-dev: the C layout probe and C ring/blkif peers (gcc-multilib for -m32);
+# libatomic1: the hypervisor's compare-and-swap on shared grant entries (through ctypes);
 # xenstore-utils, python3-pyxs: Xen's own XenStore clients; qemu-utils, libnbd-bin,
 # nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
 # mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN.
 DEBIAN_PACKAGES=(
   gcc gcc-multilib libc6-dev libxen-dev python3-venv
+  libatomic1
   xenstore-utils python3-pyxs
   qemu-utils libnbd-bin nbdfuse fio
   fuse3 e2fsprogs util-linux

@@ -1,0 +1,197 @@
+"""The asyncio adapter: a domain's hypercall socket (SOCK_SEQPACKET, SCM_RIGHTS).
+
+Each `call` sends one request frame and awaits the reply with the same sequence number;
+several calls may be in flight.  The socket is read from the event loop
+(``loop.add_reader``): replies resolve their futures, pushes go to the `Domain`.  A
+frame that does not parse, or that arrives truncated, fails nothing but itself: its
+descriptors are closed and it is dropped.  If the hypervisor goes away, every pending
+call fails with ConnectionError.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+
+from pvio.hypervisor import wire
+from pvio.hypervisor.client import Domain, create_domain
+from pvio.hypervisor.client_core import ClientProtocol
+from pvio.hypervisor.errors import HypercallError, ProtocolError
+from pvio.hypervisor.wire import Op
+
+_FD_SIZE = array.array("i").itemsize
+
+
+def recv_frame(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """recvmsg one frame: (data, fds, truncated).  Raises BlockingIOError if none."""
+    data, anc, flags, _ = sock.recvmsg(wire.MAX_FRAME + 1, socket.CMSG_SPACE(wire.MAX_FDS * _FD_SIZE))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+            fds.extend(arr)
+    truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > wire.MAX_FRAME
+    return data, fds, truncated
+
+
+def send_frame(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([data], anc)
+
+
+class SocketChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._proto = ClientProtocol()
+        self._calls: dict[int, asyncio.Future[list[Op]]] = {}
+        self._on_push: Callable[[Op], None] | None = None
+        self._early: list[Op] = []
+        self._readers: set[int] = set()
+        self.closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def connect(cls, path: str) -> SocketChannel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def start(self, on_push: Callable[[Op], None]) -> None:
+        self._on_push = on_push
+        early, self._early = self._early, []
+        for op in early:
+            on_push(op)
+
+    async def call(self, ops: list[Op]) -> list[Op]:
+        if self.closed:
+            raise ConnectionError("hypercall channel is closed")
+        seq, data = self._proto.request(ops)
+        fut: asyncio.Future[list[Op]] = self._loop.create_future()
+        self._calls[seq] = fut
+        try:
+            await self._send(data)
+            replies = await fut
+        finally:
+            self._calls.pop(seq, None)
+        if len(replies) != len(ops):
+            for op in replies:
+                for fd in op.fds:
+                    os.close(fd)
+            raise ProtocolError(f"{len(replies)} replies to {len(ops)} ops")
+        return replies
+
+    async def _send(self, data: bytes) -> None:
+        while True:
+            try:
+                send_frame(self._sock, data, [])
+                return
+            except BlockingIOError:
+                ready = self._loop.create_future()
+                self._loop.add_writer(self._sock.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_writer(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        while not self.closed:
+            try:
+                data, fds, truncated = recv_frame(self._sock)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._broken(ConnectionError(f"hypercall socket: {exc}"))
+                return
+            if not data and not fds:
+                self._broken(ConnectionError("the hypervisor closed the connection"))
+                return
+            if truncated:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            try:
+                received = self._proto.receive(data, fds)
+            except ProtocolError:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            for fd in received.stray_fds:
+                os.close(fd)
+            frame = received.frame
+            if frame.kind == wire.FRAME_PUSH:
+                for op in frame.ops:
+                    if self._on_push is None:
+                        self._early.append(op)
+                    else:
+                        self._on_push(op)
+                continue
+            fut = self._calls.get(frame.seq)
+            if fut is None or fut.done():
+                for op in frame.ops:
+                    for fd in op.fds:
+                        os.close(fd)
+                continue
+            if frame.kind == wire.FRAME_ERROR:
+                rc = frame.ops[0].rc if frame.ops else -1
+                fut.set_exception(HypercallError(rc, "the hypervisor rejected the frame"))
+            else:
+                fut.set_result(frame.ops)
+
+    def _broken(self, exc: Exception) -> None:
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        for fd in list(self._readers):
+            self._loop.remove_reader(fd)
+        self._readers.clear()
+        self._sock.close()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._readers.add(fd)
+        self._loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if fd in self._readers:
+            self._readers.discard(fd)
+            self._loop.remove_reader(fd)
+
+    async def close(self) -> None:
+        self._broken(ConnectionError("closed"))
+
+
+async def connect(
+    path: str,
+    name: str,
+    nr_pages: int = 4096,
+    *,
+    transport: str = "map",
+    max_grant_frames: int = 64,
+    domid: int | None = None,
+) -> Domain:
+    """Connect to `pvio hypervisor --socket PATH` and become a new domain."""
+    channel = await SocketChannel.connect(path)
+    try:
+        return await create_domain(
+            channel, name, nr_pages, transport=transport, max_grant_frames=max_grant_frames, domid=domid
+        )
+    except BaseException:
+        await channel.close()
+        raise
