@@ -58,6 +58,8 @@ async def run_with(impl: str, body: Callable[..., Awaitable[None]], *args: Any) 
                 domains.append(d)
                 return d
 
+            make.socket_path = path  # type: ignore[attr-defined]
+
         try:
             await asyncio.wait_for(body(make, *args), 60)
         finally:

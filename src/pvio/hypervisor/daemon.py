@@ -104,14 +104,14 @@ class HypervisorServer:
                 return
             for fd in fds:  # clients never pass descriptors to the hypervisor
                 os.close(fd)
-            if not data and not fds:
+            if not data and _at_eof(conn.sock):
                 self._close(conn)
                 return
             try:
-                if truncated:
+                if truncated or not data:
                     conn.session.bad_frames += 1
                     seq = int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
-                    err = Op(0, 0, 0, b"", rc=-errno.E2BIG)
+                    err = Op(0, 0, 0, b"", rc=-errno.E2BIG if truncated else -errno.EINVAL)
                     reply, out_fds = wire.encode_frame(wire.FRAME_ERROR, seq, [err]), list[int]()
                 else:
                     reply, out_fds = conn.session.handle(data)
@@ -197,6 +197,16 @@ class HypervisorServer:
 
     def is_empty(self) -> bool:
         return self.hv.is_empty()
+
+
+def _at_eof(sock: socket.socket) -> bool:
+    """After an empty read: the peer closed (True), or sent an empty message (False)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 async def serve(path: str, ready: Callable[[], None] | None = None) -> None:
