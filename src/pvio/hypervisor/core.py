@@ -223,6 +223,9 @@ class Hypervisor:
         """No domain, zombie, region or queued push left (the leak check)."""
         return not (self.domains or self.zombies or self.regions or self._pushes)
 
+    def has_pushes(self) -> bool:
+        return bool(self._pushes or self.evtchn.pushes or self.lguest.pushes)
+
     def take_pushes(self) -> list[Push]:
         out = self._pushes
         self._pushes = []
@@ -270,15 +273,18 @@ class Hypervisor:
         layout, handler = entry
         if op.count > wire.MAX_OPS or len(op.args) != op.count * layout.size:
             return Reply(-errno.EINVAL, op.args)
-        out = bytearray(op.args)
+        # The hot path of a batch: the layout's precompiled Struct, one dict per op.
+        names = _scalar_names(layout)
+        packer = layout.packer
+        out: list[bytes] = []
         extra: list[bytes] = []
-        for i in range(op.count):
-            args = layout.unpack(out, i * layout.size)
+        for values in packer.iter_unpack(op.args):
+            args = dict(zip(names, values, strict=True))
             result = handler(d, args)
-            layout.pack_into(out, i * layout.size, **args)
+            out.append(packer.pack(*[args[n] for n in names]))
             if op.cmd == gt.GNTTABOP_setup_table:
                 extra.append(b"".join(_U64.pack(f) for f in result))
-        return Reply(0, bytes(out) + b"".join(extra))
+        return Reply(0, b"".join(out) + b"".join(extra))
 
     def _single(
         self, d: Domain, op: Op, table: dict[int, tuple[Layout, Callable[[Domain, dict[str, Any]], Any]]]
@@ -377,6 +383,19 @@ class Hypervisor:
     def _drop_region(self, region: Region) -> None:
         self.regions.pop(region.region_id, None)
         self.platform.free_memory(region.fd, region.view)
+
+
+_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def _scalar_names(layout: Layout) -> tuple[str, ...]:
+    """The value fields of a layout made only of scalars, in packing order (cached)."""
+    names = _NAMES.get(layout.name)
+    if names is None:
+        fields = list(layout.named_fields())
+        assert all(f.count == 1 for f in fields), layout.name
+        names = _NAMES[layout.name] = tuple(f.name for f in fields)
+    return names
 
 
 def _close_fds(platform: Platform, push: Push) -> bool:

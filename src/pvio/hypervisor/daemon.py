@@ -30,7 +30,7 @@ from collections.abc import Callable
 import click
 
 from pvio.hypervisor import wire
-from pvio.hypervisor.aio import recv_frame, send_frame
+from pvio.hypervisor.aio import FrameReceiver, run, send_frame
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.platform import OsPlatform
 from pvio.hypervisor.session import Session, push_frames
@@ -57,6 +57,7 @@ class HypervisorServer:
         self.hv = Hypervisor(self.platform, os.dup)
         self._conns: dict[int, _Conn] = {}  # fileno -> connection
         self._listener: socket.socket | None = None
+        self._receiver = FrameReceiver()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -92,34 +93,36 @@ class HypervisorServer:
             self._loop.add_reader(sock.fileno(), self._on_readable, conn)
 
     def _on_readable(self, conn: _Conn) -> None:
-        for _ in range(64):  # bounded: one chatty client does not starve the others
-            if conn.closed:
-                return
-            try:
-                data, fds, truncated = recv_frame(conn.sock)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._close(conn)
-                return
-            for fd in fds:  # clients never pass descriptors to the hypervisor
-                os.close(fd)
-            if not data and _at_eof(conn.sock):
-                self._close(conn)
-                return
-            try:
-                if truncated or not data:
-                    conn.session.bad_frames += 1
-                    seq = int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
-                    err = Op(0, 0, 0, b"", rc=-errno.E2BIG if truncated else -errno.EINVAL)
-                    reply, out_fds = wire.encode_frame(wire.FRAME_ERROR, seq, [err]), list[int]()
-                else:
-                    reply, out_fds = conn.session.handle(data)
-            except Exception:
-                log.exception("d%s: internal error; closing the connection", conn.session.domid)
-                self._close(conn)
-                return
-            self._send(conn, reply, out_fds)
+        # One frame per wake-up: add_reader is level-triggered, so a connection with more
+        # frames is called again, after the others had their turn.
+        if conn.closed:
+            return
+        try:
+            data, fds, truncated = self._receiver.recv(conn.sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        for fd in fds:  # clients never pass descriptors to the hypervisor
+            os.close(fd)
+        if not data and _at_eof(conn.sock):
+            self._close(conn)
+            return
+        try:
+            if truncated or not data:
+                conn.session.bad_frames += 1
+                seq = int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
+                err = Op(0, 0, 0, b"", rc=-errno.E2BIG if truncated else -errno.EINVAL)
+                reply, out_fds = wire.encode_frame(wire.FRAME_ERROR, seq, [err]), list[int]()
+            else:
+                reply, out_fds = conn.session.handle(data)
+        except Exception:
+            log.exception("d%s: internal error; closing the connection", conn.session.domid)
+            self._close(conn)
+            return
+        self._send(conn, reply, out_fds)
+        if self.hv.has_pushes():
             self._flush_pushes()
 
     def _send(self, conn: _Conn, data: bytes, fds: list[int]) -> None:
@@ -231,4 +234,4 @@ def hypervisor(path: str, verbose: int) -> None:
     """Run pvio's hypervisor: domains, grant tables, event channels, lguest DMA."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
-    asyncio.run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True)))
+    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True)))

@@ -107,9 +107,9 @@ class InProcessChannel:
             else:
                 self._on_push(op)
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+    def add_reader(self, fd: int, callback: Callable[..., None], *args: object) -> None:
         self._readers.add(fd)
-        self.loop.add_reader(fd, callback)
+        self.loop.add_reader(fd, callback, *args)
 
     def remove_reader(self, fd: int) -> None:
         if fd in self._readers:
