@@ -531,7 +531,7 @@ class Domain:
                 if not fut.done():
                     fut.set_result(None)
                     woke = True
-        if not woke and st.handler is None:
+        if not woke:
             st.latched = True
 
     def set_handler(self, port: int, handler: Callable[[int], None] | None) -> None:
