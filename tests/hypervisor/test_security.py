@@ -169,3 +169,28 @@ def test_domain_without_reading_does_not_block_others() -> None:
             sock.close()
 
     asyncio.run(run_with("daemon", body))
+
+
+def test_release_hook_and_a_failing_hook() -> None:
+    """Teardown runs every release hook (XenStore's @releaseDomain), even after one fails."""
+    from pvio.hypervisor.inprocess import InProcessHypervisor
+
+    async def body() -> None:
+        ihv = InProcessHypervisor()
+        released: list[int] = []
+
+        def broken(domid: int) -> None:
+            raise RuntimeError("a buggy hook")
+
+        ihv.hv.release_hooks.extend([broken, released.append])
+        a = await ihv.create_domain("a", 16)
+        b = await ihv.create_domain("b", 16)
+        port = await b.alloc_unbound(a.domid)
+        await a.bind_interdomain(b.domid, port)
+        await a.close()
+        assert released == [a.domid]
+        await b.close()
+        assert released == [a.domid, b.domid]
+        assert ihv.hv.is_empty() and ihv.platform.open_fds() == 0
+
+    asyncio.run(body())

@@ -61,6 +61,8 @@ log = logging.getLogger("pvio.hypervisor")
 
 _U64 = struct.Struct("<Q")
 MAX_REGION_PAGES = 1024
+#: Shared regions one domain may have attached at once.
+MAX_REGIONS_PER_DOMAIN = 8
 
 
 @dataclass
@@ -367,6 +369,8 @@ class Hypervisor:
             raise HypercallError(-errno.EINVAL, f"region base {base:#x}", "base")
         if region.region_id in d.regions:
             raise HypercallError(-errno.EEXIST, "region already attached", "region_id")
+        if len(d.regions) >= MAX_REGIONS_PER_DOMAIN:
+            raise HypercallError(-errno.ENOSPC, "too many regions", "region_id")
         for other in d.regions.values():
             obase = other.attached[d.domid]
             if base < obase + other.nr_pages * PAGE_SIZE and obase < end:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pvio.abi import event_channel as ev
 from pvio.abi import grant_table as gt
+from pvio.abi.layout import Layout
 from pvio.abi.lguest import LGUEST_DMA
 from pvio.hypervisor import wire
 from pvio.hypervisor.client import CopySeg, Domain
@@ -372,6 +373,72 @@ async def check_lguest_dma(make: DomainFactory) -> None:
     assert await b.send_dma(key_b, 0x2000) == 0
 
 
+async def check_table_ops(make: DomainFactory) -> None:
+    """dump_table, unmap_and_replace and the privilege rules of the table queries."""
+    a = await make("granter")
+    b = await make("mapper")
+
+    def gnttab(cmd: int, lay: Layout, **fields: int) -> Op:
+        return Op(wire.HYPERVISOR_grant_table_op, cmd, 1, lay.pack(**fields))
+
+    replies = await a.hypercall(
+        [
+            gnttab(gt.GNTTABOP_dump_table, gt.GNTTAB_DUMP_TABLE, dom=gt.DOMID_SELF),
+            gnttab(gt.GNTTABOP_dump_table, gt.GNTTAB_DUMP_TABLE, dom=b.domid),
+            gnttab(gt.GNTTABOP_setup_table, gt.GNTTAB_SETUP_TABLE, dom=b.domid, nr_frames=1),
+            gnttab(gt.GNTTABOP_query_size, gt.GNTTAB_QUERY_SIZE, dom=0x7000),
+        ]
+    )
+    assert [r.rc for r in replies] == [0, 0, 0, 0]
+    assert gt.GNTTAB_DUMP_TABLE.unpack(replies[0].args)["status"] == gt.GNTST_okay
+    assert gt.GNTTAB_DUMP_TABLE.unpack(replies[1].args)["status"] == gt.GNTST_permission_denied
+    assert gt.GNTTAB_SETUP_TABLE.unpack(replies[2].args)["status"] == gt.GNTST_permission_denied
+    assert gt.GNTTAB_QUERY_SIZE.unpack(replies[3].args)["status"] == gt.GNTST_permission_denied
+    # setup_table answers the table's frame list after the struct.
+    (reply,) = await a.hypercall([gnttab(gt.GNTTABOP_setup_table, gt.GNTTAB_SETUP_TABLE, dom=gt.DOMID_SELF, nr_frames=2)])
+    assert reply.args[gt.GNTTAB_SETUP_TABLE.size :] == (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    # unmap_and_replace: bad handle, bad new address, then a good one.
+    (frame,) = a.alloc_pages(1)
+    (ref,) = await a.grant_access(b.domid, [frame])
+    (m,) = await b.map_grants(a.domid, [ref])
+    replies = await b.hypercall(
+        [
+            gnttab(gt.GNTTABOP_unmap_and_replace, gt.GNTTAB_UNMAP_AND_REPLACE, handle=m.handle + 1000),
+            gnttab(gt.GNTTABOP_unmap_and_replace, gt.GNTTAB_UNMAP_AND_REPLACE, handle=m.handle, new_addr=(b.nr_pages + 1) << 12),
+            gnttab(gt.GNTTABOP_unmap_and_replace, gt.GNTTAB_UNMAP_AND_REPLACE, handle=m.handle, new_addr=0),
+        ]
+    )
+    statuses = [gt.GNTTAB_UNMAP_AND_REPLACE.unpack(r.args)["status"] for r in replies]
+    assert statuses == [gt.GNTST_bad_handle, gt.GNTST_general_error, gt.GNTST_okay]
+    assert not a.gnttab.query_foreign_access(ref)
+    assert await b.unmap_grants([m]) == [gt.GNTST_bad_handle]
+    assert a.end_access([ref]) == [True]
+
+
+async def check_limits(make: DomainFactory) -> None:
+    """Per-domain limits answer in-band: DMA bindings, regions, memory size."""
+    a = await make("guest", nr_pages=16)
+    LGUEST_DMA.pack_into(a.memory, 0x1000, addr=(0x2000,), len=(16,))
+    for i in range(32):
+        await a.bind_dma(0x3000 + 4 * i, 0x1000, 1, irq=1)
+    await _expect_rc(a.bind_dma(0x3000 + 4 * 32, 0x1000, 1, irq=1), -errno.ENOSPC)
+    base = 0x100000
+    for i in range(8):
+        await a.lguest_region(1, base + i * 0x1000)
+    try:
+        await a.lguest_region(1, base + 8 * 0x1000)
+    except HypercallError as exc:
+        assert exc.rc == -errno.ENOSPC
+    else:
+        raise _fail("a ninth region was attached")
+    try:
+        await make("huge", nr_pages=1 << 30)
+    except HypercallError as exc:
+        assert exc.rc == -errno.EINVAL
+    else:
+        raise _fail("a domain of 4 TiB was created")
+
+
 #: Every check, with whether it takes a transport.
 CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "domains": (check_domains, False),
@@ -386,4 +453,6 @@ CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "event_channels": (check_event_channels, False),
     "domain_death": (check_domain_death, True),
     "lguest_dma": (check_lguest_dma, False),
+    "table_ops": (check_table_ops, False),
+    "limits": (check_limits, False),
 }
