@@ -25,6 +25,8 @@ PVIO_LAYOUTS = [
     wire.PVIO_HC_OP,
     wire.PVIO_CREATEDOMAIN,
     wire.PVIO_MEMORY_FD,
+    wire.PVIO_SHAREABLE,
+    wire.PVIO_PAGE_FD,
     wire.PVIO_LHCALL,
     wire.PVIO_LGUEST_REGION,
     wire.PVIO_PUSH_PORT,

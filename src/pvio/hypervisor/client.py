@@ -31,9 +31,15 @@ checks, so a misbehaving or malicious backend can touch only what was granted, a
 only in the granted direction.  `map_grants` still works, as a bounce buffer: the grant
 is pinned with GNTTABOP_map_grant_ref (so the granter cannot revoke it meanwhile) and
 copied into a page of the mapper's own memory in the same batch; `unmap_grants` copies
-writable bounce pages back before unmapping.  The views are therefore snapshots, not
-live shared memory: a shared ring cannot run over a copy-transport mapping (rings need
-the map transport), while block data can.
+writable bounce pages back before unmapping.  Those views are snapshots, not live
+shared memory.
+
+Shared rings need live memory in both transports, so they go in *shareable pages*
+(`alloc_shareable_pages`): each is a one-page memfd of its own, and a domain that maps a
+grant of one receives that page's fd and nothing else (read-only grants are mapped
+PROT_READ).  So a copy-transport backend maps its ring live and still never holds the
+frontend's memory; only the pages the frontend chose to make shareable are exposed, and
+only while granted and mapped.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from pvio.abi.lguest import LHCALL_BIND_DMA, LHCALL_SEND_DMA
 from pvio.hypervisor import wire
 from pvio.hypervisor.atomic import AtomicWords
 from pvio.hypervisor.client_core import EventPorts
-from pvio.hypervisor.domain import PAGE_SHIFT, PAGE_SIZE
+from pvio.hypervisor.domain import PAGE_SHIFT, PAGE_SIZE, SHAREABLE_FRAME_BASE
 from pvio.hypervisor.errors import GrantError, HypercallError
 from pvio.hypervisor.granting import GrantRefs, NoSpace
 from pvio.hypervisor.wire import Op
@@ -95,6 +101,13 @@ class GrantMapping:
     handle: int = -1
     view: memoryview | None = None
     bounce_frame: int = -1  # copy transport: the local page holding the snapshot
+    frame: int = -1  # the granted frame (from dev_bus_addr)
+    page_mm: mmap.mmap | None = None  # a shareable page mapped on its own
+
+    @property
+    def live(self) -> bool:
+        """True if `view` is the granter's page itself, False for a bounce copy."""
+        return self.status == gt.GNTST_okay and self.bounce_frame < 0
 
 
 _COPY = gt.GNTTAB_COPY.packer
@@ -248,6 +261,7 @@ class Domain:
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._foreign: dict[int, _Foreign] = {}
         self.regions: dict[int, LguestRegion] = {}
+        self._shareable: dict[int, tuple[mmap.mmap, memoryview]] = {}
         self._region_mms: list[mmap.mmap] = []
         self._irq_handler: Callable[[int], None] | None = None
         self._irq_waiters: list[asyncio.Future[int]] = []
@@ -264,9 +278,30 @@ class Domain:
     # -- own memory ----------------------------------------------------------------
 
     def frame(self, frame: int) -> memoryview:
+        if frame >= SHAREABLE_FRAME_BASE and frame in self._shareable:
+            return self._shareable[frame][1]
         if not 0 <= frame < self.nr_pages:
             raise IndexError(f"frame {frame} outside memory")
         return self.memory[frame << PAGE_SHIFT : (frame + 1) << PAGE_SHIFT]
+
+    async def alloc_shareable_pages(self, n: int) -> list[int]:
+        """N pages that another domain can map without reaching the rest of our memory.
+
+        Each is a one-page memfd of its own (frame numbers from SHAREABLE_FRAME_BASE).
+        Put shared rings here: a backend of either transport maps them live.
+        """
+        args = wire.PVIO_SHAREABLE.pack(nr_frames=n)
+        (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_alloc_shareable, 1, args)])
+        _check(reply, "PVIO_DOMCTL_alloc_shareable")
+        first: int = wire.PVIO_SHAREABLE.unpack(reply.args)["first_frame"]
+        frames = list(range(first, first + len(reply.fds)))
+        for frame, fd in zip(frames, reply.fds, strict=True):
+            try:
+                mm = mmap.mmap(fd, PAGE_SIZE)
+            finally:
+                os.close(fd)
+            self._shareable[frame] = (mm, memoryview(mm))
+        return frames
 
     def alloc_pages(self, n: int) -> list[int]:
         return self.pages.alloc(n)
@@ -338,7 +373,17 @@ class Domain:
         if not refs:
             return []
         if self.transport == "copy":
-            return await self._map_by_copy(domid, refs, readonly, strict)
+            out = await self._map_by_copy(domid, refs, readonly)
+        else:
+            out = await self._map_direct(domid, refs, readonly)
+        shareable = [m for m in out if m.status == gt.GNTST_okay and m.frame >= SHAREABLE_FRAME_BASE]
+        if shareable:
+            await self._map_shareable(shareable)
+        if strict:
+            await self._raise_on_failure(out, "GNTTABOP_map_grant_ref")
+        return out
+
+    async def _map_direct(self, domid: int, refs: Sequence[int], readonly: bool) -> list[GrantMapping]:
         ops = [_map_op(domid, refs, readonly)]
         foreign = self._foreign.get(domid)
         if foreign is None or foreign.dead:
@@ -364,8 +409,10 @@ class Domain:
         out: list[GrantMapping] = []
         fview = foreign.view if foreign is not None else None
         for ref, (_, _, _, _, status, handle, bus) in zip(refs, _MAP.iter_unpack(map_reply.args), strict=True):
-            m = GrantMapping(domid, ref, readonly, status, handle)
-            if status == gt.GNTST_okay:
+            m = GrantMapping(domid, ref, readonly, status, handle, frame=bus >> PAGE_SHIFT)
+            if status == gt.GNTST_okay and m.frame >= SHAREABLE_FRAME_BASE:
+                pass  # mapped on its own by _map_shareable
+            elif status == gt.GNTST_okay:
                 if foreign is None or fview is None or bus + PAGE_SIZE > len(fview):
                     m.status = gt.GNTST_general_error  # pragma: no cover - a broken hypervisor
                 else:
@@ -373,9 +420,38 @@ class Domain:
                     m.view = view.toreadonly() if readonly else view
                     foreign.maps += 1
             out.append(m)
-        if strict:
-            await self._raise_on_failure(out, "GNTTABOP_map_grant_ref")
         return out
+
+    async def _map_shareable(self, ms: list[GrantMapping]) -> None:
+        """Map granted shareable pages live, each through its own one-page fd."""
+        lay = wire.PVIO_PAGE_FD
+        args = b"".join(lay.pack(domid=m.domid, ref=m.ref) for m in ms)
+        (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_page_fd, len(ms), args)])
+        _check(reply, "PVIO_DOMCTL_page_fd")
+        fds = list(reply.fds)
+        failed = []
+        for i, m in enumerate(ms):
+            status = lay.unpack(reply.args, i * lay.size)["status"] if len(reply.args) >= (i + 1) * lay.size else -1
+            if status != 0 or not fds:
+                failed.append(m)
+                continue
+            fd = fds.pop(0)
+            try:
+                prot = mmap.PROT_READ if m.readonly else mmap.PROT_READ | mmap.PROT_WRITE
+                m.page_mm = mmap.mmap(fd, PAGE_SIZE, prot=prot)
+            finally:
+                os.close(fd)
+            view = memoryview(m.page_mm)
+            m.view = view.toreadonly() if m.readonly else view
+            if m.bounce_frame >= 0:
+                self.pages.free([m.bounce_frame])
+                m.bounce_frame = -1
+        for fd in fds:
+            os.close(fd)
+        if failed:  # pragma: no cover - the hypervisor broke its promise
+            await self._call([_unmap_op([m.handle for m in failed])])
+            for m in failed:
+                m.status, m.handle, m.view = gt.GNTST_general_error, -1, None
 
     async def _raise_on_failure(self, out: list[GrantMapping], what: str) -> None:
         bad = next((m for m in out if m.status != gt.GNTST_okay), None)
@@ -384,20 +460,18 @@ class Domain:
         await self.unmap_grants([m for m in out if m.status == gt.GNTST_okay])
         raise GrantError(bad.status, what, f"ref {bad.ref}")
 
-    async def _map_by_copy(
-        self, domid: int, refs: Sequence[int], readonly: bool, strict: bool
-    ) -> list[GrantMapping]:
+    async def _map_by_copy(self, domid: int, refs: Sequence[int], readonly: bool) -> list[GrantMapping]:
         frames = self.pages.alloc(len(refs))
         segs = [CopySeg.from_grant(domid, ref, f) for ref, f in zip(refs, frames, strict=True)]
         replies = await self._call([_map_op(domid, refs, readonly), _copy_op(segs)])
         map_reply = _check(replies[0], "GNTTABOP_map_grant_ref")
         copy_reply = _check(replies[1], "GNTTABOP_copy")
-        lay = gt.GNTTAB_MAP_GRANT_REF
         copy_status = _statuses(copy_reply, gt.GNTTAB_COPY.offset("status"), gt.GNTTAB_COPY.size)
         out = []
-        for i, ref in enumerate(refs):
-            r = lay.unpack(map_reply.args, i * lay.size)
-            m = GrantMapping(domid, ref, readonly, r["status"], r["handle"], bounce_frame=frames[i])
+        for i, (ref, (_, _, _, _, status, handle, bus)) in enumerate(
+            zip(refs, _MAP.iter_unpack(map_reply.args), strict=True)
+        ):
+            m = GrantMapping(domid, ref, readonly, status, handle, bounce_frame=frames[i], frame=bus >> PAGE_SHIFT)
             if m.status == gt.GNTST_okay and copy_status[i] != gt.GNTST_okay:
                 m.status = copy_status[i]
                 await self._call([_unmap_op([m.handle])])
@@ -408,8 +482,6 @@ class Domain:
                 self.pages.free([frames[i]])
                 m.bounce_frame = -1
             out.append(m)
-        if strict:
-            await self._raise_on_failure(out, "GNTTABOP_map_grant_ref")
         return out
 
     async def unmap_grants(self, mappings: Sequence[GrantMapping]) -> list[int]:
@@ -419,7 +491,9 @@ class Domain:
             return []
         ops = []
         if self.transport == "copy":
-            back = [CopySeg.to_grant(m.bounce_frame, m.domid, m.ref) for m in live if not m.readonly]
+            back = [
+                CopySeg.to_grant(m.bounce_frame, m.domid, m.ref) for m in live if not m.readonly and m.bounce_frame >= 0
+            ]
             if back:
                 ops.append(_copy_op(back))
         ops.append(_unmap_op([m.handle for m in live]))
@@ -430,12 +504,15 @@ class Domain:
             if m.view is not None:
                 m.view.release()
                 m.view = None
+            if m.page_mm is not None:
+                _close_mmap(m.page_mm)
+                m.page_mm = None
             m.handle = -1
             if m.bounce_frame >= 0:
                 self.pages.free([m.bounce_frame])
                 m.bounce_frame = -1
-            foreign = self._foreign.get(m.domid)
-            if foreign is not None:
+            foreign = self._foreign.get(m.domid) if m.frame < SHAREABLE_FRAME_BASE else None
+            if foreign is not None and self.transport == "map":
                 foreign.maps -= 1
                 if foreign.dead and foreign.maps <= 0:
                     self._drop_foreign(m.domid)
@@ -679,6 +756,10 @@ class Domain:
         for mm in self._region_mms:
             _close_mmap(mm)
         self.regions.clear()
+        for mm, view in self._shareable.values():
+            view.release()
+            _close_mmap(mm)
+        self._shareable.clear()
         self._atomic.release()
         self._gnt_view.release()
         _close_mmap(self._gnt_mm)

@@ -46,7 +46,9 @@ from pvio.hypervisor.domain import (
     DEFAULT_MAX_GRANT_FRAMES,
     MAX_DOMAIN_PAGES,
     MAX_GRANT_FRAMES_LIMIT,
+    MAX_SHAREABLE_FRAMES,
     PAGE_SIZE,
+    SHAREABLE_FRAME_BASE,
     Domain,
     Platform,
     Region,
@@ -205,6 +207,9 @@ class Hypervisor:
         d.active.clear()
         self.platform.free_memory(d.mem_fd, d.memory)
         self.platform.free_memory(d.gnttab_fd, d.gnttab)
+        for fd, view in d.shareable.values():
+            self.platform.free_memory(fd, view)
+        d.shareable.clear()
         log.info("freed d%d", d.domid)
 
     def _reap(self, granter: Domain) -> None:
@@ -302,6 +307,10 @@ class Hypervisor:
         return Reply(0, layout.pack(**args), list(fds))
 
     def _domctl(self, d: Domain, op: Op) -> Reply:
+        if op.cmd == wire.PVIO_DOMCTL_alloc_shareable:
+            return self._alloc_shareable(d, op)
+        if op.cmd == wire.PVIO_DOMCTL_page_fd:
+            return self._page_fd(d, op)
         if op.cmd != wire.PVIO_DOMCTL_memory_fd:
             return Reply(-errno.ENOSYS, op.args)
         lay = wire.PVIO_MEMORY_FD
@@ -322,6 +331,43 @@ class Hypervisor:
             d.mem_fds_given.add(target.domid)
         args["nr_pages"] = target.nr_pages
         return Reply(0, lay.pack(**args), [self.dup(target.mem_fd)])
+
+    def _alloc_shareable(self, d: Domain, op: Op) -> Reply:
+        lay = wire.PVIO_SHAREABLE
+        if op.count != 1 or len(op.args) != lay.size:
+            return Reply(-errno.EINVAL, op.args)
+        a = lay.unpack(op.args)
+        n = a["nr_frames"]
+        if not 0 < n <= MAX_SHAREABLE_FRAMES - len(d.shareable):
+            return Reply(-errno.ENOSPC, op.args)
+        first = SHAREABLE_FRAME_BASE + len(d.shareable)
+        fds = []
+        for frame in range(first, first + n):
+            fd, view = self.platform.new_memory(1, f"pvio-d{d.domid}-frame-{frame:#x}")
+            d.shareable[frame] = (fd, view)
+            fds.append(self.dup(fd))
+        a["first_frame"] = first
+        return Reply(0, lay.pack(**a), fds)
+
+    # A shareable page's fd goes to the domain that maps it now (either transport): it is
+    # that one page and nothing else, so the copy transport's promise holds.
+    def _page_fd(self, d: Domain, op: Op) -> Reply:
+        lay = wire.PVIO_PAGE_FD
+        if op.count > wire.MAX_FDS or len(op.args) != op.count * lay.size:
+            return Reply(-errno.EINVAL, op.args)
+        out = []
+        fds = []
+        mapped = {(rec.granter.domid, rec.ref): rec for rec in d.maptrack.values()}
+        for i in range(op.count):
+            a = lay.unpack(op.args, i * lay.size)
+            rec = mapped.get((a["domid"], a["ref"]))
+            if rec is None or rec.frame not in rec.granter.shareable:
+                a["status"] = -errno.EINVAL
+            else:
+                a["status"] = 0
+                fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
+            out.append(lay.pack(**a))
+        return Reply(0, b"".join(out), fds)
 
     def _lguest(self, d: Domain, op: Op) -> Reply:
         if op.cmd in (LHCALL_BIND_DMA, LHCALL_SEND_DMA):

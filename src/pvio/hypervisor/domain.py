@@ -7,6 +7,11 @@ grant table (up to `max_grant_frames` pages of grant_entry_v1, shared with the d
 a handle table of the grants it has mapped (Xen's maptrack), event-channel ports and
 lguest DMA bindings.  Domain 0 is the control/driver domain and the only privileged one.
 
+Besides its memory, a domain may ask for *shareable frames* (numbered from
+SHAREABLE_FRAME_BASE), each a one-page memfd of its own: a page that can be mapped by
+another domain without handing over the rest of memory.  Shared rings live there, so
+that even a copy-transport backend maps its ring live (see `pvio.hypervisor.client`).
+
 The cores never open files: memory, eventfds and signalling come from a `Platform`
 the adapter supplies (`pvio.hypervisor.platform.OsPlatform` makes memfds and eventfds;
 a test may supply fakes).  The cores see memory only as memoryviews.
@@ -28,6 +33,10 @@ DEFAULT_MAX_GRANT_FRAMES = 64
 MAX_GRANT_FRAMES_LIMIT = 1024
 MAX_MAPTRACK = 1 << 16
 NR_EVTCHN_PORTS = 4096
+#: Shareable frames (one memfd each) are numbered from here, far above any memory, so a
+#: frame number says by itself which kind it is.
+SHAREABLE_FRAME_BASE = 1 << 24
+MAX_SHAREABLE_FRAMES = 256
 
 
 class Platform(Protocol):
@@ -136,6 +145,8 @@ class Domain:
     regions: dict[int, Region] = field(default_factory=dict)  # region_id -> region
     #: domids whose memory fd this domain was given (map transport)
     mem_fds_given: set[int] = field(default_factory=set)
+    #: shareable frames: frame -> (its own memfd, view)
+    shareable: dict[int, tuple[int, memoryview]] = field(default_factory=dict)
 
     @property
     def privileged(self) -> bool:
@@ -145,5 +156,10 @@ class Domain:
     def nr_grant_entries(self) -> int:
         return self.nr_grant_frames * (PAGE_SIZE // 8)
 
+    def valid_frame(self, frame: int) -> bool:
+        return 0 <= frame < self.nr_pages or frame in self.shareable
+
     def frame_view(self, frame: int) -> memoryview:
+        if frame >= SHAREABLE_FRAME_BASE:
+            return self.shareable[frame][1]
         return self.memory[frame << PAGE_SHIFT : (frame + 1) << PAGE_SHIFT]

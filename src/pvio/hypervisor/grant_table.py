@@ -140,7 +140,7 @@ def pin(granter: Domain, ref: int, mapper: int, readonly: bool) -> ActiveGrant:
         raise _Fail(GNTST_general_error, "grant entry is unstable")
     if act is None or not act.pins:
         frame = _read_frame(granter, ref)
-        if frame >= granter.nr_pages:
+        if not granter.valid_frame(frame):
             act = act or ActiveGrant(frame=0, mapper=mapper)
             granter.active[ref] = act
             _release_bits(granter, ref, act)
@@ -250,7 +250,7 @@ class GrantTables:
         if rec is None:
             op["status"] = GNTST_bad_handle
             return None
-        if op["new_addr"] >> PAGE_SHIFT >= caller.nr_pages:
+        if not caller.valid_frame(op["new_addr"] >> PAGE_SHIFT):
             op["status"] = GNTST_general_error
             return None
         self._drop(caller, rec)
@@ -315,7 +315,7 @@ class GrantTables:
             raise _Fail(GNTST_bad_domain, f"{side}: no domain {domid}")
         if owner is not caller and not caller.privileged:
             raise _Fail(GNTST_permission_denied, f"{side}: frame of another domain")
-        if value >= owner.nr_pages:
+        if not owner.valid_frame(value):
             raise _Fail(GNTST_bad_page, f"{side}: frame {value} outside memory")
         return owner.frame_view(value)
 
@@ -371,7 +371,7 @@ class GrantTables:
 
     def transfer(self, caller: Domain, op: dict[str, Any]) -> None:
         mfn = op["mfn"]
-        if mfn >= caller.nr_pages:
+        if not caller.valid_frame(mfn):
             op["status"] = GNTST_bad_page
             return
         target = self._lookup(op["domid"])
@@ -392,7 +392,7 @@ class GrantTables:
             op["status"] = GNTST_general_error
             return
         frame = _read_frame(target, ref)
-        if frame >= target.nr_pages:
+        if not target.valid_frame(frame):
             _cas(target, ref, word | GTF_transfer_committed, word)
             op["status"] = GNTST_general_error
             return

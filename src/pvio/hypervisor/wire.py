@@ -40,6 +40,8 @@ PVIO_HYPERVISOR_push = 0x7002
 
 PVIO_DOMCTL_createdomain = 1
 PVIO_DOMCTL_memory_fd = 2
+PVIO_DOMCTL_alloc_shareable = 3
+PVIO_DOMCTL_page_fd = 4
 PVIO_LGUEST_region_create = 1
 PVIO_LGUEST_region_attach = 2
 PVIO_PUSH_port_bound = 1
@@ -65,6 +67,8 @@ struct pvio_hc_frame { uint32_t magic; uint32_t length; uint32_t seq; uint16_t k
 struct pvio_hc_op { uint16_t hypercall; uint16_t cmd; uint32_t count; uint32_t length; int16_t rc; uint16_t nr_fds; };
 struct pvio_createdomain { uint16_t domid; uint16_t flags; uint32_t nr_pages; uint32_t max_grant_frames; char name[32]; };
 struct pvio_memory_fd { uint16_t domid; uint16_t pad; uint32_t nr_pages; };
+struct pvio_shareable { uint32_t nr_frames; uint32_t first_frame; };
+struct pvio_page_fd { uint16_t domid; int16_t status; uint32_t ref; };
 struct pvio_lhcall { uint32_t arg1; uint32_t arg2; uint32_t arg3; uint32_t ret; };
 struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t pad; };
 struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32_t remote_port; };
@@ -125,6 +129,27 @@ PVIO_MEMORY_FD = Layout(
     "pvio_memory_fd",
     (("domid", "H"), ("", "2x"), ("nr_pages", "I")),
     c_type="struct pvio_memory_fd",
+    c_prologue=C_PROLOGUE,
+)
+
+#   struct pvio_shareable { uint32_t nr_frames; uint32_t first_frame; /* OUT */ };
+# PVIO_DOMCTL_alloc_shareable: nr_frames new one-page memfds, numbered from first_frame;
+# the reply carries their fds in order.
+PVIO_SHAREABLE = Layout(
+    "pvio_shareable",
+    (("nr_frames", "I"), ("first_frame", "I")),
+    c_type="struct pvio_shareable",
+    c_prologue=C_PROLOGUE,
+)
+
+#   struct pvio_page_fd { uint16_t domid; int16_t status; /* OUT */ uint32_t ref; };
+# PVIO_DOMCTL_page_fd, `count` of them: the fd of the shareable page that the caller's
+# current mapping of (domid, ref) maps.  status 0: an fd follows (fds in the order of
+# the structs with status 0); else -EINVAL (not mapped, or not a shareable frame).
+PVIO_PAGE_FD = Layout(
+    "pvio_page_fd",
+    (("domid", "H"), ("status", "h"), ("ref", "I")),
+    c_type="struct pvio_page_fd",
     c_prologue=C_PROLOGUE,
 )
 

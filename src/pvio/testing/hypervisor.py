@@ -21,6 +21,7 @@ from pvio.abi.layout import Layout
 from pvio.abi.lguest import LGUEST_DMA
 from pvio.hypervisor import wire
 from pvio.hypervisor.client import CopySeg, Domain
+from pvio.hypervisor.domain import SHAREABLE_FRAME_BASE
 from pvio.hypervisor.errors import GrantError, HypercallError
 from pvio.hypervisor.wire import Op
 
@@ -439,6 +440,44 @@ async def check_limits(make: DomainFactory) -> None:
         raise _fail("a domain of 4 TiB was created")
 
 
+async def check_shareable_pages(make: DomainFactory, transport: str) -> None:
+    """A ring page in a shareable frame is mapped live in both transports."""
+    a = await make("frontend")
+    b = await make("backend", transport=transport)
+    ring, data = await a.alloc_shareable_pages(2)
+    assert ring >= SHAREABLE_FRAME_BASE and data == ring + 1
+    a.frame(ring)[:4] = b"ring"
+    (ring_ref,) = await a.grant_access(b.domid, [ring])
+    (ro_ref,) = await a.grant_access(b.domid, [data], readonly=True)
+    (m,) = await b.map_grants(a.domid, [ring_ref])
+    (ro,) = await b.map_grants(a.domid, [ro_ref], readonly=True)
+    assert m.live and ro.live and m.view is not None and ro.view is not None
+    assert bytes(m.view[:4]) == b"ring"
+    a.frame(ring)[4:8] = b"live"  # no unmap, no copy: the backend sees it at once
+    assert bytes(m.view[4:8]) == b"live"
+    m.view[8:12] = b"back"
+    assert bytes(a.frame(ring)[8:12]) == b"back"
+    assert ro.view.readonly
+    a.frame(data)[:2] = b"ro"
+    assert bytes(ro.view[:2]) == b"ro"
+    # GNTTABOP_copy reaches shareable frames too.
+    (local,) = b.alloc_pages(1)
+    assert await b.copy([CopySeg.from_grant(a.domid, ring_ref, local, length=12)]) == [gt.GNTST_okay]
+    assert bytes(b.frame(local)[:12]) == b"ringliveback"
+    if transport == "copy":
+        ask = Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_memory_fd, 1, wire.PVIO_MEMORY_FD.pack(domid=a.domid))
+        (reply,) = await b.hypercall([ask])
+        assert reply.rc == -errno.EPERM, "a copy-transport domain got the granter's memory"
+    # Asking for the fd of a page one does not map is refused.
+    (reply,) = await b.hypercall(
+        [Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_page_fd, 1, wire.PVIO_PAGE_FD.pack(domid=a.domid, ref=ring_ref + 7))]
+    )
+    assert wire.PVIO_PAGE_FD.unpack(reply.args)["status"] == -errno.EINVAL and not reply.fds
+    await b.unmap_grants([m, ro])
+    assert [m.view, m.page_mm] == [None, None]
+    assert a.end_access([ring_ref, ro_ref]) == [True, True]
+
+
 #: Every check, with whether it takes a transport.
 CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "domains": (check_domains, False),
@@ -455,4 +494,5 @@ CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "lguest_dma": (check_lguest_dma, False),
     "table_ops": (check_table_ops, False),
     "limits": (check_limits, False),
+    "shareable_pages": (check_shareable_pages, True),
 }
