@@ -39,6 +39,9 @@ async def mapper(path: str, transport: str) -> None:
     granter = int(str(info["domid"]))
     refs = [int(r) for r in info["refs"]]  # type: ignore[attr-defined]
     port = await d.bind_interdomain(granter, int(str(info["port"])))
+    (ring,) = await d.map_grants(granter, [int(str(info["ring"]))])
+    assert ring.live and ring.view is not None and bytes(ring.view[:4]) == b"ring"
+    ring.view[4:8] = b"seen"  # live: the granter reads it without any unmap
     maps = await d.map_grants(granter, refs)
     for i, m in enumerate(maps):
         assert m.view is not None
@@ -51,6 +54,7 @@ async def mapper(path: str, transport: str) -> None:
         d.notify(port)
         await asyncio.wait_for(d.wait_event(port), 10)
     say(pings=PINGS)
+    await d.unmap_grants([ring])
     await d.close()
     say(done="ok")
 
@@ -61,6 +65,9 @@ async def granter(path: str, peer: int) -> None:
     for i, f in enumerate(frames):
         d.frame(f)[:] = bytes([0x40 + i]) * 4096
     refs = await d.grant_access(peer, frames)
+    (ring_frame,) = await d.alloc_shareable_pages(1)
+    d.frame(ring_frame)[:4] = b"ring"
+    (ring_ref,) = await d.grant_access(peer, [ring_frame])
     port = await d.alloc_unbound(peer)
     answered = 0
 
@@ -70,11 +77,12 @@ async def granter(path: str, peer: int) -> None:
         d.notify(p)
 
     d.set_handler(port, answer)
-    say(domid=d.domid, refs=refs, port=port)
+    say(domid=d.domid, refs=refs, port=port, ring=ring_ref)
     deadline = asyncio.get_running_loop().time() + 30
     while answered < PINGS and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
     assert answered >= PINGS, answered  # the peer closing its end signals once more
+    assert bytes(d.frame(ring_frame)[4:8]) == b"seen"
     for i, f in enumerate(frames):
         assert bytes(d.frame(f)) == bytes([0x80 + i]) * 4096, f"page {i} not written back"
     assert d.end_access(refs) == [True] * PAGES
