@@ -360,7 +360,8 @@ class Domain:
     # only to a map-transport domain that now maps one of that domain's grants), and the
     # views are slices of one shared mapping of it.  In the copy transport the domain
     # never holds another's memory: the same frame pins the grants and has the
-    # hypervisor copy each granted page into a local bounce page.
+    # hypervisor copy each granted page into a local bounce page.  A granted shareable
+    # page (where rings live) is mapped live in both, through that one page's own fd.
     # :T
     async def map_grants(
         self, domid: int, refs: Sequence[int], readonly: bool = False, *, strict: bool = True
