@@ -74,6 +74,11 @@ __all__ = [
 ]
 
 
+#: Retries of end_foreign_access for references still mapped (seconds).
+DEFERRED_FIRST_RETRY = 0.01
+DEFERRED_MAX_RETRY = 1.0
+
+
 class Channel(Protocol):
     """What carries a domain's hypercalls and wakes it (socket or in-process)."""
 
@@ -272,6 +277,7 @@ class Domain:
         #: Hypercall round trips made (one per batch).
         self.round_trips = 0
         self._sends: set[asyncio.Future[None]] = set()
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self.closed = False
         channel.start(self._on_push)
 
@@ -343,8 +349,26 @@ class Domain:
         return [self.gnttab.grant_foreign_access(domid, f, readonly) for f in frames]
 
     def end_access(self, refs: Sequence[int], on_freed: Callable[[int], None] | None = None) -> list[bool]:
-        """End access to each ref; False where it is still mapped (freed when unmapped)."""
-        return [self.gnttab.end_foreign_access(ref, on_freed) for ref in refs]
+        """End access to each ref; False where it is still mapped (freed when unmapped).
+
+        A reference still mapped is retried from the event loop (after 10 ms, backing off
+        to 1 s) until the mapping ends; then it is freed and `on_freed(ref)` runs.
+        """
+        done = [self.gnttab.end_foreign_access(ref, on_freed) for ref in refs]
+        if not all(done):
+            self._schedule_deferred(DEFERRED_FIRST_RETRY)
+        return done
+
+    def _schedule_deferred(self, delay: float) -> None:
+        if self._deferred_timer is None and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._deferred_timer = loop.call_later(delay, self._retry_deferred, delay)
+
+    def _retry_deferred(self, delay: float) -> None:
+        self._deferred_timer = None
+        self.gnttab.poll_deferred()
+        if self.gnttab.deferred:
+            self._schedule_deferred(min(delay * 2, DEFERRED_MAX_RETRY))
 
     async def query_size(self, dom: int = DOMID_SELF) -> dict[str, int]:
         args = gt.GNTTAB_QUERY_SIZE.pack(dom=dom)
@@ -747,6 +771,9 @@ class Domain:
         if self.closed:
             return
         self.closed = True
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
         for port in list(self.ports.ports):
             self._forget_port(port)
         await self.channel.close()

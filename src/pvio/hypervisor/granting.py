@@ -23,8 +23,8 @@ flags to 0 that fails while GTF_reading/GTF_writing are set (`pvio.hypervisor.at
 Where Linux's old `gnttab_end_foreign_access` printed "leaking g.e. and page still in
 use!", pvio keeps the reference on a deferred list and frees it (and calls the caller's
 `on_freed`, e.g. to give the page back) the first time a retry finds the mapping gone:
-`poll_deferred` is run by every allocation that finds the free list short and by the
-client's timer.
+`poll_deferred` is run by every allocation that finds the free list short and by a
+timer the client (`Domain.end_access`) keeps while references are deferred.
 """
 
 from __future__ import annotations

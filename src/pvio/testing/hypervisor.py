@@ -152,7 +152,12 @@ async def check_end_access_while_mapped(make: DomainFactory, transport: str) -> 
     assert a.gnttab.flags(ref) & gt.GTF_permit_access, "revoked while mapped"
     assert a.gnttab.poll_deferred() == 0 and freed == []
     await b.unmap_grants(maps)
-    assert a.gnttab.poll_deferred() == 1 and freed == [ref]
+    # The granter's event loop retries on its own: the reference comes back.
+    for _ in range(300):
+        if freed:
+            break
+        await asyncio.sleep(0.005)
+    assert freed == [ref] and not a.gnttab.deferred
     assert a.gnttab.flags(ref) == 0 and a.gnttab.free_count == before + 1
     # After the revoke a new map fails.
     (m,) = await b.map_grants(a.domid, [ref], strict=False)
