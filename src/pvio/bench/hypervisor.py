@@ -66,6 +66,23 @@ async def _timed(fn: Callable[[], Awaitable[None]], n: int, runs: int = RUNS) ->
 
 # -- baselines in child processes --------------------------------------------------------
 
+# Ping-pongs put the two processes on two given CPUs (this process on the first, its peer
+# on the second), so that the baseline and pvio are measured with the same placement:
+# otherwise the scheduler's choice (same core or not, idle states) swamps the difference.
+_CPUS = sorted(os.sched_getaffinity(0))
+PING_CPU, PONG_CPU = (_CPUS[0], _CPUS[1]) if len(_CPUS) > 1 else (_CPUS[0], _CPUS[0])
+
+
+class _Pinned:
+    """Pin this process to PING_CPU for the duration (restored afterwards)."""
+
+    def __enter__(self) -> None:
+        self._saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {PING_CPU})
+
+    def __exit__(self, *exc: object) -> None:
+        os.sched_setaffinity(0, self._saved)
+
 
 def _bare_eventfd_pingpong(rounds: int) -> float:
     """Mean one-way latency (s) of an eventfd ping-pong between two processes."""
@@ -74,19 +91,21 @@ def _bare_eventfd_pingpong(rounds: int) -> float:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
+            os.sched_setaffinity(0, {PONG_CPU})
             for _ in range(rounds + 100):
                 os.eventfd_read(ping)
                 os.eventfd_write(pong, 1)
         finally:
             os._exit(0)
-    for _ in range(100):  # warm up
-        os.eventfd_write(ping, 1)
-        os.eventfd_read(pong)
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        os.eventfd_write(ping, 1)
-        os.eventfd_read(pong)
-    dt = time.perf_counter() - t0
+    with _Pinned():
+        for _ in range(100):  # warm up
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+        dt = time.perf_counter() - t0
     os.waitpid(pid, 0)
     os.close(ping)
     os.close(pong)
@@ -127,10 +146,12 @@ def _asyncio_eventfd_pingpong(rounds: int) -> float:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
+            os.sched_setaffinity(0, {PONG_CPU})
             _asyncio_side(ping, pong, rounds, False)
         finally:
             os._exit(0)
-    dt = _asyncio_side(pong, ping, rounds, True)
+    with _Pinned():
+        dt = _asyncio_side(pong, ping, rounds, True)
     os.waitpid(pid, 0)
     os.close(ping)
     os.close(pong)
@@ -210,7 +231,7 @@ async def _ping_pong(d: Domain, port: int, rounds: int) -> float:
     return await asyncio.wait_for(done, 60)
 
 
-async def _notify_to_wake(d: Domain, path: str, rounds: int) -> float:
+async def _notify_to_wake(d: Domain, path: str, rounds: int, bare: list[float]) -> float:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -224,11 +245,15 @@ async def _notify_to_wake(d: Domain, path: str, rounds: int) -> float:
     try:
         assert proc.stdout is not None and proc.stdin is not None
         info = json.loads(await proc.stdout.readline())
+        os.sched_setaffinity(proc.pid, {PONG_CPU})
         port = await d.bind_interdomain(info["domid"], info["port"])
         await d.wait_event(port)  # the event binding raises
         results = []
         for _ in range(RUNS):
-            results.append(await _ping_pong(d, port, rounds) / rounds / 2)
+            # Interleaved: the blocking baseline runs right before each of our runs.
+            bare.append(_bare_eventfd_pingpong(rounds))
+            with _Pinned():
+                results.append(await _ping_pong(d, port, rounds) / rounds / 2)
             await asyncio.sleep(0.01)
         d.set_handler(port, None)
         await d.close_port(port)
@@ -245,7 +270,7 @@ async def _notify_to_wake(d: Domain, path: str, rounds: int) -> float:
 # -- the benchmark ----------------------------------------------------------------------------
 
 
-async def _run(path: str, quick: bool, baselines: tuple[list[float], list[float]]) -> list[tuple[str, str, str, str]]:
+async def _run(path: str, quick: bool, baselines: list[float]) -> list[tuple[str, str, str, str]]:
     scale = 10 if quick else 1
     rows: list[tuple[str, str, str, str]] = []
     a = await aio.connect(path, "bench-granter", 4096)
@@ -316,10 +341,11 @@ async def _run(path: str, quick: bool, baselines: tuple[list[float], list[float]
 
         # Notify-to-wake between two processes vs a bare eventfd ping-pong.
         rounds = 4000 // scale
-        # The baselines ran before the loop started (a fork inside a running loop
-        # cannot start another); measured in the same run all the same.
-        bare, bare_aio = baselines
-        ours = await _notify_to_wake(a, path, rounds)
+        # The same-loop baseline ran before the loop started (a fork inside a running
+        # loop cannot start another); the blocking one is interleaved with our runs.
+        bare_aio = baselines
+        bare: list[float] = []
+        ours = await _notify_to_wake(a, path, rounds, bare)
         rows.append(
             (
                 "event notify-to-wake (one way)",
@@ -332,7 +358,7 @@ async def _run(path: str, quick: bool, baselines: tuple[list[float], list[float]
             (
                 "  same, baseline on the same event loop",
                 f"{ours * 1e6:.1f} µs",
-                f"{_median(bare_aio) * 1e6:.1f} µs (bare eventfd ping-pong, asyncio add_reader)",
+                f"{_median(bare_aio) * 1e6:.1f} µs (bare eventfd ping-pong, add_reader, same loop)",
                 f"{ours / _median(bare_aio):.2f}x",
             )
         )
@@ -355,7 +381,7 @@ async def _run(path: str, quick: bool, baselines: tuple[list[float], list[float]
 
 def run_bench(quick: bool = False) -> list[tuple[str, str, str, str]]:
     rounds = 4000 // (10 if quick else 1)
-    bare = [_bare_eventfd_pingpong(rounds) for _ in range(RUNS)]
+    # A fork inside a running loop cannot run another loop: this baseline runs first.
     bare_aio = [_asyncio_eventfd_pingpong(rounds) for _ in range(RUNS)]
     with tempfile.TemporaryDirectory(prefix="pvio-bench-hv-") as tmp:
         path = str(Path(tmp) / "hv.sock")
@@ -365,7 +391,7 @@ def run_bench(quick: bool = False) -> list[tuple[str, str, str, str]]:
         try:
             assert daemon.stdout is not None
             daemon.stdout.readline()
-            return run_loop(_run(path, quick, (bare, bare_aio)), LOOP[0])
+            return run_loop(_run(path, quick, bare_aio), LOOP[0])
         finally:
             daemon.terminate()
             try:
