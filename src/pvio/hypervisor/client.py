@@ -281,6 +281,16 @@ class Domain:
         self.closed = False
         channel.start(self._on_push)
 
+    @property
+    def gnttab_fd(self) -> int:
+        """The grant table's memfd (for a C granter sharing this domain's table)."""
+        return self._gnt_fd
+
+    @property
+    def memory_fd(self) -> int:
+        """This domain's memory memfd."""
+        return self._mem_fd
+
     # -- own memory ----------------------------------------------------------------
 
     def frame(self, frame: int) -> memoryview:
