@@ -21,37 +21,9 @@ from pvio.hypervisor import wire
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.hypervisor.wire import Op
+from pvio.testing.hypervisor import FakePlatform
 
 GNTST = set(range(gt.GNTST_no_space, 1))
-
-
-class FakePlatform:
-    """Memory as bytearrays, eventfds as numbers: the core needs nothing more."""
-
-    def __init__(self) -> None:
-        self.next_fd = 1000
-        self.open: set[int] = set()
-        self.signals: list[int] = []
-
-    def _fd(self) -> int:
-        self.next_fd += 1
-        self.open.add(self.next_fd)
-        return self.next_fd
-
-    def new_memory(self, nr_pages: int, name: str) -> tuple[int, memoryview]:
-        return self._fd(), memoryview(bytearray(nr_pages * PAGE_SIZE))
-
-    def free_memory(self, fd: int, view: memoryview) -> None:
-        self.open.discard(fd)
-
-    def new_eventfd(self) -> int:
-        return self._fd()
-
-    def signal(self, fd: int) -> None:
-        self.signals.append(fd)
-
-    def close_fd(self, fd: int) -> None:
-        self.open.discard(fd)
 
 
 NR_PAGES = 4

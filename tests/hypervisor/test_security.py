@@ -194,3 +194,22 @@ def test_release_hook_and_a_failing_hook() -> None:
         assert ihv.hv.is_empty() and ihv.platform.open_fds() == 0
 
     asyncio.run(body())
+
+
+def test_out_of_descriptors_is_an_in_band_error() -> None:
+    from pvio.abi import event_channel as ev
+    from pvio.hypervisor.core import Hypervisor
+    from pvio.testing.hypervisor import FakePlatform
+
+    platform = FakePlatform()
+    hv = Hypervisor(platform, lambda fd: fd)
+    a = hv.create_domain("a", 4)
+    platform.eventfd_error = OSError(errno.EMFILE, "Too many open files")
+    op = Op(wire.HYPERVISOR_event_channel_op, ev.EVTCHNOP_alloc_unbound, 1, ev.EVTCHN_ALLOC_UNBOUND.pack(dom=gt.DOMID_SELF, remote_dom=0))
+    (reply,) = hv.execute(a.domid, [op])
+    assert reply.rc == -errno.EMFILE and not a.ports
+    platform.eventfd_error = None
+    (reply,) = hv.execute(a.domid, [op])
+    assert reply.rc == 0 and len(a.ports) == 1
+    hv.destroy_domain(a.domid)
+    assert hv.is_empty() and not platform.open

@@ -272,6 +272,9 @@ class Hypervisor:
         except HypercallError as exc:
             log.debug("d%d: %s", d.domid, exc)
             return Reply(exc.rc, op.args)
+        except OSError as exc:  # out of descriptors or memory: the op fails, we go on
+            log.warning("d%d: %s", d.domid, exc)
+            return Reply(-(exc.errno or errno.EIO), op.args)
 
     def _grant_op(self, d: Domain, op: Op) -> Reply:
         entry = self._grant_ops.get(op.cmd)

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -40,6 +41,8 @@ log = logging.getLogger("pvio.hypervisor.daemon")
 
 #: Replies and pushes one connection may leave unread before it is dropped.
 MAX_OUTBOX = 256
+#: Connections served at once; more are closed on accept.
+MAX_CONNECTIONS = 1024
 
 
 class _Conn:
@@ -87,6 +90,10 @@ class HypervisorServer:
             except OSError as exc:
                 log.warning("accept: %s", exc)
                 return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                log.warning("too many connections; refusing one")
+                sock.close()
+                continue
             sock.setblocking(False)
             conn = _Conn(sock, Session(self.hv))
             self._conns[sock.fileno()] = conn
@@ -232,6 +239,10 @@ async def serve(path: str, ready: Callable[[], None] | None = None) -> None:
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def hypervisor(path: str, verbose: int) -> None:
     """Run pvio's hypervisor: domains, grant tables, event channels, lguest DMA."""
+    # Every port and every domain's memory is a descriptor: allow as many as we may.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True)))

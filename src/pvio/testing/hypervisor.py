@@ -483,6 +483,39 @@ async def check_shareable_pages(make: DomainFactory, transport: str) -> None:
     assert a.end_access([ring_ref, ro_ref]) == [True, True]
 
 
+class FakePlatform:
+    """Memory as bytearrays, eventfds as numbers: the core needs nothing more."""
+
+    def __init__(self) -> None:
+        self.next_fd = 1000
+        self.open: set[int] = set()
+        self.signals: list[int] = []
+        #: Raised by new_eventfd when set (to play a process out of descriptors).
+        self.eventfd_error: OSError | None = None
+
+    def _fd(self) -> int:
+        self.next_fd += 1
+        self.open.add(self.next_fd)
+        return self.next_fd
+
+    def new_memory(self, nr_pages: int, name: str) -> tuple[int, memoryview]:
+        return self._fd(), memoryview(bytearray(nr_pages * 4096))
+
+    def free_memory(self, fd: int, view: memoryview) -> None:
+        self.open.discard(fd)
+
+    def new_eventfd(self) -> int:
+        if self.eventfd_error is not None:
+            raise self.eventfd_error
+        return self._fd()
+
+    def signal(self, fd: int) -> None:
+        self.signals.append(fd)
+
+    def close_fd(self, fd: int) -> None:
+        self.open.discard(fd)
+
+
 #: Every check, with whether it takes a transport.
 CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "domains": (check_domains, False),
