@@ -204,9 +204,9 @@ _MAP = gt.GNTTAB_MAP_GRANT_REF.packer  # host_addr, flags, ref, dom, status, han
 _UNMAP = gt.GNTTAB_UNMAP_GRANT_REF.packer  # host_addr, dev_bus_addr, handle, status
 
 
-def _map_op(domid: int, refs: Sequence[int], readonly: bool) -> Op:
-    flags = gt.GNTMAP_host_map | (gt.GNTMAP_readonly if readonly else 0)
-    args = b"".join([_MAP.pack(0, flags, ref, domid, 0, 0, 0) for ref in refs])
+def _map_op(domid: int, refs: Sequence[int], readonly: Sequence[bool]) -> Op:
+    rw, ro = gt.GNTMAP_host_map, gt.GNTMAP_host_map | gt.GNTMAP_readonly
+    args = b"".join([_MAP.pack(0, ro if r else rw, ref, domid, 0, 0, 0) for ref, r in zip(refs, readonly, strict=True)])
     return Op(wire.HYPERVISOR_grant_table_op, gt.GNTTABOP_map_grant_ref, len(refs), args)
 
 
@@ -398,19 +398,23 @@ class Domain:
     # page (where rings live) is mapped live in both, through that one page's own fd.
     # :T
     async def map_grants(
-        self, domid: int, refs: Sequence[int], readonly: bool = False, *, strict: bool = True
+        self, domid: int, refs: Sequence[int], readonly: bool | Sequence[bool] = False, *, strict: bool = True
     ) -> list[GrantMapping]:
         """Map N grant references of `domid` in one round trip.
 
-        Returns one GrantMapping per ref.  With `strict`, any failure unmaps the rest
-        and raises GrantError naming the first bad ref.
+        `readonly` is one flag for all, or one per ref (a backend batching requests of
+        both directions).  Returns one GrantMapping per ref.  With `strict`, any failure
+        unmaps the rest and raises GrantError naming the first bad ref.
         """
         if not refs:
             return []
+        ro = [readonly] * len(refs) if isinstance(readonly, bool) else [bool(r) for r in readonly]
+        if len(ro) != len(refs):
+            raise ValueError(f"{len(ro)} readonly flags for {len(refs)} refs")
         if self.transport == "copy":
-            out = await self._map_by_copy(domid, refs, readonly)
+            out = await self._map_by_copy(domid, refs, ro)
         else:
-            out = await self._map_direct(domid, refs, readonly)
+            out = await self._map_direct(domid, refs, ro)
         shareable = [m for m in out if m.status == gt.GNTST_okay and m.frame >= SHAREABLE_FRAME_BASE]
         if shareable:
             await self._map_shareable(shareable)
@@ -418,7 +422,7 @@ class Domain:
             await self._raise_on_failure(out, "GNTTABOP_map_grant_ref")
         return out
 
-    async def _map_direct(self, domid: int, refs: Sequence[int], readonly: bool) -> list[GrantMapping]:
+    async def _map_direct(self, domid: int, refs: Sequence[int], readonly: list[bool]) -> list[GrantMapping]:
         ops = [_map_op(domid, refs, readonly)]
         foreign = self._foreign.get(domid)
         if foreign is None or foreign.dead:
@@ -443,8 +447,10 @@ class Domain:
             raise HypercallError(-errno.EPROTO, "GNTTABOP_map_grant_ref reply of the wrong size")
         out: list[GrantMapping] = []
         fview = foreign.view if foreign is not None else None
-        for ref, (_, _, _, _, status, handle, bus) in zip(refs, _MAP.iter_unpack(map_reply.args), strict=True):
-            m = GrantMapping(domid, ref, readonly, status, handle, frame=bus >> PAGE_SHIFT)
+        for ref, r_o, (_, _, _, _, status, handle, bus) in zip(
+            refs, readonly, _MAP.iter_unpack(map_reply.args), strict=True
+        ):
+            m = GrantMapping(domid, ref, r_o, status, handle, frame=bus >> PAGE_SHIFT)
             if status == gt.GNTST_okay and m.frame >= SHAREABLE_FRAME_BASE:
                 pass  # mapped on its own by _map_shareable
             elif status == gt.GNTST_okay:
@@ -452,7 +458,7 @@ class Domain:
                     m.status = gt.GNTST_general_error  # pragma: no cover - a broken hypervisor
                 else:
                     view = fview[bus : bus + PAGE_SIZE]
-                    m.view = view.toreadonly() if readonly else view
+                    m.view = view.toreadonly() if r_o else view
                     foreign.maps += 1
             out.append(m)
         return out
@@ -495,7 +501,7 @@ class Domain:
         await self.unmap_grants([m for m in out if m.status == gt.GNTST_okay])
         raise GrantError(bad.status, what, f"ref {bad.ref}")
 
-    async def _map_by_copy(self, domid: int, refs: Sequence[int], readonly: bool) -> list[GrantMapping]:
+    async def _map_by_copy(self, domid: int, refs: Sequence[int], readonly: list[bool]) -> list[GrantMapping]:
         frames = self.pages.alloc(len(refs))
         segs = [CopySeg.from_grant(domid, ref, f) for ref, f in zip(refs, frames, strict=True)]
         replies = await self._call([_map_op(domid, refs, readonly), _copy_op(segs)])
@@ -506,13 +512,13 @@ class Domain:
         for i, (ref, (_, _, _, _, status, handle, bus)) in enumerate(
             zip(refs, _MAP.iter_unpack(map_reply.args), strict=True)
         ):
-            m = GrantMapping(domid, ref, readonly, status, handle, bounce_frame=frames[i], frame=bus >> PAGE_SHIFT)
+            m = GrantMapping(domid, ref, readonly[i], status, handle, bounce_frame=frames[i], frame=bus >> PAGE_SHIFT)
             if m.status == gt.GNTST_okay and copy_status[i] != gt.GNTST_okay:
                 m.status = copy_status[i]
                 await self._call([_unmap_op([m.handle])])
             if m.status == gt.GNTST_okay:
                 view = self.frame(frames[i])
-                m.view = view.toreadonly() if readonly else view
+                m.view = view.toreadonly() if readonly[i] else view
             else:
                 self.pages.free([frames[i]])
                 m.bounce_frame = -1

@@ -218,6 +218,16 @@ async def check_batch_352(make: DomainFactory, transport: str) -> None:
     await b.unmap_grants(maps)
     assert b.round_trips - before == 1
     assert a.end_access(refs) == [True] * 352
+    # Mixed directions in one batch (a backend serving reads and writes together).
+    ro_refs = await a.grant_access(b.domid, frames[:2], readonly=True)
+    rw_refs = await a.grant_access(b.domid, frames[2:4])
+    before = b.round_trips
+    maps = await b.map_grants(a.domid, ro_refs + rw_refs, readonly=[True, False, False, True], strict=False)
+    assert b.round_trips - before == 1
+    assert [m.status for m in maps] == [gt.GNTST_okay, gt.GNTST_general_error, gt.GNTST_okay, gt.GNTST_okay]
+    assert [m.view.readonly for m in maps if m.view is not None] == [True, False, True]
+    await b.unmap_grants(maps)
+    assert a.end_access(ro_refs + rw_refs) == [True] * 4
 
 
 async def check_table_growth(make: DomainFactory) -> None:
