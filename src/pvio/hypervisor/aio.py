@@ -111,7 +111,10 @@ class SocketChannel:
         fut: asyncio.Future[list[Op]] = self._loop.create_future()
         self._calls[seq] = fut
         try:
-            await self._send(data)
+            try:
+                send_frame(self._sock, data, [])  # the usual case: the socket has room
+            except BlockingIOError:
+                await self._send(data)
             replies = await fut
         finally:
             self._calls.pop(seq, None)

@@ -27,8 +27,8 @@ outside memory GNTST_bad_page; a full handle table GNTST_no_space.
 
 Deliberately not here: grant table v2, transitive grants, sub-page grants, and the
 device/host address bookkeeping of a real MMU (host_addr is ignored; dev_bus_addr returns
-the granted frame's byte offset in the granter's memory, which is what pvio's map
-transport needs).  GNTTABOP_transfer cannot move a page between memfds, so it copies the
+frame << 12: the granted frame's byte offset in the granter's memory, or, for a
+shareable frame, a number above any memory that names that one-page memfd).  GNTTABOP_transfer cannot move a page between memfds, so it copies the
 page into the frame the receiver named in its GTF_accept_transfer entry and zeroes the
 sender's page; the receiver sees GTF_transfer_committed|GTF_transfer_completed as in Xen.
 """
