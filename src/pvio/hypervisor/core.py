@@ -245,9 +245,14 @@ class Hypervisor:
             args = wire.PVIO_PUSH_IRQ.pack(irq=irq.irq)
             out.append(Push(irq.domid, Op(wire.PVIO_HYPERVISOR_push, wire.PVIO_PUSH_irq, 1, args)))
         self.lguest.pushes.clear()
-        return [p for p in out if p.domid in self.domains] + [
-            p for p in out if p.domid not in self.domains and not _close_fds(self.platform, p)
-        ]
+        live = []
+        for p in out:
+            if p.domid in self.domains:
+                live.append(p)
+            else:  # its domain died meanwhile: the descriptors it carried are ours to close
+                for fd in p.op.fds:
+                    self.platform.close_fd(fd)
+        return live
 
     # -- hypercalls ---------------------------------------------------------------
 
@@ -449,12 +454,6 @@ def _scalar_names(layout: Layout) -> tuple[str, ...]:
         assert all(f.count == 1 for f in fields), layout.name
         names = _NAMES[layout.name] = tuple(f.name for f in fields)
     return names
-
-
-def _close_fds(platform: Platform, push: Push) -> bool:
-    for fd in push.op.fds:
-        platform.close_fd(fd)
-    return True
 
 
 __all__ = ["DOMID_INVALID", "Hypervisor", "Push", "Reply"]
