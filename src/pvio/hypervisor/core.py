@@ -245,12 +245,12 @@ class Hypervisor:
             args = wire.PVIO_PUSH_IRQ.pack(irq=irq.irq)
             out.append(Push(irq.domid, Op(wire.PVIO_HYPERVISOR_push, wire.PVIO_PUSH_irq, 1, args)))
         self.lguest.pushes.clear()
-        live = []
-        for p in out:
-            if p.domid in self.domains:
-                live.append(p)
+        live: list[Push] = []
+        for push in out:
+            if push.domid in self.domains:
+                live.append(push)
             else:  # its domain died meanwhile: the descriptors it carried are ours to close
-                for fd in p.op.fds:
+                for fd in push.op.fds:
                     self.platform.close_fd(fd)
         return live
 
