@@ -192,3 +192,28 @@ def test_session_rejects_garbage_and_keeps_going() -> None:
     assert wire.decode_frame(reply).ops[0].rc == -errno.ESRCH
     session.close()
     assert hv.is_empty()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from([1, 2, 3, 4, 9]),
+    seq=st.sampled_from([0, 1, 2, 77]),
+    ops=st.lists(_ops, max_size=5),
+    nfds=st.integers(0, 6),
+)
+def test_client_protocol_never_misplaces_fds(kind: int, seq: int, ops: list[Op], nfds: int) -> None:
+    """A hostile hypervisor's frames: each fd goes to exactly one op, or back to be closed."""
+    proto = ClientProtocol()
+    proto.request([])  # seq 1 is pending
+    fds = list(range(100, 100 + nfds))
+    try:
+        data = wire.encode_frame(kind, seq, ops)
+    except ValueError:
+        return
+    try:
+        received = proto.receive(data, fds)
+    except ProtocolError:
+        return
+    given_out = [fd for op in received.frame.ops for fd in op.fds]
+    assert sorted(given_out + received.stray_fds) == fds
+    assert not (given_out and received.stray_fds)

@@ -96,7 +96,12 @@ class InProcessChannel:
             for fd in fds:
                 os.close(fd)
             return
-        received = self._proto.receive(frame, fds)
+        try:
+            received = self._proto.receive(frame, fds)
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            return
         for fd in received.stray_fds:
             os.close(fd)
         if received.frame.kind != FRAME_PUSH:
