@@ -81,7 +81,7 @@ class Ports(RuleBasedStateMachine):
         fds = []
         for d in self.hv.domains.values():
             for p in d.ports.values():
-                assert 0 < p.port
+                assert p.port > 0
                 fds.append(p.rx_fd)
                 if p.state == ev.EVTCHNSTAT_interdomain:
                     peer = self.hv.domains[p.remote_dom].ports[p.remote_port]
