@@ -700,6 +700,11 @@ class Domain:
                 os.close(fd)
             if old >= 0:
                 os.close(old)
+        elif op.cmd == wire.PVIO_PUSH_port_alloc and op.fds:
+            p = wire.PVIO_PUSH_PORT.unpack(op.args)
+            for fd in op.fds[1:]:
+                os.close(fd)
+            self._add_port(p["port"], op.fds[0])
         elif op.cmd == wire.PVIO_PUSH_port_unbound:
             p = wire.PVIO_PUSH_PORT.unpack(op.args)
             old = self.ports.set_tx(p["port"], -1)

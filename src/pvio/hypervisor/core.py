@@ -238,7 +238,10 @@ class Hypervisor:
         self._pushes = []
         for p in self.evtchn.pushes:
             args = wire.PVIO_PUSH_PORT.pack(port=p.port, remote_dom=p.remote_dom, remote_port=p.remote_port)
-            cmd = wire.PVIO_PUSH_port_bound if p.bound else wire.PVIO_PUSH_port_unbound
+            if p.allocated:
+                cmd = wire.PVIO_PUSH_port_alloc
+            else:
+                cmd = wire.PVIO_PUSH_port_bound if p.bound else wire.PVIO_PUSH_port_unbound
             out.append(Push(p.domid, Op(wire.PVIO_HYPERVISOR_push, cmd, 1, args, nr_fds=len(p.fds), fds=p.fds)))
         self.evtchn.pushes.clear()
         for irq in self.lguest.pushes:

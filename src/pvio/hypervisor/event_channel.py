@@ -59,6 +59,7 @@ class PortPush:
     remote_dom: int = 0
     remote_port: int = 0
     fds: list[int] = field(default_factory=list)  # duplicates the adapter sends and closes
+    allocated: bool = False  # a port the control domain allocated for this domain
 
 
 class EventChannels:
@@ -109,7 +110,13 @@ class EventChannels:
         port = self._free_port(d)
         d.ports[port] = Port(port, EVTCHNSTAT_unbound, remote, 0, self._platform.new_eventfd())
         op["port"] = port
-        return [self._dup(d.ports[port].rx_fd)] if d is caller else []
+        if d is caller:
+            return [self._dup(d.ports[port].rx_fd)]
+        # The control domain allocated it for `d` (as a toolstack does for a guest's
+        # xenstore or console channel): `d` is told, with the port's eventfd.
+        fds = [self._dup(d.ports[port].rx_fd)]
+        self.pushes.append(PortPush(d.domid, port, False, remote, 0, fds, allocated=True))
+        return []
 
     def bind_interdomain(self, caller: Domain, op: dict[str, Any]) -> list[int]:
         rdomid = op["remote_dom"]

@@ -10,8 +10,8 @@ naming the hypercall and command (``__HYPERVISOR_grant_table_op``/``GNTTABOP_cop
 `count` argument structs in Xen's layout.  A request frame is a multicall: every op runs
 in order and the reply frame carries each op's rc and its argument structs with the OUT
 fields filled, plus the op's descriptors, in op order.  A push frame (seq 0) is the
-hypervisor telling a domain something unasked: a port was bound or unbound, an lguest
-irq, a domain died.
+hypervisor telling a domain something unasked: a port was allocated for it (by the
+control domain), bound or unbound, an lguest irq, a domain died.
 
 Parsing is the only thing here, and it trusts nothing: `decode_frame` checks the magic,
 the length against what arrived, the op count and every op's length before returning,
@@ -48,6 +48,7 @@ PVIO_PUSH_port_bound = 1
 PVIO_PUSH_port_unbound = 2
 PVIO_PUSH_irq = 3
 PVIO_PUSH_domain_dead = 4
+PVIO_PUSH_port_alloc = 5
 
 PVIO_CDF_copy_transport = 1 << 0
 

@@ -322,6 +322,37 @@ async def check_event_channels(make: DomainFactory) -> None:
     assert (await b.evtchn_status(pb))["status"] == ev.EVTCHNSTAT_closed
 
 
+async def check_control_domain_ports(make: DomainFactory) -> None:
+    """Domain 0 allocates a guest's port for itself (a toolstack's xenstore channel)."""
+    d0 = await make("control", domid=0)
+    g = await make("guest")
+    args = ev.EVTCHN_ALLOC_UNBOUND.pack(dom=g.domid, remote_dom=0)
+    (reply,) = await d0.hypercall([Op(wire.HYPERVISOR_event_channel_op, ev.EVTCHNOP_alloc_unbound, 1, args)])
+    assert reply.rc == 0 and not reply.fds
+    port = ev.EVTCHN_ALLOC_UNBOUND.unpack(reply.args)["port"]
+    for _ in range(500):
+        if port in g.ports.ports:
+            break
+        await asyncio.sleep(0.002)
+    assert port in g.ports.ports, "the guest was not told of its new port"
+    st = await g.evtchn_status(port)
+    assert (st["status"], st["u_dom"]) == (ev.EVTCHNSTAT_unbound, 0)
+    p0 = await d0.bind_interdomain(g.domid, port)
+    await asyncio.wait_for(d0.wait_event(p0), 5)  # the event binding raises on the new port
+    d0.notify(p0)
+    await asyncio.wait_for(g.wait_event(port), 5)
+    for _ in range(500):
+        if g.ports.ports[port].tx_fd >= 0:
+            break
+        await asyncio.sleep(0.002)
+    g.notify(port)
+    await asyncio.wait_for(d0.wait_event(p0), 5)
+    # An unprivileged domain may not do this for another.
+    args = ev.EVTCHN_ALLOC_UNBOUND.pack(dom=d0.domid, remote_dom=g.domid)
+    (reply,) = await g.hypercall([Op(wire.HYPERVISOR_event_channel_op, ev.EVTCHNOP_alloc_unbound, 1, args)])
+    assert reply.rc == -errno.EPERM
+
+
 async def check_domain_death(make: DomainFactory, transport: str) -> None:
     """A granter dies mid-mapping: the mapper's views stay safe, its ports are told."""
     a = await make("granter")
@@ -543,4 +574,5 @@ CHECKS: dict[str, tuple[Callable[..., Awaitable[None]], bool]] = {
     "table_ops": (check_table_ops, False),
     "limits": (check_limits, False),
     "shareable_pages": (check_shareable_pages, True),
+    "control_domain_ports": (check_control_domain_ports, False),
 }
