@@ -7,15 +7,16 @@ set -euo pipefail
 
 VENV="${PVIO_VENV:-$PWD/.venv}"
 
-# libatomic1: the memory fences of pvio.ring (sharedmem.py).
 # gcc + libxen-dev: the C layout probe and C ring/blkif peers (gcc-multilib for -m32);
+# libatomic1: pvio.ring's memory fences and the hypervisor's compare-and-swap on shared
+# grant entries (both through ctypes);
 # xenstore-utils, python3-pyxs: Xen's own XenStore clients; qemu-utils, libnbd-bin,
 # nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
 # mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN.
 DEBIAN_PACKAGES=(
   gcc gcc-multilib libc6-dev libxen-dev python3-venv
-  xenstore-utils python3-pyxs
   libatomic1
+  xenstore-utils python3-pyxs
   # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which
   # dpkg-query never reports installed (apt-get would run on every call).
   qemu-utils libnbd-bin fio

@@ -1,8 +1,8 @@
 """grant_table.h: grant_entry_v1, its flags, the grant operations and their status codes.
 
-The hypervisor-side operation structs (gnttab_map_grant_ref and friends) are declared by
-the hypervisor's wire layer next to their use; this module holds what both a granting
-domain and the hypervisor read: the entry in shared memory and the numbers.
+This module holds what both a granting domain and the hypervisor read: the entry in
+shared memory, the numbers, and the x86_64 argument structs of HYPERVISOR_grant_table_op
+(pvio's hypercall frames carry them unchanged; see `pvio.hypervisor.wire`).
 """
 
 from __future__ import annotations
@@ -135,3 +135,160 @@ def gntst_message(status: int) -> str:
     if 0 >= status > -len(GNTTABOP_error_msgs):
         return GNTTABOP_error_msgs[-status]
     return f"unknown grant status {status}"
+
+
+# The argument structs of HYPERVISOR_grant_table_op (x86_64, __XEN_INTERFACE_VERSION__
+# 0x00040e00).  IN fields are written by the caller, OUT fields by the hypervisor.
+
+#   struct gnttab_map_grant_ref {
+#       /* IN parameters. */
+#       uint64_t host_addr;
+#       uint32_t flags;               /* GNTMAP_* */
+#       grant_ref_t ref;
+#       domid_t  dom;
+#       /* OUT parameters. */
+#       int16_t  status;              /* => enum grant_status */
+#       grant_handle_t handle;
+#       uint64_t dev_bus_addr;
+#   };
+GNTTAB_MAP_GRANT_REF = Layout(
+    "gnttab_map_grant_ref",
+    (
+        ("host_addr", "Q"),
+        ("flags", "I"),
+        ("ref", "I"),
+        ("dom", "H"),
+        ("status", "h"),
+        ("handle", "I"),
+        ("dev_bus_addr", "Q"),
+    ),
+    c_type="struct gnttab_map_grant_ref",
+)
+
+#   struct gnttab_unmap_grant_ref {
+#       /* IN parameters. */
+#       uint64_t host_addr;
+#       uint64_t dev_bus_addr;
+#       grant_handle_t handle;
+#       /* OUT parameters. */
+#       int16_t  status;              /* => enum grant_status */
+#   };
+GNTTAB_UNMAP_GRANT_REF = Layout(
+    "gnttab_unmap_grant_ref",
+    (("host_addr", "Q"), ("dev_bus_addr", "Q"), ("handle", "I"), ("status", "h"), ("", "2x")),
+    c_type="struct gnttab_unmap_grant_ref",
+)
+
+#   struct gnttab_setup_table {
+#       /* IN parameters. */
+#       domid_t  dom;
+#       uint32_t nr_frames;
+#       /* OUT parameters. */
+#       int16_t  status;              /* => enum grant_status */
+#   #if __XEN_INTERFACE_VERSION__ < 0x00040300
+#       XEN_GUEST_HANDLE(ulong) frame_list;
+#   #else
+#       XEN_GUEST_HANDLE(xen_pfn_t) frame_list;
+#   #endif
+#   };
+# The guest handle is a pointer; in pvio's frames the frame list follows the struct.
+GNTTAB_SETUP_TABLE = Layout(
+    "gnttab_setup_table",
+    (("dom", "H"), ("", "2x"), ("nr_frames", "I"), ("status", "h"), ("", "6x"), ("frame_list", "Q")),
+    c_type="struct gnttab_setup_table",
+)
+
+#   struct gnttab_dump_table {
+#       /* IN parameters. */
+#       domid_t dom;
+#       /* OUT parameters. */
+#       int16_t status;               /* => enum grant_status */
+#   };
+GNTTAB_DUMP_TABLE = Layout(
+    "gnttab_dump_table", (("dom", "H"), ("status", "h")), c_type="struct gnttab_dump_table"
+)
+
+#   struct gnttab_transfer {
+#       /* IN parameters. */
+#       xen_pfn_t     mfn;
+#       domid_t       domid;
+#       grant_ref_t   ref;
+#       /* OUT parameters. */
+#       int16_t       status;
+#   };
+GNTTAB_TRANSFER = Layout(
+    "gnttab_transfer",
+    (("mfn", "Q"), ("domid", "H"), ("", "2x"), ("ref", "I"), ("status", "h"), ("", "6x")),
+    c_type="struct gnttab_transfer",
+)
+
+#   struct gnttab_copy {
+#       /* IN parameters. */
+#       struct gnttab_copy_ptr {
+#           union {
+#               grant_ref_t ref;
+#               xen_pfn_t   gmfn;
+#           } u;
+#           domid_t  domid;
+#           uint16_t offset;
+#       } source, dest;
+#       uint16_t      len;
+#       uint16_t      flags;          /* GNTCOPY_* */
+#       /* OUT parameters. */
+#       int16_t       status;
+#   };
+# The union is read as its wider arm (gmfn); a grant reference is its low 32 bits.
+GNTTAB_COPY = Layout(
+    "gnttab_copy",
+    (
+        ("source_u", "Q"),
+        ("source_domid", "H"),
+        ("source_offset", "H"),
+        ("", "4x"),
+        ("dest_u", "Q"),
+        ("dest_domid", "H"),
+        ("dest_offset", "H"),
+        ("", "4x"),
+        ("len", "H"),
+        ("flags", "H"),
+        ("status", "h"),
+        ("", "2x"),
+    ),
+    c_type="struct gnttab_copy",
+    c_fields={
+        "source_u": "source.u.gmfn",
+        "source_domid": "source.domid",
+        "source_offset": "source.offset",
+        "dest_u": "dest.u.gmfn",
+        "dest_domid": "dest.domid",
+        "dest_offset": "dest.offset",
+    },
+)
+
+#   struct gnttab_query_size {
+#       /* IN parameters. */
+#       domid_t  dom;
+#       /* OUT parameters. */
+#       uint32_t nr_frames;
+#       uint32_t max_nr_frames;
+#       int16_t  status;              /* => enum grant_status */
+#   };
+GNTTAB_QUERY_SIZE = Layout(
+    "gnttab_query_size",
+    (("dom", "H"), ("", "2x"), ("nr_frames", "I"), ("max_nr_frames", "I"), ("status", "h"), ("", "2x")),
+    c_type="struct gnttab_query_size",
+)
+
+#   struct gnttab_unmap_and_replace {
+#       /* IN parameters. */
+#       uint64_t host_addr;
+#       uint64_t new_addr;
+#       grant_handle_t handle;
+#       /* OUT parameters. */
+#       int16_t  status;              /* => enum grant_status */
+#   };
+GNTTAB_UNMAP_AND_REPLACE = Layout(
+    "gnttab_unmap_and_replace",
+    (("host_addr", "Q"), ("new_addr", "Q"), ("handle", "I"), ("status", "h"), ("", "2x")),
+    c_type="struct gnttab_unmap_and_replace",
+)

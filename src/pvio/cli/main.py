@@ -11,6 +11,7 @@ from pvio.cli.lazy import LazyGroup
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.export.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
+    "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
 }
 
 

@@ -1,0 +1,17 @@
+"""pvio.hypervisor: domains, memory, grant tables, event channels and lguest DMA.
+
+The part of pvio that plays Xen's hypervisor (and lguest's host) between processes.
+
+Sans-IO cores: `core.Hypervisor` (domain table, batched hypercall dispatch, teardown),
+`grant_table` (the hypervisor's side of GNTTABOP_*), `granting` (the granting
+domain's side: references, free list, grant/end access), `event_channel` (ports),
+`lguest_dma` (BIND_DMA/SEND_DMA), `wire` (frames), `session` (one connection),
+`client_core` (the client's frame sequencing and event-port bits).
+
+Adapters: `daemon` (``pvio hypervisor --socket PATH``), `aio` (a domain's asyncio
+connection: ``await aio.connect(path, name)``), `inprocess` (the same `client.Domain`
+API against a core in the same process).
+
+A domain's API is `client.Domain`; its module docstring states the two data transports
+("map" and "copy") and their threat model.
+"""

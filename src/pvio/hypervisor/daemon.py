@@ -1,0 +1,248 @@
+"""`pvio hypervisor --socket PATH`: the hypervisor as a daemon on a UNIX socket.
+
+Theory of operation
+-------------------
+One asyncio loop, one listening SOCK_SEQPACKET socket, one `Session` per connection.
+A readable connection is drained frame by frame; each frame runs to completion in the
+core (hypercalls are short and never block), its reply is sent with its descriptors
+(SCM_RIGHTS, then our duplicates are closed), and pushes the frame caused are sent to
+their domains.  A connection that closes, or breaks, tears its domain down.
+
+Hostile clients: a frame that does not parse gets an error reply; a frame larger than
+MAX_FRAME arrives truncated and gets -E2BIG; descriptors a client sends are closed
+unread; a client that does not read its replies fills only its own socket buffer (its
+replies queue in its own outbox, and past a limit the connection is dropped), so it
+slows no one else.  Nothing a client sends can raise out of the loop: an unexpected
+exception in one session is logged and that connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+from collections.abc import Callable
+
+import click
+
+from pvio.hypervisor import wire
+from pvio.hypervisor.aio import FrameReceiver, run, send_frame
+from pvio.hypervisor.core import Hypervisor
+from pvio.hypervisor.platform import OsPlatform
+from pvio.hypervisor.session import Session, push_frames
+from pvio.hypervisor.wire import Op
+
+log = logging.getLogger("pvio.hypervisor.daemon")
+
+#: Replies and pushes one connection may leave unread before it is dropped.
+MAX_OUTBOX = 256
+#: Connections served at once; more are closed on accept.
+MAX_CONNECTIONS = 1024
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, session: Session) -> None:
+        self.sock = sock
+        self.session = session
+        self.outbox: list[tuple[bytes, list[int]]] = []
+        self.closed = False
+
+
+class HypervisorServer:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.platform = OsPlatform()
+        self.hv = Hypervisor(self.platform, os.dup)
+        self._conns: dict[int, _Conn] = {}  # fileno -> connection
+        self._listener: socket.socket | None = None
+        self._receiver = FrameReceiver()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def release_hooks(self) -> list[Callable[[int], None]]:
+        return self.hv.release_hooks
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
+        log.info("pvio hypervisor listening on %s", self.path)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                log.warning("too many connections; refusing one")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, Session(self.hv))
+            self._conns[sock.fileno()] = conn
+            self._loop.add_reader(sock.fileno(), self._on_readable, conn)
+
+    def _on_readable(self, conn: _Conn) -> None:
+        # One frame per wake-up: add_reader is level-triggered, so a connection with more
+        # frames is called again, after the others had their turn.
+        if conn.closed:
+            return
+        try:
+            data, fds, truncated = self._receiver.recv(conn.sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        for fd in fds:  # clients never pass descriptors to the hypervisor
+            os.close(fd)
+        if not data and _at_eof(conn.sock):
+            self._close(conn)
+            return
+        try:
+            if truncated or not data:
+                conn.session.bad_frames += 1
+                seq = int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
+                err = Op(0, 0, 0, b"", rc=-errno.E2BIG if truncated else -errno.EINVAL)
+                reply, out_fds = wire.encode_frame(wire.FRAME_ERROR, seq, [err]), list[int]()
+            else:
+                reply, out_fds = conn.session.handle(data)
+        except Exception:
+            log.exception("d%s: internal error; closing the connection", conn.session.domid)
+            self._close(conn)
+            return
+        self._send(conn, reply, out_fds)
+        if self.hv.has_pushes():
+            self._flush_pushes()
+
+    def _send(self, conn: _Conn, data: bytes, fds: list[int]) -> None:
+        if conn.closed:
+            for fd in fds:
+                os.close(fd)
+            return
+        conn.outbox.append((data, fds))
+        self._drain(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        assert self._loop is not None
+        while conn.outbox and not conn.closed:
+            data, fds = conn.outbox[0]
+            try:
+                send_frame(conn.sock, data, fds)
+            except BlockingIOError:
+                if len(conn.outbox) > MAX_OUTBOX:
+                    log.warning("d%s does not read its replies; dropping it", conn.session.domid)
+                    self._close(conn)
+                    return
+                self._loop.add_writer(conn.sock.fileno(), self._writable, conn)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            conn.outbox.pop(0)
+            for fd in fds:
+                os.close(fd)
+
+    def _writable(self, conn: _Conn) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(conn.sock.fileno())
+        self._drain(conn)
+
+    def _flush_pushes(self) -> None:
+        by_domid = {c.session.domid: c for c in self._conns.values() if c.session.domid is not None}
+        for domid, (frame, fds) in push_frames(self.hv.take_pushes()).items():
+            conn = by_domid.get(domid)
+            if conn is None:
+                for fd in fds:
+                    os.close(fd)
+            else:
+                self._send(conn, frame, fds)
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        assert self._loop is not None
+        conn.closed = True
+        fileno = conn.sock.fileno()
+        self._loop.remove_reader(fileno)
+        self._loop.remove_writer(fileno)
+        self._conns.pop(fileno, None)
+        for _, fds in conn.outbox:
+            for fd in fds:
+                os.close(fd)
+        conn.outbox.clear()
+        conn.sock.close()
+        try:
+            conn.session.close()
+        except Exception:
+            log.exception("teardown of d%s failed", conn.session.domid)
+        self._flush_pushes()
+
+    async def stop(self) -> None:
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def is_empty(self) -> bool:
+        return self.hv.is_empty()
+
+
+def _at_eof(sock: socket.socket) -> bool:
+    """After an empty read: the peer closed (True), or sent an empty message (False)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def serve(path: str, ready: Callable[[], None] | None = None) -> None:
+    server = HypervisorServer(path)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+@click.command("hypervisor")
+@click.option("--socket", "path", required=True, type=click.Path(dir_okay=False), help="UNIX socket to serve.")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def hypervisor(path: str, verbose: int) -> None:
+    """Run pvio's hypervisor: domains, grant tables, event channels, lguest DMA."""
+    # Every port and every domain's memory is a descriptor: allow as many as we may.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True)))

@@ -1,0 +1,172 @@
+"""lguest's DMA (Linux 2.6.23 drivers/lguest/io.c), done by pvio's hypervisor.
+
+Theory of operation
+-------------------
+A domain's lguest physical address space is its memory, [0, nr_pages * 4096), plus any
+shared regions it attached above that (lguest's --sharenet file, mapped by several
+Launchers).  A *key* is an address in that space, a multiple of 4, and is resolved to
+(memory object, offset): for private memory the object is the domain itself, for a
+region it is the region, so the same key seen through two domains' attachments of one
+region is the same key — lguest's Futex Trick, which lets guests on a shared page reach
+each other.
+
+BIND_DMA(key, dmas, count, irq) offers `count` lguest_dma buffers at `dmas`; irq 0
+unbinds (key, dmas).  SEND_DMA(key, dma) copies the sender's buffer into the first free
+(used_len == 0) buffer bound by *another* domain on the same key, writes the receiver's
+used_len, raises the receiver's irq, and writes the sender's used_len (the bytes copied;
+0 when nobody had a free buffer).
+
+Every lguest_dma is copied out of guest memory once and checked like lguest's
+check_dma_list: at most 16 sections, a zero length ends the list, every section inside
+the domain's address space and inside one page.  Where lguest killed the guest, pvio
+answers -EINVAL (the sender's fault) or skips the receiver's bad buffer and counts it,
+so one bad domain never stops the others.
+
+Not here: delivery of private keys to a Launcher process (lguest's /dev/lguest read
+path).  In pvio the Launcher is a domain, and a device page is a region shared by the
+guest and the Launcher domain, so its keys reach the Launcher by the rule above.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pvio.abi.lguest import LGUEST_DMA, LGUEST_MAX_DMA, LGUEST_MAX_DMA_SECTIONS
+from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
+from pvio.hypervisor.errors import HypercallError
+
+_U32 = struct.Struct("<I")
+Section = tuple[memoryview, int, int]  # (memory, offset, length)
+
+
+@dataclass
+class IrqPush:
+    domid: int
+    irq: int
+
+
+@dataclass
+class LguestDma:
+    regions: dict[int, Region] = field(default_factory=dict)
+    pushes: list[IrqPush] = field(default_factory=list)
+    bad_buffers: int = 0
+    lookup: Callable[[int], Domain | None] | None = None
+
+    # -- the address space ----------------------------------------------------------
+
+    @staticmethod
+    def resolve(d: Domain, addr: int, length: int) -> tuple[object, memoryview, int]:
+        """(key object, memory, offset) of [addr, addr+length) in `d`'s space, or raise."""
+        if length < 0 or addr < 0:
+            raise HypercallError(-errno.EINVAL, "negative address", "addr")
+        if addr + length <= d.nr_pages * PAGE_SIZE:
+            return d, d.memory, addr
+        for r in d.regions.values():
+            base = r.attached[d.domid]
+            if base <= addr and addr + length <= base + r.nr_pages * PAGE_SIZE:
+                return r, r.view, addr - base
+        raise HypercallError(-errno.EINVAL, f"address {addr:#x}+{length} outside d{d.domid}", "addr")
+
+    def _key(self, d: Domain, key: int) -> tuple[object, int]:
+        if key % 4:
+            raise HypercallError(-errno.EINVAL, f"key {key:#x} not a multiple of 4", "key")
+        obj, _, off = self.resolve(d, key, 4)
+        return obj, off
+
+    def _sections(self, d: Domain, raw: dict[str, Any]) -> list[Section]:
+        out: list[Section] = []
+        for i in range(LGUEST_MAX_DMA_SECTIONS):
+            length = raw["len"][i]
+            if length == 0:
+                break
+            addr = raw["addr"][i]
+            if addr % PAGE_SIZE + length > PAGE_SIZE:
+                raise HypercallError(-errno.EINVAL, f"section {i} crosses a page", "len")
+            _, mem, off = self.resolve(d, addr, length)
+            out.append((mem, off, length))
+        return out
+
+    def _read_dma(self, d: Domain, addr: int) -> dict[str, Any]:
+        _, mem, off = self.resolve(d, addr, LGUEST_DMA.size)
+        return LGUEST_DMA.unpack(mem, off)
+
+    # T:380 lguest: BIND_DMA and SEND_DMA
+    # lguest has no rings: a receiver binds an array of lguest_dma buffers to a key and
+    # an irq; a sender names the key and one buffer.  The hypervisor copies the sender's
+    # buffer out of its memory once, checks every section (at most 16, zero length ends
+    # the list, inside memory, inside one page), finds a buffer with used_len 0 bound by
+    # another domain to the same key, copies section by section, writes both used_lens
+    # and raises the receiver's irq.  A key in a region two domains share is the same key
+    # for both: that is how guests on lguest's LAN reach each other.
+    # :T
+    def bind_dma(self, d: Domain, key: int, dmas: int, count: int, irq: int) -> None:
+        kobj = self._key(d, key)
+        if irq == 0:
+            d.dma = [b for b in d.dma if not (b.key == kobj and b.dmas == dmas)]
+            return
+        if not 0 < irq < 256:
+            raise HypercallError(-errno.EINVAL, "irq out of range", "irq")
+        if not 0 < count <= 0xFFFFFF:
+            raise HypercallError(-errno.EINVAL, "bad buffer count", "count")
+        self.resolve(d, dmas, count * LGUEST_DMA.size)
+        if len(d.dma) >= LGUEST_MAX_DMA:
+            raise HypercallError(-errno.ENOSPC, "too many DMA bindings", "dmas")
+        d.dma.append(DmaBinding(d, kobj, key, dmas, count, irq))
+
+    def send_dma(self, d: Domain, key: int, dma_addr: int, bindings: list[DmaBinding]) -> int:
+        kobj = self._key(d, key)
+        raw = self._read_dma(d, dma_addr)
+        src = self._sections(d, raw)
+        copied = 0
+        for b in bindings:
+            if b.key != kobj or b.domain is d or b.domain.dying:
+                continue
+            n = self._deliver(b, src)
+            if n is not None:
+                copied = n
+                break
+        _, mem, off = self.resolve(d, dma_addr, 4)
+        _U32.pack_into(mem, off, copied)
+        return copied
+
+    def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
+        dst_dom = b.domain
+        for i in range(b.count):
+            addr = b.dmas + i * LGUEST_DMA.size
+            try:
+                raw = self._read_dma(dst_dom, addr)
+                if raw["used_len"] != 0:
+                    continue
+                dst = self._sections(dst_dom, raw)
+            except HypercallError:
+                self.bad_buffers += 1
+                continue
+            n = _copy_sections(src, dst)
+            _, mem, off = self.resolve(dst_dom, addr, 4)
+            _U32.pack_into(mem, off, n)
+            self.pushes.append(IrqPush(dst_dom.domid, b.irq))
+            return n
+        return None
+
+
+def _copy_sections(src: list[Section], dst: list[Section]) -> int:
+    total = 0
+    si = di = 0
+    s_done = d_done = 0
+    while si < len(src) and di < len(dst):
+        smem, soff, slen = src[si]
+        dmem, doff, dlen = dst[di]
+        n = min(slen - s_done, dlen - d_done)
+        dmem[doff + d_done : doff + d_done + n] = smem[soff + s_done : soff + s_done + n]
+        total += n
+        s_done += n
+        d_done += n
+        if s_done == slen:
+            si, s_done = si + 1, 0
+        if d_done == dlen:
+            di, d_done = di + 1, 0
+    return total

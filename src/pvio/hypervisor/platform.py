@@ -1,0 +1,60 @@
+"""The operating-system side the hypervisor core asks for: memfds, mmaps, eventfds."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from pvio.hypervisor.domain import PAGE_SIZE
+
+
+class OsPlatform:
+    """Memory is a sealed-size memfd mapped shared; notifications are eventfds."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}
+        self.eventfds: set[int] = set()
+
+    def new_memory(self, nr_pages: int, name: str) -> tuple[int, memoryview]:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, nr_pages * PAGE_SIZE)
+            # F_SEAL_SHRINK: nobody holding the fd can truncate memory under a mapping.
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            mm = mmap.mmap(fd, nr_pages * PAGE_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._maps[fd] = mm
+        return fd, memoryview(mm)
+
+    def free_memory(self, fd: int, view: memoryview) -> None:
+        mm = self._maps.pop(fd, None)
+        view.release()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view still exported somewhere: the GC closes it
+                pass
+        os.close(fd)
+
+    def new_eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.eventfds.add(fd)
+        return fd
+
+    def signal(self, fd: int) -> None:
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:  # counter saturated: it is pending anyway
+            pass
+
+    def close_fd(self, fd: int) -> None:
+        self.eventfds.discard(fd)
+        os.close(fd)
+
+    def open_fds(self) -> int:
+        """Descriptors this platform still holds (for leak checks)."""
+        return len(self._maps) + len(self.eventfds)
