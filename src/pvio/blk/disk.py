@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -48,10 +48,18 @@ class Disk(Protocol):
     async def close(self) -> None: ...
 
 
-class ThreadedDisk:
-    """A blocking `Storage` served from a thread pool (so a slow disk never stalls the loop)."""
+NoWait = Callable[[int, Sequence[memoryview]], bool]
 
-    def __init__(self, storage: Storage, *, threads: int = 4) -> None:
+
+class ThreadedDisk:
+    """A blocking `Storage` served from a thread pool (so a slow disk never stalls the loop).
+
+    A transfer that cannot block — a read of cached data, a write the page cache
+    absorbs — is done at once on the loop with RWF_NOWAIT (`readv_nowait`), saving the
+    thread hop (two wake-ups) that dominates a 4 KiB request; the rest go to the pool.
+    """
+
+    def __init__(self, storage: Storage, *, threads: int = 4, nowait: bool = True) -> None:
         self.storage = storage
         self.size = storage.size
         self.read_only = storage.read_only
@@ -59,11 +67,21 @@ class ThreadedDisk:
         self.physical_sector_size = storage.physical_sector_size
         self.supports_discard = storage.supports_discard
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blkback-io")
+        self._readv_nowait: NoWait | None = getattr(storage, "readv_nowait", None) if nowait else None
+        self._writev_nowait: NoWait | None = getattr(storage, "writev_nowait", None) if nowait else None
+        #: transfers done without the thread pool
+        self.nowait = 0
 
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if self._readv_nowait is not None and self._readv_nowait(offset, buffers):
+            self.nowait += 1
+            return
         await asyncio.get_running_loop().run_in_executor(self._pool, self.storage.readv, offset, buffers)
 
     async def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        if self._writev_nowait is not None and self._writev_nowait(offset, buffers):
+            self.nowait += 1
+            return
         await asyncio.get_running_loop().run_in_executor(self._pool, self.storage.writev, offset, buffers)
 
     async def flush(self) -> None:
