@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import (
@@ -186,6 +186,10 @@ class BlkbackRing:
         self.abi = ring.abi
         self.domain.set_handler(self.port, self._on_event)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="blkback")
+
+    def set_size(self, size: int) -> None:
+        """The disk was resized: requests are checked against the new end from now on."""
+        self.info = replace(self.info, sectors=size // SECTOR_SIZE)
 
     def _on_event(self, port: int) -> None:
         self.stats.notify_received += 1

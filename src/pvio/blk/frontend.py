@@ -146,6 +146,15 @@ class BlkFront:
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
 
+    def set_ring_order(self, order: int) -> None:
+        """Choose the ring's size before the first `setup_ring` (no request yet)."""
+        if self.shadows.in_flight() or self._front is not None:
+            raise RuntimeError("the ring order is fixed once the ring exists")
+        self.ring_order = order
+        self.nr_ents = self.abi.ring_size(order)
+        self.shadows = ShadowTable(self.nr_ents)
+        self._ids = asyncio.Semaphore(self.nr_ents)
+
     # T:620 blkfront sets up its ring
     # The frontend owns the ring: 2**order pages of its own memory, allocated shareable so
     # that the backend maps exactly those pages live and nothing else; SHARED_RING_INIT

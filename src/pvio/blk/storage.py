@@ -91,6 +91,12 @@ class RawFileStorage:
         self.physical_sector_size = max(512, min(st.st_blksize, 4096))
         self.supports_discard = _FALLOCATE is not None and stat.S_ISREG(st.st_mode) and not read_only
 
+    def refresh_size(self) -> int:
+        """Re-read the image's size (after the file or device grew); returns it."""
+        st = os.fstat(self.fd)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        return self.size
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > self.size:
             raise StorageError(errno.EINVAL, f"{offset}+{length} is outside the disk ({self.size})")
