@@ -10,6 +10,7 @@ from pvio.cli.lazy import LazyGroup
 #: name -> ("module:command", one-line help).  Each subsystem adds its line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
+    "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }
 
 
