@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from xs_harness import OK, Harness
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
 from pvio.xenstore.wire import join_args
+from xs_harness import OK, Harness
 
 R, W, MK, RM, DIR, GP, SP = (T.XS_READ, T.XS_WRITE, T.XS_MKDIR, T.XS_RM, T.XS_DIRECTORY,
                              T.XS_GET_PERMS, T.XS_SET_PERMS)

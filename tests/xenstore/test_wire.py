@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XsdSockmsgType as T
+from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX
+from pvio.abi.xs_wire import XsdSockmsgType as T
 from pvio.xenstore.errors import ProtocolViolation, XsError
 from pvio.xenstore.wire import (
     NEED_DATA,
