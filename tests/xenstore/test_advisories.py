@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import struct
 
-from xs_harness import OK, Harness
-
 from pvio.abi.xs_wire import XsdSockmsgType as T
 from pvio.xenstore.server import Quotas
 from pvio.xenstore.wire import encode, join_args
+from xs_harness import OK, Harness
 
 
 def a(*args: str) -> bytes:
