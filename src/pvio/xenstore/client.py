@@ -300,6 +300,13 @@ class WatchStream:
         await self.close()
 
 
+# T:490 The client side
+# pvio's own components use `AsyncClient`: requests are pipelined and matched by req_id,
+# watch events are routed by token to a `WatchStream` (an async iterator), `transact`
+# re-runs a function while its commit is EAGAIN, and with reconnect=True a restart of
+# the daemon is survived: the client reconnects and re-registers its watches, each of
+# which fires once, telling the consumer to re-read what it watches.
+# :T
 class AsyncClient:
     """asyncio XenStore client with pipelined requests, watch streams and reconnection.
 

@@ -50,6 +50,7 @@ from pvio.xenstore.server import Close, Domain, Output, Quotas, Send, XenStoreSe
 from pvio.xenstore.store import Store
 
 EVENT_BACKLOG = 1 << 20
+REPLY_BACKLOG = 256 << 10
 DB_VERSION = 1
 
 
@@ -93,10 +94,12 @@ class _Conn(asyncio.Protocol):
         self.domid = domid
         self.conn_id = 0
         self.transport: asyncio.Transport | None = None
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         try:
             self.conn_id = self.daemon.server.connect(self.domid)
         except XsError:
@@ -106,7 +109,23 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.conn_id:
-            self.daemon.deliver(self.daemon.server.receive(self.conn_id, data))
+            self.daemon.server.feed(self.conn_id, data)
+            self._serve()
+
+    def _serve(self) -> None:
+        """Handle buffered requests while our replies are being taken; stop reading when
+        they pile up (the peer does not read), go on when they drain."""
+        t = self.transport
+        server = self.daemon.server
+        while t is not None and not t.is_closing():
+            if t.get_write_buffer_size() > REPLY_BACKLOG:
+                self.paused = True
+                t.pause_reading()
+                return
+            outputs = server.step(self.conn_id)
+            if outputs is None:
+                return
+            self.daemon.deliver(outputs)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn_id:
@@ -115,11 +134,14 @@ class _Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.transport is not None:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and self.paused:
+            self.paused = False
             self.transport.resume_reading()
+            self._serve()
 
 
 class XenStoreDaemon:
@@ -280,6 +302,13 @@ class XenStoreDaemon:
         return b"ok\n"
 
 
+# T:480 Who is who: the toolstack attaches domains
+# A plain connection to the main socket is dom0, as in Xen.  A domain never says who it
+# is: the toolstack INTRODUCEs it, makes a socketpair and passes one end to the daemon
+# over the 0600 control socket with SCM_RIGHTS ("attach 5"); the daemon adopts it as a
+# connection of domain 5 and the toolstack gives the other end to the domain process.
+# The core just sees connection ids with a domid, so a ring-page transport fits later.
+# :T
 def attach_domain(control_path: str | os.PathLike[str], domid: int, timeout: float = 5.0) -> socket.socket:
     """The toolstack's half of attaching a domain connection: a connected socket that
     xenstored treats as `domid` (which must be INTRODUCEd first).  Give it to the domain."""

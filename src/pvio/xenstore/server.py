@@ -237,23 +237,35 @@ class XenStoreServer:
     # reply, as Xen does, so a client watching its own write sees the event first.
     # :T
     def receive(self, conn_id: int, data: bytes | bytearray | memoryview) -> list[Output]:
+        """Feed bytes and handle every whole request they complete."""
+        self.feed(conn_id, data)
+        out: list[Output] = []
+        while (step := self.step(conn_id)) is not None:
+            out.extend(step)
+        return out
+
+    def feed(self, conn_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes for a connection without handling them yet (see `step`)."""
+        conn = self.conns.get(conn_id)
+        if conn is not None and not conn.closed:
+            conn.decoder.feed(data)
+
+    def step(self, conn_id: int) -> list[Output] | None:
+        """Handle the next buffered request; None when there is no whole one.  Adapters
+        that apply back-pressure call this one request at a time."""
         conn = self.conns.get(conn_id)
         if conn is None or conn.closed:
-            return []
-        conn.decoder.feed(data)
-        out: list[Output] = []
-        while not conn.closed:
-            try:
-                pkt = conn.decoder.next_packet()
-            except ProtocolViolation as e:
-                out.extend(self._take())
-                out.append(Close(conn_id, str(e)))
-                self.disconnect(conn_id)
-                return out
-            if not isinstance(pkt, Packet):
-                break
-            out.extend(self.handle(conn_id, pkt))
-        return out
+            return None
+        try:
+            pkt = conn.decoder.next_packet()
+        except ProtocolViolation as e:
+            out = self._take()
+            out.append(Close(conn_id, str(e)))
+            self.disconnect(conn_id)
+            return out
+        if not isinstance(pkt, Packet):
+            return None
+        return self.handle(conn_id, pkt)
 
     def handle(self, conn_id: int, pkt: Packet) -> list[Output]:
         """Handle one decoded request on a connection."""
@@ -683,7 +695,7 @@ class XenStoreServer:
         self.release(domid)
         return OK
 
-    # T:460 A domain goes away
+    # T:470 A domain goes away
     # RELEASE closes the domain's connections (their watches and transactions go with
     # them), deletes every node the domain owns wherever it is (XSA-419: a guest must not
     # leave nodes behind that pile up over reboots), strips its entries from the ACLs of

@@ -419,6 +419,14 @@ class TxAccess:
         return self.tx.owned[domid]
 
 
+# T:460 How a commit merges
+# A transaction never copies the tree.  It remembers what it saw (the generation of each
+# node it read, of each children list it listed, and the permissions of the parents it
+# would create on the way), and what it did, as a list of effects.  Commit checks only
+# what it saw: if that is unchanged, its answers would have been the same on today's
+# tree, so its effects are replayed there.  New children are appended to the
+# directory's current list, which is why two vbds created in parallel both commit.
+# :T
 def conflicts(store: Store, tx: Transaction) -> str | None:
     """Why `tx` cannot commit onto the current tree, or None if it can."""
     nodes = store.nodes
