@@ -109,7 +109,7 @@ def model_apply(model: dict[str, bytes], order: dict[str, list[str]], type_: int
             create(path, b"")
         return b"OK\0"
     if type_ == T.XS_READ:
-        return model[path] if path in model else "ENOENT"
+        return model.get(path, "ENOENT")
     if type_ == T.XS_DIRECTORY:
         if path not in model:
             return "ENOENT"

@@ -7,7 +7,9 @@ import click
 from pvio.cli.lazy import LazyGroup
 
 #: name -> ("module:command", one-line help).  Each layer adds its line here.
-BENCHMARKS: dict[str, tuple[str, str]] = {}
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "xenstore": ("pvio.bench.xenstore:xenstore", "XenStore latency vs a UNIX-socket echo."),
+}
 
 
 @click.group(cls=LazyGroup, lazy=BENCHMARKS)

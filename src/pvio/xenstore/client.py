@@ -30,15 +30,22 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_ERRORS, XsdSockmsgType
+from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_ERRORS, XSD_SOCKMSG, XsdSockmsgType
 from pvio.xenstore.errors import Fault, XsError
-from pvio.xenstore.wire import NEED_DATA, FrameDecoder, Packet, encode, join_args, split_args
+from pvio.xenstore.wire import (
+    HEADER_SIZE,
+    NEED_DATA,
+    FrameDecoder,
+    Packet,
+    join_args,
+    split_args,
+)
 
 T = XsdSockmsgType
 R = TypeVar("R")
+_HEADER = XSD_SOCKMSG.packer
 
 DEFAULT_PATH = "/var/run/xenstored/socket"
 
@@ -52,14 +59,12 @@ def default_path() -> str:
     return DEFAULT_PATH
 
 
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
+class WatchEvent(NamedTuple):
     path: str
     token: str
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     packet: Packet
 
 
@@ -84,7 +89,7 @@ class ClientProtocol:
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             raise XsError("E2BIG", "request too large", field="payload", fault=Fault.LOCAL)
         req_id = next(self._ids) & 0xFFFFFFFF
-        return req_id, encode(type_, payload, req_id=req_id, tx_id=tx_id)
+        return req_id, _HEADER.pack(type_, req_id, tx_id, len(payload)) + payload
 
     def receive(self, data: bytes) -> list[Reply | WatchEvent]:
         self.decoder.feed(data)
@@ -143,6 +148,9 @@ class Client:
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionResetError("xenstored closed the connection")
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         for item in self.proto.receive(data):
             if isinstance(item, WatchEvent):
                 self.events.append(item)
@@ -152,6 +160,16 @@ class Client:
     def call(self, type_: int, payload: bytes, tx: int = 0) -> bytes:
         req_id, data = self.proto.request(type_, payload, tx)
         self.sock.sendall(data)
+        if not self._replies and not self.proto.decoder.buffered:
+            # Fast path: the reply usually arrives alone, in one piece.
+            data = self.sock.recv(65536)
+            if len(data) >= HEADER_SIZE:
+                rtype, rid, _, length = _HEADER.unpack_from(data)
+                if rid == req_id and rtype == type_ and len(data) == HEADER_SIZE + length:
+                    return data[HEADER_SIZE:]
+            if not data:
+                raise ConnectionResetError("xenstored closed the connection")
+            self._take(data)
         while req_id not in self._replies:
             self._pump()
         return reply_payload(self._replies.pop(req_id), type_)

@@ -31,8 +31,14 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XENSTORE_REL_PATH_MAX, XsdSockmsgType
+from pvio.abi.xs_wire import (
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_REL_PATH_MAX,
+    XSD_SOCKMSG,
+    XsdSockmsgType,
+)
 from pvio.xenstore import paths
 from pvio.xenstore.errors import Fault, ProtocolViolation, XsError
 from pvio.xenstore.perms import (
@@ -57,7 +63,18 @@ from pvio.xenstore.store import (
     apply,
     conflicts,
 )
-from pvio.xenstore.wire import OK, FrameDecoder, Packet, encode, error_payload, one_arg, split_args
+from pvio.xenstore.wire import (
+    HEADER_SIZE,
+    OK,
+    FrameDecoder,
+    Packet,
+    encode,
+    error_payload,
+    one_arg,
+    split_args,
+)
+
+_HEADER = XSD_SOCKMSG.packer
 
 T = XsdSockmsgType
 DOMID_SELF = 0x7FF0
@@ -84,14 +101,16 @@ class Quotas:
     path_max: int = XENSTORE_REL_PATH_MAX  # -M, EINVAL
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(NamedTuple):
+    """Write `data` to connection `conn_id`."""
+
     conn_id: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(NamedTuple):
+    """Close connection `conn_id` (after what was sent before)."""
+
     conn_id: int
     reason: str
 
@@ -127,6 +146,7 @@ class Connection:
     transactions: dict[int, Transaction] = field(default_factory=dict)
     next_tx_id: int = 1
     closed: bool = False
+    who: Who = field(default_factory=lambda: Who(0, True))
 
 
 @dataclass(eq=False)
@@ -174,6 +194,9 @@ class XenStoreServer:
         #: Bumped on every committed change to the tree (the daemon persists on change).
         self.mutations = 0
         self._next_conn = 1
+        self._direct = StoreAccess(self.store)
+        # Canonical forms of recently seen raw paths (valid ones only), per home domain.
+        self._paths: dict[tuple[bytes, int, bool], tuple[str, bool]] = {}
         self._out: list[Output] = []
         self._after: list[Output] = []
         self._handlers: dict[int, Handler] = {
@@ -208,9 +231,11 @@ class XenStoreServer:
             raise XsError("ENOENT", f"domain {domid} is not introduced", fault=Fault.LOCAL)
         conn_id = self._next_conn
         self._next_conn += 1
-        self.conns[conn_id] = Connection(conn_id, domid, privileged=(domid == 0))
+        conn = Connection(conn_id, domid, privileged=(domid == 0))
+        self.conns[conn_id] = conn
         if domid in self.domains:
             self.domains[domid].conns.add(conn_id)
+        conn.who = self._who(conn)
         return conn_id
 
     def disconnect(self, conn_id: int) -> None:
@@ -254,7 +279,7 @@ class XenStoreServer:
         """Handle the next buffered request; None when there is no whole one.  Adapters
         that apply back-pressure call this one request at a time."""
         conn = self.conns.get(conn_id)
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.decoder.buffered < HEADER_SIZE:
             return None
         try:
             pkt = conn.decoder.next_packet()
@@ -270,29 +295,33 @@ class XenStoreServer:
     def handle(self, conn_id: int, pkt: Packet) -> list[Output]:
         """Handle one decoded request on a connection."""
         conn = self.conns[conn_id]
+        type_, req_id, tx_id, _ = pkt
         try:
-            handler = self._handlers.get(pkt.type)
+            handler = self._handlers.get(type_)
             if handler is None:
-                raise XsError("ENOSYS", f"no operation {pkt.type}", field="type")
-            if pkt.type in PRIVILEGED_OPS and not conn.privileged:
+                raise XsError("ENOSYS", f"no operation {type_}", field="type")
+            if not conn.privileged and type_ in PRIVILEGED_OPS:
                 raise XsError("EACCES", "toolstack-only operation", field="type")
             tx: Transaction | None = None
-            if pkt.tx_id and pkt.type not in TX_AGNOSTIC:
-                tx = conn.transactions.get(pkt.tx_id)
+            if tx_id and type_ not in TX_AGNOSTIC:
+                tx = conn.transactions.get(tx_id)
                 if tx is None:
-                    raise XsError("ENOENT", f"no transaction {pkt.tx_id}", field="tx_id")
+                    raise XsError("ENOENT", f"no transaction {tx_id}", field="tx_id")
             payload = handler(conn, pkt, tx)
             if len(payload) > XENSTORE_PAYLOAD_MAX:
                 raise XsError("E2BIG", "reply too large", field="len")
-            reply = encode(pkt.type, payload, req_id=pkt.req_id, tx_id=pkt.tx_id)
+            reply = _HEADER.pack(type_, req_id, tx_id, len(payload)) + payload
         except XsError as e:
             self._after.clear()
-            reply = encode(T.XS_ERROR, error_payload(e.errno), req_id=pkt.req_id, tx_id=pkt.tx_id)
+            reply = encode(T.XS_ERROR, error_payload(e.errno), req_id=req_id, tx_id=tx_id)
+        out = self._out
+        self._out = []
         if not conn.closed:
-            self._out.append(Send(conn_id, reply))
-        self._out.extend(self._after)
-        self._after.clear()
-        return self._take()
+            out.append(Send(conn_id, reply))
+        if self._after:
+            out.extend(self._after)
+            self._after.clear()
+        return out
 
     def _take(self) -> list[Output]:
         out, self._out = self._out, []
@@ -301,16 +330,31 @@ class XenStoreServer:
     # -- helpers ---------------------------------------------------------------------
 
     def who(self, conn: Connection) -> Who:
+        return conn.who
+
+    def _who(self, conn: Connection) -> Who:
         dom = self.domains.get(conn.domid)
         return Who(conn.domid, conn.privileged, dom.target if dom is not None else None)
 
+    def _refresh_who(self) -> None:
+        for conn in self.conns.values():
+            conn.who = self._who(conn)
+
     def _path(self, conn: Connection, raw: bytes, *, special: bool = False) -> tuple[str, bool]:
-        return paths.canonicalize(
+        key = (raw, conn.domid, special)
+        hit = self._paths.get(key)
+        if hit is not None:
+            return hit
+        result = paths.canonicalize(
             paths.decode(raw), conn.domid, allow_special=special, path_max=self.quotas.path_max
         )
+        if len(self._paths) >= 4096:
+            self._paths.clear()
+        self._paths[key] = result
+        return result
 
     def _access(self, tx: Transaction | None) -> Access:
-        return TxAccess(self.store, tx) if tx is not None else StoreAccess(self.store)
+        return TxAccess(self.store, tx) if tx is not None else self._direct
 
     def _hide(self, acc: Access, who: Who, path: str, bit: int, errno: str) -> str:
         """Errno hiding: an unreadable (unwritable) ancestor makes ENOENT look like EACCES,
@@ -351,8 +395,12 @@ class XenStoreServer:
 
     def _read(self, conn: Connection, pkt: Packet, tx: Transaction | None) -> bytes:
         path, _ = self._path(conn, one_arg(pkt.payload))
+        if tx is None:  # the common case, kept short
+            node = self.store.nodes.get(path)
+            if node is not None and (conn.privileged or perm_for(conn.who, node.perms) & PERM_READ):
+                return node.value
         acc = self._access(tx)
-        node = self._get(acc, self.who(conn), path, PERM_READ)
+        node = self._get(acc, conn.who, path, PERM_READ)
         self._check_tx_size(conn, tx)
         return node.value
 
@@ -729,6 +777,7 @@ class XenStoreServer:
         for d in self.domains.values():
             if d.target == domid:
                 d.target = None
+        self._refresh_who()
         self.mutations += 1
         self._fire_special(paths.RELEASE_DOMAIN)
 
@@ -757,6 +806,7 @@ class XenStoreServer:
         if domid == target:
             raise XsError("EINVAL", "a domain cannot target itself", field="domid")
         self.domains[domid].target = target
+        self._refresh_who()
         return OK
 
     # -- control ---------------------------------------------------------------------

@@ -25,8 +25,7 @@ and `pvio.xenstore.server`), or any I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
 from pvio.xenstore.errors import ProtocolViolation, XsError
@@ -45,9 +44,9 @@ class _NeedData(enum.Enum):
 NEED_DATA: Final = _NeedData.NEED_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One xs_wire message: the header's fields and the payload bytes."""
+class Packet(NamedTuple):
+    """One xs_wire message: the header's fields and the payload bytes (a named tuple:
+    immutable, and cheap to make on the hot path)."""
 
     type: int
     req_id: int
@@ -91,10 +90,11 @@ class FrameDecoder:
         self._pos = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
+        if self._pos == len(self._buf):
+            self._buf = bytearray(data)
             self._pos = 0
-        self._buf += data
+        else:
+            self._buf += data
 
     @property
     def buffered(self) -> int:
