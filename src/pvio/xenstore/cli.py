@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from pvio.xenstore.daemon import XenStoreDaemon, run
+from pvio.xenstore.daemon import XenStoreDaemon, raise_nofile, run
 from pvio.xenstore.server import Quotas
 
 
@@ -56,6 +56,8 @@ def xenstored(
     daemon = XenStoreDaemon(
         socket_path, db=db, control_path=control_path, quotas=quotas, sync_interval=sync_interval
     )
+
+    raise_nofile()
 
     async def main() -> None:
         task = asyncio.current_task()

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,13 @@ from pvio.xenstore.store import Store
 EVENT_BACKLOG = 1 << 20
 REPLY_BACKLOG = 256 << 10
 DB_VERSION = 1
+
+
+def raise_nofile() -> None:
+    """A server holds one fd per connection: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def fresh_store() -> Store:
