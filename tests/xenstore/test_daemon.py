@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,7 +21,7 @@ from pvio.xenstore.client import AsyncClient, Client
 from pvio.xenstore.daemon import XenStoreDaemon, attach_domain, load_db
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.wire import FrameDecoder, Packet, encode
-from xs_harness import run_daemon
+from xs_harness import run_daemon, wait_for_socket
 
 
 def run_with_daemon(tmp_path: Path, body: Callable[[XenStoreDaemon], Awaitable[None]],
@@ -274,3 +277,38 @@ def test_pipelined_requests_keep_their_ids(tmp_path: Path) -> None:
         w.close()
 
     run_with_daemon(tmp_path, body)
+
+
+def test_killed_daemon_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    """SIGKILL in the middle of a stream of writes: the restarted daemon has every write
+    that was acknowledged, and a loadable (untorn) store."""
+    db = tmp_path / "db.json"
+    sock = tmp_path / "k.sock"
+    cmd = [sys.executable, "-m", "pvio", "xenstored", "--socket", str(sock), "--db", str(db)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    acked = -1
+    try:
+        wait_for_socket(sock)
+        c = Client(str(sock))
+        c.introduce(9)
+        killer = threading.Timer(0.3, proc.kill)
+        killer.start()
+        try:
+            for i in range(100000):
+                c.write(f"/k/n{i % 50}", str(i))
+                acked = i
+        except (ConnectionError, OSError):
+            pass
+        killer.join()
+        c.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert acked > 0
+    store, domains = load_db(db)
+    assert (9, None) in domains
+    last = {int(n.value) for p, n in store.nodes.items() if p.startswith("/k/")}
+    assert max(last) >= acked
+    assert store.check() == []
+    with run_daemon(tmp_path, "--db", str(db), name="k2.sock") as d, Client(str(d.socket)) as c2:
+        assert int(c2.read(f"/k/n{acked % 50}")) >= acked

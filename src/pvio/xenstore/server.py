@@ -558,6 +558,7 @@ class XenStoreServer:
             if not perm_for(who, old_special) & PERM_OWNER:
                 raise XsError("EACCES", path, field="path")
             self.store.specials[path] = perms
+            self.mutations += 1
             return OK
         acc = self._access(tx)
         node = self._get(acc, who, path, PERM_WRITE)
@@ -728,6 +729,7 @@ class XenStoreServer:
                 c.transactions.clear()
             return
         self.domains[domid] = Domain(domid, gfn, evtchn)
+        self.mutations += 1
         if domid != 0:
             self._fire_special(paths.INTRODUCE_DOMAIN)
 
@@ -806,6 +808,7 @@ class XenStoreServer:
         if domid == target:
             raise XsError("EINVAL", "a domain cannot target itself", field="domid")
         self.domains[domid].target = target
+        self.mutations += 1
         self._refresh_who()
         return OK
 
