@@ -102,6 +102,7 @@ class Harness:
 
     def check(self) -> None:
         assert self.server.store.check() == []
+        assert self.server.internal_errors == 0
 
 
 # -- a real daemon process ---------------------------------------------------------------

@@ -256,3 +256,21 @@ def test_implied_parent_with_other_perms_conflicts() -> None:
     h.write("tool2", "/p/q", "")
     h.req("tool2", SP, a("/p/q", "n0", "r5"))
     assert h.end("dom0", t1) == "EAGAIN"
+
+
+def test_snapshots_taken_at_different_times_stay_consistent() -> None:
+    """A transaction sees the child before an outside RM and the parent after it."""
+    h = Harness()
+    h.conn("c2", domid=0)
+    h.write("dom0", "/s/a/b", "1")
+    t = h.start("dom0")
+    assert h.read("dom0", "/s/a/b", t) == b"1"
+    h.req("c2", RM, a("/s/a/b"))
+    h.req("c2", W, wv("/s/a/c", "2"))
+    assert h.req("dom0", RM, a("/s/a/b"), t) == OK
+    assert h.read("dom0", "/s/x", t) == "ENOENT"
+    h.req("c2", W, wv("/s/x", "3"))
+    assert h.write("dom0", "/s/x", "mine", t) == OK
+    assert h.req("dom0", DIR, a("/s"), t) == b"a\0x\0"
+    assert h.end("dom0", t) == "EAGAIN"
+    h.check()

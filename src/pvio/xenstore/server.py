@@ -193,6 +193,8 @@ class XenStoreServer:
         self.watch_count: Counter[int] = Counter()
         #: Bumped on every committed change to the tree (the daemon persists on change).
         self.mutations = 0
+        #: Requests that hit a bug and were answered EIO (tests assert it stays 0).
+        self.internal_errors = 0
         self._next_conn = 1
         self._direct = StoreAccess(self.store)
         # Canonical forms of recently seen raw paths (valid ones only), per home domain.
@@ -314,6 +316,10 @@ class XenStoreServer:
         except XsError as e:
             self._after.clear()
             reply = encode(T.XS_ERROR, error_payload(e.errno), req_id=req_id, tx_id=tx_id)
+        except Exception:  # a bug of ours must not take the daemon down: EIO, counted
+            self.internal_errors += 1
+            self._after.clear()
+            reply = encode(T.XS_ERROR, error_payload("EIO"), req_id=req_id, tx_id=tx_id)
         out = self._out
         self._out = []
         if not conn.closed:

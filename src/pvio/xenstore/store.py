@@ -360,7 +360,7 @@ class TxAccess:
             if parent is None:
                 raise XsError("ENOENT", "parent vanished in transaction", field="path")
             tx.overlay[path] = Node(value or b"", perms, [], 0, 0)
-            parent.children.append(paths.basename(path))
+            _add_child(parent, paths.basename(path))
             tx.owned[perms[0].domid] += 1
         else:
             if perms[0].domid != node.perms[0].domid:
@@ -384,7 +384,7 @@ class TxAccess:
         if parent is None:
             raise XsError("ENOENT", "parent vanished in transaction", field="path")
         tx.overlay[path] = Node(b"", perms, [], 0, 0)
-        parent.children.append(paths.basename(path))
+        _add_child(parent, paths.basename(path))
         tx.owned[perms[0].domid] += 1
         tx.effects.append(Ensure(path, perms))
 
@@ -411,7 +411,9 @@ class TxAccess:
         for r in out:
             tx.overlay[r.path] = None
             tx.owned[r.perms[0].domid] -= 1
-        parent.children.remove(paths.basename(path))
+        name = paths.basename(path)
+        if name in parent.children:  # snapshots of parent and child may differ in time
+            parent.children.remove(name)
         tx.effects.append(Remove(path))
         return out
 
@@ -427,6 +429,13 @@ class TxAccess:
 # tree, so its effects are replayed there.  New children are appended to the
 # directory's current list, which is why two vbds created in parallel both commit.
 # :T
+def _add_child(parent: Node, name: str) -> None:
+    # A transaction's snapshot of a parent may be younger than its snapshot of the child
+    # (taken at first look each): never list a child twice.  The commit fails anyway.
+    if name not in parent.children:
+        parent.children.append(name)
+
+
 def conflicts(store: Store, tx: Transaction) -> str | None:
     """Why `tx` cannot commit onto the current tree, or None if it can."""
     nodes = store.nodes
