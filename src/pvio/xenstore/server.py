@@ -366,6 +366,7 @@ class XenStoreServer:
         """Errno hiding: an unreadable (unwritable) ancestor makes ENOENT look like EACCES,
         so a domain cannot probe for nodes it may not see."""
         for a in paths.ancestors(path)[1:]:
+            acc.explicit(a)  # the answer depends on which ancestor exists
             node = acc.node(a)
             if node is not None:
                 return "EACCES" if not perm_for(who, node.perms) & bit else errno
@@ -533,6 +534,7 @@ class XenStoreServer:
         node = acc.node(path)
         if node is None:
             errno = self._hide(acc, who, path, PERM_WRITE, "ENOENT")
+            acc.explicit(paths.parent(path))
             if errno == "ENOENT" and acc.node(paths.parent(path)) is not None:
                 return OK
             raise XsError(errno, path, field="path")
