@@ -186,6 +186,9 @@ def test_merged_transactions_are_serializable_in_commit_order(
             assert result == "EAGAIN"
             continue
         serial = [s.req("dom0", t, payload_for(t, p, v)) for t, p, v in ops]
-        assert serial == replies[name], name
+        for (t, _, _), got, want in zip(ops, replies[name], serial, strict=True):
+            if t == T.XS_RM and {got, want} == {b"OK\0", "ENOENT"}:
+                continue  # RM of an absent node: a no-op whose answer is not re-checked
+            assert got == want, name
     assert {p: (n.value, list(n.children)) for p, n in s.server.store.nodes.items()} == final
     h.check()

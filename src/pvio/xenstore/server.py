@@ -362,11 +362,14 @@ class XenStoreServer:
     def _access(self, tx: Transaction | None) -> Access:
         return TxAccess(self.store, tx) if tx is not None else self._direct
 
-    def _hide(self, acc: Access, who: Who, path: str, bit: int, errno: str) -> str:
+    def _hide(
+        self, acc: Access, who: Who, path: str, bit: int, errno: str, *, record: bool = True
+    ) -> str:
         """Errno hiding: an unreadable (unwritable) ancestor makes ENOENT look like EACCES,
         so a domain cannot probe for nodes it may not see."""
         for a in paths.ancestors(path)[1:]:
-            acc.explicit(a)  # the answer depends on which ancestor exists
+            if record:
+                acc.explicit(a)  # the answer depends on which ancestor exists
             node = acc.node(a)
             if node is not None:
                 return "EACCES" if not perm_for(who, node.perms) & bit else errno
@@ -533,8 +536,11 @@ class XenStoreServer:
         acc.explicit(path)
         node = acc.node(path)
         if node is None:
-            errno = self._hide(acc, who, path, PERM_WRITE, "ENOENT")
-            acc.explicit(paths.parent(path))
+            # Removing an absent node changes nothing, so inside a transaction its answer
+            # (OK, or ENOENT when the parent is absent too) is not re-checked at commit:
+            # libxl sends exactly this RM before creating every device and ignores the
+            # answer, and two devices created in parallel must not conflict over it.
+            errno = self._hide(acc, who, path, PERM_WRITE, "ENOENT", record=False)
             if errno == "ENOENT" and acc.node(paths.parent(path)) is not None:
                 return OK
             raise XsError(errno, path, field="path")

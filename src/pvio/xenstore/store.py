@@ -24,6 +24,10 @@ any children list listed whose `cgen` moved, any implied parent that now exists 
 other permissions -> EAGAIN, and nothing is applied.  Otherwise the effects are replayed
 onto the *current* tree: new children are appended to whatever the directory holds now.
 
+One answer is deliberately not re-checked: RM of an absent node (a no-op either way)
+may say ENOENT inside the transaction and OK had it run after a concurrent commit that
+created the parent (see `XenStoreServer._rm`).
+
 So two transactions that add different children to one directory (two vbds created in
 parallel, each implicitly creating ``device/vbd``) both commit, where Xen's C daemon,
 which compares whole nodes including their children lists, makes one of them retry.
