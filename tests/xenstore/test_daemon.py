@@ -5,6 +5,7 @@ durability across restarts, watches as async iterators, reconnection."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import subprocess
@@ -312,3 +313,32 @@ def test_killed_daemon_loses_no_acknowledged_write(tmp_path: Path) -> None:
     assert store.check() == []
     with run_daemon(tmp_path, "--db", str(db), name="k2.sock") as d, Client(str(d.socket)) as c2:
         assert int(c2.read(f"/k/n{acked % 50}")) >= acked
+
+
+def test_control_socket_rejects_bad_attachments(tmp_path: Path) -> None:
+    async def body(d: XenStoreDaemon) -> None:
+        def attempt(msg: bytes, fds: list[int]) -> bytes:
+            with socket.socket(socket.AF_UNIX) as ctl:
+                ctl.settimeout(5)
+                ctl.connect(str(d.control_path))
+                socket.send_fds(ctl, [msg], fds)
+                return ctl.recv(64)
+
+        r, w = os.pipe()
+        try:
+            assert await in_thread(lambda: attempt(b"attach 0\n", [r])) == b"error EINVAL\n"
+            a, b = socket.socketpair()
+            assert await in_thread(lambda: attempt(b"attach x\n", [a.fileno()])) == b"error EINVAL\n"
+            assert await in_thread(lambda: attempt(b"hello\n", [])) == b"error EINVAL\n"
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            assert await in_thread(lambda: attempt(b"attach 0\n", [u.fileno()])) == b"error EINVAL\n"
+            for s in (a, b, u):
+                s.close()
+        finally:
+            os.close(r)
+            os.close(w)
+        c = await AsyncClient.open(str(d.socket_path))
+        assert await c.read("/tool/xenstored") == b""
+        await c.close()
+
+    run_with_daemon(tmp_path, body)

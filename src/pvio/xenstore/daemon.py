@@ -296,7 +296,11 @@ class XenStoreDaemon:
         if domid != 0 and domid not in self.server.domains:
             os.close(fds[0])
             return b"error ENOENT\n"
-        sock = socket.socket(fileno=fds[0])
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket at all
+            os.close(fds[0])
+            return b"error EINVAL\n"
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             return b"error EINVAL\n"
