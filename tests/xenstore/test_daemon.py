@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -121,9 +120,7 @@ def test_unread_replies_stop_the_connection_not_the_daemon(tmp_path: Path) -> No
             for conn in d.transports.values() if conn.transport is not None
         )
         assert buffered < 8 << 20
-        t0 = time.monotonic()
-        assert await c.read("/big") == b"x" * 4000
-        assert time.monotonic() - t0 < 1.0
+        assert await asyncio.wait_for(c.read("/big"), 5) == b"x" * 4000
         w.close()
         await c.close()
 
@@ -140,15 +137,28 @@ def test_flooding_domain_does_not_starve_the_toolstack(tmp_path: Path) -> None:
         await tool.set_perms("/local/domain/3", ["n3"])
         sock = await in_thread(lambda: attach_domain(d.control_path, 3))
         assert isinstance(sock, socket.socket)
-        _r, w = await asyncio.open_unix_connection(sock=sock)
-        flood = b"".join(encode(T.XS_WRITE, b"f\0" + b"x" * 100, req_id=i) for i in range(20000))
+        r, w = await asyncio.open_unix_connection(sock=sock)
+        n = 100000
+        flood = b"".join(encode(T.XS_WRITE, b"f\0" + b"x" * 100, req_id=i) for i in range(n))
+        received = 0
+
+        async def drain() -> None:  # the flooder reads its replies: it is never paused
+            nonlocal received
+            while received < n * 19:
+                data = await r.read(65536)
+                if not data:
+                    return
+                received += len(data)
+
+        drainer = asyncio.create_task(drain())
         w.write(flood)
-        worst = 0.0
-        for _ in range(20):
-            t0 = time.monotonic()
+        for _ in range(3):
             await tool.read("/local/domain/3")
-            worst = max(worst, time.monotonic() - t0)
-        assert worst < 0.5, worst
+        # the toolstack was served while the flood was still being worked through
+        # (the daemon takes turns between connections, a socket read at a time)
+        assert received < n * 19 // 2, "the toolstack waited for the flood"
+        await asyncio.wait_for(drainer, 30)
+        assert received == n * 19
         w.close()
         await tool.close()
 
