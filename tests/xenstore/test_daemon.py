@@ -352,3 +352,36 @@ def test_control_socket_rejects_bad_attachments(tmp_path: Path) -> None:
         await c.close()
 
     run_with_daemon(tmp_path, body)
+
+
+def test_a_watcher_that_never_reads_loses_events_not_the_daemons_memory(tmp_path: Path) -> None:
+    """XSA-326: events for an unprivileged connection that stopped reading are dropped
+    past a backlog; its replies are not, and nobody else is affected."""
+
+    async def body(d: XenStoreDaemon) -> None:
+        tool = await AsyncClient.open(str(d.socket_path))
+        await tool.introduce(4)
+        await tool.write("/local/domain/4", "")
+        await tool.set_perms("/local/domain/4", ["n4"])
+        sock = await in_thread(lambda: attach_domain(d.control_path, 4))
+        assert isinstance(sock, socket.socket)
+        _r, w = await asyncio.open_unix_connection(sock=sock)
+        w.write(encode(T.XS_WATCH, b"/local/domain/4\0" + b"t" * 2000 + b"\0", req_id=1))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        _r2, w2 = await asyncio.open_unix_connection(str(d.socket_path))
+        batch = b"".join(encode(T.XS_WRITE, f"/local/domain/4/n{i % 10}\0v".encode())
+                         for i in range(3000))
+        for _ in range(3):  # 9000 events of 2 KiB for a reader that never reads
+            w2.write(batch)
+            await w2.drain()
+        await tool.write("/local/domain/4/last", "x")
+        (conn,) = [c for c in d.transports.values() if c.domid == 4]
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() < 2 << 20
+        assert await tool.read("/local/domain/4/last") == b"x"
+        w.close()
+        w2.close()
+        await tool.close()
+
+    run_with_daemon(tmp_path, body)

@@ -11,10 +11,13 @@ round so that machine noise hits both alike:
 * read: XS_READ of a small node through `pvio.xenstore.client.Client`;
 * write: XS_WRITE of a small value;
 * transaction: TRANSACTION_START, a READ and a WRITE inside it, TRANSACTION_END "T";
-* read with 1000 idle connections open to the daemon.
+* read (and echo) with 1000 idle connections open to the daemon.
 
-Each figure is the median over `--runs` runs of each run's median latency, with the
-min and max of those run medians; ratios compare medians.  Targets (issue 4): a read
+Within a run the measurements alternate in blocks of 50 requests, so that load from
+elsewhere on the machine falls on the baseline and on XenStore alike; each run opens
+its 1000 idle connections after its plain blocks and closes them at its end.  Each
+figure is the median over `--runs` runs of each run's median latency, with the min and
+max of those run medians; ratios compare medians.  Targets (issue 4): a read
 within 1.5x of the echo; with 1000 idle connections, a read no more than 2x slower.
 """
 
@@ -66,14 +69,18 @@ def _wait_socket(path: Path, timeout: float = 10.0) -> None:
     raise click.ClickException(f"server did not start on {path}")
 
 
-def _median_ns(fn: Callable[[], object], n: int) -> float:
-    samples = []
+def _samples(fn: Callable[[], object], n: int) -> list[float]:
+    out: list[float] = []
     clock = time.perf_counter_ns
     for _ in range(n):
         t0 = clock()
         fn()
-        samples.append(clock() - t0)
-    return statistics.median(samples)
+        out.append(clock() - t0)
+    return out
+
+
+def _median_ns(fn: Callable[[], object], n: int) -> float:
+    return statistics.median(_samples(fn, n))
 
 
 def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
@@ -117,22 +124,29 @@ def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[
                                             "read_idle", "echo_idle")}
         for fn in (echo_once, read, write, transaction):  # warm up
             _median_ns(fn, 200)
+        block = 50
         for _ in range(runs):
-            results["echo"].append(_median_ns(echo_once, iterations))
-            results["read"].append(_median_ns(read, iterations))
-            results["write"].append(_median_ns(write, iterations))
-            results["transaction"].append(_median_ns(transaction, iterations // 4 or 1))
-        idle_socks = []
-        for _ in range(idle):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(str(xs_path))
-            idle_socks.append(s)
-        c.read("/bench/node")
-        for _ in range(runs):
-            results["echo_idle"].append(_median_ns(echo_once, iterations))
-            results["read_idle"].append(_median_ns(read, iterations))
-        for s in idle_socks:
-            s.close()
+            # Interleaved in small blocks, so that load from elsewhere on the machine
+            # falls on the baseline and on XenStore alike.
+            samples: dict[str, list[float]] = {k: [] for k in results}
+            for _ in range(max(1, iterations // block)):
+                samples["echo"].extend(_samples(echo_once, block))
+                samples["read"].extend(_samples(read, block))
+                samples["write"].extend(_samples(write, block))
+                samples["transaction"].extend(_samples(transaction, max(1, block // 4)))
+            idle_socks = []
+            for _ in range(idle):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(str(xs_path))
+                idle_socks.append(s)
+            c.read("/bench/node")
+            for _ in range(max(1, iterations // block)):
+                samples["echo_idle"].extend(_samples(echo_once, block))
+                samples["read_idle"].extend(_samples(read, block))
+            for s in idle_socks:
+                s.close()
+            for k, v in samples.items():
+                results[k].append(statistics.median(v))
         c.close()
         echo.close()
         return results

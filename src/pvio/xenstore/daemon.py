@@ -45,12 +45,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from pvio.abi.xs_wire import XsdSockmsgType
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
 from pvio.xenstore.server import Close, Domain, Output, Quotas, Send, XenStoreServer
 from pvio.xenstore.store import Store
 
 EVENT_BACKLOG = 1 << 20
+_WATCH_EVENT_TYPE = int(XsdSockmsgType.XS_WATCH_EVENT).to_bytes(4, "little")
 REPLY_BACKLOG = 256 << 10
 DB_VERSION = 1
 
@@ -237,7 +239,11 @@ class XenStoreDaemon:
                 continue
             if isinstance(out, Send):
                 t = conn.transport
-                if t.get_write_buffer_size() > EVENT_BACKLOG and conn.domid != 0:
+                if (
+                    conn.domid != 0
+                    and t.get_write_buffer_size() > EVENT_BACKLOG
+                    and out.data[:4] == _WATCH_EVENT_TYPE
+                ):
                     continue  # an unprivileged reader this far behind loses events
                 t.write(out.data)
             elif isinstance(out, Close):
