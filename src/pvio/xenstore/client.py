@@ -344,6 +344,7 @@ class AsyncClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
 
     @classmethod
@@ -419,7 +420,9 @@ class AsyncClient:
         self.reconnects += 1
         for stream in list(self._streams.values()):
             # Re-register; the daemon fires each once, telling the consumer to re-read.
-            asyncio.get_running_loop().create_task(self._rewatch(stream))
+            task = asyncio.get_running_loop().create_task(self._rewatch(stream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _rewatch(self, stream: WatchStream) -> None:
         with contextlib.suppress(XsError, ConnectionError):

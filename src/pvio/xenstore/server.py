@@ -708,8 +708,9 @@ class XenStoreServer:
         del conn.transactions[tx.tx_id]
         if arg == b"F":
             return OK
-        if tx.failed is not None:
-            raise XsError(tx.failed, "the transaction failed earlier", field="tx_id")
+        if tx.failed is not None:  # as the C daemon answers a transaction marked failed
+            raise XsError("ENOMEM", f"the transaction failed earlier ({tx.failed})",
+                          field="tx_id")
         if conflicts(self.store, tx) is not None:
             raise XsError("EAGAIN", "conflict", field="tx_id")
         apply(self.store, tx)
