@@ -353,3 +353,15 @@ def test_xsa206_flooding_connection_does_not_starve_others_in_the_core() -> None
     flood = b"".join(encode(T.XS_WRITE, b"f\0" + b"x" * 10, req_id=i) for i in range(2000))
     h.raw("d1", flood)
     still_serves(h)
+
+
+def test_root_owner_change_is_nobodys_quota() -> None:
+    """Found by atheris: giving "/" to a domain must not skew the node counts."""
+    h = Harness()
+    h.conn("d1")
+    assert h.req("dom0", T.XS_SET_PERMS, a("/", "r1")) == OK
+    assert h.server.store.owned[0] == 0 and h.server.store.owned[1] == 0
+    t = h.start("dom0")
+    assert h.req("dom0", T.XS_SET_PERMS, a("/", "n0"), t) == OK
+    assert h.end("dom0", t) == OK
+    still_serves(h)

@@ -121,7 +121,7 @@ class Store:
             parent.cgen = gen
             self.owned[perms[0].domid] += 1
             return
-        if perms[0].domid != node.perms[0].domid:
+        if perms[0].domid != node.perms[0].domid and path != "/":  # "/" is nobody's quota
             self.owned[node.perms[0].domid] -= 1
             self.owned[perms[0].domid] += 1
         if value is not None:
@@ -367,7 +367,7 @@ class TxAccess:
             _add_child(parent, paths.basename(path))
             tx.owned[perms[0].domid] += 1
         else:
-            if perms[0].domid != node.perms[0].domid:
+            if perms[0].domid != node.perms[0].domid and path != "/":
                 tx.owned[node.perms[0].domid] -= 1
                 tx.owned[perms[0].domid] += 1
             if value is not None:
