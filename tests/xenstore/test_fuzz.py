@@ -145,50 +145,68 @@ TX_OPS = st.lists(st.tuples(st.sampled_from([T.XS_WRITE, T.XS_READ, T.XS_RM, T.X
                                               T.XS_MKDIR]), PATHS, VALUES), max_size=6)
 
 
-@settings(max_examples=200, deadline=None)
-@given(TX_OPS, TX_OPS, TX_OPS, st.lists(st.booleans(), max_size=12))
-# Found by a longer run: an RM's "parent exists?" answer is a read the commit must check.
-@example([], [(T.XS_WRITE, "/a", b""), (T.XS_WRITE, "/c", b"")],
-         [(T.XS_RM, "/c/a", b""), (T.XS_WRITE, "/c/a", b"")], [])
-def test_merged_transactions_are_serializable_in_commit_order(
-    setup: list[tuple[int, str, bytes]], ops1: list[tuple[int, str, bytes]],
-    ops2: list[tuple[int, str, bytes]], interleave: list[bool],
-) -> None:
-    """Run two transactions interleaved; whatever commits must equal running the
-    committed ones one after the other, replies included."""
-    h = Harness()
-    h.conn("c2", domid=0)
+TX_SETUP = st.lists(st.tuples(st.sampled_from([T.XS_WRITE, T.XS_MKDIR, T.XS_SET_PERMS]),
+                             PATHS, st.sampled_from([b"", b"v", b"n0", b"n0\0b1", b"b0"])),
+                   max_size=6)
+
+
+def _setup(h: Harness, setup: list[tuple[int, str, bytes]], domain: bool) -> None:
+    if domain:  # domain 1 may write at the top, and owns what it creates there
+        h.req("dom0", T.XS_SET_PERMS, join_args("/", "n0", "b1"))
     for type_, path, value in setup:
         h.req("dom0", type_, payload_for(type_, path, value))
-    snapshot = dict(h.server.store.nodes)
-    initial = {p: (n.value, list(n.children)) for p, n in snapshot.items()}
 
-    t1, t2 = h.start("dom0"), h.start("c2")
-    replies: dict[str, list[bytes | str]] = {"dom0": [], "c2": []}
-    queues = {"dom0": list(ops1), "c2": list(ops2)}
-    txs = {"dom0": t1, "c2": t2}
+
+@settings(max_examples=200, deadline=None)
+@given(TX_SETUP, TX_OPS, TX_OPS, st.lists(st.booleans(), max_size=12), st.booleans())
+# Found by a longer run: an RM's "parent exists?" answer is a read the commit must check.
+@example([], [(T.XS_WRITE, "/a", b""), (T.XS_WRITE, "/c", b"")],
+         [(T.XS_RM, "/c/a", b""), (T.XS_WRITE, "/c/a", b"")], [], False)
+def test_merged_transactions_are_serializable_in_commit_order(
+    setup: list[tuple[int, str, bytes]], ops1: list[tuple[int, str, bytes]],
+    ops2: list[tuple[int, str, bytes]], interleave: list[bool], domain: bool,
+) -> None:
+    """Run two transactions interleaved (from dom0, or from two connections of domain 1,
+    where permissions and ownership come into play); whatever commits must equal running
+    the committed ones one after the other, replies included."""
+    domid = 1 if domain else 0
+    h = Harness()
+    a_name, b_name = "x1", "x2"
+    h.conn(a_name, domid=domid)
+    h.conn(b_name, domid=domid)
+    _setup(h, setup, domain)
+    initial = {p: (n.value, n.perms, list(n.children)) for p, n in h.server.store.nodes.items()}
+
+    t1, t2 = h.start(a_name), h.start(b_name)
+    replies: dict[str, list[bytes | str]] = {a_name: [], b_name: []}
+    queues = {a_name: list(ops1), b_name: list(ops2)}
+    txs = {a_name: t1, b_name: t2}
     picks = iter(interleave)
-    while queues["dom0"] or queues["c2"]:
-        who = "dom0" if (next(picks, True) and queues["dom0"]) or not queues["c2"] else "c2"
+    while queues[a_name] or queues[b_name]:
+        first = (next(picks, True) and queues[a_name]) or not queues[b_name]
+        who = a_name if first else b_name
         type_, path, value = queues[who].pop(0)
         replies[who].append(h.req(who, type_, payload_for(type_, path, value), txs[who]))
-    r1 = h.end("dom0", t1)
-    r2 = h.end("c2", t2)
-    final = {p: (n.value, list(n.children)) for p, n in h.server.store.nodes.items()}
+    r1 = h.end(a_name, t1)
+    r2 = h.end(b_name, t2)
+    final = {p: (n.value, n.perms, list(n.children)) for p, n in h.server.store.nodes.items()}
 
     # replay serially on a fresh server: setup, then each committed transaction alone
     s = Harness()
-    for type_, path, value in setup:
-        s.req("dom0", type_, payload_for(type_, path, value))
-    assert {p: (n.value, list(n.children)) for p, n in s.server.store.nodes.items()} == initial
-    for name, ops, result in (("dom0", ops1, r1), ("c2", ops2, r2)):
+    s.conn("serial", domid=domid)
+    _setup(s, setup, domain)
+    assert {p: (n.value, n.perms, list(n.children))
+            for p, n in s.server.store.nodes.items()} == initial
+    for name, ops, result in ((a_name, ops1, r1), (b_name, ops2, r2)):
         if result != b"OK\0":
             assert result == "EAGAIN"
             continue
-        serial = [s.req("dom0", t, payload_for(t, p, v)) for t, p, v in ops]
+        serial = [s.req("serial", t, payload_for(t, p, v)) for t, p, v in ops]
         for (t, _, _), got, want in zip(ops, replies[name], serial, strict=True):
             if t == T.XS_RM and {got, want} == {b"OK\0", "ENOENT"}:
                 continue  # RM of an absent node: a no-op whose answer is not re-checked
             assert got == want, name
-    assert {p: (n.value, list(n.children)) for p, n in s.server.store.nodes.items()} == final
+    assert {p: (n.value, n.perms, list(n.children))
+            for p, n in s.server.store.nodes.items()} == final
+    assert s.server.store.owned == h.server.store.owned
     h.check()
