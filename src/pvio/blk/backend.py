@@ -17,7 +17,8 @@ One turn of the loop (QEMU's xen-block dataplane and Linux blkback's, in Python)
    ONE batched GNTTABOP_map_grant_ref for every segment of the batch (read-only maps for
    WRITE — the data flows out of the guest — writable for READ), then preadv/pwritev
    straight between the granted pages and the image in a thread pool (zero copy), then
-   ONE batched unmap; in the copy transport ONE batched GNTTABOP_copy brings WRITE data
+   ONE batched unmap (transfers that cannot block — RWF_NOWAIT — run on the loop and
+   skip the thread hop); in the copy transport ONE batched GNTTABOP_copy brings WRITE data
    into local bounce pages, and after the reads ONE batched GNTTABOP_copy takes READ
    data back out.  A grant that fails (missing, another domain's, read-only for a READ)
    fails only its own request, with BLKIF_RSP_ERROR, before anything is written;
@@ -159,7 +160,7 @@ class BlkbackRing:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
-    # T:630 blkback attaches: the ring mapped live, the event channel bound
+    # T:620 blkback attaches: the ring mapped live, the event channel bound
     # When the frontend is Initialised, the XenBus side reads ring-ref(s), event-channel
     # and protocol (pvio.blk.keys) and calls `connect`.  The ring's pages are mapped with
     # one batched map — writable, live (they are shareable pages, so even a copy-
@@ -203,7 +204,7 @@ class BlkbackRing:
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    # T:650 The loop: batches, a bound, and the final check
+    # T:640 The loop: batches, a bound, and the final check
     # The loop takes every request the ring offers, up to the in-flight bound, as one
     # batch, starts that batch's work as a task and comes straight back for more: disk
     # I/O of one batch overlaps the next batch's mapping.  When nothing is left it asks
@@ -303,15 +304,16 @@ class BlkbackRing:
             self._in_flight -= len(group)
             self._wake.set()
 
-    # T:660 Moving the data: one map for the batch, then the disk in a thread
+    # T:660 Moving the data: one map for the batch, then the disk
     # Every segment of every data request in the batch is mapped by ONE
     # GNTTABOP_map_grant_ref: read-only where the request is a WRITE, writable where it is
     # a READ (so a READ into a page the guest granted read-only fails at the map, as in
     # Linux).  Each mapping's status is checked against its own request: a bad grant fails
     # that request with BLKIF_RSP_ERROR before any byte moves.  The surviving requests'
     # segments become memoryviews onto the guest's pages — byte `first_sect*512` to
-    # `(last_sect+1)*512` of each — and go to preadv/pwritev in the thread pool, all
-    # requests of the batch at once.  Then ONE unmap.  In the copy transport the same
+    # `(last_sect+1)*512` of each — and go to preadv/pwritev: at once on the loop when
+    # the transfer cannot block (RWF_NOWAIT: the page cache has it), otherwise in the
+    # thread pool, all requests of the batch at once.  Then ONE unmap.  In the copy transport the same
     # shape uses GNTTABOP_copy batches and local bounce pages instead of maps.
     # :T
     async def _do_data(self, works: list[_Work]) -> None:

@@ -155,14 +155,18 @@ class BlkFront:
         self.shadows = ShadowTable(self.nr_ents)
         self._ids = asyncio.Semaphore(self.nr_ents)
 
-    # T:620 blkfront sets up its ring
+    # T:610 blkfront sets up its ring and says where it is
     # The frontend owns the ring: 2**order pages of its own memory, allocated shareable so
     # that the backend maps exactly those pages live and nothing else; SHARED_RING_INIT
     # sets both producers to 0 and both events to 1.  Each page is granted to the backend
     # domain (writable: the backend writes responses), an unbound event channel is
     # allocated for the backend to bind, and the keys that tell the backend where all
     # this is — ring-ref (or ring-refN with ring-page-order), event-channel, protocol —
-    # are returned to be written in one XenStore transaction with the state change.
+    # are returned to be written in one XenStore transaction with the switch to
+    # Initialised (pvio.blk.xenbus_frontend), so blkback's watch fires only when all of
+    # it is there.  blkback answers, in its own transaction, with Connected and the
+    # disk's sectors, info and features, which blkfront reads (checked: they are hostile
+    # input too) before it opens the queue.
     # :T
     async def setup_ring(self) -> dict[str, str]:
         """Allocate, initialise and grant the ring; allocate the port; return the keys."""
@@ -214,7 +218,7 @@ class BlkFront:
 
     # -- issuing requests ---------------------------------------------------------------
 
-    # T:640 One request: a shadow, a grant per page, into the ring
+    # T:630 One request: a shadow, a grant per page, into the ring
     # A request waits for a free id (a shadow, and so a ring slot: there are exactly as
     # many as the ring has slots) and for grant references: when the table is dry it
     # registers a free callback and sleeps until references come back.  Each page of
