@@ -8,6 +8,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,15 @@ from pvio.cli.main import cli
 CHILD_WORK = "import time\nt = time.time()\nwhile time.time() - t < 0.3: sorted(range(500))"
 
 
+def _busy_in_the_suite(seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sorted(range(500))
+
+
 def _fake_run(params: Params, ctx: Context) -> list[Figure]:
     ctx.progress("measuring the fake")
+    _busy_in_the_suite(0.3)  # something for a profiler to see in this process
     argv = ctx.command([sys.executable, "-c", CHILD_WORK])
     subprocess.run(argv, check=True, timeout=30)
     (ctx.workdir / "scratch").write_text("x")
@@ -48,18 +56,25 @@ def _broken_run(params: Params, ctx: Context) -> list[Figure]:
     raise RuntimeError("the fake daemon died")
 
 
+def _hanging_run(params: Params, ctx: Context) -> list[Figure]:
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # never stopped
+    time.sleep(60)
+    return []
+
+
 FAKE = Benchmark("fake", "a fast fake", _fake_run, quick={"runs": 3}, full={"runs": 5})
 SKIPPED = Benchmark("fake-skipped", "needs a tool", _fake_run, quick={"runs": 1},
                     full={"runs": 1}, tools=("no-such-tool-pvio-bench",))
 BROKEN = Benchmark("fake-broken", "raises", _broken_run, quick={}, full={})
+HANGING = Benchmark("fake-hanging", "hangs", _hanging_run, quick={"timeout_s": 1.5}, full={})
 
 
 @pytest.fixture(autouse=True)
 def fakes() -> Iterator[None]:
-    for b in (FAKE, SKIPPED, BROKEN):
+    for b in (FAKE, SKIPPED, BROKEN, HANGING):
         suite.register(b)
     yield
-    for b in (FAKE, SKIPPED, BROKEN):
+    for b in (FAKE, SKIPPED, BROKEN, HANGING):
         suite.unregister(b.name)
 
 
@@ -147,6 +162,16 @@ def test_a_failing_benchmark_is_reported_and_the_suite_goes_on(tmp_path: Path) -
     assert fake["status"] == "ok"
 
 
+def test_a_hanging_benchmark_times_out_and_its_processes_are_stopped(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    result = suite.run_benchmark("fake-hanging", "quick", tmp_path, suite.Observer())
+    assert time.monotonic() - t0 < 20
+    assert result.status == "failed" and result.reason == "BenchmarkTimeout: timed out after 1.5 s"
+    (leftover,) = result.extra["stopped_leftover_processes"]
+    assert "time.sleep(60)" in leftover
+    assert not any("time.sleep(60)" in cmd for cmd in suite.children().values())
+
+
 def test_without_matplotlib_the_json_is_still_written(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -160,11 +185,15 @@ def test_without_matplotlib_the_json_is_still_written(tmp_path: Path,
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_layers_not_built_are_skipped_with_the_reason() -> None:
+def test_layers_not_built_are_skipped_with_the_reason(tmp_path: Path) -> None:
     for name in suite.MATRIX:
         loaded = suite.load_benchmark(name)
-        if name not in BENCHMARKS:
+        if isinstance(loaded, str):
             assert loaded == f"pvio bench {name} is not built yet"
+        elif loaded.requires() is not None:  # an adapter waiting for its layer
+            result = suite.run_benchmark(name, "quick", tmp_path, suite.Observer())
+            assert result.status == "skipped" and result.reason == loaded.requires()
+    assert suite.load_benchmark("blk") == "pvio bench blk is not built yet"
 
 
 def test_a_module_without_suite_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +220,7 @@ def test_profile_writes_a_profile_per_benchmark(tmp_path: Path) -> None:
     assert summary in files
     if doc["profiler"] == "py-spy" and (tmp_path / "profile" / "fake.speedscope.json").exists():
         text = summary.read_text()
-        assert "_fake_run" in text  # the suite's process
+        assert "_busy_in_the_suite" in text  # the suite's process
         assert CHILD_WORK.splitlines()[0] in text or "<module>" in text  # the child's
     else:
         assert doc["profiler"] in ("cProfile", "py-spy")

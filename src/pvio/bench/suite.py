@@ -69,13 +69,16 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,7 +87,10 @@ from typing import Any, Literal
 from pvio import __version__
 
 #: The layers of the full matrix, in the order the data flows.
-MATRIX: tuple[str, ...] = ("ring", "hypervisor", "xenstore", "blk", "lguest")
+MATRIX: tuple[str, ...] = ("ring", "hypervisor", "xenstore", "blk", "nbd", "lguest")
+
+#: Time limit of one benchmark, unless its parameters say otherwise ("timeout_s").
+TIMEOUT_S: dict[str, float] = {"quick": 150.0, "full": 900.0}
 
 #: Version of the results.json layout; bump when a field changes meaning.
 SCHEMA_VERSION = "pvio-bench/1"
@@ -227,12 +233,15 @@ class Benchmark:
 
     def missing(self) -> str | None:
         """Why this benchmark cannot run here, or None."""
+        reason = self.requires()
+        if reason is not None:
+            return reason
         for tool in self.tools:
             if find_tool(tool) is None:
                 return f"{tool} is not installed (tools/install.sh installs it)"
         if self.needs_root and os.geteuid() != 0:
             return "needs root (namespaces, TAP devices)"
-        return self.requires()
+        return None
 
 
 @dataclass
@@ -297,19 +306,21 @@ def load_benchmark(name: str) -> Benchmark | str:
     """The benchmark called `name`, or the reason it cannot be loaded (a skip)."""
     if name in _REGISTERED:
         return _REGISTERED[name]
+    from pvio.bench import layers
     from pvio.bench.cli import BENCHMARKS
 
-    if name not in BENCHMARKS:
+    suite = None
+    if name in BENCHMARKS:
+        module_name = BENCHMARKS[name][0].split(":")[0]
+        module = importlib.import_module(module_name)  # broken module: a failure, not a skip
+        suite = getattr(module, "SUITE", None)
+    if suite is None:
+        suite = layers.ADAPTERS.get(name)  # skips itself while the layer is absent
+    if suite is None:
+        if name in BENCHMARKS:
+            return (f"{module_name} defines no SUITE "
+                    "(see pvio.bench.suite: how to add a benchmark)")
         return f"pvio bench {name} is not built yet"
-    module_name = BENCHMARKS[name][0].split(":")[0]
-    module = importlib.import_module(module_name)  # a broken module is a failure, not a skip
-    suite = getattr(module, "SUITE", None)
-    if suite is None:
-        from pvio.bench import layers
-
-        suite = layers.ADAPTERS.get(name)
-    if suite is None:
-        return f"{module_name} defines no SUITE (see pvio.bench.suite: how to add a benchmark)"
     if not isinstance(suite, Benchmark):
         raise TypeError(f"{module_name}.SUITE is not a pvio.bench.suite.Benchmark")
     return suite
@@ -433,6 +444,77 @@ class SuiteReport:
 Wrapper = Callable[[str, Callable[[], list[Figure]]], tuple[list[Figure], list[str]]]
 
 
+class BenchmarkTimeout(Exception):
+    """A benchmark ran past its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise BenchmarkTimeout in the main thread after `seconds` (SIGALRM); elsewhere, or
+    with seconds <= 0, no limit."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise BenchmarkTimeout(f"timed out after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def children() -> dict[int, str]:
+    """This process's live child processes: pid -> command line."""
+    out: dict[int, str] = {}
+    for task in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = [int(p) for p in task.read_text().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            out[pid] = cmd.decode(errors="replace").strip()
+    return out
+
+
+def stop_leftovers(before: Mapping[int, str], grace: float = 3.0) -> list[str]:
+    """Terminate (then kill) the children that appeared since `before`; their commands."""
+    left = {pid: cmd for pid, cmd in children().items() if pid not in before}
+    for pid in left:
+        with _quiet():
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in left:
+        while time.monotonic() < deadline:
+            with _quiet():
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        else:
+            with _quiet():
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    return [f"{pid}: {cmd}" for pid, cmd in left.items()]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    try:
+        yield
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
                   wrap: Wrapper | None = None) -> Result:
     """Load and run one benchmark; every failure ends up in the Result, never raised."""
@@ -449,11 +531,14 @@ def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
     if reason is not None:
         result.status, result.reason = "skipped", reason
         return result
+    limit = float(bench.params(mode).get("timeout_s", TIMEOUT_S[mode]))
+    before = children()
     with tempfile.TemporaryDirectory(prefix=f"pvio-bench-{bench.name}-", dir=workdir) as tmp:
         ctx = Context(Path(tmp), lambda message: observer.step(bench.name, message))
         try:
             def thunk() -> list[Figure]:
-                return bench.run(bench.params(mode), ctx)
+                with time_limit(limit):
+                    return bench.run(bench.params(mode), ctx)
 
             if wrap is None:
                 result.figures = thunk()
@@ -464,6 +549,9 @@ def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
         except Exception as exc:
             result.status, result.reason = "failed", _describe(exc)
             result.extra["traceback"] = traceback.format_exc()
+        leftovers = stop_leftovers(before)
+        if leftovers:  # a benchmark must stop what it starts; say so, and clean up
+            result.extra["stopped_leftover_processes"] = leftovers
         result.commands, result.extra = ctx.commands, {**ctx.extra, **result.extra}
     result.duration_s = time.perf_counter() - t0
     return result
