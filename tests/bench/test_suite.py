@@ -142,6 +142,10 @@ def test_quick_suite_writes_valid_json_and_plots(tmp_path: Path) -> None:
         assert by_name[name]["plot"] == f"{name}.png"
         assert _is_png(out / f"{name}.png")
     assert _is_png(out / "ratios.png")
+    md = (out / "results.md").read_text()
+    assert "| fake | read | µs ↓ | 2.00 | 2.00..2.00 | 3 | echo | 1.00 | 2.00 |" in md
+    assert "|  |  |  |  |  |  | direct | 4.00 | 0.50 |" in md
+    assert "| fake-skipped | skipped: no-such-tool-pvio-bench is not installed" in md
     assert not list(out.glob("pvio-bench-*"))  # scratch directories are removed
 
 

@@ -4,6 +4,7 @@ results.json and the PNG plots into the output directory.
 Layout of the output directory::
 
     results.json          every figure, the machine, tool versions, the exact commands
+    results.md            the table in Markdown, with the machine, for the README
     <benchmark>.png       pvio vs its baselines, one panel per unit (needs matplotlib)
     ratios.png            every pvio/baseline ratio of the run on one log axis
     profile/              with --profile: per benchmark, a speedscope file and a summary
@@ -52,6 +53,12 @@ def fmt(value: float) -> str:
     if mag >= 1:
         return f"{value:.2f}"
     return f"{value:.3g}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
 def default_out_dir(now: datetime | None = None) -> Path:
@@ -121,14 +128,44 @@ def table(report: SuiteReport) -> Table:
             name = Text(f.name if f.subject == "pvio" else f"{f.name} [{f.subject}]")
             bases = Text("\n".join(b.subject for b in f.baselines))
             medians = "\n".join(fmt(b.stats.median) for b in f.baselines)
-            ratios = "\n".join("-" if b.ratio is None else f"{b.ratio:.2f}"
-                               for b in f.baselines)
+            ratios = "\n".join(fmt_ratio(b.ratio) for b in f.baselines)
             unit = f.unit + ("" if f.higher_is_better else " ↓")
             t.add_row(r.name if i == 0 else "", name, unit, fmt(f.stats.median),
                       f"{fmt(f.stats.min)}..{fmt(f.stats.max)}", str(f.stats.runs), bases,
                       medians, ratios, end_section=i == len(r.figures) - 1)
     t.caption = "↓: lower is better (a time); otherwise higher is better (a rate)"
     return t
+
+
+def markdown(report: SuiteReport) -> str:
+    """The table as Markdown, headed by the command, the date and the machine."""
+    m = report.machine
+    lines = [
+        f"`{' '.join(report.argv)}`, {report.started:%Y-%m-%d %H:%M} UTC; {m['cores']} cores "
+        f"({m['cpu_model']}), {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}.",
+        "",
+        "| layer | figure | unit | pvio | min..max | n | baseline (same run) | median | ratio |",
+        "|---|---|---|--:|--:|--:|---|--:|--:|",
+    ]
+    for r in report.results:
+        if r.status != "ok":
+            lines.append(f"| {r.name} | {r.status}: {r.reason} | | | | | | | |")
+            continue
+        for f in r.figures:
+            name = f.name if f.subject == "pvio" else f"{f.name} [{f.subject}]"
+            unit = f.unit + ("" if f.higher_is_better else " ↓")
+            head = [r.name, name, unit, fmt(f.stats.median),
+                    f"{fmt(f.stats.min)}..{fmt(f.stats.max)}", str(f.stats.runs)]
+            bases = f.baselines or (None,)
+            for i, b in enumerate(bases):
+                cells = head if i == 0 else ["", "", "", "", "", ""]
+                tail = (["", "", ""] if b is None else
+                        [b.subject, fmt(b.stats.median), fmt_ratio(b.ratio)])
+                lines.append("| " + " | ".join(cells + tail) + " |")
+    lines += ["", "↓: lower is better (a time); otherwise higher is better (a rate). "
+                  "ratio = pvio median / baseline median."]
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(report: SuiteReport, out: Path, console: Console) -> Path:
@@ -151,12 +188,12 @@ def write_outputs(report: SuiteReport, out: Path, console: Console) -> Path:
     else:
         note = f"plots skipped: matplotlib is not installed; {plots.INSTALL_HINT}"
         report.notes.append(note)
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
     document = report.to_json()
     problems = suite.validate(document)
     if problems:  # a bug in pvio.bench, not in a benchmark: say so loudly, keep the data
         report.notes.append("results.json does not match the schema: " + "; ".join(problems))
         document = report.to_json()
+    (out / "results.md").write_text(markdown(report))
     path = out / "results.json"
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     return path
