@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -288,3 +289,20 @@ def test_validate_finds_what_is_wrong(mutate: Any, expected: str) -> None:
     mutate(doc)
     problems = suite.validate(doc)
     assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("width", [80, 150])
+def test_the_table_fits_narrow_and_wide_terminals(width: int, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from pvio.bench import report
+
+    rep = suite.run_suite(["fake", "fake-skipped"], "quick", tmp_path, suite.Observer())
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(report.table(rep) if width >= 130 else report.compact_table(rep))
+    text = console.export_text()
+    console.file.close()
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "qemu-nbd" in text and "fake-skipped" in text and "skipped:" in text
+    for ratio in ("2.00", "0.50", "0.55", "0.40"):  # echo, direct; map, copy / qemu-nbd
+        assert ratio in text

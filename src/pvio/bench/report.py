@@ -112,6 +112,46 @@ class RichObserver(Observer):
         self.progress.advance(self.task)
 
 
+def short(value: float) -> str:
+    """A figure in at most five characters or so: 2.1M, 125k, 21.6, 0.26."""
+    mag = abs(value)
+    if mag >= 1e9:
+        return f"{value / 1e9:.3g}G"
+    if mag >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    if mag >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    return fmt(value)
+
+
+def compact_table(report: SuiteReport) -> Table:
+    """The table for a narrow terminal: medians and ratios only (results.md has it all)."""
+    t = Table(title=f"pvio bench ({report.mode}): medians; ratio = pvio / baseline")
+    t.add_column("layer")
+    t.add_column("figure", min_width=16, ratio=1)
+    t.add_column("unit")
+    t.add_column("pvio", justify="right", no_wrap=True)
+    t.add_column("baseline", min_width=12, ratio=1)
+    t.add_column("ratio", justify="right", no_wrap=True)
+    for r in report.results:
+        if r.status != "ok":
+            t.add_row(r.name, Text(f"{r.status}: {r.reason}"), end_section=True,
+                      style="dim" if r.status == "skipped" else "red")
+            continue
+        for i, f in enumerate(r.figures):
+            name = Text(f.name if f.subject == "pvio" else f"{f.name} [{f.subject}]")
+            head = [r.name if i == 0 else "", name, f.unit + ("" if f.higher_is_better
+                                                               else " ↓"), short(f.stats.median)]
+            for j, b in enumerate(f.baselines or (None,)):
+                tail = ["", ""] if b is None else [Text(f"{b.subject} {short(b.stats.median)}"),
+                                                   fmt_ratio(b.ratio)]
+                t.add_row(*(head if j == 0 else ["", "", "", ""]), *tail,
+                          end_section=i == len(r.figures) - 1
+                          and j == max(len(f.baselines) - 1, 0))
+    t.caption = "↓: lower is better; the full table is in results.md"
+    return t
+
+
 def table(report: SuiteReport) -> Table:
     t = Table(title=f"pvio bench ({report.mode}): medians of n runs; "
                     "ratio = pvio / baseline, measured in the same run")
@@ -126,13 +166,15 @@ def table(report: SuiteReport) -> Table:
             continue
         for i, f in enumerate(r.figures):
             name = Text(f.name if f.subject == "pvio" else f"{f.name} [{f.subject}]")
-            bases = Text("\n".join(b.subject for b in f.baselines))
-            medians = "\n".join(fmt(b.stats.median) for b in f.baselines)
-            ratios = "\n".join(fmt_ratio(b.ratio) for b in f.baselines)
             unit = f.unit + ("" if f.higher_is_better else " ↓")
-            t.add_row(r.name if i == 0 else "", name, unit, fmt(f.stats.median),
-                      f"{fmt(f.stats.min)}..{fmt(f.stats.max)}", str(f.stats.runs), bases,
-                      medians, ratios, end_section=i == len(r.figures) - 1)
+            head = [r.name if i == 0 else "", name, unit, fmt(f.stats.median),
+                    f"{fmt(f.stats.min)}..{fmt(f.stats.max)}", str(f.stats.runs)]
+            for j, b in enumerate(f.baselines or (None,)):
+                tail = (["", "", ""] if b is None else
+                        [Text(b.subject), fmt(b.stats.median), fmt_ratio(b.ratio)])
+                t.add_row(*(head if j == 0 else [""] * 6), *tail,
+                          end_section=i == len(r.figures) - 1
+                          and j == max(len(f.baselines) - 1, 0))
     t.caption = "↓: lower is better (a time); otherwise higher is better (a rate)"
     return t
 
@@ -233,7 +275,7 @@ def run(names: Sequence[str], mode: Mode, out: Path, profile: bool,
         report.notes += profiler.notes
         report.notes.append("profiled run: the figures include the profiler's overhead")
     path = write_outputs(report, out, console)
-    console.print(table(report))
+    console.print(table(report) if console.width >= 130 else compact_table(report))
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"results: {path}  ({report.to_json()['duration_s']:.0f} s, "
