@@ -238,12 +238,15 @@ def test_summarise_speedscope() -> None:
             {"name": 'process 7:"pvio xenstored"', "file": "", "line": 0},
             {"name": "serve", "file": "server.py", "line": 10},
             {"name": "parse", "file": "codec.py", "line": 20},
+            {"name": 'process 6:"pvio bench"', "file": "", "line": 0},
         ]},
         "profiles": [{"name": 'Process 7 Thread 7 ""',
-                      "samples": [[0, 1, 2], [0, 1, 2], [0, 1], []], "weights": [1, 1, 1, 1]}],
+                      "samples": [[3, 0, 1, 2], [3, 0, 1, 2], [3, 0, 1], []],
+                      "weights": [1, 1, 1, 1]}],
     }
     text = summarise_speedscope(doc)
-    assert 'process 7:"pvio xenstored"' in text and "3 samples" in text
+    assert '== process 7:"pvio xenstored"  (3 samples' in text  # the child, not its parent
+    assert "pvio bench" not in text
     self_part = text.split("self:")[1].split("total:")[0]
     total_part = text.split("left out):")[1]
     assert self_part.splitlines()[1].split() == ["2", "parse", "codec.py:20"]

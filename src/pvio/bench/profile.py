@@ -152,10 +152,13 @@ def summarise_speedscope(doc: dict[str, Any], top: int = TOP) -> str:
                 if not stack:
                     continue
                 samples += 1
-                root = frames[stack[0]]["name"]
-                if root.startswith("process "):
-                    command = root
-                    stack = stack[1:]
+                # py-spy roots each stack in "process PID:cmdline" frames, the
+                # parent's first for a child process: the innermost one names it.
+                skip = 0
+                while skip < len(stack) and frames[stack[skip]]["name"].startswith("process "):
+                    command = frames[stack[skip]]["name"]
+                    skip += 1
+                stack = stack[skip:]
                 if not stack:
                     continue
                 self_count[stack[-1]] += 1
