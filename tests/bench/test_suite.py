@@ -309,3 +309,21 @@ def test_the_table_fits_narrow_and_wide_terminals(width: int, tmp_path: Path) ->
     assert "qemu-nbd" in text and "fake-skipped" in text and "skipped:" in text
     for ratio in ("2.00", "0.50", "0.55", "0.40"):  # echo, direct; map, copy / qemu-nbd
         assert ratio in text
+
+
+def _forking_run(params: Params, ctx: Context) -> list[Figure]:
+    pid = os.fork()
+    if pid == 0:  # the child raises into the suite's code, which must not go on in it
+        raise RuntimeError("a forked child escaped its benchmark")
+    _, status = os.waitpid(pid, 0)
+    return [compare("the child's exit code", "code", {"pvio": [os.waitstatus_to_exitcode(status)]})]
+
+
+def test_a_forked_child_never_runs_the_rest_of_the_suite(tmp_path: Path) -> None:
+    suite.register(Benchmark("fake-fork", "forks", _forking_run, quick={}, full={}))
+    try:
+        result = suite.run_benchmark("fake-fork", "quick", tmp_path, suite.Observer())
+    finally:
+        suite.unregister("fake-fork")
+    assert result.status == "ok", result.reason
+    assert result.figures[0].stats.median == 1

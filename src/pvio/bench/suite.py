@@ -527,12 +527,15 @@ def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
         return Result(name, name, "skipped", loaded, mode)
     bench = loaded
     result = Result(bench.name, bench.title, "ok", mode=mode, params=dict(bench.params(mode)))
-    reason = bench.missing()
+    try:
+        reason = bench.missing()
+    except Exception as exc:
+        reason = f"cannot check its prerequisites: {_describe(exc)}"
     if reason is not None:
         result.status, result.reason = "skipped", reason
         return result
     limit = float(bench.params(mode).get("timeout_s", TIMEOUT_S[mode]))
-    before = children()
+    before, suite_pid = children(), os.getpid()
     with tempfile.TemporaryDirectory(prefix=f"pvio-bench-{bench.name}-", dir=workdir) as tmp:
         ctx = Context(Path(tmp), lambda message: observer.step(bench.name, message))
         try:
@@ -549,6 +552,8 @@ def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
         except Exception as exc:
             result.status, result.reason = "failed", _describe(exc)
             result.extra["traceback"] = traceback.format_exc()
+        if os.getpid() != suite_pid:  # a child the benchmark forked got out: never run on
+            os._exit(1)
         leftovers = stop_leftovers(before)
         if leftovers:  # a benchmark must stop what it starts; say so, and clean up
             result.extra["stopped_leftover_processes"] = leftovers
