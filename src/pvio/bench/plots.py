@@ -14,6 +14,7 @@ forced: no display is needed or used.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,26 +74,26 @@ def plot_result(result: Result, path: Path) -> Path | None:
     for ax, unit in zip(axes[:, 0], units, strict=True):
         figures = [f for f in result.figures if f.unit == unit]
         names, subjects, cells = _series(figures)
-        width = 0.8 / max(len(subjects), 1)
-        for j, subject in enumerate(subjects):
-            xs, heights, low, high = [], [], [], []
-            for i, name in enumerate(names):
-                st = cells.get((name, subject))
-                if st is None:
-                    continue
-                xs.append(i - 0.4 + width * (j + 0.5))
-                heights.append(st.median)
-                low.append(st.median - st.min)
-                high.append(st.max - st.median)
-            ax.bar(xs, heights, width, yerr=[low, high], capsize=2, label=subject,
-                   color=colours(j % 10), edgecolor="black", linewidth=0.4)
+        labelled: set[str] = set()
+        for i, name in enumerate(names):  # each group as wide as the subjects it has
+            present = [subj for subj in subjects if (name, subj) in cells]
+            width = 0.8 / len(present)
+            for j, subject in enumerate(present):
+                st = cells[(name, subject)]
+                colour = colours(subjects.index(subject) % 10)
+                ax.bar(i - 0.4 + width * (j + 0.5), st.median, width,
+                       yerr=[[st.median - st.min], [st.max - st.median]], capsize=2,
+                       color=colour, edgecolor="black", linewidth=0.4,
+                       label=None if subject in labelled else subject)
+                labelled.add(subject)
         medians = [st.median for st in cells.values() if st.median > 0]
         if medians and max(medians) / min(medians) > 30:  # batch 1 next to batch 512
             ax.set_yscale("log")
         better = "higher" if figures[0].higher_is_better else "lower"
         ax.set_ylabel(f"{unit}\n({better} is better)", fontsize=8)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, fontsize=7, rotation=12 if len(names) > 4 else 0)
+        wrap = max(10, 110 // max(len(names), 1))
+        ax.set_xticklabels([textwrap.fill(n, wrap) for n in names], fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
