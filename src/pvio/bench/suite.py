@@ -48,9 +48,16 @@ How to add a benchmark
    returns the argv, to pass on to subprocess), report sub-steps with
    ``ctx.progress("...")``, put temporary files in ``ctx.workdir`` and anything that is
    not a figure but worth keeping (per-request counters, settings) in ``ctx.extra``.
+   ``requires`` (a function returning the reason it cannot run, or None) covers other
+   prerequisites; a ``"timeout_s"`` entry in the parameters overrides the time limit
+   (`TIMEOUT_S`: 150 s quick, 900 s full), past which the benchmark fails with
+   BenchmarkTimeout.  Processes the benchmark leaves running are stopped afterwards and
+   listed in its ``extra`` as a defect to fix.
 3. The quick parameter set must keep the whole ``pvio bench --quick`` under two minutes
-   on two cores: budget about 15 seconds per layer.  The full set should stay under three
-   minutes per layer.
+   on two cores: budget about 15 seconds per layer (the block matrix, which runs fio,
+   about 30).  The full set should keep the whole run under fifteen minutes.
+4. Until the layer's module defines ``SUITE``, an adapter in `pvio.bench.layers` may
+   stand in for it; that module's docstring says what each layer still has to add.
 
 Deliberately not here: no figure is ever asserted by a test (tests only check that the
 suite runs and writes valid files), no warm-up policy is imposed (each benchmark knows
