@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from pvio.bench.suite import MATRIX
 from pvio.cli.lazy import LazyGroup
 
 #: name -> ("module:command", one-line help).  Each layer adds its line here.
@@ -18,7 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 @click.option("--quick", is_flag=True,
               help="The reduced matrix (under 2 minutes on 2 cores) instead of the full one.")
 @click.option("--only", metavar="NAMES",
-              help="Comma-separated benchmarks to run (e.g. ring,xenstore); default: all.")
+              help=f"Comma-separated benchmarks to run, of {','.join(MATRIX)}; default: all.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Directory for results.json and the plots [default: "
                    "./bench-results/<timestamp>].")
