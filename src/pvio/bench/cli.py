@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ring": ("pvio.bench.ring:ring", "Round trips/s through an io/ring.h front/back pair."),
     "lguest": ("pvio.bench.lguest:lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
     "hypervisor": ("pvio.bench.hypervisor:hypervisor", "Hypercalls, batched grant maps, copies, event latency."),
+    "xenstore": ("pvio.bench.xenstore:xenstore", "XenStore latency vs a UNIX-socket echo."),
 }
 
 
