@@ -429,6 +429,11 @@ class Toolstack:
             state_dir=str(self.paths.root),
             xenstored_path=str(self.paths.xenstored_socket),
             hypervisor_socket=str(self.paths.hypervisor_socket),
+            services=[
+                {"name": c.name, "pid": c.pid, "log": str(c.log_path)}
+                for c in self.children
+                if c.name in ("hypervisor", "xenstored")
+            ],
             domains=domains,
         )
 
