@@ -25,6 +25,10 @@ from pvioup import PvioUp
 MiB = 1 << 20
 
 
+def _commands(cmds: list[str]) -> list[str]:
+    return [arg for c in cmds for arg in ("-c", c)]
+
+
 def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     assert not missing, f"not installed: {missing} (bash tools/install.sh installs them)"
@@ -102,10 +106,16 @@ def test_qemu_io_patterns_at_unaligned_offsets(up: PvioUp) -> None:
         "write -P 0x3c 1048575 65537",  # across the 1 MiB boundary
         "write -P 0x11 200000000 300000",
     ]
-    sh("qemu-io", "-f", "raw", *sum((["-c", c] for c in cmds), []), uri)
-    reads = ["read -P 0x5a 1 7", "read -P 0xa5 4095 4098", "read -P 0x3c 1048575 65537", "read -P 0x11 200000000 300000",
-             "read -P 0 0 1", "read -P 0 8 4087"]
-    proc = sh("qemu-io", "-r", "-f", "raw", *sum((["-c", c] for c in reads), []), uri)
+    sh("qemu-io", "-f", "raw", *_commands(cmds), uri)
+    reads = [
+        "read -P 0x5a 1 7",
+        "read -P 0xa5 4095 4098",
+        "read -P 0x3c 1048575 65537",
+        "read -P 0x11 200000000 300000",
+        "read -P 0 0 1",
+        "read -P 0 8 4087",
+    ]
+    proc = sh("qemu-io", "-r", "-f", "raw", *_commands(reads), uri)
     assert "Pattern verification failed" not in proc.stdout
     # flush, then the image itself holds exactly those bytes
     sh("qemu-io", "-f", "raw", "-c", "flush", uri)
