@@ -1,0 +1,206 @@
+"""`pvio up`'s configuration: the embedded default, `--disk` options, or a TOML file.
+
+A configuration names domains.  Xen-style guests get vbds (xl disk specifications) served
+by blkback in the driver domain and exported to the host over NBD; lguest guests get
+lguest devices (block, console, network) served by their Launcher::
+
+    [pvio]
+    transport = "map"        # how the driver domain reaches guests' pages: map | copy
+
+    [[domain]]
+    name = "guest1"
+    type = "xen"
+    disks = ["format=raw, vdev=xvda, access=rw, target=guest1.img, size=1G"]
+
+    [[domain]]
+    name = "g1"
+    type = "lguest"
+    disk = { target = "g1.img", size = "64M" }
+    net = { lan = "lan0", address = "10.0.0.1/24" }
+    console = true
+
+Relative image paths are under the state directory; an image that does not exist is
+created sparse with the given `size` (xvda's default: 1 GiB).  `size=` is pvio's addition
+to the xl disk syntax and is removed before the spec is parsed.  Unknown keys are errors
+that name the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pvio.toolstack import diskspec
+
+DEFAULT_DISK_SIZE = 1 << 30
+DOMAIN_TYPES = ("xen", "lguest")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,10}$")
+
+
+class ConfigError(ValueError):
+    """A configuration pvio up refuses, with what and where."""
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"size {text!r} is not a number with an optional K/M/G/T suffix")
+    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+
+
+@dataclass
+class XenDisk:
+    spec: diskspec.DiskSpec
+    size: int  # for creating a missing image
+    nbd_socket: str = ""
+
+
+@dataclass
+class LguestNet:
+    lan: str
+    address: str  # CIDR
+    mac: str = ""
+
+
+@dataclass
+class DomainConfig:
+    name: str
+    type: str
+    memory: int = 16 << 20
+    disks: list[XenDisk] = field(default_factory=list)
+    # lguest devices
+    lguest_disk: dict[str, Any] | None = None
+    lguest_net: LguestNet | None = None
+    console: bool = True
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    domains: list[DomainConfig]
+    transport: str = "map"
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+def _split_size(spec: str) -> tuple[str, int | None]:
+    """Remove pvio's `size=` item from an xl disk spec (it is not xl syntax)."""
+    head, sep, target = spec.partition("target=")
+    items = [i for i in head.split(",")]
+    size: int | None = None
+    kept = []
+    for item in items:
+        key, eq, value = item.strip().partition("=")
+        if eq and key.strip() == "size":
+            size = parse_size(value)
+        else:
+            kept.append(item)
+    return ",".join(kept) + sep + target, size
+
+
+def xen_disk(spec_text: str, state_dir: Path, index: int) -> XenDisk:
+    text, size = _split_size(spec_text)
+    try:
+        spec = diskspec.parse(text, default_vdev=f"xvd{chr(ord('a') + index)}" if index < 26 else None)
+    except diskspec.DiskSpecError as e:
+        raise ConfigError(f"--disk {spec_text!r}: {e}") from None
+    target = spec.target
+    if "://" not in target and not Path(target).is_absolute():
+        target = str(state_dir / target)
+    spec = diskspec.DiskSpec(**{**spec.__dict__, "target": target})
+    return XenDisk(spec, size if size is not None else DEFAULT_DISK_SIZE)
+
+
+def default_config(state_dir: Path) -> Config:
+    """The embedded default: one guest with a 1 GiB sparse raw xvda in the state dir."""
+    disk = xen_disk("format=raw, vdev=xvda, access=rw, target=guest1-xvda.img", state_dir, 0)
+    return Config([DomainConfig("guest1", "xen", disks=[disk])])
+
+
+def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map") -> Config:
+    dom = DomainConfig("guest1", "xen", disks=[xen_disk(d, state_dir, i) for i, d in enumerate(disks)])
+    _check_disks(dom)
+    return Config([dom], transport=transport)
+
+
+_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console"}
+
+
+def load(path: Path, state_dir: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    unknown = set(raw) - {"pvio", "domain"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    settings = raw.get("pvio", {})
+    transport = settings.get("transport", "map")
+    if transport not in ("map", "copy"):
+        raise ConfigError(f"{path}: [pvio] transport must be map or copy, not {transport!r}")
+    domains = []
+    for i, d in enumerate(raw.get("domain", [])):
+        where = f"{path}: domain #{i + 1}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: not a table")
+        unknown = set(d) - _DOMAIN_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        name = d.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(
+                f"{where}: name {name!r} must be 1-11 lowercase letters, digits or '-' "
+                "(it names a network namespace pvio-<name> and interfaces)"
+            )
+        dtype = d.get("type", "xen")
+        if dtype not in DOMAIN_TYPES:
+            raise ConfigError(f"{where} ({name}): type must be xen or lguest, not {dtype!r}")
+        dom = DomainConfig(name, dtype, memory=parse_size(d.get("memory", "16M")), raw=d)
+        if dtype == "xen":
+            if "disk" in d or "net" in d:
+                raise ConfigError(f"{where} ({name}): xen domains take `disks` (xl disk specs)")
+            dom.disks = [xen_disk(s, state_dir, j) for j, s in enumerate(d.get("disks", []))]
+            _check_disks(dom)
+        else:
+            if "disks" in d:
+                raise ConfigError(f"{where} ({name}): lguest domains take one `disk` table")
+            if "disk" in d:
+                disk = dict(d["disk"])
+                target = Path(str(disk.get("target", f"{name}-disk.img")))
+                disk["target"] = str(target if target.is_absolute() else state_dir / target)
+                disk["size"] = parse_size(disk.get("size", "64M"))
+                dom.lguest_disk = disk
+            if "net" in d:
+                net = d["net"]
+                if not isinstance(net, dict) or "address" not in net:
+                    raise ConfigError(f"{where} ({name}): net needs an address (CIDR)")
+                dom.lguest_net = LguestNet(str(net.get("lan", "lan0")), str(net["address"]), str(net.get("mac", "")))
+            dom.console = bool(d.get("console", True))
+        domains.append(dom)
+    if not domains:
+        raise ConfigError(f"{path}: no [[domain]] tables")
+    names = [d.name for d in domains]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: domain names used twice: {sorted(dupes)}")
+    return Config(domains, transport=transport)
+
+
+def _check_disks(dom: DomainConfig) -> None:
+    seen: set[int] = set()
+    for disk in dom.disks:
+        if disk.spec.vdev.number in seen:
+            raise ConfigError(f"domain {dom.name}: vdev {disk.spec.vdev.name} is used twice")
+        seen.add(disk.spec.vdev.number)
