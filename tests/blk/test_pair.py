@@ -101,3 +101,16 @@ async def test_reconnect_reissues_in_flight(tmp_path: Path) -> None:
         await asyncio.gather(*writes)
         got = await asyncio.gather(*(p.front.read(i * 4096, 4096) for i in range(64)))
         assert got == data
+
+
+@asynctest
+async def test_trim_of_the_whole_disk(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 64 * MiB)
+    async with blk_pair(img) as p:
+        assert p.front.info.can_trim
+        await p.front.trim(0, 64 * MiB)  # one request, no data pages, no grants
+        await p.front.trim(4096, 8192)
+        assert await p.front.read(0, 8192) == bytes(8192)
+        await p.front.write(0, b"x" * 4096)
+        assert p.back.stats.ds_req == 2
+    assert img.read_bytes()[:4096] == b"x" * 4096

@@ -238,7 +238,8 @@ class BlkFront:
     ) -> None:
         """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`."""
         self._check_broken()
-        npages = -(-nbytes // PAGE_SIZE)
+        # A discard names sectors, it carries no data: no pages, no grants.
+        npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
         await self._ids.acquire()
         try:
             await self._wait_running()

@@ -90,7 +90,7 @@ async def main(spec: DomainSpec) -> None:
     disks: list[GuestDisk] = []
     try:
         xs = await open_xenstore(spec)
-        ring_order = int(spec.extra.get("ring_order", 1))
+        ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
         for d in spec.disks:
             disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order)
             disks.append(disk)
