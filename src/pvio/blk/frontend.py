@@ -562,6 +562,9 @@ class BlkFront:
         if self.shadows.in_flight() and self.broken is None:
             self._break("closed with requests in flight")
         await self.suspend()
+        if self.broken is None:  # from now on every call fails instead of waiting
+            self.broken = DeviceBroken("the disk is closed")
+            self._running.set()
 
 
 async def _gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:

@@ -85,7 +85,7 @@ class BlkfrontDevice:
             self.front.connect(disk)
         else:
             n = self.front.resume(disk)
-            log.info("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
+            log.warning("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
         self.connections += 1
         self.connected.set()
 
@@ -124,7 +124,7 @@ class BlkfrontEnd(Frontend):
         other = await self.dev.otherend_state()
         if mine is S.Connected and other is S.InitWait:
             # A new backend: the old one died with our requests.  Start over.
-            log.info("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
+            log.warning("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
             self.recoveries += 1
             await self.driver.suspend()
             await self.dev.switch_state(S.Initialising)
