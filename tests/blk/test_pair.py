@@ -114,3 +114,14 @@ async def test_trim_of_the_whole_disk(tmp_path: Path) -> None:
         await p.front.write(0, b"x" * 4096)
         assert p.back.stats.ds_req == 2
     assert img.read_bytes()[:4096] == b"x" * 4096
+
+
+@asynctest
+async def test_copy_backend_out_of_bounce_pages_answers_in_error(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, transport="copy") as p:
+        hoard = p.back_dom.alloc_pages(p.back_dom.pages.free_count)  # nothing left to bounce into
+        with pytest.raises(OSError):
+            await p.front.read(0, 4096)
+        p.back_dom.free_pages(hoard)
+        assert len(await p.front.read(0, 4096)) == 4096  # and the ring goes on

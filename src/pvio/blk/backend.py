@@ -73,6 +73,7 @@ from pvio.blk.request import (
 )
 from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
 from pvio.hypervisor.errors import GrantError, HypercallError
+from pvio.hypervisor.granting import NoSpace
 from pvio.ring import BackRing, RingBroken, SharedRing
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,9 @@ class BlkbackRing:
             works = [_Work(io) for io in group]
             try:
                 await self._do_data(works)
-            except (OSError, HypercallError, GrantError) as e:  # the hypervisor refused the batch
+            except (OSError, HypercallError, GrantError, NoSpace) as e:
+                # The hypervisor refused the batch, or no bounce pages are left: every
+                # request of the batch is answered, in error, rather than left hanging.
                 log.warning("blkback d%d: batch failed: %s", self.frontend_domid, e)
                 for w in works:
                     w.status = BLKIF_RSP_ERROR
