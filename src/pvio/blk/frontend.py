@@ -109,6 +109,7 @@ class _Pending:
     frames: list[int]
     nbytes: int  # payload bytes, in pages from the first
     read_into: memoryview | None = None
+    pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
 
 
 class BlkFront:
@@ -145,6 +146,10 @@ class BlkFront:
         self._ref_frames: dict[int, int] = {}
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
+        #: feature-persistent: data pages stay granted (read-write) and are reused
+        self.persistent = False
+        self._pool: list[tuple[int, int]] = []
+        self._pool_size = 0
 
     def set_ring_order(self, order: int) -> None:
         """Choose the ring's size before the first `setup_ring` (no request yet)."""
@@ -183,6 +188,8 @@ class BlkFront:
         self._ring_frames = frames
         self.ring_refs = refs
         keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
+        if self.persistent:
+            keys["feature-persistent"] = "1"
         if self.ring_order == 0:
             keys["ring-ref"] = str(refs[0])
         else:
@@ -241,10 +248,16 @@ class BlkFront:
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
         await self._ids.acquire()
+        pooled: list[tuple[int, int]] | None = None
         try:
             await self._wait_running()
-            grefs = await self._claim_grants(npages)
-            frames = self.domain.alloc_pages(npages)
+            if self.persistent:
+                pooled = await self._take_pooled(npages)
+                grefs = [r for r, _ in pooled]
+                frames = [f for _, f in pooled]
+            else:
+                grefs = await self._claim_grants(npages)
+                frames = self.domain.alloc_pages(npages)
         except BaseException:
             self._ids.release()
             raise
@@ -254,8 +267,9 @@ class BlkFront:
         gnttab = self.domain.gnttab
         for ref, frame in zip(grefs, frames, strict=True):
             n = min(left, PAGE_SIZE)
-            gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
-            self._ref_frames[ref] = frame
+            if pooled is None:
+                gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
+                self._ref_frames[ref] = frame
             segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
             left -= n
         if payload is not None:
@@ -267,7 +281,7 @@ class BlkFront:
                 mem[start : start + len(chunk)] = chunk
                 pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames, nbytes, read_into)
+        pending = _Pending(fut, frames, nbytes, read_into, pooled)
         if operation == BLKIF_OP_DISCARD:
             shadow = self.shadows.alloc(
                 operation, sector,
@@ -291,6 +305,21 @@ class BlkFront:
             self._check_broken()
             await self._running.wait()
         self._check_broken()
+
+    async def _take_pooled(self, n: int) -> list[tuple[int, int]]:
+        """`n` persistently granted pages: reused ones first, new ones granted read-write."""
+        take = self._pool[-n:] if n else []
+        del self._pool[len(self._pool) - len(take) :]
+        more = n - len(take)
+        if more:
+            refs = await self._claim_grants(more)
+            frames = self.domain.alloc_pages(more)
+            for ref, frame in zip(refs, frames, strict=True):
+                self.domain.gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, False)
+                self._ref_frames[ref] = frame
+            take += list(zip(refs, frames, strict=True))
+            self._pool_size += more
+        return take
 
     async def _claim_grants(self, n: int) -> list[int]:
         if n == 0:
@@ -382,7 +411,10 @@ class BlkFront:
                 n = min(PAGE_SIZE, pending.nbytes - pos)
                 out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
                 pos += n
-        self._end_grants(shadow.grefs)
+        if pending.pooled is not None:
+            self._pool.extend(pending.pooled)  # still granted: the next request reuses them
+        else:
+            self._end_grants(shadow.grefs)
         if not pending.future.done():
             pending.future.set_result(status)
 
@@ -565,6 +597,9 @@ class BlkFront:
         if self.broken is None:  # from now on every call fails instead of waiting
             self.broken = DeviceBroken("the disk is closed")
             self._running.set()
+        if self._pool:
+            pool, self._pool = self._pool, []
+            self._end_grants(tuple(r for r, _ in pool))
 
 
 async def _gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:
