@@ -110,6 +110,8 @@ class _Pending:
     nbytes: int  # payload bytes, in pages from the first
     read_into: memoryview | None = None
     pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
+    want_bytes: bool = False  # a READ whose data the caller takes as bytes
+    data: bytes = b""
 
 
 class BlkFront:
@@ -242,8 +244,10 @@ class BlkFront:
         payload: bytes | memoryview | None,
         nbytes: int,
         read_into: memoryview | None = None,
-    ) -> None:
-        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`."""
+        want_bytes: bool = False,
+    ) -> bytes:
+        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`;
+        returns the data of a READ made with `want_bytes`, else b""."""
         self._check_broken()
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
@@ -281,7 +285,7 @@ class BlkFront:
                 mem[start : start + len(chunk)] = chunk
                 pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames, nbytes, read_into, pooled)
+        pending = _Pending(fut, frames, nbytes, read_into, pooled, want_bytes)
         if operation == BLKIF_OP_DISCARD:
             shadow = self.shadows.alloc(
                 operation, sector,
@@ -299,6 +303,7 @@ class BlkFront:
         if status != BLKIF_RSP_OKAY:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
+        return pending.data
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
@@ -403,7 +408,18 @@ class BlkFront:
         shadow = self.shadows.complete(req_id, operation)
         pending: _Pending = shadow.cookie
         self._ids.release()
-        if pending.read_into is not None and status == BLKIF_RSP_OKAY:
+        if pending.want_bytes and status == BLKIF_RSP_OKAY:
+            mem = self.domain.memory
+            n = pending.nbytes
+            if len(pending.frames) == 1:
+                start = pending.frames[0] * PAGE_SIZE
+                pending.data = mem[start : start + n].tobytes()
+            else:
+                pending.data = b"".join(
+                    mem[f * PAGE_SIZE : f * PAGE_SIZE + min(PAGE_SIZE, n - i * PAGE_SIZE)]
+                    for i, f in enumerate(pending.frames)
+                )
+        elif pending.read_into is not None and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
             out = pending.read_into
             pos = 0
@@ -490,6 +506,12 @@ class BlkFront:
     # -- BlockBackend ---------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        if 0 < length <= MAX_REQUEST_BYTES and not (offset | length) % SECTOR_SIZE:
+            # The common case (one request): the data comes straight out of the pages.
+            disk = self._disk()
+            if offset + length > disk.size:
+                raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
+            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
         return bytes(buf)
@@ -602,7 +624,7 @@ class BlkFront:
             self._end_grants(tuple(r for r, _ in pool))
 
 
-async def _gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:
+async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
     """Await every job; the first failure is raised after all have finished."""
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for r in results:
