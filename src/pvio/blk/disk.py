@@ -49,6 +49,17 @@ class Disk(Protocol):
 
 
 NoWait = Callable[[int, Sequence[memoryview]], bool]
+_Queued = tuple[Callable[[int, Sequence[memoryview]], None], int, Sequence[memoryview], "asyncio.Future[None]"]
+
+
+def _resolve(results: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
+    for fut, err in results:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
 
 
 class ThreadedDisk:
@@ -69,20 +80,59 @@ class ThreadedDisk:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blkback-io")
         self._readv_nowait: NoWait | None = getattr(storage, "readv_nowait", None) if nowait else None
         self._writev_nowait: NoWait | None = getattr(storage, "writev_nowait", None) if nowait else None
-        #: transfers done without the thread pool
+        self._threads = threads
+        self._queued: list[_Queued] = []
+        self._submit_scheduled = False
+        #: transfers done without the thread pool, and jobs given to it
         self.nowait = 0
+        self.pool_jobs = 0
 
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if self._readv_nowait is not None and self._readv_nowait(offset, buffers):
             self.nowait += 1
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.storage.readv, offset, buffers)
+        await self._queue_op(self.storage.readv, offset, buffers)
 
     async def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if self._writev_nowait is not None and self._writev_nowait(offset, buffers):
             self.nowait += 1
             return
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.storage.writev, offset, buffers)
+        await self._queue_op(self.storage.writev, offset, buffers)
+
+    # Transfers queued in one turn of the loop go to the pool together: split over the
+    # threads (so a slow disk still sees several in parallel), each share run in one
+    # job and its results handed back with one wake-up, not one per request.
+    def _queue_op(self, fn: Callable[[int, Sequence[memoryview]], None], offset: int,
+                  buffers: Sequence[memoryview]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queued.append((fn, offset, buffers, fut))
+        if not self._submit_scheduled:
+            self._submit_scheduled = True
+            loop.call_soon(self._submit, loop)
+        return fut
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._submit_scheduled = False
+        queued, self._queued = self._queued, []
+        shares = min(len(queued), self._threads)
+        for i in range(shares):
+            self.pool_jobs += 1
+            self._pool.submit(self._run_share, loop, queued[i::shares])
+
+    @staticmethod
+    def _run_share(loop: asyncio.AbstractEventLoop, share: list[_Queued]) -> None:
+        results: list[tuple[asyncio.Future[None], OSError | None]] = []
+        for fn, offset, buffers, fut in share:
+            try:
+                fn(offset, buffers)
+                results.append((fut, None))
+            except OSError as e:
+                results.append((fut, e))
+        try:
+            loop.call_soon_threadsafe(_resolve, results)
+        except RuntimeError:  # the loop is gone (shutdown): nobody waits any more
+            pass
 
     async def flush(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self.storage.flush)

@@ -88,6 +88,7 @@ class RawFileStorage:
             os.close(self.fd)
             raise StorageError(errno.EINVAL, f"{self.path} is not a file or block device")
         self.read_only = read_only
+        self._write_nowait = True
         self.physical_sector_size = max(512, min(st.st_blksize, 4096))
         self.supports_discard = _FALLOCATE is not None and stat.S_ISREG(st.st_mode) and not read_only
 
@@ -127,13 +128,15 @@ class RawFileStorage:
     def writev_nowait(self, offset: int, buffers: Sequence[memoryview]) -> bool:
         """Write only if it cannot block (pwritev2 RWF_NOWAIT); True if all was written.
         A partial write is harmless: `writev` writes the same bytes again."""
-        if not _NOWAIT or self.read_only:
+        if not _NOWAIT or self.read_only or not self._write_nowait:
             return False
         total = sum(len(b) for b in buffers)
         self._check(offset, total)
         try:
             return os.pwritev(self.fd, buffers, offset, _NOWAIT) == total
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:  # buffered RWF_NOWAIT writes: not on this fs
+                self._write_nowait = False
             return False
 
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
