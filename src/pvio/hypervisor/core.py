@@ -386,11 +386,15 @@ class Hypervisor:
             if op.count != 1 or len(op.args) != lay.size:
                 return Reply(-errno.EINVAL, op.args)
             a = lay.unpack(op.args)
-            if op.cmd == LHCALL_BIND_DMA:
-                self.lguest.bind_dma(d, a["arg1"], a["arg2"], a["arg3"] >> 8, a["arg3"] & 0xFF)
-            else:
-                bindings = [b for other in self.domains.values() for b in other.dma]
-                a["ret"] = self.lguest.send_dma(d, a["arg1"], a["arg2"], bindings)
+            bindings = [b for other in self.domains.values() for b in other.dma]
+            try:
+                if op.cmd == LHCALL_BIND_DMA:
+                    self.lguest.bind_dma(d, a["arg1"], a["arg2"], a["arg3"] >> 8, a["arg3"] & 0xFF)
+                else:
+                    a["ret"] = self.lguest.send_dma(d, a["arg1"], a["arg2"], bindings)
+            except HypercallError:
+                self.lguest.violation(d, a["arg1"], bindings)
+                raise
             return Reply(0, lay.pack(**a))
         if op.cmd in (wire.PVIO_LGUEST_region_create, wire.PVIO_LGUEST_region_attach):
             lay = wire.PVIO_LGUEST_REGION

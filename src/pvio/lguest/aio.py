@@ -57,6 +57,11 @@ class GuestThread:
     def __init__(self, name: str = "lguest-guest") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The one worker (for `loop.run_in_executor`, which queues in call order)."""
+        return self._pool
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
