@@ -106,9 +106,10 @@ class LguestDma:
         """`d` broke a rule on `key`: count it and tell the other domains bound there."""
         self.violations += 1
         try:
-            kobj, _, _ = self.resolve(d, key & ~3, 4)
+            obj, _, off = self.resolve(d, key & ~3, 4)
         except HypercallError:
             return
+        kobj = (obj, off)
         told: set[tuple[int, int]] = set()
         for b in bindings:
             if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:

@@ -112,7 +112,7 @@ from pvio.lguest.dma import (
     page_sections,
 )
 from pvio.lguest.guest import Allocator
-from pvio.lguest.net import NetDriver, lan_features
+from pvio.lguest.net import NetDriver, lan_features, peer_key
 from pvio.lguest.storage import FileStorage
 from pvio.toolstack.spec import DomainSpec, write_status
 
@@ -397,7 +397,8 @@ class Launcher:
         _write_json(launcher_file(s.state_dir, s.guest_name), {
             **me, "region_id": region.region_id, "top_pfn": self.table.top_pfn,
             "dev_pages": dev_pages, "total_pages": self.table.total_pages,
-            "net_pfn": net.pfn if net is not None else 0})
+            "net_pfn": net.pfn if net is not None else 0,
+            "console_socket": s.console_socket if self._server is not None else ""})
 
     async def _serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, alloc: Allocator,
                      size: int) -> None:
@@ -756,10 +757,17 @@ class Guest:
                     struct.pack_into("<H", raw, 4 + 4 * 16, 16)
                     self.port.write(bad, bytes(raw))
                     self.port.send_dma(self.console.key, bad)
-                elif what == "runt-frames" and self.net is not None:
-                    for _ in range(100):
-                        with contextlib.suppress(LguestError):
-                            self.net.transmit(b"\xff" * 6)
+                elif what in ("runt-frames", "flood") and self.net is not None:
+                    # Straight to every peer's key, past the driver's own checks: runts
+                    # (6 bytes), or a flood of 2000 broadcast frames.
+                    net = self.net
+                    frame = b"\xff" * 6 if what == "runt-frames" else b"\xff" * 12 + b"\x88\xb5" + bytes(100)
+                    self.port.write(net.tx_buf, frame)
+                    self.port.write(bad, build_dma(page_sections(net.tx_buf, len(frame))))
+                    peers = [i for i in range(len(self.s.lan_members)) if i != net.me]
+                    for _ in range(20 if what == "runt-frames" else 2000):
+                        for peer in peers:
+                            self.port.send_dma(peer_key(net.peer_phys, peer), bad)
             except LguestError:
                 self.refused += 1
 
