@@ -73,3 +73,16 @@ def test_bind_limits_are_lguests() -> None:
         assert reply.rc == -errno.EINVAL, (count, irq)
     (reply,) = hv.execute(guest, [_lh(LHCALL_BIND_DMA, BASE + 16, 0x1000, (1 << 8) | 31)])
     assert reply.rc == 0
+
+
+def test_a_permitted_region_refuses_other_domains() -> None:
+    hv, guest, launcher, other = _setup()
+    (rid,) = hv.domains[launcher].regions
+    permit = Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_permit, 1,
+                wire.PVIO_LGUEST_REGION.pack(region_id=rid, peer=guest))
+    assert hv.execute(other, [permit])[0].rc == -errno.EPERM  # only the creator permits
+    assert hv.execute(launcher, [permit])[0].rc == 0
+    attach = Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_attach, 1,
+                wire.PVIO_LGUEST_REGION.pack(region_id=rid, base=BASE))
+    assert hv.execute(other, [attach])[0].rc == -errno.EPERM
+    assert rid not in hv.domains[other].regions

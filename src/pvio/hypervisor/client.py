@@ -752,6 +752,13 @@ class Domain:
         self.regions[region.region_id] = region
         return region
 
+    async def lguest_region_permit(self, region_id: int, peer: int) -> None:
+        """Let domain `peer` attach a region this domain created (then only permitted
+        domains may)."""
+        args = wire.PVIO_LGUEST_REGION.pack(region_id=region_id, peer=peer)
+        (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_permit, 1, args)])
+        _check(reply, "lguest region permit")
+
     def phys(self, addr: int, length: int) -> memoryview:
         """A view of [addr, addr+length) of this domain's lguest physical space."""
         if addr >= 0 and addr + length <= self.nr_pages * PAGE_SIZE:

@@ -20,7 +20,9 @@ lguest regions the hypervisor shares between domains:
   decided the membership, so the slots are claimed without any race, and the Launcher
   tells the guest its slot in the descriptor's features, as lguest did.
 
-Members find the regions through rendezvous files in ``<state_dir>/lguest/``:
+Only the domains meant to attach a region may (PVIO_LGUEST_region_permit): the device
+region its guest, the LAN region the LAN's members; a guest cannot reach another guest's
+device pages by guessing a region id.  Members find the regions through rendezvous files in ``<state_dir>/lguest/``:
 ``<guest>.launcher.json`` (written by the guest's Launcher: region id, top_pfn, page
 counts, its pid and domid) and ``lan-<lan>.json`` (written by the LAN's owner).  A reader
 accepts a file only if the writer's pid is alive and, for the Launcher file, the domid
@@ -369,9 +371,12 @@ class Launcher:
         dev_pages = (dev_end - top) // PAGE_SIZE
         base = max(top, LAUNCHER_PAGES * PAGE_SIZE)
         region = await self.dom.lguest_region(dev_pages, base)
+        await self.dom.lguest_region_permit(region.region_id, s.guest_domid)  # and nobody else
         lan_region = 0
         if net is not None and s.lan_owner:
             lan_region = (await self.dom.lguest_region(1, base + dev_pages * PAGE_SIZE)).region_id
+            for _, member in s.lan_members:
+                await self.dom.lguest_region_permit(lan_region, member)
         alloc = Allocator(0, LAUNCHER_PAGES * PAGE_SIZE)
         tx_dma = alloc.alloc_unsplit(DMA_SIZE)
         tx_buf = alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE)
