@@ -10,6 +10,9 @@ without shared memory), both ends in this process, a batch per send, split into 
 bytes object per entry on receipt as the ring's consumer gets them; the ratio is pvio's
 rate over the baseline's.  A second table prices the fence pvio uses (libatomic's
 atomic_thread_fence through ctypes) next to a system call and a no-op call.
+
+In the suite (`pvio bench`), `SUITE` reports the same figures: one per scenario, with
+the socketpair as its baseline, and the fence next to the system call and the no-op.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF, BlkifABI
+from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
 from pvio.ring import BackRing, FrontRing, SharedRing, sharedmem
+
+FENCE = "full_fence (libatomic atomic_thread_fence)"
 
 #: Round trips per second per core, batched, that pvio.ring aims for.
 TARGET = 250_000
@@ -43,6 +50,8 @@ class Row:
     high: float
     baseline: float
     ratio: float
+    samples: list[float] = field(default_factory=list)
+    baseline_samples: list[float] = field(default_factory=list)
 
 
 def _pair(order: int, abi: BlkifABI, scattered: bool) -> tuple[FrontRing, BackRing]:
@@ -154,9 +163,11 @@ SCENARIOS: list[tuple[str, int, BlkifABI, bool, bool]] = [
 ]
 
 
-def measure(runs: int, total: int) -> tuple[list[Row], list[dict[str, float | str]]]:
+def measure(runs: int, total: int, on_step: Callable[[str], None] = lambda s: None,
+            ) -> tuple[list[Row], list[dict[str, Any]]]:
     rows = []
     for name, order, abi, batched, scattered in SCENARIOS:
+        on_step(f"{name}, {abi.name}, {'batched' if batched else 'one at a time'}")
         nr_ents = abi.ring_size(order)
         batch = nr_ents if batched else 1
         n = total if batched else max(total // 4, 1)
@@ -166,18 +177,44 @@ def measure(runs: int, total: int) -> tuple[list[Row], list[dict[str, float | st
             base.append(_socketpair_round_trips(abi, batch, n))
         median, baseline = statistics.median(ours), statistics.median(base)
         rows.append(Row(name, order, abi.name, batch, median, min(ours), max(ours), baseline,
-                        median / baseline))
+                        median / baseline, ours, base))
+    on_step("cost of one ordering point")
     calls = max(total // 2, 1000)
-    fences: list[dict[str, float | str]] = []
+    fences: list[dict[str, Any]] = []
     for label, fn in (
-        ("full_fence (libatomic atomic_thread_fence)", sharedmem.full_fence),
+        (FENCE, sharedmem.full_fence),
         ("os.getppid() system call", os.getppid),
         ("no-op Python call", _nothing),
     ):
         samples = [_per_call_ns(fn, calls) for _ in range(runs)]
         fences.append({"what": label, "median_ns": statistics.median(samples),
-                       "min_ns": min(samples), "max_ns": max(samples)})
+                       "min_ns": min(samples), "max_ns": max(samples), "samples": samples})
     return rows, fences
+
+
+def _suite(params: Params, ctx: Context) -> list[Figure]:
+    rows, fences = measure(int(params["runs"]), int(params["round_trips"]), ctx.progress)
+    figures = [
+        compare(f"{r.scenario}, {r.abi}, batch {r.batch}", "round trips/s",
+                {"pvio": r.samples, "UNIX socketpair": r.baseline_samples})
+        for r in rows
+    ]
+    figures.append(compare("one ordering point", "ns per call",
+                           {("full_fence (libatomic)" if f["what"] == FENCE else str(f["what"])):
+                            f["samples"] for f in fences},
+                           higher_is_better=False))
+    best = max((r.median for r in rows if r.batch > 1), default=0.0)
+    ctx.extra.update(target_round_trips_per_s=TARGET, meets_target=best >= TARGET)
+    return figures
+
+
+SUITE = Benchmark(
+    name="ring",
+    title="io/ring.h round trips/s, one process, vs a UNIX socketpair",
+    run=_suite,
+    quick={"runs": 3, "round_trips": 40_000},
+    full={"runs": 5, "round_trips": 200_000},
+)
 
 
 @click.command("ring")

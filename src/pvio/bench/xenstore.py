@@ -1,0 +1,195 @@
+"""`pvio bench xenstore`: XenStore request latency next to a bare UNIX-socket echo.
+
+Theory of operation
+-------------------
+Two server processes are started side by side: `pvio xenstored` and a minimal asyncio
+echo server (the floor for any Python server answering on a UNIX socket on this
+machine).  One client process then measures, in the same run and interleaved round by
+round so that machine noise hits both alike:
+
+* echo: send a 24-byte frame, read 24 bytes back;
+* read: XS_READ of a small node through `pvio.xenstore.client.Client`;
+* write: XS_WRITE of a small value;
+* transaction: TRANSACTION_START, a READ and a WRITE inside it, TRANSACTION_END "T";
+* read (and echo) with 1000 idle connections open to the daemon.
+
+Within a run the measurements alternate in blocks of 50 requests, so that load from
+elsewhere on the machine falls on the baseline and on XenStore alike; each run opens
+its 1000 idle connections after its plain blocks and closes them at its end.  Each
+figure is the median over `--runs` runs of each run's median latency, with the min and
+max of those run medians; ratios compare medians.  Targets (issue 4): a read
+within 1.5x of the echo; with 1000 idle connections, a read no more than 2x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from pvio.xenstore.client import Client
+
+ECHO_SERVER = """
+import asyncio, sys
+class Echo(asyncio.Protocol):
+    def connection_made(self, t): self.t = t
+    def data_received(self, d): self.t.write(d)
+async def main():
+    await asyncio.get_running_loop().create_unix_server(Echo, path=sys.argv[1])
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _wait_socket(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise click.ClickException(f"server did not start on {path}")
+
+
+def _samples(fn: Callable[[], object], n: int) -> list[float]:
+    out: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        out.append(clock() - t0)
+    return out
+
+
+def _median_ns(fn: Callable[[], object], n: int) -> float:
+    return statistics.median(_samples(fn, n))
+
+
+def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
+    raise_nofile()
+    xs_path, echo_path = tmp / "xs.sock", tmp / "echo.sock"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "pvio", "xenstored", "--socket", str(xs_path)],
+                         stdout=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_path)]),
+    ]
+    try:
+        _wait_socket(xs_path)
+        _wait_socket(echo_path)
+        echo = socket.socket(socket.AF_UNIX)
+        echo.connect(str(echo_path))
+        frame = b"x" * 24
+
+        def echo_once() -> None:
+            echo.sendall(frame)
+            got = 0
+            while got < len(frame):
+                got += len(echo.recv(4096))
+
+        c = Client(str(xs_path))
+        c.write("/bench/node", "value")
+
+        def read() -> None:
+            c.read("/bench/node")
+
+        def write() -> None:
+            c.write("/bench/node", "value")
+
+        def transaction() -> None:
+            tx = c.transaction_start()
+            c.read("/bench/node", tx)
+            c.write("/bench/node", "value", tx)
+            c.transaction_end(tx)
+
+        results: dict[str, list[float]] = {k: [] for k in
+                                           ("echo", "read", "write", "transaction",
+                                            "read_idle", "echo_idle")}
+        for fn in (echo_once, read, write, transaction):  # warm up
+            _median_ns(fn, 200)
+        block = 50
+        for _ in range(runs):
+            # Interleaved in small blocks, so that load from elsewhere on the machine
+            # falls on the baseline and on XenStore alike.
+            samples: dict[str, list[float]] = {k: [] for k in results}
+            for _ in range(max(1, iterations // block)):
+                samples["echo"].extend(_samples(echo_once, block))
+                samples["read"].extend(_samples(read, block))
+                samples["write"].extend(_samples(write, block))
+                samples["transaction"].extend(_samples(transaction, max(1, block // 4)))
+            idle_socks = []
+            for _ in range(idle):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(str(xs_path))
+                idle_socks.append(s)
+            c.read("/bench/node")
+            for _ in range(max(1, iterations // block)):
+                samples["echo_idle"].extend(_samples(echo_once, block))
+                samples["read_idle"].extend(_samples(read, block))
+            for s in idle_socks:
+                s.close()
+            for k, v in samples.items():
+                results[k].append(statistics.median(v))
+        c.close()
+        echo.close()
+        return results
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@click.command("xenstore")
+@click.option("--iterations", default=2000, show_default=True, help="Requests per run.")
+@click.option("--runs", default=5, show_default=True, help="Runs (medians reported).")
+@click.option("--idle", default=1000, show_default=True, help="Idle connections for the idle test.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the figures as JSON here.")
+def xenstore(iterations: int, runs: int, idle: int, json_out: str | None) -> None:
+    """XenStore read/write/transaction latency vs a UNIX-socket echo, idle connections."""
+    with tempfile.TemporaryDirectory(prefix="pvio-bench-xs-") as tmp:
+        results = measure(Path(tmp), iterations, runs, idle)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    click.echo(f"pvio bench xenstore: {runs} runs x {iterations} requests, medians of run "
+               f"medians (min..max), one client, {os.cpu_count()} CPUs")
+    rows = [("echo (baseline)", "echo"), ("read", "read"), ("write", "write"),
+            ("transaction (start, read, write, commit)", "transaction"),
+            (f"echo with {idle} idle xenstored conns", "echo_idle"),
+            (f"read with {idle} idle connections", "read_idle")]
+    for label, key in rows:
+        v = results[key]
+        click.echo(f"  {label:<44} {med[key] / 1000:8.1f} us  "
+                   f"({min(v) / 1000:.1f}..{max(v) / 1000:.1f})  "
+                   f"x{med[key] / med['echo']:.2f} echo")
+    ratio_read = med["read"] / med["echo"]
+    ratio_idle = med["read_idle"] / med["read"]
+    click.echo(f"  read / echo            = {ratio_read:.2f}  (target <= 1.5)")
+    click.echo(f"  read idle / read       = {ratio_idle:.2f}  (target <= 2.0)")
+    if json_out:
+        Path(json_out).write_text(json.dumps(
+            {"runs": runs, "iterations": iterations, "idle": idle, "ns": results,
+             "median_ns": med, "read_over_echo": ratio_read,
+             "read_idle_over_read": ratio_idle}, indent=2))
+

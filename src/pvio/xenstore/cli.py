@@ -1,0 +1,76 @@
+"""`pvio xenstored`: run the XenStore daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+
+from pvio.xenstore.daemon import XenStoreDaemon, raise_nofile, run
+from pvio.xenstore.server import Quotas
+
+
+@click.command("xenstored")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="UNIX socket for dom0 clients (XENSTORED_PATH).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None,
+              help="Keep the store in this file across restarts (atomic snapshots).")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
+              help="Control socket for attaching domain connections [SOCKET.control].")
+@click.option("--sync-interval", type=float, default=0.0, show_default=True,
+              help="Seconds to coalesce --db snapshots; 0 = before each reply.")
+@click.option("--quota-nodes", type=int, default=Quotas.nodes_per_domain, show_default=True,
+              help="Nodes a domain may own (-E).")
+@click.option("--quota-node-size", type=int, default=Quotas.node_size, show_default=True,
+              help="Bytes a domain's node may hold (-S).")
+@click.option("--quota-watches", type=int, default=Quotas.watches_per_domain, show_default=True,
+              help="Watches per domain (-W).")
+@click.option("--quota-transactions", type=int, default=Quotas.transactions_per_conn,
+              show_default=True, help="Open transactions per connection (-t).")
+@click.option("--quota-perms", type=int, default=Quotas.perms_per_node, show_default=True,
+              help="Permission entries a domain may set on a node (-A).")
+@click.option("--quota-path-max", type=int, default=Quotas.path_max, show_default=True,
+              help="Path length below a domain's home (-M).")
+def xenstored(
+    socket_path: str,
+    db: str | None,
+    control_path: str | None,
+    sync_interval: float,
+    quota_nodes: int,
+    quota_node_size: int,
+    quota_watches: int,
+    quota_transactions: int,
+    quota_perms: int,
+    quota_path_max: int,
+) -> None:
+    """Serve XenStore (xs_wire) on a UNIX socket, as Xen's xenstored does."""
+    quotas = Quotas(
+        nodes_per_domain=quota_nodes,
+        node_size=quota_node_size,
+        watches_per_domain=quota_watches,
+        transactions_per_conn=quota_transactions,
+        perms_per_node=quota_perms,
+        path_max=quota_path_max,
+    )
+    daemon = XenStoreDaemon(
+        socket_path, db=db, control_path=control_path, quotas=quotas, sync_interval=sync_interval
+    )
+
+    raise_nofile()
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        ready = asyncio.Event()
+        waiter = asyncio.ensure_future(ready.wait())
+        waiter.add_done_callback(lambda _: click.echo(f"xenstored: listening on {socket_path}"))
+        try:
+            await run(daemon, ready)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())

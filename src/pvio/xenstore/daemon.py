@@ -1,0 +1,355 @@
+"""`pvio xenstored`: the XenStore server core behind UNIX sockets, on asyncio.
+
+Theory of operation
+-------------------
+The daemon is a thin adapter around `pvio.xenstore.server.XenStoreServer`: each accepted
+connection becomes an `asyncio.Protocol` whose `data_received` feeds the core and whose
+outputs (replies, watch events for any connection, closes) are written to the right
+transports.  asyncio waits with epoll, so a thousand idle connections cost nothing to the
+busy one; there is no per-connection task.
+
+Identity.  Every connection on the main socket (`--socket`, mode 0600, the path
+libxenstore finds in XENSTORED_PATH) is the privileged dom0, as in Xen.  A domain's
+connection is established by the toolstack, not claimed by the client: the toolstack
+(which may open the 0600 *control* socket, `--control`, default ``<socket>.control``)
+first INTRODUCEs the domain over XenStore, then creates a socketpair and sends one end
+over the control socket with SCM_RIGHTS and the line ``attach <domid>``; the daemon
+adopts that end as a connection of that domain and answers ``ok`` (or ``error ENOENT``).
+The toolstack hands the other end to the domain process.  `attach_domain` below does
+the toolstack's half.  The core only ever sees (connection id, domid, bytes), so Xen's
+real transport -- the byte rings of a granted page plus an event channel -- can be added
+as another adapter.
+
+Back-pressure.  When a connection's unsent output passes the transport's high-water
+mark, the daemon stops reading its requests until it drains (a client that never reads
+replies cannot make us buffer without bound: XSA-326, XSA-416); watch events for an
+unprivileged connection that is `event_backlog` bytes behind are dropped.
+
+Durability (`--db FILE`).  The store (tree, permissions, introduced domains) is written
+as one JSON snapshot to ``FILE.tmp``, fsync'ed, renamed over FILE, and the directory
+fsync'ed: a crash leaves either the old or the new snapshot, never a torn one.  With
+``sync_interval=0`` (the default) the snapshot is written before the replies of the
+request that changed the store are sent, so an acknowledged write survives a crash;
+a positive interval coalesces snapshots (faster, may lose the last interval's writes).
+Rejected: an append-only log (needs compaction and replay code for a store that is small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import socket
+from pathlib import Path
+from typing import Any
+
+from pvio.abi.xs_wire import XsdSockmsgType
+from pvio.xenstore.errors import XsError
+from pvio.xenstore.perms import Perm
+from pvio.xenstore.server import Close, Domain, Output, Quotas, Send, XenStoreServer
+from pvio.xenstore.store import Store
+
+EVENT_BACKLOG = 1 << 20
+_WATCH_EVENT_TYPE = int(XsdSockmsgType.XS_WATCH_EVENT).to_bytes(4, "little")
+REPLY_BACKLOG = 256 << 10
+DB_VERSION = 1
+
+
+def raise_nofile() -> None:
+    """A server holds one fd per connection: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fresh_store() -> Store:
+    """The tree a new daemon starts with: "/" and /tool/xenstored, as Xen's has."""
+    store = Store()
+    store.put("/tool", b"", (Perm("n", 0),))
+    store.put("/tool/xenstored", b"", (Perm("n", 0),))
+    return store
+
+
+def save_db(path: Path, server: XenStoreServer) -> None:
+    data: dict[str, Any] = {
+        "version": DB_VERSION,
+        "store": server.store.dump(),
+        "domains": [[d.domid, d.target] for d in server.domains.values()],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(data, separators=(",", ":")).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_db(path: Path) -> tuple[Store, list[tuple[int, int | None]]]:
+    data = json.loads(path.read_bytes())
+    if data.get("version") != DB_VERSION:
+        raise ValueError(f"{path}: unknown database version {data.get('version')!r}")
+    return Store.load(data["store"]), [(int(d), t) for d, t in data["domains"]]
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, daemon: XenStoreDaemon, domid: int) -> None:
+        self.daemon = daemon
+        self.domid = domid
+        self.conn_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=REPLY_BACKLOG)
+        try:
+            self.conn_id = self.daemon.server.connect(self.domid)
+        except XsError:
+            transport.close()
+            return
+        self.daemon.transports[self.conn_id] = self
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn_id:
+            self.daemon.server.feed(self.conn_id, data)
+            self._serve()
+
+    def _serve(self) -> None:
+        """Handle buffered requests while our replies are being taken; stop reading when
+        they pile up (the peer does not read), go on when they drain."""
+        t = self.transport
+        server = self.daemon.server
+        while t is not None and not t.is_closing():
+            if t.get_write_buffer_size() > REPLY_BACKLOG:
+                self.paused = True
+                t.pause_reading()
+                return
+            outputs = server.step(self.conn_id)
+            if outputs is None:
+                return
+            self.daemon.deliver(outputs)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn_id:
+            self.daemon.transports.pop(self.conn_id, None)
+            self.daemon.server.disconnect(self.conn_id)
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+            self._serve()
+
+
+class XenStoreDaemon:
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        db: str | os.PathLike[str] | None = None,
+        control_path: str | os.PathLike[str] | None = None,
+        quotas: Quotas | None = None,
+        sync_interval: float = 0.0,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.control_path = Path(control_path or f"{self.socket_path}.control")
+        self.db = Path(db) if db is not None else None
+        self.sync_interval = sync_interval
+        store = fresh_store()
+        domains: list[tuple[int, int | None]] = []
+        if self.db is not None and self.db.exists():
+            store, domains = load_db(self.db)
+        self.server = XenStoreServer(store, quotas)
+        for domid, target in domains:
+            self.server.domains[domid] = Domain(domid, target=target)
+        self.transports: dict[int, _Conn] = {}
+        self._saved_mutations = self.server.mutations
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._unix: asyncio.base_events.Server | None = None
+        self._control: socket.socket | None = None
+        self._control_conns: set[socket.socket] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for p in (self.socket_path, self.control_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        old = os.umask(0o177)
+        try:
+            self._unix = await loop.create_unix_server(
+                lambda: _Conn(self, 0), path=str(self.socket_path), backlog=1024
+            )
+            ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            ctl.bind(str(self.control_path))
+        finally:
+            os.umask(old)
+        ctl.listen(16)
+        ctl.setblocking(False)
+        self._control = ctl
+        loop.add_reader(ctl.fileno(), self._control_accept)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._unix is not None:
+            self._unix.close()
+        if self._control is not None:
+            loop.remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+        for c in list(self._control_conns):
+            self._control_drop(c)
+        for conn in list(self.transports.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
+        self.flush()
+        for p in (self.socket_path, self.control_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    # -- outputs ---------------------------------------------------------------------
+
+    def deliver(self, outputs: list[Output]) -> None:
+        if self.db is not None and self.server.mutations != self._saved_mutations:
+            if self.sync_interval <= 0:
+                self.flush()
+            elif self._save_handle is None:
+                self._save_handle = asyncio.get_running_loop().call_later(
+                    self.sync_interval, self.flush
+                )
+        for out in outputs:
+            conn = self.transports.get(out.conn_id)
+            if conn is None or conn.transport is None:
+                continue
+            if isinstance(out, Send):
+                t = conn.transport
+                if (
+                    conn.domid != 0
+                    and t.get_write_buffer_size() > EVENT_BACKLOG
+                    and out.data[:4] == _WATCH_EVENT_TYPE
+                ):
+                    continue  # an unprivileged reader this far behind loses events
+                t.write(out.data)
+            elif isinstance(out, Close):
+                conn.transport.close()
+
+    def flush(self) -> None:
+        """Write the snapshot now if the store changed since the last one."""
+        self._save_handle = None
+        if self.db is None or self.server.mutations == self._saved_mutations:
+            return
+        save_db(self.db, self.server)
+        self._saved_mutations = self.server.mutations
+
+    # -- the control socket: the toolstack attaches domain connections ---------------
+
+    def _control_accept(self) -> None:
+        assert self._control is not None
+        try:
+            sock, _ = self._control.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self._control_conns.add(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._control_read, sock)
+
+    def _control_drop(self, sock: socket.socket) -> None:
+        self._control_conns.discard(sock)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+
+    def _control_read(self, sock: socket.socket) -> None:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 256, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._control_drop(sock)
+            return
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            self._control_drop(sock)
+            return
+        answer = self._control_command(msg, fds)
+        with contextlib.suppress(OSError):
+            sock.send(answer)
+
+    def _control_command(self, msg: bytes, fds: list[int]) -> bytes:
+        words = msg.split()
+        if len(words) != 2 or words[0] != b"attach" or len(fds) != 1 or not words[1].isdigit():
+            for fd in fds:
+                os.close(fd)
+            return b"error EINVAL\n"
+        domid = int(words[1])
+        if domid != 0 and domid not in self.server.domains:
+            os.close(fds[0])
+            return b"error ENOENT\n"
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket at all
+            os.close(fds[0])
+            return b"error EINVAL\n"
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            return b"error EINVAL\n"
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            loop.connect_accepted_socket(lambda: _Conn(self, domid), sock=sock)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return b"ok\n"
+
+
+# T:480 Who is who: the toolstack attaches domains
+# A plain connection to the main socket is dom0, as in Xen.  A domain never says who it
+# is: the toolstack INTRODUCEs it, makes a socketpair and passes one end to the daemon
+# over the 0600 control socket with SCM_RIGHTS ("attach 5"); the daemon adopts it as a
+# connection of domain 5 and the toolstack gives the other end to the domain process.
+# The core just sees connection ids with a domid, so a ring-page transport fits later.
+# :T
+def attach_domain(control_path: str | os.PathLike[str], domid: int, timeout: float = 5.0) -> socket.socket:
+    """The toolstack's half of attaching a domain connection: a connected socket that
+    xenstored treats as `domid` (which must be INTRODUCEd first).  Give it to the domain."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ctl:
+        ctl.settimeout(timeout)
+        ctl.connect(os.fspath(control_path))
+        socket.send_fds(ctl, [f"attach {domid}\n".encode()], [theirs.fileno()])
+        answer = ctl.recv(64)
+    theirs.close()
+    if answer.strip() != b"ok":
+        ours.close()
+        errno = answer.split()[-1].decode() if answer.split() else "EIO"
+        raise XsError(errno if errno.startswith("E") else "EIO", f"attach {domid}: {answer!r}")
+    return ours
+
+
+async def run(daemon: XenStoreDaemon, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT)."""
+    await daemon.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await daemon.close()

@@ -1,0 +1,142 @@
+"""The suite's adapters turn each layer's own results into figures.  The layers' modules
+are replaced by fakes returning recorded output, so these run on any build."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pvio.bench import block, layers
+from pvio.bench.suite import Context, Figure
+
+
+def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> None:
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def _by_name(figures: list[Figure]) -> dict[str, Figure]:
+    return {f.name: f for f in figures}
+
+
+# Rows as `pvio bench hypervisor` formats them (two runs).
+HV_ROWS = [
+    [("hypercall round trip", "79.9 µs", "25.7 µs (bare SEQPACKET echo)", "3.11x"),
+     ("map+unmap 11 grants (map transport)", "326 µs", "29.6 µs/grant", "2 round trips"),
+     ("GNTTABOP_copy 4 KiB per call", "34 MB/s", "8,686 MB/s (map transport memcpy)",
+      "250x slower"),
+     ("compare-and-swap (ctypes + libatomic)", "809 ns", "", "")],
+    [("hypercall round trip", "70.1 µs", "24.3 µs (bare SEQPACKET echo)", "2.9x"),
+     ("map+unmap 11 grants (map transport)", "300 µs", "27.3 µs/grant", "2 round trips"),
+     ("GNTTABOP_copy 4 KiB per call", "36 MB/s", "9,000 MB/s (map transport memcpy)",
+      "250x slower"),
+     ("compare-and-swap (ctypes + libatomic)", "800 ns", "", "")],
+]
+
+
+def test_hypervisor_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    runs = iter(HV_ROWS)
+    _fake_module(monkeypatch, "pvio.bench.hypervisor", run_bench=lambda quick: next(runs))
+    assert layers.HYPERVISOR.requires() is None
+    figures = _by_name(layers.HYPERVISOR.run({"runs": 2, "quick": True}, Context(tmp_path)))
+    rtt = figures["hypercall round trip"]
+    assert (rtt.unit, rtt.higher_is_better, rtt.stats.samples) == ("µs", False, (79.9, 70.1))
+    (echo,) = rtt.baselines
+    assert echo.subject == "bare SEQPACKET echo" and echo.stats.median == pytest.approx(25.0)
+    assert echo.ratio == pytest.approx(75.0 / 25.0)
+    copy = figures["GNTTABOP_copy 4 KiB per call"]
+    assert copy.higher_is_better and copy.unit == "MB/s"
+    assert copy.baselines[0].stats.samples == (8686.0, 9000.0)
+    assert figures["map+unmap 11 grants (map transport)"].baselines == ()  # µs/grant: no peer
+    assert figures["compare-and-swap (ctypes + libatomic)"].stats.median == 804.5
+
+
+def test_xenstore_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls = []
+
+    def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
+        calls.append((tmp, iterations, runs, idle))
+        return {"echo": [10_000, 11_000], "read": [20_000, 22_000], "write": [30_000, 30_000],
+                "transaction": [90_000, 100_000], "read_idle": [21_000, 21_000],
+                "echo_idle": [10_500, 10_500]}
+
+    _fake_module(monkeypatch, "pvio.bench.xenstore", measure=measure)
+    ctx = Context(tmp_path)
+    figures = _by_name(layers.XENSTORE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
+    assert calls == [(tmp_path, 50, 2, 7)]
+    read = figures["read"]
+    assert read.stats.samples == (20.0, 22.0) and not read.higher_is_better
+    assert read.baselines[0].ratio == pytest.approx(21.0 / 10.5)
+    assert figures["read, 7 idle connections"].baselines[0].stats.median == 10.5
+    assert ctx.commands[0][:2] == ["pvio", "xenstored"]
+
+
+def test_lguest_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    @dataclass
+    class Row:
+        scenario: str
+        unit: str
+        pvio: float
+        baseline: float
+        ratio: float
+
+    values = iter([100.0, 140.0])
+
+    async def network(seconds: float, runs: int) -> list[Row]:
+        assert runs == 1
+        v = next(values)
+        return [Row("TCP g1->g2 (iperf3)", "Mbit/s", v, 10 * v, 0.1),
+                Row("ping round trip", "us", 400.0, 40.0, 0.1)]
+
+    def block_rows(seconds: float, runs: int) -> list[Row]:
+        return [Row("block 4 KiB random read", "IOPS", 20_000.0, 400_000.0, 0.05)]
+
+    _fake_module(monkeypatch, "pvio.bench.lguest", _network=network, _block=block_rows)
+    figures = _by_name(layers.LGUEST.run({"runs": 2, "seconds": 0.1}, Context(tmp_path)))
+    tcp = figures["TCP g1->g2 (iperf3)"]
+    assert tcp.stats.samples == (100.0, 140.0) and tcp.baselines[0].subject == "veth pair"
+    assert tcp.baselines[0].ratio == pytest.approx(0.1)
+    ping = figures["ping round trip"]
+    assert ping.unit == "µs" and not ping.higher_is_better and ping.baselines[0].ratio == 10
+    assert figures["block 4 KiB random read"].baselines[0].subject == "os.pread"
+
+
+def test_adapters_skip_while_their_layer_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("pvio.bench.hypervisor", "pvio.bench.xenstore", "pvio.bench.lguest",
+                 "pvio.bench.fio_nbd"):
+        monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
+    assert layers.HYPERVISOR.missing() == "pvio bench hypervisor is not built yet"
+    assert layers.XENSTORE.missing() == "pvio bench xenstore is not built yet"
+    assert layers.LGUEST.missing() == "pvio bench lguest is not built yet"
+    assert layers.NBD.missing() == "pvio.bench.fio_nbd (the NBD export's fio helper) is not built yet"
+
+
+def test_direct_io_uring_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    @dataclass(frozen=True)
+    class FioJob:
+        name: str
+        rw: str
+        bs: str
+        iodepth: int
+        runtime: float = 5.0
+        size: str = "256m"
+
+    def fio_command(uri: str, job: FioJob) -> list[str]:  # as pvio.bench.fio_nbd has it
+        return ["fio", f"--name={job.name}", "--ioengine=nbd", f"--uri={uri}",
+                f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.iodepth}",
+                f"--size={job.size}", f"--runtime={job.runtime}", "--time_based",
+                "--output-format=json"]
+
+    _fake_module(monkeypatch, "pvio.bench.fio_nbd", fio_command=fio_command)
+    argv = block.direct_command(Path("/img"), FioJob("4k-randread-qd32", "randread", "4k", 32))
+    assert argv == ["fio", "--ioengine=io_uring", "--filename=/img", "--name=4k-randread-qd32",
+                    "--rw=randread", "--bs=4k", "--iodepth=32", "--size=256m",
+                    "--runtime=5.0", "--time_based", "--output-format=json"]
+    assert {w.name for w in block.WORKLOADS} >= set(block.QUICK_WORKLOADS)

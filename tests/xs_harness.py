@@ -1,0 +1,155 @@
+"""Helpers for XenStore tests: drive the sans-IO server by named connections, and run
+`pvio xenstored` as a real process for the tests with Xen's own clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvio.abi.xs_wire import XsdSockmsgType as T
+from pvio.xenstore.server import Close, Quotas, Send, XenStoreServer
+from pvio.xenstore.wire import FrameDecoder, Packet, encode, join_args
+
+OK = b"OK\0"
+
+
+@dataclass
+class Harness:
+    """Named connections ("dom0", "d1", ...) onto one in-process server."""
+
+    quotas: Quotas | None = None
+    server: XenStoreServer = field(init=False)
+    conns: dict[str, int] = field(default_factory=dict)
+    decoders: dict[int, FrameDecoder] = field(default_factory=dict)
+    events: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    closed: set[str] = field(default_factory=set)
+    #: Every packet each connection received, in order (replies and events).
+    log: dict[str, list[Packet]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.server = XenStoreServer(quotas=self.quotas)
+
+    def conn(self, name: str, domid: int | None = None) -> int:
+        if name not in self.conns:
+            if domid is None:
+                domid = 0 if name == "dom0" else int(name.lstrip("d"))
+            if domid and domid not in self.server.domains:
+                self.server.introduce(domid)
+            cid = self.server.connect(domid)
+            self.conns[name] = cid
+            self.decoders[cid] = FrameDecoder()
+            self.events[name] = []
+            self.log[name] = []
+        return self.conns[name]
+
+    def _name(self, cid: int) -> str:
+        return next(n for n, c in self.conns.items() if c == cid)
+
+    def dispatch(self, outputs: list[Send | Close]) -> None:
+        for out in outputs:
+            name = self._name(out.conn_id)
+            if isinstance(out, Close):
+                self.closed.add(name)
+                continue
+            dec = self.decoders[out.conn_id]
+            dec.feed(out.data)
+            for pkt in dec.packets():
+                self.log[name].append(pkt)
+                if pkt.type == T.XS_WATCH_EVENT:
+                    path, token = pkt.payload.split(b"\0")[:2]
+                    self.events[name].append((path.decode(), token.decode()))
+
+    def raw(self, name: str, data: bytes) -> list[Packet]:
+        """Send raw bytes; return the replies (not events) this connection got."""
+        cid = self.conn(name)
+        before = len(self.log[name])
+        self.dispatch(self.server.receive(cid, data))
+        return [p for p in self.log[name][before:] if p.type != T.XS_WATCH_EVENT]
+
+    def req(self, name: str, type_: int, payload: bytes, tx: int = 0, req_id: int = 7) -> bytes | str:
+        """One request; the reply payload, or the errno name of an XS_ERROR."""
+        replies = self.raw(name, encode(type_, payload, req_id=req_id, tx_id=tx))
+        assert len(replies) == 1, replies
+        pkt = replies[0]
+        assert pkt.req_id == req_id and pkt.tx_id == tx
+        if pkt.type == T.XS_ERROR:
+            return pkt.payload.rstrip(b"\0").decode()
+        assert pkt.type == type_, (pkt.type, type_)
+        return pkt.payload
+
+    # conveniences -----------------------------------------------------------------
+    def write(self, name: str, path: str, value: bytes | str = b"", tx: int = 0) -> bytes | str:
+        v = value.encode() if isinstance(value, str) else value
+        return self.req(name, T.XS_WRITE, path.encode() + b"\0" + v, tx)
+
+    def read(self, name: str, path: str, tx: int = 0) -> bytes | str:
+        return self.req(name, T.XS_READ, join_args(path), tx)
+
+    def start(self, name: str) -> int:
+        r = self.req(name, T.XS_TRANSACTION_START, b"\0")
+        assert isinstance(r, bytes), r
+        return int(r.rstrip(b"\0"))
+
+    def end(self, name: str, tx: int, commit: bool = True) -> bytes | str:
+        return self.req(name, T.XS_TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
+
+    def check(self) -> None:
+        assert self.server.store.check() == []
+        assert self.server.internal_errors == 0
+
+
+# -- a real daemon process ---------------------------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    socket: Path
+    control: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "XENSTORED_PATH": str(self.socket)}
+
+
+def wait_for_socket(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise AssertionError(f"xenstored did not listen on {path}")
+
+
+@contextlib.contextmanager
+def run_daemon(tmp: Path, *args: str, name: str = "xs.sock") -> Iterator[DaemonProcess]:
+    sock = tmp / name
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvio", "xenstored", "--socket", str(sock), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock)
+        yield DaemonProcess(sock, Path(f"{sock}.control"), proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert "Traceback" not in err, err
