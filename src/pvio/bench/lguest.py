@@ -36,11 +36,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
+from pvio.bench.suite import Benchmark, Context, Figure, compare
 from pvio.export.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.storage import FileStorage
 from pvio.testing.lguest_cluster import GuestDef, LguestCluster
@@ -335,3 +338,47 @@ def lguest(seconds: float, runs: int, only: str, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=2)
+
+
+# -- the suite (`pvio bench`): every run of every scenario is a sample -------------------------
+
+
+def _suite(params: Mapping[str, Any], ctx: Context) -> list[Figure]:
+    runs, seconds = int(params["runs"]), float(params["seconds"])
+    ctx.command(["ip", "netns", "exec", "<client>", "iperf3", "-c", "10.0.0.2", "-p", "5201",
+                 "-t", str(seconds), "-J"])
+    ctx.command(["ip", "netns", "exec", "<client>", "ping", "-q", "-c", "20", "-i", "0.01",
+                 "-W", "2", "10.0.0.2"])
+    samples: dict[str, dict[str, list[float]]] = {}
+    units: dict[str, str] = {}
+    for i in range(runs):
+        ctx.progress(f"run {i + 1} of {runs}: guests as processes, in-process LAN, veth, disk")
+        rows = asyncio.run(_processes(seconds, 1)) + asyncio.run(_network(seconds, 1)) + _block(seconds, 1)
+        for row in rows:
+            units[row.scenario] = row.unit
+            per = samples.setdefault(row.scenario, {"pvio": [], "baseline": []})
+            per["pvio"].append(row.pvio)
+            per["baseline"].append(row.baseline)
+    labels = {"TCP": "veth pair", "ping": "veth pair", "block": "os.pread"}
+    figures = []
+    for scenario, per in samples.items():
+        label = next((v for k, v in labels.items() if scenario.startswith(k)), "baseline")
+        unit = "µs" if units[scenario] == "us" else units[scenario]
+        figures.append(compare(scenario, unit, {"pvio": per["pvio"], label: per["baseline"]},
+                               higher_is_better=unit != "µs"))
+    return figures
+
+
+def _make_suite() -> Benchmark:
+    return Benchmark(
+        name="lguest",
+        title="lguest guests as processes and in process: LAN (iperf3, ping) vs veth; disk vs pread",
+        run=_suite,
+        quick={"runs": 2, "seconds": 1.0},
+        full={"runs": 3, "seconds": 3.0},
+        tools=("iperf3", "ping", "ip"),
+        needs_root=True,
+    )
+
+
+SUITE = _make_suite()
