@@ -3,8 +3,8 @@
 # (tools/tests/xenstore/test-xenstore.c), which Debian does not ship as a binary.
 #
 # The source comes from Debian's xen source package through apt itself (a private
-# deb-src list, so the system's apt configuration is untouched); apt checks the tarball
-# against the signed Sources index.  Only that one file and the header it includes are
+# deb-src list made from the system's own entries, so its apt configuration is
+# untouched); apt checks the tarball against the signed Sources index.  Only that one file and the header it includes are
 # extracted, and it is compiled against libxenstore from libxen-dev.
 #
 #   bash tools/build-test-xenstore.sh [OUT_DIR]     # prints the binary's path
@@ -13,19 +13,21 @@ OUT="${1:-${PVIO_CACHE:-$(cd "$(dirname "$0")/.." && pwd)/.cache}/test-xenstore}
 BIN="$OUT/test-xenstore"
 if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
 mkdir -p "$OUT/apt/lists/partial" "$OUT/apt/etc" "$OUT/apt/cache/archives/partial" "$OUT/src"
-cat > "$OUT/apt/etc/xen-src.sources" <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+# The deb-src entries are the machine's own Debian entries (deb822 files in
+# /etc/apt/sources.list.d/*.sources, or one-line /etc/apt/sources.list), with the type
+# turned into deb-src: the same mirrors apt-get install already uses.
+: > "$OUT/apt/etc/xen-src.sources"
+for f in /etc/apt/sources.list.d/*.sources; do
+  [ -f "$f" ] || continue
+  awk 'BEGIN{RS=""; ORS="\n\n"} /(^|\n)Types:[^\n]*deb/ && /\/debian/ {sub(/Types:[^\n]*/, "Types: deb-src"); print}' \
+    "$f" >> "$OUT/apt/etc/xen-src.sources"
+done
+if [ -f /etc/apt/sources.list ]; then
+  grep -E '^deb [^#]*/debian' /etc/apt/sources.list | sed 's/^deb /deb-src /' > "$OUT/apt/etc/xen-src.list" || true
+fi
+if [ ! -s "$OUT/apt/etc/xen-src.sources" ] && [ ! -s "$OUT/apt/etc/xen-src.list" ]; then
+  echo "no Debian apt source found to fetch the xen source package from" >&2; exit 1
+fi
 APT=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$OUT/apt/etc"
      -o "Dir::State::Lists=$OUT/apt/lists" -o "Dir::Cache=$OUT/apt/cache"
      -o "APT::Sandbox::User=root" -q)

@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from export.nbd_helpers import ServerThread
+from kernelpath import ext4_round_trip, kernel_path_missing
 from pvio.export.backend import BlockBackend
 from pvio.export.rawfile import RawFileBackend
 
@@ -195,64 +195,9 @@ def test_read_only_export_refuses_real_clients(server: ServerThread, images: tup
 # --- the kernel ----------------------------------------------------------------------------------
 
 
-def _kernel_path_possible() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        return "needs /dev/fuse and loop devices"
-    missing = [t for t in ("nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3") if not shutil.which(t)]
-    return f"not installed: {missing}" if missing else None
-
-
 @pytest.mark.root
 def test_kernel_ext4_through_nbdfuse_and_loop(server: ServerThread, tmp_path: Path) -> None:
-    reason = _kernel_path_possible()
+    reason = kernel_path_missing()
     if reason:
         pytest.skip(reason)
-    fuse_dir = tmp_path / "fuse"
-    mnt = tmp_path / "mnt"
-    fuse_dir.mkdir()
-    mnt.mkdir()
-    fuse = subprocess.Popen(
-        ["nbdfuse", str(fuse_dir), server.uri("disk")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    loop_dev = ""
-    mounted = False
-    try:
-        node = fuse_dir / "nbd"
-        deadline = time.monotonic() + 20
-        while not node.exists():
-            assert fuse.poll() is None, fuse.stdout.read() if fuse.stdout else ""
-            assert time.monotonic() < deadline, "nbdfuse did not come up"
-            time.sleep(0.05)
-        loop_dev = sh("losetup", "--find", "--show", str(node)).stdout.strip()
-        sh("mkfs.ext4", "-q", "-F", loop_dev)
-        sh("mount", loop_dev, str(mnt))
-        mounted = True
-        payload = os.urandom(3 << 20)
-        for i in range(8):
-            (mnt / f"file{i}").write_bytes(payload[i:] + payload[:i])
-        (mnt / "dir").mkdir()
-        (mnt / "dir" / "hello").write_text("hello from pvio\n")
-        os.sync()
-        sh("umount", str(mnt))
-        mounted = False
-        sh("e2fsck", "-fn", loop_dev)
-        # Mount again, read back: the data went through NBD to the image and back.
-        sh("mount", "-o", "ro", loop_dev, str(mnt))
-        mounted = True
-        assert (mnt / "dir" / "hello").read_text() == "hello from pvio\n"
-        assert (mnt / "file3").read_bytes() == payload[3:] + payload[:3]
-    finally:
-        if mounted:
-            sh("umount", str(mnt), check=False)
-        if loop_dev:
-            sh("losetup", "-d", loop_dev, check=False)
-        sh("fusermount3", "-u", str(fuse_dir), check=False)
-        try:
-            fuse.wait(10)
-        except subprocess.TimeoutExpired:
-            fuse.kill()
-            fuse.wait(5)
-        if fuse.stdout is not None:
-            fuse.stdout.close()
+    ext4_round_trip(server.uri("disk"), tmp_path)

@@ -9,6 +9,8 @@ from pvio.cli.lazy import LazyGroup
 
 #: name -> ("module:command", one-line help).  Each subsystem adds its line here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("pvio.toolstack.cli:up", "Run guests with paravirtual disks exported over NBD (the main job)."),
+    "list": ("pvio.toolstack.cli:list_", "Show the running domains, their devices and NBD URIs."),
     "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.export.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),

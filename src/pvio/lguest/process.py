@@ -9,9 +9,8 @@ RAM is its domain memory, private to it; everything the two must both see lives 
 lguest regions the hypervisor shares between domains:
 
 * the *device region*, created by the Launcher: the descriptor page at guest pfn
-  ``top_pfn`` (the top of the guest's RAM, `extra["guest_nr_pages"]` or the Launcher's
-  ``spec.nr_pages``) and the console's and block device's pages after it.  The guest
-  attaches it at ``top_pfn``; the Launcher attaches it above its own small memory and
+  ``top_pfn`` (the top of the guest's RAM, see below) and the console's and block
+  device's pages after it.  The guest attaches it at ``top_pfn``; the Launcher attaches it above its own small memory and
   translates addresses by a constant;
 * the *LAN region*, one page of MAC slots per LAN, created by the Launcher of the LAN's
   first member (lowest guest domid in `extra["lan_members"]`), attached by every guest on
@@ -66,9 +65,10 @@ Specs (``extra``), as the toolstack writes them::
 
     {"name": "g1", "domid": 4, "role": "lguest-guest", ... same "extra" ...}
 
-Optional: ``extra["guest_nr_pages"]`` (the guest's RAM in pages, when the two specs'
-``nr_pages`` differ) and ``extra["hostile"]`` (tests only: a list of rule breaks the
-guest commits after it is up, see `_misbehave`).
+The guest's RAM is decided by the Launcher, as in lguest: ``extra["guest_nr_pages"]``
+if given, else the config's ``memory``, else the toolstack's default; the guest process
+takes the size from the rendezvous file.  ``extra["hostile"]`` is for tests only: a list
+of rule breaks the guest commits once it is up (see `Guest._misbehave`).
 
 Not here: hotplug, the host's own peer on the LAN (--tunnet), and a Launcher restart
 while its guest runs (the guest would have to re-attach).  Rejected: putting the guest's
@@ -167,7 +167,7 @@ class LguestSettings:
             state_dir=Path(spec.state_dir),
             launcher_domid=int(extra.get("launcher_domid", spec.domid)),
             guest_domid=guest_domid,
-            guest_nr_pages=int(extra.get("guest_nr_pages", spec.nr_pages)),
+            guest_nr_pages=_guest_pages(spec, cfg),
             console=bool(cfg.get("console", True)),
             console_socket=str(extra.get("console_socket", "")),
             nbd_socket=str(extra.get("nbd_socket", "")),
@@ -198,6 +198,18 @@ class LguestSettings:
     @property
     def lan_owner(self) -> bool:
         return bool(self.lan_members) and self.lan_members[0][1] == self.guest_domid
+
+
+def _guest_pages(spec: DomainSpec, cfg: dict[str, Any]) -> int:
+    """The guest's RAM in pages: `extra["guest_nr_pages"]`, else the config's `memory`,
+    else the guest spec's nr_pages (the Launcher's spec: the toolstack's default)."""
+    from pvio.toolstack.config import parse_size
+
+    if "guest_nr_pages" in spec.extra:
+        return int(spec.extra["guest_nr_pages"])
+    if cfg.get("memory"):
+        return parse_size(cfg["memory"]) // PAGE_SIZE
+    return spec.nr_pages if spec.role == "lguest-guest" else DomainSpec.nr_pages
 
 
 def default_mac(domid: int) -> bytes:
@@ -608,9 +620,12 @@ class Guest:
         info = await wait_rendezvous(launcher_file(s.state_dir, s.guest_name),
                                      lambda d: int(d.get("launcher_domid", -1)) == s.launcher_domid
                                      and int(d.get("guest_domid", -1)) == s.guest_domid)
-        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, s.guest_nr_pages,
-                                     domid=self.spec.domid)
+        # The Launcher decides the guest's RAM, as lguest's did: all of it lies below the
+        # descriptor page.
         top_pfn = int(info["top_pfn"])
+        s.guest_nr_pages = top_pfn
+        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, top_pfn,
+                                     domid=self.spec.domid)
         await self.dom.lguest_region(int(info["dev_pages"]), top_pfn * PAGE_SIZE, int(info["region_id"]))
         if s.lan and info.get("net_pfn"):
             owner = s.lan_members[0][1]

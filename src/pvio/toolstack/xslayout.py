@@ -106,3 +106,22 @@ def vbd_destroy(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
         XsOp("rm", backend_path(backend_domid, domid, devid)),
         XsOp("rm", libxl_path(domid, devid)),
     ]
+
+
+def domain_add(domid: int, name: str) -> list[XsOp]:
+    """What libxl writes for a domain itself (libxl__domain_make), for one transaction.
+
+    /local/domain/<domid> is readable by the domain and owned by dom0; the domain owns
+    its data/, drivers/, feature/, attr/ and error/ directories.  Nothing is removed:
+    the vbd directories written before stay.
+    """
+    dom = f"/local/domain/{domid}"
+    ro = ("n0", f"r{domid}") if domid else ("n0",)
+    rw = (f"n{domid}",)
+    ops = [XsOp("mkdir", dom), XsOp("set_perms", dom, perms=ro)]
+    ops += [XsOp("write", f"{dom}/name", name), XsOp("write", f"{dom}/domid", str(domid))]
+    for sub in ("device", "control"):
+        ops += [XsOp("mkdir", f"{dom}/{sub}"), XsOp("set_perms", f"{dom}/{sub}", perms=ro)]
+    for sub in ("data", "drivers", "feature", "attr", "error"):
+        ops += [XsOp("mkdir", f"{dom}/{sub}"), XsOp("set_perms", f"{dom}/{sub}", perms=rw)]
+    return ops

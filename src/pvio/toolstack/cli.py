@@ -1,0 +1,113 @@
+"""`pvio up` and `pvio list`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
+from pvio.toolstack.paths import StatePaths, default_state_dir
+from pvio.toolstack.up import Toolstack, load_up_status, run_up
+
+STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
+
+
+@click.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help=STATE_DIR_HELP)
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    metavar="SPEC",
+    help="A disk in xl's syntax, e.g. 'format=raw, vdev=xvda, access=rw, target=/path/disk.img' (repeatable).",
+)
+@click.option("--nbd-socket", type=click.Path(dir_okay=False), default=None, help="UNIX socket for the first disk's NBD export.")
+@click.option(
+    "--transport",
+    type=click.Choice(["map", "copy"]),
+    default=None,
+    help="How the driver domain reaches guest pages: map (fast, trusted backend) or copy (grant copies only).",
+)
+def up(
+    config_file: Path | None, state_dir: Path | None, disks: tuple[str, ...], nbd_socket: str | None, transport: str | None
+) -> None:
+    """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
+
+    With no arguments: one guest with a 1 GiB sparse raw disk xvda in the state directory,
+    exported over NBD.  With --disk: one guest with those disks.  With CONFIG_FILE: the
+    domains a TOML file describes (see examples/).  Runs until Ctrl-C or SIGTERM.
+    """
+    root = (state_dir or default_state_dir()).resolve()
+    try:
+        if config_file and disks:
+            raise ConfigError("give a CONFIG_FILE or --disk options, not both")
+        if config_file:
+            config = load(config_file, root)
+        elif disks:
+            config = from_disk_options(list(disks), root)
+        else:
+            config = default_config(root)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if transport:
+        config.transport = transport
+    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket)
+    sys.exit(asyncio.run(run_up(toolstack)))
+
+
+@click.command(name="list")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help=STATE_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(state_dir: Path | None, as_json: bool) -> None:
+    """Show the running domains, like `xl list`, with their devices and NBD URIs."""
+    paths = StatePaths((state_dir or default_state_dir()).resolve())
+    status = load_up_status(paths)
+    if status is None or not _alive(status.get("pid")):
+        if as_json:
+            click.echo(json.dumps({"running": False, "domains": []}))
+            return
+        raise click.ClickException(f"no pvio up is running with state directory {paths.root}")
+    for d in status["domains"]:
+        if d.get("state") == "running" and not _alive(d.get("pid")):
+            d["state"] = "dead"
+    if as_json:
+        click.echo(json.dumps({"running": True} | status, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pvio domains ({paths.root})")
+    for col in ("Name", "ID", "PID", "Role", "State", "Devices"):
+        table.add_column(col)
+    for d in status["domains"]:
+        devices = []
+        for dev in d["devices"]:
+            if dev["type"] == "vbd":
+                devices.append(f"{dev['vdev']} {dev['mode']} {dev['nbd']}")
+            elif dev["type"] == "lguest-block":
+                devices.append(f"lgba {dev['nbd']}")
+            elif dev["type"] == "lguest-net":
+                devices.append(f"net {dev['address']} netns {dev['netns']}")
+            elif dev["type"] == "console":
+                devices.append("console")
+        table.add_row(d["name"], str(d["domid"]), str(d["pid"]), d["role"], d["state"], "\n".join(devices))
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    click.echo(f"XENSTORED_PATH={status['xenstored_path']}")
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,631 @@
+"""`pvio up`: the toolstack — start the hypervisor, XenStore and the domains; supervise.
+
+Theory of operation
+-------------------
+`pvio up` plays xl/libxl.  In order:
+
+1. It takes the state directory (a lock file keeps a second `pvio up` out), starts
+   `pvio hypervisor` and `pvio xenstored` as child processes with their logs under
+   `logs/`, and connects to XenStore on the privileged socket.
+2. It decides every domain's domid (0 for the driver domain, then 1, 2, ...), writes
+   what libxl writes for a domain (`/local/domain/<domid>/name`, `domid`, and the
+   domain's own writable directories), INTRODUCEs it to xenstored and obtains a
+   connection bound to that domid (`attach_domain`), which the domain process inherits:
+   a domain never claims its own identity.
+3. For every vbd it writes the frontend, backend and /libxl directories with libxl's
+   permissions in one transaction (`pvio.toolstack.xslayout`), creating missing raw
+   images sparse.
+4. It starts the driver domain, then the guests, each as
+   ``python -m pvio.toolstack.domain SPEC.json`` (`pvio.toolstack.spec`), waits for their
+   status files to say ready, writes `pvio-up.json` (what `pvio list` shows) and prints
+   the NBD URIs and what to try next.
+5. It supervises.  A driver domain that dies is reported and restarted (guests' blkfronts
+   renegotiate and re-issue their in-flight requests); a guest that dies is reported;
+   the hypervisor or xenstored dying ends the run with an error.
+6. On SIGINT/SIGTERM: guests are stopped first (each closes its NBD export and takes its
+   vbds through XenBus Closing → Closed, ending its grants), then backends still
+   connected are asked to close as libxl does (online=0, state=Closing) and waited for,
+   the driver domain is stopped (it flushes storage), XenStore is cleaned, and xenstored
+   and the hypervisor are stopped.  Exit status 0.
+
+What it deliberately does not do: run domains on other machines (an NBD URI as a disk's
+target is how storage outgrows this machine), or keep running after its own exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from pvio.blk.storage import create_sparse_image
+from pvio.toolstack import xslayout
+from pvio.toolstack.config import Config, DomainConfig
+from pvio.toolstack.paths import StatePaths, nbd_uri
+from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, read_status, write_status
+
+READY_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 15.0
+XENBUS_CLOSED = "6"
+
+
+class UpError(RuntimeError):
+    """pvio up cannot go on; the message says why and what to do."""
+
+
+# T:910 The toolstack
+# Nothing in Xen makes a domain appear by itself: a toolstack (xl and libxl) decides its
+# id, writes its XenStore directories — for a disk, a frontend directory the guest owns
+# and a backend directory the driver domain owns, each readable by the other end — and
+# only then starts it.  `pvio up` does the same with processes: the hypervisor and
+# xenstored first, then the driver domain (domid 0, blkback), then the guests, each handed
+# a XenStore connection already bound to its domid.  From there the two ends meet through
+# XenStore alone, exactly as Xen's split drivers do.
+# :T
+
+
+@dataclass
+class Child:
+    """One process pvio up started."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    pass_fds: tuple[int, ...] = ()
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    log_file: TextIO | None = None
+
+    async def start(self) -> None:
+        self.log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop
+        self.log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.argv)}\n")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            pass_fds=self.pass_fds,
+            start_new_session=True,  # a Ctrl-C on the terminal reaches pvio up only
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self.log_file:
+            self.log_file.close()
+            self.log_file = None
+        return self.proc.returncode
+
+
+@dataclass
+class DomainRun:
+    """A domain pvio up runs: its spec and its process."""
+
+    config: DomainConfig | None  # None for the driver domain
+    spec: DomainSpec
+    child: Child
+    status: dict[str, Any] = field(default_factory=dict)
+    state: str = "starting"
+
+
+def _python_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+class Toolstack:
+    def __init__(
+        self,
+        config: Config,
+        paths: StatePaths,
+        *,
+        nbd_socket: str | None = None,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.config = config
+        self.paths = paths
+        self.nbd_socket_override = nbd_socket
+        self.out = out
+        self.children: list[Child] = []
+        self.domains: list[DomainRun] = []
+        self.xs: Any = None
+        self._lock_fd = -1
+        self._stopping = False
+
+    # -- output --------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    # -- start ---------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.paths.make()
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UpError(
+                f"another pvio up is running with state directory {self.paths.root} "
+                "(stop it, or pass --state-dir DIR)"
+            ) from None
+        self._lock_fd = fd
+        for stale in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+    async def _start_child(self, child: Child) -> Child:
+        await child.start()
+        self.children.append(child)
+        return child
+
+    async def _wait_socket(self, path: Path, child: Child, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        kind = socket.SOCK_SEQPACKET if path == self.paths.hypervisor_socket else socket.SOCK_STREAM
+        while time.monotonic() < deadline:
+            if not child.running:
+                raise UpError(f"{child.name} exited at start; see {child.log_path}")
+            if path.exists():
+                with socket.socket(socket.AF_UNIX, kind) as s:
+                    try:
+                        s.connect(str(path))
+                        return
+                    except OSError:
+                        pass
+            await asyncio.sleep(0.05)
+        raise UpError(f"{child.name} did not open {path} within {timeout:.0f}s; see {child.log_path}")
+
+    async def start_services(self) -> None:
+        hv = await self._start_child(
+            Child(
+                "hypervisor",
+                _python_argv("pvio", "hypervisor", "--socket", str(self.paths.hypervisor_socket)),
+                self.paths.log("hypervisor"),
+            )
+        )
+        xs = await self._start_child(
+            Child(
+                "xenstored",
+                _python_argv(
+                    "pvio",
+                    "xenstored",
+                    "--socket",
+                    str(self.paths.xenstored_socket),
+                    "--control",
+                    str(self.paths.xenstored_control),
+                ),
+                self.paths.log("xenstored"),
+            )
+        )
+        await self._wait_socket(self.paths.hypervisor_socket, hv)
+        await self._wait_socket(self.paths.xenstored_socket, xs)
+        from pvio.xenstore.client import AsyncClient
+
+        self.xs = await AsyncClient.open(str(self.paths.xenstored_socket))
+
+    async def _transact(self, ops: list[xslayout.XsOp]) -> None:
+        xs = self.xs
+
+        async def body(tx: int) -> None:
+            for op in ops:
+                if op.op == "rm":
+                    with contextlib.suppress(Exception):
+                        await xs.rm(op.path, tx)
+                elif op.op == "mkdir":
+                    await xs.mkdir(op.path, tx)
+                elif op.op == "write":
+                    await xs.write(op.path, op.value, tx)
+                elif op.op == "set_perms":
+                    await xs.set_perms(op.path, list(op.perms), tx)
+                else:  # pragma: no cover - xslayout only makes the four
+                    raise ValueError(op.op)
+
+        await xs.transact(body)
+
+    async def _introduce(self, domid: int, name: str) -> socket.socket:
+        from pvio.xenstore.daemon import attach_domain
+
+        if domid != 0:
+            await self.xs.introduce(domid)
+        await self._transact(xslayout.domain_add(domid, name))
+        return await asyncio.to_thread(attach_domain, self.paths.xenstored_control, domid)
+
+    async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket) -> None:
+        spec = run.spec
+        spec.xenstore_fd = xs_sock.fileno()
+        self.paths.spec(spec.name).write_text(spec.to_json())
+        with contextlib.suppress(FileNotFoundError):
+            Path(spec.status_file).unlink()
+        os.set_inheritable(xs_sock.fileno(), True)
+        child = run.child
+        child.pass_fds = (xs_sock.fileno(),)
+        await child.start()
+        xs_sock.close()  # the domain holds it now
+        if child not in self.children:
+            self.children.append(child)
+
+    def _spec(self, name: str, domid: int, role: str, **kw: Any) -> DomainSpec:
+        return DomainSpec(
+            name=name,
+            domid=domid,
+            role=role,
+            hypervisor_socket=str(self.paths.hypervisor_socket),
+            xenstore_fd=-1,
+            state_dir=str(self.paths.root),
+            status_file=str(self.paths.status(name)),
+            **kw,
+        )
+
+    def _run(self, config: DomainConfig | None, spec: DomainSpec) -> DomainRun:
+        child = Child(
+            spec.name,
+            _python_argv("pvio.toolstack.domain", str(self.paths.spec(spec.name))),
+            self.paths.log(spec.name),
+        )
+        run = DomainRun(config, spec, child)
+        self.domains.append(run)
+        return run
+
+    def plan(self) -> None:
+        """Decide domids and specs for the driver domain and every guest."""
+        driver = self._spec("driver", 0, "driver", transport=self.config.transport)
+        self._run(None, driver)
+        domid = 1
+        for dom in self.config.domains:
+            if dom.type == "xen":
+                disks = []
+                for i, disk in enumerate(dom.disks):
+                    sock = self.paths.nbd_socket(dom.name, disk.spec.vdev.name)
+                    if i == 0 and self.nbd_socket_override:
+                        sock = Path(self.nbd_socket_override).resolve()
+                    disk.nbd_socket = str(sock)
+                    disks.append(
+                        DiskSpecJSON(
+                            vdev=disk.spec.vdev.name,
+                            devid=disk.spec.vdev.number,
+                            target=disk.spec.target,
+                            format=disk.spec.format,
+                            read_only=disk.spec.read_only,
+                            nbd_socket=str(sock),
+                        )
+                    )
+                self._run(dom, self._spec(dom.name, domid, "guest", nr_pages=dom.memory // 4096, disks=disks))
+                domid += 1
+            else:
+                launcher = self._spec(f"{dom.name}-launcher", domid, "lguest-launcher")
+                guest = self._spec(dom.name, domid + 1, "lguest-guest", nr_pages=dom.memory // 4096)
+                extra = {
+                    "config": dom.raw
+                    | {"disk": dom.lguest_disk, "net": dom.lguest_net.__dict__ if dom.lguest_net else None},
+                    "launcher_domid": domid,
+                    "guest_domid": domid + 1,
+                    "console_socket": str(self.paths.console_socket(dom.name)),
+                    "nbd_socket": str(self.paths.nbd_socket(dom.name, "lgba")),
+                }
+                launcher.extra = dict(extra)
+                guest.extra = dict(extra)
+                self._run(dom, launcher)
+                self._run(dom, guest)
+                domid += 2
+        lans: dict[str, list[dict[str, Any]]] = {}
+        for run in self.domains:
+            cfg = run.config
+            if cfg is not None and cfg.type == "lguest" and cfg.lguest_net and run.spec.role == "lguest-guest":
+                lans.setdefault(cfg.lguest_net.lan, []).append({"name": cfg.name, "domid": run.spec.domid})
+        for run in self.domains:
+            cfg = run.config
+            if cfg is not None and cfg.type == "lguest":
+                lan = cfg.lguest_net.lan if cfg.lguest_net else None
+                run.spec.extra["lan_members"] = lans.get(lan, []) if lan else []
+
+    def _prepare_images(self) -> None:
+        for dom in self.config.domains:
+            for disk in dom.disks:
+                target = disk.spec.target
+                if "://" in target or os.path.exists(target):
+                    continue
+                if disk.spec.format != "raw":
+                    raise UpError(f"{dom.name}: {target} does not exist (only raw images are created)")
+                create_sparse_image(target, disk.size)
+                self.say(f"created {target} ({_human(disk.size)}, sparse raw)")
+            if dom.lguest_disk and not os.path.exists(dom.lguest_disk["target"]):
+                create_sparse_image(dom.lguest_disk["target"], int(dom.lguest_disk["size"]))
+
+    async def start_domains(self) -> None:
+        self._prepare_images()
+        for run in self.domains:
+            dom = run.config
+            if dom is not None and dom.type == "xen":
+                for disk in dom.disks:
+                    params = disk.spec.target
+                    await self._transact(xslayout.vbd_add(run.spec.domid, disk.spec, params))
+        for run in self.domains:
+            sock = await self._introduce(run.spec.domid, run.spec.name)
+            await self._spawn_domain(run, sock)
+            if run.spec.role in ("driver", "lguest-launcher"):
+                await self._wait_ready(run)
+        for run in self.domains:
+            await self._wait_ready(run)
+
+    async def _wait_ready(self, run: DomainRun, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = read_status(run.spec.status_file)
+            if status and status.get("ready"):
+                run.status = status
+                run.state = "running"
+                return
+            if not run.child.running:
+                raise UpError(
+                    f"domain {run.spec.name} exited while starting (status {run.child.proc and run.child.proc.returncode}); "
+                    f"see {run.child.log_path}:\n{_tail(run.child.log_path)}"
+                )
+            await asyncio.sleep(0.05)
+        raise UpError(f"domain {run.spec.name} was not ready within {timeout:.0f}s; see {run.child.log_path}")
+
+    # -- what pvio list shows -----------------------------------------------------
+
+    def write_up_status(self, ready: bool) -> None:
+        domains = []
+        for run in self.domains:
+            entry: dict[str, Any] = {
+                "name": run.spec.name,
+                "domid": run.spec.domid,
+                "role": run.spec.role,
+                "pid": run.child.pid,
+                "state": run.state,
+                "restarts": run.child.restarts,
+                "log": str(run.child.log_path),
+                "devices": [],
+            }
+            for d in run.spec.disks:
+                entry["devices"].append(
+                    {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
+                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri(d.nbd_socket, d.vdev)}
+                )
+            if run.spec.role == "lguest-guest":
+                entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
+                if run.config and run.config.lguest_disk:
+                    entry["devices"].append(
+                        {"type": "lguest-block", "target": run.config.lguest_disk["target"],
+                         "nbd": nbd_uri(run.spec.extra["nbd_socket"], "lgba")}
+                    )
+                if run.config and run.config.lguest_net:
+                    entry["devices"].append(
+                        {"type": "lguest-net", "netns": f"pvio-{run.spec.name}",
+                         "address": run.config.lguest_net.address, "lan": run.config.lguest_net.lan}
+                    )
+            domains.append(entry)
+        write_status(
+            self.paths.up_status,
+            ready=ready,
+            pid=os.getpid(),
+            state_dir=str(self.paths.root),
+            xenstored_path=str(self.paths.xenstored_socket),
+            hypervisor_socket=str(self.paths.hypervisor_socket),
+            services=[
+                {"name": c.name, "pid": c.pid, "log": str(c.log_path)}
+                for c in self.children
+                if c.name in ("hypervisor", "xenstored")
+            ],
+            domains=domains,
+        )
+
+    def banner(self) -> None:
+        guests = [r for r in self.domains if r.spec.role in ("guest", "lguest-guest")]
+        self.say(f"pvio up: {len(guests)} guest(s) running; state directory {self.paths.root}")
+        first_uri = None
+        for run in guests:
+            self.say(f"  {run.spec.name} (domid {run.spec.domid}, pid {run.child.pid})")
+            for d in run.spec.disks:
+                uri = nbd_uri(d.nbd_socket, d.vdev)
+                first_uri = first_uri or uri
+                mode = "ro" if d.read_only else "rw"
+                self.say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
+            if run.spec.role == "lguest-guest" and run.config is not None:
+                if run.config.lguest_net:
+                    self.say(f"    net {run.config.lguest_net.address} in netns pvio-{run.spec.name}")
+                self.say(f"    console: pvio console {run.spec.name} --state-dir {self.paths.root}")
+        self.say("")
+        self.say(f"export XENSTORED_PATH={self.paths.xenstored_socket}")
+        self.say("")
+        self.say("Try next, in another terminal:")
+        if first_uri:
+            self.say(f"  nbdinfo '{first_uri}'")
+            self.say(
+                f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{first_uri}'"
+            )
+        self.say(f"  XENSTORED_PATH={self.paths.xenstored_socket} xenstore-ls -p /local/domain")
+        self.say(f"  pvio list --state-dir {self.paths.root}")
+        self.say("Stop with Ctrl-C: XenBus close, flush, exit.")
+
+    # -- supervise -----------------------------------------------------------------
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        services = [c for c in self.children if c.name in ("hypervisor", "xenstored")]
+        while not stop.is_set():
+            for svc in services:
+                if not svc.running:
+                    raise UpError(f"{svc.name} exited (status {svc.proc and svc.proc.returncode}); see {svc.log_path}")
+            for run in self.domains:
+                if run.state == "running" and not run.child.running:
+                    code = run.child.proc.returncode if run.child.proc else None
+                    if run.spec.role == "driver":
+                        run.child.restarts += 1
+                        self.say(f"pvio up: driver domain exited (status {code}); restarting it "
+                                 f"(restart #{run.child.restarts}; log {run.child.log_path})")
+                        run.state = "restarting"
+                        self.write_up_status(True)
+                        sock = await self._introduce(0, run.spec.name)
+                        await self._spawn_domain(run, sock)
+                        await self._wait_ready(run)
+                        self.say("pvio up: driver domain is back")
+                    else:
+                        run.state = "crashed"
+                        self.say(f"pvio up: domain {run.spec.name} exited (status {code}); see {run.child.log_path}")
+                    self.write_up_status(True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+
+    # -- stop ----------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        guests = [r for r in self.domains if r.spec.role != "driver"]
+        drivers = [r for r in self.domains if r.spec.role == "driver"]
+        # Guests first: each takes its vbds through Closing -> Closed and ends its grants.
+        await asyncio.gather(*(r.child.stop(CLOSE_TIMEOUT) for r in guests if r.child.proc))
+        for r in guests:
+            r.state = "stopped"
+        if self.xs is not None:
+            await self._close_backends()
+        await asyncio.gather(*(r.child.stop(CLOSE_TIMEOUT) for r in drivers if r.child.proc))
+        for r in drivers:
+            r.state = "stopped"
+        if self.xs is not None:
+            with contextlib.suppress(Exception):
+                await self._cleanup_xenstore()
+            with contextlib.suppress(Exception):
+                await self.xs.close()
+        for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
+            await c.stop(5.0)
+        for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def _close_backends(self) -> None:
+        """libxl's remove: online=0 and Closing for every backend not Closed yet; wait."""
+        pending = []
+        for run in self.domains:
+            for d in run.spec.disks:
+                be = xslayout.backend_path(0, run.spec.domid, d.devid)
+                try:
+                    state = (await self.xs.read(f"{be}/state")).decode()
+                except Exception:
+                    continue
+                if state != XENBUS_CLOSED:
+                    with contextlib.suppress(Exception):
+                        await self._transact(xslayout.vbd_remove_request(run.spec.domid, d.devid))
+                    pending.append(f"{be}/state")
+        deadline = time.monotonic() + 5.0
+        while pending and time.monotonic() < deadline:
+            still = []
+            for path in pending:
+                try:
+                    if (await self.xs.read(path)).decode() != XENBUS_CLOSED:
+                        still.append(path)
+                except Exception:
+                    pass
+            pending = still
+            if pending:
+                await asyncio.sleep(0.1)
+
+    async def _cleanup_xenstore(self) -> None:
+        ops: list[xslayout.XsOp] = []
+        for run in self.domains:
+            for d in run.spec.disks:
+                ops += xslayout.vbd_destroy(run.spec.domid, d.devid)
+        if ops:
+            await self._transact(ops)
+        for run in self.domains:
+            if run.spec.domid != 0:
+                with contextlib.suppress(Exception):
+                    await self.xs.release(run.spec.domid)
+                with contextlib.suppress(Exception):
+                    await self.xs.rm(f"/local/domain/{run.spec.domid}")
+
+    def release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+async def run_up(toolstack: Toolstack) -> int:
+    """Run until SIGINT/SIGTERM; 0 after an orderly stop, 1 if something failed."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        toolstack._take_lock()
+        toolstack.plan()
+        await toolstack.start_services()
+        toolstack.write_up_status(False)
+        start = asyncio.create_task(toolstack.start_domains())
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            stopper.cancel()
+            start.result()
+            toolstack.write_up_status(True)
+            toolstack.banner()
+            await toolstack.supervise(stop)
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+        toolstack.say("pvio up: stopping (XenBus close, flush)...")
+    except UpError as e:
+        toolstack.say(f"pvio up: error: {e}")
+        code = 1
+    finally:
+        try:
+            await toolstack.shutdown()
+        finally:
+            toolstack.write_up_status(False) if toolstack.paths.root.exists() else None
+            with contextlib.suppress(FileNotFoundError):
+                toolstack.paths.up_status.unlink()
+            toolstack.release_lock()
+    if code == 0:
+        toolstack.say("pvio up: stopped")
+    return code
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def load_up_status(paths: StatePaths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(paths.up_status.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
