@@ -126,6 +126,8 @@ LAUNCHER_PAGES = 64
 EXPORT_NAME = "lgba"
 #: How long a process waits for its peer's rendezvous file (seconds).
 RENDEZVOUS_TIMEOUT = 30.0
+#: Console output held for a `pvio console` client that does not read, before dropping.
+CLIENT_BUFFER_LIMIT = 1 << 20
 #: Console output the guest retries while its Launcher's buffer is busy (seconds).
 CONSOLE_RETRY = 2.0
 _U32 = struct.Struct("<I")
@@ -347,6 +349,7 @@ class Launcher:
         self.console: ConsoleDevice | None = None
         self.clients: set[asyncio.StreamWriter] = set()
         self.violations = 0
+        self.output_dropped = 0
         self._pending_input = bytearray()
         self._input_scheduled = False
         self._server: asyncio.AbstractServer | None = None
@@ -460,8 +463,12 @@ class Launcher:
             return
         out: bytes = fut.result()
         for w in list(self.clients):
-            if out:
-                w.write(out)
+            if not out:
+                break
+            if w.transport.get_write_buffer_size() > CLIENT_BUFFER_LIMIT:
+                self.output_dropped += len(out)  # a client that does not read loses output
+                continue
+            w.write(out)
 
     # -- the console's host end --------------------------------------------------------------
 
