@@ -784,6 +784,16 @@ class Domain:
         """SEND_DMA; returns the bytes copied (also written into the dma's used_len)."""
         return await self._lhcall(LHCALL_SEND_DMA, key, dma)
 
+    async def send_dma_many(self, sends: Sequence[tuple[int, int]]) -> list[int]:
+        """Several SEND_DMA(key, dma) in one batch (one round trip): for each, the bytes
+        copied, or the -errno it was refused with."""
+        ops = [Op(wire.PVIO_HYPERVISOR_lguest, LHCALL_SEND_DMA, 1, wire.PVIO_LHCALL.pack(arg1=k, arg2=d))
+               for k, d in sends]
+        out: list[int] = []
+        for reply in await self._call(ops):
+            out.append(reply.rc if reply.rc else int(wire.PVIO_LHCALL.unpack(reply.args)["ret"]))
+        return out
+
     def set_irq_handler(self, handler: Callable[[int], None] | None) -> None:
         self._irq_handler = handler
 

@@ -107,6 +107,20 @@ class ThreadedDmaPort:
     def send_dma(self, key: int, dma: int) -> int:
         return self._hypercall(self.client.send_dma(key, dma))
 
+    def send_dma_many(self, sends: list[tuple[int, int]]) -> list[int]:
+        """Several SEND_DMAs in one hypercall batch: each one's bytes copied, or -errno."""
+        many = getattr(self.client, "send_dma_many", None)
+        if many is None:
+            out: list[int] = []
+            for key, dma in sends:
+                try:
+                    out.append(self.send_dma(key, dma))
+                except DmaError as exc:
+                    out.append(-exc.errno)
+            return out
+        result: list[int] = self._hypercall(many(sends))
+        return result
+
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.client.phys(addr, length))
 

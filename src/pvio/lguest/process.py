@@ -126,6 +126,8 @@ LAUNCHER_PAGES = 64
 EXPORT_NAME = "lgba"
 #: How long a process waits for its peer's rendezvous file (seconds).
 RENDEZVOUS_TIMEOUT = 30.0
+#: Frames from the TAP waiting for the guest's driver before they are dropped.
+TX_PENDING_LIMIT = 256
 #: Console output held for a `pvio console` client that does not read, before dropping.
 CLIENT_BUFFER_LIMIT = 1 << 20
 #: Console output the guest retries while its Launcher's buffer is busy (seconds).
@@ -607,6 +609,9 @@ class Guest:
         self.shell: Any = None
         self.console_dropped = 0
         self.refused = 0  # hypercalls the hypervisor refused (DmaError)
+        self.tx_dropped = 0  # frames from the TAP beyond TX_PENDING_LIMIT
+        self._tx_pending: list[bytes] = []
+        self._tx_busy = False
 
     # T:898 The guest as a domain: scan, probe, and the real world's ends
     # The guest process becomes a domain whose memory is its RAM, reads its Launcher's
@@ -688,13 +693,27 @@ class Guest:
         self.link.start(loop)
 
     def _from_tap(self, frame: bytes) -> None:
-        if self.net is not None:
-            _submit(self.thread, self._transmit, frame)
+        # Frames that arrive while a batch is being sent wait and go as the next batch
+        # (one hypercall round trip for up to TX_BATCH SEND_DMAs); bounded.
+        if self.net is None:
+            return
+        if len(self._tx_pending) >= TX_PENDING_LIMIT:
+            self.tx_dropped += 1
+            return
+        self._tx_pending.append(frame)
+        if not self._tx_busy:
+            self._tx_next()
 
-    def _transmit(self, frame: bytes) -> None:
+    def _tx_next(self, fut: asyncio.Future[Any] | None = None) -> None:
+        self._tx_busy = bool(self._tx_pending)
+        if self._tx_pending:
+            frames, self._tx_pending = self._tx_pending, []
+            _submit(self.thread, self._transmit, frames).add_done_callback(self._tx_next)
+
+    def _transmit(self, frames: list[bytes]) -> None:
         assert self.net is not None
         try:
-            self.net.transmit(frame)
+            self.net.transmit_many(frames)
         except LguestError:
             self.refused += 1
 
