@@ -108,3 +108,39 @@ def test_hostile_guest_fails_its_devices_and_others_keep_working(cluster: Lguest
     assert r.returncode == 0, r.stdout + r.stderr
     stats = cluster.status("g1").get("stats", {})
     assert stats["net"]["rx_length_errors"] > 0  # g3's runts reached g1 and were dropped
+
+
+def test_console_on_a_terminal_quits_on_three_ctrl_c(cluster: LguestCluster) -> None:
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "pvio", "console", "g2", "--state-dir", str(cluster.state_dir)],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 20
+        sent = False
+        while b"ping-pong" not in out and time.monotonic() < deadline:
+            if not sent and time.monotonic() > deadline - 19:  # give the client a moment to attach
+                os.write(master, b"echo ping-''pong\r")
+                sent = True
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                out += os.read(master, 4096)
+        assert b"ping-pong" in out, out
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & (termios.ICANON | termios.ECHO | termios.ISIG)  # raw, as lguest
+        os.write(master, b"\x03\x03\x03")
+        assert proc.wait(10) == 0
+        assert termios.tcgetattr(slave)[3] == before[3]  # the terminal's mode is restored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        os.close(master)
+        os.close(slave)
