@@ -106,6 +106,12 @@ def test_hostile_guest_fails_its_devices_and_others_keep_working(cluster: Lguest
     assert not _devices(cluster, "g1")["1"] & S_FAILED
     r = netns_exec("g1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.2")
     assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 10
+    while "stats" not in cluster.status("g1-launcher") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher = cluster.status("g3-launcher").get("stats", {})
+    assert launcher["violations"] >= 2 and launcher["failed"] == [0, 1], launcher
+    assert cluster.status("g1-launcher")["stats"]["violations"] == 0
     stats = cluster.status("g1").get("stats", {})
     assert stats["net"]["rx_length_errors"] > 0  # g3's runts reached g1 and were dropped
 

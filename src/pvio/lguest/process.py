@@ -510,6 +510,15 @@ class Launcher:
         del self._pending_input[:n]
         self._schedule_input(0 if n else 0.005)
 
+    def statistics(self) -> dict[str, Any]:
+        """Violations, FAILED devices, console output dropped, each device's counters."""
+        return {
+            "violations": self.violations,
+            "failed": sorted(sv.slot.index for sv in self.served.values() if sv.failed),
+            "console_output_dropped": self.output_dropped,
+            "devices": {str(sv.slot.index): vars(sv.device.stats).copy() for sv in self.served.values()},
+        }
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -555,9 +564,13 @@ async def launcher_main(spec: DomainSpec) -> None:
     launcher = Launcher(spec)
     try:
         await launcher.start()
-        write_status(spec.status_file, ready=True, role=spec.role, domid=launcher.dom.domid,
-                     guest=launcher.s.guest_name)
-        await asyncio.Event().wait()
+        status: dict[str, Any] = {"ready": True, "role": spec.role, "domid": launcher.dom.domid,
+                                  "guest": launcher.s.guest_name}
+        write_status(spec.status_file, **status)
+        while True:
+            await asyncio.sleep(1.0)
+            status["stats"] = launcher.statistics()
+            write_status(spec.status_file, **status)
     finally:
         await asyncio.shield(launcher.stop())
 
