@@ -3,7 +3,6 @@ then SIGINT, and no namespace left behind."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,33 +21,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# pvio up always starts the Xen driver domain; while pvio.blk.driver_domain is not built,
-# the domain processes get a stand-in (via sitecustomize) that only reports ready, so this
-# test exercises the lguest domains through the real pvio up either way.
-_STANDIN = """
-import asyncio, sys, types
-from pvio.toolstack.spec import write_status
-async def main(spec):
-    write_status(spec.status_file, ready=True)
-    await asyncio.Event().wait()
-m = types.ModuleType("pvio.blk.driver_domain")
-m.main = main
-sys.modules["pvio.blk.driver_domain"] = m
-"""
-
-
-def _env(tmp_path: Path) -> dict[str, str] | None:
-    if importlib.util.find_spec("pvio.blk") is not None and \
-            importlib.util.find_spec("pvio.blk.driver_domain") is not None:
-        return None
-    standin = tmp_path / "standin"
-    standin.mkdir()
-    (standin / "sitecustomize.py").write_text(_STANDIN)
-    return os.environ | {"PYTHONPATH": str(standin)}
-
-
 def test_pvio_up_lguest_lan(tmp_path: Path) -> None:
-    up = PvioUp(tmp_path / "state", str(EXAMPLE), env=_env(tmp_path)).start()
+    up = PvioUp(tmp_path / "state", str(EXAMPLE)).start()
     try:
         r = subprocess.run(["ip", "netns", "exec", "pvio-g1", "ping", "-c", "3", "-i", "0.2", "-W", "2",
                             "10.0.0.2"], capture_output=True, text=True, timeout=30)
@@ -59,12 +33,13 @@ def test_pvio_up_lguest_lan(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert "hello" in r.stdout and "10.0.0.2/24" in r.stdout, r.stdout
         (blk,) = [d for d in up.domain("g1")["devices"] if d["type"] == "lguest-block"]
-        if shutil.which("qemu-io"):
-            r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xa5 1M 256k",
-                                "-c", "read -P 0xa5 1M 256k", blk["nbd"]],
-                               capture_output=True, text=True, timeout=60)
-            assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+        assert shutil.which("qemu-io"), "qemu-io is not installed (bash tools/install.sh installs it)"
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xa5 1M 256k",
+                            "-c", "read -P 0xa5 1M 256k", blk["nbd"]],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
     assert not namespace_exists("pvio-g1") and not namespace_exists("pvio-g2")
+    assert "driver" not in {d["name"] for d in up.status["domains"]}  # no Xen domain, no driver domain
