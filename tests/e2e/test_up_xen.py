@@ -201,12 +201,12 @@ def test_backend_killed_during_fio_verify(up_one: PvioUp) -> None:
     need("fio")
     fio = subprocess.Popen(
         ["fio", "--name=kill", "--ioengine=nbd", f"--uri={up_one.nbd_uri()}", "--rw=randwrite", "--bs=16k",
-         "--size=48m", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+         "--size=128m", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
          "--verify_state_save=0", "--output-format=json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert fio.poll() is None, "fio finished before the backend could be killed; make the job bigger"
         _kill_driver(up_one)
         out, err = fio.communicate(timeout=300)
