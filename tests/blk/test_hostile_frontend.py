@@ -77,7 +77,9 @@ class RawFront:
 
 
 @asynccontextmanager
-async def raw_front(image: Path, *, read_only: bool = False, transport: str = "map") -> AsyncIterator[RawFront]:
+async def raw_front(
+    image: Path, *, read_only: bool = False, transport: str = "map", persistent: bool = False
+) -> AsyncIterator[RawFront]:
     hv = InProcessHypervisor()
     bdom = await hv.create_domain("driver", 1024, transport=transport)
     fdom = await hv.create_domain("guest", 256)
@@ -87,7 +89,7 @@ async def raw_front(image: Path, *, read_only: bool = False, transport: str = "m
     front = FrontRing.init(SharedRing.for_blkif([fdom.frame(frames[0])], ABI_NATIVE))
     refs = await fdom.grant_access(bdom.domid, frames)
     port = await fdom.alloc_unbound(bdom.domid)
-    back = BlkbackRing(bdom, fdom.domid, disk)
+    back = BlkbackRing(bdom, fdom.domid, disk, persistent=persistent)
     await back.connect(parse_frontend_ring({"ring-ref": str(refs[0]), "event-channel": str(port)}))
     (page,) = fdom.alloc_pages(1)
     try:
@@ -106,12 +108,13 @@ def rw(op: int, req_id: int, sector: int, *segs: tuple[int, int, int], nr: int |
     return raw
 
 
-@pytest.mark.parametrize("transport", ["map", "copy"])
+@pytest.mark.parametrize("transport", ["map", "copy", "map-persistent"])
 @asynctest
 async def test_every_validation_answers_in_band(tmp_path: Path, transport: str) -> None:
     img = make_image(tmp_path / "d.img", SIZE)
     before = img.read_bytes()
-    async with raw_front(img, transport=transport) as f:
+    persistent = transport.endswith("persistent")
+    async with raw_front(img, transport=transport.split("-")[0], persistent=persistent) as f:
         f.dom.memory[f.page * PAGE_SIZE : (f.page + 1) * PAGE_SIZE] = b"\xaa" * PAGE_SIZE
         ok = f.grant(readonly=True)
         ro = f.grant(readonly=True)
