@@ -95,6 +95,11 @@ def test_xenstore_ls_shows_libxl_layout(up: PvioUp) -> None:
     assert read(f"{be}/sectors") == str(256 * MiB // 512)
     assert read(f"{fe}/backend") == be and read(f"{fe}/ring-ref").isdigit()
     assert read("/local/domain/1/name") == "guest1"
+    # the guest can read its own device directories (inherited from device/, as in libxl)
+    perms = subprocess.run(
+        ["xenstore-ls", "-p", "/local/domain/1/device"], capture_output=True, text=True, env=env, timeout=30
+    ).stdout
+    assert any(line.strip().startswith("vbd =") and "(n0,r1)" in line for line in perms.splitlines()), perms
 
 
 def test_qemu_io_patterns_at_unaligned_offsets(up: PvioUp) -> None:

@@ -248,12 +248,22 @@ class Toolstack:
 
         await xs.transact(body)
 
-    async def _introduce(self, domid: int, name: str) -> socket.socket:
-        from pvio.xenstore.daemon import attach_domain
-
+    async def _make_domain(self, run: DomainRun) -> None:
+        """INTRODUCE the domain, then write its directory and its vbds (libxl's order:
+        xenstored ignores a permission entry naming a domain it does not know yet)."""
+        domid = run.spec.domid
         if domid != 0:
             await self.xs.introduce(domid)
-        await self._transact(xslayout.domain_add(domid, name))
+        await self._transact(xslayout.domain_add(domid, run.spec.name))
+        dom = run.config
+        if dom is not None and dom.type == "xen":
+            for disk in dom.disks:
+                await self._transact(xslayout.vbd_add(domid, disk.spec, disk.spec.target))
+
+    async def _attach(self, domid: int) -> socket.socket:
+        """A XenStore connection bound to `domid`, for the domain process to inherit."""
+        from pvio.xenstore.daemon import attach_domain
+
         return await asyncio.to_thread(attach_domain, self.paths.xenstored_control, domid)
 
     async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket) -> None:
@@ -361,16 +371,9 @@ class Toolstack:
     async def start_domains(self) -> None:
         self._prepare_images()
         for run in self.domains:
-            dom = run.config
-            if dom is not None and dom.type == "xen":
-                if run.spec.domid != 0:
-                    await self.xs.introduce(run.spec.domid)
-                for disk in dom.disks:
-                    params = disk.spec.target
-                    await self._transact(xslayout.vbd_add(run.spec.domid, disk.spec, params))
+            await self._make_domain(run)
         for run in self.domains:
-            sock = await self._introduce(run.spec.domid, run.spec.name)
-            await self._spawn_domain(run, sock)
+            await self._spawn_domain(run, await self._attach(run.spec.domid))
             if run.spec.role in ("driver", "lguest-launcher"):
                 await self._wait_ready(run)
         for run in self.domains:
@@ -485,8 +488,7 @@ class Toolstack:
                                  f"(restart #{run.child.restarts}; log {run.child.log_path})")
                         run.state = "restarting"
                         self.write_up_status(True)
-                        sock = await self._introduce(0, run.spec.name)
-                        await self._spawn_domain(run, sock)
+                        await self._spawn_domain(run, await self._attach(0))
                         await self._wait_ready(run)
                         self.say("pvio up: driver domain is back")
                     else:
