@@ -66,7 +66,7 @@ class World:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, image: Path, access: str = "rw") -> AsyncIterator[World]:
+async def world(tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw") -> AsyncIterator[World]:
     daemon = XenStoreDaemon(tmp_path / "xs.sock")
     await daemon.start()
     hv = InProcessHypervisor()
@@ -74,7 +74,7 @@ async def world(tmp_path: Path, image: Path, access: str = "rw") -> AsyncIterato
     await tool.introduce(1)
     w = World(tool, None, None, None)  # type: ignore[arg-type]
     await w.ops(xslayout.domain_add(0, "driver") + xslayout.domain_add(1, "guest"))
-    disk = diskspec.parse(f"format=raw, vdev=xvda, access={access}, target={image}")
+    disk = diskspec.parse(f"format={fmt}, vdev=xvda, access={access}, target={image}")
     await w.ops(xslayout.vbd_add(1, disk, str(image)))
     ddom = await hv.create_domain("driver", 2048, domid=0)
     gdom = await hv.create_domain("guest", 4096, domid=1)
@@ -196,6 +196,20 @@ async def test_bad_frontend_key_is_dev_fatal(tmp_path: Path) -> None:
         await w.until(f"{BE}/state", "5")  # Closing
         err = await w.read("/local/domain/0/error/backend/vbd/1/51712/error")
         assert err is not None and "ring-page-order" in err
+
+
+@asynctest
+async def test_formatted_image_is_never_served_raw(tmp_path: Path) -> None:
+    """format=qcow2 with a file path: blkback refuses (an error node, Closing) and writes
+    nothing, instead of exposing the format's metadata as disk bytes."""
+    img = make_image(tmp_path / "d.qcow2", 1 << 20)
+    before = img.read_bytes()
+    async with world(tmp_path, img, fmt="qcow2") as w:
+        await w.until(f"{BE}/state", "5")
+        err = await w.read("/local/domain/0/error/backend/vbd/1/51712/error")
+        assert err is not None and "qcow2" in err and "NBD" in err
+        assert BE not in w.service.devices
+    assert img.read_bytes() == before
 
 
 @asynctest

@@ -222,3 +222,29 @@ def test_backend_killed_during_fio_verify(up_one: PvioUp) -> None:
     assert fio.returncode == 0, err
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0 and job["read"]["total_ios"] == job["write"]["total_ios"] > 0
+
+
+# --- formats other than raw -----------------------------------------------------------
+
+
+def test_qcow2_disk_is_served_through_qemu_nbd(tmp_path: Path) -> None:
+    """A qcow2 image is never served as raw bytes: pvio up puts qemu-nbd in front of it
+    and blkback reaches it over NBD; afterwards the image is a clean qcow2 holding the
+    guest's writes."""
+    need("qemu-img", "qemu-io", "qemu-nbd")
+    image = tmp_path / "disk.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M")
+    p = PvioUp(tmp_path / "state", "--disk", f"format=qcow2, vdev=xvda, target={image}").start()
+    try:
+        uri = p.nbd_uri()
+        info = json.loads(sh("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["export-size"] == 64 * MiB  # the virtual size, not the file's
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x42 1M 256k", "-c", "flush", uri)
+        sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x42 1M 256k", "-c", "read -P 0 0 4k", uri)
+    finally:
+        code = p.stop()
+        p.kill()
+    assert code == 0, p.output()
+    sh("qemu-img", "check", "-q", str(image))
+    proc = sh("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x42 1M 256k", str(image))
+    assert "Pattern verification failed" not in proc.stdout

@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState
 from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, BlkbackRing
-from pvio.blk.disk import Disk, open_disk
+from pvio.blk.disk import Disk, is_nbd_uri, open_disk
 from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
+from pvio.blk.storage import StorageError
 from pvio.hypervisor.client import Domain
 from pvio.xenbus import Backend, XenbusDevice
 from pvio.xenstore.client import AsyncClient
@@ -257,6 +258,14 @@ class BlkbackService:
         except OSError:
             return  # the toolstack has not finished writing: the next event retries
         try:
+            if config.format != "raw" and not is_nbd_uri(config.params):
+                # Serving a qcow2 (or any formatted) image as raw bytes would hand the guest
+                # the format's metadata and corrupt the image on the first write.
+                raise StorageError(
+                    errno.EMEDIUMTYPE,
+                    f"format {config.format!r} is served through an NBD server (params must be "
+                    "an nbd:// or nbd+unix:// URI; pvio up starts qemu-nbd for such disks)",
+                )
             disk = await open_disk(config.params, read_only=config.read_only)
         except OSError as e:
             self.failed[path] = str(e)

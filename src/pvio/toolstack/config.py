@@ -58,7 +58,10 @@ def parse_size(text: str | int) -> int:
 class XenDisk:
     spec: diskspec.DiskSpec
     size: int  # for creating a missing image
-    nbd_socket: str = ""
+    nbd_socket: str = ""  # where the guest exports it
+    #: what blkback opens (`params`): the image path for raw images, an NBD URI for
+    #: other formats (served by qemu-nbd, started by pvio up) and for remote disks
+    params: str = ""
 
 
 @dataclass

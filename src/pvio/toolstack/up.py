@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -258,7 +259,7 @@ class Toolstack:
         dom = run.config
         if dom is not None and dom.type == "xen":
             for disk in dom.disks:
-                await self._transact(xslayout.vbd_add(domid, disk.spec, disk.spec.target))
+                await self._transact(xslayout.vbd_add(domid, disk.spec, disk.params or disk.spec.target))
 
     async def _attach(self, domid: int) -> socket.socket:
         """A XenStore connection bound to `domid`, for the domain process to inherit."""
@@ -368,8 +369,32 @@ class Toolstack:
             if dom.lguest_disk and not os.path.exists(dom.lguest_disk["target"]):
                 create_sparse_image(dom.lguest_disk["target"], int(dom.lguest_disk["size"]))
 
+    async def _start_format_servers(self) -> None:
+        """qemu-nbd in front of every image that is not raw (qcow2, vhd, ...): blkback
+        reaches it as an NBD URI, and qemu keeps the format's metadata right."""
+        for dom in self.config.domains:
+            for disk in dom.disks:
+                target = disk.spec.target
+                disk.params = target
+                if disk.spec.format == "raw" or "://" in target:
+                    continue
+                if shutil.which("qemu-nbd") is None:
+                    raise UpError(f"{dom.name}: format {disk.spec.format} needs qemu-nbd (apt-get install qemu-utils)")
+                name = f"qemu-nbd-{dom.name}-{disk.spec.vdev.name}"
+                sock = self.paths.root / f"{name}.sock"
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
+                argv = ["qemu-nbd", "--format", disk.spec.format, "--socket", str(sock),
+                        "--export-name", disk.spec.vdev.name, "--persistent", "--shared", "16"]
+                if disk.spec.read_only:
+                    argv.append("--read-only")
+                child = await self._start_child(Child(name, [*argv, target], self.paths.log(name)))
+                await self._wait_socket(sock, child)
+                disk.params = nbd_uri(sock, disk.spec.vdev.name)
+
     async def start_domains(self) -> None:
         self._prepare_images()
+        await self._start_format_servers()
         for run in self.domains:
             await self._make_domain(run)
         for run in self.domains:
@@ -513,6 +538,9 @@ class Toolstack:
         await asyncio.gather(*(r.child.stop(CLOSE_TIMEOUT) for r in drivers if r.child.proc))
         for r in drivers:
             r.state = "stopped"
+        for c in self.children:
+            if c.name.startswith("qemu-nbd-"):
+                await c.stop(10.0)
         if self.xs is not None:
             with contextlib.suppress(Exception):
                 await self._cleanup_xenstore()
