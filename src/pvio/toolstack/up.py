@@ -480,6 +480,10 @@ class Toolstack:
                 mode = "ro" if d.read_only else "rw"
                 self.say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
             if run.spec.role == "lguest-guest" and run.config is not None:
+                if run.config.lguest_disk:
+                    uri = nbd_uri(run.spec.extra["nbd_socket"], "lgba")
+                    first_uri = first_uri or uri
+                    self.say(f"    lgba rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
                 if run.config.lguest_net:
                     self.say(f"    net {run.config.lguest_net.address} in netns pvio-{run.spec.name}")
                 self.say(f"    console: pvio console {run.spec.name} --state-dir {self.paths.root}")
