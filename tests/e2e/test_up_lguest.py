@@ -43,3 +43,42 @@ def test_pvio_up_lguest_lan(tmp_path: Path) -> None:
     assert rc == 0, up.output()
     assert not namespace_exists("pvio-g1") and not namespace_exists("pvio-g2")
     assert "driver" not in {d["name"] for d in up.status["domains"]}  # no Xen domain, no driver domain
+
+
+MIXED = """
+[[domain]]
+name = "xen1"
+disks = ["vdev=xvda, size=32M, target=xen1.img"]
+
+[[domain]]
+name = "lgm1"
+type = "lguest"
+net = { lan = "lanm", address = "10.77.0.1/24" }
+
+[[domain]]
+name = "lgm2"
+type = "lguest"
+net = { lan = "lanm", address = "10.77.0.2/24" }
+"""
+
+
+def test_lguest_guests_next_to_a_xen_guest(tmp_path: Path) -> None:
+    """One pvio up runs a Xen-style guest (blkfront/blkback, NBD) and two lguest guests
+    on their LAN, side by side."""
+    config = tmp_path / "mixed.toml"
+    config.write_text(MIXED)
+    up = PvioUp(tmp_path / "state", str(config)).start()
+    try:
+        roles = {d["name"]: d["role"] for d in up.status["domains"]}
+        assert roles == {"driver": "driver", "xen1": "guest", "lgm1-launcher": "lguest-launcher",
+                         "lgm1": "lguest-guest", "lgm2-launcher": "lguest-launcher", "lgm2": "lguest-guest"}
+        r = subprocess.run(["ip", "netns", "exec", "pvio-lgm1", "ping", "-c", "2", "-i", "0.2", "-W", "2",
+                            "10.77.0.2"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr + up.output()
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k",
+                            up.nbd_uri("xen1")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()
+    assert not namespace_exists("pvio-lgm1") and not namespace_exists("pvio-lgm2")
