@@ -54,6 +54,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,11 +192,14 @@ class PvioUp:
         return uri
 
     def output(self) -> str:
-        out = self.state_dir.parent / f"{self.state_dir.name}.out"
-        try:
-            return out.read_text(errors="replace")[-1500:]
-        except OSError:
-            return ""
+        """The tail of pvio up's output and of its domains' logs (they go with the state
+        directory)."""
+        text = ""
+        for log in [self.state_dir.parent / f"{self.state_dir.name}.out",
+                    *sorted((self.state_dir / "logs").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                text += f"\n--- {log.name}\n" + log.read_text(errors="replace")[-1200:]
+        return text
 
     def counters(self, newer_than: float = 0.0) -> Counters | None:
         """blkback's counters from the driver domain's status file, once it has been
@@ -291,15 +295,23 @@ def missing() -> str | None:
 
 
 def _suite(params: Params, ctx: Context) -> list[Figure]:
+    with contextlib.ExitStack() as stack:
+        return _measure(params, ctx, stack)
+
+
+def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[Figure]:
     log = CounterLog()
-    ups: list[PvioUp] = []
+
+    # UNIX socket paths are limited to 107 bytes: the state directories (with the
+    # hypervisor's and xenstored's sockets) and the exports' sockets live in a short
+    # directory of their own, not under the user's --out.
+    short = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-blk-")))
 
     def server_for(subject: str, transport: str) -> block.Server:
         @contextlib.contextmanager
         def serve(image: Path, sock: Path) -> Iterator[str]:
-            up = PvioUp(image, sock, transport, ctx.workdir / f"state-{transport}")
+            up = PvioUp(image, short / f"{transport}.sock", transport, short / transport)
             ctx.command(["pvio", *up.argv()[3:]])
-            ups.append(up)
             ctx.progress(f"starting pvio up --transport {transport}")
             try:
                 uri = up.start()
