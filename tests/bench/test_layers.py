@@ -67,7 +67,7 @@ def test_hypervisor_suite_keeps_every_runs_samples(monkeypatch: pytest.MonkeyPat
     ]
 
 
-def test_xenstore_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
 
     def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
@@ -76,9 +76,13 @@ def test_xenstore_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
                 "transaction": [90_000, 100_000], "read_idle": [21_000, 21_000],
                 "echo_idle": [10_500, 10_500]}
 
-    _fake_module(monkeypatch, "pvio.bench.xenstore", measure=measure)
+    from pvio.bench import xenstore as xs
+
+    monkeypatch.setattr(xs, "measure", measure)
+    assert suite.load_benchmark("xenstore") is xs.SUITE
+    assert "xenstore" not in layers.ADAPTERS
     ctx = Context(tmp_path)
-    figures = _by_name(layers.XENSTORE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
+    figures = _by_name(xs.SUITE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
     assert calls == [(tmp_path, 50, 2, 7)]
     read = figures["read"]
     assert read.stats.samples == (20.0, 22.0) and not read.higher_is_better
@@ -121,7 +125,6 @@ def test_adapters_skip_while_their_layer_is_absent(monkeypatch: pytest.MonkeyPat
     for name in ("pvio.bench.hypervisor", "pvio.bench.xenstore", "pvio.bench.lguest",
                  "pvio.bench.fio_nbd"):
         monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
-    assert layers.XENSTORE.missing() == "pvio bench xenstore is not built yet"
     assert layers.LGUEST.missing() == "pvio bench lguest is not built yet"
     assert layers.NBD.missing() == "pvio.bench.fio_nbd (the NBD export's fio helper) is not built yet"
 

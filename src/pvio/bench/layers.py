@@ -8,7 +8,6 @@ When a layer defines its own ``SUITE``, its adapter here is no longer used: dele
 
 What each layer's own ``SUITE`` should do better than its adapter here:
 
-- xenstore: complete; a ``SUITE`` would only move this code next to `measure`.
 - lguest: uses the private ``_network`` and ``_block``, once per run, to get samples;
   a ``SUITE`` in `pvio.bench.lguest` should return them directly.
 """
@@ -36,38 +35,6 @@ def _absent(module: str, layer: str) -> Callable[[], str | None]:
         return None
 
     return check
-
-
-# -- xenstore ------------------------------------------------------------------------------
-
-
-def _xenstore(params: Params, ctx: Context) -> list[Figure]:
-    xs: Any = importlib.import_module("pvio.bench.xenstore")
-    runs, iterations, idle = int(params["runs"]), int(params["iterations"]), int(params["idle"])
-    ctx.command(["pvio", "xenstored", "--socket", str(ctx.workdir / "xs.sock")])
-    ctx.progress(f"{runs} runs x {iterations} requests, then {idle} idle connections")
-    ns = xs.measure(ctx.workdir, iterations, runs, idle)
-    us = {k: [v / 1000 for v in values] for k, values in ns.items()}
-    echo = "asyncio UNIX-socket echo"
-    return [
-        compare("read", "µs", {"pvio": us["read"], echo: us["echo"]}, higher_is_better=False),
-        compare("write", "µs", {"pvio": us["write"], echo: us["echo"]},
-                higher_is_better=False),
-        compare("transaction (start, read, write, commit)", "µs",
-                {"pvio": us["transaction"], echo: us["echo"]}, higher_is_better=False),
-        compare(f"read, {idle} idle connections", "µs",
-                {"pvio": us["read_idle"], echo: us["echo_idle"]}, higher_is_better=False),
-    ]
-
-
-XENSTORE = Benchmark(
-    name="xenstore",
-    title="XenStore request latency vs a bare UNIX-socket echo",
-    run=_xenstore,
-    quick={"runs": 3, "iterations": 500, "idle": 200},
-    full={"runs": 5, "iterations": 2000, "idle": 1000},
-    requires=_absent("pvio.bench.xenstore", "xenstore"),
-)
 
 
 # -- lguest ----------------------------------------------------------------------------------
@@ -141,4 +108,4 @@ NBD = Benchmark(
 
 
 #: layer name -> adapter.
-ADAPTERS: dict[str, Benchmark] = {b.name: b for b in (XENSTORE, NBD, LGUEST)}
+ADAPTERS: dict[str, Benchmark] = {b.name: b for b in (NBD, LGUEST)}
