@@ -43,7 +43,7 @@ from pvio.abi.blkif import (
     BlkifABI,
 )
 
-# T:610 A request, copied out and checked
+# T:650 A request, copied out and checked
 # blkback's first act on a request is to copy its slot out of the shared ring: from then
 # on the frontend can scribble over the slot without changing what blkback sees.  The
 # copy is parsed, then checked against the disk: the operation must be one pvio serves,

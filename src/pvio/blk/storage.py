@@ -63,6 +63,9 @@ def _libc_fallocate() -> ctypes._NamedFuncPointer | None:
 
 _FALLOCATE = _libc_fallocate()
 
+#: preadv2/pwritev2 flag: fail with EAGAIN rather than block (Linux >= 4.14; 0 if absent).
+_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+
 
 class RawFileStorage:
     """A raw disk image (or block device) opened once; every transfer is one syscall."""
@@ -88,6 +91,12 @@ class RawFileStorage:
         self.physical_sector_size = max(512, min(st.st_blksize, 4096))
         self.supports_discard = _FALLOCATE is not None and stat.S_ISREG(st.st_mode) and not read_only
 
+    def refresh_size(self) -> int:
+        """Re-read the image's size (after the file or device grew); returns it."""
+        st = os.fstat(self.fd)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        return self.size
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > self.size:
             raise StorageError(errno.EINVAL, f"{offset}+{length} is outside the disk ({self.size})")
@@ -102,6 +111,30 @@ class RawFileStorage:
                 raise StorageError(errno.EIO, f"short read at {offset} in {self.path}")
             offset += n
             bufs = _advance(bufs, n)
+
+    def readv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> bool:
+        """Read only if it cannot block (preadv2 RWF_NOWAIT: the data is in the page
+        cache); True if done, False if the caller must use `readv` (from a thread)."""
+        if not _NOWAIT:
+            return False
+        total = sum(len(b) for b in buffers)
+        self._check(offset, total)
+        try:
+            return os.preadv(self.fd, buffers, offset, _NOWAIT) == total
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: not on this file
+            return False
+
+    def writev_nowait(self, offset: int, buffers: Sequence[memoryview]) -> bool:
+        """Write only if it cannot block (pwritev2 RWF_NOWAIT); True if all was written.
+        A partial write is harmless: `writev` writes the same bytes again."""
+        if not _NOWAIT or self.read_only:
+            return False
+        total = sum(len(b) for b in buffers)
+        self._check(offset, total)
+        try:
+            return os.pwritev(self.fd, buffers, offset, _NOWAIT) == total
+        except OSError:
+            return False
 
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if self.read_only:

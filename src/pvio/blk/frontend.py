@@ -1,0 +1,571 @@
+"""blkfront's engine: a guest's disk as a queue of blkif requests over a shared ring.
+
+Theory of operation
+-------------------
+`BlkFront` is the guest end of one vbd, without XenStore (the XenBus side,
+`pvio.blk.xenbus_frontend`, writes the keys this engine produces and reads the
+backend's).  It does what Linux's xen-blkfront does:
+
+- `setup_ring()` allocates 2**order *shareable* pages for the ring (so a backend of
+  either transport maps them live), initialises them (SHARED_RING_INIT), grants them to
+  the backend's domain and allocates an unbound event channel for it; it returns the
+  XenStore keys (ring-ref / ring-refN + ring-page-order, event-channel, protocol) to
+  write in one transaction.
+- `connect(disk)` takes the backend's `BackendDisk` (sectors, info, features) and opens
+  the queue.
+- Each I/O is split into requests of at most 11 segments; each segment is one page of
+  the guest's own memory, granted to the backend with one grant reference claimed in
+  advance (read-only when the backend only reads it: a WRITE).  Segments never cross a
+  page.  The request's exact bytes and its grants are kept in a shadow
+  (`pvio.blk.shadow`) whose index is the request id.
+- Requests issued in the same turn of the event loop are pushed together: one
+  RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, one kick at most, and only if the backend asked
+  (req_event).
+- Back-pressure: a request waits for a free shadow (and so a free ring slot) and, when
+  the grant table runs dry, for a grant free callback; waiters are served in order.
+- Responses are consumed from the event channel's handler, then
+  RING_FINAL_CHECK_FOR_RESPONSES; each is matched to its shadow — an unknown id, a
+  duplicate, a wrong operation or an impossible rsp_prod marks the device broken: every
+  waiting caller gets EIO, and so does every later call.  The grants end (deferred
+  while the backend still has them mapped; the pages are reused only when freed).
+- Recovery (blkif_recover): `suspend()` takes the ring away (on a backend that died, or
+  on request), `setup_ring()` makes a new one, and after the new backend connects
+  `resume()` puts every shadow still in flight back into the ring with its original
+  bytes and grants.  Callers wait through this and see no error; a write whose
+  response never came is simply written again.
+- `BlockBackend`: `read`/`write`/`flush`/`trim` of any offset and length, so the NBD
+  export serves the disk directly.
+
+Deliberately not here: persistent grants, indirect descriptors, multi-queue.
+Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
+directly; the data is copied once, between the caller's bytes and those pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from pvio.abi.blkif import (
+    ABI_NATIVE,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_OKAY,
+    SECTOR_SIZE,
+    BlkifABI,
+)
+from pvio.blk.keys import BackendDisk
+from pvio.blk.request import Segment, build_discard, build_request, parse_response
+from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
+from pvio.export.backend import BackendInfo
+from pvio.hypervisor.client import Domain
+from pvio.hypervisor.domain import PAGE_SIZE
+from pvio.hypervisor.granting import NoSpace
+from pvio.ring import FrontRing, RingBroken, SharedRing
+
+log = logging.getLogger(__name__)
+
+#: Bytes one request can carry: 11 segments of a page each.
+MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
+
+
+class DeviceBroken(OSError):
+    """The backend broke the protocol: the device is unusable (callers get EIO)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EIO, f"blkfront: device broken: {reason}")
+        self.reason = reason
+
+
+class DeviceBusy(OSError):
+    def __init__(self, users: int) -> None:
+        super().__init__(errno.EBUSY, f"blkfront: the disk is in use ({users} users)")
+
+
+@dataclass
+class BlkfrontStats:
+    requests: int = 0
+    notify_sent: int = 0
+    notify_received: int = 0
+    pushes: int = 0
+    reissued: int = 0
+    grant_waits: int = 0
+
+
+@dataclass
+class _Pending:
+    """What a shadow's cookie holds: the caller's future and the data pages."""
+
+    future: asyncio.Future[int]
+    frames: list[int]
+    nbytes: int  # payload bytes, in pages from the first
+    read_into: memoryview | None = None
+
+
+class BlkFront:
+    """The guest end of one vbd (see the module notes)."""
+
+    def __init__(
+        self,
+        domain: Domain,
+        backend_domid: int,
+        *,
+        ring_order: int = 0,
+        abi: BlkifABI = ABI_NATIVE,
+        handle: int = 0,
+    ) -> None:
+        self.domain = domain
+        self.backend_domid = backend_domid
+        self.ring_order = ring_order
+        self.abi = abi
+        self.handle = handle
+        self.nr_ents = abi.ring_size(ring_order)
+        self.shadows = ShadowTable(self.nr_ents)
+        self.stats = BlkfrontStats()
+        self.disk: BackendDisk | None = None
+        self.broken: DeviceBroken | None = None
+        self.users = 0
+        self.port = -1
+        self.ring_refs: list[int] = []
+        self._ring_frames: list[int] = []
+        self._front: FrontRing | None = None
+        self._ids = asyncio.Semaphore(self.nr_ents)
+        self._running = asyncio.Event()  # set while requests may be put into the ring
+        self._push_scheduled = False
+        self._grant_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ref_frames: dict[int, int] = {}
+        self._rmw = asyncio.Lock()
+        self.on_broken: Callable[[DeviceBroken], None] | None = None
+
+    def set_ring_order(self, order: int) -> None:
+        """Choose the ring's size before the first `setup_ring` (no request yet)."""
+        if self.shadows.in_flight() or self._front is not None:
+            raise RuntimeError("the ring order is fixed once the ring exists")
+        self.ring_order = order
+        self.nr_ents = self.abi.ring_size(order)
+        self.shadows = ShadowTable(self.nr_ents)
+        self._ids = asyncio.Semaphore(self.nr_ents)
+
+    # T:610 blkfront sets up its ring and says where it is
+    # The frontend owns the ring: 2**order pages of its own memory, allocated shareable so
+    # that the backend maps exactly those pages live and nothing else; SHARED_RING_INIT
+    # sets both producers to 0 and both events to 1.  Each page is granted to the backend
+    # domain (writable: the backend writes responses), an unbound event channel is
+    # allocated for the backend to bind, and the keys that tell the backend where all
+    # this is — ring-ref (or ring-refN with ring-page-order), event-channel, protocol —
+    # are returned to be written in one XenStore transaction with the switch to
+    # Initialised (pvio.blk.xenbus_frontend), so blkback's watch fires only when all of
+    # it is there.  blkback answers, in its own transaction, with Connected and the
+    # disk's sectors, info and features, which blkfront reads (checked: they are hostile
+    # input too) before it opens the queue.
+    # :T
+    async def setup_ring(self) -> dict[str, str]:
+        """Allocate, initialise and grant the ring; allocate the port; return the keys."""
+        await self.domain.grow_grant_table(self.nr_ents * BLKIF_MAX_SEGMENTS_PER_REQUEST + (1 << self.ring_order))
+        frames = await self.domain.alloc_shareable_pages(1 << self.ring_order)
+        pages = [self.domain.frame(f) for f in frames]
+        front = FrontRing.init(SharedRing.for_blkif(pages, self.abi))
+        if front.nr_ents != self.nr_ents:  # pragma: no cover - geometry is fixed by abi/order
+            raise ValueError("ring geometry mismatch")
+        refs = await self.domain.grant_access(self.backend_domid, frames)
+        self.port = await self.domain.alloc_unbound(self.backend_domid)
+        self.domain.set_handler(self.port, self._on_event)
+        self._front = front
+        self._ring_frames = frames
+        self.ring_refs = refs
+        keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
+        if self.ring_order == 0:
+            keys["ring-ref"] = str(refs[0])
+        else:
+            keys["ring-page-order"] = str(self.ring_order)
+            for i, ref in enumerate(refs):
+                keys[f"ring-ref{i}"] = str(ref)
+        return keys
+
+    def connect(self, disk: BackendDisk) -> None:
+        """The backend is Connected: open the queue for `disk`."""
+        if disk.sector_size != SECTOR_SIZE:
+            log.info("blkfront: sector-size %d; requests stay in 512-byte units", disk.sector_size)
+        self.disk = disk
+        self._running.set()
+
+    @property
+    def info(self) -> BackendInfo:
+        disk = self._disk()
+        return BackendInfo(
+            size=disk.size,
+            read_only=disk.read_only,
+            min_block=SECTOR_SIZE,
+            preferred_block=max(4096, disk.physical_sector_size),
+            can_flush=disk.feature_flush_cache or disk.feature_barrier,
+            can_fua=disk.feature_flush_cache or disk.feature_barrier,
+            can_trim=disk.feature_discard and not disk.read_only,
+        )
+
+    def _disk(self) -> BackendDisk:
+        if self.disk is None:
+            raise OSError(errno.ENXIO, "blkfront: not connected")
+        return self.disk
+
+    # -- issuing requests ---------------------------------------------------------------
+
+    # T:630 One request: a shadow, a grant per page, into the ring
+    # A request waits for a free id (a shadow, and so a ring slot: there are exactly as
+    # many as the ring has slots) and for grant references: when the table is dry it
+    # registers a free callback and sleeps until references come back.  Each page of
+    # data is one segment, sectors 0..n-1 of its own page, granted read-only for a WRITE
+    # (the backend only reads it) and writable for a READ.  The request's exact bytes are
+    # kept in the shadow, for the response's checks and for re-issue after recovery.
+    # Many requests made in one turn of the event loop are pushed with one
+    # RING_PUSH_REQUESTS_AND_CHECK_NOTIFY.
+    # :T
+    async def _issue(
+        self,
+        operation: int,
+        sector: int,
+        payload: bytes | memoryview | None,
+        nbytes: int,
+        read_into: memoryview | None = None,
+    ) -> None:
+        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`."""
+        self._check_broken()
+        npages = -(-nbytes // PAGE_SIZE)
+        await self._ids.acquire()
+        try:
+            await self._wait_running()
+            grefs = await self._claim_grants(npages)
+            frames = self.domain.alloc_pages(npages)
+        except BaseException:
+            self._ids.release()
+            raise
+        readonly = operation != BLKIF_OP_READ
+        segs: list[Segment] = []
+        left = nbytes
+        gnttab = self.domain.gnttab
+        for ref, frame in zip(grefs, frames, strict=True):
+            n = min(left, PAGE_SIZE)
+            gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
+            self._ref_frames[ref] = frame
+            segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
+            left -= n
+        if payload is not None:
+            mem = self.domain.memory
+            pos = 0
+            for frame in frames:
+                chunk = payload[pos : pos + PAGE_SIZE]
+                start = frame * PAGE_SIZE
+                mem[start : start + len(chunk)] = chunk
+                pos += PAGE_SIZE
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pending = _Pending(fut, frames, nbytes, read_into)
+        if operation == BLKIF_OP_DISCARD:
+            shadow = self.shadows.alloc(
+                operation, sector,
+                lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
+                (), pending,
+            )
+        else:
+            shadow = self.shadows.alloc(
+                operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
+                tuple(grefs), pending,
+            )
+        self.stats.requests += 1
+        self._put(shadow)
+        status = await fut
+        if status != BLKIF_RSP_OKAY:
+            code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
+            raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
+
+    async def _wait_running(self) -> None:
+        while not self._running.is_set():
+            self._check_broken()
+            await self._running.wait()
+        self._check_broken()
+
+    async def _claim_grants(self, n: int) -> list[int]:
+        if n == 0:
+            return []
+        gnttab = self.domain.gnttab
+        while True:
+            try:
+                head = gnttab.alloc_grant_references(n)
+                return [gnttab.claim_grant_reference(head) for _ in range(n)]
+            except NoSpace:
+                self.stats.grant_waits += 1
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                def wake(f: asyncio.Future[None] = fut) -> None:
+                    if not f.done():
+                        f.set_result(None)
+
+                gnttab.request_free_callback(wake, n)
+                try:
+                    await fut
+                finally:
+                    gnttab.cancel_free_callback(wake)
+                self._check_broken()
+
+    def _put(self, shadow: Shadow) -> None:
+        front = self._front
+        assert front is not None
+        try:
+            front.put_request(shadow.request)
+        except RingBroken as e:
+            self._break(str(e))
+            return
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            asyncio.get_running_loop().call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_scheduled = False
+        front = self._front
+        if front is None or self.broken is not None or not self._running.is_set():
+            return
+        try:
+            self.stats.pushes += 1
+            if front.push_requests_and_check_notify():
+                self.stats.notify_sent += 1
+                self.domain.notify(self.port)
+        except RingBroken as e:
+            self._break(str(e))
+        except OSError as e:  # pragma: no cover - the port is gone: recovery will follow
+            log.info("blkfront: cannot notify: %s", e)
+
+    # T:680 Responses: the interrupt handler's loop and its final check
+    # The event channel's handler consumes every response published, then asks for the
+    # next kick with RING_FINAL_CHECK_FOR_RESPONSES and loops if more came meanwhile.
+    # Each response is matched to its shadow by id; an id out of range, one not in
+    # flight, or an operation that is not the request's proves the backend broken, as
+    # does an rsp_prod beyond the requests published (RingBroken): the device is marked
+    # broken and every caller fails with EIO instead of waiting for ever.  A READ's data
+    # is copied out of the pages, then the grants end; a page goes back to the allocator
+    # only when its grant is really free (a backend may still have it mapped).
+    # :T
+    def _on_event(self, port: int) -> None:
+        self.stats.notify_received += 1
+        self.poll()
+
+    def poll(self) -> None:
+        """Consume every available response (the interrupt handler)."""
+        front = self._front
+        if front is None or self.broken is not None:
+            return
+        try:
+            while True:
+                for raw in front.take_responses():
+                    self._complete(*parse_response(self.abi, raw))
+                if not front.final_check_for_responses():
+                    break
+        except (RingBroken, BackendProtocolError) as e:
+            self._break(str(e))
+
+    def _complete(self, req_id: int, operation: int, status: int) -> None:
+        shadow = self.shadows.complete(req_id, operation)
+        pending: _Pending = shadow.cookie
+        self._ids.release()
+        if pending.read_into is not None and status == BLKIF_RSP_OKAY:
+            mem = self.domain.memory
+            out = pending.read_into
+            pos = 0
+            for frame in pending.frames:
+                n = min(PAGE_SIZE, pending.nbytes - pos)
+                out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
+                pos += n
+        self._end_grants(shadow.grefs)
+        if not pending.future.done():
+            pending.future.set_result(status)
+
+    def _end_grants(self, grefs: tuple[int, ...]) -> None:
+        if grefs:
+            self.domain.end_access(list(grefs), self._ref_freed)
+
+    def _ref_freed(self, ref: int) -> None:
+        frame = self._ref_frames.pop(ref, None)
+        if frame is not None:
+            self.domain.free_pages([frame])
+
+    def _check_broken(self) -> None:
+        if self.broken is not None:
+            raise DeviceBroken(self.broken.reason)
+
+    def _break(self, reason: str) -> None:
+        if self.broken is not None:
+            return
+        log.warning("blkfront: device broken: %s", reason)
+        self.broken = DeviceBroken(reason)
+        self._running.set()  # wake waiters so they see the error
+        for shadow in self.shadows.reset():
+            pending: _Pending = shadow.cookie
+            if not pending.future.done():
+                pending.future.set_exception(DeviceBroken(reason))
+        if self.on_broken is not None:
+            self.on_broken(self.broken)
+
+    # -- recovery ----------------------------------------------------------------------
+
+    # T:690 Recovery: the shadows are the memory of what to send again
+    # When the backend goes away (its domain died, or the guest suspends), `suspend`
+    # stops the queue and gives the ring up: the port is closed and the ring's grants end
+    # (the backend's mappings are gone with its domain).  A new ring and port are set up
+    # and advertised; when the new backend is Connected, `resume` writes every shadow
+    # still in flight into the new ring, byte for byte as first sent — same id, same
+    # grants, the data pages untouched — and pushes.  The callers' futures never noticed:
+    # their requests simply complete later.  A write that had reached the disk is
+    # written again, which is harmless; one that had not is now done.
+    # :T
+    async def suspend(self) -> None:
+        """Stop the queue and drop the ring (blkfront_resume's first half)."""
+        self._running.clear()
+        if self._front is not None:
+            self.poll()  # whatever the old backend completed still counts
+        self._front = None
+        if self.port >= 0:
+            try:
+                await self.domain.close_port(self.port)
+            except Exception as e:
+                log.info("blkfront: closing port %d: %s", self.port, e)
+            self.port = -1
+        if self.ring_refs:
+            self.domain.end_access(self.ring_refs)
+            self.ring_refs = []
+        self._ring_frames = []
+
+    def resume(self, disk: BackendDisk | None = None) -> int:
+        """After the backend reconnected: re-issue every request in flight; returns how many."""
+        if disk is not None:
+            self.disk = disk
+        front = self._front
+        assert front is not None, "setup_ring() first"
+        shadows = self.shadows.in_flight()
+        if shadows:
+            front.put_requests([s.request for s in shadows])
+            self.stats.reissued += len(shadows)
+        self._running.set()
+        self._push()
+        return len(shadows)
+
+    # -- BlockBackend ---------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        if length == 0:
+            return
+        start = offset - offset % SECTOR_SIZE
+        end = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
+        if start == offset and end == offset + length:
+            await self._rw_aligned(BLKIF_OP_READ, start, None, buf)
+            return
+        tmp = bytearray(end - start)
+        await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(tmp))
+        buf[:] = tmp[offset - start : offset - start + length]
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        length = len(data)
+        if length:
+            self._check_writable()
+            if offset % SECTOR_SIZE or length % SECTOR_SIZE:
+                await self._write_unaligned(offset, data)
+            else:
+                await self._rw_aligned(BLKIF_OP_WRITE, offset, memoryview(data), None)
+        if fua:
+            await self.flush()
+
+    async def _write_unaligned(self, offset: int, data: bytes | memoryview) -> None:
+        start = offset - offset % SECTOR_SIZE
+        end = -(-(offset + len(data)) // SECTOR_SIZE) * SECTOR_SIZE
+        async with self._rmw:  # read-modify-write of the partial sectors
+            buf = bytearray(end - start)
+            await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(buf))
+            buf[offset - start : offset - start + len(data)] = data
+            await self._rw_aligned(BLKIF_OP_WRITE, start, memoryview(buf), None)
+
+    async def _rw_aligned(
+        self, operation: int, offset: int, data: memoryview | None, into: memoryview | None
+    ) -> None:
+        length = len(data) if data is not None else len(into) if into is not None else 0
+        disk = self._disk()
+        if offset + length > disk.size:
+            raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
+        jobs = []
+        for pos in range(0, length, MAX_REQUEST_BYTES):
+            n = min(MAX_REQUEST_BYTES, length - pos)
+            sector = (offset + pos) // SECTOR_SIZE
+            if data is not None:
+                jobs.append(self._issue(operation, sector, data[pos : pos + n], n))
+            else:
+                assert into is not None
+                jobs.append(self._issue(operation, sector, None, n, into[pos : pos + n]))
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await _gather_all(jobs)
+
+    def _check_writable(self) -> None:
+        if self._disk().read_only:
+            raise OSError(errno.EROFS, "blkfront: the disk is read-only")
+
+    async def flush(self) -> None:
+        disk = self._disk()
+        if disk.feature_flush_cache:
+            await self._issue(BLKIF_OP_FLUSH_DISKCACHE, 0, None, 0)
+        elif disk.feature_barrier:
+            await self._issue(BLKIF_OP_WRITE_BARRIER, 0, None, 0)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        disk = self._disk()
+        if not disk.feature_discard:
+            raise OSError(errno.EOPNOTSUPP, "blkfront: the backend does not discard")
+        self._check_writable()
+        start = -(-offset // SECTOR_SIZE) * SECTOR_SIZE
+        end = (offset + length) // SECTOR_SIZE * SECTOR_SIZE
+        if end > start:
+            await self._issue(BLKIF_OP_DISCARD, start // SECTOR_SIZE, None, end - start)
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
+        step = MAX_REQUEST_BYTES * 8
+        for pos in range(0, length, step):
+            await self.write(offset + pos, bytes(min(step, length - pos)))
+        if fua:
+            await self.flush()
+
+    # -- users and teardown ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """A user (an export) holds the disk: close is refused until `release`."""
+        self.users += 1
+
+    def release(self) -> None:
+        self.users = max(0, self.users - 1)
+
+    async def close(self, *, force: bool = False) -> None:
+        """Give the ring up and end its grants; refused while the disk has users."""
+        if self.users > 0 and not force:
+            raise DeviceBusy(self.users)
+        if self.shadows.in_flight() and self.broken is None:
+            self._break("closed with requests in flight")
+        await self.suspend()
+
+
+async def _gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:
+    """Await every job; the first failure is raised after all have finished."""
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

@@ -1,0 +1,123 @@
+"""The guest domain process: blkfront for each disk, each exported over NBD (role "guest").
+
+`main(spec)` connects to the hypervisor as `spec.domid`, opens the XenStore connection
+the toolstack handed over, and for each `spec.disks` entry reads the frontend directory
+(`backend`, `backend-id`), runs a blkfront through the XenBus handshake until Connected,
+and serves it with an `NbdServer` on the disk's `nbd_socket`, export name = the vdev
+name.  The status file then says ``ready`` with each disk's NBD URI.  Cancelled
+(SIGTERM): the NBD servers drain and close, every vbd goes Closing → Closed with its
+backend, the grants end, and the domain leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+from pvio.abi.xenbus import XenbusState as S
+from pvio.blk.driver_domain import open_xenstore
+from pvio.blk.frontend import BlkFront
+from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
+from pvio.export.nbd_client_asyncio import nbd_uri_for_socket
+from pvio.export.nbd_server_asyncio import NbdServer
+from pvio.hypervisor import aio
+from pvio.hypervisor.client import Domain
+from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, write_status
+from pvio.xenstore.client import AsyncClient
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 10.0
+
+
+@dataclass
+class GuestDisk:
+    vdev: str
+    devid: int
+    front: BlkFront
+    end: BlkfrontEnd
+    driver: BlkfrontDevice
+    server: NbdServer | None = None
+    nbd_uri: str = ""
+
+
+async def attach_disk(
+    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 1
+) -> GuestDisk:
+    """Run blkfront for /local/domain/<domid>/device/vbd/<devid> until it is Connected."""
+    node = f"/local/domain/{dom.domid}/device/vbd/{devid}"
+    backend = (await xs.read(f"{node}/backend")).decode()
+    backend_id = int((await xs.read(f"{node}/backend-id")).decode())
+    front = BlkFront(dom, backend_id)
+    driver = BlkfrontDevice(front, want_ring_order=ring_order)
+    end = BlkfrontEnd(xs, node, backend, driver)
+    await end.start()
+    await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
+    return GuestDisk(vdev, devid, front, end, driver)
+
+
+async def export_disk(disk: GuestDisk, nbd_socket: str) -> None:
+    disk.server = NbdServer({disk.vdev: disk.front})
+    disk.front.open()
+    await disk.server.listen_unix(nbd_socket)
+    disk.nbd_uri = nbd_uri_for_socket(nbd_socket, disk.vdev)
+
+
+async def detach_disk(disk: GuestDisk) -> None:
+    """Orderly close: NBD drained, Closing → Closed with the backend, grants ended."""
+    if disk.server is not None:
+        await disk.server.close()
+        disk.front.release()
+        disk.server = None
+    with contextlib.suppress(Exception):
+        await disk.front.flush()
+    with contextlib.suppress(Exception):
+        await disk.end.close()
+        await disk.end.wait_state(S.Closed, timeout=CLOSE_TIMEOUT)
+    await disk.end.stop()
+    await disk.front.close(force=True)
+
+
+async def main(spec: DomainSpec) -> None:
+    dom = await aio.connect(
+        spec.hypervisor_socket, spec.name, spec.nr_pages, transport=spec.transport, domid=spec.domid
+    )
+    xs: AsyncClient | None = None
+    disks: list[GuestDisk] = []
+    try:
+        xs = await open_xenstore(spec)
+        ring_order = int(spec.extra.get("ring_order", 1))
+        for d in spec.disks:
+            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order)
+            disks.append(disk)
+            await export_disk(disk, d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock"))
+        write_status(spec.status_file, **status(spec, dom, disks))
+        await asyncio.Event().wait()
+    finally:
+        for disk in disks:
+            with contextlib.suppress(Exception):
+                await detach_disk(disk)
+        with contextlib.suppress(Exception):
+            if xs is not None:
+                await xs.close()
+        await dom.close()
+
+
+def status(spec: DomainSpec, dom: Domain, disks: list[GuestDisk]) -> dict[str, object]:
+    return {
+        "ready": True,
+        "pid": os.getpid(),
+        "domid": dom.domid,
+        "role": spec.role,
+        "disks": [
+            {"vdev": d.vdev, "devid": d.devid, "nbd_uri": d.nbd_uri, "sectors": d.front.disk.sectors if d.front.disk else 0}
+            for d in disks
+        ],
+    }
+
+
+__all__ = ["DiskSpecJSON", "GuestDisk", "attach_disk", "detach_disk", "export_disk", "main"]

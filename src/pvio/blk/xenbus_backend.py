@@ -1,0 +1,329 @@
+"""blkback's XenBus side: the driver domain's vbd devices, from XenStore to the engine.
+
+Theory of operation
+-------------------
+`BlkbackService` watches ``/local/domain/<own>/backend/vbd``; every
+``<frontend-domid>/<devid>`` directory under it is one device.  For each it reads the
+keys the toolstack wrote (`params`, `mode`, `type`, `device-type`, `format`,
+`frontend`, `frontend-id`, `discard-enable`), opens the disk (`pvio.blk.disk.open_disk`:
+a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and runs a
+`pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
+
+- probe (with the switch to InitWait, one transaction): feature-flush-cache,
+  feature-barrier, max-ring-page-order, and feature-discard with its granularity when
+  the disk can discard and the toolstack allows it;
+- connect (with the switch to Connected, one transaction): read the frontend's
+  ring-ref(s), event-channel and protocol (`pvio.blk.keys.parse_frontend_ring`), attach
+  a `pvio.blk.backend.BlkbackRing`, and publish sectors, sector-size,
+  physical-sector-size and info (VDISK_READONLY / CDROM / REMOVABLE);
+- disconnect: the engine drains and lets the ring go.
+
+The handshake table (`pvio.xenbus.handshake`) gives reconnection (Closed → the
+frontend is Initialising → InitWait), orderly close, and toolstack removal (`online` =
+0 and Closing → Closed → the device is dropped).  `resize()` publishes a new size.
+
+A ring the frontend breaks (an impossible index) is reported with dev_fatal on that
+device only.  One refinement over the plain table: blkback connects only to a frontend
+in Initialised.  A frontend still Connected when a (re)started blkback reaches InitWait
+is the one whose previous backend died mid-flight: its old ring has requests the dead
+backend consumed and never answered, so attaching to it would lose or repeat slots.
+That frontend renegotiates (blkif_recover) and publishes a new ring; blkback waits.
+
+Statistics (`BlkbackStats.as_keys()`) are published under the device's backend
+directory, ``statistics/<name>``, at most once a second when they changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from dataclasses import dataclass, field
+
+from pvio.abi.ring import MAX_RING_PAGE_ORDER
+from pvio.abi.xenbus import XenbusState
+from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, BlkbackRing
+from pvio.blk.disk import Disk, open_disk
+from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
+from pvio.hypervisor.client import Domain
+from pvio.xenbus import Backend, XenbusDevice
+from pvio.xenstore.client import AsyncClient
+
+log = logging.getLogger(__name__)
+
+#: Keys of the frontend's directory blkback reads to connect.
+FRONTEND_RING_KEYS = (
+    "ring-ref", "ring-page-order", "event-channel", "protocol",
+    *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)),
+)
+STATS_INTERVAL = 1.0
+
+
+@dataclass
+class VbdConfig:
+    """The backend directory's keys as the toolstack wrote them."""
+
+    params: str
+    read_only: bool
+    device_type: str = "disk"
+    format: str = "raw"
+    type: str = "phy"
+    frontend: str = ""
+    frontend_id: int = 0
+    discard_enable: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cdrom(self) -> bool:
+        return self.device_type == "cdrom"
+
+
+async def read_keys(xs: AsyncClient, path: str, names: tuple[str, ...], tx: int = 0) -> dict[str, str]:
+    """The values of `names` under `path` that exist (as text)."""
+    values = await asyncio.gather(*(xs.read_or(f"{path}/{n}", None, tx) for n in names))
+    return {n: v.decode(errors="replace") for n, v in zip(names, values, strict=True) if v is not None}
+
+
+async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
+    names = ("params", "mode", "device-type", "format", "type", "frontend", "frontend-id", "discard-enable")
+    v = await read_keys(xs, path, names)
+    if "params" not in v:
+        raise OSError(errno.ENOENT, f"{path}/params is missing")
+    mode = v.get("mode", "w")
+    return VbdConfig(
+        params=v["params"],
+        read_only=mode != "w" or v.get("device-type") == "cdrom",
+        device_type=v.get("device-type", "disk"),
+        format=v.get("format", "raw"),
+        type=v.get("type", "phy"),
+        frontend=v.get("frontend", ""),
+        frontend_id=read_uint(v, "frontend-id", 0xFFFF, default=0),
+        discard_enable=v.get("discard-enable", "1") != "0",
+    )
+
+
+class BlkbackDevice:
+    """The BackendDriver of one vbd: probe, connect, disconnect (see the module notes)."""
+
+    def __init__(self, domain: Domain, config: VbdConfig, disk: Disk, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+        self.domain = domain
+        self.config = config
+        self.disk = disk
+        self.max_in_flight = max_in_flight
+        self.ring: BlkbackRing | None = None
+        self.end: Backend | None = None
+        self._ring_keys: dict[str, str] | None = None
+        self._fatal: set[asyncio.Task[None]] = set()
+
+    @property
+    def discard(self) -> bool:
+        return self.disk.supports_discard and self.config.discard_enable and not self.config.read_only
+
+    async def probe(self, dev: XenbusDevice, tx: int) -> None:
+        keys = {
+            "feature-flush-cache": "1",
+            "feature-barrier": "1",
+            "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
+            "feature-discard": "1" if self.discard else "0",
+        }
+        if self.discard:
+            keys["discard-granularity"] = str(self.disk.physical_sector_size)
+            keys["discard-alignment"] = "0"
+            keys["discard-secure"] = "0"
+        for k, v in keys.items():
+            await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
+
+    # blkback connects: the frontend's keys, the engine, the disk's properties.  When the frontend is Initialised, blkback reads its transport keys — checked with
+    # pvio.blk.keys (a ring order above max-ring-page-order, a missing ring-ref, an
+    # unknown protocol are the frontend's fault and end in dev_fatal) — attaches the
+    # engine to the ring, and, in the same transaction as the switch to Connected, writes
+    # what the frontend needs to know about the disk: sectors, sector-size,
+    # physical-sector-size and info.  A transaction that must be retried (EAGAIN) runs
+    # this again: the engine is attached once, for the same keys.
+    async def connect(self, dev: XenbusDevice, tx: int) -> bool:
+        if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
+            return False  # a frontend still Connected to a dead backend's ring: wait
+        values = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
+        if self.ring is None or self._ring_keys != values:
+            if self.ring is not None:
+                await self.ring.disconnect()
+                self.ring = None
+            ring_info = parse_frontend_ring(values)
+            ring = BlkbackRing(
+                self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
+                on_broken=lambda e: self._on_broken(dev, e),
+            )
+            await ring.connect(ring_info)
+            self.ring, self._ring_keys = ring, values
+        keys = backend_disk_keys(
+            self.disk.size // 512,
+            read_only=self.config.read_only,
+            cdrom=self.config.cdrom,
+            removable=self.config.cdrom,
+            physical_sector_size=self.disk.physical_sector_size,
+            discard=self.discard,
+        )
+        for k, v in keys.items():
+            await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
+        return True
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        if self.ring is not None:
+            await self.ring.disconnect()
+            self.ring = None
+            self._ring_keys = None
+
+    def _on_broken(self, dev: XenbusDevice, e: BaseException) -> None:
+        async def fatal() -> None:
+            with contextlib.suppress(Exception):
+                await dev.dev_fatal(errno.EPROTO, f"ring broken: {e}")
+
+        task = asyncio.get_running_loop().create_task(fatal())
+        self._fatal.add(task)
+        task.add_done_callback(self._fatal.discard)
+
+
+class _Device:
+    """A vbd being served: its XenBus end, its driver, its statistics task."""
+
+    def __init__(self, path: str, end: Backend, driver: BlkbackDevice) -> None:
+        self.path = path
+        self.end = end
+        self.driver = driver
+        self.stats_task: asyncio.Task[None] | None = None
+
+
+class BlkbackService:
+    """Every vbd under /local/domain/<domid>/backend/vbd, served by one driver domain."""
+
+    def __init__(self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+        self.domain = domain
+        self.xs = xs
+        self.max_in_flight = max_in_flight
+        self.root = f"/local/domain/{domain.domid}/backend/vbd"
+        self.devices: dict[str, _Device] = {}
+        self.failed: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        stream = await self.xs.watch(self.root)
+        await self.scan()
+        self._task = asyncio.get_running_loop().create_task(self._watch(stream))
+
+    async def _watch(self, stream: object) -> None:
+        from pvio.xenstore.client import WatchStream
+
+        assert isinstance(stream, WatchStream)
+        try:
+            async for _ in stream:
+                stream.drain()
+                await self.scan()
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _list(self, path: str) -> list[str]:
+        try:
+            return await self.xs.directory(path)
+        except Exception:  # ENOENT: nothing there (yet)
+            return []
+
+    async def scan(self) -> None:
+        """Start a device for every new directory; drop those that went away or unregistered."""
+        async with self._lock:
+            present: set[str] = set()
+            for fe in await self._list(self.root):
+                for devid in await self._list(f"{self.root}/{fe}"):
+                    present.add(f"{self.root}/{fe}/{devid}")
+            for path in sorted(present - set(self.devices) - set(self.failed)):
+                await self._add(path)
+            for path, d in list(self.devices.items()):
+                if path not in present or d.end.done.is_set():
+                    await self._remove(path)
+            for path in list(self.failed):
+                if path not in present:
+                    del self.failed[path]
+
+    async def _add(self, path: str) -> None:
+        try:
+            config = await read_vbd_config(self.xs, path)
+        except OSError:
+            return  # the toolstack has not finished writing: the next event retries
+        try:
+            disk = await open_disk(config.params, read_only=config.read_only)
+        except OSError as e:
+            self.failed[path] = str(e)
+            log.warning("blkback: %s: %s", path, e)
+            dev = XenbusDevice(self.xs, path, config.frontend)
+            with contextlib.suppress(Exception):
+                await dev.dev_fatal(e.errno or errno.EIO, f"opening {config.params}: {e.strerror or e}")
+            return
+        driver = BlkbackDevice(self.domain, config, disk, max_in_flight=self.max_in_flight)
+        end = Backend(self.xs, path, config.frontend, driver)
+        driver.end = end
+        device = _Device(path, end, driver)
+        self.devices[path] = device
+        await end.start()
+        device.stats_task = asyncio.get_running_loop().create_task(self._publish_stats(device))
+        log.info("blkback: serving %s (%s)", path, config.params)
+
+    async def _remove(self, path: str) -> None:
+        device = self.devices.pop(path)
+        if device.stats_task is not None:
+            device.stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await device.stats_task
+        await device.end.stop()
+        await device.driver.disconnect(device.end.dev)
+        await device.driver.disk.close()
+        log.info("blkback: %s removed", path)
+
+    async def _publish_stats(self, device: _Device) -> None:
+        last: dict[str, str] = {}
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            if device.end.done.is_set():
+                await self.scan()  # unregistered: drop it
+                return
+            ring = device.driver.ring
+            if ring is None:
+                continue
+            keys = ring.stats.as_keys()
+            if keys == last:
+                continue
+
+            async def write(tx: int, keys: dict[str, str] = keys) -> None:
+                for k, v in keys.items():
+                    await self.xs.write(f"{device.path}/statistics/{k}", v, tx)
+
+            with contextlib.suppress(Exception):
+                await self.xs.transact(write)
+                last = keys
+
+    def statistics(self) -> dict[str, dict[str, str]]:
+        """Every connected device's statistics (for the status file)."""
+        return {p: d.driver.ring.stats.as_keys() for p, d in self.devices.items() if d.driver.ring is not None}
+
+    async def resize(self, path: str) -> None:
+        """Publish the disk's current size to a connected frontend (online resize)."""
+        device = self.devices[path]
+        disk = device.driver.disk
+        storage = getattr(disk, "storage", None)
+        if storage is not None and hasattr(storage, "refresh_size"):
+            storage.refresh_size()
+            disk.size = storage.size
+        if device.driver.ring is not None:
+            device.driver.ring.set_size(disk.size)
+        await device.end.resize(disk.size // 512)
+
+    async def stop(self) -> None:
+        """Stop watching; every device drains its ring and closes its disk."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for path in list(self.devices):
+            await self._remove(path)

@@ -1,0 +1,139 @@
+"""blkfront's XenBus side: one vbd of a guest, from XenStore to the engine and back.
+
+Theory of operation
+-------------------
+`BlkfrontDevice` is the `pvio.xenbus.FrontendDriver` of one vbd; `BlkfrontEnd` runs
+the frontend's handshake table for it.
+
+- publish (with the switch to Initialised, ONE transaction, retried on EAGAIN by the
+  client): `BlkFront.setup_ring()` — done once per connection even if the transaction
+  is retried — and its keys: ring-ref(s) (+ ring-page-order), event-channel, protocol.
+  The ring order is the smaller of what the guest wants and the backend's
+  max-ring-page-order.
+- finalize (the backend is Connected): the backend's keys, checked by
+  `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
+  re-issue every request still in flight (`BlkFront.resume`).
+- resize (the backend rewrote Connected): the new size is read.
+- disconnect: the queue stops and the ring is given up; the shadows are kept.  When
+  the toolstack removed the device (`online` = 0 on the backend) the disk is closed
+  and its callers fail with EIO instead of waiting.
+
+Recovery: a backend whose domain died leaves its `state` at Connected; the new backend
+probes and writes InitWait.  `BlkfrontEnd` sees (Connected, InitWait) — a pair the
+plain table ignores — suspends the queue and goes back to Initialising, and the table
+does the rest: publish a new ring, the backend connects, finalize re-issues the
+shadows.  An explicit suspend/resume (`BlkfrontEnd.renegotiate`) goes through Closing
+and Closed with the live backend, then starts over the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pvio.abi.ring import MAX_RING_PAGE_ORDER
+from pvio.abi.xenbus import XenbusState as S
+from pvio.blk.frontend import BlkFront
+from pvio.blk.keys import parse_backend_disk, read_uint
+from pvio.blk.xenbus_backend import read_keys
+from pvio.xenbus import Frontend, XenbusDevice
+from pvio.xenstore.client import AsyncClient
+
+log = logging.getLogger(__name__)
+
+BACKEND_DISK_KEYS = (
+    "sectors", "info", "sector-size", "physical-sector-size",
+    "feature-flush-cache", "feature-barrier", "feature-discard",
+)
+
+
+class BlkfrontDevice:
+    """The FrontendDriver of one vbd (see the module notes)."""
+
+    def __init__(self, front: BlkFront, *, want_ring_order: int = 0) -> None:
+        self.front = front
+        self.want_ring_order = want_ring_order
+        self._keys: dict[str, str] | None = None
+        self.connected = asyncio.Event()
+        self.connections = 0
+
+    # The handshake: keys in one transaction, the disk's properties on Connected.
+    # blkfront publishes its ring the moment the backend is in InitWait: the ring is set
+    # up once (a retried transaction writes the same keys again, it does not allocate a
+    # second ring), and ring-ref, event-channel, protocol and the switch to Initialised
+    # share one transaction, so blkback's watch fires when everything is there.  blkback
+    # maps the ring, binds the port and, in its own transaction, writes sectors, info and
+    # the features with Connected; blkfront reads them through parse_backend_disk (the
+    # backend's strings are hostile input too) and opens the queue.
+    async def publish(self, dev: XenbusDevice, tx: int) -> None:
+        if self._keys is None:
+            if self.front.disk is None:  # the first connection: the order may still change
+                raw = await dev.xs.read_or(f"{dev.otherend}/max-ring-page-order", b"0", tx)
+                try:
+                    back_max = read_uint({"o": (raw or b"0").decode()}, "o", MAX_RING_PAGE_ORDER)
+                except ValueError:
+                    back_max = 0
+                self.front.set_ring_order(min(self.want_ring_order, back_max))
+            self._keys = await self.front.setup_ring()
+        for k, v in self._keys.items():
+            await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
+
+    async def finalize(self, dev: XenbusDevice) -> None:
+        disk = parse_backend_disk(await read_keys(dev.xs, dev.otherend, BACKEND_DISK_KEYS))
+        self._keys = None  # this ring is in use: the next publish makes a new one
+        if self.front.disk is None:
+            self.front.connect(disk)
+        else:
+            n = self.front.resume(disk)
+            log.info("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
+        self.connections += 1
+        self.connected.set()
+
+    async def resize(self, dev: XenbusDevice) -> None:
+        disk = parse_backend_disk(await read_keys(dev.xs, dev.otherend, BACKEND_DISK_KEYS))
+        if self.front.disk is not None and disk.sectors != self.front.disk.sectors:
+            log.info("blkfront %s: resized to %d sectors", dev.nodename, disk.sectors)
+            self.front.disk = disk
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        self.connected.clear()
+        online = await dev.xs.read_or(f"{dev.otherend}/online", b"1")
+        if online == b"0":  # removed by the toolstack: fail the callers
+            await self.front.close(force=True)
+        else:
+            await self.front.suspend()
+        self._keys = None
+
+    async def suspend(self) -> None:
+        self.connected.clear()
+        await self.front.suspend()
+        self._keys = None
+
+
+class BlkfrontEnd(Frontend):
+    """The frontend's handshake, plus recovery from a backend that died (module notes)."""
+
+    driver: BlkfrontDevice
+
+    def __init__(self, xs: AsyncClient, nodename: str, otherend: str, driver: BlkfrontDevice) -> None:
+        super().__init__(xs, nodename, otherend, driver)
+        self.recoveries = 0
+
+    async def kick(self) -> None:
+        mine = await self.dev.read_state()
+        other = await self.dev.otherend_state()
+        if mine is S.Connected and other is S.InitWait:
+            # A new backend: the old one died with our requests.  Start over.
+            log.info("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
+            self.recoveries += 1
+            await self.driver.suspend()
+            await self.dev.switch_state(S.Initialising)
+        await super().kick()
+
+    async def renegotiate(self, timeout: float = 30.0) -> None:
+        """Explicit suspend/resume with a live backend: Closing, Closed, then start over."""
+        await self.close()
+        await self.wait_state(S.Closed, timeout=timeout)
+        await self.reconnect()
+        await self.kick()
+        await self.wait_state(S.Connected, timeout=timeout)

@@ -1,0 +1,100 @@
+"""Both ends of a vbd in one process: an in-process hypervisor, blkback and blkfront."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec
+
+from pvio.abi.blkif import ABI_NATIVE, BlkifABI, abi_for_protocol
+from pvio.blk.backend import BlkbackRing
+from pvio.blk.disk import Disk, ThreadedDisk
+from pvio.blk.frontend import BlkFront
+from pvio.blk.keys import backend_disk_keys, parse_backend_disk, parse_frontend_ring
+from pvio.blk.storage import RawFileStorage
+from pvio.hypervisor.client import Domain
+from pvio.hypervisor.inprocess import InProcessHypervisor
+
+P = ParamSpec("P")
+
+
+@dataclass
+class Pair:
+    hv: InProcessHypervisor
+    back_dom: Domain
+    front_dom: Domain
+    back: BlkbackRing
+    front: BlkFront
+    disk: Disk
+    image: Path | None
+
+    async def reconnect_backend(self, transport: str | None = None) -> None:
+        """The backend goes away (its ring disconnected); a new one serves a new ring."""
+        await self.back.disconnect()
+        await self.front.suspend()
+        keys = await self.front.setup_ring()
+        self.back = BlkbackRing(self.back_dom, self.front_dom.domid, self.disk)
+        await self.back.connect(parse_frontend_ring(keys))
+        self.front.resume()
+
+
+def make_image(path: Path, size: int, fill: bool = True) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if fill:
+            f.seek(0)
+            f.write(os.urandom(min(size, 1 << 20)))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def blk_pair(
+    image: Path,
+    *,
+    transport: str = "map",
+    abi: BlkifABI = ABI_NATIVE,
+    ring_order: int = 0,
+    read_only: bool = False,
+    disk: Disk | None = None,
+    max_in_flight: int = 64,
+) -> AsyncIterator[Pair]:
+    hv = InProcessHypervisor()
+    back_dom = await hv.create_domain("driver", 2048, transport=transport)
+    front_dom = await hv.create_domain("guest", 4096)
+    if disk is None:
+        disk = ThreadedDisk(RawFileStorage(image, read_only=read_only))
+    back = BlkbackRing(back_dom, front_dom.domid, disk, max_in_flight=max_in_flight)
+    front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi)
+    keys = await front.setup_ring()
+    ring = parse_frontend_ring(keys)
+    assert ring.abi == abi_for_protocol(abi.protocol)
+    await back.connect(ring)
+    front.connect(
+        parse_backend_disk(
+            backend_disk_keys(disk.size // 512, read_only=disk.read_only, discard=disk.supports_discard)
+        )
+    )
+    pair = Pair(hv, back_dom, front_dom, back, front, disk, image)
+    try:
+        yield pair
+    finally:
+        await pair.back.disconnect()
+        await pair.front.close(force=True)
+        await front_dom.close()
+        await back_dom.close()
+        await disk.close()
+
+
+def asynctest(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    """Run an async test body with asyncio.run and a 60 s bound (the suite's convention)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
+
+    return run
