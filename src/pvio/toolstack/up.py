@@ -359,13 +359,6 @@ class Toolstack:
 
     async def start_domains(self) -> None:
         self._prepare_images()
-        # Introduce every domain before writing the directories that name it: with Xen
-        # 4.17's semantics (XSA-322) a permission entry for a domain newer than the node
-        # is ignored, so a guest could not read its own backend directory.  libxl too
-        # introduces the domain (libxl__build_post) before adding its disks.
-        socks = {}
-        for run in self.domains:
-            socks[run.spec.name] = await self._introduce(run.spec.domid, run.spec.name)
         for run in self.domains:
             dom = run.config
             if dom is not None and dom.type == "xen":
@@ -373,7 +366,7 @@ class Toolstack:
                     params = disk.spec.target
                     await self._transact(xslayout.vbd_add(run.spec.domid, disk.spec, params))
         for run in self.domains:
-            sock = socks[run.spec.name]
+            sock = await self._introduce(run.spec.domid, run.spec.name)
             await self._spawn_domain(run, sock)
             if run.spec.role in ("driver", "lguest-launcher"):
                 await self._wait_ready(run)
