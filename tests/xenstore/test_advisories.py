@@ -365,3 +365,15 @@ def test_root_owner_change_is_nobodys_quota() -> None:
     assert h.req("dom0", T.XS_SET_PERMS, a("/", "n0"), t) == OK
     assert h.end("dom0", t) == OK
     still_serves(h)
+
+
+def test_release_of_a_domain_that_owned_the_root() -> None:
+    """Found by atheris: nodes below a "/" the domain owned were missed at release."""
+    h = Harness()
+    h.conn("d2")
+    assert h.req("dom0", T.XS_SET_PERMS, a("/", "b2")) == OK
+    assert h.req("dom0", T.XS_MKDIR, a("/local/domain/0/x")) == OK  # inherits owner 2
+    assert h.req("dom0", T.XS_RELEASE, a("2")) == OK
+    assert h.req("dom0", T.XS_DIRECTORY, a("/")) == b""
+    assert h.req("dom0", T.XS_GET_PERMS, a("/")) == b"b0\0"
+    still_serves(h)

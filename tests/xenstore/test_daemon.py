@@ -385,3 +385,25 @@ def test_a_watcher_that_never_reads_loses_events_not_the_daemons_memory(tmp_path
         await tool.close()
 
     run_with_daemon(tmp_path, body)
+
+
+def test_quota_options_apply_to_domains_only(tmp_path: Path) -> None:
+    with run_daemon(tmp_path, "--quota-watches", "2", "--quota-nodes", "3") as d, \
+            Client(str(d.socket)) as tool:
+        tool.introduce(3)
+        tool.write("/local/domain/3", "")
+        tool.set_perms("/local/domain/3", ["n3"])
+        with Client(sock=attach_domain(d.control, 3)) as guest:
+            guest.watch("a", "1")
+            guest.watch("b", "2")
+            with pytest.raises(XsError) as e:
+                guest.watch("c", "3")
+            assert e.value.errno == "E2BIG"
+            guest.write("x", "")
+            guest.write("y", "")  # the home is the third node
+            with pytest.raises(XsError) as e:
+                guest.write("z", "")
+            assert e.value.errno == "ENOSPC"
+        for i in range(5):
+            tool.watch(f"/w{i}", "t")
+            tool.write(f"/n{i}", "")

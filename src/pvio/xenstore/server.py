@@ -773,12 +773,16 @@ class XenStoreServer:
             self._out.append(Close(cid, f"domain {domid} released"))
             self.disconnect(cid)
         store = self.store
+        root = store.nodes["/"]
         owned_roots = [
             path
             for path, node in store.walk()
             if path != "/" and node.perms[0].domid == domid
-            and store.nodes[paths.parent(path)].perms[0].domid != domid
+            and (paths.parent(path) == "/"
+                 or store.nodes[paths.parent(path)].perms[0].domid != domid)
         ]
+        if root.perms[0].domid == domid:  # "/" cannot go: it returns to dom0
+            root.perms = (Perm(root.perms[0].letter, 0), *root.perms[1:])
         for path in owned_roots:
             if path in store.nodes:
                 removed = store.remove(path)
