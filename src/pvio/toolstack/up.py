@@ -362,6 +362,8 @@ class Toolstack:
         for run in self.domains:
             dom = run.config
             if dom is not None and dom.type == "xen":
+                if run.spec.domid != 0:
+                    await self.xs.introduce(run.spec.domid)
                 for disk in dom.disks:
                     params = disk.spec.target
                     await self._transact(xslayout.vbd_add(run.spec.domid, disk.spec, params))
