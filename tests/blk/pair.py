@@ -38,7 +38,7 @@ class Pair:
         await self.back.disconnect()
         await self.front.suspend()
         keys = await self.front.setup_ring()
-        self.back = BlkbackRing(self.back_dom, self.front_dom.domid, self.disk)
+        self.back = BlkbackRing(self.back_dom, self.front_dom.domid, self.disk, persistent=self.front.persistent)
         await self.back.connect(parse_frontend_ring(keys))
         self.front.resume()
 
@@ -62,14 +62,16 @@ async def blk_pair(
     read_only: bool = False,
     disk: Disk | None = None,
     max_in_flight: int = 64,
+    persistent: bool = False,
 ) -> AsyncIterator[Pair]:
     hv = InProcessHypervisor()
     back_dom = await hv.create_domain("driver", 2048, transport=transport)
     front_dom = await hv.create_domain("guest", 4096)
     if disk is None:
         disk = ThreadedDisk(RawFileStorage(image, read_only=read_only))
-    back = BlkbackRing(back_dom, front_dom.domid, disk, max_in_flight=max_in_flight)
+    back = BlkbackRing(back_dom, front_dom.domid, disk, max_in_flight=max_in_flight, persistent=persistent)
     front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi)
+    front.persistent = persistent
     keys = await front.setup_ring()
     ring = parse_frontend_ring(keys)
     assert ring.abi == abi_for_protocol(abi.protocol)

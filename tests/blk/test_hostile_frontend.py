@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blk.pair import asynctest, make_image
 from pvio.abi.blkif import (
@@ -198,4 +200,43 @@ async def test_garbage_requests_never_crash(tmp_path: Path) -> None:
             got = await f.send(*batch)
             assert len(got) == 8
         assert f.back.broken is None
+    assert img.read_bytes() == before
+
+
+# A hostile frontend as a property: any batch of any request bytes gets exactly one
+# response per request, each with a valid status, the ring is never broken by slot
+# contents, and a read-only disk is never written.
+
+_requests = st.lists(
+    st.one_of(
+        st.binary(min_size=ABI_NATIVE.request.size, max_size=ABI_NATIVE.request.size),
+        st.builds(
+            lambda op, n, sector, segs: rw(op, 1, sector, *segs, nr=n),
+            st.sampled_from([0, 1, 2, 3, 4, 5, 6, 200]),
+            st.integers(0, 255),
+            st.integers(0, 2**64 - 1),
+            st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 255), st.integers(0, 255)), max_size=11),
+        ),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=_requests)
+def test_any_batch_is_answered_and_writes_nothing(tmp_path: Path, batch: list[bytes]) -> None:
+    img = tmp_path / "ro.img"
+    if not img.exists():
+        make_image(img, SIZE)
+    before = img.read_bytes()
+
+    async def body() -> None:
+        async with raw_front(img, read_only=True) as f:
+            got = await f.send(*batch)
+            assert len(got) == len(batch)
+            assert all(s in (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP) for _, _, s in got)
+            assert f.back.broken is None
+
+    asyncio.run(asyncio.wait_for(body(), 30))
     assert img.read_bytes() == before

@@ -101,3 +101,52 @@ async def test_reconnect_reissues_in_flight(tmp_path: Path) -> None:
         await asyncio.gather(*writes)
         got = await asyncio.gather(*(p.front.read(i * 4096, 4096) for i in range(64)))
         assert got == data
+
+
+@asynctest
+async def test_trim_of_the_whole_disk(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 64 * MiB)
+    async with blk_pair(img) as p:
+        assert p.front.info.can_trim
+        await p.front.trim(0, 64 * MiB)  # one request, no data pages, no grants
+        await p.front.trim(4096, 8192)
+        assert await p.front.read(0, 8192) == bytes(8192)
+        await p.front.write(0, b"x" * 4096)
+        assert p.back.stats.ds_req == 2
+    assert img.read_bytes()[:4096] == b"x" * 4096
+
+
+@asynctest
+async def test_copy_backend_out_of_bounce_pages_answers_in_error(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, transport="copy") as p:
+        hoard = p.back_dom.alloc_pages(p.back_dom.pages.free_count)  # nothing left to bounce into
+        with pytest.raises(OSError):
+            await p.front.read(0, 4096)
+        p.back_dom.free_pages(hoard)
+        assert len(await p.front.read(0, 4096)) == 4096  # and the ring goes on
+
+
+@pytest.mark.parametrize("transport", ["map", "copy"])
+@asynctest
+async def test_persistent_grants(tmp_path: Path, transport: str) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, transport=transport, persistent=True) as p:
+        assert p.back.persistent == (transport == "map")
+        await check_backend(p.front)
+        before = p.back.stats.grant_ops
+        blocks = [os.urandom(4096) for _ in range(64)]
+        for _ in range(3):
+            await asyncio.gather(*(p.front.write(i * 4096, b) for i, b in enumerate(blocks)))
+            got = await asyncio.gather(*(p.front.read(i * 4096, 4096) for i in range(64)))
+            assert got == blocks
+        if transport == "map":
+            # the pool's pages are mapped once and kept: no hypercall per batch any more
+            assert p.back.stats.grant_ops - before <= 4
+        # recovery keeps the pool: the new backend maps the same grants again
+        writes = [asyncio.ensure_future(p.front.write(i * 4096, b)) for i, b in enumerate(reversed(blocks))]
+        await asyncio.sleep(0)
+        await p.reconnect_backend()
+        await asyncio.gather(*writes)
+        got = await asyncio.gather(*(p.front.read(i * 4096, 4096) for i in range(64)))
+        assert got == blocks[::-1]

@@ -56,6 +56,7 @@ from dataclasses import dataclass, fields, replace
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
@@ -73,6 +74,7 @@ from pvio.blk.request import (
 )
 from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
 from pvio.hypervisor.errors import GrantError, HypercallError
+from pvio.hypervisor.granting import NoSpace
 from pvio.ring import BackRing, RingBroken, SharedRing
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ class BlkbackRing:
         feature_barrier: bool = True,
         feature_flush_cache: bool = True,
         on_broken: Callable[[BaseException], None] | None = None,
+        persistent: bool = False,
+        persistent_limit: int = DEFAULT_MAX_IN_FLIGHT * BLKIF_MAX_SEGMENTS_PER_REQUEST,
     ) -> None:
         self.domain = domain
         self.frontend_domid = frontend_domid
@@ -152,6 +156,10 @@ class BlkbackRing:
         self.broken: BaseException | None = None
         self.abi: BlkifABI | None = None
         self.port = -1
+        #: feature-persistent: keep data mappings (map transport only), up to the limit
+        self.persistent = persistent and domain.transport == "map"
+        self.persistent_limit = persistent_limit
+        self._persistent: dict[tuple[int, bool], GrantMapping] = {}
         self._ring: BackRing | None = None
         self._ring_maps: list[GrantMapping] = []
         self._wake = asyncio.Event()
@@ -295,7 +303,9 @@ class BlkbackRing:
             works = [_Work(io) for io in group]
             try:
                 await self._do_data(works)
-            except (OSError, HypercallError, GrantError) as e:  # the hypervisor refused the batch
+            except (OSError, HypercallError, GrantError, NoSpace) as e:
+                # The hypervisor refused the batch, or no bounce pages are left: every
+                # request of the batch is answered, in error, rather than left hanging.
                 log.warning("blkback d%d: batch failed: %s", self.frontend_domid, e)
                 for w in works:
                     w.status = BLKIF_RSP_ERROR
@@ -327,19 +337,40 @@ class BlkbackRing:
             await asyncio.gather(*(self._disk_io(w) for w in others))
 
     async def _data_by_map(self, works: list[_Work]) -> None:
-        refs: list[int] = []
-        ro: list[bool] = []
+        """Map what is not mapped yet (ONE batch), do the I/O, unmap what is not kept.
+
+        With persistent grants (feature-persistent) a mapping is kept, keyed by (ref,
+        read-only), up to `persistent_limit`, and used again by later requests: in the
+        steady state a batch costs no hypercall at all.
+        """
+        keys: list[tuple[int, bool]] = []
         for w in works:
             write = w.io.kind == "write"
-            for seg in w.io.segments:
-                refs.append(seg.gref)
-                ro.append(write)
-        self.stats.grant_ops += 1
-        maps = await self.domain.map_grants(self.frontend_domid, refs, ro, strict=False)
+            keys.extend((seg.gref, write) for seg in w.io.segments)
+        cache = self._persistent
+        missing = list(dict.fromkeys(k for k in keys if k not in cache))
+        transient: list[GrantMapping] = []
+        fresh: dict[tuple[int, bool], GrantMapping] = {}
+        if missing:
+            self.stats.grant_ops += 1
+            maps = await self.domain.map_grants(
+                self.frontend_domid, [r for r, _ in missing], [ro for _, ro in missing], strict=False
+            )
+            for key, m in zip(missing, maps, strict=True):
+                fresh[key] = m
+                if (
+                    self.persistent
+                    and m.status == gt.GNTST_okay
+                    and key not in cache
+                    and len(cache) < self.persistent_limit
+                ):
+                    cache[key] = m
+                else:
+                    transient.append(m)
         try:
             i = 0
             for w in works:
-                mine = maps[i : i + len(w.io.segments)]
+                mine = [fresh.get(k) or cache[k] for k in keys[i : i + len(w.io.segments)]]
                 i += len(w.io.segments)
                 if any(m.status != gt.GNTST_okay or m.view is None for m in mine):
                     w.status = BLKIF_RSP_ERROR
@@ -354,8 +385,9 @@ class BlkbackRing:
                 for b in w.buffers or ():
                     b.release()
                 w.buffers = None
-            self.stats.grant_ops += 1
-            await self.domain.unmap_grants(maps)
+            if transient:
+                self.stats.grant_ops += 1
+                await self.domain.unmap_grants(transient)
 
     async def _data_by_copy(self, works: list[_Work]) -> None:
         if not works:
@@ -499,6 +531,12 @@ class BlkbackRing:
             except (OSError, HypercallError):
                 pass
             self.port = -1
+        if self._persistent:
+            kept, self._persistent = list(self._persistent.values()), {}
+            try:
+                await self.domain.unmap_grants(kept)
+            except (OSError, HypercallError):
+                pass
         if self._ring_maps:
             try:
                 await self.domain.unmap_grants(self._ring_maps)

@@ -109,6 +109,9 @@ class _Pending:
     frames: list[int]
     nbytes: int  # payload bytes, in pages from the first
     read_into: memoryview | None = None
+    pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
+    want_bytes: bool = False  # a READ whose data the caller takes as bytes
+    data: bytes = b""
 
 
 class BlkFront:
@@ -145,6 +148,10 @@ class BlkFront:
         self._ref_frames: dict[int, int] = {}
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
+        #: feature-persistent: data pages stay granted (read-write) and are reused
+        self.persistent = False
+        self._pool: list[tuple[int, int]] = []
+        self._pool_size = 0
 
     def set_ring_order(self, order: int) -> None:
         """Choose the ring's size before the first `setup_ring` (no request yet)."""
@@ -183,6 +190,8 @@ class BlkFront:
         self._ring_frames = frames
         self.ring_refs = refs
         keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
+        if self.persistent:
+            keys["feature-persistent"] = "1"
         if self.ring_order == 0:
             keys["ring-ref"] = str(refs[0])
         else:
@@ -235,15 +244,24 @@ class BlkFront:
         payload: bytes | memoryview | None,
         nbytes: int,
         read_into: memoryview | None = None,
-    ) -> None:
-        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`."""
+        want_bytes: bool = False,
+    ) -> bytes:
+        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`;
+        returns the data of a READ made with `want_bytes`, else b""."""
         self._check_broken()
-        npages = -(-nbytes // PAGE_SIZE)
+        # A discard names sectors, it carries no data: no pages, no grants.
+        npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
         await self._ids.acquire()
+        pooled: list[tuple[int, int]] | None = None
         try:
             await self._wait_running()
-            grefs = await self._claim_grants(npages)
-            frames = self.domain.alloc_pages(npages)
+            if self.persistent:
+                pooled = await self._take_pooled(npages)
+                grefs = [r for r, _ in pooled]
+                frames = [f for _, f in pooled]
+            else:
+                grefs = await self._claim_grants(npages)
+                frames = self.domain.alloc_pages(npages)
         except BaseException:
             self._ids.release()
             raise
@@ -253,8 +271,9 @@ class BlkFront:
         gnttab = self.domain.gnttab
         for ref, frame in zip(grefs, frames, strict=True):
             n = min(left, PAGE_SIZE)
-            gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
-            self._ref_frames[ref] = frame
+            if pooled is None:
+                gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
+                self._ref_frames[ref] = frame
             segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
             left -= n
         if payload is not None:
@@ -266,7 +285,7 @@ class BlkFront:
                 mem[start : start + len(chunk)] = chunk
                 pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames, nbytes, read_into)
+        pending = _Pending(fut, frames, nbytes, read_into, pooled, want_bytes)
         if operation == BLKIF_OP_DISCARD:
             shadow = self.shadows.alloc(
                 operation, sector,
@@ -284,12 +303,28 @@ class BlkFront:
         if status != BLKIF_RSP_OKAY:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
+        return pending.data
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
             self._check_broken()
             await self._running.wait()
         self._check_broken()
+
+    async def _take_pooled(self, n: int) -> list[tuple[int, int]]:
+        """`n` persistently granted pages: reused ones first, new ones granted read-write."""
+        take = self._pool[-n:] if n else []
+        del self._pool[len(self._pool) - len(take) :]
+        more = n - len(take)
+        if more:
+            refs = await self._claim_grants(more)
+            frames = self.domain.alloc_pages(more)
+            for ref, frame in zip(refs, frames, strict=True):
+                self.domain.gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, False)
+                self._ref_frames[ref] = frame
+            take += list(zip(refs, frames, strict=True))
+            self._pool_size += more
+        return take
 
     async def _claim_grants(self, n: int) -> list[int]:
         if n == 0:
@@ -373,7 +408,18 @@ class BlkFront:
         shadow = self.shadows.complete(req_id, operation)
         pending: _Pending = shadow.cookie
         self._ids.release()
-        if pending.read_into is not None and status == BLKIF_RSP_OKAY:
+        if pending.want_bytes and status == BLKIF_RSP_OKAY:
+            mem = self.domain.memory
+            n = pending.nbytes
+            if len(pending.frames) == 1:
+                start = pending.frames[0] * PAGE_SIZE
+                pending.data = mem[start : start + n].tobytes()
+            else:
+                pending.data = b"".join(
+                    mem[f * PAGE_SIZE : f * PAGE_SIZE + min(PAGE_SIZE, n - i * PAGE_SIZE)]
+                    for i, f in enumerate(pending.frames)
+                )
+        elif pending.read_into is not None and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
             out = pending.read_into
             pos = 0
@@ -381,7 +427,10 @@ class BlkFront:
                 n = min(PAGE_SIZE, pending.nbytes - pos)
                 out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
                 pos += n
-        self._end_grants(shadow.grefs)
+        if pending.pooled is not None:
+            self._pool.extend(pending.pooled)  # still granted: the next request reuses them
+        else:
+            self._end_grants(shadow.grefs)
         if not pending.future.done():
             pending.future.set_result(status)
 
@@ -457,6 +506,12 @@ class BlkFront:
     # -- BlockBackend ---------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        if 0 < length <= MAX_REQUEST_BYTES and not (offset | length) % SECTOR_SIZE:
+            # The common case (one request): the data comes straight out of the pages.
+            disk = self._disk()
+            if offset + length > disk.size:
+                raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
+            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
         return bytes(buf)
@@ -561,9 +616,15 @@ class BlkFront:
         if self.shadows.in_flight() and self.broken is None:
             self._break("closed with requests in flight")
         await self.suspend()
+        if self.broken is None:  # from now on every call fails instead of waiting
+            self.broken = DeviceBroken("the disk is closed")
+            self._running.set()
+        if self._pool:
+            pool, self._pool = self._pool, []
+            self._end_grants(tuple(r for r, _ in pool))
 
 
-async def _gather_all(jobs: list[Coroutine[Any, Any, None]]) -> None:
+async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
     """Await every job; the first failure is raised after all have finished."""
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for r in results:

@@ -46,14 +46,14 @@ class GuestDisk:
 
 
 async def attach_disk(
-    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 1
+    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 0, persistent: bool = True
 ) -> GuestDisk:
     """Run blkfront for /local/domain/<domid>/device/vbd/<devid> until it is Connected."""
     node = f"/local/domain/{dom.domid}/device/vbd/{devid}"
     backend = (await xs.read(f"{node}/backend")).decode()
     backend_id = int((await xs.read(f"{node}/backend-id")).decode())
     front = BlkFront(dom, backend_id)
-    driver = BlkfrontDevice(front, want_ring_order=ring_order)
+    driver = BlkfrontDevice(front, want_ring_order=ring_order, want_persistent=persistent)
     end = BlkfrontEnd(xs, node, backend, driver)
     await end.start()
     await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
@@ -90,9 +90,10 @@ async def main(spec: DomainSpec) -> None:
     disks: list[GuestDisk] = []
     try:
         xs = await open_xenstore(spec)
-        ring_order = int(spec.extra.get("ring_order", 1))
+        ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
+        persistent = bool(spec.extra.get("persistent_grants", True))
         for d in spec.disks:
-            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order)
+            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent)
             disks.append(disk)
             await export_disk(disk, d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock"))
         write_status(spec.status_file, **status(spec, dom, disks))

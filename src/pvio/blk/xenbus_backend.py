@@ -10,8 +10,10 @@ a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and 
 `pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
 
 - probe (with the switch to InitWait, one transaction): feature-flush-cache,
-  feature-barrier, max-ring-page-order, and feature-discard with its granularity when
-  the disk can discard and the toolstack allows it;
+  feature-barrier, max-ring-page-order, feature-persistent (map transport: mappings of
+  a frontend's persistent grants are kept, so the steady state needs no hypercall), and
+  feature-discard with its granularity when the disk can discard and the toolstack
+  allows it;
 - connect (with the switch to Connected, one transaction): read the frontend's
   ring-ref(s), event-channel and protocol (`pvio.blk.keys.parse_frontend_ring`), attach
   a `pvio.blk.backend.BlkbackRing`, and publish sectors, sector-size,
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 
 #: Keys of the frontend's directory blkback reads to connect.
 FRONTEND_RING_KEYS = (
-    "ring-ref", "ring-page-order", "event-channel", "protocol",
+    "ring-ref", "ring-page-order", "event-channel", "protocol", "feature-persistent",
     *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)),
 )
 STATS_INTERVAL = 1.0
@@ -126,6 +128,8 @@ class BlkbackDevice:
             "feature-barrier": "1",
             "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
             "feature-discard": "1" if self.discard else "0",
+            # persistent grants: only a map-transport backend can keep mappings
+            "feature-persistent": "1" if self.domain.transport == "map" else "0",
         }
         if self.discard:
             keys["discard-granularity"] = str(self.disk.physical_sector_size)
@@ -153,6 +157,7 @@ class BlkbackDevice:
             ring = BlkbackRing(
                 self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
                 on_broken=lambda e: self._on_broken(dev, e),
+                persistent=values.get("feature-persistent") == "1",
             )
             await ring.connect(ring_info)
             self.ring, self._ring_keys = ring, values

@@ -9,7 +9,9 @@ the frontend's handshake table for it.
   client): `BlkFront.setup_ring()` — done once per connection even if the transaction
   is retried — and its keys: ring-ref(s) (+ ring-page-order), event-channel, protocol.
   The ring order is the smaller of what the guest wants and the backend's
-  max-ring-page-order.
+  max-ring-page-order; persistent grants (feature-persistent) are used when the backend
+  offers them: data pages stay granted and are reused, and the backend keeps them
+  mapped.
 - finalize (the backend is Connected): the backend's keys, checked by
   `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
   re-issue every request still in flight (`BlkFront.resume`).
@@ -50,9 +52,10 @@ BACKEND_DISK_KEYS = (
 class BlkfrontDevice:
     """The FrontendDriver of one vbd (see the module notes)."""
 
-    def __init__(self, front: BlkFront, *, want_ring_order: int = 0) -> None:
+    def __init__(self, front: BlkFront, *, want_ring_order: int = 0, want_persistent: bool = True) -> None:
         self.front = front
         self.want_ring_order = want_ring_order
+        self.want_persistent = want_persistent
         self._keys: dict[str, str] | None = None
         self.connected = asyncio.Event()
         self.connections = 0
@@ -74,6 +77,8 @@ class BlkfrontDevice:
                 except ValueError:
                     back_max = 0
                 self.front.set_ring_order(min(self.want_ring_order, back_max))
+                persistent = await dev.xs.read_or(f"{dev.otherend}/feature-persistent", b"0", tx)
+                self.front.persistent = self.want_persistent and persistent == b"1"
             self._keys = await self.front.setup_ring()
         for k, v in self._keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
@@ -85,7 +90,7 @@ class BlkfrontDevice:
             self.front.connect(disk)
         else:
             n = self.front.resume(disk)
-            log.info("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
+            log.warning("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
         self.connections += 1
         self.connected.set()
 
@@ -124,7 +129,7 @@ class BlkfrontEnd(Frontend):
         other = await self.dev.otherend_state()
         if mine is S.Connected and other is S.InitWait:
             # A new backend: the old one died with our requests.  Start over.
-            log.info("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
+            log.warning("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
             self.recoveries += 1
             await self.driver.suspend()
             await self.dev.switch_state(S.Initialising)
