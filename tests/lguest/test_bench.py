@@ -20,3 +20,11 @@ def test_registered_and_runs(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())
     assert row["unit"] == "IOPS" and row["pvio"] > 0 and row["baseline"] > 0
     assert abs(row["ratio"] - row["pvio"] / row["baseline"]) < 1e-9
+
+
+def test_the_suite_takes_lguests_own_suite() -> None:
+    from pvio.bench import lguest
+    from pvio.bench.suite import load_benchmark
+
+    assert load_benchmark("lguest") is lguest.SUITE
+    assert lguest.SUITE.needs_root and "iperf3" in lguest.SUITE.tools

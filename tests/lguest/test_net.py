@@ -307,3 +307,46 @@ def test_the_host_as_a_peer() -> None:
         n0.transmit(to_host)
     assert len(peer.take_frames()) == 5 and peer.stats.rx_dropped == 15
     assert n0.stats.tx_carrier_errors == 15
+
+
+class _BatchingPort:
+    """A DmaPort that also offers send_dma_many (as ThreadedDmaPort over the hypervisor)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def send_dma_many(self, sends: list[tuple[int, int]]) -> list[int]:
+        self.batches.append(len(sends))
+        out = []
+        for key, dma in sends:
+            try:
+                out.append(self.inner.send_dma(key, dma))  # type: ignore[attr-defined]
+            except LguestError as exc:
+                out.append(-exc.errno)
+        return out
+
+
+def test_transmit_many_batches_and_keeps_order() -> None:
+    _, (g0, g1, g2) = lan_of(3)
+    assert g0.net is not None and g1.net is not None and g2.net is not None
+    port = _BatchingPort(g0.net.port)
+    g0.net.port = port  # type: ignore[assignment]
+    frames = [frame(g1.net.mac, g0.net.mac, size=ETH_FRAME_LEN, fill=i) for i in range(6)]
+    frames.insert(3, b"runt")
+    frames.append(frame(BROADCAST, g0.net.mac, fill=0x77))
+    assert g0.net.transmit_many(frames) == 8  # six unicasts and a broadcast to two peers
+    assert port.batches == [8]
+    got = deliver([g1, g2])
+    assert got[0] == [f for f in frames if f != b"runt"]
+    assert got[1] == [frames[-1]]
+    assert g0.net.stats.tx_packets == 8 and g0.net.stats.tx_dropped == 1
+    # more than the receiver's eight buffers: the rest are carrier errors, in TX_BATCH steps
+    many = [frame(g1.net.mac, g0.net.mac, fill=i) for i in range(20)]
+    assert g0.net.transmit_many(many) == 20
+    assert port.batches[1:] == [16, 4]
+    assert deliver([g1])[0] == many[:8]
+    assert g0.net.stats.tx_carrier_errors == 12

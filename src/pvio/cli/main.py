@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.export.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
+    "console": ("pvio.lguest.console_cli:console", "Attach the terminal to an lguest guest's console."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }
 

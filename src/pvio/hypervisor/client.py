@@ -752,6 +752,13 @@ class Domain:
         self.regions[region.region_id] = region
         return region
 
+    async def lguest_region_permit(self, region_id: int, peer: int) -> None:
+        """Let domain `peer` attach a region this domain created (then only permitted
+        domains may)."""
+        args = wire.PVIO_LGUEST_REGION.pack(region_id=region_id, peer=peer)
+        (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_permit, 1, args)])
+        _check(reply, "lguest region permit")
+
     def phys(self, addr: int, length: int) -> memoryview:
         """A view of [addr, addr+length) of this domain's lguest physical space."""
         if addr >= 0 and addr + length <= self.nr_pages * PAGE_SIZE:
@@ -776,6 +783,16 @@ class Domain:
     async def send_dma(self, key: int, dma: int) -> int:
         """SEND_DMA; returns the bytes copied (also written into the dma's used_len)."""
         return await self._lhcall(LHCALL_SEND_DMA, key, dma)
+
+    async def send_dma_many(self, sends: Sequence[tuple[int, int]]) -> list[int]:
+        """Several SEND_DMA(key, dma) in one batch (one round trip): for each, the bytes
+        copied, or the -errno it was refused with."""
+        ops = [Op(wire.PVIO_HYPERVISOR_lguest, LHCALL_SEND_DMA, 1, wire.PVIO_LHCALL.pack(arg1=k, arg2=d))
+               for k, d in sends]
+        out: list[int] = []
+        for reply in await self._call(ops):
+            out.append(reply.rc if reply.rc else int(wire.PVIO_LHCALL.unpack(reply.args)["ret"]))
+        return out
 
     def set_irq_handler(self, handler: Callable[[int], None] | None) -> None:
         self._irq_handler = handler

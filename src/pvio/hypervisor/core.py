@@ -386,12 +386,30 @@ class Hypervisor:
             if op.count != 1 or len(op.args) != lay.size:
                 return Reply(-errno.EINVAL, op.args)
             a = lay.unpack(op.args)
-            if op.cmd == LHCALL_BIND_DMA:
-                self.lguest.bind_dma(d, a["arg1"], a["arg2"], a["arg3"] >> 8, a["arg3"] & 0xFF)
-            else:
-                bindings = [b for other in self.domains.values() for b in other.dma]
-                a["ret"] = self.lguest.send_dma(d, a["arg1"], a["arg2"], bindings)
+            bindings = [b for other in self.domains.values() for b in other.dma]
+            try:
+                if op.cmd == LHCALL_BIND_DMA:
+                    self.lguest.bind_dma(d, a["arg1"], a["arg2"], a["arg3"] >> 8, a["arg3"] & 0xFF)
+                else:
+                    a["ret"] = self.lguest.send_dma(d, a["arg1"], a["arg2"], bindings)
+            except HypercallError:
+                self.lguest.violation(d, a["arg1"], bindings)
+                raise
             return Reply(0, lay.pack(**a))
+        if op.cmd == wire.PVIO_LGUEST_region_permit:
+            lay = wire.PVIO_LGUEST_REGION
+            if op.count != 1 or len(op.args) != lay.size:
+                return Reply(-errno.EINVAL, op.args)
+            a = lay.unpack(op.args)
+            found = self.regions.get(a["region_id"])
+            if found is None:
+                return Reply(-errno.ENOENT, op.args)
+            if found.creator != d.domid:
+                return Reply(-errno.EPERM, op.args)
+            if found.permitted is None:
+                found.permitted = set()
+            found.permitted.add(a["peer"])
+            return Reply(0, op.args)
         if op.cmd in (wire.PVIO_LGUEST_region_create, wire.PVIO_LGUEST_region_attach):
             lay = wire.PVIO_LGUEST_REGION
             if op.count != 1 or len(op.args) != lay.size:
@@ -401,7 +419,7 @@ class Hypervisor:
                 if not 0 < a["nr_pages"] <= MAX_REGION_PAGES:
                     return Reply(-errno.EINVAL, op.args)
                 fd, view = self.platform.new_memory(a["nr_pages"], "pvio-lguest-region")
-                region = Region(self._next_region, a["nr_pages"], fd, view)
+                region = Region(self._next_region, a["nr_pages"], fd, view, creator=d.domid)
                 self._next_region += 1
                 self.regions[region.region_id] = region
                 a["region_id"] = region.region_id
@@ -409,6 +427,8 @@ class Hypervisor:
                 found = self.regions.get(a["region_id"])
                 if found is None:
                     return Reply(-errno.ENOENT, op.args)
+                if found.permitted is not None and d.domid not in found.permitted | {found.creator}:
+                    return Reply(-errno.EPERM, op.args)
                 region = found
                 a["nr_pages"] = region.nr_pages
             try:

@@ -116,6 +116,8 @@ class Region:
     fd: int
     view: memoryview
     attached: dict[int, int] = field(default_factory=dict)  # domid -> base address
+    creator: int = -1
+    permitted: set[int] | None = None  # None: open to all (nobody was ever permitted)
 
 
 @dataclass(eq=False)

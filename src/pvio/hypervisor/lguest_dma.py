@@ -18,9 +18,12 @@ used_len, raises the receiver's irq, and writes the sender's used_len (the bytes
 
 Every lguest_dma is copied out of guest memory once and checked like lguest's
 check_dma_list: at most 16 sections, a zero length ends the list, every section inside
-the domain's address space and inside one page.  Where lguest killed the guest, pvio
-answers -EINVAL (the sender's fault) or skips the receiver's bad buffer and counts it,
-so one bad domain never stops the others.
+the domain's address space and inside one page.  The rules and limits are the ones in
+`pvio.lguest.dma` (parse_dma, check_key, check_bind, LGUEST_MAX_DMA bindings), used
+here, not restated.  Where lguest killed the guest, pvio answers -EINVAL (the sender's
+fault) or skips the receiver's bad buffer and counts it, so one bad domain never stops
+the others; and it raises a violation interrupt (VIOLATION_IRQ_BASE + irq) in every
+other domain bound at the offending key, so a Launcher can mark that device FAILED.
 
 Not here: delivery of private keys to a Launcher process (lguest's /dev/lguest read
 path).  In pvio the Launcher is a domain, and a device page is a region shared by the
@@ -35,9 +38,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pvio.abi.lguest import LGUEST_DMA, LGUEST_MAX_DMA, LGUEST_MAX_DMA_SECTIONS
+from pvio.abi.lguest import LGUEST_DMA
 from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
 from pvio.hypervisor.errors import HypercallError
+from pvio.lguest.dma import (
+    MAX_BINDINGS,
+    VIOLATION_IRQ_BASE,
+    DmaError,
+    check_bind,
+    check_key,
+    parse_dma,
+)
 
 _U32 = struct.Struct("<I")
 Section = tuple[memoryview, int, int]  # (memory, offset, length)
@@ -54,6 +65,7 @@ class LguestDma:
     regions: dict[int, Region] = field(default_factory=dict)
     pushes: list[IrqPush] = field(default_factory=list)
     bad_buffers: int = 0
+    violations: int = 0
     lookup: Callable[[int], Domain | None] | None = None
 
     # -- the address space ----------------------------------------------------------
@@ -72,27 +84,38 @@ class LguestDma:
         raise HypercallError(-errno.EINVAL, f"address {addr:#x}+{length} outside d{d.domid}", "addr")
 
     def _key(self, d: Domain, key: int) -> tuple[object, int]:
-        if key % 4:
-            raise HypercallError(-errno.EINVAL, f"key {key:#x} not a multiple of 4", "key")
+        _rule(check_key, key, None)
         obj, _, off = self.resolve(d, key, 4)
         return obj, off
 
-    def _sections(self, d: Domain, raw: dict[str, Any]) -> list[Section]:
+    def _sections(self, d: Domain, raw: memoryview | bytes) -> list[Section]:
+        # The shared rules (at most 16 sections, a zero length ends the list, none
+        # crossing a page, none past 4 GiB); then each section is resolved in `d`'s space.
+        buf = _rule(parse_dma, raw, memory_size=1 << 32)
         out: list[Section] = []
-        for i in range(LGUEST_MAX_DMA_SECTIONS):
-            length = raw["len"][i]
-            if length == 0:
-                break
-            addr = raw["addr"][i]
-            if addr % PAGE_SIZE + length > PAGE_SIZE:
-                raise HypercallError(-errno.EINVAL, f"section {i} crosses a page", "len")
-            _, mem, off = self.resolve(d, addr, length)
-            out.append((mem, off, length))
+        for s in buf.sections:
+            _, mem, off = self.resolve(d, s.addr, s.length)
+            out.append((mem, off, s.length))
         return out
 
-    def _read_dma(self, d: Domain, addr: int) -> dict[str, Any]:
+    def _read_dma(self, d: Domain, addr: int) -> bytes:
         _, mem, off = self.resolve(d, addr, LGUEST_DMA.size)
-        return LGUEST_DMA.unpack(mem, off)
+        return bytes(mem[off : off + LGUEST_DMA.size])
+
+    def violation(self, d: Domain, key: int, bindings: list[DmaBinding]) -> None:
+        """`d` broke a rule on `key`: count it and tell the other domains bound there."""
+        self.violations += 1
+        try:
+            obj, _, off = self.resolve(d, key & ~3, 4)
+        except HypercallError:
+            return
+        kobj = (obj, off)
+        told: set[tuple[int, int]] = set()
+        for b in bindings:
+            if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:
+                continue
+            told.add((b.domain.domid, b.irq))
+            self.pushes.append(IrqPush(b.domain.domid, VIOLATION_IRQ_BASE + b.irq))
 
     # T:380 lguest: BIND_DMA and SEND_DMA
     # lguest has no rings: a receiver binds an array of lguest_dma buffers to a key and
@@ -108,12 +131,9 @@ class LguestDma:
         if irq == 0:
             d.dma = [b for b in d.dma if not (b.key == kobj and b.dmas == dmas)]
             return
-        if not 0 < irq < 256:
-            raise HypercallError(-errno.EINVAL, "irq out of range", "irq")
-        if not 0 < count <= 0xFFFFFF:
-            raise HypercallError(-errno.EINVAL, "bad buffer count", "count")
+        _rule(check_bind, count, irq)
         self.resolve(d, dmas, count * LGUEST_DMA.size)
-        if len(d.dma) >= LGUEST_MAX_DMA:
+        if len(d.dma) >= MAX_BINDINGS:
             raise HypercallError(-errno.ENOSPC, "too many DMA bindings", "dmas")
         d.dma.append(DmaBinding(d, kobj, key, dmas, count, irq))
 
@@ -139,7 +159,7 @@ class LguestDma:
             addr = b.dmas + i * LGUEST_DMA.size
             try:
                 raw = self._read_dma(dst_dom, addr)
-                if raw["used_len"] != 0:
+                if _U32.unpack_from(raw)[0] != 0:
                     continue
                 dst = self._sections(dst_dom, raw)
             except HypercallError:
@@ -151,6 +171,14 @@ class LguestDma:
             self.pushes.append(IrqPush(dst_dom.domid, b.irq))
             return n
         return None
+
+
+def _rule(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Apply a rule of pvio.lguest.dma; its DmaError becomes the hypercall's -errno."""
+    try:
+        return fn(*args, **kwargs)
+    except DmaError as exc:
+        raise HypercallError(-exc.errno, exc.reason, exc.field) from exc
 
 
 def _copy_sections(src: list[Section], dst: list[Section]) -> int:

@@ -44,6 +44,10 @@ PVIO_DOMCTL_alloc_shareable = 3
 PVIO_DOMCTL_page_fd = 4
 PVIO_LGUEST_region_create = 1
 PVIO_LGUEST_region_attach = 2
+#: The region's creator lets domain `peer` attach it.  A region nobody was ever
+#: permitted on is open to every domain; after the first permit, only the creator and
+#: the permitted domains may attach it (EPERM otherwise).
+PVIO_LGUEST_region_permit = 3
 PVIO_PUSH_port_bound = 1
 PVIO_PUSH_port_unbound = 2
 PVIO_PUSH_irq = 3
@@ -71,7 +75,7 @@ struct pvio_memory_fd { uint16_t domid; uint16_t pad; uint32_t nr_pages; };
 struct pvio_shareable { uint32_t nr_frames; uint32_t first_frame; };
 struct pvio_page_fd { uint16_t domid; int16_t status; uint32_t ref; };
 struct pvio_lhcall { uint32_t arg1; uint32_t arg2; uint32_t arg3; uint32_t ret; };
-struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t pad; };
+struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t peer; };
 struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32_t remote_port; };
 struct pvio_push_irq { uint32_t irq; };
 struct pvio_push_domain { uint16_t domid; uint16_t pad; };
@@ -164,10 +168,10 @@ PVIO_LHCALL = Layout(
     c_prologue=C_PROLOGUE,
 )
 
-#   struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t pad; };
+#   struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t peer; };
 PVIO_LGUEST_REGION = Layout(
     "pvio_lguest_region",
-    (("region_id", "I"), ("nr_pages", "I"), ("base", "I"), ("", "4x")),
+    (("region_id", "I"), ("nr_pages", "I"), ("base", "I"), ("peer", "I")),
     c_type="struct pvio_lguest_region",
     c_prologue=C_PROLOGUE,
 )

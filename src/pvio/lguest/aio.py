@@ -57,6 +57,11 @@ class GuestThread:
     def __init__(self, name: str = "lguest-guest") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The one worker (for `loop.run_in_executor`, which queues in call order)."""
+        return self._pool
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -101,6 +106,20 @@ class ThreadedDmaPort:
 
     def send_dma(self, key: int, dma: int) -> int:
         return self._hypercall(self.client.send_dma(key, dma))
+
+    def send_dma_many(self, sends: list[tuple[int, int]]) -> list[int]:
+        """Several SEND_DMAs in one hypercall batch: each one's bytes copied, or -errno."""
+        many = getattr(self.client, "send_dma_many", None)
+        if many is None:
+            out: list[int] = []
+            for key, dma in sends:
+                try:
+                    out.append(self.send_dma(key, dma))
+                except DmaError as exc:
+                    out.append(-exc.errno)
+            return out
+        result: list[int] = self._hypercall(many(sends))
+        return result
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.client.phys(addr, length))

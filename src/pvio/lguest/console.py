@@ -77,6 +77,14 @@ class ConsoleDriver:
             self.port.send_dma(self.key, self.output_dma)
         return len(data)
 
+    def send_chunk(self, chunk: bytes) -> int:
+        """One SEND_DMA of at most 256 bytes; the bytes the host took (0: its buffer was
+        busy, and the caller may try again — put_chars, like lguest's, does not)."""
+        chunk = chunk[:CONSOLE_BUFFER]
+        self.port.write(self.outbuf, chunk)
+        self.port.write(self.output_dma, build_dma(page_sections(self.outbuf, len(chunk))))
+        return self.port.send_dma(self.key, self.output_dma)
+
     def get_chars(self, count: int) -> bytes:
         """Up to `count` bytes of input; the buffer goes back to the host when emptied."""
         used = _USED_LEN.unpack(self.port.read(self.input_dma, 4))[0]

@@ -14,7 +14,15 @@ over bytes and integers:
   the guest's memory.  The result (`DmaBuffer`) is what every later step uses; nothing
   re-reads the guest's struct after validation.
 * `check_key` / `check_bind` hold the key and binding rules (keys are multiples of 4 and
-  lie in a device's pages, or are the console key 0; interrupts 1..31; bounded counts).
+  lie in a device's pages, or are the console key 0; interrupts 1..31; at most 65535
+  buffers per BIND_DMA, lguest's u16 ``numdmas``; at most LGUEST_MAX_DMA bindings).
+
+These rules live here once.  pvio's hypervisor (`pvio.hypervisor.lguest_dma`) enforces
+them with these functions and constants (this module imports only `pvio.abi`, so the
+hypervisor depending on it adds no cycle), and so does the in-process test double.  The
+hypervisor has no device table: there a key must lie in the caller's address space, and
+since a domain's device pages are exactly the regions it shares, a key in its private
+memory simply reaches nobody.
 * `scatter` says where each byte of a copy lands in the receiver's sections.
 
 Two interfaces (``typing.Protocol``) connect the protocol logic to whatever performs the
@@ -54,9 +62,15 @@ PAGE_SIZE = LGUEST_PAGE_SIZE
 #: Interrupt lines a guest has (lguest: LGUEST_IRQS); 0 is the timer, and 0 in BIND_DMA
 #: means "unbind".
 LGUEST_IRQS = 32
-#: pvio's bound on the number of `struct lguest_dma` in one BIND_DMA array (lguest only
-#: checked the array lay in memory; its drivers bind 1 or 8).
-MAX_DMAS_PER_BIND = 64
+#: The number of `struct lguest_dma` in one BIND_DMA array: lguest's hypercall passed it
+#: as ``u16 numdmas`` (arg3 >> 8) and checked only that the array lay in memory; its
+#: drivers bind 1 or 8.  pvio refuses a larger count instead of truncating it.
+MAX_DMAS_PER_BIND = 0xFFFF
+#: Interrupts at or above this are pvio's violation notices, never bound by a guest:
+#: when a domain's SEND_DMA or BIND_DMA on a key is refused, the hypervisor raises
+#: ``VIOLATION_IRQ_BASE + irq`` in every other domain bound at that key with ``irq`` (the
+#: Launcher), which marks the device FAILED.
+VIOLATION_IRQ_BASE = LGUEST_IRQS
 #: Bindings one guest may hold at once (LGUEST_MAX_DMA in lguest_launcher.h).
 MAX_BINDINGS = LGUEST_MAX_DMA
 DMA_SIZE = LGUEST_DMA.size
@@ -194,14 +208,15 @@ def scatter(data_len: int, sections: Sequence[DmaSection]) -> Iterator[tuple[Dma
         done += n
 
 
-def check_key(key: int, device_ranges: Sequence[tuple[int, int]], *, field: str = "key") -> None:
+def check_key(key: int, device_ranges: Sequence[tuple[int, int]] | None, *, field: str = "key") -> None:
     """A DMA key: a multiple of 4 (lguest's futex rule) inside one device's pages.
 
     `device_ranges` are (first byte, end) of every device's pages.  The console has no
-    page and uses LGUEST_CONSOLE_DMA_KEY (0)."""
+    page and uses LGUEST_CONSOLE_DMA_KEY (0).  None: no device table (the hypervisor,
+    which resolves the key in the caller's address space itself)."""
     if key % 4:
         raise DmaError(f"key {key:#x} is not a multiple of 4", field=field)
-    if key == LGUEST_CONSOLE_DMA_KEY:
+    if device_ranges is None or key == LGUEST_CONSOLE_DMA_KEY:
         return
     for start, end in device_ranges:
         if start <= key < end:

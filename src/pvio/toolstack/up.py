@@ -294,8 +294,9 @@ class Toolstack:
 
     def plan(self) -> None:
         """Decide domids and specs for the driver domain and every guest."""
-        driver = self._spec("driver", 0, "driver", transport=self.config.transport)
-        self._run(None, driver)
+        if any(dom.type == "xen" for dom in self.config.domains):
+            driver = self._spec("driver", 0, "driver", transport=self.config.transport)
+            self._run(None, driver)
         domid = 1
         for dom in self.config.domains:
             if dom.type == "xen":
@@ -517,9 +518,23 @@ class Toolstack:
                 await self.xs.close()
         for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
             await c.stop(5.0)
+        await self._remove_namespaces()
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    async def _remove_namespaces(self) -> None:
+        """A guest killed before its own cleanup leaves its netns pvio-<name>: remove it."""
+        names = [r.spec.name for r in self.domains if r.spec.role == "lguest-guest"]
+        if not names:
+            return
+        from pvio.export.tap import TapError, remove_namespace
+
+        for name in names:
+            try:
+                await asyncio.to_thread(remove_namespace, f"pvio-{name}")
+            except (TapError, OSError) as e:
+                self.say(f"pvio up: could not remove network namespace pvio-{name}: {e}")
 
     async def _close_backends(self) -> None:
         """libxl's remove: online=0 and Closing for every backend not Closed yet; wait."""

@@ -1,0 +1,152 @@
+"""lguest end to end: guests and Launchers as real domain processes over `pvio hypervisor`.
+
+The processes are started the toolstack's way (`python -m pvio.toolstack.domain SPEC`)
+by `pvio.testing.lguest_cluster`; the peers are real: the kernel's TCP/IP stacks in
+namespaces pvio-g1/pvio-g2 (ping, iperf3), qemu-io over the NBD export of g1's lguest
+disk, a shell behind g1's console driven through `pvio console` in a pipe.  g3 is
+hostile: it breaks the DMA rules on its block device and console and floods the LAN.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pvio.export.tap import stale_namespaces
+from pvio.testing.lguest_cluster import GuestDef, LguestCluster, netns_exec
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (namespaces, TAP)"
+)
+S_FAILED = 0x80
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LguestCluster]:
+    state = tmp_path_factory.mktemp("lguest-e2e")
+    guests = [
+        GuestDef("g1", "10.0.0.1/24"),
+        GuestDef("g2", "10.0.0.2/24"),
+        GuestDef("g3", "10.0.0.3/24", hostile=["block-bad-dma", "console-past-memory", "runt-frames", "flood"]),
+    ]
+    c = LguestCluster(state, guests)
+    with c:
+        yield c
+    leftovers = [ns for ns in stale_namespaces() if ns in ("pvio-g1", "pvio-g2", "pvio-g3")]
+    assert leftovers == []
+    assert not (state / "lguest" / "g1.launcher.json").exists()
+    assert not os.path.exists(c.console_socket("g1"))
+
+
+def test_ping_between_guests(cluster: LguestCluster) -> None:
+    r = netns_exec("g1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " 0% packet loss" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_tcp_with_iperf3(cluster: LguestCluster) -> None:
+    server = subprocess.Popen(["ip", "netns", "exec", "pvio-g2", "iperf3", "-s", "-1", "-p", "5299"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        r = netns_exec("g1", "iperf3", "-c", "10.0.0.2", "-p", "5299", "-t", "1", "-J", timeout=30)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        import json
+
+        sent = json.loads(r.stdout)["end"]["sum_received"]["bytes"]
+        assert sent > 100_000
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_console_through_a_pipe(cluster: LguestCluster) -> None:
+    r = subprocess.run([sys.executable, "-m", "pvio", "console", "g1", "--state-dir", str(cluster.state_dir),
+                        "--linger", "1.5"],
+                       input="echo hel''lo; ip -o addr\n", capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "hello" in r.stdout
+    assert "10.0.0.1/24" in r.stdout  # the shell runs inside g1's namespace
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+def test_qemu_io_verify_through_the_nbd_export(cluster: LguestCluster) -> None:
+    uri = cluster.nbd_uri("g1")
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 65536 192k", "-c", "read -P 0x5a 65536 192k",
+                        "-c", "read -P 0 0 64k", uri], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Pattern verification failed" not in r.stdout
+    image = cluster.state_dir / "g1-disk.img"
+    with open(image, "rb") as f:
+        f.seek(65536)
+        assert f.read(192 * 1024) == b"\x5a" * 192 * 1024  # it reached the Launcher's image
+
+
+def _devices(cluster: LguestCluster, name: str) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        st = cluster.status(name)
+        if "stats" in st or time.monotonic() > deadline:
+            return {k: int(v) for k, v in st.get("devices", {}).items()}
+        time.sleep(0.2)
+
+
+def test_hostile_guest_fails_its_devices_and_others_keep_working(cluster: LguestCluster) -> None:
+    time.sleep(1.5)  # g3 has misbehaved once it was ready; its status refreshes every second
+    devices = _devices(cluster, "g3")
+    # console (0) and block (1) were broken by g3: FAILED by its Launcher
+    assert devices["0"] & S_FAILED and devices["1"] & S_FAILED, devices
+    assert not _devices(cluster, "g1")["1"] & S_FAILED
+    r = netns_exec("g1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 10
+    while "stats" not in cluster.status("g1-launcher") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher = cluster.status("g3-launcher").get("stats", {})
+    assert launcher["violations"] >= 2 and launcher["failed"] == [0, 1], launcher
+    assert cluster.status("g1-launcher")["stats"]["violations"] == 0
+    stats = cluster.status("g1").get("stats", {})
+    assert stats["net"]["rx_length_errors"] > 0  # g3's runts reached g1 and were dropped
+
+
+def test_console_on_a_terminal_quits_on_three_ctrl_c(cluster: LguestCluster) -> None:
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "pvio", "console", "g2", "--state-dir", str(cluster.state_dir)],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 20
+        sent = False
+        while b"ping-pong" not in out and time.monotonic() < deadline:
+            if not sent and time.monotonic() > deadline - 19:  # give the client a moment to attach
+                os.write(master, b"echo ping-''pong\r")
+                sent = True
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                out += os.read(master, 4096)
+        assert b"ping-pong" in out, out
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & (termios.ICANON | termios.ECHO | termios.ISIG)  # raw, as lguest
+        os.write(master, b"\x03\x03\x03")
+        assert proc.wait(10) == 0
+        assert termios.tcgetattr(slave)[3] == before[3]  # the terminal's mode is restored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        os.close(master)
+        os.close(slave)
