@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pvio.bench import block, layers
+from pvio.bench import block, layers, suite
 from pvio.bench.suite import Context, Figure
 
 
@@ -26,39 +26,48 @@ def _by_name(figures: list[Figure]) -> dict[str, Figure]:
     return {f.name: f for f in figures}
 
 
-# Rows as `pvio bench hypervisor` formats them (two runs).
-HV_ROWS = [
-    [("hypercall round trip", "79.9 µs", "25.7 µs (bare SEQPACKET echo)", "3.11x"),
-     ("map+unmap 11 grants (map transport)", "326 µs", "29.6 µs/grant", "2 round trips"),
-     ("GNTTABOP_copy 4 KiB per call", "34 MB/s", "8,686 MB/s (map transport memcpy)",
-      "250x slower"),
-     ("compare-and-swap (ctypes + libatomic)", "809 ns", "", "")],
-    [("hypercall round trip", "70.1 µs", "24.3 µs (bare SEQPACKET echo)", "2.9x"),
-     ("map+unmap 11 grants (map transport)", "300 µs", "27.3 µs/grant", "2 round trips"),
-     ("GNTTABOP_copy 4 KiB per call", "36 MB/s", "9,000 MB/s (map transport memcpy)",
-      "250x slower"),
-     ("compare-and-swap (ctypes + libatomic)", "800 ns", "", "")],
-]
+def test_hypervisor_suite_keeps_every_runs_samples(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    from pvio.bench import hypervisor as hv
 
-
-def test_hypervisor_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    runs = iter(HV_ROWS)
-    _fake_module(monkeypatch, "pvio.bench.hypervisor", run_bench=lambda quick: next(runs))
-    assert layers.HYPERVISOR.requires() is None
-    figures = _by_name(layers.HYPERVISOR.run({"runs": 2, "quick": True}, Context(tmp_path)))
+    measures = [
+        hv.Measure("hypercall round trip", "µs", [80.0, 70.0, 75.0], {hv.ECHO: [25.0, 24.0, 26.0]}),
+        hv.Measure("map+unmap 11 grants (map transport)", "µs", [330.0, 300.0, 326.0],
+                   note="11 grants; 2 round trips"),
+        hv.Measure("GNTTABOP_copy 4 KiB per call", "MB/s", [34.0, 36.0, 35.0],
+                   {hv.MAP_MEMCPY: [8750.0, 8686.0, 9000.0]}, higher_is_better=True),
+        hv.Measure("event notify-to-wake (one way), two CPUs", "µs", [30.0, 31.0, 29.0],
+                   {hv.PINGPONG: [10.0, 10.0, 10.0], hv.PINGPONG_LOOP: [15.0, 15.0, 15.0]}),
+        hv.Measure("compare-and-swap (ctypes + libatomic)", "ns", [809.0, 800.0, 804.0]),
+    ]
+    monkeypatch.setattr(hv, "measure", lambda quick: measures)
+    assert suite.load_benchmark("hypervisor") is hv.SUITE
+    assert "hypervisor" not in layers.ADAPTERS
+    figures = _by_name(hv.SUITE.run(hv.SUITE.quick, Context(tmp_path)))
     rtt = figures["hypercall round trip"]
-    assert (rtt.unit, rtt.higher_is_better, rtt.stats.samples) == ("µs", False, (79.9, 70.1))
+    assert (rtt.unit, rtt.higher_is_better, rtt.stats.samples) == ("µs", False, (80.0, 70.0, 75.0))
     (echo,) = rtt.baselines
-    assert echo.subject == "bare SEQPACKET echo" and echo.stats.median == pytest.approx(25.0)
-    assert echo.ratio == pytest.approx(75.0 / 25.0)
+    assert echo.subject == hv.ECHO and echo.ratio == pytest.approx(75.0 / 25.0)
     copy = figures["GNTTABOP_copy 4 KiB per call"]
-    assert copy.higher_is_better and copy.unit == "MB/s"
-    assert copy.baselines[0].stats.samples == (8686.0, 9000.0)
-    assert figures["map+unmap 11 grants (map transport)"].baselines == ()  # µs/grant: no peer
-    assert figures["compare-and-swap (ctypes + libatomic)"].stats.median == 804.5
+    assert copy.higher_is_better and copy.baselines[0].stats.samples == (8750.0, 8686.0, 9000.0)
+    assert figures["map+unmap 11 grants (map transport)"].baselines == ()
+    wake = figures["event notify-to-wake (one way), two CPUs"]
+    assert [b.ratio for b in wake.baselines] == [3.0, 2.0]
+    # The subcommand's table, as it always read.
+    assert hv.rows(measures) == [
+        ("hypercall round trip", "75.0 µs", "25.0 µs (bare SEQPACKET echo)", "3.00x"),
+        ("map+unmap 11 grants (map transport)", "326 µs", "29.6 µs/grant", "2 round trips"),
+        ("GNTTABOP_copy 4 KiB per call", "35 MB/s", "8750 MB/s (map transport memcpy)",
+         "250.0x slower"),
+        ("event notify-to-wake (one way), two CPUs", "30.0 µs",
+         "10.0 µs (bare eventfd ping-pong, blocking read)", "3.00x"),
+        ("  same, baseline on the same event loop", "30.0 µs",
+         "15.0 µs (bare eventfd ping-pong, add_reader, same loop)", "2.00x"),
+        ("compare-and-swap (ctypes + libatomic)", "804 ns", "", ""),
+    ]
 
 
-def test_xenstore_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
 
     def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
@@ -67,9 +76,13 @@ def test_xenstore_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
                 "transaction": [90_000, 100_000], "read_idle": [21_000, 21_000],
                 "echo_idle": [10_500, 10_500]}
 
-    _fake_module(monkeypatch, "pvio.bench.xenstore", measure=measure)
+    from pvio.bench import xenstore as xs
+
+    monkeypatch.setattr(xs, "measure", measure)
+    assert suite.load_benchmark("xenstore") is xs.SUITE
+    assert "xenstore" not in layers.ADAPTERS
     ctx = Context(tmp_path)
-    figures = _by_name(layers.XENSTORE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
+    figures = _by_name(xs.SUITE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
     assert calls == [(tmp_path, 50, 2, 7)]
     read = figures["read"]
     assert read.stats.samples == (20.0, 22.0) and not read.higher_is_better
@@ -112,8 +125,6 @@ def test_adapters_skip_while_their_layer_is_absent(monkeypatch: pytest.MonkeyPat
     for name in ("pvio.bench.hypervisor", "pvio.bench.xenstore", "pvio.bench.lguest",
                  "pvio.bench.fio_nbd"):
         monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
-    assert layers.HYPERVISOR.missing() == "pvio bench hypervisor is not built yet"
-    assert layers.XENSTORE.missing() == "pvio bench xenstore is not built yet"
     assert layers.LGUEST.missing() == "pvio bench lguest is not built yet"
     assert layers.NBD.missing() == "pvio.bench.fio_nbd (the NBD export's fio helper) is not built yet"
 

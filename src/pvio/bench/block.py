@@ -106,8 +106,12 @@ def _serving(servers: dict[str, Server], image: Path, workdir: Path) -> Iterator
 
 
 def block_matrix(ctx: Context, servers: dict[str, Server], *, workloads: Sequence[str],
-                 runs: int, runtime: float, size: str) -> list[Figure]:
-    """IOPS and MiB/s per workload for pvio's `servers`, qemu-nbd and direct io_uring."""
+                 runs: int, runtime: float, size: str,
+                 after_run: Callable[[str, str], None] | None = None) -> list[Figure]:
+    """IOPS and MiB/s per workload for pvio's `servers`, qemu-nbd and direct io_uring.
+
+    `after_run(subject, workload)`, if given, is called after each fio run (the block
+    benchmark reads pvio's per-request counters there)."""
     fio_nbd = helper()
     image = ctx.workdir / "disk.img"
     with open(image, "wb") as f:
@@ -140,6 +144,8 @@ def block_matrix(ctx: Context, servers: dict[str, Server], *, workloads: Sequenc
                     r = _run(ctx, cmd, timeout=runtime * 4 + 60)
                     iops[subject].append(r.iops)
                     mibs[subject].append(r.bw_bytes / (1 << 20))
+                    if after_run is not None:
+                        after_run(subject, w.name)
             for subject in servers:
                 others = [s for s in iops if s not in servers]
                 figures.append(compare(w.name, "IOPS", {subject: iops[subject],

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "lguest": ("pvio.bench.lguest:lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
     "hypervisor": ("pvio.bench.hypervisor:hypervisor", "Hypercalls, batched grant maps, copies, event latency."),
     "xenstore": ("pvio.bench.xenstore:xenstore", "XenStore latency vs a UNIX-socket echo."),
+    "blk": ("pvio.bench.blk:blk", "fio through pvio up (map, copy) vs qemu-nbd vs io_uring."),
 }
 
 

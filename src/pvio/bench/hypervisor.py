@@ -15,6 +15,10 @@ median of several runs, and is shown next to its baseline measured in the same r
   the same kind of event loop.  Measured with the two processes on two CPUs and on one
   CPU (where no cross-CPU wake-up hides the software path).  Target: within 1.3x.
 - the cost of one compare-and-swap through ctypes/libatomic.
+
+`measure` returns every figure's raw per-run samples (`Measure`); the table of the
+subcommand (`run_bench`) and the suite's `SUITE` are both made from them, so the suite's
+min..max are those of the individual runs.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from pvio.abi import grant_table as gt
+from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
 from pvio.hypervisor import aio, wire
 from pvio.hypervisor.atomic import AtomicWords
 from pvio.hypervisor.client import CopySeg, Domain
@@ -55,15 +61,27 @@ def _median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-async def _timed(fn: Callable[[], Awaitable[None]], n: int, runs: int = RUNS) -> float:
-    """Median over `runs` of the mean seconds per call of `fn` (n calls per run)."""
+async def _timed_runs(fn: Callable[[], Awaitable[None]], n: int, runs: int = RUNS) -> list[float]:
+    """The mean seconds per call of `fn` (n calls per run), for each of `runs` runs."""
     out = []
     for _ in range(runs):
         t0 = time.perf_counter()
         for _ in range(n):
             await fn()
         out.append((time.perf_counter() - t0) / n)
-    return _median(out)
+    return out
+
+
+@dataclass
+class Measure:
+    """One figure's raw samples: pvio's, and each baseline's from the same run."""
+
+    name: str
+    unit: str
+    ours: list[float]
+    baselines: dict[str, list[float]] = field(default_factory=dict)
+    higher_is_better: bool = False
+    note: str = ""
 
 
 # -- baselines in child processes --------------------------------------------------------
@@ -233,7 +251,9 @@ async def _ping_pong(d: Domain, port: int, rounds: int) -> float:
     return await asyncio.wait_for(done, 60)
 
 
-async def _notify_to_wake(d: Domain, path: str, rounds: int, bare: list[float], pong_cpu: int = PONG_CPU) -> float:
+async def _notify_to_wake(
+    d: Domain, path: str, rounds: int, bare: list[float], pong_cpu: int = PONG_CPU
+) -> list[float]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -262,7 +282,7 @@ async def _notify_to_wake(d: Domain, path: str, rounds: int, bare: list[float], 
         proc.stdin.write(b"x\n")
         await proc.stdin.drain()
         await asyncio.wait_for(proc.wait(), 10)
-        return _median(results)
+        return results
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -272,9 +292,9 @@ async def _notify_to_wake(d: Domain, path: str, rounds: int, bare: list[float], 
 # -- the benchmark ----------------------------------------------------------------------------
 
 
-async def _run(path: str, quick: bool, baselines: list[float]) -> list[tuple[str, str, str, str]]:
+async def _run(path: str, quick: bool, baselines: list[float]) -> list[Measure]:
     scale = 10 if quick else 1
-    rows: list[tuple[str, str, str, str]] = []
+    out: list[Measure] = []
     a = await aio.connect(path, "bench-granter", 4096)
     b = await aio.connect(path, "bench-mapper", 4096)
     c = await aio.connect(path, "bench-copier", 4096, transport="copy")
@@ -285,9 +305,9 @@ async def _run(path: str, quick: bool, baselines: list[float]) -> list[tuple[str
         async def query() -> None:
             await b.hypercall(q)
 
-        rtt = await _timed(query, 2000 // scale)
-        echo = _median([_bare_seqpacket_rtt(20000 // scale // RUNS) for _ in range(RUNS)])
-        rows.append(("hypercall round trip", f"{rtt * 1e6:.1f} µs", f"{echo * 1e6:.1f} µs (bare SEQPACKET echo)", f"{rtt / echo:.2f}x"))
+        rtt = await _timed_runs(query, 2000 // scale)
+        echo = [_bare_seqpacket_rtt(20000 // scale // RUNS) for _ in range(RUNS)]
+        out.append(Measure("hypercall round trip", "µs", _us(rtt), {ECHO: _us(echo)}))
 
         # Batched map + unmap.
         frames = a.alloc_pages(352)
@@ -301,16 +321,10 @@ async def _run(path: str, quick: bool, baselines: list[float]) -> list[tuple[str
                     maps = await dom.map_grants(a.domid, refs[:n])
                     await dom.unmap_grants(maps)
 
-                t = await _timed(map_unmap, max(5, 400 // n // scale))
+                t = await _timed_runs(map_unmap, max(5, 400 // n // scale))
                 trips = (dom.round_trips - before) / (RUNS * max(5, 400 // n // scale))
-                rows.append(
-                    (
-                        f"map+unmap {n} grants ({label} transport)",
-                        f"{t * 1e6:.0f} µs",
-                        f"{t / n * 1e6:.1f} µs/grant",
-                        f"{trips:.0f} round trips",
-                    )
-                )
+                out.append(Measure(f"map+unmap {n} grants ({label} transport)", "µs", _us(t),
+                                   note=f"{n} grants; {trips:.0f} round trips"))
 
         # Copy bandwidth: GNTTABOP_copy vs copying out of mapped grants.
         local = c.alloc_pages(16)
@@ -322,78 +336,94 @@ async def _run(path: str, quick: bool, baselines: list[float]) -> list[tuple[str
             async def do_copy(segs: list[CopySeg] = segs) -> None:
                 await c.copy(segs)
 
-            t_copy = await _timed(do_copy, 2000 // scale // npages)
+            t_copy = await _timed_runs(do_copy, 2000 // scale // npages)
             maps = await b.map_grants(a.domid, refs_b[:npages], readonly=True)
 
             async def do_map_copy(maps: list = maps, npages: int = npages) -> None:  # type: ignore[type-arg]
                 for i in range(npages):
                     b.frame(local_b[i])[:] = maps[i].view
 
-            t_map = await _timed(do_map_copy, 2000 // scale // npages)
+            t_map = await _timed_runs(do_map_copy, 2000 // scale // npages)
             await b.unmap_grants(maps)
-            rows.append(
-                (
-                    f"GNTTABOP_copy {size // 1024} KiB per call",
-                    f"{size / t_copy / 1e6:.0f} MB/s",
-                    f"{size / t_map / 1e6:.0f} MB/s (map transport memcpy)",
-                    f"{t_copy / t_map:.1f}x slower",
-                )
-            )
+            out.append(Measure(f"GNTTABOP_copy {size // 1024} KiB per call", "MB/s",
+                               [size / t / 1e6 for t in t_copy],
+                               {MAP_MEMCPY: [size / t / 1e6 for t in t_map]},
+                               higher_is_better=True))
         a.end_access(refs_b + refs_c)
 
         # Notify-to-wake between two processes vs a bare eventfd ping-pong.
         rounds = 4000 // scale
         # The same-loop baseline ran before the loop started (a fork inside a running
         # loop cannot start another); the blocking one is interleaved with our runs.
-        bare_aio = baselines
         bare: list[float] = []
         ours = await _notify_to_wake(a, path, rounds, bare)
-        rows.append(
-            (
-                "event notify-to-wake (one way), two CPUs",
-                f"{ours * 1e6:.1f} µs",
-                f"{_median(bare) * 1e6:.1f} µs (bare eventfd ping-pong, blocking read)",
-                f"{ours / _median(bare):.2f}x",
-            )
-        )
-        rows.append(
-            (
-                "  same, baseline on the same event loop",
-                f"{ours * 1e6:.1f} µs",
-                f"{_median(bare_aio) * 1e6:.1f} µs (bare eventfd ping-pong, add_reader, same loop)",
-                f"{ours / _median(bare_aio):.2f}x",
-            )
-        )
+        out.append(Measure("event notify-to-wake (one way), two CPUs", "µs", _us(ours),
+                           {PINGPONG: _us(bare), PINGPONG_LOOP: _us(baselines)}))
         # Both processes on one CPU: no cross-CPU wake-up, so this shows the software
         # path alone (a context switch per hop).
         bare1: list[float] = []
         ours1 = await _notify_to_wake(a, path, rounds, bare1, pong_cpu=PING_CPU)
-        rows.append(
-            (
-                "event notify-to-wake (one way), one CPU",
-                f"{ours1 * 1e6:.1f} µs",
-                f"{_median(bare1) * 1e6:.1f} µs (bare eventfd ping-pong, blocking read)",
-                f"{ours1 / _median(bare1):.2f}x",
-            )
-        )
+        out.append(Measure("event notify-to-wake (one way), one CPU", "µs", _us(ours1),
+                           {PINGPONG: _us(bare1)}))
     finally:
         for d in (a, b, c):
             await d.close()
 
     mm = mmap.mmap(-1, 4096)
     atomic = AtomicWords(mm)
-    n = 100000 // scale
-    t0 = time.perf_counter()
-    for _ in range(n):
-        atomic.cmpxchg32(0, 0, 0)
-    cas = (time.perf_counter() - t0) / n
+    n = 100000 // scale // RUNS
+    cas = []
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            atomic.cmpxchg32(0, 0, 0)
+        cas.append((time.perf_counter() - t0) / n * 1e9)
     atomic.release()
     mm.close()
-    rows.append(("compare-and-swap (ctypes + libatomic)", f"{cas * 1e9:.0f} ns", "", ""))
-    return rows
+    out.append(Measure("compare-and-swap (ctypes + libatomic)", "ns", cas))
+    return out
 
 
-def run_bench(quick: bool = False) -> list[tuple[str, str, str, str]]:
+ECHO = "bare SEQPACKET echo"
+MAP_MEMCPY = "map transport memcpy"
+PINGPONG = "bare eventfd ping-pong, blocking read"
+PINGPONG_LOOP = "bare eventfd ping-pong, add_reader, same loop"
+
+
+def _us(seconds: list[float]) -> list[float]:
+    return [t * 1e6 for t in seconds]
+
+
+def rows(measures: list[Measure]) -> list[tuple[str, str, str, str]]:
+    """The subcommand's table: measure, pvio, baseline (same run), ratio — medians."""
+    out: list[tuple[str, str, str, str]] = []
+    for m in measures:
+        ours = _median(m.ours)
+        if m.name.startswith("hypercall"):
+            echo = _median(m.baselines[ECHO])
+            out.append((m.name, f"{ours:.1f} µs", f"{echo:.1f} µs ({ECHO})", f"{ours / echo:.2f}x"))
+        elif m.name.startswith("map+unmap"):
+            n = int(m.name.split()[1])
+            out.append((m.name, f"{ours:.0f} µs", f"{ours / n:.1f} µs/grant",
+                        m.note.split("; ")[1]))
+        elif m.name.startswith("GNTTABOP_copy"):
+            theirs = _median(m.baselines[MAP_MEMCPY])
+            out.append((m.name, f"{ours:.0f} MB/s", f"{theirs:.0f} MB/s ({MAP_MEMCPY})",
+                        f"{theirs / ours:.1f}x slower"))
+        elif m.name.startswith("event"):
+            bare = _median(m.baselines[PINGPONG])
+            out.append((m.name, f"{ours:.1f} µs", f"{bare:.1f} µs ({PINGPONG})", f"{ours / bare:.2f}x"))
+            if PINGPONG_LOOP in m.baselines:
+                loop = _median(m.baselines[PINGPONG_LOOP])
+                out.append(("  same, baseline on the same event loop", f"{ours:.1f} µs",
+                            f"{loop:.1f} µs ({PINGPONG_LOOP})", f"{ours / loop:.2f}x"))
+        else:
+            out.append((m.name, f"{ours:.0f} {m.unit}", "", ""))
+    return out
+
+
+def measure(quick: bool = False) -> list[Measure]:
+    """Every figure's raw samples, against a `pvio hypervisor` daemon of our own."""
     rounds = 4000 // (10 if quick else 1)
     # A fork inside a running loop cannot run another loop: this baseline runs first.
     bare_aio = [_asyncio_eventfd_pingpong(rounds) for _ in range(RUNS)]
@@ -413,6 +443,27 @@ def run_bench(quick: bool = False) -> list[tuple[str, str, str, str]]:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+
+
+def run_bench(quick: bool = False) -> list[tuple[str, str, str, str]]:
+    return rows(measure(quick))
+
+
+def _suite(params: Params, ctx: Context) -> list[Figure]:
+    ctx.command([sys.executable, "-m", "pvio", "hypervisor", "--socket", "<tmp>/hv.sock"])
+    ctx.progress(f"{RUNS} runs of each measure")
+    return [compare(m.name, m.unit, {"pvio": m.ours, **m.baselines},
+                    higher_is_better=m.higher_is_better, note=m.note)
+            for m in measure(bool(params["quick"]))]
+
+
+SUITE = Benchmark(
+    name="hypervisor",
+    title="Hypercalls, grant map/copy, notify-to-wake, vs bare sockets and eventfds",
+    run=_suite,
+    quick={"quick": True},
+    full={"quick": False},
+)
 
 
 @click.command("hypervisor")

@@ -8,23 +8,14 @@ When a layer defines its own ``SUITE``, its adapter here is no longer used: dele
 
 What each layer's own ``SUITE`` should do better than its adapter here:
 
-- hypervisor: `pvio.bench.hypervisor.run_bench` returns formatted strings, so the
-  adapter parses them and each figure's samples are the medians of whole runs of the
-  benchmark.  A ``SUITE`` returning the raw per-run samples (and the round trips per
-  map as a figure) would make min..max meaningful and the quick run cheaper.
-- xenstore: complete; a ``SUITE`` would only move this code next to `measure`.
 - lguest: uses the private ``_network`` and ``_block``, once per run, to get samples;
   a ``SUITE`` in `pvio.bench.lguest` should return them directly.
-- blk: `block.block_matrix` with ``{"pvio map": ..., "pvio copy": ...}`` servers that
-  start ``pvio up`` in each transport, plus the per-request counters (notifications per
-  request, requests per batch, grant operations per request) in ``ctx.extra``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,89 +35,6 @@ def _absent(module: str, layer: str) -> Callable[[], str | None]:
         return None
 
     return check
-
-
-# -- xenstore ------------------------------------------------------------------------------
-
-
-def _xenstore(params: Params, ctx: Context) -> list[Figure]:
-    xs: Any = importlib.import_module("pvio.bench.xenstore")
-    runs, iterations, idle = int(params["runs"]), int(params["iterations"]), int(params["idle"])
-    ctx.command(["pvio", "xenstored", "--socket", str(ctx.workdir / "xs.sock")])
-    ctx.progress(f"{runs} runs x {iterations} requests, then {idle} idle connections")
-    ns = xs.measure(ctx.workdir, iterations, runs, idle)
-    us = {k: [v / 1000 for v in values] for k, values in ns.items()}
-    echo = "asyncio UNIX-socket echo"
-    return [
-        compare("read", "µs", {"pvio": us["read"], echo: us["echo"]}, higher_is_better=False),
-        compare("write", "µs", {"pvio": us["write"], echo: us["echo"]},
-                higher_is_better=False),
-        compare("transaction (start, read, write, commit)", "µs",
-                {"pvio": us["transaction"], echo: us["echo"]}, higher_is_better=False),
-        compare(f"read, {idle} idle connections", "µs",
-                {"pvio": us["read_idle"], echo: us["echo_idle"]}, higher_is_better=False),
-    ]
-
-
-XENSTORE = Benchmark(
-    name="xenstore",
-    title="XenStore request latency vs a bare UNIX-socket echo",
-    run=_xenstore,
-    quick={"runs": 3, "iterations": 500, "idle": 200},
-    full={"runs": 5, "iterations": 2000, "idle": 1000},
-    requires=_absent("pvio.bench.xenstore", "xenstore"),
-)
-
-
-# -- hypervisor ----------------------------------------------------------------------------
-
-#: "12.3 µs", "1,234 MB/s (map transport memcpy)", "11.2 µs/grant"
-_CELL = re.compile(r"^\s*([\d,]+(?:\.\d+)?)\s*(\S+)\s*(?:\((.*)\))?\s*$")
-
-
-def _cell(text: str) -> tuple[float, str, str] | None:
-    m = _CELL.match(text)
-    if m is None:
-        return None
-    return float(m.group(1).replace(",", "")), m.group(2), (m.group(3) or "").strip()
-
-
-def _hypervisor(params: Params, ctx: Context) -> list[Figure]:
-    hv: Any = importlib.import_module("pvio.bench.hypervisor")
-    ctx.command(["pvio", "hypervisor", "--socket", str(ctx.workdir / "hv.sock")])
-    runs = int(params["runs"])
-    # measure -> (unit, {subject: samples}, higher_is_better); insertion order kept
-    seen: dict[str, tuple[str, dict[str, list[float]], bool]] = {}
-    for i in range(runs):
-        ctx.progress(f"run {i + 1} of {runs} of pvio bench hypervisor")
-        for name, ours, theirs, _ratio in hv.run_bench(bool(params["quick"])):
-            mine = _cell(ours)
-            if mine is None:
-                continue
-            value, unit, _ = mine
-            rate = unit.endswith("/s")
-            _, subjects, _ = seen.setdefault(name.strip(), (unit, {"pvio": []}, rate))
-            subjects["pvio"].append(value)
-            base = _cell(theirs)
-            if base is not None and base[1] == unit and base[2]:
-                subjects.setdefault(base[2], []).append(base[0])
-    figures = []
-    for name, (unit, subjects, rate) in seen.items():
-        complete = {k: v for k, v in subjects.items() if len(v) == len(subjects["pvio"])}
-        figures.append(compare(name, unit, complete, higher_is_better=rate,
-                               note="samples are the medians of whole runs of "
-                                    "`pvio bench hypervisor`"))
-    return figures
-
-
-HYPERVISOR = Benchmark(
-    name="hypervisor",
-    title="Hypercalls, grant map/copy, notify-to-wake, vs bare sockets and eventfds",
-    run=_hypervisor,
-    quick={"runs": 2, "quick": True},
-    full={"runs": 3, "quick": False},
-    requires=_absent("pvio.bench.hypervisor", "hypervisor"),
-)
 
 
 # -- lguest ----------------------------------------------------------------------------------
@@ -200,4 +108,4 @@ NBD = Benchmark(
 
 
 #: layer name -> adapter.
-ADAPTERS: dict[str, Benchmark] = {b.name: b for b in (HYPERVISOR, XENSTORE, NBD, LGUEST)}
+ADAPTERS: dict[str, Benchmark] = {b.name: b for b in (NBD, LGUEST)}

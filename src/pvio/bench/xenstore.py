@@ -37,6 +37,7 @@ from pathlib import Path
 
 import click
 
+from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
 from pvio.xenstore.client import Client
 
 ECHO_SERVER = """
@@ -159,6 +160,34 @@ def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _suite(params: Params, ctx: Context) -> list[Figure]:
+    """The suite's figures: every run's median latency, in µs, next to the echo's."""
+    runs, iterations, idle = int(params["runs"]), int(params["iterations"]), int(params["idle"])
+    ctx.command(["pvio", "xenstored", "--socket", str(ctx.workdir / "xs.sock")])
+    ctx.progress(f"{runs} runs x {iterations} requests, then {idle} idle connections")
+    ns = measure(ctx.workdir, iterations, runs, idle)
+    us = {k: [v / 1000 for v in values] for k, values in ns.items()}
+    echo = "asyncio UNIX-socket echo"
+    return [
+        compare("read", "µs", {"pvio": us["read"], echo: us["echo"]}, higher_is_better=False),
+        compare("write", "µs", {"pvio": us["write"], echo: us["echo"]},
+                higher_is_better=False),
+        compare("transaction (start, read, write, commit)", "µs",
+                {"pvio": us["transaction"], echo: us["echo"]}, higher_is_better=False),
+        compare(f"read, {idle} idle connections", "µs",
+                {"pvio": us["read_idle"], echo: us["echo_idle"]}, higher_is_better=False),
+    ]
+
+
+SUITE = Benchmark(
+    name="xenstore",
+    title="XenStore request latency vs a bare UNIX-socket echo",
+    run=_suite,
+    quick={"runs": 3, "iterations": 500, "idle": 200},
+    full={"runs": 5, "iterations": 2000, "idle": 1000},
+)
 
 
 @click.command("xenstore")

@@ -1,0 +1,439 @@
+"""`pvio bench blk`: a guest's disk through `pvio up`, next to qemu-nbd and the file itself.
+
+Theory of operation
+-------------------
+This is the block driver measured the way a user meets it: ``pvio up`` runs the
+hypervisor, XenStore, a driver domain (blkback) and a guest (blkfront and its NBD
+export) as separate processes, and fio's nbd engine drives the guest's export, so each
+request crosses NBD socket → blkfront → shared ring → blkback → image and back.  Two
+``pvio up`` instances serve the same raw image, one per transport:
+
+- ``pvio map``: blkback maps the granted pages and preadv/pwritev straight into them;
+- ``pvio copy``: blkback never maps guest memory; GNTTABOP_copy moves the data;
+
+and `pvio.bench.block.block_matrix` runs every workload (4 KiB random read and write at
+queue depth 1 and 32, 64 KiB and 1 MiB sequential read and write) against both, against
+``qemu-nbd -f raw`` on the same image (what a user would run instead) and with fio's
+io_uring engine on the file itself (the limit on this machine), interleaved run by run,
+and reports medians with min and max and the ratios pvio / qemu-nbd and pvio / direct.
+
+Per-request counters come from blkback's own statistics (`pvio.blk.backend.BlkbackStats`),
+which the driver domain writes into its status file every second: after each fio run the
+benchmark waits for the next refresh and takes the difference from the previous one, so
+each run's counters are exactly that run's (plus the handful of requests of fio's NBD
+connection set-up).  Reported per subject and workload (``extra.counters``), and, for
+the notifications, as figures:
+
+- notifications per request: blkback's kicks to the frontend plus the frontend's kicks
+  that woke blkback (``notify_sent + notify_received``), over the blkif requests served
+  (a 1 MiB NBD read is some 24 blkif requests of at most 11 pages).  blkback counts the
+  wake-ups of its event channel, not the frontend's eventfd writes: kicks written while
+  blkback was busy coalesce into one wake-up, so the frontend-to-backend half is a lower
+  bound until blkfront's own counters (`BlkfrontStats.notify_sent`) are published;
+- requests per batch: requests taken off the ring per batch;
+- grant hypercalls per request: GNTTABOP map/unmap/copy hypercalls (each one a batch of
+  grant operations) per request.
+
+The targets (reported, never asserted) are those of the block issue: 4 KiB random read at
+queue depth 32 at least as many IOPS as qemu-nbd, 1 MiB sequential read bandwidth at
+least qemu-nbd's, and at most 0.1 notifications per request at queue depth 32;
+`targets` evaluates them from the figures.
+
+Deliberately not here: no counters from blkfront (the guest's status file does not carry
+them yet; blkback sees the frontend's kicks as ``notify_received``), no O_DIRECT (every
+subject goes through the page cache, so the ratios compare serving costs, not the disk),
+and no warm-up beyond fio's ramp time and the prefill.  Alternatives rejected: reading
+the counters from XenStore (``statistics/`` under the backend directory carries the same
+values at the same once-a-second rate, through one more client), and running the two
+transports one after the other (the interleaving is what makes the ratios fair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pvio.bench import block
+from pvio.bench.suite import Benchmark, Context, Figure, Params, Stats
+
+#: pvio's subjects: label -> `pvio up --transport`.
+TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
+
+#: How long `pvio up` may take to say ready, and to stop after SIGINT.
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 30.0
+#: The driver domain refreshes its status file once a second; wait this long for a refresh.
+STATS_TIMEOUT = 3.0
+
+VDEV = "xvda"
+
+
+# -- blkback's counters ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counters:
+    """blkback's cumulative counters for one device (see `pvio.blk.backend.BlkbackStats`)."""
+
+    requests: int = 0
+    batches: int = 0
+    notify_sent: int = 0
+    notify_received: int = 0
+    grant_ops: int = 0
+
+    #: The statistics keys that make up `requests` (BlkbackStats.requests).
+    REQUEST_KEYS = ("rd_req", "wr_req", "f_req", "ds_req", "err_req")
+
+    @classmethod
+    def from_statistics(cls, stats: Mapping[str, Mapping[str, str]]) -> Counters:
+        """The sum over every device of a driver domain's ``statistics`` status entry."""
+        total = cls()
+        for keys in stats.values():
+            def get(name: str, keys: Mapping[str, str] = keys) -> int:
+                return int(keys.get(name, "0"))
+
+            total = total + cls(
+                requests=sum(get(k) for k in cls.REQUEST_KEYS),
+                batches=get("batches"),
+                notify_sent=get("notify_sent"),
+                notify_received=get("notify_received"),
+                grant_ops=get("grant_ops"),
+            )
+        return total
+
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(*(a - b for a, b in zip(_values(self), _values(other), strict=True)))
+
+    def per_request(self) -> dict[str, float | int]:
+        n = max(self.requests, 1)
+        return {
+            "requests": self.requests,
+            "notifications_per_request": (self.notify_sent + self.notify_received) / n,
+            "notify_to_frontend_per_request": self.notify_sent / n,
+            "notify_from_frontend_per_request": self.notify_received / n,
+            "requests_per_batch": self.requests / max(self.batches, 1),
+            "grant_hypercalls_per_request": self.grant_ops / n,
+        }
+
+
+def _values(c: Counters) -> tuple[int, ...]:
+    return tuple(getattr(c, f.name) for f in dataclasses.fields(c))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- pvio up as a server -----------------------------------------------------------------------
+
+
+class PvioUp:
+    """One `pvio up --transport T` serving `image` as xvda, in its own state directory."""
+
+    def __init__(self, image: Path, sock: Path, transport: str, state_dir: Path) -> None:
+        self.image, self.sock, self.transport, self.state_dir = image, sock, transport, state_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.status: dict[str, Any] = {}
+        self.driver_status: Path | None = None
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "pvio", "up",
+                "--disk", f"format=raw, vdev={VDEV}, access=rw, target={self.image}",
+                "--nbd-socket", str(self.sock), "--transport", self.transport,
+                "--state-dir", str(self.state_dir)]
+
+    def start(self) -> str:
+        """Start it and wait until ready; returns the guest's NBD URI for xvda."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.state_dir.parent / f"{self.state_dir.name}.out", "wb")  # noqa: SIM115
+        with log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        status_file = self.state_dir / "pvio-up.json"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pvio up --transport {self.transport} exited "
+                                   f"{self.proc.returncode}: {self.output()}")
+            status = read_json(status_file)
+            if status is not None and status.get("ready"):
+                self.status = status
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pvio up was not ready in {READY_TIMEOUT:.0f} s: "
+                                   f"{self.output()}")
+            time.sleep(0.1)
+        uri = None
+        for dom in self.status.get("domains", []):
+            if dom.get("role") == "driver":
+                self.driver_status = self.state_dir / "domains" / f"{dom['name']}.status"
+            for dev in dom.get("devices", []):
+                if dev.get("type") == "vbd" and dev.get("vdev") == VDEV and dev.get("nbd"):
+                    uri = str(dev["nbd"])
+        if uri is None:
+            raise RuntimeError(f"pvio up's status names no NBD export of {VDEV}: {self.status}")
+        return uri
+
+    def output(self) -> str:
+        """The tail of pvio up's output and of its domains' logs (they go with the state
+        directory)."""
+        text = ""
+        for log in [self.state_dir.parent / f"{self.state_dir.name}.out",
+                    *sorted((self.state_dir / "logs").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                text += f"\n--- {log.name}\n" + log.read_text(errors="replace")[-1200:]
+        return text
+
+    def counters(self, newer_than: float = 0.0) -> Counters | None:
+        """blkback's counters from the driver domain's status file, once it has been
+        rewritten after `newer_than` (time.time()); None if it has no statistics."""
+        if self.driver_status is None:
+            return None
+        deadline = time.monotonic() + STATS_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                if self.driver_status.stat().st_mtime > newer_than:
+                    status = read_json(self.driver_status)
+                    if status is not None and status.get("statistics"):
+                        return Counters.from_statistics(status["statistics"])
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        """SIGINT, as a user stops it (orderly XenBus close, flush); kill if it hangs."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+class CounterLog:
+    """Each pvio run's counters: the difference between refreshes around it."""
+
+    def __init__(self) -> None:
+        self.ups: dict[str, PvioUp] = {}
+        self.last: dict[str, Counters | None] = {}
+        self.runs: dict[str, dict[str, list[dict[str, float | int]]]] = {}
+        self.missing: list[str] = []
+
+    def serving(self, subject: str, up: PvioUp) -> None:
+        self.ups[subject] = up
+        self.last[subject] = up.counters()
+
+    def after_run(self, subject: str, workload: str) -> None:
+        up = self.ups.get(subject)
+        if up is None:
+            return
+        now = up.counters(newer_than=time.time())
+        before = self.last.get(subject)
+        self.last[subject] = now
+        if now is None or before is None:
+            self.missing.append(f"{subject} {workload}")
+            return
+        self.runs.setdefault(subject, {}).setdefault(workload, []).append(
+            (now - before).per_request())
+
+    def figures(self) -> list[Figure]:
+        """Notifications per request, per workload and subject (lower is better)."""
+        out = []
+        for subject, per in self.runs.items():
+            for workload, runs in per.items():
+                values = [float(r["notifications_per_request"]) for r in runs]
+                out.append(Figure(workload, "notifications/request", Stats.of(values), subject,
+                                  higher_is_better=False,
+                                  note="blkback's kicks sent + received, over requests"))
+        return out
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Median of each counter over the runs, per subject and workload."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for subject, per in self.runs.items():
+            for workload, runs in per.items():
+                out.setdefault(subject, {})[workload] = {
+                    key: Stats.of(float(r[key]) for r in runs).median for key in runs[0]}
+        return out
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def missing() -> str | None:
+    """Why `pvio bench blk` cannot run on this build, or None."""
+    for module, what in (("pvio.blk.driver_domain", "the driver domain (blkback)"),
+                         ("pvio.blk.guest", "the guest domain (blkfront + NBD export)")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"{module} ({what}) is not built yet"
+    return block.helper_missing()
+
+
+def _suite(params: Params, ctx: Context) -> list[Figure]:
+    with contextlib.ExitStack() as stack:
+        return _measure(params, ctx, stack)
+
+
+def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[Figure]:
+    log = CounterLog()
+
+    # UNIX socket paths are limited to 107 bytes: the state directories (with the
+    # hypervisor's and xenstored's sockets) and the exports' sockets live in a short
+    # directory of their own, not under the user's --out.
+    short = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-blk-")))
+
+    def server_for(subject: str, transport: str) -> block.Server:
+        @contextlib.contextmanager
+        def serve(image: Path, sock: Path) -> Iterator[str]:
+            up = PvioUp(image, short / f"{transport}.sock", transport, short / transport)
+            ctx.command(["pvio", *up.argv()[3:]])
+            ctx.progress(f"starting pvio up --transport {transport}")
+            try:
+                uri = up.start()
+                log.serving(subject, up)
+                yield uri
+            finally:
+                code = up.stop()
+                if code not in (0, None):
+                    ctx.extra.setdefault("pvio_up_exit", {})[subject] = code
+
+        return serve
+
+    servers = {subject: server_for(subject, t) for subject, t in TRANSPORTS.items()
+               if subject in params.get("subjects", TRANSPORTS)}
+    figures = block.block_matrix(ctx, servers, workloads=params["workloads"],
+                                 runs=int(params["runs"]), runtime=float(params["runtime"]),
+                                 size=str(params["size"]), after_run=log.after_run)
+    figures += log.figures()
+    ctx.extra["counters"] = log.summary()
+    ctx.extra["counter_definitions"] = {
+        "notifications_per_request": "blkback's notify_sent + notify_received over requests",
+        "notify_to_frontend_per_request": "blkback -> blkfront event-channel kicks",
+        "notify_from_frontend_per_request": "blkfront -> blkback kicks that woke blkback",
+        "requests_per_batch": "requests taken off the ring per batch",
+        "grant_hypercalls_per_request": "GNTTABOP map/unmap/copy hypercalls (batches)",
+    }
+    if log.missing:
+        ctx.extra["counters_missing"] = log.missing
+    ctx.extra["targets"] = targets(figures)
+    return figures
+
+
+def targets(figures: Sequence[Figure]) -> list[dict[str, Any]]:
+    """The block issue's targets, evaluated (reported, never asserted)."""
+    out: list[dict[str, Any]] = []
+
+    def ratio_target(name: str, unit: str, what: str) -> None:
+        for f in figures:
+            if f.name != name or f.unit != unit:
+                continue
+            for b in f.baselines:
+                if b.subject == block.QEMU_NBD and b.ratio is not None:
+                    out.append({"target": f"{what} ratio vs qemu-nbd >= 1.0",
+                                "subject": f.subject, "value": b.ratio, "met": b.ratio >= 1.0})
+
+    ratio_target("4k-randread-qd32", "IOPS", "4 KiB randread QD32 IOPS")
+    ratio_target("1m-read-qd8", "MiB/s", "1 MiB sequential read bandwidth")
+    for f in figures:
+        if f.unit == "notifications/request" and f.name.endswith("qd32"):
+            out.append({"target": f"{f.name} notifications per request <= 0.1",
+                        "subject": f.subject, "value": f.stats.median,
+                        "met": f.stats.median <= 0.1})
+    return out
+
+
+#: The two workloads the targets name (the NBD layer's quick set has the writes).
+QUICK_WORKLOADS = ("4k-randread-qd32", "1m-read-qd8")
+
+SUITE = Benchmark(
+    name="blk",
+    title="A guest disk through pvio up (map, copy) vs qemu-nbd vs the file (io_uring), fio",
+    run=_suite,
+    quick={"runs": 2, "runtime": 1.0, "size": "64m", "workloads": list(QUICK_WORKLOADS)},
+    full={"runs": 3, "runtime": 2.0, "size": "256m",
+          "workloads": [w.name for w in block.WORKLOADS]},
+    tools=("fio", "qemu-nbd"),
+    requires=missing,
+)
+
+
+@click.command("blk")
+@click.option("--quick", is_flag=True,
+              help="The reduced set (the two target workloads, 2 runs of 1 s).")
+@click.option("--runs", type=int, default=None, help="Runs of each workload per subject.")
+@click.option("--runtime", type=float, default=None, help="Seconds per fio run.")
+@click.option("--size", default=None, help="Image size (fio --size), e.g. 64m.")
+@click.option("--workloads", default=None, metavar="NAMES",
+              help="Comma-separated, of " + ",".join(w.name for w in block.WORKLOADS) + ".")
+@click.option("--transport", "transports", multiple=True, type=click.Choice(["map", "copy"]),
+              help="Only these pvio transports (repeatable; default both).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for results.json and the plot [default: ./bench-results/<time>].")
+def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
+        workloads: str | None, transports: tuple[str, ...], out: Path | None) -> None:
+    """fio through `pvio up`'s NBD export (map, copy) vs qemu-nbd vs io_uring on the file."""
+    from pvio.bench import report, suite
+
+    mode: suite.Mode = "quick" if quick else "full"
+    params = dict(SUITE.params(mode))
+    for key, value in (("runs", runs), ("runtime", runtime), ("size", size)):
+        if value is not None:
+            params[key] = value
+    if workloads:
+        names = [w.strip() for w in workloads.split(",") if w.strip()]
+        known = {w.name for w in block.WORKLOADS}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise click.BadParameter(f"unknown {unknown}; known: {sorted(known)}",
+                                     param_hint="--workloads")
+        params["workloads"] = names
+    if transports:
+        params["subjects"] = [s for s, t in TRANSPORTS.items() if t in transports]
+    variant = dataclasses.replace(SUITE, quick=params, full=params)
+    suite.register(variant)
+    argv = ["pvio", "bench", "blk", *sys.argv[sys.argv.index("blk") + 1:]] \
+        if "blk" in sys.argv else ["pvio", "bench", "blk"]
+    try:
+        result = report.run(["blk"], mode, out or report.default_out_dir(), False, argv)
+    finally:
+        suite.unregister("blk")
+    blk_result = result.results[0]
+    for t in blk_result.extra.get("targets", []):
+        click.echo(f"target: {t['subject']}: {t['target']}: {t['value']:.3g} "
+                   f"({'met' if t['met'] else 'NOT met'})")
+    if blk_result.status != "ok":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    blk()

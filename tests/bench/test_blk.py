@@ -1,0 +1,140 @@
+"""`pvio bench blk`: blkback's counters turned into per-request figures, the targets, and
+a reduced run through real `pvio up` instances, qemu-nbd and fio whose JSON is checked.
+Figures are never asserted; the counters' arithmetic and the document's shape are."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pvio.bench import blk, block, suite
+from pvio.bench.blk import CounterLog, Counters, PvioUp
+from pvio.bench.suite import Baseline, Figure, Stats
+from pvio.cli.main import cli
+
+#: A driver domain's ``statistics`` entry as BlkbackStats.as_keys() writes it.
+STATUS_STATS = {
+    "/local/domain/0/backend/vbd/1/51712": {
+        "oo_req": "0", "rd_req": "900", "wr_req": "80", "f_req": "10", "ds_req": "0",
+        "rd_sect": "7200", "wr_sect": "640", "err_req": "10", "batches": "100",
+        "notify_sent": "30", "notify_received": "20", "grant_ops": "200",
+        "notify_per_req": "0.030", "req_per_batch": "10.000", "grant_ops_per_req": "0.200",
+    },
+}
+
+
+def test_counters_from_a_driver_domains_statistics() -> None:
+    c = Counters.from_statistics(STATUS_STATS)
+    assert c == Counters(requests=1000, batches=100, notify_sent=30, notify_received=20,
+                         grant_ops=200)
+    two = Counters.from_statistics({**STATUS_STATS, "/other": STATUS_STATS[
+        "/local/domain/0/backend/vbd/1/51712"]})
+    assert two == c + c and two - c == c
+    per = (two - c).per_request()
+    assert per == {"requests": 1000, "notifications_per_request": 0.05,
+                   "notify_to_frontend_per_request": 0.03,
+                   "notify_from_frontend_per_request": 0.02,
+                   "requests_per_batch": 10.0, "grant_hypercalls_per_request": 0.2}
+    assert Counters().per_request()["notifications_per_request"] == 0  # no division by zero
+
+
+class FakeUp:
+    """Stands in for PvioUp: counters() returns the next snapshot."""
+
+    def __init__(self, snapshots: list[Counters | None]) -> None:
+        self.snapshots = snapshots
+
+    def counters(self, newer_than: float = 0.0) -> Counters | None:
+        return self.snapshots.pop(0)
+
+
+def test_counter_log_takes_each_runs_difference() -> None:
+    log = CounterLog()
+    start = Counters(requests=5, batches=5, notify_sent=5, notify_received=5)
+    run1 = start + Counters(requests=1000, batches=50, notify_sent=10, notify_received=30)
+    run2 = run1 + Counters(requests=2000, batches=100, notify_sent=20, notify_received=20)
+    log.serving("pvio map", FakeUp([start, run1, run2, None]))  # type: ignore[arg-type]
+    log.after_run("pvio map", "4k-randread-qd32")
+    log.after_run("qemu-nbd", "4k-randread-qd32")  # not pvio's: ignored
+    log.after_run("pvio map", "4k-randread-qd32")
+    log.after_run("pvio map", "1m-read-qd8")  # the status file was not refreshed
+    assert log.missing == ["pvio map 1m-read-qd8"]
+    (fig,) = log.figures()
+    assert (fig.name, fig.subject, fig.unit) == ("4k-randread-qd32", "pvio map",
+                                                 "notifications/request")
+    assert fig.stats.samples == (0.04, 0.02) and not fig.higher_is_better
+    summary = log.summary()["pvio map"]["4k-randread-qd32"]
+    assert summary["requests_per_batch"] == 20.0 and summary["requests"] == 1500
+
+
+def test_targets_are_evaluated_not_asserted() -> None:
+    def fig(name: str, unit: str, ours: float, qemu: float) -> Figure:
+        return Figure(name, unit, Stats.of([ours]), "pvio map",
+                      baselines=(Baseline(block.QEMU_NBD, Stats.of([qemu]), ours / qemu),))
+
+    figures = [fig("4k-randread-qd32", "IOPS", 9000, 10000),
+               fig("1m-read-qd8", "MiB/s", 2200, 2000),
+               Figure("4k-randread-qd32", "notifications/request", Stats.of([0.05]),
+                      "pvio map", higher_is_better=False)]
+    got = {(t["target"].split(" ")[0], t["met"]) for t in blk.targets(figures)}
+    assert got == {("4", False), ("1", True), ("4k-randread-qd32", True)}
+
+
+def test_pvio_up_counters_read_the_driver_status_file(tmp_path: Path) -> None:
+    up = PvioUp(tmp_path / "d.img", tmp_path / "n.sock", "map", tmp_path / "state")
+    assert up.counters() is None  # no driver domain known yet
+    up.driver_status = tmp_path / "driver.status"
+    up.driver_status.write_text(json.dumps({"ready": True, "statistics": STATUS_STATS}))
+    assert up.counters(newer_than=0).requests == 1000  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    assert up.counters(newer_than=time.time() + 60) is None  # never refreshed: gives up
+    assert time.monotonic() - t0 < blk.STATS_TIMEOUT + 1
+    assert "--transport" in up.argv() and "copy" not in up.argv()
+
+
+def test_usage_errors() -> None:
+    result = CliRunner().invoke(cli, ["bench", "blk", "--workloads", "4k-nonesuch"])
+    assert result.exit_code == 2 and "4k-nonesuch" in result.output
+    result = CliRunner().invoke(cli, ["bench", "blk", "--help"])
+    assert result.exit_code == 0 and "qemu-nbd" in result.output
+
+
+def test_reduced_run_writes_valid_json(tmp_path: Path) -> None:
+    reason = blk.SUITE.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvio", "bench", "blk", "--quick", "--runs", "1",
+         "--runtime", "0.5", "--size", "16m", "--workloads", "4k-randread-qd32",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=150, cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "160"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    document = json.loads((out / "results.json").read_text())
+    assert suite.validate(document) == []
+    (result,) = document["benchmarks"]
+    assert result["name"] == "blk" and result["status"] == "ok", result["reason"]
+    by_unit: dict[str, set[str]] = {}
+    for f in result["figures"]:
+        by_unit.setdefault(f["unit"], set()).add(f["subject"])
+        if f["unit"] in ("IOPS", "MiB/s"):
+            assert f["name"] == "4k-randread-qd32" and f["runs"] == 1
+            assert {b["subject"] for b in f["baselines"]} == {block.QEMU_NBD, block.DIRECT}
+    assert by_unit["IOPS"] == by_unit["MiB/s"] == set(blk.TRANSPORTS)
+    assert by_unit["notifications/request"] == set(blk.TRANSPORTS)
+    for subject in blk.TRANSPORTS:
+        counters = result["extra"]["counters"][subject]["4k-randread-qd32"]
+        assert counters["requests"] > 0 and counters["requests_per_batch"] >= 1
+    assert "stopped_leftover_processes" not in result["extra"]  # pvio up stopped by SIGINT
+    assert "pvio_up_exit" not in result["extra"]  # and exited 0
+    assert [t["subject"] for t in result["extra"]["targets"]] == [*blk.TRANSPORTS] * 2
+    assert "target:" in proc.stdout
+    assert not list(tmp_path.glob("**/*.sock"))
