@@ -202,16 +202,19 @@ def test_acknowledged_flushed_data_survives_a_backend_kill(up_one: PvioUp) -> No
 
 def test_backend_killed_during_fio_verify(up_one: PvioUp) -> None:
     """SIGKILL the driver domain in the middle of a write-heavy fio verify run: blkfront
-    re-issues its in-flight requests to the restarted backend, fio sees no error."""
+    re-issues its in-flight requests to the restarted backend, fio sees no error.
+
+    The write phase is rate-limited (32 MiB at 8 MiB/s: about 4 s, whatever the machine's
+    speed), so the kill at 1.5 s always lands in the middle of it."""
     need("fio")
     fio = subprocess.Popen(
         ["fio", "--name=kill", "--ioengine=nbd", f"--uri={up_one.nbd_uri()}", "--rw=randwrite", "--bs=16k",
-         "--size=128m", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+         "--size=32m", "--rate=,8m", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
          "--verify_state_save=0", "--output-format=json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(0.5)
+        time.sleep(1.5)
         assert fio.poll() is None, "fio finished before the backend could be killed; make the job bigger"
         _kill_driver(up_one)
         out, err = fio.communicate(timeout=300)
