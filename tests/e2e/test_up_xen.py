@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,21 @@ from kernelpath import ext4_round_trip, kernel_path_missing, sh
 from pvioup import PvioUp
 
 MiB = 1 << 20
+
+
+def _free_port_pair() -> int:
+    """A port P such that P and P+1 are free on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return int(port)
+    raise AssertionError("no two consecutive free ports")
 
 
 def _commands(cmds: list[str]) -> list[str]:
@@ -45,6 +61,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PvioUp]:
         root / "state",
         "--disk", f"format=raw, vdev=xvda, access=rw, size=256M, target={rw}",
         "--disk", f"format=raw, vdev=xvdb, access=ro, target={ro}",
+        "--nbd-tcp", str(_free_port_pair()),
     )  # fmt: skip
     p.start()
     try:
@@ -78,6 +95,18 @@ def test_nbdinfo_sees_the_disks(up: PvioUp) -> None:
     info = json.loads(sh("nbdinfo", "--json", up.nbd_uri(vdev="xvdb")).stdout)
     assert info["exports"][0]["export-size"] == 16 * MiB
     assert info["exports"][0]["is_read_only"] is True
+
+
+def test_nbd_over_localhost_tcp(up: PvioUp) -> None:
+    need("qemu-io", "nbdinfo")
+    devices = {d["vdev"]: d for d in up.domain("guest1")["devices"]}
+    tcp = devices["xvda"]["nbd_tcp"]
+    assert tcp.startswith("nbd://127.0.0.1:") and devices["xvdb"]["nbd_tcp"] != tcp
+    info = json.loads(sh("nbdinfo", "--json", tcp).stdout)
+    assert info["exports"][0]["export-size"] == 256 * MiB
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x6b 64M 128k", tcp)
+    proc = sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x6b 64M 128k", up.nbd_uri())  # same disk, UNIX socket
+    assert "Pattern verification failed" not in proc.stdout
 
 
 def test_xenstore_ls_shows_libxl_layout(up: PvioUp) -> None:

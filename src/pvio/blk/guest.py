@@ -43,6 +43,7 @@ class GuestDisk:
     driver: BlkfrontDevice
     server: NbdServer | None = None
     nbd_uri: str = ""
+    nbd_tcp_uri: str = ""
 
 
 async def attach_disk(
@@ -60,11 +61,15 @@ async def attach_disk(
     return GuestDisk(vdev, devid, front, end, driver)
 
 
-async def export_disk(disk: GuestDisk, nbd_socket: str) -> None:
+async def export_disk(disk: GuestDisk, nbd_socket: str, tcp_port: int = 0) -> None:
+    """Serve the disk over NBD on a UNIX socket and, with `tcp_port`, on localhost TCP."""
     disk.server = NbdServer({disk.vdev: disk.front})
     disk.front.open()
     await disk.server.listen_unix(nbd_socket)
     disk.nbd_uri = nbd_uri_for_socket(nbd_socket, disk.vdev)
+    if tcp_port:
+        host, port = await disk.server.listen_tcp("127.0.0.1", tcp_port)
+        disk.nbd_tcp_uri = f"nbd://{host}:{port}/{disk.vdev}"
 
 
 async def detach_disk(disk: GuestDisk) -> None:
@@ -95,7 +100,8 @@ async def main(spec: DomainSpec) -> None:
         for d in spec.disks:
             disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent)
             disks.append(disk)
-            await export_disk(disk, d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock"))
+            sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
+            await export_disk(disk, sock, d.nbd_tcp_port)
         write_status(spec.status_file, **status(spec, dom, disks))
         await asyncio.Event().wait()
     finally:
@@ -115,7 +121,13 @@ def status(spec: DomainSpec, dom: Domain, disks: list[GuestDisk]) -> dict[str, o
         "domid": dom.domid,
         "role": spec.role,
         "disks": [
-            {"vdev": d.vdev, "devid": d.devid, "nbd_uri": d.nbd_uri, "sectors": d.front.disk.sectors if d.front.disk else 0}
+            {
+                "vdev": d.vdev,
+                "devid": d.devid,
+                "nbd_uri": d.nbd_uri,
+                "nbd_tcp_uri": d.nbd_tcp_uri,
+                "sectors": d.front.disk.sectors if d.front.disk else 0,
+            }
             for d in disks
         ],
     }

@@ -29,13 +29,25 @@ STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.lo
 )
 @click.option("--nbd-socket", type=click.Path(dir_okay=False), default=None, help="UNIX socket for the first disk's NBD export.")
 @click.option(
+    "--nbd-tcp",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Also export the disks over TCP on 127.0.0.1, from PORT upwards (one port per disk).",
+)
+@click.option(
     "--transport",
     type=click.Choice(["map", "copy"]),
     default=None,
     help="How the driver domain reaches guest pages: map (fast, trusted backend) or copy (grant copies only).",
 )
 def up(
-    config_file: Path | None, state_dir: Path | None, disks: tuple[str, ...], nbd_socket: str | None, transport: str | None
+    config_file: Path | None,
+    state_dir: Path | None,
+    disks: tuple[str, ...],
+    nbd_socket: str | None,
+    nbd_tcp: int | None,
+    transport: str | None,
 ) -> None:
     """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
 
@@ -57,7 +69,7 @@ def up(
         raise click.UsageError(str(e)) from None
     if transport:
         config.transport = transport
-    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket)
+    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0)
     sys.exit(asyncio.run(run_up(toolstack)))
 
 
@@ -90,6 +102,8 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
         for dev in d["devices"]:
             if dev["type"] == "vbd":
                 devices.append(f"{dev['vdev']} {dev['mode']} {dev['nbd']}")
+                if dev.get("nbd_tcp"):
+                    devices.append(f"     {dev['nbd_tcp']}")
             elif dev["type"] == "lguest-block":
                 devices.append(f"lgba {dev['nbd']}")
             elif dev["type"] == "lguest-net":

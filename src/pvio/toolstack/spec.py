@@ -52,6 +52,7 @@ class DiskSpecJSON:
     format: str = "raw"
     read_only: bool = False
     nbd_socket: str = ""  # guests: where the disk is exported over NBD
+    nbd_tcp_port: int = 0  # guests: also export on 127.0.0.1:<port> (0: UNIX socket only)
 
 
 @dataclass

@@ -146,11 +146,13 @@ class Toolstack:
         paths: StatePaths,
         *,
         nbd_socket: str | None = None,
+        nbd_tcp: int = 0,
         out: TextIO = sys.stdout,
     ) -> None:
         self.config = config
         self.paths = paths
         self.nbd_socket_override = nbd_socket
+        self.nbd_tcp = nbd_tcp
         self.out = out
         self.children: list[Child] = []
         self.domains: list[DomainRun] = []
@@ -309,6 +311,7 @@ class Toolstack:
             driver = self._spec("driver", 0, "driver", transport=self.config.transport)
             self._run(None, driver)
         domid = 1
+        tcp_port = self.nbd_tcp
         for dom in self.config.domains:
             if dom.type == "xen":
                 disks = []
@@ -325,8 +328,10 @@ class Toolstack:
                             format=disk.spec.format,
                             read_only=disk.spec.read_only,
                             nbd_socket=str(sock),
+                            nbd_tcp_port=tcp_port,
                         )
                     )
+                    tcp_port += 1 if tcp_port else 0
                 self._run(dom, self._spec(dom.name, domid, "guest", nr_pages=dom.memory // 4096, disks=disks))
                 domid += 1
             else:
@@ -438,7 +443,8 @@ class Toolstack:
             for d in run.spec.disks:
                 entry["devices"].append(
                     {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
-                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri(d.nbd_socket, d.vdev)}
+                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri(d.nbd_socket, d.vdev),
+                     "nbd_tcp": f"nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}" if d.nbd_tcp_port else ""}
                 )
             if run.spec.role == "lguest-guest":
                 entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
@@ -479,6 +485,8 @@ class Toolstack:
                 first_uri = first_uri or uri
                 mode = "ro" if d.read_only else "rw"
                 self.say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
+                if d.nbd_tcp_port:
+                    self.say(f"      NBD over TCP (localhost): nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}")
             if run.spec.role == "lguest-guest" and run.config is not None:
                 if run.config.lguest_disk:
                     uri = nbd_uri(run.spec.extra["nbd_socket"], "lgba")
