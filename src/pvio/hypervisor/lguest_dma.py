@@ -25,6 +25,27 @@ fault) or skips the receiver's bad buffer and counts it, so one bad domain never
 the others; and it raises a violation interrupt (VIOLATION_IRQ_BASE + irq) in every
 other domain bound at the offending key, so a Launcher can mark that device FAILED.
 
+A guest's network device is a page shared with the other guests on its LAN, where its
+own Launcher binds nothing, so the rule above would tell only the victims.  The
+offender's *supervisor* is told as well: the domain that created a region permitted to
+the offender alone (its Launcher, which owns its descriptor page).  When the supervisor
+was not already told by the binding rule, it gets GUEST_VIOLATION_IRQ (the violation
+notice of irq 0, which nobody can bind), meaning "your guest broke the rules at a key in
+a region you are not bound at"; a Launcher marks the network device FAILED on it.
+Frames (a LAN): the creator of a region may declare that its keys carry frames
+(PVIO_LGUEST_region_frames: min_len, max_len, flood).  A SEND_DMA at a key there that
+moves fewer than min_len or more than max_len bytes (a runt, an oversized frame) is
+refused -EINVAL like any broken rule, so the frame reaches nobody.  A send that finds no
+free buffer is a drop, as a full receive ring drops; a sender with more than `flood`
+drops in one second (a window starting at its first drop) is flooding: the send that
+crosses the limit, and every drop after it in that window, is refused -ENOBUFS and is a
+violation.  The numbers are the Launcher's (pvio.lguest.net: ETH_HLEN, ETH_FRAME_LEN,
+FLOOD_DROPS_PER_SECOND); the hypervisor holds no Ethernet knowledge.  The supervisor
+is told once per (offender, region), not once per refused frame of a flood.
+Rejected: receivers reporting the sender (a receiver cannot tell who sent a frame:
+the source MAC is the sender's to forge), and a LAN-wide Launcher (one more process on
+every frame's path).
+
 Not here: delivery of private keys to a Launcher process (lguest's /dev/lguest read
 path).  In pvio the Launcher is a domain, and a device page is a region shared by the
 guest and the Launcher domain, so its keys reach the Launcher by the rule above.
@@ -34,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +64,7 @@ from pvio.abi.lguest import LGUEST_DMA
 from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
 from pvio.hypervisor.errors import HypercallError
 from pvio.lguest.dma import (
+    GUEST_VIOLATION_IRQ,
     MAX_BINDINGS,
     VIOLATION_IRQ_BASE,
     DmaError,
@@ -67,6 +90,17 @@ class LguestDma:
     bad_buffers: int = 0
     violations: int = 0
     lookup: Callable[[int], Domain | None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    floods: int = 0  # sends refused because their sender was flooding
+    #: sender domid -> (start of its drop window, drops in it)
+    _drops: dict[int, tuple[float, int]] = field(default_factory=dict)
+    #: (offender domid, region id) whose supervisor was told already
+    _reported: set[tuple[int, int]] = field(default_factory=set)
+
+    def forget(self, domid: int) -> None:
+        """Domain `domid` is gone: drop its flood window and reports."""
+        self._drops.pop(domid, None)
+        self._reported = {r for r in self._reported if r[0] != domid}
 
     # -- the address space ----------------------------------------------------------
 
@@ -102,20 +136,37 @@ class LguestDma:
         _, mem, off = self.resolve(d, addr, LGUEST_DMA.size)
         return bytes(mem[off : off + LGUEST_DMA.size])
 
+    @staticmethod
+    def supervisor(d: Domain) -> int | None:
+        """The domain that created a region permitted to `d` alone (its Launcher), if any."""
+        for r in d.regions.values():
+            if r.permitted == {d.domid} and r.creator not in (-1, d.domid):
+                return r.creator
+        return None
+
     def violation(self, d: Domain, key: int, bindings: list[DmaBinding]) -> None:
-        """`d` broke a rule on `key`: count it and tell the other domains bound there."""
+        """`d` broke a rule on `key`: count it, tell the other domains bound there, and
+        tell `d`'s supervisor (GUEST_VIOLATION_IRQ) when it was not among them."""
         self.violations += 1
+        told: set[tuple[int, int]] = set()
         try:
             obj, _, off = self.resolve(d, key & ~3, 4)
         except HypercallError:
+            obj = None
+        if obj is not None:
+            kobj = (obj, off)
+            for b in bindings:
+                if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:
+                    continue
+                told.add((b.domain.domid, b.irq))
+                self.pushes.append(IrqPush(b.domain.domid, VIOLATION_IRQ_BASE + b.irq))
+        if not isinstance(obj, Region):
+            return  # a key in the offender's own memory (or nowhere) concerns only it
+        sup = self.supervisor(d)
+        if sup is None or any(domid == sup for domid, _ in told) or (d.domid, obj.region_id) in self._reported:
             return
-        kobj = (obj, off)
-        told: set[tuple[int, int]] = set()
-        for b in bindings:
-            if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:
-                continue
-            told.add((b.domain.domid, b.irq))
-            self.pushes.append(IrqPush(b.domain.domid, VIOLATION_IRQ_BASE + b.irq))
+        self._reported.add((d.domid, obj.region_id))
+        self.pushes.append(IrqPush(sup, GUEST_VIOLATION_IRQ))
 
     # T:380 lguest: BIND_DMA and SEND_DMA
     # lguest has no rings: a receiver binds an array of lguest_dma buffers to a key and
@@ -141,17 +192,38 @@ class LguestDma:
         kobj = self._key(d, key)
         raw = self._read_dma(d, dma_addr)
         src = self._sections(d, raw)
+        rule = kobj[0].frames if isinstance(kobj[0], Region) else None
+        if rule is not None:
+            length = sum(n for _, _, n in src)
+            if not rule.min_len <= length <= rule.max_len:
+                raise HypercallError(-errno.EINVAL, f"{length}-byte frame not in {rule.min_len}..{rule.max_len}",
+                                     "len")
         copied = 0
+        delivered = False
         for b in bindings:
             if b.key != kobj or b.domain is d or b.domain.dying:
                 continue
             n = self._deliver(b, src)
             if n is not None:
-                copied = n
+                copied, delivered = n, True
                 break
+        if rule is not None and rule.flood and not delivered:
+            self._drop(d, rule.flood)
         _, mem, off = self.resolve(d, dma_addr, 4)
         _U32.pack_into(mem, off, copied)
         return copied
+
+    def _drop(self, d: Domain, limit: int) -> None:
+        """`d`'s frame found no free buffer: count it in its one-second window."""
+        now = self.clock()
+        start, drops = self._drops.get(d.domid, (now, 0))
+        if now - start >= 1.0:
+            start, drops = now, 0
+        drops += 1
+        self._drops[d.domid] = (start, drops)
+        if drops > limit:
+            self.floods += 1
+            raise HypercallError(-errno.ENOBUFS, f"d{d.domid} dropped {drops} frames in a second", "flood")
 
     def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
         dst_dom = b.domain
