@@ -35,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LguestCluster]
         GuestDef("g1", "10.0.0.1/24"),
         GuestDef("g2", "10.0.0.2/24"),
         GuestDef("g3", "10.0.0.3/24", hostile=["block-bad-dma", "console-past-memory", "runt-frames", "oversized-frames",
-                                                 "flood"]),
+                                                 "lan-bad-dma", "flood"]),
     ]
     c = LguestCluster(state, guests)
     with c:
@@ -118,7 +118,8 @@ def test_hostile_guest_fails_its_devices_and_others_keep_working(cluster: Lguest
     # each rule break was refused by the hypervisor: runts and oversized frames reached
     # nobody; the flood went on until its sender passed FLOOD_DROPS_PER_SECOND
     assert g3["hostile"] == {"block-bad-dma": "EINVAL", "console-past-memory": "EINVAL",
-                             "runt-frames": "EINVAL", "oversized-frames": "EINVAL", "flood": "ENOBUFS"}, g3
+                             "runt-frames": "EINVAL", "oversized-frames": "EINVAL", "lan-bad-dma": "EINVAL",
+                             "flood": "ENOBUFS"}, g3
     assert g3["net_open"] is False  # g3's driver saw FAILED and let go of the device
     stats = cluster.status("g1").get("stats", {})
     assert stats["net"]["rx_length_errors"] == 0  # no runt or oversized frame reached g1
