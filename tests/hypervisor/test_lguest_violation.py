@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pvio.abi.lguest import LGUEST_DMA, LHCALL_BIND_DMA, LHCALL_SEND_DMA
 from pvio.hypervisor import wire
 from pvio.hypervisor.core import Hypervisor
@@ -207,3 +210,50 @@ def test_a_dead_domain_is_forgotten() -> None:
     assert hv.lguest._reported
     hv.destroy_domain(g)
     assert not hv.lguest._reported
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rule=st.tuples(st.integers(0, 64), st.integers(0, 2000) | st.just(1514), st.integers(0, 8)),
+    steps=st.lists(st.integers(1, 2000) | st.integers(1, 64) | st.just(PAGE_SIZE) | st.just(0), max_size=30),
+)
+def test_frame_rules_against_a_model(rule: tuple[int, int, int], steps: list[int]) -> None:
+    """Random frame rules and sends (0: the peer frees its buffer) against a model: a
+    frame out of range is refused and reaches nobody, a delivered frame is never a
+    drop, the drop after `flood` in a window is refused, and only the sender's Launcher
+    (once) and the bound peer ever hear of it."""
+    hv, g, launcher, peer, lan_owner = _lan_setup(frames=False)
+    hv.lguest.clock = lambda: 7.0  # one window
+    lan = next(r for r in hv.domains[lan_owner].regions)
+    min_len, max_len, flood = rule
+    op = Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_frames, 1,
+            wire.PVIO_LGUEST_FRAMES.pack(region_id=lan, min_len=min_len, max_len=max_len, flood=flood))
+    rc = hv.execute(lan_owner, [op])[0].rc
+    valid = min_len <= max_len
+    assert rc == (0 if valid else -errno.EINVAL)
+    busy = False
+    drops = 0
+    reported = False
+    for length in steps:
+        if length == 0:
+            _free(hv, peer)
+            busy = False
+            continue
+        if valid and not min_len <= length <= max_len:
+            want = -errno.EINVAL
+        elif not busy:
+            want, busy = 0, True
+        else:
+            drops += 1
+            want = -errno.ENOBUFS if valid and flood and drops > flood else 0
+        assert _send(hv, g, length) == want, (length, rule)
+        used = int.from_bytes(hv.domains[peer].memory[0x1000:0x1004], "little")
+        assert busy == (used != 0)
+        for domid, irq in _irqs(hv):
+            if domid == launcher:
+                assert irq == GUEST_VIOLATION_IRQ and want < 0 and not reported
+                reported = True
+            else:
+                assert domid == peer and irq in (3, VIOLATION_IRQ_BASE + 3)
+        if want < 0:
+            assert reported
