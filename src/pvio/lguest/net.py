@@ -21,8 +21,9 @@ The guest learns its slot from the low bits of its descriptor's features, as in 
 
 Frame rules on the LAN are kept by the hypervisor, declared by the LAN's owner when it
 creates the page (`lan_frame_rule`): a frame moves ETH_HLEN..ETH_FRAME_LEN bytes, and a
-sender may not drop more than FLOOD_DROPS_PER_SECOND frames a second.  A guest that
-breaks them is refused, and its own Launcher marks its device FAILED.
+sender may not drop more than FLOOD_DROPS_PER_SECOND frames a second and more frames
+than it delivers.  A guest that breaks them is refused, and its own Launcher marks its
+device FAILED.
 
 What this deliberately does not do: protect a slot from a hostile guest that writes
 another peer's MAC (every guest maps the page writable, as in lguest), or queue frames:
@@ -58,10 +59,10 @@ ETH_DATA_LEN = 1500
 #: The largest frame: a 14-byte header and 1500 bytes of payload.
 ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN
 #: A sender whose frames find no free receive buffer more than this many times in one
-#: second is flooding the LAN: the hypervisor refuses its frames and tells its Launcher,
-#: which marks its network device FAILED (pvio's rule; lguest had none).  A guest's 8
-#: buffers drain in well under a millisecond, so an honest TCP sender, which slows down
-#: on loss, stays far below it.
+#: second, and more often than they find one, is flooding the LAN: the hypervisor
+#: refuses its frames and tells its Launcher, which marks its network device FAILED
+#: (pvio's rule; lguest had none).  An honest TCP sender drops more than this to slow
+#: receivers, but gets most frames through.
 FLOOD_DROPS_PER_SECOND = 1000
 #: Receive buffers per guest (lguest_net's NUM_SKBS).
 NUM_SKBS = 8
