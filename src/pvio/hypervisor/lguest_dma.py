@@ -31,20 +31,23 @@ offender's *supervisor* is told as well: the domain that created a region permit
 the offender alone (its Launcher, which owns its descriptor page).  When the supervisor
 was not already told by the binding rule, it gets GUEST_VIOLATION_IRQ (the violation
 notice of irq 0, which nobody can bind), meaning "your guest broke the rules at a key in
-a region you are not bound at"; a Launcher marks the network device FAILED on it.
+a region you are not bound at"; a Launcher marks the network device FAILED on it.  The
+supervisor is told once per (offender, region), not once per refused frame of a flood.
+
 Frames (a LAN): the creator of a region may declare that its keys carry frames
 (PVIO_LGUEST_region_frames: min_len, max_len, flood).  A SEND_DMA at a key there that
 moves fewer than min_len or more than max_len bytes (a runt, an oversized frame) is
 refused -EINVAL like any broken rule, so the frame reaches nobody.  A send that finds no
 free buffer is a drop, as a full receive ring drops; a sender is flooding when, in one
-second (a window starting at its first send there), it has dropped more than `flood`
-frames *and* more frames than it delivered: the drop that crosses both, and every drop
-after it in that window, is refused -ENOBUFS and is a violation.  The second condition
-spares an honest TCP sender, which loses frames to slow receivers but, backing off,
-gets most of them through (a 2-second iperf3 on this machine drops well over 1000 a
-second); a flooder sends far faster than anyone drains.  The numbers are the Launcher's (pvio.lguest.net: ETH_HLEN, ETH_FRAME_LEN,
-FLOOD_DROPS_PER_SECOND); the hypervisor holds no Ethernet knowledge.  The supervisor
-is told once per (offender, region), not once per refused frame of a flood.
+second (a window per sender, starting at its first send), it has dropped more than
+`flood` frames *and* more frames than it delivered: the drop that crosses both, and
+every drop after it in that window, is refused -ENOBUFS and is a violation.  The second
+condition spares an honest TCP sender, which loses frames to a slow receiver but,
+backing off, gets most of them through (a 2-second iperf3 between two guests on this
+machine drops more than 1000 a second); a flooder sends far faster than anyone drains.
+The numbers are the Launcher's (pvio.lguest.net: ETH_HLEN, ETH_FRAME_LEN,
+FLOOD_DROPS_PER_SECOND); the hypervisor holds no Ethernet knowledge.
+
 Rejected: receivers reporting the sender (a receiver cannot tell who sent a frame:
 the source MAC is the sender's to forge), and a LAN-wide Launcher (one more process on
 every frame's path).
@@ -52,6 +55,8 @@ every frame's path).
 Not here: delivery of private keys to a Launcher process (lguest's /dev/lguest read
 path).  In pvio the Launcher is a domain, and a device page is a region shared by the
 guest and the Launcher domain, so its keys reach the Launcher by the rule above.
+Nor fencing: a guest whose network device was FAILED and that ignores it may still send
+frames that keep the rules (each break is refused as before).
 """
 
 from __future__ import annotations
@@ -178,7 +183,10 @@ class LguestDma:
     # the list, inside memory, inside one page), finds a buffer with used_len 0 bound by
     # another domain to the same key, copies section by section, writes both used_lens
     # and raises the receiver's irq.  A key in a region two domains share is the same key
-    # for both: that is how guests on lguest's LAN reach each other.
+    # for both: that is how guests on lguest's LAN reach each other.  On a region that
+    # carries frames (a LAN) a send must also move a frame of the declared length and
+    # not be one drop too many of a flood; a broken rule there is reported to the
+    # sender's supervisor, its Launcher, which fails its network device.
     # :T
     def bind_dma(self, d: Domain, key: int, dmas: int, count: int, irq: int) -> None:
         kobj = self._key(d, key)
