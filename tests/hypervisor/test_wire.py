@@ -29,6 +29,7 @@ PVIO_LAYOUTS = [
     wire.PVIO_PAGE_FD,
     wire.PVIO_LHCALL,
     wire.PVIO_LGUEST_REGION,
+    wire.PVIO_LGUEST_FRAMES,
     wire.PVIO_PUSH_PORT,
     wire.PVIO_PUSH_IRQ,
     wire.PVIO_PUSH_DOMAIN,

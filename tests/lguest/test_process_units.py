@@ -1,4 +1,5 @@
-"""Units of pvio.lguest.process: settings from a spec, the Launcher's port, rendezvous."""
+"""Units of pvio.lguest.process: settings from a spec, the Launcher's port, rendezvous,
+the Launcher's answer to a violation notice."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from typing import Any
 
 import pytest
 
-from pvio.lguest.dma import LguestError
-from pvio.lguest.process import HvLauncherPort, LguestSettings, default_mac, wait_rendezvous
+from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DEVICE_T_NET
+from pvio.lguest.dma import GUEST_VIOLATION_IRQ, VIOLATION_IRQ_BASE, LguestError
+from pvio.lguest.net import lan_features
+from pvio.lguest.process import (
+    HvLauncherPort,
+    Launcher,
+    LguestSettings,
+    default_mac,
+    wait_rendezvous,
+)
 from pvio.toolstack.spec import DomainSpec
 
 
@@ -80,3 +89,26 @@ def test_rendezvous_ignores_files_of_dead_processes(tmp_path: Path) -> None:
         asyncio.run(wait_rendezvous(path, lambda d: True, timeout=0.2))
     path.write_text(json.dumps({"pid": os.getpid(), "launcher_domid": 3}))
     assert asyncio.run(wait_rendezvous(path, lambda d: d["launcher_domid"] == 3, timeout=1))["pid"] == os.getpid()
+
+
+def test_the_launcher_fails_the_network_device_on_a_guest_violation_notice() -> None:
+    cfg = _spec("lguest-launcher").extra["config"] | {"memory": "64K"}
+    launcher = Launcher(_spec("lguest-launcher", config=cfg))
+    try:
+        t = launcher.table
+        cons = t.add(LGUEST_DEVICE_T_CONSOLE, num_pages=1)
+        blk = t.add(LGUEST_DEVICE_T_BLOCK)
+        net = t.add(LGUEST_DEVICE_T_NET, features=lan_features(0), num_pages=1)
+        launcher.net_index = net.index
+        port = _Port()
+        launcher.lport = HvLauncherPort(port, 0, t.descriptor_addr, net.addr, 0x100, 0x2000, {})  # type: ignore[arg-type]
+        launcher.lport.write(t.descriptor_addr, t.descriptor_page())
+        assert launcher._irq_in_thread(VIOLATION_IRQ_BASE + 9) == b""  # a device it does not serve
+        assert not t.failed(launcher.lport, net.index) and launcher.violations == 0
+        for _ in range(2):  # counted and marked once
+            assert launcher._irq_in_thread(GUEST_VIOLATION_IRQ) == b""
+        assert t.failed(launcher.lport, net.index) and launcher.violations == 1
+        assert not t.failed(launcher.lport, cons.index) and not t.failed(launcher.lport, blk.index)
+        assert launcher.statistics()["failed"] == [net.index]
+    finally:
+        launcher.thread.close()

@@ -4,7 +4,8 @@ The processes are started the toolstack's way (`python -m pvio.toolstack.domain 
 by `pvio.testing.lguest_cluster`; the peers are real: the kernel's TCP/IP stacks in
 namespaces pvio-g1/pvio-g2 (ping, iperf3), qemu-io over the NBD export of g1's lguest
 disk, a shell behind g1's console driven through `pvio console` in a pipe.  g3 is
-hostile: it breaks the DMA rules on its block device and console and floods the LAN.
+hostile: it breaks the DMA rules on its block device and console, sends runt and
+oversized frames to its peers and floods the LAN.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LguestCluster]
     guests = [
         GuestDef("g1", "10.0.0.1/24"),
         GuestDef("g2", "10.0.0.2/24"),
-        GuestDef("g3", "10.0.0.3/24", hostile=["block-bad-dma", "console-past-memory", "runt-frames", "flood"]),
+        GuestDef("g3", "10.0.0.3/24", hostile=["block-bad-dma", "console-past-memory", "runt-frames", "oversized-frames",
+                                                 "lan-bad-dma", "flood"]),
     ]
     c = LguestCluster(state, guests)
     with c:
@@ -101,19 +103,26 @@ def _devices(cluster: LguestCluster, name: str) -> dict[str, int]:
 def test_hostile_guest_fails_its_devices_and_others_keep_working(cluster: LguestCluster) -> None:
     time.sleep(1.5)  # g3 has misbehaved once it was ready; its status refreshes every second
     devices = _devices(cluster, "g3")
-    # console (0) and block (1) were broken by g3: FAILED by its Launcher
-    assert devices["0"] & S_FAILED and devices["1"] & S_FAILED, devices
-    assert not _devices(cluster, "g1")["1"] & S_FAILED
+    # console (0), block (1) and network (2) were broken by g3: FAILED by its Launcher
+    assert devices["0"] & S_FAILED and devices["1"] & S_FAILED and devices["2"] & S_FAILED, devices
+    assert not any(v & S_FAILED for v in _devices(cluster, "g1").values())
     r = netns_exec("g1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.2")
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.monotonic() + 10
     while "stats" not in cluster.status("g1-launcher") and time.monotonic() < deadline:
         time.sleep(0.2)
     launcher = cluster.status("g3-launcher").get("stats", {})
-    assert launcher["violations"] >= 2 and launcher["failed"] == [0, 1], launcher
+    assert launcher["violations"] >= 3 and launcher["failed"] == [0, 1, 2], launcher
     assert cluster.status("g1-launcher")["stats"]["violations"] == 0
+    g3 = cluster.status("g3").get("stats", {})
+    # each rule break was refused by the hypervisor: runts and oversized frames reached
+    # nobody; the flood went on until its sender passed FLOOD_DROPS_PER_SECOND
+    assert g3["hostile"] == {"block-bad-dma": "EINVAL", "console-past-memory": "EINVAL",
+                             "runt-frames": "EINVAL", "oversized-frames": "EINVAL", "lan-bad-dma": "EINVAL",
+                             "flood": "ENOBUFS"}, g3
+    assert g3["net_open"] is False  # g3's driver saw FAILED and let go of the device
     stats = cluster.status("g1").get("stats", {})
-    assert stats["net"]["rx_length_errors"] > 0  # g3's runts reached g1 and were dropped
+    assert stats["net"]["rx_length_errors"] == 0  # no runt or oversized frame reached g1
 
 
 def test_console_on_a_terminal_quits_on_three_ctrl_c(cluster: LguestCluster) -> None:

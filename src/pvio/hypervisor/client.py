@@ -759,6 +759,14 @@ class Domain:
         (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_permit, 1, args)])
         _check(reply, "lguest region permit")
 
+    async def lguest_region_frames(self, region_id: int, min_len: int, max_len: int, flood: int) -> None:
+        """Declare that keys in a region this domain created carry frames of
+        min_len..max_len bytes, and that more than `flood` drops a second from one
+        sender is a flood (PVIO_LGUEST_region_frames)."""
+        args = wire.PVIO_LGUEST_FRAMES.pack(region_id=region_id, min_len=min_len, max_len=max_len, flood=flood)
+        (reply,) = await self._call([Op(wire.PVIO_HYPERVISOR_lguest, wire.PVIO_LGUEST_region_frames, 1, args)])
+        _check(reply, "lguest region frames")
+
     def phys(self, addr: int, length: int) -> memoryview:
         """A view of [addr, addr+length) of this domain's lguest physical space."""
         if addr >= 0 and addr + length <= self.nr_pages * PAGE_SIZE:

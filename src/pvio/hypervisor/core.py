@@ -50,6 +50,7 @@ from pvio.hypervisor.domain import (
     PAGE_SIZE,
     SHAREABLE_FRAME_BASE,
     Domain,
+    FrameRule,
     Platform,
     Region,
 )
@@ -180,6 +181,7 @@ class Hypervisor:
         for region in list(d.regions.values()):
             self._detach_region(d, region)
         self._pushes = [p for p in self._pushes if p.domid != domid]
+        self.lguest.forget(domid)
         for other in self.domains.values():
             # The control domain hears of every death (the toolstack's @releaseDomain);
             # mappers of the dead domain's memory hear of it to drop their mapping.
@@ -409,6 +411,20 @@ class Hypervisor:
             if found.permitted is None:
                 found.permitted = set()
             found.permitted.add(a["peer"])
+            return Reply(0, op.args)
+        if op.cmd == wire.PVIO_LGUEST_region_frames:
+            flay = wire.PVIO_LGUEST_FRAMES
+            if op.count != 1 or len(op.args) != flay.size:
+                return Reply(-errno.EINVAL, op.args)
+            f = flay.unpack(op.args)
+            found = self.regions.get(f["region_id"])
+            if found is None:
+                return Reply(-errno.ENOENT, op.args)
+            if found.creator != d.domid:
+                return Reply(-errno.EPERM, op.args)
+            if f["min_len"] > f["max_len"]:
+                return Reply(-errno.EINVAL, op.args)
+            found.frames = FrameRule(f["min_len"], f["max_len"], f["flood"])
             return Reply(0, op.args)
         if op.cmd in (wire.PVIO_LGUEST_region_create, wire.PVIO_LGUEST_region_attach):
             lay = wire.PVIO_LGUEST_REGION

@@ -118,6 +118,18 @@ class Region:
     attached: dict[int, int] = field(default_factory=dict)  # domid -> base address
     creator: int = -1
     permitted: set[int] | None = None  # None: open to all (nobody was ever permitted)
+    frames: FrameRule | None = None  # set by PVIO_LGUEST_region_frames
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """A region whose keys carry frames: each SEND_DMA there moves min_len..max_len
+    bytes, and at most `flood` sends per second from one sender find no free buffer
+    (0: no limit)."""
+
+    min_len: int
+    max_len: int
+    flood: int = 0
 
 
 @dataclass(eq=False)

@@ -25,15 +25,45 @@ fault) or skips the receiver's bad buffer and counts it, so one bad domain never
 the others; and it raises a violation interrupt (VIOLATION_IRQ_BASE + irq) in every
 other domain bound at the offending key, so a Launcher can mark that device FAILED.
 
+A guest's network device is a page shared with the other guests on its LAN, where its
+own Launcher binds nothing, so the rule above would tell only the victims.  The
+offender's *supervisor* is told as well: the domain that created a region permitted to
+the offender alone (its Launcher, which owns its descriptor page).  When the supervisor
+was not already told by the binding rule, it gets GUEST_VIOLATION_IRQ (the violation
+notice of irq 0, which nobody can bind), meaning "your guest broke the rules at a key in
+a region you are not bound at"; a Launcher marks the network device FAILED on it.  The
+supervisor is told once per (offender, region), not once per refused frame of a flood.
+
+Frames (a LAN): the creator of a region may declare that its keys carry frames
+(PVIO_LGUEST_region_frames: min_len, max_len, flood).  A SEND_DMA at a key there that
+moves fewer than min_len or more than max_len bytes (a runt, an oversized frame) is
+refused -EINVAL like any broken rule, so the frame reaches nobody.  A send that finds no
+free buffer is a drop, as a full receive ring drops; a sender is flooding when, in one
+second (a window per sender, starting at its first send), it has dropped more than
+`flood` frames *and* more frames than it delivered: the drop that crosses both, and
+every drop after it in that window, is refused -ENOBUFS and is a violation.  The second
+condition spares an honest TCP sender, which loses frames to a slow receiver but,
+backing off, gets most of them through (a 2-second iperf3 between two guests on this
+machine drops more than 1000 a second); a flooder sends far faster than anyone drains.
+The numbers are the Launcher's (pvio.lguest.net: ETH_HLEN, ETH_FRAME_LEN,
+FLOOD_DROPS_PER_SECOND); the hypervisor holds no Ethernet knowledge.
+
+Rejected: receivers reporting the sender (a receiver cannot tell who sent a frame:
+the source MAC is the sender's to forge), and a LAN-wide Launcher (one more process on
+every frame's path).
+
 Not here: delivery of private keys to a Launcher process (lguest's /dev/lguest read
 path).  In pvio the Launcher is a domain, and a device page is a region shared by the
 guest and the Launcher domain, so its keys reach the Launcher by the rule above.
+Nor fencing: a guest whose network device was FAILED and that ignores it may still send
+frames that keep the rules (each break is refused as before).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +72,7 @@ from pvio.abi.lguest import LGUEST_DMA
 from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
 from pvio.hypervisor.errors import HypercallError
 from pvio.lguest.dma import (
+    GUEST_VIOLATION_IRQ,
     MAX_BINDINGS,
     VIOLATION_IRQ_BASE,
     DmaError,
@@ -67,6 +98,17 @@ class LguestDma:
     bad_buffers: int = 0
     violations: int = 0
     lookup: Callable[[int], Domain | None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    floods: int = 0  # sends refused because their sender was flooding
+    #: sender domid -> (start of its window, drops, deliveries in it)
+    _drops: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+    #: (offender domid, region id) whose supervisor was told already
+    _reported: set[tuple[int, int]] = field(default_factory=set)
+
+    def forget(self, domid: int) -> None:
+        """Domain `domid` is gone: drop its flood window and reports."""
+        self._drops.pop(domid, None)
+        self._reported = {r for r in self._reported if r[0] != domid}
 
     # -- the address space ----------------------------------------------------------
 
@@ -102,20 +144,37 @@ class LguestDma:
         _, mem, off = self.resolve(d, addr, LGUEST_DMA.size)
         return bytes(mem[off : off + LGUEST_DMA.size])
 
+    @staticmethod
+    def supervisor(d: Domain) -> int | None:
+        """The domain that created a region permitted to `d` alone (its Launcher), if any."""
+        for r in d.regions.values():
+            if r.permitted == {d.domid} and r.creator not in (-1, d.domid):
+                return r.creator
+        return None
+
     def violation(self, d: Domain, key: int, bindings: list[DmaBinding]) -> None:
-        """`d` broke a rule on `key`: count it and tell the other domains bound there."""
+        """`d` broke a rule on `key`: count it, tell the other domains bound there, and
+        tell `d`'s supervisor (GUEST_VIOLATION_IRQ) when it was not among them."""
         self.violations += 1
+        told: set[tuple[int, int]] = set()
         try:
             obj, _, off = self.resolve(d, key & ~3, 4)
         except HypercallError:
+            obj = None
+        if obj is not None:
+            kobj = (obj, off)
+            for b in bindings:
+                if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:
+                    continue
+                told.add((b.domain.domid, b.irq))
+                self.pushes.append(IrqPush(b.domain.domid, VIOLATION_IRQ_BASE + b.irq))
+        if not isinstance(obj, Region):
+            return  # a key in the offender's own memory (or nowhere) concerns only it
+        sup = self.supervisor(d)
+        if sup is None or any(domid == sup for domid, _ in told) or (d.domid, obj.region_id) in self._reported:
             return
-        kobj = (obj, off)
-        told: set[tuple[int, int]] = set()
-        for b in bindings:
-            if b.key != kobj or b.domain is d or b.domain.dying or (b.domain.domid, b.irq) in told:
-                continue
-            told.add((b.domain.domid, b.irq))
-            self.pushes.append(IrqPush(b.domain.domid, VIOLATION_IRQ_BASE + b.irq))
+        self._reported.add((d.domid, obj.region_id))
+        self.pushes.append(IrqPush(sup, GUEST_VIOLATION_IRQ))
 
     # T:380 lguest: BIND_DMA and SEND_DMA
     # lguest has no rings: a receiver binds an array of lguest_dma buffers to a key and
@@ -124,7 +183,10 @@ class LguestDma:
     # the list, inside memory, inside one page), finds a buffer with used_len 0 bound by
     # another domain to the same key, copies section by section, writes both used_lens
     # and raises the receiver's irq.  A key in a region two domains share is the same key
-    # for both: that is how guests on lguest's LAN reach each other.
+    # for both: that is how guests on lguest's LAN reach each other.  On a region that
+    # carries frames (a LAN) a send must also move a frame of the declared length and
+    # not be one drop too many of a flood; a broken rule there is reported to the
+    # sender's supervisor, its Launcher, which fails its network device.
     # :T
     def bind_dma(self, d: Domain, key: int, dmas: int, count: int, irq: int) -> None:
         kobj = self._key(d, key)
@@ -141,17 +203,41 @@ class LguestDma:
         kobj = self._key(d, key)
         raw = self._read_dma(d, dma_addr)
         src = self._sections(d, raw)
+        rule = kobj[0].frames if isinstance(kobj[0], Region) else None
+        if rule is not None:
+            length = sum(n for _, _, n in src)
+            if not rule.min_len <= length <= rule.max_len:
+                raise HypercallError(-errno.EINVAL, f"{length}-byte frame not in {rule.min_len}..{rule.max_len}",
+                                     "len")
         copied = 0
+        delivered = False
         for b in bindings:
             if b.key != kobj or b.domain is d or b.domain.dying:
                 continue
             n = self._deliver(b, src)
             if n is not None:
-                copied = n
+                copied, delivered = n, True
                 break
+        if rule is not None and rule.flood:
+            self._count(d, rule.flood, delivered)
         _, mem, off = self.resolve(d, dma_addr, 4)
         _U32.pack_into(mem, off, copied)
         return copied
+
+    def _count(self, d: Domain, limit: int, delivered: bool) -> None:
+        """Count `d`'s frame in its one-second window; refuse the drop of a flooder."""
+        now = self.clock()
+        start, drops, good = self._drops.get(d.domid, (now, 0, 0))
+        if now - start >= 1.0:
+            start, drops, good = now, 0, 0
+        if delivered:
+            good += 1
+        else:
+            drops += 1
+        self._drops[d.domid] = (start, drops, good)
+        if not delivered and drops > limit and drops > good:
+            self.floods += 1
+            raise HypercallError(-errno.ENOBUFS, f"d{d.domid} dropped {drops} frames in a second", "flood")
 
     def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
         dst_dom = b.domain

@@ -48,6 +48,11 @@ PVIO_LGUEST_region_attach = 2
 #: permitted on is open to every domain; after the first permit, only the creator and
 #: the permitted domains may attach it (EPERM otherwise).
 PVIO_LGUEST_region_permit = 3
+#: The region's creator declares that its keys carry frames (PVIO_LGUEST_FRAMES): a
+#: SEND_DMA at a key in it must move min_len..max_len bytes, and a sender whose sends
+#: there find no free buffer more than `flood` times in a second is flooding.  Either is
+#: a violation (see pvio.hypervisor.lguest_dma).  Only the creator may (EPERM).
+PVIO_LGUEST_region_frames = 4
 PVIO_PUSH_port_bound = 1
 PVIO_PUSH_port_unbound = 2
 PVIO_PUSH_irq = 3
@@ -76,6 +81,7 @@ struct pvio_shareable { uint32_t nr_frames; uint32_t first_frame; };
 struct pvio_page_fd { uint16_t domid; int16_t status; uint32_t ref; };
 struct pvio_lhcall { uint32_t arg1; uint32_t arg2; uint32_t arg3; uint32_t ret; };
 struct pvio_lguest_region { uint32_t region_id; uint32_t nr_pages; uint32_t base; uint32_t peer; };
+struct pvio_lguest_frames { uint32_t region_id; uint32_t min_len; uint32_t max_len; uint32_t flood; };
 struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32_t remote_port; };
 struct pvio_push_irq { uint32_t irq; };
 struct pvio_push_domain { uint16_t domid; uint16_t pad; };
@@ -173,6 +179,15 @@ PVIO_LGUEST_REGION = Layout(
     "pvio_lguest_region",
     (("region_id", "I"), ("nr_pages", "I"), ("base", "I"), ("peer", "I")),
     c_type="struct pvio_lguest_region",
+    c_prologue=C_PROLOGUE,
+)
+
+#   struct pvio_lguest_frames { uint32_t region_id; uint32_t min_len; uint32_t max_len; uint32_t flood; };
+# flood: most sends per second from one sender that find no free buffer (0: no limit).
+PVIO_LGUEST_FRAMES = Layout(
+    "pvio_lguest_frames",
+    (("region_id", "I"), ("min_len", "I"), ("max_len", "I"), ("flood", "I")),
+    c_type="struct pvio_lguest_frames",
     c_prologue=C_PROLOGUE,
 )
 

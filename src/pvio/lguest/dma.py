@@ -71,6 +71,10 @@ MAX_DMAS_PER_BIND = 0xFFFF
 #: ``VIOLATION_IRQ_BASE + irq`` in every other domain bound at that key with ``irq`` (the
 #: Launcher), which marks the device FAILED.
 VIOLATION_IRQ_BASE = LGUEST_IRQS
+#: The violation notice of irq 0 (which no binding can use): raised in a guest's
+#: supervisor (its Launcher) when the guest broke the rules at a key in a shared region
+#: the supervisor is not bound at — its network device's LAN page.
+GUEST_VIOLATION_IRQ = VIOLATION_IRQ_BASE + 0
 #: Bindings one guest may hold at once (LGUEST_MAX_DMA in lguest_launcher.h).
 MAX_BINDINGS = LGUEST_MAX_DMA
 DMA_SIZE = LGUEST_DMA.size

@@ -19,6 +19,12 @@ in its event loop (so a claim is atomic without a lock) and calls `release` when
 peer's connection closes, which is when lguest's kernel would have dropped the lock.
 The guest learns its slot from the low bits of its descriptor's features, as in lguest.
 
+Frame rules on the LAN are kept by the hypervisor, declared by the LAN's owner when it
+creates the page (`lan_frame_rule`): a frame moves ETH_HLEN..ETH_FRAME_LEN bytes, and a
+sender may not drop more than FLOOD_DROPS_PER_SECOND frames a second and more frames
+than it delivers.  A guest that breaks them is refused, and its own Launcher marks its
+device FAILED.
+
 What this deliberately does not do: protect a slot from a hostile guest that writes
 another peer's MAC (every guest maps the page writable, as in lguest), or queue frames:
 delivery is a synchronous copy, so a flood costs the flooder and the flooded receiver's
@@ -52,6 +58,12 @@ ETH_HLEN = 14
 ETH_DATA_LEN = 1500
 #: The largest frame: a 14-byte header and 1500 bytes of payload.
 ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN
+#: A sender whose frames find no free receive buffer more than this many times in one
+#: second, and more often than they find one, is flooding the LAN: the hypervisor
+#: refuses its frames and tells its Launcher, which marks its network device FAILED
+#: (pvio's rule; lguest had none).  An honest TCP sender drops more than this to slow
+#: receivers, but gets most frames through.
+FLOOD_DROPS_PER_SECOND = 1000
 #: Receive buffers per guest (lguest_net's NUM_SKBS).
 NUM_SKBS = 8
 #: Frames `NetDriver.transmit_many` sends in one batch of SEND_DMAs (pvio's addition).
@@ -66,6 +78,11 @@ _ZERO_LEN = _USED_LEN.pack(0)
 
 class FrameError(LguestError):
     """A frame too short for an Ethernet header or longer than 1514 bytes."""
+
+
+def lan_frame_rule() -> tuple[int, int, int]:
+    """(min_len, max_len, flood) of PVIO_LGUEST_region_frames for a LAN page."""
+    return ETH_HLEN, ETH_FRAME_LEN, FLOOD_DROPS_PER_SECOND
 
 
 def check_frame(frame: bytes) -> None:

@@ -47,7 +47,18 @@ DMA into the guest's console buffer, and what the guest's shell prints crosses b
 Bad input: the hypervisor refuses a SEND_DMA or BIND_DMA that breaks the rules
 (`pvio.lguest.dma`) and tells the domains bound at that key with a violation interrupt
 (`VIOLATION_IRQ_BASE` + their irq); the Launcher then marks that device FAILED in the
-descriptor page and stops serving it.  Every other guest and device carries on.
+descriptor page and stops serving it.  The network device is different: its keys are
+on the LAN page, where the Launcher binds nothing, so the hypervisor tells the guest's
+supervisor (the creator of the device region, permitted to that guest alone) with
+`GUEST_VIOLATION_IRQ`, and the Launcher marks the network device FAILED.  The LAN's
+frame rules (ETH_HLEN..ETH_FRAME_LEN bytes, at most FLOOD_DROPS_PER_SECOND drops a
+second) are declared to the hypervisor by the LAN's owner (PVIO_LGUEST_region_frames)
+and kept there, so runts, oversized frames and floods are refused and reported like any
+broken DMA rule.  The guest's driver checks the status on every transmit batch, every
+receive interrupt and once a second, and lets go of a FAILED device (clears its MAC
+slot, unbinds its buffers).  Every other guest and device carries on.  A hostile guest
+that ignores FAILED is not fenced off the LAN: its frames still have to pass the frame
+rules and the flood limit, and each break is refused.
 
 Specs (``extra``), as the toolstack writes them::
 
@@ -106,6 +117,7 @@ from pvio.lguest.bus import Bus, DeviceDriver, DeviceSlot, DeviceTable, LguestDe
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice, ConsoleDriver
 from pvio.lguest.dma import (
     DMA_SIZE,
+    GUEST_VIOLATION_IRQ,
     LGUEST_IRQS,
     PAGE_SIZE,
     VIOLATION_IRQ_BASE,
@@ -114,7 +126,7 @@ from pvio.lguest.dma import (
     page_sections,
 )
 from pvio.lguest.guest import Allocator
-from pvio.lguest.net import NetDriver, lan_features, peer_key
+from pvio.lguest.net import ETH_FRAME_LEN, NetDriver, lan_features, lan_frame_rule, peer_key
 from pvio.lguest.storage import FileStorage
 from pvio.toolstack.spec import DomainSpec, write_status
 
@@ -347,6 +359,8 @@ class Launcher:
         self.table = DeviceTable(self.s.guest_nr_pages)
         self.thread = GuestThread("lguest-launcher")
         self.served: dict[int, _Served] = {}  # by irq
+        self.net_index: int | None = None  # the network device's slot (its page is the LAN's)
+        self.net_failed = False
         self.storage: FileStorage | None = None
         self.console: ConsoleDevice | None = None
         self.clients: set[asyncio.StreamWriter] = set()
@@ -368,7 +382,10 @@ class Launcher:
     # own SEND_DMA to the same key, which reaches the reply buffer the guest bound.  A
     # guest that breaks the DMA rules on a device's key has its SEND_DMA refused by the
     # hypervisor, which raises a violation interrupt here; the Launcher marks that
-    # device FAILED and no longer serves it.
+    # device FAILED and no longer serves it.  Breaks on the LAN page (bad DMA at a peer's
+    # key, a runt or oversized frame, a flood past the limit this Launcher declared if
+    # it owns the LAN) reach it as GUEST_VIOLATION_IRQ: it is the supervisor of its
+    # guest, and it marks the network device FAILED.
     # :T
     async def start(self) -> None:
         from pvio.hypervisor import aio
@@ -383,6 +400,7 @@ class Launcher:
                if s.disk_target else None)
         net = (self.table.add(LGUEST_DEVICE_T_NET, features=lan_features(s.lan_slot), num_pages=1)
                if s.lan else None)
+        self.net_index = net.index if net is not None else None
         top = self.table.descriptor_addr
         dev_end = net.addr if net is not None else self.table.total_pages * PAGE_SIZE
         dev_pages = (dev_end - top) // PAGE_SIZE
@@ -394,6 +412,7 @@ class Launcher:
             lan_region = (await self.dom.lguest_region(1, base + dev_pages * PAGE_SIZE)).region_id
             for _, member in s.lan_members:
                 await self.dom.lguest_region_permit(lan_region, member)
+            await self.dom.lguest_region_frames(lan_region, *lan_frame_rule())
         alloc = Allocator(0, LAUNCHER_PAGES * PAGE_SIZE)
         tx_dma = alloc.alloc_unsplit(DMA_SIZE)
         tx_buf = alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE)
@@ -435,6 +454,15 @@ class Launcher:
 
     def _irq_in_thread(self, irq: int) -> bytes:
         """Runs in the worker: serve the device whose buffer the guest just filled."""
+        if irq == GUEST_VIOLATION_IRQ:
+            # The guest broke the rules at a key in a region this Launcher is not bound
+            # at: its LAN page, so its network device.  Marked FAILED once; the guest's
+            # driver sees it and stops (lguest's bus).
+            if self.net_index is not None and not self.net_failed:
+                self.violations += 1
+                self.net_failed = True
+                self.table.fail(self.lport, self.net_index)
+            return b""
         if irq >= VIOLATION_IRQ_BASE:
             served = self.served.get(irq - VIOLATION_IRQ_BASE)
             if served is not None and not served.failed:
@@ -514,7 +542,8 @@ class Launcher:
         """Violations, FAILED devices, console output dropped, each device's counters."""
         return {
             "violations": self.violations,
-            "failed": sorted(sv.slot.index for sv in self.served.values() if sv.failed),
+            "failed": sorted([sv.slot.index for sv in self.served.values() if sv.failed]
+                             + ([self.net_index] if self.net_failed and self.net_index is not None else [])),
             "console_output_dropped": self.output_dropped,
             "devices": {str(sv.slot.index): vars(sv.device.stats).copy() for sv in self.served.values()},
         }
@@ -622,6 +651,7 @@ class Guest:
         self.shell: Any = None
         self.console_dropped = 0
         self.refused = 0  # hypercalls the hypervisor refused (DmaError)
+        self.hostile_results: dict[str, str] = {}  # tests only: each rule break's outcome
         self.tx_dropped = 0  # frames from the TAP beyond TX_PENDING_LIMIT
         self._tx_pending: list[bytes] = []
         self._tx_busy = False
@@ -725,10 +755,27 @@ class Guest:
 
     def _transmit(self, frames: list[bytes]) -> None:
         assert self.net is not None
+        if self._net_failed():
+            self.tx_dropped += len(frames)
+            return
         try:
             self.net.transmit_many(frames)
         except LguestError:
             self.refused += 1
+
+    def _net_failed(self) -> bool:
+        """In the worker: has the Launcher marked the network device FAILED?  Then the
+        driver lets go of the device (clears its MAC slot, unbinds its buffers) once,
+        and nothing more is sent or received on it, as lguest's bus did."""
+        net = self.net
+        if net is None:
+            return True
+        if not self.bus.status(net.device.index) & LGUEST_DEVICE_S_FAILED:
+            return False
+        if net.is_open:
+            with contextlib.suppress(LguestError):
+                net.close()
+        return True
 
     def _on_irq(self, irq: int) -> None:
         if irq >= LGUEST_IRQS:
@@ -738,7 +785,8 @@ class Guest:
 
     def _irq_in_thread(self, irq: int) -> tuple[int, list[bytes], bytes]:
         self.bus.interrupt(irq)
-        frames = self.net.take_frames() if self.net is not None and irq == self.net.device.irq else []
+        frames = (self.net.take_frames()
+                  if self.net is not None and irq == self.net.device.irq and not self._net_failed() else [])
         typed = (self.console.take_input()
                  if self.console is not None and irq == self.console.device.irq else b"")
         return irq, frames, typed
@@ -816,19 +864,37 @@ class Guest:
                     struct.pack_into("<H", raw, 4 + 4 * 16, 16)
                     self.port.write(bad, bytes(raw))
                     self.port.send_dma(self.console.key, bad)
-                elif what in ("runt-frames", "flood") and self.net is not None:
+                elif what in ("runt-frames", "oversized-frames", "flood") and self.net is not None:
                     # Straight to every peer's key, past the driver's own checks: runts
-                    # (6 bytes), or a flood of 2000 broadcast frames.
+                    # (6 bytes), frames of 1600 bytes, or a flood of 4096 broadcasts.
                     net = self.net
-                    frame = b"\xff" * 6 if what == "runt-frames" else b"\xff" * 12 + b"\x88\xb5" + bytes(100)
-                    self.port.write(net.tx_buf, frame)
-                    self.port.write(bad, build_dma(page_sections(net.tx_buf, len(frame))))
+                    frame = {"runt-frames": b"\xff" * 6, "oversized-frames": b"\xff" * 1600,
+                             "flood": b"\xff" * 12 + b"\x88\xb5" + bytes(100)}[what]
+                    buf = self.alloc.alloc_pages(1) if len(frame) > ETH_FRAME_LEN else net.tx_buf
+                    self.port.write(buf, frame)
+                    self.port.write(bad, build_dma(page_sections(buf, len(frame))))
                     peers = [i for i in range(len(self.s.lan_members)) if i != net.me]
-                    for _ in range(20 if what == "runt-frames" else 2000):
+                    if what == "flood":  # batches of 256 SEND_DMAs, one round trip each
+                        sends = [(peer_key(net.peer_phys, p), bad) for p in peers] * (256 // max(1, len(peers)))
+                        for _ in range(16):
+                            worst = min(self.port.send_dma_many(sends))
+                            if worst < 0:
+                                raise LguestError("flood refused", err=-worst)
+                    for _ in range(20 if what != "flood" else 0):
                         for peer in peers:
                             self.port.send_dma(peer_key(net.peer_phys, peer), bad)
-            except LguestError:
+                elif what == "lan-bad-dma" and self.net is not None:
+                    # a section past the end of memory, at a peer's key
+                    raw = bytearray(build_dma([]))
+                    struct.pack_into("<I", raw, 4, 0xFFFF0000)
+                    struct.pack_into("<H", raw, 4 + 4 * 16, 16)
+                    self.port.write(bad, bytes(raw))
+                    peer = 1 if self.net.me == 0 else 0
+                    self.port.send_dma(peer_key(self.net.peer_phys, peer), bad)
+                self.hostile_results[what] = "accepted"
+            except LguestError as exc:
                 self.refused += 1
+                self.hostile_results[what] = errno.errorcode.get(exc.errno, str(exc.errno))
 
     async def stop(self) -> None:
         from pvio.export.tap import remove_namespace
@@ -849,8 +915,11 @@ class Guest:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"refused": self.refused, "console_dropped": self.console_dropped,
                                "bus_refused": self.bus.stats.refused}
+        if self.hostile_results:
+            out["hostile"] = dict(self.hostile_results)
         if self.net is not None:
             out["net"] = vars(self.net.stats).copy()
+            out["net_open"] = self.net.is_open
         return out
 
 
@@ -868,6 +937,8 @@ async def guest_main(spec: DomainSpec) -> None:
         write_status(spec.status_file, **status)
         while True:
             await asyncio.sleep(1.0)
+            if guest.net is not None:
+                await guest.thread.call(guest._net_failed)  # let go of a FAILED network device
             status["stats"] = guest.statistics()
             status["devices"] = {str(i): await guest.thread.call(guest.bus.status, i) for i in guest.bus.devices}
             write_status(spec.status_file, **status)
