@@ -91,41 +91,10 @@ def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert ctx.commands[0][:2] == ["pvio", "xenstored"]
 
 
-def test_lguest_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    @dataclass
-    class Row:
-        scenario: str
-        unit: str
-        pvio: float
-        baseline: float
-        ratio: float
-
-    values = iter([100.0, 140.0])
-
-    async def network(seconds: float, runs: int) -> list[Row]:
-        assert runs == 1
-        v = next(values)
-        return [Row("TCP g1->g2 (iperf3)", "Mbit/s", v, 10 * v, 0.1),
-                Row("ping round trip", "us", 400.0, 40.0, 0.1)]
-
-    def block_rows(seconds: float, runs: int) -> list[Row]:
-        return [Row("block 4 KiB random read", "IOPS", 20_000.0, 400_000.0, 0.05)]
-
-    _fake_module(monkeypatch, "pvio.bench.lguest", _network=network, _block=block_rows)
-    figures = _by_name(layers.LGUEST.run({"runs": 2, "seconds": 0.1}, Context(tmp_path)))
-    tcp = figures["TCP g1->g2 (iperf3)"]
-    assert tcp.stats.samples == (100.0, 140.0) and tcp.baselines[0].subject == "veth pair"
-    assert tcp.baselines[0].ratio == pytest.approx(0.1)
-    ping = figures["ping round trip"]
-    assert ping.unit == "µs" and not ping.higher_is_better and ping.baselines[0].ratio == 10
-    assert figures["block 4 KiB random read"].baselines[0].subject == "os.pread"
-
-
 def test_adapters_skip_while_their_layer_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("pvio.bench.hypervisor", "pvio.bench.xenstore", "pvio.bench.lguest",
                  "pvio.bench.fio_nbd"):
         monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
-    assert layers.LGUEST.missing() == "pvio bench lguest is not built yet"
     assert layers.NBD.missing() == "pvio.bench.fio_nbd (the NBD export's fio helper) is not built yet"
 
 
