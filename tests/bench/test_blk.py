@@ -41,6 +41,7 @@ def test_counters_from_a_driver_domains_statistics() -> None:
     assert per == {"requests": 1000, "notifications_per_request": 0.05,
                    "notify_to_frontend_per_request": 0.03,
                    "notify_from_frontend_per_request": 0.02,
+                   "frontend_kicks_exact": 0,
                    "requests_per_batch": 10.0, "grant_hypercalls_per_request": 0.2}
     assert Counters().per_request()["notifications_per_request"] == 0  # no division by zero
 
@@ -138,3 +139,18 @@ def test_reduced_run_writes_valid_json(tmp_path: Path) -> None:
     assert [t["subject"] for t in result["extra"]["targets"]] == [*blk.TRANSPORTS] * 2
     assert "target:" in proc.stdout
     assert not list(tmp_path.glob("**/*.sock"))
+
+
+def test_frontend_kicks_are_blkfronts_own_count() -> None:
+    """With the guest's counters, the frontend's kicks are exact (blkback's wake-ups can
+    only under-count them); without, blkback's count is the fallback."""
+    guest = {"disks": [{"statistics": {"requests": 1000, "notify_sent": 40}},
+                       {"statistics": {"requests": 10, "notify_sent": 10}}]}
+    front = Counters.from_guest_status(guest)
+    assert (front.frontend_requests, front.frontend_notify_sent) == (1010, 50)
+    back = Counters(requests=1010, batches=50, notify_sent=30, notify_received=20)
+    per = (back + front).per_request()
+    assert per["notify_from_frontend_per_request"] == 50 / 1010
+    assert per["notifications_per_request"] == (30 + 50) / 1010 and per["frontend_kicks_exact"] == 1
+    only_back = back.per_request()
+    assert only_back["notify_from_frontend_per_request"] == 20 / 1010 and only_back["frontend_kicks_exact"] == 0

@@ -94,6 +94,10 @@ class Counters:
     notify_sent: int = 0
     notify_received: int = 0
     grant_ops: int = 0
+    #: blkfront's own counts (the guest's status file): every kick it sends, exactly,
+    #: where blkback's `notify_received` sees only the wake-ups they coalesce into
+    frontend_requests: int = 0
+    frontend_notify_sent: int = 0
 
     #: The statistics keys that make up `requests` (BlkbackStats.requests).
     REQUEST_KEYS = ("rd_req", "wr_req", "f_req", "ds_req", "err_req")
@@ -115,6 +119,18 @@ class Counters:
             )
         return total
 
+    @classmethod
+    def from_guest_status(cls, status: Mapping[str, Any]) -> Counters:
+        """blkfront's counters, summed over the disks of a guest's status file."""
+        total = cls()
+        for disk in status.get("disks", []):
+            stats = disk.get("statistics") or {}
+            total = total + cls(
+                frontend_requests=int(stats.get("requests", 0)),
+                frontend_notify_sent=int(stats.get("notify_sent", 0)),
+            )
+        return total
+
     def __add__(self, other: Counters) -> Counters:
         return Counters(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
 
@@ -122,12 +138,18 @@ class Counters:
         return Counters(*(a - b for a, b in zip(_values(self), _values(other), strict=True)))
 
     def per_request(self) -> dict[str, float | int]:
+        """Per blkif request.  The frontend's kicks are blkfront's own count when the
+        guest published it, else blkback's wake-ups (a lower bound: kicks sent while
+        blkback is busy coalesce into one wake-up)."""
         n = max(self.requests, 1)
+        kicks = self.frontend_notify_sent if self.frontend_requests else self.notify_received
         return {
             "requests": self.requests,
-            "notifications_per_request": (self.notify_sent + self.notify_received) / n,
+            "notifications_per_request": (self.notify_sent + kicks) / n,
             "notify_to_frontend_per_request": self.notify_sent / n,
-            "notify_from_frontend_per_request": self.notify_received / n,
+            "notify_from_frontend_per_request": kicks / n,
+            # 1: the frontend's kicks are blkfront's exact count; 0: blkback's lower bound
+            "frontend_kicks_exact": 1 if self.frontend_requests else 0,
             "requests_per_batch": self.requests / max(self.batches, 1),
             "grant_hypercalls_per_request": self.grant_ops / n,
         }
@@ -156,6 +178,7 @@ class PvioUp:
         self.proc: subprocess.Popen[bytes] | None = None
         self.status: dict[str, Any] = {}
         self.driver_status: Path | None = None
+        self.guest_status: Path | None = None
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "pvio", "up",
@@ -188,6 +211,8 @@ class PvioUp:
         for dom in self.status.get("domains", []):
             if dom.get("role") == "driver":
                 self.driver_status = self.state_dir / "domains" / f"{dom['name']}.status"
+            if dom.get("role") == "guest":
+                self.guest_status = self.state_dir / "domains" / f"{dom['name']}.status"
             for dev in dom.get("devices", []):
                 if dev.get("type") == "vbd" and dev.get("vdev") == VDEV and dev.get("nbd"):
                     uri = str(dev["nbd"])
@@ -211,15 +236,31 @@ class PvioUp:
         if self.driver_status is None:
             return None
         deadline = time.monotonic() + STATS_TIMEOUT
+        backend: Counters | None = None
         while True:
             with contextlib.suppress(OSError):
-                if self.driver_status.stat().st_mtime > newer_than:
+                if backend is None and self.driver_status.stat().st_mtime > newer_than:
                     status = read_json(self.driver_status)
                     if status is not None and status.get("statistics"):
-                        return Counters.from_statistics(status["statistics"])
+                        backend = Counters.from_statistics(status["statistics"])
+            if backend is not None:
+                front = self._guest_counters(newer_than)
+                if front is not None or time.monotonic() > deadline:
+                    return backend + (front or Counters())
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
+
+    def _guest_counters(self, newer_than: float) -> Counters | None:
+        """blkfront's counters once the guest's status file is newer than `newer_than`."""
+        if self.guest_status is None:
+            return None
+        with contextlib.suppress(OSError):
+            if self.guest_status.stat().st_mtime > newer_than:
+                status = read_json(self.guest_status)
+                if status is not None:
+                    return Counters.from_guest_status(status)
+        return None
 
     def stop(self) -> int | None:
         """SIGINT, as a user stops it (orderly XenBus close, flush); kill if it hangs."""
@@ -269,7 +310,7 @@ class CounterLog:
                 values = [float(r["notifications_per_request"]) for r in runs]
                 out.append(Figure(workload, "notifications/request", Stats.of(values), subject,
                                   higher_is_better=False,
-                                  note="blkback's kicks sent + received, over requests"))
+                                  note="kicks blkback sent + kicks blkfront sent, over blkif requests"))
         return out
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:

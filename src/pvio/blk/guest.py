@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
+
+
+#: Seconds between refreshes of the status file (blkfront's counters).
+STATUS_INTERVAL = 1.0
 
 
 @dataclass
@@ -103,7 +108,9 @@ async def main(spec: DomainSpec) -> None:
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port)
         write_status(spec.status_file, **status(spec, dom, disks))
-        await asyncio.Event().wait()
+        while True:  # refreshed once a second: blkfront's counters for `pvio bench blk`
+            await asyncio.sleep(STATUS_INTERVAL)
+            write_status(spec.status_file, **status(spec, dom, disks))
     finally:
         for disk in disks:
             with contextlib.suppress(Exception):
@@ -127,6 +134,7 @@ def status(spec: DomainSpec, dom: Domain, disks: list[GuestDisk]) -> dict[str, o
                 "nbd_uri": d.nbd_uri,
                 "nbd_tcp_uri": d.nbd_tcp_uri,
                 "sectors": d.front.disk.sectors if d.front.disk else 0,
+                "statistics": dataclasses.asdict(d.front.stats),
             }
             for d in disks
         ],
