@@ -26,14 +26,15 @@ direct io_uring job, the matrix and the conversion into suite figures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pvio.bench.fio_nbd import STANDARD_JOBS
 from pvio.bench.suite import Context, Figure, compare
 
 HELPER = "pvio.bench.fio_nbd"
@@ -46,25 +47,9 @@ DIRECT = "direct (io_uring)"
 Server = Callable[[Path, Path], contextlib.AbstractContextManager[str]]
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    rw: str  # fio --rw: randread, randwrite, read, write
-    bs: str
-    iodepth: int
-
-
-#: The issue's workloads, in this order in the table and plots.
-WORKLOADS: tuple[Workload, ...] = (
-    Workload("4k-randread-qd1", "randread", "4k", 1),
-    Workload("4k-randread-qd32", "randread", "4k", 32),
-    Workload("4k-randwrite-qd1", "randwrite", "4k", 1),
-    Workload("4k-randwrite-qd32", "randwrite", "4k", 32),
-    Workload("64k-read-qd8", "read", "64k", 8),
-    Workload("64k-write-qd8", "write", "64k", 8),
-    Workload("1m-read-qd8", "read", "1m", 8),
-    Workload("1m-write-qd8", "write", "1m", 8),
-)
+#: The issue's workloads, in this order in the table and plots: fio_nbd's standard jobs,
+#: declared there once.
+WORKLOADS = STANDARD_JOBS
 QUICK_WORKLOADS = ("4k-randread-qd1", "4k-randwrite-qd32", "1m-read-qd8")
 
 
@@ -133,7 +118,7 @@ def block_matrix(ctx: Context, servers: dict[str, Server], *, workloads: Sequenc
             ctx.extra.setdefault("servers", {})[subject] = uri
         for name in workloads:
             w = by_name[name]
-            job = fio_nbd.FioJob(w.name, w.rw, w.bs, w.iodepth, runtime=runtime, size=size)
+            job = dataclasses.replace(w, runtime=runtime, size=size)
             ctx.progress(f"{w.name}: {runs} runs of {len(uris) + 1} subjects")
             iops: dict[str, list[float]] = {s: [] for s in [*uris, DIRECT]}
             mibs: dict[str, list[float]] = {s: [] for s in iops}

@@ -52,6 +52,7 @@ STANDARD_JOBS: tuple[FioJob, ...] = (
     FioJob("4k-randwrite-qd1", "randwrite", "4k", 1),
     FioJob("4k-randwrite-qd32", "randwrite", "4k", 32),
     FioJob("64k-read-qd8", "read", "64k", 8),
+    FioJob("64k-write-qd8", "write", "64k", 8),
     FioJob("1m-read-qd8", "read", "1m", 8),
     FioJob("1m-write-qd8", "write", "1m", 8),
 )
