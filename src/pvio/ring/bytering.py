@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pvio.abi.console import XENCONS_IN_SIZE, XENCONS_INTERFACE, XENCONS_OUT_SIZE
+from pvio.abi.layout import Layout
 from pvio.abi.ring import RING_IDX_MASK
 from pvio.abi.xs_wire import XENSTORE_DOMAIN_INTERFACE, XENSTORE_ERROR_RINGIDX, XENSTORE_RING_SIZE
 from pvio.ring.errors import RingBroken
@@ -142,16 +143,21 @@ class ByteRingPair:
     rx: ByteRing
 
 
-def _xs_rings(page: memoryview) -> tuple[ByteRing, ByteRing]:
-    lay = XENSTORE_DOMAIN_INTERFACE
+def _page_ring(page: memoryview, lay: Layout, data: str, size: int, name: str) -> ByteRing:
+    """The byte ring `data` of a shared page laid out as `lay` (with `<data>_cons` and
+    `<data>_prod` indices)."""
     view = page.cast("B") if page.format != "B" else page
     if len(view) < lay.size:
-        raise ValueError(f"xenstore_domain_interface needs {lay.size} bytes")
-    req = ByteRing(view[lay.offset("req") : lay.offset("req") + XENSTORE_RING_SIZE], view,
-                   lay.offset("req_cons"), lay.offset("req_prod"), name="xenstore req ring")
-    rsp = ByteRing(view[lay.offset("rsp") : lay.offset("rsp") + XENSTORE_RING_SIZE], view,
-                   lay.offset("rsp_cons"), lay.offset("rsp_prod"), name="xenstore rsp ring")
-    return req, rsp
+        raise ValueError(f"{lay.name} needs {lay.size} bytes")
+    start = lay.offset(data)
+    return ByteRing(view[start : start + size], view, lay.offset(f"{data}_cons"),
+                    lay.offset(f"{data}_prod"), name=name)
+
+
+def _xs_rings(page: memoryview) -> tuple[ByteRing, ByteRing]:
+    lay = XENSTORE_DOMAIN_INTERFACE
+    return (_page_ring(page, lay, "req", XENSTORE_RING_SIZE, "xenstore req ring"),
+            _page_ring(page, lay, "rsp", XENSTORE_RING_SIZE, "xenstore rsp ring"))
 
 
 def xenstore_guest(page: memoryview) -> ByteRingPair:
@@ -168,14 +174,8 @@ def xenstore_server(page: memoryview) -> ByteRingPair:
 
 def _cons_rings(page: memoryview) -> tuple[ByteRing, ByteRing]:
     lay = XENCONS_INTERFACE
-    view = page.cast("B") if page.format != "B" else page
-    if len(view) < lay.size:
-        raise ValueError(f"xencons_interface needs {lay.size} bytes")
-    inp = ByteRing(view[lay.offset("in") : lay.offset("in") + XENCONS_IN_SIZE], view,
-                   lay.offset("in_cons"), lay.offset("in_prod"), name="console in ring")
-    out = ByteRing(view[lay.offset("out") : lay.offset("out") + XENCONS_OUT_SIZE], view,
-                   lay.offset("out_cons"), lay.offset("out_prod"), name="console out ring")
-    return inp, out
+    return (_page_ring(page, lay, "in", XENCONS_IN_SIZE, "console in ring"),
+            _page_ring(page, lay, "out", XENCONS_OUT_SIZE, "console out ring"))
 
 
 def console_guest(page: memoryview) -> ByteRingPair:
