@@ -128,7 +128,7 @@ from pvio.lguest.dma import (
 from pvio.lguest.guest import Allocator
 from pvio.lguest.net import ETH_FRAME_LEN, NetDriver, lan_features, lan_frame_rule, peer_key
 from pvio.lguest.storage import FileStorage
-from pvio.toolstack.spec import DomainSpec, write_status
+from pvio.toolstack.spec import DomainSpec, pid_alive, write_status
 
 log = logging.getLogger("pvio.lguest.process")
 
@@ -248,23 +248,6 @@ def lan_file(state_dir: Path, lan: str) -> Path:
     return rendezvous_dir(state_dir) / f"lan-{lan}.json"
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def wait_rendezvous(path: Path, accept: Callable[[dict[str, Any]], bool],
                           timeout: float = RENDEZVOUS_TIMEOUT) -> dict[str, Any]:
     """Wait for `path` to hold JSON written by a live process that `accept` accepts."""
@@ -274,7 +257,7 @@ async def wait_rendezvous(path: Path, accept: Callable[[dict[str, Any]], bool],
             data = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             data = None
-        if isinstance(data, dict) and _pid_alive(int(data.get("pid", -1))) and accept(data):
+        if isinstance(data, dict) and pid_alive(data.get("pid")) and accept(data):
             return data
         if time.monotonic() > deadline:
             raise TimeoutError(f"no live rendezvous at {path}")
@@ -434,12 +417,13 @@ class Launcher:
                 self._server = await asyncio.start_unix_server(self._client, s.console_socket)
         me = {"pid": os.getpid(), "launcher_domid": self.dom.domid, "guest_domid": s.guest_domid}
         if lan_region:
-            _write_json(lan_file(s.state_dir, s.lan), {**me, "region_id": lan_region})
-        _write_json(launcher_file(s.state_dir, s.guest_name), {
-            **me, "region_id": region.region_id, "top_pfn": self.table.top_pfn,
-            "dev_pages": dev_pages, "total_pages": self.table.total_pages,
-            "net_pfn": net.pfn if net is not None else 0,
-            "console_socket": s.console_socket if self._server is not None else ""})
+            write_status(lan_file(s.state_dir, s.lan), **me, region_id=lan_region)
+        write_status(
+            launcher_file(s.state_dir, s.guest_name),
+            **me, region_id=region.region_id, top_pfn=self.table.top_pfn,
+            dev_pages=dev_pages, total_pages=self.table.total_pages,
+            net_pfn=net.pfn if net is not None else 0,
+            console_socket=s.console_socket if self._server is not None else "")
 
     async def _serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, alloc: Allocator,
                      size: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import click
 
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths, default_state_dir
+from pvio.toolstack.spec import pid_alive
 from pvio.toolstack.up import Toolstack, load_up_status, run_up
 
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
@@ -80,13 +80,13 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
     """Show the running domains, like `xl list`, with their devices and NBD URIs."""
     paths = StatePaths((state_dir or default_state_dir()).resolve())
     status = load_up_status(paths)
-    if status is None or not _alive(status.get("pid")):
+    if status is None or not pid_alive(status.get("pid")):
         if as_json:
             click.echo(json.dumps({"running": False, "domains": []}))
             return
         raise click.ClickException(f"no pvio up is running with state directory {paths.root}")
     for d in status["domains"]:
-        if d.get("state") == "running" and not _alive(d.get("pid")):
+        if d.get("state") == "running" and not pid_alive(d.get("pid")):
             d["state"] = "dead"
     if as_json:
         click.echo(json.dumps({"running": True} | status, indent=2))
@@ -113,15 +113,3 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
         table.add_row(d["name"], str(d["domid"]), str(d["pid"]), d["role"], d["state"], "\n".join(devices))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
     click.echo(f"XENSTORED_PATH={status['xenstored_path']}")
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

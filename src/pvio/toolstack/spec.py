@@ -90,9 +90,23 @@ class DomainSpec:
         return cls.from_json(Path(path).read_text())
 
 
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid exists (status files name their writers' pids)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_status(path: str | os.PathLike[str], **status: Any) -> None:
     """Atomically replace a status file with one JSON object (temp file + rename)."""
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(status, sort_keys=True) + "\n")
     os.replace(tmp, p)
