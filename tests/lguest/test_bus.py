@@ -240,3 +240,31 @@ def test_scan_never_crashes_on_any_descriptor_page(entries: list[tuple[int, int,
             assert d.pfn > t.top_pfn and d.pfn + d.num_pages <= t.total_pages
     nonzero = sum(1 for e in entries if e[0])
     assert len(found) + bus.stats.refused == nonzero
+
+
+def test_fail_reads_the_guest_status_word_once() -> None:
+    # The status word is guest memory: a guest that sets FAILED itself between two reads
+    # of the Launcher must not make fail() raise (copy once, then act on the copy).
+    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
+    bus.scan()
+    status_addr = t.descriptor_addr + 4  # device 0's status field
+
+    class Racing:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read(self, addr: int, length: int) -> bytes:
+            data = g.launcher.read(addr, length)
+            if addr == status_addr:
+                self.reads += 1
+                # the guest sets FAILED right after the Launcher's first look
+                g.launcher.write(status_addr, struct.pack("<H", ACK | FAILED))
+            return data
+
+        def write(self, addr: int, data: bytes) -> None:
+            g.launcher.write(addr, data)
+
+    racing = Racing()
+    assert t.fail(racing, 0) is True  # type: ignore[arg-type]
+    assert racing.reads == 1
+    assert t.status(g.launcher, 0) & FAILED

@@ -242,16 +242,20 @@ class DeviceTable:
 
     def fail(self, port: LauncherPort, index: int) -> bool:
         """The guest broke the rules on this device: mark it FAILED (once)."""
-        if self.status(port, index) & F:
+        status = self.status(port, index)  # guest memory: one copy, checked and used
+        if status & F:
             return False
-        self._host_event(port, index, BusEvent.HOST_FAILED)
+        self._host_event(port, index, BusEvent.HOST_FAILED, status)
         return True
 
     def failed(self, port: LauncherPort, index: int) -> bool:
         return bool(self.status(port, index) & F)
 
-    def _host_event(self, port: LauncherPort, index: int, event: BusEvent) -> None:
-        status = next_status(self.status(port, index), event, who="host")
+    def _host_event(self, port: LauncherPort, index: int, event: BusEvent,
+                    status: int | None = None) -> None:
+        if status is None:
+            status = self.status(port, index)
+        status = next_status(status, event, who="host")
         port.write(self.descriptor_addr + index * DESC_SIZE + _STATUS_OFFSET, _STATUS.pack(status))
 
 
