@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from blk.pair import asynctest, blk_pair, make_image
-from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF
+from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF, BLKIF_OP_WRITE_BARRIER
 from pvio.export.conformance import check_backend
 
 MiB = 1 << 20
@@ -124,6 +124,19 @@ async def test_copy_backend_out_of_bounce_pages_answers_in_error(tmp_path: Path)
         with pytest.raises(OSError):
             await p.front.read(0, 4096)
         p.back_dom.free_pages(hoard)
+        assert len(await p.front.read(0, 4096)) == 4096  # and the ring goes on
+
+
+@asynctest
+async def test_copy_backend_out_of_bounce_pages_answers_a_barrier_in_error(tmp_path: Path) -> None:
+    """A WRITE_BARRIER with data finds no bounce page: that request fails, not the ring."""
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, transport="copy") as p:
+        hoard = p.back_dom.alloc_pages(p.back_dom.pages.free_count)
+        with pytest.raises(OSError):
+            await p.front._issue(BLKIF_OP_WRITE_BARRIER, 0, b"b" * 4096, 4096)
+        p.back_dom.free_pages(hoard)
+        assert p.back.broken is None
         assert len(await p.front.read(0, 4096)) == 4096  # and the ring goes on
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from pathlib import Path
 
@@ -218,3 +219,44 @@ def test_client_protocol_never_misplaces_fds(kind: int, seq: int, ops: list[Op],
     given_out = [fd for op in received.frame.ops for fd in op.fds]
     assert sorted(given_out + received.stray_fds) == fds
     assert not (given_out and received.stray_fds)
+
+
+def _dup_session() -> tuple[OsPlatform, Hypervisor, Session, ClientProtocol]:
+    platform = OsPlatform()
+    hv = Hypervisor(platform, os.dup)
+    session = Session(hv)
+    proto = ClientProtocol()
+    reply, fds = session.handle(proto.request([createdomain_op("big", 16, 1024, "map", None)])[1])
+    assert wire.decode_frame(reply).ops[0].rc == 0
+    for fd in fds:
+        platform.close_fd(fd)
+    return platform, hv, session, proto
+
+
+def test_reply_too_large_for_a_frame_is_an_error_frame() -> None:
+    """setup_table answers 8 bytes a frame: 20 of 1024 frames would make a 160 KiB reply."""
+    platform, hv, session, proto = _dup_session()
+    args = gt.GNTTAB_SETUP_TABLE.pack(dom=gt.DOMID_SELF, nr_frames=1024)
+    op = Op(wire.HYPERVISOR_grant_table_op, gt.GNTTABOP_setup_table, 1, args)
+    reply, fds = session.handle(proto.request([op] * 20)[1])  # raised ValueError before
+    frame = wire.decode_frame(reply)
+    assert frame.kind == wire.FRAME_ERROR and frame.ops[0].rc == -errno.E2BIG and fds == []
+    session.close()
+    assert hv.is_empty() and platform.open_fds() == 0
+
+
+def test_reply_with_too_many_descriptors_is_refused() -> None:
+    """More descriptors than one frame may carry (MAX_FDS) are never handed out, nor kept."""
+    base = len(os.listdir("/proc/self/fd"))
+    platform, hv, session, proto = _dup_session()
+    one = Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_alloc_shareable, 1, wire.PVIO_SHAREABLE.pack(nr_frames=256))
+    reply, fds = session.handle(proto.request([one])[1])
+    assert wire.decode_frame(reply).ops[0].rc == -errno.ENOSPC and fds == []
+    half = Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_alloc_shareable, 1, wire.PVIO_SHAREABLE.pack(nr_frames=128))
+    reply, fds = session.handle(proto.request([half, half])[1])
+    frame = wire.decode_frame(reply)
+    assert frame.kind == wire.FRAME_ERROR and frame.ops[0].rc == -errno.E2BIG and fds == []
+    session.close()
+    assert hv.is_empty() and platform.open_fds() == 0
+    # The duplicates made for the reply that could not be sent were closed.
+    assert len(os.listdir("/proc/self/fd")) == base

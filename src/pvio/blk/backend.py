@@ -464,7 +464,12 @@ class BlkbackRing:
             w.status = BLKIF_RSP_ERROR
             return [w]
         if io.segments:
-            await self._do_data([w])
+            try:
+                await self._do_data([w])
+            except (OSError, HypercallError, GrantError, NoSpace) as e:
+                # As in _run_group: the barrier is answered in error, the ring goes on.
+                log.warning("blkback d%d: barrier failed: %s", self.frontend_domid, e)
+                w.status = BLKIF_RSP_ERROR
         return [w]
 
     # T:670 Answering: responses in a batch, a kick only when asked

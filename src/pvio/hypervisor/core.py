@@ -351,7 +351,7 @@ class Hypervisor:
             return Reply(-errno.EINVAL, op.args)
         a = lay.unpack(op.args)
         n = a["nr_frames"]
-        if not 0 < n <= MAX_SHAREABLE_FRAMES - len(d.shareable):
+        if not 0 < n <= min(wire.MAX_FDS, MAX_SHAREABLE_FRAMES - len(d.shareable)):
             return Reply(-errno.ENOSPC, op.args)
         first = SHAREABLE_FRAME_BASE + len(d.shareable)
         fds = []

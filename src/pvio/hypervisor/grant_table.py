@@ -42,6 +42,8 @@ from typing import Any
 
 from pvio.abi.grant_table import (
     DOMID_SELF,
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_FRAME,
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
     GNTMAP_device_map,
@@ -76,7 +78,10 @@ from pvio.hypervisor.domain import (
 
 log = logging.getLogger("pvio.hypervisor.grant_table")
 
+#: The first word of a grant_entry_v1 (flags | domid << 16, the compare-and-swap's
+#: unit) and, at GRANT_ENTRY_V1_FRAME, its frame.
 _WORD = struct.Struct("<I")
+_ENTRY = GRANT_ENTRY_V1.size
 #: Attempts at the compare-and-swap before the entry is declared unstable (as Xen).
 CAS_RETRIES = 4
 
@@ -90,18 +95,18 @@ class _Fail(Exception):
 
 
 def _read_word(d: Domain, ref: int) -> int:
-    word: int = _WORD.unpack_from(d.gnttab, ref * 8)[0]
+    word: int = _WORD.unpack_from(d.gnttab, ref * _ENTRY)[0]
     return word
 
 
 def _read_frame(d: Domain, ref: int) -> int:
-    frame: int = _WORD.unpack_from(d.gnttab, ref * 8 + 4)[0]
+    frame: int = _WORD.unpack_from(d.gnttab, ref * _ENTRY + GRANT_ENTRY_V1_FRAME)[0]
     return frame
 
 
 def _cas(d: Domain, ref: int, old: int, new: int) -> int:
     assert d.gnttab_atomic is not None
-    return d.gnttab_atomic.cmpxchg32(ref * 8, old, new)
+    return d.gnttab_atomic.cmpxchg32(ref * _ENTRY, old, new)
 
 
 # T:330 Pinning a grant entry

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 
 from pvio.abi.grant_table import (
     GNTTAB_NR_RESERVED_ENTRIES,
+    GRANT_ENTRY_V1,
+    GRANT_ENTRY_V1_DOMID,
+    GRANT_ENTRY_V1_FLAGS,
+    GRANT_ENTRY_V1_FRAME,
     GREFS_PER_GRANT_FRAME,
     GTF_accept_transfer,
     GTF_permit_access,
@@ -48,9 +52,12 @@ from pvio.hypervisor.atomic import AtomicWords
 
 GNTTAB_LIST_END = 0xFFFFFFFF
 
-_FLAGS = struct.Struct("<H")
-_DOMID = struct.Struct("<H")
+# The fields of grant_entry_v1 (pvio.abi.grant_table), one at a time; the first word
+# (flags | domid << 16) is what the compare-and-swap works on.
+_FLAGS = struct.Struct("<" + GRANT_ENTRY_V1.member("flags").code)
+_DOMID = struct.Struct("<" + GRANT_ENTRY_V1.member("domid").code)
 _U32 = struct.Struct("<I")
+_ENTRY = GRANT_ENTRY_V1.size
 
 
 class NoSpace(Exception):
@@ -193,11 +200,11 @@ class GrantRefs:
     # :T
     def grant_foreign_access_ref(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
         self._check_ref(ref)
-        off = ref * 8
-        _U32.pack_into(self._table, off + 4, frame)
-        _DOMID.pack_into(self._table, off + 2, domid)
+        off = ref * _ENTRY
+        _U32.pack_into(self._table, off + GRANT_ENTRY_V1_FRAME, frame)
+        _DOMID.pack_into(self._table, off + GRANT_ENTRY_V1_DOMID, domid)
         # Ordering point: frame and domid above are visible before the flags (x86 TSO).
-        _FLAGS.pack_into(self._table, off, GTF_permit_access | (GTF_readonly if readonly else 0))
+        _FLAGS.pack_into(self._table, off + GRANT_ENTRY_V1_FLAGS, GTF_permit_access | (GTF_readonly if readonly else 0))
 
     def grant_foreign_access(self, domid: int, frame: int, readonly: bool = False) -> int:
         ref = self._take(1)
@@ -205,7 +212,7 @@ class GrantRefs:
         return ref
 
     def flags(self, ref: int) -> int:
-        value: int = _FLAGS.unpack_from(self._table, ref * 8)[0]
+        value: int = _FLAGS.unpack_from(self._table, ref * _ENTRY + GRANT_ENTRY_V1_FLAGS)[0]
         return value
 
     def query_foreign_access(self, ref: int) -> bool:
@@ -215,7 +222,7 @@ class GrantRefs:
     def end_foreign_access_ref(self, ref: int) -> bool:
         """Revoke the grant unless it is in use; True if revoked."""
         self._check_ref(ref)
-        off = ref * 8
+        off = ref * _ENTRY
         word: int = _U32.unpack_from(self._table, off)[0]
         while True:
             if word & (GTF_reading | GTF_writing):
@@ -255,14 +262,14 @@ class GrantRefs:
     def grant_foreign_transfer_ref(self, ref: int, domid: int, frame: int) -> None:
         """Accept a page from `domid` into our `frame` (pvio: the frame to receive into)."""
         self._check_ref(ref)
-        off = ref * 8
-        _U32.pack_into(self._table, off + 4, frame)
-        _DOMID.pack_into(self._table, off + 2, domid)
-        _FLAGS.pack_into(self._table, off, GTF_accept_transfer)
+        off = ref * _ENTRY
+        _U32.pack_into(self._table, off + GRANT_ENTRY_V1_FRAME, frame)
+        _DOMID.pack_into(self._table, off + GRANT_ENTRY_V1_DOMID, domid)
+        _FLAGS.pack_into(self._table, off + GRANT_ENTRY_V1_FLAGS, GTF_accept_transfer)
 
     def end_foreign_transfer_ref(self, ref: int) -> int | None:
         """0 if nothing came (entry cleared), the frame if a page arrived, None if in flight."""
-        off = ref * 8
+        off = ref * _ENTRY
         word: int = _U32.unpack_from(self._table, off)[0]
         while not word & GTF_transfer_committed:
             found = self._atomic.cmpxchg32(off, word, word & 0xFFFF0000)
@@ -272,5 +279,5 @@ class GrantRefs:
         if not word & GTF_transfer_completed:
             return None
         frame: int = _U32.unpack_from(self._table, off + 4)[0]
-        _FLAGS.pack_into(self._table, off, 0)
+        _FLAGS.pack_into(self._table, off + GRANT_ENTRY_V1_FLAGS, 0)
         return frame

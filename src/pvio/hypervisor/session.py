@@ -52,6 +52,17 @@ class Session:
                 for o, r in zip(ops, self.hv.execute(self.domid, ops), strict=True):
                     replies.append(Op(o.hypercall, o.cmd, o.count, r.args, rc=r.rc, nr_fds=len(r.fds), fds=r.fds))
         fds = [fd for r in replies for fd in r.fds]
+        size = wire.PVIO_HC_FRAME.size + sum(wire.PVIO_HC_OP.size + len(r.args) for r in replies)
+        if size > wire.MAX_FRAME or len(fds) > wire.MAX_FDS:
+            # The ops ran, but no frame can carry their answer (setup_table's frame lists,
+            # or more descriptors than SCM_RIGHTS passes): our duplicates are given back
+            # and the whole frame is answered -E2BIG.
+            self.bad_frames += 1
+            log.info("d%s: reply of %d bytes / %d fds is too large", self.domid, size, len(fds))
+            for fd in fds:
+                self.hv.platform.close_fd(fd)
+            err = Op(0, 0, 0, b"", rc=-errno.E2BIG)
+            return wire.encode_frame(wire.FRAME_ERROR, frame.seq, [err]), []
         return wire.encode_frame(wire.FRAME_REPLY, frame.seq, replies), fds
 
     def _create(self, op: Op) -> Op:
