@@ -75,6 +75,10 @@ class Layout:
     packer: struct.Struct = field(init=False)
     _by_name: dict[str, Field] = field(init=False, repr=False)
     _value_names: tuple[str, ...] = field(init=False, repr=False)
+    #: (name, count, zero) of each value field, in order; True when all are scalars
+    _plan: tuple[tuple[str, int, Any], ...] = field(init=False, repr=False)
+    _scalar: bool = field(init=False, repr=False)
+    _names: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         offset = 0
@@ -101,6 +105,10 @@ class Layout:
         assert self.packer.size == offset
         self._by_name = {f.name: f for f in out if f.name}
         self._value_names = tuple(value_names)
+        self._names = frozenset(value_names)
+        self._plan = tuple((f.name, f.count, b"" if f.code.endswith("s") else 0)
+                           for f in out if not f.is_padding)
+        self._scalar = all(count == 1 for _, count, _ in self._plan)
         REGISTRY.append(self)
 
     # -- derived facts -------------------------------------------------------------
@@ -123,43 +131,42 @@ class Layout:
     def unpack(self, buf: Any, offset: int = 0) -> dict[str, Any]:
         """Parse one struct into a dict; arrays become tuples.  Copies out of `buf`."""
         raw = self.packer.unpack_from(buf, offset)
+        if self._scalar:  # the hot path: hypercall arguments, ring requests
+            return dict(zip(self._value_names, raw, strict=True))
         result: dict[str, Any] = {}
         i = 0
-        for f in self.fields:
-            if f.is_padding:
-                continue
-            if f.count == 1:
-                result[f.name] = raw[i]
+        for name, count, _ in self._plan:
+            if count == 1:
+                result[name] = raw[i]
             else:
-                result[f.name] = tuple(raw[i : i + f.count])
-            i += f.count
+                result[name] = tuple(raw[i : i + count])
+            i += count
         return result
 
     def pack(self, **values: Any) -> bytes:
         """Build the struct's bytes; omitted fields are zero.  Unknown names are errors."""
-        buf = bytearray(self.size)
-        self.pack_into(buf, 0, **values)
-        return bytes(buf)
+        return self.packer.pack(*self._flatten(values))
 
     def pack_into(self, buf: Any, offset: int = 0, **values: Any) -> None:
-        unknown = set(values) - set(self._value_names)
-        if unknown:
+        self.packer.pack_into(buf, offset, *self._flatten(values))
+
+    def _flatten(self, values: dict[str, Any]) -> list[Any]:
+        if not self._names.issuperset(values):
+            unknown = set(values) - self._names
             raise TypeError(f"{self.name}: unknown fields {sorted(unknown)}")
+        if self._scalar:
+            return [zero if (v := values.get(name)) is None else v for name, _, zero in self._plan]
         flat: list[Any] = []
-        for f in self.fields:
-            if f.is_padding:
-                continue
-            v = values.get(f.name)
-            if f.count == 1:
-                if v is None:
-                    v = b"" if f.code.endswith("s") else 0
-                flat.append(v)
+        for name, count, zero in self._plan:
+            v = values.get(name)
+            if count == 1:
+                flat.append(zero if v is None else v)
             else:
                 seq = list(v) if v is not None else []
-                if len(seq) > f.count:
-                    raise ValueError(f"{self.name}.{f.name}: {len(seq)} > {f.count} elements")
-                flat.extend(seq + [0] * (f.count - len(seq)))
-        self.packer.pack_into(buf, offset, *flat)
+                if len(seq) > count:
+                    raise ValueError(f"{self.name}.{name}: {len(seq)} > {count} elements")
+                flat.extend(seq + [0] * (count - len(seq)))
+        return flat
 
 
 #: Every layout declared in pvio, in declaration order; read by the C layout probe test.
