@@ -246,7 +246,13 @@ class Hypervisor:
                 cmd = wire.PVIO_PUSH_port_bound if p.bound else wire.PVIO_PUSH_port_unbound
             out.append(Push(p.domid, Op(wire.PVIO_HYPERVISOR_push, cmd, 1, args, nr_fds=len(p.fds), fds=p.fds)))
         self.evtchn.pushes.clear()
+        raised: set[tuple[int, int]] = set()
         for irq in self.lguest.pushes:
+            # An irq raised twice before its domain ran is one interrupt (lguest kept a
+            # pending bit per irq): a batch that fills six buffers pushes it once.
+            if (irq.domid, irq.irq) in raised:
+                continue
+            raised.add((irq.domid, irq.irq))
             args = wire.PVIO_PUSH_IRQ.pack(irq=irq.irq)
             out.append(Push(irq.domid, Op(wire.PVIO_HYPERVISOR_push, wire.PVIO_PUSH_irq, 1, args)))
         self.lguest.pushes.clear()
@@ -470,10 +476,12 @@ class Hypervisor:
                 raise HypercallError(-errno.EINVAL, "region overlaps another", "base")
         region.attached[d.domid] = base
         d.regions[region.region_id] = region
+        d.dma_sections.clear()  # addresses above memory now resolve differently
 
     def _detach_region(self, d: Domain, region: Region) -> None:
         region.attached.pop(d.domid, None)
         d.regions.pop(region.region_id, None)
+        d.dma_sections.clear()
         if not region.attached:
             self._drop_region(region)
 

@@ -157,6 +157,9 @@ class Domain:
     ports: dict[int, Port] = field(default_factory=dict)
     dma: list[DmaBinding] = field(default_factory=list)
     regions: dict[int, Region] = field(default_factory=dict)  # region_id -> region
+    #: lguest: a DMA struct's sections (its bytes after used_len) -> the validated,
+    #: resolved copy list; cleared whenever `regions` changes (pvio.hypervisor.lguest_dma)
+    dma_sections: dict[bytes, list[tuple[memoryview, int, int]]] = field(default_factory=dict)
     #: domids whose memory fd this domain was given (map transport)
     mem_fds_given: set[int] = field(default_factory=set)
     #: shareable frames: frame -> (its own memfd, view)

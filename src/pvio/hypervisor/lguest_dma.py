@@ -82,6 +82,9 @@ from pvio.lguest.dma import (
 )
 
 _U32 = struct.Struct("<I")
+DMA_STRUCT_SIZE = LGUEST_DMA.size
+#: Validated section lists kept per domain (see `LguestDma._sections`).
+SECTIONS_CACHE = 256
 Section = tuple[memoryview, int, int]  # (memory, offset, length)
 
 
@@ -132,12 +135,27 @@ class LguestDma:
 
     def _sections(self, d: Domain, raw: memoryview | bytes) -> list[Section]:
         # The shared rules (at most 16 sections, a zero length ends the list, none
-        # crossing a page, none past 4 GiB); then each section is resolved in `d`'s space.
+        # crossing a page, none past 4 GiB); then each section is resolved in `d`'s space
+        # and sections that continue each other in one memory are joined (one copy for a
+        # frame in consecutive pages).  The result depends only on the struct's bytes
+        # after used_len and on `d`'s regions, so it is kept per domain, keyed by those
+        # bytes, until d's regions change: a driver that sends from or receives into the
+        # same buffers is checked once, and a struct rewritten differently is new bytes.
+        key = bytes(raw[4:DMA_STRUCT_SIZE])
+        cached = d.dma_sections.get(key)
+        if cached is not None:
+            return cached
         buf = _rule(parse_dma, raw, memory_size=1 << 32)
         out: list[Section] = []
         for s in buf.sections:
             _, mem, off = self.resolve(d, s.addr, s.length)
-            out.append((mem, off, s.length))
+            if out and out[-1][0] is mem and out[-1][1] + out[-1][2] == off:
+                out[-1] = (mem, out[-1][1], out[-1][2] + s.length)
+            else:
+                out.append((mem, off, s.length))
+        if len(d.dma_sections) >= SECTIONS_CACHE:
+            d.dma_sections.clear()
+        d.dma_sections[key] = out
         return out
 
     def _read_dma(self, d: Domain, addr: int) -> bytes:
@@ -241,18 +259,24 @@ class LguestDma:
 
     def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
         dst_dom = b.domain
+        try:  # the bound array, resolved as BIND_DMA checked it
+            _, mem, base = self.resolve(dst_dom, b.dmas, b.count * DMA_STRUCT_SIZE)
+        except HypercallError:
+            self.bad_buffers += 1
+            return None
         for i in range(b.count):
-            addr = b.dmas + i * LGUEST_DMA.size
+            off = base + i * DMA_STRUCT_SIZE
+            if _U32.unpack_from(mem, off)[0] != 0:
+                continue  # in use: only used_len is read
+            raw = bytes(mem[off : off + DMA_STRUCT_SIZE])  # copied once, then checked
+            if _U32.unpack_from(raw)[0] != 0:
+                continue
             try:
-                raw = self._read_dma(dst_dom, addr)
-                if _U32.unpack_from(raw)[0] != 0:
-                    continue
                 dst = self._sections(dst_dom, raw)
             except HypercallError:
                 self.bad_buffers += 1
                 continue
             n = _copy_sections(src, dst)
-            _, mem, off = self.resolve(dst_dom, addr, 4)
             _U32.pack_into(mem, off, n)
             self.pushes.append(IrqPush(dst_dom.domid, b.irq))
             return n
