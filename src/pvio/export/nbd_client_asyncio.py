@@ -15,6 +15,7 @@ import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from typing import cast
 
 from pvio.export import nbd_wire as w
 from pvio.export.backend import BackendInfo
@@ -68,8 +69,8 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Set here, not when create_connection returns: the greeting may be read first.
-        assert isinstance(transport, asyncio.Transport)
-        self.client._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self.client._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.client._data_received(data)

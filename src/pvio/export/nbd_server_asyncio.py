@@ -36,7 +36,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from pvio.export import nbd_wire as w
 from pvio.export.backend import BlockBackend
@@ -125,8 +125,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -140,7 +140,7 @@ class _Connection(asyncio.Protocol):
             # Refused before the greeting: memory per connection is bounded, so is their number.
             self.server.stats["refused_connections"] += 1
             log.warning("refusing a connection: %d already open", len(self.server._connections))
-            transport.abort()
+            self.transport.abort()
             self.lost = True
             return
         self.server._connections.add(self)

@@ -4,7 +4,9 @@ The role's entry point is imported only here, so each role's code stays in its o
 package: `pvio.blk.driver_domain.main` (role "driver"), `pvio.blk.guest.main` ("guest"),
 `pvio.lguest.process.guest_main` / `launcher_main` ("lguest-guest", "lguest-launcher").
 Each is ``async def main(spec: DomainSpec) -> None`` and returns after an orderly
-shutdown when the task is cancelled (SIGTERM/SIGINT cancel it).
+shutdown when the task is cancelled (SIGTERM/SIGINT cancel it).  Domains run on uvloop,
+as the hypervisor does (`pvio.hypervisor.aio.run`): they spend their lives waking for
+hypercall replies, pushes, TAP frames and NBD requests.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from pvio.hypervisor import aio
 from pvio.toolstack.spec import DomainSpec
 
 ENTRY_POINTS = {
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pvio.toolstack.domain SPEC.json", file=sys.stderr)
         return 2
     spec = DomainSpec.load(args[0])
-    asyncio.run(run(spec))
+    aio.run(run(spec))  # on uvloop, as the hypervisor
     return 0
 
 

@@ -43,7 +43,7 @@ import os
 import resource
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pvio.abi.xs_wire import XsdSockmsgType
 from pvio.xenstore.errors import XsError
@@ -107,9 +107,9 @@ class _Conn(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=REPLY_BACKLOG)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         try:
             self.conn_id = self.daemon.server.connect(self.domid)
         except XsError:
