@@ -22,6 +22,7 @@ from pvio.lguest.net import (
     ETH_FRAME_LEN,
     NUM_SKBS,
     PROMISC_BIT,
+    TX_RETRIES,
     LanPage,
     NetDriver,
     lan_features,
@@ -344,9 +345,12 @@ def test_transmit_many_batches_and_keeps_order() -> None:
     assert got[0] == [f for f in frames if f != b"runt"]
     assert got[1] == [frames[-1]]
     assert g0.net.stats.tx_packets == 8 and g0.net.stats.tx_dropped == 1
-    # more than the receiver's eight buffers: the rest are carrier errors, in TX_BATCH steps
+    # more than the receiver's eight buffers (which nobody drains here): each of the
+    # other twelve goes back to the head of the queue and is tried TX_RETRIES more times
+    # in the following batches, then counted a carrier error
     many = [frame(g1.net.mac, g0.net.mac, fill=i) for i in range(20)]
-    assert g0.net.transmit_many(many) == 20
-    assert port.batches[1:] == [16, 4]
+    assert TX_RETRIES == 4
+    assert g0.net.transmit_many(many) == 20 + 12 * TX_RETRIES
+    assert port.batches[1:] == [8] * 6 + [4] * 5  # TX_BATCH at a time, 20 + 48 sends
     assert deliver([g1])[0] == many[:8]
-    assert g0.net.stats.tx_carrier_errors == 12
+    assert g0.net.stats.tx_carrier_errors == 12 and g0.net.stats.tx_retries == 48

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pvio.abi.lguest import LGUEST_NET, LGUEST_NET_F_NOCSUM
+from pvio.abi.lguest import LGUEST_MAX_DMA_SECTIONS, LGUEST_NET, LGUEST_NET_F_NOCSUM
 from pvio.lguest.bus import LguestDevice
 from pvio.lguest.dma import (
     DMA_SIZE,
@@ -58,6 +58,13 @@ ETH_HLEN = 14
 ETH_DATA_LEN = 1500
 #: The largest frame: a 14-byte header and 1500 bytes of payload.
 ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN
+#: The smallest MTU a LAN may have (IPv4's minimum datagram, RFC 791).
+MIN_MTU = 68
+#: The largest MTU a LAN may have (pvio's addition; lguest's LAN was ETH_DATA_LEN): a
+#: TAP's largest (Linux's tun: 65535 − ETH_HLEN), whose frames fit one lguest_dma of
+#: 16 page-sized sections.
+MAX_MTU = 65535 - ETH_HLEN
+assert MAX_MTU + ETH_HLEN <= LGUEST_MAX_DMA_SECTIONS * PAGE_SIZE
 #: A sender whose frames find no free receive buffer more than this many times in one
 #: second, and more often than they find one, is flooding the LAN: the hypervisor
 #: refuses its frames and tells its Launcher, which marks its network device FAILED
@@ -66,8 +73,13 @@ ETH_FRAME_LEN = ETH_HLEN + ETH_DATA_LEN
 FLOOD_DROPS_PER_SECOND = 1000
 #: Receive buffers per guest (lguest_net's NUM_SKBS).
 NUM_SKBS = 8
-#: Frames `NetDriver.transmit_many` sends in one batch of SEND_DMAs (pvio's addition).
-TX_BATCH = 16
+#: SEND_DMAs in one batch (pvio's addition): no more than a receiver's buffers, so a
+#: batch to one peer that has drained its buffers never misses.
+TX_BATCH = NUM_SKBS
+#: Times a frame is sent again to a peer that had no free buffer, in the batches that
+#: follow, before it is dropped as lguest dropped it at once (pvio's addition: a burst
+#: longer than the receiver's eight buffers would otherwise cost TCP a retransmission).
+TX_RETRIES = 4
 #: "We overload the multicast bit to show promiscuous mode."
 PROMISC_BIT = 0x01
 MAC_SIZE = LGUEST_NET.size
@@ -77,19 +89,26 @@ _ZERO_LEN = _USED_LEN.pack(0)
 
 
 class FrameError(LguestError):
-    """A frame too short for an Ethernet header or longer than 1514 bytes."""
+    """A frame too short for an Ethernet header or longer than the LAN's MTU allows."""
 
 
-def lan_frame_rule() -> tuple[int, int, int]:
+def check_mtu(mtu: int) -> int:
+    """`mtu` if a LAN may have it (MIN_MTU..MAX_MTU), else LguestError."""
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not MIN_MTU <= mtu <= MAX_MTU:
+        raise LguestError(f"MTU {mtu!r} not in {MIN_MTU}..{MAX_MTU}", fault=Fault.LOCAL, field="mtu")
+    return mtu
+
+
+def lan_frame_rule(mtu: int = ETH_DATA_LEN) -> tuple[int, int, int]:
     """(min_len, max_len, flood) of PVIO_LGUEST_region_frames for a LAN page."""
-    return ETH_HLEN, ETH_FRAME_LEN, FLOOD_DROPS_PER_SECOND
+    return ETH_HLEN, ETH_HLEN + check_mtu(mtu), FLOOD_DROPS_PER_SECOND
 
 
-def check_frame(frame: bytes) -> None:
+def check_frame(frame: bytes | memoryview, max_len: int = ETH_FRAME_LEN) -> None:
     if len(frame) < ETH_HLEN:
         raise FrameError(f"runt frame of {len(frame)} bytes", field="len")
-    if len(frame) > ETH_FRAME_LEN:
-        raise FrameError(f"{len(frame)}-byte frame > {ETH_FRAME_LEN}", field="len")
+    if len(frame) > max_len:
+        raise FrameError(f"{len(frame)}-byte frame > {max_len}", field="len")
 
 
 def peer_key(peer_phys: int, slot: int) -> int:
@@ -218,6 +237,7 @@ class NetStatistics:
     tx_errors: int = 0
     tx_dropped: int = 0  # frames refused before sending (runt, oversized)
     tx_carrier_errors: int = 0  # a peer took less than the whole frame
+    tx_retries: int = 0  # sends again to a peer whose buffers were all full
 
 
 @dataclass
@@ -227,13 +247,32 @@ class _RxSlot:
 
 
 @dataclass
+class TxBatch:
+    """SEND_DMAs staged by `NetDriver.stage`: (key, dma) per send, and each one's
+    frame length, for `NetDriver.account` once the port has run them."""
+
+    sends: list[tuple[int, int]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    #: per send: the frame, its peer and how often it was tried (for `account`'s retry)
+    frames: list[tuple[bytes, int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sends)
+
+
+@dataclass
 class NetDriver:
-    """The guest's lguest network device."""
+    """The guest's lguest network device.
+
+    `mtu` is the LAN's (every peer on a LAN has the same; its owner declares the frame
+    rule to the hypervisor): ETH_DATA_LEN, lguest's, unless the LAN is configured for
+    larger frames.  Receive and transmit buffers hold MTU + ETH_HLEN bytes."""
 
     device: LguestDevice
     alloc: Allocator
     mac: bytes = b""
     stats: NetStatistics = field(default_factory=NetStatistics)
+    mtu: int = ETH_DATA_LEN
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -250,16 +289,34 @@ class NetDriver:
             self.mac = bytes([0x02, 0x00, dev.index, self.me & 0xFF, 0x00, 0x00])
         if len(self.mac) != ETH_ALEN or self.mac[0] & 0x01 or self.mac[0] == 0:
             raise LguestError(f"bad MAC {self.mac.hex(':')}", fault=Fault.LOCAL, field="mac")
+        self.frame_len = ETH_HLEN + check_mtu(self.mtu)
         self.rx_dmas = self.alloc.alloc(NUM_SKBS * DMA_SIZE, align=PAGE_SIZE)
-        self.rx = [_RxSlot(self.alloc.alloc(ETH_FRAME_LEN), self.rx_dmas + i * DMA_SIZE)
-                   for i in range(NUM_SKBS)]
-        self.tx_buf = self.alloc.alloc(ETH_FRAME_LEN)
+        self.rx = [_RxSlot(self._alloc_frame(), self.rx_dmas + i * DMA_SIZE) for i in range(NUM_SKBS)]
+        self.tx_buf = self._alloc_frame()
         self.tx_dma = self.alloc.alloc_unsplit(DMA_SIZE)
+        # transmit_many's buffers, one per SEND_DMA of a batch
+        self._tx_slots = [(self._alloc_frame(), self.alloc.alloc_unsplit(DMA_SIZE)) for _ in range(TX_BATCH)]
         self.promisc = False
         self.is_open = False
         self._frames: list[bytes] = []
-        self._tx_dmas: dict[int, bytes] = {}
-        self._tx_slots: list[tuple[int, int]] = []  # transmit_many's buffers, made on first use
+        self._tx_dmas: dict[tuple[int, int], bytes] = {}  # (buffer, length) -> lguest_dma
+        # frames waiting for a batch, with the peers still to send each to (None: not
+        # yet routed)
+        self._tx_queue: deque[tuple[bytes, list[int] | None, int]] = deque()
+
+    def _alloc_frame(self) -> int:
+        # A frame buffer larger than a page starts on one, so that its sections (one per
+        # page it touches) never number more than 16.
+        return self.alloc.alloc(self.frame_len, align=PAGE_SIZE if self.frame_len > PAGE_SIZE else 8)
+
+    def _dma_for(self, buf: int, length: int) -> bytes:
+        """The lguest_dma of `length` bytes at `buf`, built once per (buffer, length)."""
+        dma = self._tx_dmas.get((buf, length))
+        if dma is None:
+            if len(self._tx_dmas) > 4096:
+                self._tx_dmas.clear()
+            dma = self._tx_dmas[(buf, length)] = build_dma(page_sections(buf, length))
+        return dma
 
     @property
     def my_key(self) -> int:
@@ -300,24 +357,27 @@ class NetDriver:
     def _fill(self, slot: _RxSlot) -> None:
         # The sections first, used_len 0 last: the host must never see a free buffer
         # whose sections are not yet written (lguest's wmb()).
-        self.port.write(slot.dma, build_dma(page_sections(slot.buf, ETH_FRAME_LEN)))
+        self.port.write(slot.dma, build_dma(page_sections(slot.buf, self.frame_len)))
 
-    def transmit(self, frame: bytes) -> int:
-        """lguestnet_start_xmit: send to every peer that wants it; returns how many."""
+    def _check(self, frame: bytes | memoryview) -> bool:
         try:
-            check_frame(frame)
+            check_frame(frame, self.frame_len)
         except FrameError:
             self.stats.tx_dropped += 1
             self.stats.tx_errors += 1
+            return False
+        return True
+
+    def transmit(self, frame: bytes) -> int:
+        """lguestnet_start_xmit: send to every peer that wants it; returns how many."""
+        if not self._check(frame):
             return 0
         page = self.port.read(self.peer_phys, self.mapsize)  # copied once
         targets = route_page(frame[:ETH_ALEN], page, self.me)
         if not targets:
             return 0
         self.port.write(self.tx_buf, frame)
-        dma = self._tx_dmas.get(len(frame))
-        if dma is None:  # one struct per frame length, built once
-            dma = self._tx_dmas[len(frame)] = build_dma(page_sections(self.tx_buf, len(frame)))
+        dma = self._dma_for(self.tx_buf, len(frame))
         for peer in targets:
             self.port.write(self.tx_dma, dma)  # used_len 0 before each send
             try:
@@ -332,49 +392,86 @@ class NetDriver:
                 self.stats.tx_bytes += len(frame)
         return len(targets)
 
-    def transmit_many(self, frames: Sequence[bytes]) -> int:
-        """Several frames at once: each in its own transmit buffer, and all their
-        SEND_DMAs handed to the port in one batch when it can batch them
-        (``send_dma_many``, one hypervisor round trip); otherwise one by one."""
-        batch = getattr(self.port, "send_dma_many", None)
-        if batch is None or len(frames) <= 1:
-            return sum(self.transmit(f) for f in frames)
-        if not self._tx_slots:
-            self._tx_slots = [(self.alloc.alloc(ETH_FRAME_LEN), self.alloc.alloc_unsplit(DMA_SIZE))
-                              for _ in range(TX_BATCH)]
-        page = self.port.read(self.peer_phys, self.mapsize)  # copied once per batch
-        sends: list[tuple[int, int]] = []
-        lengths: list[int] = []
-        sent = 0
+    # T:885 Sending many frames: staged in memory, one round trip
+    # lguest's driver made one SEND_DMA per frame and waited for it.  pvio's adds a
+    # batch: frames are queued, and `stage` writes up to TX_BATCH of their sends, each
+    # into a transmit buffer of its own with its lguest_dma beside it, and returns the
+    # (key, dma) pairs; the port runs them all in one hypervisor round trip (each
+    # SEND_DMA still copies and answers on its own); `account` counts what each one
+    # moved.  Staging touches only guest memory, so the process adapter runs it on its
+    # event loop and awaits the batch there, with no thread in the frame's path.
+    # :T
+    def queue(self, frames: Sequence[bytes]) -> None:
+        """Frames to send with the next batches (`stage`)."""
         for frame in frames:
-            try:
-                check_frame(frame)
-            except FrameError:
-                self.stats.tx_dropped += 1
-                self.stats.tx_errors += 1
-                continue
-            for peer in route_page(frame[:ETH_ALEN], page, self.me):
-                if len(sends) == TX_BATCH:
-                    sent += self._flush(batch, sends, lengths)
-                    sends, lengths = [], []
-                buf, dma = self._tx_slots[len(sends)]
-                self.port.write(buf, frame)
-                self.port.write(dma, build_dma(page_sections(buf, len(frame))))
-                sends.append((peer_key(self.peer_phys, peer), dma))
-                lengths.append(len(frame))
-        return sent + (self._flush(batch, sends, lengths) if sends else 0)
+            if self._check(frame):
+                self._tx_queue.append((frame, None, 0))
 
-    def _flush(self, batch: Callable[[list[tuple[int, int]]], list[int]], sends: list[tuple[int, int]],
-               lengths: list[int]) -> int:
-        for used, n in zip(batch(sends), lengths, strict=True):
+    def queued(self) -> int:
+        return len(self._tx_queue)
+
+    def drop_queue(self) -> None:
+        """Forget the queued frames (the device has FAILED)."""
+        self.stats.tx_dropped += len(self._tx_queue)
+        self._tx_queue.clear()
+
+    def stage(self) -> TxBatch:
+        """Stage the next SEND_DMAs of queued frames, at most TX_BATCH (a broadcast to
+        more peers than that continues in the next batch); empty when none is queued."""
+        batch = TxBatch()
+        if not self._tx_queue:
+            return batch
+        page = self.port.read(self.peer_phys, self.mapsize)  # copied once per batch
+        queue = self._tx_queue
+        while queue and len(batch.sends) < TX_BATCH:
+            frame, targets, tries = queue[0]
+            if targets is None:
+                targets = route_page(frame[:ETH_ALEN], page, self.me)
+            room = TX_BATCH - len(batch.sends)
+            for peer in targets[:room]:
+                buf, dma = self._tx_slots[len(batch.sends)]
+                self.port.write(buf, frame)
+                self.port.write(dma, self._dma_for(buf, len(frame)))
+                batch.sends.append((peer_key(self.peer_phys, peer), dma))
+                batch.lengths.append(len(frame))
+                batch.frames.append((frame, peer, tries))
+            if len(targets) > room:
+                queue[0] = (frame, targets[room:], tries)
+            else:
+                queue.popleft()
+        return batch
+
+    def account(self, batch: TxBatch, results: Sequence[int]) -> None:
+        """Count what the port reported for each SEND_DMA of `batch` (bytes, or -errno).
+        A frame that found no free buffer (used_len 0) goes back to the head of the
+        queue, in order, for that peer alone, until it was tried TX_RETRIES times."""
+        again: list[tuple[bytes, list[int] | None, int]] = []
+        for used, n, (frame, peer, tries) in zip(results, batch.lengths, batch.frames, strict=True):
             if used < 0:
                 self.stats.tx_errors += 1  # refused by the host
+            elif used == 0 and tries < TX_RETRIES:
+                self.stats.tx_retries += 1
+                again.append((frame, [peer], tries + 1))
             elif used != n:
                 self.stats.tx_carrier_errors += 1
             else:
                 self.stats.tx_packets += 1
                 self.stats.tx_bytes += n
-        return len(sends)
+        self._tx_queue.extendleft(reversed(again))
+
+    def transmit_many(self, frames: Sequence[bytes]) -> int:
+        """Several frames at once: staged by `stage_many`, and their SEND_DMAs handed to
+        the port in batches when it can batch them (``send_dma_many``, one hypervisor
+        round trip each); otherwise one by one.  Returns the SEND_DMAs made."""
+        many: Callable[[list[tuple[int, int]]], list[int]] | None = getattr(self.port, "send_dma_many", None)
+        if many is None or len(frames) <= 1:
+            return sum(self.transmit(f) for f in frames)
+        self.queue(frames)
+        sent = 0
+        while batch := self.stage():
+            self.account(batch, many(batch.sends))
+            sent += len(batch.sends)
+        return sent
 
     def interrupt(self) -> None:
         """lguestnet_rcv: take every filled buffer, refill it, check the length."""
@@ -383,10 +480,10 @@ class NetDriver:
             length = _USED_LEN.unpack_from(dmas, i * DMA_SIZE)[0]
             if length == 0:
                 continue
-            frame = self.port.read(slot.buf, min(length, ETH_FRAME_LEN))
+            frame = self.port.read(slot.buf, min(length, self.frame_len))
             # Our sections never change; giving the buffer back is used_len = 0.
             self.port.write(slot.dma, _ZERO_LEN)
-            if length < ETH_HLEN or length > ETH_FRAME_LEN:
+            if length < ETH_HLEN or length > self.frame_len:
                 self.stats.rx_errors += 1
                 self.stats.rx_length_errors += 1
                 continue

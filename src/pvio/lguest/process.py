@@ -126,7 +126,15 @@ from pvio.lguest.dma import (
     page_sections,
 )
 from pvio.lguest.guest import Allocator
-from pvio.lguest.net import ETH_FRAME_LEN, NetDriver, lan_features, lan_frame_rule, peer_key
+from pvio.lguest.net import (
+    ETH_DATA_LEN,
+    NetDriver,
+    TxBatch,
+    check_mtu,
+    lan_features,
+    lan_frame_rule,
+    peer_key,
+)
 from pvio.lguest.storage import FileStorage
 from pvio.toolstack.spec import DomainSpec, pid_alive, write_status
 
@@ -140,6 +148,9 @@ EXPORT_NAME = "lgba"
 RENDEZVOUS_TIMEOUT = 30.0
 #: Frames from the TAP waiting for the guest's driver before they are dropped.
 TX_PENDING_LIMIT = 256
+#: How long the net device waits before the next batch when a peer had no free buffer
+#: (seconds): about the time a peer takes to empty its buffers after its interrupt.
+TX_RETRY_DELAY = 0.0003
 #: Console output held for a `pvio console` client that does not read, before dropping.
 CLIENT_BUFFER_LIMIT = 1 << 20
 #: Console output the guest retries while its Launcher's buffer is busy (seconds).
@@ -164,6 +175,7 @@ class LguestSettings:
     lan: str = ""
     address: str = ""
     mac: bytes = b""
+    mtu: int = ETH_DATA_LEN
     console: bool = True
     lan_members: list[tuple[str, int]] = field(default_factory=list)
     console_socket: str = ""
@@ -200,6 +212,7 @@ class LguestSettings:
             s.address = str(net["address"])
             mac = str(net.get("mac", ""))
             s.mac = bytes.fromhex(mac.replace(":", "")) if mac else default_mac(guest_domid)
+            s.mtu = check_mtu(int(net.get("mtu", ETH_DATA_LEN)))
             members = extra.get("lan_members") or [{"name": name, "domid": guest_domid}]
             s.lan_members = sorted(((str(m["name"]), int(m["domid"])) for m in members), key=lambda m: m[1])
         return s
@@ -395,7 +408,7 @@ class Launcher:
             lan_region = (await self.dom.lguest_region(1, base + dev_pages * PAGE_SIZE)).region_id
             for _, member in s.lan_members:
                 await self.dom.lguest_region_permit(lan_region, member)
-            await self.dom.lguest_region_frames(lan_region, *lan_frame_rule())
+            await self.dom.lguest_region_frames(lan_region, *lan_frame_rule(s.mtu))
         alloc = Allocator(0, LAUNCHER_PAGES * PAGE_SIZE)
         tx_dma = alloc.alloc_unsplit(DMA_SIZE)
         tx_buf = alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE)
@@ -637,8 +650,9 @@ class Guest:
         self.refused = 0  # hypercalls the hypervisor refused (DmaError)
         self.hostile_results: dict[str, str] = {}  # tests only: each rule break's outcome
         self.tx_dropped = 0  # frames from the TAP beyond TX_PENDING_LIMIT
-        self._tx_pending: list[bytes] = []
-        self._tx_busy = False
+        self._tx_busy = False  # a batch of SEND_DMAs is in flight
+        self.tx_batches = 0  # batches sent (one hypercall round trip each)
+        self._net_closing = False
 
     # T:898 The guest as a domain: scan, probe, and the real world's ends
     # The guest process becomes a domain whose memory is its RAM, reads its Launcher's
@@ -700,7 +714,7 @@ class Guest:
             return self.block
 
         def probe_net(dev: LguestDevice) -> DeviceDriver:
-            self.net = NetDriver(dev, self.alloc, self.s.mac)
+            self.net = NetDriver(dev, self.alloc, self.s.mac, mtu=self.s.mtu)
             self.net.open()
             return self.net
 
@@ -715,73 +729,109 @@ class Guest:
         assert self.net is not None
         loop = asyncio.get_running_loop()
         self.tap = await loop.run_in_executor(
-            None, lambda: create_tap(self.s.guest_name, address=self.s.address, mac=self.net.mac if self.net else b""))
+            None, lambda: create_tap(self.s.guest_name, address=self.s.address, mac=self.net.mac if self.net else b"",
+                             mtu=self.s.mtu))
         self.link = TapLink(self.tap, self._from_tap)
         self.link.start(loop)
 
+    # T:899 A frame's path through the guest process, on the event loop
+    # The network device's data path never leaves the event loop: a frame read from the
+    # TAP is queued in the driver; when no batch is in flight, `stage` writes the next
+    # batch into transmit buffers in guest memory and its SEND_DMAs go to the hypervisor
+    # as one request, whose replies `account` counts before the next batch goes.  A
+    # receive interrupt is handled right where its push arrives: the driver takes the
+    # filled buffers (memory reads and one used_len write each) and the frames go
+    # straight into the TAP.  Block and console drivers, whose calls wait for
+    # hypercalls, stay in the worker thread.
+    # :T
     def _from_tap(self, frame: bytes) -> None:
-        # Frames that arrive while a batch is being sent wait and go as the next batch
-        # (one hypercall round trip for up to TX_BATCH SEND_DMAs); bounded.
-        if self.net is None:
+        # Frames that arrive while a batch is in flight wait in the driver's queue and go
+        # with the next batch (one hypercall round trip for up to TX_BATCH SEND_DMAs).
+        net = self.net
+        if net is None:
             return
-        if len(self._tx_pending) >= TX_PENDING_LIMIT:
+        if net.queued() >= TX_PENDING_LIMIT:
             self.tx_dropped += 1
             return
-        self._tx_pending.append(frame)
+        net.queue((frame,))
         if not self._tx_busy:
             self._tx_next()
 
-    def _tx_next(self, fut: asyncio.Future[Any] | None = None) -> None:
-        self._tx_busy = bool(self._tx_pending)
-        if self._tx_pending:
-            frames, self._tx_pending = self._tx_pending, []
-            _submit(self.thread, self._transmit, frames).add_done_callback(self._tx_next)
-
-    def _transmit(self, frames: list[bytes]) -> None:
-        assert self.net is not None
+    def _tx_next(self) -> None:
+        net = self.net
+        assert net is not None
         if self._net_failed():
-            self.tx_dropped += len(frames)
+            net.drop_queue()
+            self._tx_busy = False
             return
-        try:
-            self.net.transmit_many(frames)
-        except LguestError:
+        batch = net.stage()
+        self._tx_busy = bool(batch)
+        if batch:
+            self.tx_batches += 1
+            fut = asyncio.ensure_future(self.dom.send_dma_many(batch.sends))
+            fut.add_done_callback(lambda f: self._tx_done(batch, f))
+
+    def _tx_done(self, batch: TxBatch, fut: asyncio.Future[list[int]]) -> None:
+        assert self.net is not None
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        results = [-errno.EIO] * len(batch.sends) if exc is not None else fut.result()
+        if exc is not None:  # the hypervisor's channel is gone; the process is ending
             self.refused += 1
+        self.net.account(batch, results)
+        if 0 in results:
+            # A peer's buffers were all full: give it time to drain them before the
+            # frames it missed are sent again (an immediate retry would only miss again,
+            # and count as drops toward the flood rule).
+            asyncio.get_running_loop().call_later(TX_RETRY_DELAY, self._tx_next)
+        else:
+            self._tx_next()
 
     def _net_failed(self) -> bool:
-        """In the worker: has the Launcher marked the network device FAILED?  Then the
-        driver lets go of the device (clears its MAC slot, unbinds its buffers) once,
-        and nothing more is sent or received on it, as lguest's bus did."""
+        """Has the Launcher marked the network device FAILED?  Then the driver lets go
+        of the device (clears its MAC slot, unbinds its buffers, in the worker thread
+        as that waits for a hypercall) once, and nothing more is sent or received on it,
+        as lguest's bus did.  On the event loop: the status is a byte of memory."""
         net = self.net
         if net is None:
             return True
         if not self.bus.status(net.device.index) & LGUEST_DEVICE_S_FAILED:
             return False
-        if net.is_open:
-            with contextlib.suppress(LguestError):
-                net.close()
+        if net.is_open and not self._net_closing:
+            self._net_closing = True
+            _submit(self.thread, self._close_net)
         return True
+
+    def _close_net(self) -> None:
+        assert self.net is not None
+        with contextlib.suppress(LguestError):
+            self.net.close()
 
     def _on_irq(self, irq: int) -> None:
         if irq >= LGUEST_IRQS:
             return  # a violation notice: only Launchers act on those
+        net = self.net
+        if net is not None and irq == net.device.irq:
+            if not self._net_failed():
+                net.interrupt()
+                if self.link is not None:
+                    for frame in net.take_frames():
+                        self.link.send(frame)
+            return
         fut = _submit(self.thread, self._irq_in_thread, irq)
         fut.add_done_callback(self._after_irq)
 
-    def _irq_in_thread(self, irq: int) -> tuple[int, list[bytes], bytes]:
+    def _irq_in_thread(self, irq: int) -> tuple[int, bytes]:
         self.bus.interrupt(irq)
-        frames = (self.net.take_frames()
-                  if self.net is not None and irq == self.net.device.irq and not self._net_failed() else [])
         typed = (self.console.take_input()
                  if self.console is not None and irq == self.console.device.irq else b"")
-        return irq, frames, typed
+        return irq, typed
 
     def _after_irq(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        irq, frames, typed = fut.result()
-        if self.link is not None:
-            for frame in frames:
-                self.link.send(frame)
+        irq, typed = fut.result()
         if typed and self.shell is not None and self.shell.master >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.shell.master, typed)
@@ -854,7 +904,7 @@ class Guest:
                     net = self.net
                     frame = {"runt-frames": b"\xff" * 6, "oversized-frames": b"\xff" * 1600,
                              "flood": b"\xff" * 12 + b"\x88\xb5" + bytes(100)}[what]
-                    buf = self.alloc.alloc_pages(1) if len(frame) > ETH_FRAME_LEN else net.tx_buf
+                    buf = self.alloc.alloc_pages(1) if len(frame) > net.frame_len else net.tx_buf
                     self.port.write(buf, frame)
                     self.port.write(bad, build_dma(page_sections(buf, len(frame))))
                     peers = [i for i in range(len(self.s.lan_members)) if i != net.me]
@@ -904,6 +954,7 @@ class Guest:
         if self.net is not None:
             out["net"] = vars(self.net.stats).copy()
             out["net_open"] = self.net.is_open
+            out["net_tx_batches"] = self.tx_batches
         return out
 
 
@@ -922,7 +973,7 @@ async def guest_main(spec: DomainSpec) -> None:
         while True:
             await asyncio.sleep(1.0)
             if guest.net is not None:
-                await guest.thread.call(guest._net_failed)  # let go of a FAILED network device
+                guest._net_failed()  # let go of a FAILED network device
             status["stats"] = guest.statistics()
             status["devices"] = {str(i): await guest.thread.call(guest.bus.status, i) for i in guest.bus.devices}
             write_status(spec.status_file, **status)

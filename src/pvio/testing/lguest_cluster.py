@@ -27,6 +27,7 @@ class GuestDef:
     address: str
     disk_size: str = "16M"
     lan: str = "lan0"
+    mtu: int = 1500
     hostile: list[str] = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ class LguestCluster:
         extra: dict[str, Any] = {
             "config": {"name": g.name, "type": "lguest", "console": True,
                        "disk": {"target": f"{g.name}-disk.img", "size": g.disk_size},
-                       "net": {"lan": g.lan, "address": g.address}},
+                       "net": {"lan": g.lan, "address": g.address, "mtu": g.mtu}},
             "launcher_domid": launcher, "guest_domid": guest, "lan_members": members,
             "console_socket": self.console_socket(g.name), "nbd_socket": self.nbd_socket(g.name),
         }

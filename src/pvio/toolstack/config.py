@@ -16,10 +16,11 @@ lguest devices (block, console, network) served by their Launcher::
     name = "g1"
     type = "lguest"
     disk = { target = "g1.img", size = "64M" }
-    net = { lan = "lan0", address = "10.0.0.1/24" }
+    net = { lan = "lan0", address = "10.0.0.1/24" }   # also: mac, mtu
     console = true
 
-Relative image paths are under the state directory; an image that does not exist is
+A LAN's MTU (`net.mtu`, default 1500, lguest's) is the same for every guest on it; up
+to 65521 (a TAP's largest).  Relative image paths are under the state directory; an image that does not exist is
 created sparse with the given `size` (xvda's default: 1 GiB).  `size=` is pvio's addition
 to the xl disk syntax and is removed before the spec is parsed.  Unknown keys are errors
 that name the key.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU, MIN_MTU
 from pvio.toolstack import diskspec
 
 DEFAULT_DISK_SIZE = 1 << 30
@@ -69,6 +71,7 @@ class LguestNet:
     lan: str
     address: str  # CIDR
     mac: str = ""
+    mtu: int = ETH_DATA_LEN
 
 
 @dataclass
@@ -137,6 +140,25 @@ def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map")
 
 
 _DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console"}
+_NET_KEYS = {"lan", "address", "mac", "mtu"}
+
+
+def _mtu(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_MTU <= value <= MAX_MTU:
+        raise ConfigError(f"{where}: net.mtu must be an integer in {MIN_MTU}..{MAX_MTU}, not {value!r}")
+    return value
+
+
+def _check_lans(domains: list[DomainConfig], path: Path) -> None:
+    """Every guest on a LAN has its MTU (the LAN's frame rule is one)."""
+    mtus: dict[str, tuple[int, str]] = {}
+    for d in domains:
+        if d.lguest_net is None:
+            continue
+        first = mtus.setdefault(d.lguest_net.lan, (d.lguest_net.mtu, d.name))
+        if first[0] != d.lguest_net.mtu:
+            raise ConfigError(f"{path}: LAN {d.lguest_net.lan}: {first[1]} has mtu {first[0]}, "
+                              f"{d.name} has {d.lguest_net.mtu} (a LAN has one MTU)")
 
 
 def load(path: Path, state_dir: Path) -> Config:
@@ -189,11 +211,16 @@ def load(path: Path, state_dir: Path) -> Config:
                 net = d["net"]
                 if not isinstance(net, dict) or "address" not in net:
                     raise ConfigError(f"{where} ({name}): net needs an address (CIDR)")
-                dom.lguest_net = LguestNet(str(net.get("lan", "lan0")), str(net["address"]), str(net.get("mac", "")))
+                unknown = set(net) - _NET_KEYS
+                if unknown:
+                    raise ConfigError(f"{where} ({name}): net: unknown keys {sorted(unknown)}")
+                dom.lguest_net = LguestNet(str(net.get("lan", "lan0")), str(net["address"]), str(net.get("mac", "")),
+                                           _mtu(net.get("mtu", ETH_DATA_LEN), f"{where} ({name})"))
             dom.console = bool(d.get("console", True))
         domains.append(dom)
     if not domains:
         raise ConfigError(f"{path}: no [[domain]] tables")
+    _check_lans(domains, path)
     names = [d.name for d in domains]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
