@@ -262,3 +262,42 @@ def test_frame_rules_against_a_model(rule: tuple[int, int, int], steps: list[int
                 assert domid == peer and irq in (3, VIOLATION_IRQ_BASE + 3)
         if want < 0:
             assert reported
+
+
+def test_a_rewritten_dma_struct_is_checked_again() -> None:
+    # The hypervisor keeps each struct's checked sections by its bytes: a sender or a
+    # receiver that rewrites its struct after a good send is checked anew.
+    hv, guest, launcher, _ = _setup()
+    gmem, lmem = hv.domains[guest].memory, hv.domains[launcher].memory
+    good = {"used_len": 0, "addr": (0x3000,) + (0,) * 15, "len": (64,) + (0,) * 15}
+    LGUEST_DMA.pack_into(gmem, 0x1000, **good)
+    assert _send_at(hv, guest) == 64
+    assert hv.domains[guest].dma_sections and hv.domains[launcher].dma_sections
+    LGUEST_DMA.pack_into(lmem, 0x1000, used_len=0, addr=(0x2000,) + (0,) * 15, len=(100,) + (0,) * 15)
+    LGUEST_DMA.pack_into(gmem, 0x1000, used_len=0, addr=(PAGE_SIZE - 8,) + (0,) * 15, len=(64,) + (0,) * 15)
+    assert _send_at(hv, guest) == -errno.EINVAL  # now crosses a page
+    LGUEST_DMA.pack_into(gmem, 0x1000, **good)
+    LGUEST_DMA.pack_into(lmem, 0x1000, used_len=0, addr=(0xFFFF0000,) + (0,) * 15, len=(16,) + (0,) * 15)
+    bad = hv.lguest.bad_buffers
+    assert _send_at(hv, guest) == 0  # the receiver's one buffer is broken now: a drop
+    assert hv.lguest.bad_buffers == bad + 1
+
+
+def test_joined_sections_move_a_frame_in_one_copy() -> None:
+    hv, guest, launcher, _ = _setup()
+    gmem, lmem = hv.domains[guest].memory, hv.domains[launcher].memory
+    # three sections over consecutive pages on both sides, cut at different places
+    gmem[0x3F00:0x4300] = bytes(range(256)) * 4
+    LGUEST_DMA.pack_into(gmem, 0x1000, used_len=0, addr=(0x3F00, 0x4000) + (0,) * 14,
+                         len=(0x100, 0x300) + (0,) * 14)
+    LGUEST_DMA.pack_into(lmem, 0x1000, used_len=0, addr=(0x5E00, 0x6000, 0x7000) + (0,) * 13,
+                         len=(0x200, 0x1000, 0x10) + (0,) * 13)
+    assert _send_at(hv, guest) == 0x400
+    assert bytes(lmem[0x5E00:0x6200]) == bytes(range(256)) * 4
+    assert hv.domains[guest].dma_sections[bytes(gmem[0x1004:0x1000 + LGUEST_DMA.size])] == [
+        (hv.domains[guest].memory, 0x3F00, 0x400)]  # joined: one copy
+
+
+def _send_at(hv: Hypervisor, guest: int) -> int:
+    (reply,) = hv.execute(guest, [_lh(LHCALL_SEND_DMA, BASE + 8, 0x1000)])
+    return reply.rc or int(wire.PVIO_LHCALL.unpack(reply.args)["ret"])

@@ -20,12 +20,16 @@ from pvio.lguest.guest import Allocator
 from pvio.lguest.net import (
     BROADCAST,
     ETH_FRAME_LEN,
+    MAX_MTU,
+    MIN_MTU,
     NUM_SKBS,
     PROMISC_BIT,
     TX_RETRIES,
     LanPage,
     NetDriver,
+    check_mtu,
     lan_features,
+    lan_frame_rule,
     lan_slots,
     mac_eq,
     peer_key,
@@ -354,3 +358,29 @@ def test_transmit_many_batches_and_keeps_order() -> None:
     assert port.batches[1:] == [8] * 6 + [4] * 5  # TX_BATCH at a time, 20 + 48 sends
     assert deliver([g1])[0] == many[:8]
     assert g0.net.stats.tx_carrier_errors == 12 and g0.net.stats.tx_retries == 48
+
+
+def test_a_lan_with_the_largest_mtu_carries_frames_of_sixteen_pages() -> None:
+    host, lan = InProcessDmaHost(), Lan()
+    g = [build_guest(host, f"j{i}", lan=lan, console=False, ram_pages=1024, mtu=MAX_MTU) for i in range(2)]
+    for x in g:
+        assert x.net is not None
+        x.net.open()
+    a, b = g[0].net, g[1].net
+    assert a is not None and b is not None
+    assert a.frame_len == MAX_MTU + 14 == 65535
+    # each receive buffer starts on a page, so it is one DMA of 16 page-sized sections
+    assert all(slot.buf % PAGE_SIZE == 0 for slot in b.rx)
+    big = frame(b.mac, a.mac, size=a.frame_len, fill=0xA5)
+    assert a.transmit(big) == 1
+    assert deliver([g[1]])[0] == [big]
+    assert a.transmit(big + b"!") == 0 and a.stats.tx_dropped == 1  # one byte over the MTU
+    assert lan_frame_rule(MAX_MTU) == (14, 65535, lan_frame_rule()[2])
+    assert lan_frame_rule()[:2] == (14, ETH_FRAME_LEN)
+
+
+@pytest.mark.parametrize("mtu", [MIN_MTU - 1, MAX_MTU + 1, 0, -1500, True, 1500.0])
+def test_an_mtu_outside_the_range_is_refused(mtu: object) -> None:
+    with pytest.raises(LguestError, match="MTU"):
+        check_mtu(mtu)  # type: ignore[arg-type]
+    assert check_mtu(MIN_MTU) == MIN_MTU and check_mtu(MAX_MTU) == MAX_MTU

@@ -159,3 +159,35 @@ def test_console_on_a_terminal_quits_on_three_ctrl_c(cluster: LguestCluster) -> 
             proc.stderr.close()
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_a_lan_with_the_largest_mtu(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Frames of up to 65535 bytes (16 pages, one SEND_DMA each): a ping that may not be
+    # fragmented (-M do) carries 65000 bytes, and TCP moves its segments whole.
+    from pvio.lguest.net import MAX_MTU
+
+    state = tmp_path_factory.mktemp("lguest-jumbo")
+    c = LguestCluster(state, [GuestDef("j1", "10.0.0.1/24", lan="big", mtu=MAX_MTU),
+                              GuestDef("j2", "10.0.0.2/24", lan="big", mtu=MAX_MTU)])
+    with c:
+        link = subprocess.run(["ip", "-n", "pvio-j1", "link", "show", "eth0"], capture_output=True, text=True)
+        assert f"mtu {MAX_MTU}" in link.stdout
+        r = netns_exec("j1", "ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", "65000", "10.0.0.2")
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+        server = subprocess.Popen(["ip", "netns", "exec", "pvio-j2", "iperf3", "-s", "-1", "-p", "5298"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            r = netns_exec("j1", "iperf3", "-c", "10.0.0.2", "-p", "5298", "-t", "1", "-J", timeout=30)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+            import json
+
+            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
+        finally:
+            server.kill()
+            server.wait()
+        time.sleep(1.2)  # the guest's status is refreshed every second
+        stats = c.status("j2")["stats"]["net"]
+        assert stats["rx_length_errors"] == 0
+        assert stats["rx_bytes"] / stats["rx_packets"] > 9000  # on average, frames far above 1514

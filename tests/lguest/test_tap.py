@@ -20,10 +20,21 @@ from pathlib import Path
 import pytest
 
 from cprobe import build, run
-from pvio.abi.linux_if import IFF_NO_PI, IFF_TAP, IFREQ_FLAGS, TUNSETIFF
+from pvio.abi.linux_if import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
+    IFREQ_FLAGS,
+    TUN_F_CSUM,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+)
 from pvio.export.tap import (
     TapError,
     TapInterface,
+    checksum_header,
     create_tap,
     namespace_exists,
     netns_name,
@@ -62,15 +73,19 @@ def test_tun_constants_and_ifreq_match_the_headers(tmp_path: Path) -> None:
 #include <net/if.h>
 #include <sys/ioctl.h>
 #include <linux/if_tun.h>
+#include <linux/virtio_net.h>
 int main(void) {
     printf("%lu %d %d %zu %zu\\n", (unsigned long)TUNSETIFF, IFF_TAP, IFF_NO_PI,
            sizeof(struct ifreq), offsetof(struct ifreq, ifr_flags));
+    printf("%d %lu %d %d\\n", IFF_VNET_HDR, (unsigned long)TUNSETOFFLOAD, TUN_F_CSUM,
+           VIRTIO_NET_HDR_F_NEEDS_CSUM);
     return 0;
 }
 """
     out = run(build(src, tmp_path, "tunprobe")).split()
     assert [int(x) for x in out] == [TUNSETIFF, IFF_TAP, IFF_NO_PI, IFREQ_FLAGS.size,
-                                     IFREQ_FLAGS.offset("ifr_flags")]
+                                     IFREQ_FLAGS.offset("ifr_flags"),
+                                     IFF_VNET_HDR, TUNSETOFFLOAD, TUN_F_CSUM, VIRTIO_NET_HDR_F_NEEDS_CSUM]
 
 
 def test_create_and_remove_a_tap(names: list[str]) -> None:
@@ -262,3 +277,28 @@ def test_cleanup_after_a_crash(names: list[str]) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _eth(ethertype: int, payload: bytes) -> bytes:
+    return b"\x02" * 6 + b"\x04" * 6 + ethertype.to_bytes(2, "big") + payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "start", "offset"),
+    [
+        (_eth(0x0800, bytes([0x45]) + bytes(8) + bytes([6]) + bytes(30)), 34, 16),  # IPv4 TCP
+        (_eth(0x0800, bytes([0x46]) + bytes(8) + bytes([17]) + bytes(30)), 38, 6),  # IPv4 options, UDP
+        (_eth(0x86DD, bytes(6) + bytes([6]) + bytes(60)), 54, 16),  # IPv6 TCP
+        (_eth(0x0800, bytes([0x45]) + bytes(8) + bytes([1]) + bytes(30)), 0, 0),  # ICMP: nothing
+        (_eth(0x0806, bytes(28)), 0, 0),  # ARP
+        (_eth(0x0800, bytes([0x4F]) + bytes(8) + bytes([6]) + bytes(10)), 0, 0),  # header past the end
+        (b"\x02" * 20, 0, 0),  # a runt
+    ],
+)
+def test_checksum_header_of_a_frame_for_a_nocsum_tap(frame: bytes, start: int, offset: int) -> None:
+    # A NOCSUM LAN carries checksums the sender's kernel left to finish; the receiving
+    # TAP is told where they are, and its kernel takes the packet as checked.
+    hdr = VIRTIO_NET_HDR.unpack(checksum_header(frame))
+    assert (hdr["flags"], hdr["csum_start"], hdr["csum_offset"]) == (
+        (VIRTIO_NET_HDR_F_NEEDS_CSUM if start else 0), start, offset)
+    assert hdr["gso_type"] == 0  # never segmentation: a frame crosses the LAN whole

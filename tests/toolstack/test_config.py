@@ -32,6 +32,7 @@ def test_examples_load(tmp_path: Path) -> None:
     g1 = lan.domain("g1")
     assert g1.lguest_net is not None and g1.lguest_net.address == "10.0.0.1/24"
     assert g1.lguest_disk is not None and g1.lguest_disk["size"] == 64 << 20
+    assert g1.lguest_net.mtu == 1500  # lguest's frames unless the LAN says otherwise
     two = load(ROOT / "examples" / "two-disks.toml", tmp_path)
     assert [d.spec.read_only for d in two.domains[0].disks] == [False, True]
 
@@ -48,6 +49,11 @@ def test_examples_load(tmp_path: Path) -> None:
         ("[[domain]]\nname='g1'\ndisks=['vdev=xvda, target=a','vdev=xvda, target=b']", "used twice"),
         ("[[domain]]\nname='g1'\ndisks=['vdev=xvda, formt=raw, target=a']", "formt"),
         ("[[domain]]\nname='g1'\ntype='lguest'\nnet={lan='x'}", "address"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mtu=65522}", "net.mtu must be"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mtu='9000'}", "net.mtu must be"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mut=9000}", "unknown keys ['mut']"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mtu=9000}\n"
+         "[[domain]]\nname='g2'\ntype='lguest'\nnet={address='10.0.0.2/24'}", "a LAN has one MTU"),
         ("[[domain]\n", "toml"),
     ],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pvio.abi.layout import ABI_X86_64, Layout
 
 C_PROLOGUE = "#include <net/if.h>\n"
+C_PROLOGUE_VIRTIO = "#include <linux/virtio_net.h>\n"
 
 #: <net/if.h>: # define IFNAMSIZ IF_NAMESIZE (16, including the NUL)
 IFNAMSIZ = 16
@@ -38,3 +39,33 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 #: #define IFF_NO_PI 0x1000   (no 4-byte packet-information header before each frame)
 IFF_NO_PI = 0x1000
+#: #define IFF_VNET_HDR 0x4000   (a struct virtio_net_hdr before each frame)
+IFF_VNET_HDR = 0x4000
+#: #define TUNSETOFFLOAD _IOW('T', 208, unsigned int)
+TUNSETOFFLOAD = 0x400454D0
+#: #define TUN_F_CSUM 0x01   (the reader takes packets whose checksum is left to it)
+TUN_F_CSUM = 0x01
+
+#   <linux/virtio_net.h>
+#   struct virtio_net_hdr {
+#   #define VIRTIO_NET_HDR_F_NEEDS_CSUM 1   /* Use csum_start, csum_offset */
+#   #define VIRTIO_NET_HDR_F_DATA_VALID 2   /* Csum is valid */
+#       __u8 flags;
+#       __u8 gso_type;
+#       __virtio16 hdr_len;
+#       __virtio16 gso_size;
+#       __virtio16 csum_start;
+#       __virtio16 csum_offset;
+#   };
+# What a TAP opened with IFF_VNET_HDR puts before each frame it hands out and expects
+# before each frame written to it (little-endian: a modern virtio header on x86).
+VIRTIO_NET_HDR = Layout(
+    "virtio_net_hdr",
+    (("flags", "B"), ("gso_type", "B"), ("hdr_len", "H"), ("gso_size", "H"), ("csum_start", "H"),
+     ("csum_offset", "H")),
+    c_type="struct virtio_net_hdr",
+    abi=ABI_X86_64,
+    c_prologue=C_PROLOGUE_VIRTIO,
+)
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2

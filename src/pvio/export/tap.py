@@ -40,7 +40,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pvio.abi.linux_if import IFF_NO_PI, IFF_TAP, IFNAMSIZ, IFREQ_FLAGS, TUNSETIFF
+from pvio.abi.linux_if import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
+    IFNAMSIZ,
+    IFREQ_FLAGS,
+    TUN_F_CSUM,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+)
 
 NETNS_PREFIX = "pvio-"
 NETNS_DIR = "/run/netns"
@@ -50,6 +61,30 @@ TAP_QUEUE_LIMIT = 256
 #: Frames read per wake-up before yielding to the loop (one busy TAP cannot hog it).
 READ_BATCH = 64
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+#: A frame from a TAP: bytes, or a view past a NOCSUM TAP's virtio_net_hdr (no copy).
+Frame = bytes | memoryview
+_HDR = VIRTIO_NET_HDR.size
+_NO_CSUM = VIRTIO_NET_HDR.pack()
+_CSUM_OFFSET = {6: 16, 17: 6}  # IP protocol -> checksum offset in its header (TCP, UDP)
+
+
+def checksum_header(frame: Frame) -> bytes:
+    """The virtio_net_hdr that writes `frame` to a NOCSUM TAP: for TCP and UDP over IPv4
+    or IPv6, "the checksum is left to finish" (csum_start: the transport header), which
+    the kernel's own stack takes as checked; for anything else, nothing."""
+    if len(frame) < 34:
+        return _NO_CSUM
+    ethertype = (frame[12] << 8) | frame[13]
+    if ethertype == 0x0800:
+        start, proto = 14 + (frame[14] & 0x0F) * 4, frame[23]
+    elif ethertype == 0x86DD and len(frame) >= 54:
+        start, proto = 54, frame[20]
+    else:
+        return _NO_CSUM
+    offset = _CSUM_OFFSET.get(proto)
+    if offset is None or start + offset + 2 > len(frame):
+        return _NO_CSUM
+    return VIRTIO_NET_HDR.pack(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
 
 
 class TapError(Exception):
@@ -97,7 +132,7 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _open_tap_in(netns: str, ifname: str) -> int:
+def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
     """Open a TAP named `ifname` from inside `netns`, in a thread of its own."""
     result: list[int] = []
     failure: list[BaseException] = []
@@ -111,8 +146,11 @@ def _open_tap_in(netns: str, ifname: str) -> int:
                 os.close(ns_fd)
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             try:
-                ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=IFF_TAP | IFF_NO_PI)
+                flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0)
+                ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=flags)
                 fcntl.ioctl(fd, TUNSETIFF, ifr)
+                if nocsum:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
             except BaseException:
                 os.close(fd)
                 raise
@@ -137,18 +175,23 @@ class TapInterface:
     fd: int
     mac: bytes
     address: str
+    nocsum: bool = False  # frames carry a virtio_net_hdr; checksums are left undone
 
-    def read_frame(self) -> bytes | None:
+    def read_frame(self) -> Frame | None:
         """One frame, or None when none is waiting."""
         try:
-            return os.read(self.fd, 65536)
+            data = os.read(self.fd, 65536 + _HDR)
         except BlockingIOError:
             return None
+        return memoryview(data)[_HDR:] if self.nocsum else data
 
-    def write_frame(self, frame: bytes) -> bool:
+    def write_frame(self, frame: Frame) -> bool:
         """Write one frame; False if the TAP would block."""
         try:
-            os.write(self.fd, frame)
+            if self.nocsum:
+                os.writev(self.fd, (checksum_header(frame), frame))
+            else:
+                os.write(self.fd, frame)
         except BlockingIOError:
             return False
         return True
@@ -178,7 +221,7 @@ class TapInterface:
 # would outlive a crash, is removed by name, idempotently.
 # :T
 def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
-               mtu: int = 1500) -> TapInterface:
+               mtu: int = 1500, nocsum: bool = False) -> TapInterface:
     """Namespace ``pvio-<name>`` holding TAP `ifname` with `address` (CIDR) and `mac`."""
     netns = netns_name(name)
     if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
@@ -189,7 +232,7 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
     _ip("netns", "add", netns)
     fd = -1
     try:
-        fd = _open_tap_in(netns, ifname)
+        fd = _open_tap_in(netns, ifname, nocsum)
         _ip("-n", netns, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
         _ip("-n", netns, "addr", "add", address, "dev", ifname)
         _ip("-n", netns, "link", "set", "dev", ifname, "up")
@@ -200,7 +243,7 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
             os.close(fd)
         remove_namespace(netns)
         raise
-    return TapInterface(netns, ifname, fd, mac, address)
+    return TapInterface(netns, ifname, fd, mac, address, nocsum)
 
 
 @dataclass
@@ -218,10 +261,10 @@ class TapLink:
     are dropped and counted, so a flood toward one guest cannot grow memory."""
 
     tap: TapInterface
-    on_frame: Callable[[bytes], None]
+    on_frame: Callable[[Frame], None]
     queue_limit: int = TAP_QUEUE_LIMIT
     stats: TapStatistics = field(default_factory=TapStatistics)
-    _queue: deque[bytes] = field(default_factory=deque)
+    _queue: deque[Frame] = field(default_factory=deque)
     _loop: asyncio.AbstractEventLoop | None = None
     _writing: bool = False
 
@@ -250,7 +293,7 @@ class TapLink:
             self.stats.rx_frames += 1
             self.on_frame(frame)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Frame) -> None:
         if not self._queue and self.tap.write_frame(frame):
             self.stats.tx_frames += 1
             return

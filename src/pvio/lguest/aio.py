@@ -124,7 +124,7 @@ class ThreadedDmaPort:
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.client.phys(addr, length))
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         self.client.phys(addr, len(data))[:] = data
 
 

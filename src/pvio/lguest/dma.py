@@ -265,7 +265,7 @@ class DmaPort(Protocol):
     def read(self, addr: int, length: int) -> bytes:
         """Read the guest's own memory."""
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         """Write the guest's own memory."""
 
 
@@ -280,7 +280,7 @@ class LauncherPort(Protocol):
     def read(self, addr: int, length: int) -> bytes:
         """Read guest memory (bounds-checked)."""
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         """Write guest memory (bounds-checked)."""
 
     def deliver(self, key: int, data: bytes) -> int | None:

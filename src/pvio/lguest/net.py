@@ -20,10 +20,25 @@ peer's connection closes, which is when lguest's kernel would have dropped the l
 The guest learns its slot from the low bits of its descriptor's features, as in lguest.
 
 Frame rules on the LAN are kept by the hypervisor, declared by the LAN's owner when it
-creates the page (`lan_frame_rule`): a frame moves ETH_HLEN..ETH_FRAME_LEN bytes, and a
+creates the page (`lan_frame_rule`): a frame moves ETH_HLEN..ETH_HLEN + MTU bytes, and a
 sender may not drop more than FLOOD_DROPS_PER_SECOND frames a second and more frames
 than it delivers.  A guest that breaks them is refused, and its own Launcher marks its
-device FAILED.
+device FAILED.  The MTU is lguest's ETH_DATA_LEN unless the LAN is configured larger
+(pvio's addition, up to MAX_MTU = 65521, a TAP's largest: a frame of 16 pages still
+moves by one SEND_DMA); every peer on a LAN has the same.
+
+Sending is batched (pvio's addition): frames are queued and `stage` writes up to
+TX_BATCH = NUM_SKBS of their SEND_DMAs into transmit buffers, for one hypervisor round
+trip; a batch is never larger than a receiver's buffers.  A frame that finds its peer's
+buffers all full is tried again in a later batch, TX_RETRIES times, before it counts as
+a carrier error (lguest dropped it at once, which costs TCP a retransmission).
+
+NOCSUM (LGUEST_NET_F_NOCSUM, set on every pvio LAN as lguest set it on its guest-only
+--sharenet LANs) means frames between guests carry no finished checksums: memory copies
+do not corrupt them.  The process adapter opens its TAP with a virtio_net_hdr and
+checksum offload, so the guest's kernel leaves TCP and UDP checksums to finish, and
+tells the receiving TAP where they are (`pvio.export.tap.checksum_header`), which its
+kernel takes as checked.
 
 What this deliberately does not do: protect a slot from a hostile guest that writes
 another peer's MAC (every guest maps the page writable, as in lguest), or queue frames:
@@ -126,7 +141,7 @@ def lan_slots(page: bytes) -> list[bytes]:
     return out
 
 
-def is_multicast(mac: bytes) -> bool:
+def is_multicast(mac: bytes | memoryview) -> bool:
     """By definition the broadcast address is also a multicast address."""
     return bool(mac[0] & 0x01)
 
@@ -161,7 +176,7 @@ def route(dest: bytes, macs: Sequence[bytes], me: int) -> list[int]:
     return out
 
 
-def route_page(dest: bytes, page: bytes, me: int) -> list[int]:
+def route_page(dest: bytes | memoryview, page: bytes, me: int) -> list[int]:
     """`route` straight from a LAN page's bytes, looking only at slots up to the last one
     in use (slots are claimed lowest first, so that is usually a handful)."""
     firsts = page[0 : len(page) - len(page) % MAC_SIZE : MAC_SIZE]
@@ -254,7 +269,7 @@ class TxBatch:
     sends: list[tuple[int, int]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     #: per send: the frame, its peer and how often it was tried (for `account`'s retry)
-    frames: list[tuple[bytes, int, int]] = field(default_factory=list)
+    frames: list[tuple[bytes | memoryview, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.sends)
@@ -302,7 +317,7 @@ class NetDriver:
         self._tx_dmas: dict[tuple[int, int], bytes] = {}  # (buffer, length) -> lguest_dma
         # frames waiting for a batch, with the peers still to send each to (None: not
         # yet routed)
-        self._tx_queue: deque[tuple[bytes, list[int] | None, int]] = deque()
+        self._tx_queue: deque[tuple[bytes | memoryview, list[int] | None, int]] = deque()
 
     def _alloc_frame(self) -> int:
         # A frame buffer larger than a page starts on one, so that its sections (one per
@@ -368,7 +383,7 @@ class NetDriver:
             return False
         return True
 
-    def transmit(self, frame: bytes) -> int:
+    def transmit(self, frame: bytes | memoryview) -> int:
         """lguestnet_start_xmit: send to every peer that wants it; returns how many."""
         if not self._check(frame):
             return 0
@@ -401,7 +416,7 @@ class NetDriver:
     # moved.  Staging touches only guest memory, so the process adapter runs it on its
     # event loop and awaits the batch there, with no thread in the frame's path.
     # :T
-    def queue(self, frames: Sequence[bytes]) -> None:
+    def queue(self, frames: Sequence[bytes | memoryview]) -> None:
         """Frames to send with the next batches (`stage`)."""
         for frame in frames:
             if self._check(frame):
@@ -445,7 +460,7 @@ class NetDriver:
         """Count what the port reported for each SEND_DMA of `batch` (bytes, or -errno).
         A frame that found no free buffer (used_len 0) goes back to the head of the
         queue, in order, for that peer alone, until it was tried TX_RETRIES times."""
-        again: list[tuple[bytes, list[int] | None, int]] = []
+        again: list[tuple[bytes | memoryview, list[int] | None, int]] = []
         for used, n, (frame, peer, tries) in zip(results, batch.lengths, batch.frames, strict=True):
             if used < 0:
                 self.stats.tx_errors += 1  # refused by the host

@@ -119,7 +119,7 @@ class GuestMemory:
             return bytes(hit[0][hit[1] : hit[1] + length])
         return b"".join(bytes(buf[off : off + n]) for buf, off, n in self._chunks(addr, length))
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         check_range(addr, len(data), memory_size=self.size)
         if self._private_only(addr, len(data)):
             self._private[addr : addr + len(data)] = data
@@ -332,7 +332,7 @@ class InProcessGuest:
     def read(self, addr: int, length: int) -> bytes:
         return self.memory.read(addr, length)
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         self.memory.write(addr, data)
 
     # -- the Launcher's side ------------------------------------------------------------
@@ -373,7 +373,7 @@ class _Launcher:
     def read(self, addr: int, length: int) -> bytes:
         return self._guest.memory.read(addr, length)
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
         self._guest.memory.write(addr, data)
 
     def get_dma(self, key: int) -> BoundDma | None:

@@ -25,7 +25,7 @@ from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.console import ConsoleDevice, ConsoleDriver
 from pvio.lguest.dma import PAGE_SIZE
 from pvio.lguest.guest import Allocator
-from pvio.lguest.net import HostNetPeer, LanPage, NetDriver, lan_features
+from pvio.lguest.net import ETH_DATA_LEN, HostNetPeer, LanPage, NetDriver, lan_features
 from pvio.lguest.storage import Storage
 from pvio.testing.lguest_dma import InProcessDmaHost, InProcessGuest, SharedPages
 
@@ -91,6 +91,7 @@ def build_guest(
     console_page: bool = False,
     lan: Lan | None = None,
     mac: bytes = b"",
+    mtu: int = ETH_DATA_LEN,
 ) -> InProcessLguest:
     table = DeviceTable(ram_pages)
     cons_slot = (table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=1 if console_page else 0)
@@ -126,7 +127,7 @@ def build_guest(
         return rig.block
 
     def probe_net(dev: LguestDevice) -> DeviceDriver:
-        rig.net = NetDriver(dev, rig.alloc, mac)
+        rig.net = NetDriver(dev, rig.alloc, mac, mtu=mtu)
         return rig.net
 
     rig.bus.scan()
@@ -154,15 +155,15 @@ class TapSwitchboard:
     def all_links(self) -> list[TapLink]:
         return self.links + ([self.host_link] if self.host_link is not None else [])
 
-    def from_tap(self, i: int, frame: bytes) -> None:
+    def from_tap(self, i: int, frame: bytes | memoryview) -> None:
         net = self.rigs[i].net
         if net is not None:
             net.transmit(frame)
         self.pump()
 
-    def from_host_tap(self, frame: bytes) -> None:
+    def from_host_tap(self, frame: bytes | memoryview) -> None:
         if self.host_peer is not None:
-            self.host_peer.transmit(frame)
+            self.host_peer.transmit(bytes(frame))  # the host's TAP hands out bytes: no copy
         self.pump()
 
     def pump(self) -> None:
