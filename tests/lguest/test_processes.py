@@ -191,3 +191,34 @@ def test_a_lan_with_the_largest_mtu(tmp_path_factory: pytest.TempPathFactory) ->
         stats = c.status("j2")["stats"]["net"]
         assert stats["rx_length_errors"] == 0
         assert stats["rx_bytes"] / stats["rx_packets"] > 9000  # on average, frames far above 1514
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_the_host_as_a_peer_on_the_lan(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # [lan.<name>] host = CIDR: the LAN owner's Launcher joins the LAN for the host
+    # through TAP pvio-<name> in the host's namespace (lguest's --tunnet).
+    state = tmp_path_factory.mktemp("lguest-host")
+    c = LguestCluster(state, [GuestDef("k1", "10.79.0.1/24", lan="hostlan"),
+                              GuestDef("k2", "10.79.0.2/24", lan="hostlan")],
+                      lan_hosts={"hostlan": "10.79.0.254/24"})
+    with c:
+        assert os.path.exists("/sys/class/net/pvio-hostlan")
+        r = subprocess.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.2"], capture_output=True,
+                           text=True, timeout=20)
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+        r = netns_exec("k1", "ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.254")
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+        # TCP from a guest to a server on the host
+        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5297", "-B", "10.79.0.254"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            r = netns_exec("k2", "iperf3", "-c", "10.79.0.254", "-p", "5297", "-t", "1", "-J", timeout=30)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        finally:
+            server.kill()
+            server.wait()
+        time.sleep(1.2)
+        peer = c.status("k1-launcher")["stats"]["host_peer"]
+        assert peer["interface"] == "pvio-hostlan" and peer["net"]["rx_packets"] > 0
+    assert not os.path.exists("/sys/class/net/pvio-hostlan")  # gone with its Launcher

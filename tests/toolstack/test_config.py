@@ -54,6 +54,11 @@ def test_examples_load(tmp_path: Path) -> None:
         ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mut=9000}", "unknown keys ['mut']"),
         ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24', mtu=9000}\n"
          "[[domain]]\nname='g2'\ntype='lguest'\nnet={address='10.0.0.2/24'}", "a LAN has one MTU"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n[lan.lan1]\nhost='10.0.0.254/24'", "no lguest guest is on LAN 'lan1'"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n[lan.lan0]\nhost='10.0.0.254'", "needs a prefix"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n[lan.lan0]\nhost='ten'", "not an address"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n[lan.lan0]\nhots='10.0.0.254/24'", "unknown keys ['hots']"),
+        ("lan=3\n[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n", "tables"),
         ("[[domain]\n", "toml"),
     ],
 )
@@ -63,6 +68,14 @@ def test_errors(tmp_path: Path, toml: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(p, tmp_path)
     assert needle.lower() in str(info.value).lower()
+
+
+def test_a_lan_with_the_host_on_it(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n"
+                 "[lan.lan0]\nhost='10.0.0.254/24'\n")
+    cfg = load(p, tmp_path)
+    assert cfg.lans["lan0"].host == "10.0.0.254/24"
 
 
 def test_missing_file(tmp_path: Path) -> None:

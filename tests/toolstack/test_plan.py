@@ -52,6 +52,16 @@ def test_lguest_plan(tmp_path: Path) -> None:
     assert g1.extra["lan_members"] == [{"name": "g1", "domid": 2}, {"name": "g2", "domid": 4}]
     assert g1.extra["config"]["net"]["address"] == "10.0.0.1/24"
     assert g1.extra["console_socket"].endswith("g1-console.sock")
+    assert "lan_host" not in g1.extra and g1.extra["config"]["net"]["mtu"] == 1500
+
+
+def test_lguest_plan_with_the_host_on_the_lan(tmp_path: Path) -> None:
+    toml = (ROOT / "examples" / "lguest-lan.toml").read_text() + "\n[lan.lan0]\nhost = '10.0.0.254/24'\n"
+    (tmp_path / "c.toml").write_text(toml)
+    ts = Toolstack(load(tmp_path / "c.toml", tmp_path), StatePaths(tmp_path))
+    ts.plan()
+    for run in ts.domains:  # every Launcher and guest on lan0 is told; the LAN's owner acts
+        assert run.spec.extra["lan_host"] == {"address": "10.0.0.254/24", "mac": ""}
 
 
 def test_domain_layout_permissions() -> None:

@@ -132,6 +132,21 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _open_tap(ifname: str, nocsum: bool) -> int:
+    """/dev/net/tun as TAP `ifname` in the calling thread's namespace."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0)
+        ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=flags)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        if nocsum:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
     """Open a TAP named `ifname` from inside `netns`, in a thread of its own."""
     result: list[int] = []
@@ -144,17 +159,7 @@ def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
                 _setns(ns_fd)  # this thread only; it ends right after
             finally:
                 os.close(ns_fd)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0)
-                ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=flags)
-                fcntl.ioctl(fd, TUNSETIFF, ifr)
-                if nocsum:
-                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
-            except BaseException:
-                os.close(fd)
-                raise
-            result.append(fd)
+            result.append(_open_tap(ifname, nocsum))
         except BaseException as exc:
             failure.append(exc)
 
@@ -200,7 +205,8 @@ class TapInterface:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        remove_namespace(self.netns)
+        if self.netns:
+            remove_namespace(self.netns)
 
     def __enter__(self) -> TapInterface:
         return self
@@ -244,6 +250,32 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
         remove_namespace(netns)
         raise
     return TapInterface(netns, ifname, fd, mac, address, nocsum)
+
+
+def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
+                    nocsum: bool = False) -> TapInterface:
+    """TAP `ifname` in the host's own namespace, with `address` (CIDR) and `mac`: the
+    host's end of a LAN (lguest's ``--tunnet``).  It vanishes when closed; `netns` is ""
+    and `close()` removes no namespace."""
+    if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
+        raise TapError(f"bad interface name {ifname!r}")
+    if len(mac) != 6 or mac[0] & 1:
+        raise TapError(f"bad MAC {mac.hex(':')}")
+    if os.path.exists(f"/sys/class/net/{ifname}"):
+        raise TapError(f"interface {ifname} exists already (another pvio up on this LAN?)")
+    try:
+        fd = _open_tap(ifname, nocsum)
+    except OSError as exc:
+        raise TapError(f"opening TAP {ifname}: {exc}") from exc
+    try:
+        _ip("link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
+        _ip("addr", "add", address, "dev", ifname)
+        _ip("link", "set", "dev", ifname, "up")
+        os.set_blocking(fd, False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return TapInterface("", ifname, fd, mac, address, nocsum)
 
 
 @dataclass

@@ -272,7 +272,7 @@ class LguestDevice:
     num_pages: int
     pfn: int
     port: DmaPort
-    bus: Bus
+    bus: Bus | None  # None: a device the host made for itself (its peer on a LAN)
 
     @property
     def irq(self) -> int:
@@ -284,7 +284,8 @@ class LguestDevice:
 
     def fail(self) -> None:
         """The driver gives up on this device (the host broke the protocol)."""
-        self.bus.set_status(self.index, BusEvent.DEVICE_FAILED)
+        if self.bus is not None:
+            self.bus.set_status(self.index, BusEvent.DEVICE_FAILED)
 
 
 class DeviceDriver(Protocol):

@@ -85,7 +85,7 @@ if given, else the config's ``memory``, else the toolstack's default; the guest 
 takes the size from the rendezvous file.  ``extra["hostile"]`` is for tests only: a list
 of rule breaks the guest commits once it is up (see `Guest._misbehave`).
 
-Not here: hotplug, the host's own peer on the LAN (--tunnet), and a Launcher restart
+Not here: hotplug and a Launcher restart
 while its guest runs (the guest would have to re-attach).  Rejected: putting the guest's
 RAM in a region the Launcher can map (lguest's Launcher could see all guest memory; here
 it sees only the device pages, and data moves only by DMA).
@@ -102,6 +102,7 @@ import logging
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -133,13 +134,15 @@ from pvio.lguest.dma import (
 from pvio.lguest.guest import Allocator
 from pvio.lguest.net import (
     ETH_DATA_LEN,
+    NUM_SKBS,
+    TX_BATCH,
     NetDriver,
-    TxBatch,
     check_mtu,
     lan_features,
     lan_frame_rule,
     peer_key,
 )
+from pvio.lguest.netpath import NetPath
 from pvio.lguest.storage import FileStorage
 from pvio.toolstack.spec import DomainSpec, pid_alive, write_status
 
@@ -147,15 +150,17 @@ log = logging.getLogger("pvio.lguest.process")
 
 #: The Launcher's own memory: its receive and send buffers (pages).
 LAUNCHER_PAGES = 64
+def host_peer_pages(mtu: int) -> int:
+    """Pages of Launcher memory the host's peer on a LAN needs: its receive and transmit
+    buffers (NUM_SKBS + 1 + TX_BATCH frames of MTU + 14 bytes) and their DMA structs."""
+    frame_pages = -(-(mtu + 14) // PAGE_SIZE)
+    return (NUM_SKBS + 1 + TX_BATCH) * (frame_pages + 1) + 2
+
+
 #: NBD export name of a guest's lguest disk.
 EXPORT_NAME = "lgba"
 #: How long a process waits for its peer's rendezvous file (seconds).
 RENDEZVOUS_TIMEOUT = 30.0
-#: Frames from the TAP waiting for the guest's driver before they are dropped.
-TX_PENDING_LIMIT = 256
-#: How long the net device waits before the next batch when a peer had no free buffer
-#: (seconds): about the time a peer takes to empty its buffers after its interrupt.
-TX_RETRY_DELAY = 0.0003
 #: Console output held for a `pvio console` client that does not read, before dropping.
 CLIENT_BUFFER_LIMIT = 1 << 20
 #: Console output the guest retries while its Launcher's buffer is busy (seconds).
@@ -183,6 +188,8 @@ class LguestSettings:
     mtu: int = ETH_DATA_LEN
     console: bool = True
     lan_members: list[tuple[str, int]] = field(default_factory=list)
+    lan_host: str = ""  # the host's address on the LAN (CIDR), if it is a peer
+    lan_host_mac: bytes = b""
     console_socket: str = ""
     nbd_socket: str = ""
     hostile: list[str] = field(default_factory=list)
@@ -220,6 +227,10 @@ class LguestSettings:
             s.mtu = check_mtu(int(net.get("mtu", ETH_DATA_LEN)))
             members = extra.get("lan_members") or [{"name": name, "domid": guest_domid}]
             s.lan_members = sorted(((str(m["name"]), int(m["domid"])) for m in members), key=lambda m: m[1])
+            host = extra.get("lan_host") or {}
+            s.lan_host = str(host.get("address", ""))
+            host_mac = str(host.get("mac", ""))
+            s.lan_host_mac = bytes.fromhex(host_mac.replace(":", "")) if host_mac else host_mac_of(s.lan)
         return s
 
     @property
@@ -244,6 +255,12 @@ def _guest_pages(spec: DomainSpec, cfg: dict[str, Any]) -> int:
     if cfg.get("memory"):
         return parse_size(cfg["memory"]) // PAGE_SIZE
     return spec.nr_pages if spec.role == "lguest-guest" else DomainSpec.nr_pages
+
+
+def host_mac_of(lan: str) -> bytes:
+    """The host's MAC on LAN `lan`: locally administered, derived from the name."""
+    h = zlib.crc32(lan.encode())
+    return bytes([0x02, 0x70, 0x76, 0x68, (h >> 8) & 0xFF, h & 0xFF])
 
 
 def default_mac(domid: int) -> bytes:
@@ -370,6 +387,7 @@ class Launcher:
         self._pending_input = bytearray()
         self._input_scheduled = False
         self._server: asyncio.AbstractServer | None = None
+        self.host_path: NetPath | None = None  # the host's peer on the LAN (T:896)
 
     # T:895 The Launcher as a domain: device pages shared, requests served by DMA
     # The Launcher is a domain with a little memory of its own.  It asks the hypervisor
@@ -393,7 +411,9 @@ class Launcher:
 
         s = self.s
         loop = asyncio.get_running_loop()
-        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, LAUNCHER_PAGES,
+        host_peer = bool(s.lan and s.lan_owner and s.lan_host)
+        mem_pages = LAUNCHER_PAGES + (host_peer_pages(s.mtu) if host_peer else 0)
+        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, mem_pages,
                                      domid=self.spec.domid)
         self.port = ThreadedDmaPort(self.dom, loop)
         cons = self.table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=1) if s.console else None
@@ -405,7 +425,7 @@ class Launcher:
         top = self.table.descriptor_addr
         dev_end = net.addr if net is not None else self.table.total_pages * PAGE_SIZE
         dev_pages = (dev_end - top) // PAGE_SIZE
-        base = max(top, LAUNCHER_PAGES * PAGE_SIZE)
+        base = max(top, mem_pages * PAGE_SIZE)
         region = await self.dom.lguest_region(dev_pages, base)
         await self.dom.lguest_region_permit(region.region_id, s.guest_domid)  # and nobody else
         lan_region = 0
@@ -414,7 +434,7 @@ class Launcher:
             for _, member in s.lan_members:
                 await self.dom.lguest_region_permit(lan_region, member)
             await self.dom.lguest_region_frames(lan_region, *lan_frame_rule(s.mtu))
-        alloc = Allocator(0, LAUNCHER_PAGES * PAGE_SIZE)
+        alloc = Allocator(0, mem_pages * PAGE_SIZE)
         tx_dma = alloc.alloc_unsplit(DMA_SIZE)
         tx_buf = alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE)
         irq_keys = {slot.irq: slot.addr for slot in (cons, blk) if slot is not None}
@@ -434,6 +454,8 @@ class Launcher:
                     os.unlink(s.console_socket)
                 self._server = await asyncio.start_unix_server(self._client, s.console_socket)
         me = {"pid": os.getpid(), "launcher_domid": self.dom.domid, "guest_domid": s.guest_domid}
+        if lan_region and net is not None and host_peer:
+            await self._start_host_peer(net, base + dev_pages * PAGE_SIZE, alloc)
         if lan_region:
             write_status(lan_file(s.state_dir, s.lan), **me, region_id=lan_region)
         write_status(
@@ -442,6 +464,33 @@ class Launcher:
             dev_pages=dev_pages, total_pages=self.table.total_pages,
             net_pfn=net.pfn if net is not None else 0,
             console_socket=s.console_socket if self._server is not None else "")
+
+    # T:896 The host as one more peer on the LAN
+    # With `[lan.<name>] host = CIDR`, the Launcher that owns a LAN joins it for the host,
+    # as lguest's --tunnet did: it takes the slot after the guests', publishes a MAC
+    # with the promiscuous bit (so frames for addresses beyond the LAN come to it),
+    # binds eight receive buffers of its own memory at that slot's key and runs the
+    # same driver and frame path as a guest (T:885, T:899), ending in a TAP named
+    # pvio-<name> in the host's namespace.  The host reaches the guests and they reach
+    # it; nothing else of the host is exposed to them.
+    # :T
+    async def _start_host_peer(self, net: DeviceSlot, lan_base: int, alloc: Allocator) -> None:
+        from pvio.export.tap import create_host_tap
+        from pvio.lguest.bus import LguestDevice
+        from pvio.lguest.netpath import NetPath
+
+        s = self.s
+        slot = len(s.lan_members)
+        device = LguestDevice(net.index, LGUEST_DEVICE_T_NET, lan_features(slot), 1, lan_base // PAGE_SIZE,
+                              self.port, None)
+        driver = NetDriver(device, alloc, s.lan_host_mac, mtu=s.mtu)
+        await self.thread.call(functools.partial(driver.open, promisc=True))
+        loop = asyncio.get_running_loop()
+        tap = await loop.run_in_executor(
+            None, lambda: create_host_tap(f"pvio-{s.lan}", address=s.lan_host, mac=driver.mac, mtu=s.mtu,
+                                          nocsum=driver.nocsum))
+        self.host_path = NetPath(driver, self.dom, tap)
+        self.host_path.start(loop)
 
     async def _serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, alloc: Allocator,
                      size: int) -> None:
@@ -452,6 +501,9 @@ class Launcher:
         self.served[slot.irq] = _Served(slot, device, rx_dma)
 
     def _on_irq(self, irq: int) -> None:
+        if self.host_path is not None and irq == self.host_path.net.device.irq:
+            self.host_path.interrupt()  # the host peer's frames, on the loop (T:899)
+            return
         _submit(self.thread, self._irq_in_thread, irq).add_done_callback(self._after_irq)
 
     def _irq_in_thread(self, irq: int) -> bytes:
@@ -548,9 +600,15 @@ class Launcher:
                              + ([self.net_index] if self.net_failed and self.net_index is not None else [])),
             "console_output_dropped": self.output_dropped,
             "devices": {str(sv.slot.index): vars(sv.device.stats).copy() for sv in self.served.values()},
+            **({"host_peer": {"interface": self.host_path.tap.ifname, "address": self.host_path.tap.address,
+                              "net": vars(self.host_path.net.stats).copy()}}
+               if self.host_path is not None else {}),
         }
 
     async def stop(self) -> None:
+        if self.host_path is not None:
+            self.host_path.stop()
+            self.host_path.tap.close()  # the host's interface goes with it
         if self._server is not None:
             self._server.close()
         for w in list(self.clients):
@@ -648,17 +706,12 @@ class Guest:
         self.net: NetDriver | None = None
         self.disk: LguestDisk | None = None
         self.tap: Any = None
-        self.link: Any = None
+        self.path: NetPath | None = None  # the network device's frames (T:899)
         self.nbd: Any = None
         self.shell: Any = None
         self.console_dropped = 0
         self.refused = 0  # hypercalls the hypervisor refused (DmaError)
         self.hostile_results: dict[str, str] = {}  # tests only: each rule break's outcome
-        self.tx_dropped = 0  # frames from the TAP beyond TX_PENDING_LIMIT
-        self._tx_inflight = 0  # batches of SEND_DMAs at the hypervisor (0 or 1)
-        self._tx_scheduled = False  # a pump is due
-        self._tx_paused = False  # waiting TX_RETRY_DELAY for a full peer
-        self.tx_batches = 0  # batches sent (one hypercall round trip each)
         self._net_closing = False
 
     # T:898 The guest as a domain: scan, probe, and the real world's ends
@@ -731,80 +784,17 @@ class Guest:
         self.bus.scan()
 
     async def _start_net(self) -> None:
-        from pvio.export.tap import TapLink, create_tap
+        from pvio.export.tap import create_tap
+        from pvio.lguest.netpath import NetPath
 
-        assert self.net is not None
-        loop = asyncio.get_running_loop()
-        self.tap = await loop.run_in_executor(
-            None, lambda: create_tap(self.s.guest_name, address=self.s.address, mac=self.net.mac if self.net else b"",
-                             mtu=self.s.mtu, nocsum=self.net.nocsum if self.net else False))
-        self.link = TapLink(self.tap, self._from_tap)
-        self.link.start(loop)
-
-    # T:899 A frame's path through the guest process, on the event loop
-    # The network device's data path never leaves the event loop: a frame read from the
-    # TAP is queued in the driver; when no batch is in flight, `stage` writes the next
-    # batch into transmit buffers in guest memory and its SEND_DMAs go to the hypervisor
-    # as one request, whose replies `account` counts before the next batch goes.  A
-    # receive interrupt is handled right where its push arrives: the driver takes the
-    # filled buffers (memory reads and one used_len write each) and the frames go
-    # straight into the TAP.  Block and console drivers, whose calls wait for
-    # hypercalls, stay in the worker thread.
-    # :T
-    def _from_tap(self, frame: bytes | memoryview) -> None:
-        # Frames wait in the driver's queue; the pump runs once the TAP has been read (so
-        # the frames of one wake-up share batches) and sends one batch of up to TX_BATCH
-        # SEND_DMAs at a time: the driver's transmit buffers are those of one batch.
-        # (Two batches in flight, on two sets of buffers, measured no faster: smaller
-        # batches, and more frames finding the receiver full.)
-        net = self.net
-        if net is None:
-            return
-        if net.queued() >= TX_PENDING_LIMIT:
-            self.tx_dropped += 1
-            return
-        net.queue((frame,))
-        if not self._tx_scheduled:
-            self._tx_scheduled = True
-            asyncio.get_running_loop().call_soon(self._tx_pump)
-
-    def _tx_pump(self) -> None:
-        self._tx_scheduled = False
         net = self.net
         assert net is not None
-        while not self._tx_paused and not self._tx_inflight:
-            if self._net_failed():
-                net.drop_queue()
-                return
-            batch = net.stage()
-            if not batch:
-                return
-            self._tx_inflight += 1
-            self.tx_batches += 1
-            fut = asyncio.ensure_future(self.dom.send_dma_many(batch.sends))
-            fut.add_done_callback(functools.partial(self._tx_done, batch))
-
-    def _tx_done(self, batch: TxBatch, fut: asyncio.Future[list[int]]) -> None:
-        assert self.net is not None
-        self._tx_inflight -= 1
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        results = [-errno.EIO] * len(batch.sends) if exc is not None else fut.result()
-        if exc is not None:  # the hypervisor's channel is gone; the process is ending
-            self.refused += 1
-        self.net.account(batch, results)
-        if 0 in results and not self._tx_paused:
-            # A peer's buffers were all full: give it time to drain them before the
-            # frames it missed are sent again (an immediate retry would only miss again,
-            # and count as drops toward the flood rule).
-            self._tx_paused = True
-            asyncio.get_running_loop().call_later(TX_RETRY_DELAY, self._tx_resume)
-        self._tx_pump()
-
-    def _tx_resume(self) -> None:
-        self._tx_paused = False
-        self._tx_pump()
+        loop = asyncio.get_running_loop()
+        self.tap = await loop.run_in_executor(
+            None, lambda: create_tap(self.s.guest_name, address=self.s.address, mac=net.mac, mtu=self.s.mtu,
+                                     nocsum=net.nocsum))
+        self.path = NetPath(net, self.dom, self.tap, failed=self._net_failed)
+        self.path.start(loop)
 
     def _net_failed(self) -> bool:
         """Has the Launcher marked the network device FAILED?  Then the driver lets go
@@ -829,13 +819,8 @@ class Guest:
     def _on_irq(self, irq: int) -> None:
         if irq >= LGUEST_IRQS:
             return  # a violation notice: only Launchers act on those
-        net = self.net
-        if net is not None and irq == net.device.irq:
-            if not self._net_failed():
-                net.interrupt()
-                if self.link is not None:
-                    for frame in net.take_frames():
-                        self.link.send(frame)
+        if self.path is not None and irq == self.path.net.device.irq:
+            self.path.interrupt()  # on the loop: see T:899
             return
         fut = _submit(self.thread, self._irq_in_thread, irq)
         fut.add_done_callback(self._after_irq)
@@ -953,8 +938,8 @@ class Guest:
 
         if self.shell is not None:
             self.shell.stop()
-        if self.link is not None:
-            self.link.stop()
+        if self.path is not None:
+            self.path.stop()
         if self.tap is not None:
             self.tap.close()
             await asyncio.get_running_loop().run_in_executor(None, remove_namespace, self.tap.netns)
@@ -972,7 +957,9 @@ class Guest:
         if self.net is not None:
             out["net"] = vars(self.net.stats).copy()
             out["net_open"] = self.net.is_open
-            out["net_tx_batches"] = self.tx_batches
+            if self.path is not None:
+                out["net_tx_batches"] = self.path.tx_batches
+                out["net_tap_dropped"] = self.path.tx_dropped
         return out
 
 

@@ -42,9 +42,11 @@ class _Proc:
 class LguestCluster:
     """The hypervisor plus a Launcher and a guest process per `GuestDef`."""
 
-    def __init__(self, state_dir: Path, guests: list[GuestDef], *, nr_pages: int = 1024) -> None:
+    def __init__(self, state_dir: Path, guests: list[GuestDef], *, nr_pages: int = 1024,
+                 lan_hosts: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.guests = guests
+        self.lan_hosts = dict(lan_hosts or {})  # LAN -> the host's address on it (CIDR)
         self.nr_pages = nr_pages
         self.hv_socket = str(state_dir / "hv.sock")
         self.hv: subprocess.Popen[bytes] | None = None
@@ -74,6 +76,8 @@ class LguestCluster:
             "launcher_domid": launcher, "guest_domid": guest, "lan_members": members,
             "console_socket": self.console_socket(g.name), "nbd_socket": self.nbd_socket(g.name),
         }
+        if g.lan in self.lan_hosts:
+            extra["lan_host"] = {"address": self.lan_hosts[g.lan]}
         if g.hostile and role == "lguest-guest":
             extra["hostile"] = list(g.hostile)
         return DomainSpec(name=name, domid=me, role=role, hypervisor_socket=self.hv_socket, xenstore_fd=-1,

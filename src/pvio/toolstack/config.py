@@ -88,9 +88,21 @@ class DomainConfig:
 
 
 @dataclass
+class LanConfig:
+    """A LAN's own settings (``[lan.<name>]``): the host as one more peer, through a TAP
+    named ``pvio-<name>`` in the host's namespace with address `host` (lguest's
+    ``--tunnet``)."""
+
+    name: str
+    host: str = ""  # CIDR; "" = guests only
+    host_mac: str = ""
+
+
+@dataclass
 class Config:
     domains: list[DomainConfig]
     transport: str = "map"
+    lans: dict[str, LanConfig] = field(default_factory=dict)
 
     def domain(self, name: str) -> DomainConfig:
         for d in self.domains:
@@ -149,6 +161,41 @@ def _mtu(value: object, where: str) -> int:
     return value
 
 
+_LAN_KEYS = {"host", "host_mac"}
+
+
+def _lans(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, LanConfig]:
+    """The ``[lan.<name>]`` tables: each names a LAN some lguest guest is on."""
+    import ipaddress
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `lan` must be tables [lan.<name>]")
+    used = {d.lguest_net.lan for d in domains if d.lguest_net is not None}
+    out: dict[str, LanConfig] = {}
+    for name, table in raw.items():
+        where = f"{path}: [lan.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: not a table")
+        if name not in used:
+            raise ConfigError(f"{where}: no lguest guest is on LAN {name!r}")
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: a LAN name is 1-11 lowercase letters, digits or '-' "
+                              "(it names the host's interface pvio-<name>)")
+        unknown = set(table) - _LAN_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        host = str(table.get("host", ""))
+        if host:
+            try:
+                iface = ipaddress.ip_interface(host)
+            except ValueError:
+                raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
+            if iface.network.prefixlen == iface.max_prefixlen:
+                raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+        out[name] = LanConfig(name, host, str(table.get("host_mac", "")))
+    return out
+
+
 def _check_lans(domains: list[DomainConfig], path: Path) -> None:
     """Every guest on a LAN has its MTU (the LAN's frame rule is one)."""
     mtus: dict[str, tuple[int, str]] = {}
@@ -168,7 +215,7 @@ def load(path: Path, state_dir: Path) -> Config:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    unknown = set(raw) - {"pvio", "domain"}
+    unknown = set(raw) - {"pvio", "domain", "lan"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = raw.get("pvio", {})
@@ -225,7 +272,7 @@ def load(path: Path, state_dir: Path) -> Config:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{path}: domain names used twice: {sorted(dupes)}")
-    return Config(domains, transport=transport)
+    return Config(domains, transport=transport, lans=_lans(raw.get("lan", {}), domains, path))
 
 
 def _check_disks(dom: DomainConfig) -> None:

@@ -360,6 +360,9 @@ class Toolstack:
             if cfg is not None and cfg.type == "lguest":
                 lan = cfg.lguest_net.lan if cfg.lguest_net else None
                 run.spec.extra["lan_members"] = lans.get(lan, []) if lan else []
+                lan_cfg = self.config.lans.get(lan or "")
+                if lan_cfg is not None and lan_cfg.host:
+                    run.spec.extra["lan_host"] = {"address": lan_cfg.host, "mac": lan_cfg.host_mac}
 
     def _prepare_images(self) -> None:
         for dom in self.config.domains:
@@ -495,6 +498,9 @@ class Toolstack:
                 if run.config.lguest_net:
                     self.say(f"    net {run.config.lguest_net.address} in netns pvio-{run.spec.name}")
                 self.say(f"    console: pvio console {run.spec.name} --state-dir {self.paths.root}")
+        for lan in self.config.lans.values():
+            if lan.host:
+                self.say(f"  the host on LAN {lan.name}: {lan.host} on interface pvio-{lan.name}")
         self.say("")
         self.say(f"export XENSTORED_PATH={self.paths.xenstored_socket}")
         self.say("")
