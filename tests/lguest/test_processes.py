@@ -10,6 +10,7 @@ oversized frames to its peers and floods the LAN.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,16 +55,21 @@ def test_ping_between_guests(cluster: LguestCluster) -> None:
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
 def test_tcp_with_iperf3(cluster: LguestCluster) -> None:
-    server = subprocess.Popen(["ip", "netns", "exec", "pvio-g2", "iperf3", "-s", "-1", "-p", "5299"],
+    assert iperf3("g1", "pvio-g2", "10.0.0.2", 5299) > 100_000
+
+
+def iperf3(client: str, server_netns: str, address: str, port: int) -> int:
+    """Bytes one second of iperf3 moves from guest `client` to a server listening on
+    `address` in `server_netns` ("" for the host's namespace)."""
+    prefix = ["ip", "netns", "exec", server_netns] if server_netns else []
+    server = subprocess.Popen([*prefix, "iperf3", "-s", "-1", "-p", str(port), "-B", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
-        r = netns_exec("g1", "iperf3", "-c", "10.0.0.2", "-p", "5299", "-t", "1", "-J", timeout=30)
+        r = netns_exec(client, "iperf3", "-c", address, "-p", str(port), "-t", "1", "-J", timeout=30)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-        import json
-
-        sent = json.loads(r.stdout)["end"]["sum_received"]["bytes"]
-        assert sent > 100_000
+        moved: int = json.loads(r.stdout)["end"]["sum_received"]["bytes"]
+        return moved
     finally:
         server.kill()
         server.wait()
@@ -175,18 +181,7 @@ def test_a_lan_with_the_largest_mtu(tmp_path_factory: pytest.TempPathFactory) ->
         assert f"mtu {MAX_MTU}" in link.stdout
         r = netns_exec("j1", "ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", "65000", "10.0.0.2")
         assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
-        server = subprocess.Popen(["ip", "netns", "exec", "pvio-j2", "iperf3", "-s", "-1", "-p", "5298"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            r = netns_exec("j1", "iperf3", "-c", "10.0.0.2", "-p", "5298", "-t", "1", "-J", timeout=30)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-            import json
-
-            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-        finally:
-            server.kill()
-            server.wait()
+        assert iperf3("j1", "pvio-j2", "10.0.0.2", 5298) > 1_000_000
         time.sleep(1.2)  # the guest's status is refreshed every second
         stats = c.status("j2")["stats"]["net"]
         assert stats["rx_length_errors"] == 0
@@ -208,16 +203,7 @@ def test_the_host_as_a_peer_on_the_lan(tmp_path_factory: pytest.TempPathFactory)
         assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
         r = netns_exec("k1", "ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.254")
         assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
-        # TCP from a guest to a server on the host
-        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5297", "-B", "10.79.0.254"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            r = netns_exec("k2", "iperf3", "-c", "10.79.0.254", "-p", "5297", "-t", "1", "-J", timeout=30)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-        finally:
-            server.kill()
-            server.wait()
+        assert iperf3("k2", "", "10.79.0.254", 5297) > 100_000  # to a server on the host
         time.sleep(1.2)
         peer = c.status("k1-launcher")["stats"]["host_peer"]
         assert peer["interface"] == "pvio-hostlan" and peer["net"]["rx_packets"] > 0
