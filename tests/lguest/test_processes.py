@@ -208,3 +208,34 @@ def test_the_host_as_a_peer_on_the_lan(tmp_path_factory: pytest.TempPathFactory)
         peer = c.status("k1-launcher")["stats"]["host_peer"]
         assert peer["interface"] == "pvio-hostlan" and peer["net"]["rx_packets"] > 0
     assert not os.path.exists("/sys/class/net/pvio-hostlan")  # gone with its Launcher
+
+
+def test_unplug_takes_each_device_away_and_the_other_guest_carries_on(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    state = tmp_path_factory.mktemp("lguest-unplug")
+    c = LguestCluster(state, [GuestDef("u1", "10.0.0.1/24", lan="ulan"), GuestDef("u2", "10.0.0.2/24", lan="ulan")])
+    unplug = [sys.executable, "-m", "pvio", "unplug", "--state-dir", str(state)]
+    with c:
+        assert netns_exec("u2", "ping", "-c", "1", "-W", "2", "10.0.0.1").returncode == 0
+        r = subprocess.run([*unplug, "u1", "net"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "net device" in r.stdout, r.stdout + r.stderr
+        link = subprocess.run(["ip", "-n", "pvio-u1", "link", "show", "eth0"], capture_output=True, text=True)
+        assert link.returncode != 0  # the interface went with the device; the namespace stays
+        assert netns_exec("u2", "ping", "-c", "1", "-W", "1", "10.0.0.1").returncode != 0
+        r = subprocess.run([*unplug, "u1", "net"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "removed already" in r.stderr, r.stderr
+        r = subprocess.run([*unplug, "u1", "block"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(c.nbd_socket("u1"))  # the export went with the disk
+        r = subprocess.run([*unplug, "u1", "console"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        time.sleep(1.2)
+        statuses = c.status("u1")["devices"]
+        assert len(statuses) == 3 and all(v & 0x18 == 0x18 for v in statuses.values())  # REMOVED|REMOVED_ACK
+        assert c.status("u1-launcher")["stats"]["violations"] == 0
+        # u2 keeps its disk and its console
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "read -P 0x11 0 64k",
+                            c.nbd_uri("u2")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+        r = subprocess.run([*unplug, "u2", "gpu"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "gpu" in r.stderr  # not a device kind

@@ -202,11 +202,15 @@ class TapInterface:
         return True
 
     def close(self) -> None:
+        self.close_device()
+        if self.netns:
+            remove_namespace(self.netns)
+
+    def close_device(self) -> None:
+        """The interface goes (it dies with its fd); the namespace stays."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.netns:
-            remove_namespace(self.netns)
 
     def __enter__(self) -> TapInterface:
         return self

@@ -85,10 +85,12 @@ if given, else the config's ``memory``, else the toolstack's default; the guest 
 takes the size from the rendezvous file.  ``extra["hostile"]`` is for tests only: a list
 of rule breaks the guest commits once it is up (see `Guest._misbehave`).
 
-Not here: hotplug and a Launcher restart
-while its guest runs (the guest would have to re-attach).  Rejected: putting the guest's
-RAM in a region the Launcher can map (lguest's Launcher could see all guest memory; here
-it sees only the device pages, and data moves only by DMA).
+Unplug (`pvio unplug`, T:897): the Launcher takes requests on ``<state_dir>/lguest/
+<guest>.control`` (named in its rendezvous file); the guest looks for REMOVED devices
+every REMOVAL_POLL seconds.  Not here: adding a device to a running guest, and a
+Launcher restart while its guest runs (the guest would have to re-attach).  Rejected:
+putting the guest's RAM in a region the Launcher can map (lguest's Launcher could see
+all guest memory; here it sees only the device pages, and data moves only by DMA).
 """
 
 from __future__ import annotations
@@ -163,6 +165,10 @@ EXPORT_NAME = "lgba"
 RENDEZVOUS_TIMEOUT = 30.0
 #: Console output held for a `pvio console` client that does not read, before dropping.
 CLIENT_BUFFER_LIMIT = 1 << 20
+#: How often the guest looks for devices its Launcher marked REMOVED (seconds).
+REMOVAL_POLL = 0.2
+#: How long `pvio unplug` waits for the guest's REMOVED_ACK (seconds).
+UNPLUG_TIMEOUT = 10.0
 #: Console output the guest retries while its Launcher's buffer is busy (seconds).
 CONSOLE_RETRY = 2.0
 _U32 = struct.Struct("<I")
@@ -283,6 +289,11 @@ def lan_file(state_dir: Path, lan: str) -> Path:
     return rendezvous_dir(state_dir) / f"lan-{lan}.json"
 
 
+def control_socket(state_dir: Path, guest: str) -> Path:
+    """Where guest `guest`'s Launcher takes requests (`pvio unplug`)."""
+    return rendezvous_dir(state_dir) / f"{guest}.control"
+
+
 async def wait_rendezvous(path: Path, accept: Callable[[dict[str, Any]], bool],
                           timeout: float = RENDEZVOUS_TIMEOUT) -> dict[str, Any]:
     """Wait for `path` to hold JSON written by a live process that `accept` accepts."""
@@ -366,6 +377,7 @@ class _Served:
     device: BlockDevice | ConsoleDevice
     rx_dma: int
     failed: bool = False
+    removed: bool = False  # unplugged: the guest acknowledged, nothing more is served
 
 
 class Launcher:
@@ -388,6 +400,8 @@ class Launcher:
         self._input_scheduled = False
         self._server: asyncio.AbstractServer | None = None
         self.host_path: NetPath | None = None  # the host's peer on the LAN (T:896)
+        self.slots: dict[str, DeviceSlot] = {}  # "console", "block", "net" -> descriptor slot
+        self._control: asyncio.AbstractServer | None = None
 
     # T:895 The Launcher as a domain: device pages shared, requests served by DMA
     # The Launcher is a domain with a little memory of its own.  It asks the hypervisor
@@ -422,6 +436,8 @@ class Launcher:
         net = (self.table.add(LGUEST_DEVICE_T_NET, features=lan_features(s.lan_slot), num_pages=1)
                if s.lan else None)
         self.net_index = net.index if net is not None else None
+        self.slots = {kind: slot for kind, slot in (("console", cons), ("block", blk), ("net", net))
+                      if slot is not None}
         top = self.table.descriptor_addr
         dev_end = net.addr if net is not None else self.table.total_pages * PAGE_SIZE
         dev_pages = (dev_end - top) // PAGE_SIZE
@@ -453,6 +469,11 @@ class Launcher:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(s.console_socket)
                 self._server = await asyncio.start_unix_server(self._client, s.console_socket)
+        control = control_socket(s.state_dir, s.guest_name)
+        control.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)
+        self._control = await asyncio.start_unix_server(self._control_client, str(control))
         me = {"pid": os.getpid(), "launcher_domid": self.dom.domid, "guest_domid": s.guest_domid}
         if lan_region and net is not None and host_peer:
             await self._start_host_peer(net, base + dev_pages * PAGE_SIZE, alloc)
@@ -463,7 +484,8 @@ class Launcher:
             **me, region_id=region.region_id, top_pfn=self.table.top_pfn,
             dev_pages=dev_pages, total_pages=self.table.total_pages,
             net_pfn=net.pfn if net is not None else 0,
-            console_socket=s.console_socket if self._server is not None else "")
+            console_socket=s.console_socket if self._server is not None else "",
+            control_socket=str(control))
 
     # T:896 The host as one more peer on the LAN
     # With `[lan.<name>] host = CIDR`, the Launcher that owns a LAN joins it for the host,
@@ -491,6 +513,61 @@ class Launcher:
                                           nocsum=driver.nocsum))
         self.host_path = NetPath(driver, self.dom, tap)
         self.host_path.start(loop)
+
+    # T:897 Unplug: REMOVED, then REMOVED_ACK
+    # `pvio unplug NAME DEVICE` asks the Launcher, on its control socket, to take a device
+    # away.  The Launcher sets REMOVED in the device's status (the bus table allows it
+    # once), then waits for the guest: the guest notices within a fifth of a second,
+    # stops what feeds the device (its TAP, its NBD export, its shell), lets its driver
+    # go (the network driver clears its MAC slot and unbinds its buffers) and answers
+    # REMOVED_ACK.  Only then does the Launcher stop serving the device and unbind its
+    # buffer; a guest that never acknowledges keeps a device marked REMOVED, and the
+    # request says so.
+    # :T
+    async def unplug(self, kind: str, timeout: float = UNPLUG_TIMEOUT) -> dict[str, Any]:
+        from pvio.lguest.bus import RA, BusError, R
+
+        slot = self.slots.get(kind)
+        if slot is None:
+            return {"error": f"{self.s.guest_name} has no {kind} device (it has: {', '.join(self.slots) or 'none'})"}
+        if self.table.status(self.lport, slot.index) & R:
+            return {"error": f"the {kind} device was removed already"}
+        try:
+            self.table.remove(self.lport, slot.index)
+        except BusError as exc:
+            return {"error": f"{kind} device: {exc.reason}"}
+        deadline = time.monotonic() + timeout
+        while not (status := self.table.status(self.lport, slot.index)) & RA:
+            if time.monotonic() > deadline:
+                return {"error": f"the guest did not acknowledge REMOVED within {timeout:g} s "
+                                 f"(status {status:#x}); the device stays removed"}
+            await asyncio.sleep(0.02)
+        served = self.served.get(slot.irq)
+        if served is not None and not served.removed:
+            served.removed = True
+            with contextlib.suppress(Exception):
+                await self.dom.unbind_dma(slot.addr + self.lport.delta, served.rx_dma)
+        assert status & R
+        return {"ok": True, "device": kind, "index": slot.index, "status": status}
+
+    async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per line, JSON: {"unplug": "console" | "block" | "net"}."""
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line)
+                    kind = request["unplug"] if isinstance(request, dict) else None
+                    if not isinstance(kind, str):
+                        raise ValueError("expected {\"unplug\": DEVICE}")
+                    reply = await self.unplug(kind)
+                except (ValueError, KeyError) as exc:
+                    reply = {"error": f"bad request: {exc}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
     async def _serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, alloc: Allocator,
                      size: int) -> None:
@@ -526,7 +603,7 @@ class Launcher:
                 self.port.unbind_dma(served.slot.addr + self.lport.delta, served.rx_dma)
             return b""
         served = self.served.get(irq)
-        if served is None or served.failed:
+        if served is None or served.failed or served.removed:
             return b""
         raw = self.port.read(served.rx_dma, DMA_SIZE)
         used = _U32.unpack_from(raw)[0]
@@ -606,6 +683,9 @@ class Launcher:
         }
 
     async def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            _unlink(control_socket(self.s.state_dir, self.s.guest_name))
         if self.host_path is not None:
             self.host_path.stop()
             self.host_path.tap.close()  # the host's interface goes with it
@@ -623,6 +703,11 @@ class Launcher:
             await self.dom.close()
         if self.storage is not None:
             self.storage.close()
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _first_addr(raw: bytes) -> int:
@@ -880,6 +965,34 @@ class Guest:
                     break
                 time.sleep(0.001)
 
+    async def unplug_removed(self) -> list[int]:
+        """Devices the Launcher marked REMOVED (T:897): stop what feeds each (the TAP,
+        whose interface goes while the namespace stays until the guest stops; the NBD
+        export; the shell), then let the drivers go and answer REMOVED_ACK (the bus's
+        poll_removals, in the worker thread: the network driver unbinds its buffers)."""
+        from pvio.lguest.bus import RA, R
+
+        pending = [i for i in self.bus.devices if self.bus.status(i) & (R | RA) == R]
+        if not pending:
+            return []
+        for i in pending:
+            if self.net is not None and i == self.net.device.index:
+                if self.path is not None:
+                    self.path.stop()
+                    self.path = None
+                if self.tap is not None:
+                    self.tap.close_device()
+            if self.block is not None and i == self.block.device.index:
+                if self.nbd is not None:
+                    await self.nbd.close(1.0)
+                    self.nbd = None
+                self.disk = None
+            if self.console is not None and i == self.console.device.index and self.shell is not None:
+                self.shell.stop()
+                self.shell = None
+        gone: list[int] = await self.thread.call(self.bus.poll_removals)
+        return gone
+
     def _misbehave(self) -> None:
         """Tests only: break lguest's DMA rules on purpose (extra["hostile"])."""
         bad = self.alloc.alloc_unsplit(DMA_SIZE)
@@ -973,14 +1086,22 @@ async def guest_main(spec: DomainSpec) -> None:
             status["netns"] = guest.tap.netns
         if guest.nbd is not None:
             status["nbd"] = f"nbd+unix:///{EXPORT_NAME}?socket={guest.s.nbd_socket}"
-        status["devices"] = {str(i): guest.bus.status(i) for i in guest.bus.devices}
+        indices = list(guest.bus.devices)  # removed devices leave bus.devices
+        status["devices"] = {str(i): guest.bus.status(i) for i in indices}
         write_status(spec.status_file, **status)
+        ticks = 0
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(REMOVAL_POLL)
+            if await guest.unplug_removed() and guest.nbd is None:
+                status.pop("nbd", None)
+            ticks += 1
+            if ticks * REMOVAL_POLL < 1.0:
+                continue
+            ticks = 0
             if guest.net is not None:
                 guest._net_failed()  # let go of a FAILED network device
             status["stats"] = guest.statistics()
-            status["devices"] = {str(i): await guest.thread.call(guest.bus.status, i) for i in guest.bus.devices}
+            status["devices"] = {str(i): guest.bus.status(i) for i in indices}
             write_status(spec.status_file, **status)
     finally:
         await asyncio.shield(guest.stop())
