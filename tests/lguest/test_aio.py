@@ -169,12 +169,12 @@ async def _disk_scenario() -> None:
         await thread.call(bus.scan)
         await thread.call(bus.register_driver, LGUEST_DEVICE_T_BLOCK,
                           lambda d: drivers.append(BlockDriver(d, alloc)) or drivers[-1])
-        disk = LguestDisk(drivers[0], thread)
+        disk = LguestDisk(drivers[0], client)  # the disk's requests run on the loop
 
         async def deliver_interrupts() -> None:
-            for irq in guest.take_irqs():
-                await thread.call(bus.interrupt, irq)
-            await disk.completed()
+            for _irq in guest.take_irqs():
+                drivers[0].interrupt()  # on the loop, as the guest process does
+            disk.completed()
 
         client.after_send = deliver_interrupts
         assert disk.size == 1 << 20

@@ -12,8 +12,10 @@ mapped memory, and each hypercall is handed to the event loop and waited for.
 
 Interrupts arrive on the event loop; the guest's adapter forwards each with
 ``await thread.call(bus.interrupt, irq)``, so they too run in the worker thread.
-`LguestDisk` builds on both to offer a guest's disk as async read/write (what an NBD
-export serves), one 64 KiB protocol request at a time.
+`LguestDisk` offers a guest's disk as async read/write (what an NBD export serves), one
+64 KiB protocol request at a time, entirely on the event loop: the block driver stages
+a request in guest memory and the SEND_DMA is awaited there (a request's path has no
+thread hand-off, like the network device's, `pvio.lguest.netpath`).
 
 What this does not do: I/O of its own (no sockets, no fds); it only moves calls between
 one thread and one loop.  Calling a port method on the loop's own thread would wait for
@@ -128,34 +130,47 @@ class ThreadedDmaPort:
         self.client.phys(addr, len(data))[:] = data
 
 
+class AsyncSender(Protocol):
+    """The hypercall a disk on the event loop needs."""
+
+    async def send_dma(self, key: int, dma: int) -> int: ...
+
+
 class LguestDisk:
     """A guest's lguest disk as async read/write, for an export such as NBD.
 
     Requests are split into the protocol's 64 KiB pieces and sent one at a time (one
-    request in flight is the protocol).  Whoever delivers the guest's interrupts calls
-    `completed()` after the block device's interrupt ran, which wakes the waiting
-    request.  A result of 2 becomes OSError(EIO).  There is no flush in lguest's block
-    protocol: the Launcher has written each piece by the time it answers, so `flush`
-    only waits for nothing to be in flight."""
+    request in flight is the protocol).  Everything runs on the event loop: the driver
+    stages a request in guest memory (`stage_read`/`stage_write`), its SEND_DMA is a
+    coroutine of the domain's client, and whoever delivers the guest's interrupts calls
+    the driver's `interrupt()` and then `completed()`, which wakes the waiting request.
+    A result of 2, or a refused SEND_DMA, becomes OSError(EIO).  There is no flush in
+    lguest's block protocol: the Launcher has written each piece by the time it
+    answers, so `flush` only waits for nothing to be in flight."""
 
-    def __init__(self, driver: BlockDriver, thread: GuestThread) -> None:
+    def __init__(self, driver: BlockDriver, client: AsyncSender) -> None:
         self.driver = driver
-        self.thread = thread
+        self.client = client
         self.size = driver.num_sectors * LGUEST_SECTOR_SIZE
         self._lock = asyncio.Lock()
         self._waiting: asyncio.Future[BlockCompletion] | None = None
 
-    async def _one(self, submit: Callable[..., None], *args: Any) -> BlockCompletion:
+    async def _one(self, stage: Callable[..., tuple[int, int]], *args: Any) -> BlockCompletion:
         self._waiting = asyncio.get_running_loop().create_future()
         try:
-            await self.thread.call(submit, *args)
+            key, dma = stage(*args)
+            try:
+                await self.client.send_dma(key, dma)
+            except Exception as exc:
+                self.driver.refused()
+                raise OSError(errno.EIO, f"lguest request refused: {exc}") from exc
             return await self._waiting
         finally:
             self._waiting = None
 
-    async def completed(self) -> None:
+    def completed(self) -> None:
         """The block device's interrupt has been handled: hand over its completion."""
-        for done in await self.thread.call(self.driver.take_completions):
+        for done in self.driver.take_completions():
             if self._waiting is not None and not self._waiting.done():
                 self._waiting.set_result(done)
 
@@ -171,7 +186,7 @@ class LguestDisk:
         async with self._lock:
             for start in range(offset, offset + length, MAX_REQUEST_BYTES):
                 n = min(MAX_REQUEST_BYTES, offset + length - start)
-                done = await self._one(self.driver.read, start // LGUEST_SECTOR_SIZE, n)
+                done = await self._one(self.driver.stage_read, start // LGUEST_SECTOR_SIZE, n)
                 if not done.ok:
                     raise OSError(errno.EIO, f"lguest read at {start} failed")
                 out += done.data
@@ -184,7 +199,7 @@ class LguestDisk:
             for pos in range(0, len(view), MAX_REQUEST_BYTES):
                 piece = bytes(view[pos : pos + MAX_REQUEST_BYTES])
                 sector = (offset + pos) // LGUEST_SECTOR_SIZE
-                done = await self._one(self.driver.write, sector, piece)
+                done = await self._one(self.driver.stage_write, sector, piece)
                 if not done.ok:
                     raise OSError(errno.EIO, f"lguest write at {offset + pos} failed")
 

@@ -128,25 +128,38 @@ class BlockDriver:
 
     def write(self, sector: int, data: bytes) -> None:
         """do_write: the data goes with the SEND_DMA."""
-        self._check(sector, len(data))
-        self.port.write(self.data, data)
-        self.port.write(self.send_dma, self._setup(LGUEST_BLOCK_WRITE, sector, len(data)))
-        self._send()
+        self._send(*self.stage_write(sector, data))
 
     def read(self, sector: int, nbytes: int) -> None:
         """do_read: the reply buffer points at our data pages; an empty DMA pings."""
+        self._send(*self.stage_read(sector, nbytes))
+
+    def stage_write(self, sector: int, data: bytes) -> tuple[int, int]:
+        """A write's request page and DMA, in memory; the (key, dma) of its SEND_DMA,
+        for a caller that makes the hypercall itself (then `refused` if it fails)."""
+        self._check(sector, len(data))
+        self.port.write(self.data, data)
+        self.port.write(self.send_dma, self._setup(LGUEST_BLOCK_WRITE, sector, len(data)))
+        return self.page, self.send_dma
+
+    def stage_read(self, sector: int, nbytes: int) -> tuple[int, int]:
+        """A read's request page and reply buffer, in memory; (key, dma) as above."""
         self._check(sector, nbytes)
         self.port.write(self.reply_dma, self._setup(LGUEST_BLOCK_READ, sector, nbytes))
         self.port.write(self.send_dma, build_dma([]))
-        self._send()
+        return self.page, self.send_dma
 
-    def _send(self) -> None:
+    def refused(self) -> None:
+        """The staged request's SEND_DMA was refused (the device has FAILED): nothing
+        is in flight any more."""
+        self._in_flight = None
+        self.stats.errors += 1
+
+    def _send(self, key: int, dma: int) -> None:
         try:
-            self.port.send_dma(self.page, self.send_dma)
+            self.port.send_dma(key, dma)
         except LguestError:
-            # Refused (the device has FAILED): nothing is in flight any more.
-            self._in_flight = None
-            self.stats.errors += 1
+            self.refused()
             raise
 
     def interrupt(self) -> None:

@@ -838,7 +838,7 @@ class Guest:
         if self.net is not None:
             await self._start_net()
         if self.block is not None:
-            self.disk = LguestDisk(self.block, self.thread)
+            self.disk = LguestDisk(self.block, self.dom)
             if s.nbd_socket:
                 from pvio.export.nbd_server_asyncio import NbdServer
 
@@ -907,6 +907,10 @@ class Guest:
         if self.path is not None and irq == self.path.net.device.irq:
             self.path.interrupt()  # on the loop: see T:899
             return
+        if self.disk is not None and self.block is not None and irq == self.block.device.irq:
+            self.block.interrupt()  # memory reads: the result, a read's data
+            self.disk.completed()
+            return
         fut = _submit(self.thread, self._irq_in_thread, irq)
         fut.add_done_callback(self._after_irq)
 
@@ -919,12 +923,10 @@ class Guest:
     def _after_irq(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        irq, typed = fut.result()
+        _, typed = fut.result()
         if typed and self.shell is not None and self.shell.master >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.shell.master, typed)
-        if self.disk is not None and self.block is not None and irq == self.block.device.irq:
-            asyncio.ensure_future(self.disk.completed()).add_done_callback(_log_failure)
 
     def _start_shell(self) -> None:
         from pvio.export.console import GuestShell
