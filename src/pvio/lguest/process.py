@@ -564,6 +564,9 @@ class Launcher:
                     reply = {"error": f"bad request: {exc}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
+        except ValueError:  # a line longer than the reader's limit: not a request
+            with contextlib.suppress(ConnectionError):
+                writer.write(json.dumps({"error": "request too long"}).encode() + b"\n")
         except ConnectionError:
             pass
         finally:
