@@ -214,6 +214,7 @@ class BlockDevice:
     slot: DeviceSlot
     storage: Storage
     stats: BlockDeviceStatistics = field(default_factory=BlockDeviceStatistics)
+    _answered_ok: bool = False
 
     def setup(self, port: LauncherPort) -> None:
         """Tell the guest the disk's size (num_sectors = size / 512)."""
@@ -232,9 +233,20 @@ class BlockDevice:
     # the reply is delivered, because delivering raises the guest's interrupt.
     # :T
     def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
+        payload = self.serve(port, key, data)
+        if payload is not None and port.deliver(key, payload) is None:
+            self.no_reply_buffer(port)
+            port.trigger_irq(self.slot.irq)
+        return 0
+
+    def serve(self, port: LauncherPort, key: int, data: bytes) -> bytes | None:
+        """Serve one request up to its reply: the result is written, and the bytes to
+        deliver at the page's key are returned (None for a stray key: nothing to answer).
+        `handle_output` delivers them; an adapter that makes its SEND_DMA itself calls
+        `no_reply_buffer` when the guest had none bound, then raises the interrupt."""
         if key != self.slot.addr:
             self.stats.stray_keys += 1
-            return 0
+            return None
         req = LGUEST_BLOCK_PAGE.unpack(port.read(self.slot.addr, LGUEST_BLOCK_PAGE.size))
         offset = req["sector"] * LGUEST_SECTOR_SIZE
         size = self.storage.size
@@ -258,15 +270,17 @@ class BlockDevice:
         if result != LGUEST_BLOCK_RESULT_OK:
             self.stats.errors += 1
         self._result(port, result)
-        if port.deliver(key, payload) is None:
-            # No reply buffer: the guest broke the protocol.  Still answer, so it can
-            # never hang waiting for this request.
-            self.stats.no_reply_buffer += 1
-            if result == LGUEST_BLOCK_RESULT_OK:
-                self.stats.errors += 1
-            self._result(port, LGUEST_BLOCK_RESULT_ERROR)
-            port.trigger_irq(self.slot.irq)
-        return 0
+        self._answered_ok = result == LGUEST_BLOCK_RESULT_OK
+        return payload
+
+    def no_reply_buffer(self, port: LauncherPort) -> None:
+        """The reply found no buffer: the guest broke the protocol.  The result becomes
+        an error; the caller still raises the interrupt, so the guest can never hang
+        waiting for this request."""
+        self.stats.no_reply_buffer += 1
+        if self._answered_ok:
+            self.stats.errors += 1
+        self._result(port, LGUEST_BLOCK_RESULT_ERROR)
 
     def _result(self, port: LauncherPort, result: int) -> None:
         port.write(self.slot.addr + _RESULT_OFFSET, _RESULT.pack(result))

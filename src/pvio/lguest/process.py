@@ -151,7 +151,7 @@ from pvio.toolstack.spec import DomainSpec, pid_alive, write_status
 log = logging.getLogger("pvio.lguest.process")
 
 #: The Launcher's own memory: its receive and send buffers (pages).
-LAUNCHER_PAGES = 64
+LAUNCHER_PAGES = 96
 def host_peer_pages(mtu: int) -> int:
     """Pages of Launcher memory the host's peer on a LAN needs: its receive and transmit
     buffers (NUM_SKBS + 1 + TX_BATCH frames of MTU + 14 bytes) and their DMA structs."""
@@ -356,12 +356,17 @@ class HvLauncherPort:
         self.port.write(self._check(addr, len(data)), data)
 
     def deliver(self, key: int, data: bytes) -> int | None:
+        n = self.port.send_dma(*self.stage(key, data, self.tx_buf, self.tx_dma))
+        return None if data and n == 0 else n
+
+    def stage(self, key: int, data: bytes, buf: int, dma: int) -> tuple[int, int]:
+        """`data` (at most 64 KiB) into `buf` and its lguest_dma at `dma`, both in the
+        Launcher's memory; the (key, dma) of the SEND_DMA that delivers it."""
         data = data[:MAX_REQUEST_BYTES]
         if data:
-            self.port.write(self.tx_buf, data)
-        self.port.write(self.tx_dma, build_dma(page_sections(self.tx_buf, len(data))))
-        n = self.port.send_dma(self._check(key, 4), self.tx_dma)
-        return None if data and n == 0 else n
+            self.port.write(buf, data)
+        self.port.write(dma, build_dma(page_sections(buf, len(data))))
+        return self._check(key, 4), dma
 
     def trigger_irq(self, irq: int) -> None:
         key = self.irq_keys.get(irq)
@@ -453,6 +458,9 @@ class Launcher:
         alloc = Allocator(0, mem_pages * PAGE_SIZE)
         tx_dma = alloc.alloc_unsplit(DMA_SIZE)
         tx_buf = alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE)
+        # The block device's replies have buffers of their own: they are sent from the
+        # event loop, the console's from the worker thread.
+        self.block_tx = (alloc.alloc_pages(MAX_REQUEST_BYTES // PAGE_SIZE), alloc.alloc_unsplit(DMA_SIZE))
         irq_keys = {slot.irq: slot.addr for slot in (cons, blk) if slot is not None}
         self.lport = HvLauncherPort(self.port, base - top, top, dev_end, tx_dma, tx_buf, irq_keys)
         self.lport.write(top, self.table.descriptor_page())
@@ -584,7 +592,36 @@ class Launcher:
         if self.host_path is not None and irq == self.host_path.net.device.irq:
             self.host_path.interrupt()  # the host peer's frames, on the loop (T:899)
             return
+        served = self.served.get(irq)
+        if served is not None and isinstance(served.device, BlockDevice):
+            if not (served.failed or served.removed):
+                asyncio.ensure_future(self._serve_block(served, served.device)).add_done_callback(_log_failure)
+            return
         _submit(self.thread, self._irq_in_thread, irq).add_done_callback(self._after_irq)
+
+    async def _serve_block(self, served: _Served, device: BlockDevice) -> None:
+        """A block request, on the event loop: the request copied out of the receive
+        buffer, served from the image (page-cache reads and writes: one request at a
+        time, as the protocol has it), and the reply's SEND_DMA awaited."""
+        data = self._take(served)
+        payload = device.serve(self.lport, served.slot.addr, data)
+        if payload is None:
+            return
+        buf, dma = self.block_tx
+        n = await self.dom.send_dma(*self.lport.stage(served.slot.addr, payload, buf, dma))
+        if payload and n == 0:
+            device.no_reply_buffer(self.lport)
+            await self.dom.send_dma(*self.lport.stage(served.slot.addr, b"", buf, dma))  # the interrupt
+
+    def _take(self, served: _Served) -> bytes:
+        """What the guest sent into a device's receive buffer; the buffer is free again."""
+        raw = self.port.read(served.rx_dma, DMA_SIZE)
+        used = _U32.unpack_from(raw)[0]
+        if not used:
+            return b""
+        data = b"".join(self.port.read(a, n) for a, n in page_sections(_first_addr(raw), used))
+        self.port.write(served.rx_dma, _U32.pack(0))
+        return data
 
     def _irq_in_thread(self, irq: int) -> bytes:
         """Runs in the worker: serve the device whose buffer the guest just filled."""
@@ -608,14 +645,8 @@ class Launcher:
         served = self.served.get(irq)
         if served is None or served.failed or served.removed:
             return b""
-        raw = self.port.read(served.rx_dma, DMA_SIZE)
-        used = _U32.unpack_from(raw)[0]
-        data = b""
-        if used:
-            sections = page_sections(_first_addr(raw), used)
-            data = b"".join(self.port.read(a, n) for a, n in sections)
-            self.port.write(served.rx_dma, _U32.pack(0))
-        elif isinstance(served.device, ConsoleDevice):
+        data = self._take(served)
+        if not data and isinstance(served.device, ConsoleDevice):
             return b""
         served.device.handle_output(self.lport, served.slot.addr, data)
         if isinstance(served.device, ConsoleDevice):
