@@ -10,8 +10,10 @@ re-entered, as a guest kernel's driver holding its lock is not), and `ThreadedDm
 is the `DmaPort` those calls see: memory reads and writes go straight to the domain's
 mapped memory, and each hypercall is handed to the event loop and waited for.
 
-Interrupts arrive on the event loop; the guest's adapter forwards each with
-``await thread.call(bus.interrupt, irq)``, so they too run in the worker thread.
+Interrupts arrive on the event loop; the guest's adapter forwards the console's with
+``await thread.call(bus.interrupt, irq)``, so they too run in the worker thread (the
+block and network devices' data paths stay on the loop, below and in
+`pvio.lguest.netpath`).
 `LguestDisk` offers a guest's disk as async read/write (what an NBD export serves), one
 64 KiB protocol request at a time, entirely on the event loop: the block driver stages
 a request in guest memory and the SEND_DMA is awaited there (a request's path has no

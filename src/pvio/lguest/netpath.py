@@ -86,8 +86,9 @@ class NetPath:
     # hypervisor as one request, whose replies `account` counts before the next batch
     # goes (after a pause, if a peer was full).  A receive interrupt is handled right
     # where its push arrives: the driver takes the filled buffers (memory reads and one
-    # used_len write each) and the frames go straight into the TAP.  A guest's block and
-    # console drivers, whose calls wait for hypercalls, stay in its worker thread.
+    # used_len write each) and the frames go straight into the TAP.  A guest's disk
+    # requests take the same kind of path (`pvio.lguest.aio.LguestDisk`); its console
+    # driver, whose calls wait for hypercalls, stays in its worker thread.
     # :T
     def from_tap(self, frame: Frame) -> None:
         if self.net.queued() >= self.pending_limit:

@@ -36,13 +36,15 @@ SEND_DMA (a block read) still raises the Launcher's interrupt.  The console gets
 (key 0 would be private to the guest here).  Network frames go guest to guest through
 the LAN region; no Launcher is on their path.
 
-Both sides run lguest's synchronous driver and device code (`pvio.lguest`) in one worker
-thread (`GuestThread`) whose hypercalls go to the asyncio loop; interrupts arrive on
-the loop and are handed to the thread.  The network device is the exception: its data
-path stays on the event loop (frames from the TAP are staged into transmit buffers and
-sent as one batch of SEND_DMAs, awaited there; a receive interrupt is handled where its
-push arrives and the frames go straight into the TAP), since it touches only guest
-memory and per-frame hand-offs between threads cost more than the frames.  The guest process joins its net driver to a TAP
+Both sides run lguest's synchronous driver and device code (`pvio.lguest`): setup and
+the console in one worker thread (`GuestThread`) whose hypercalls go to the asyncio
+loop, interrupts handed to the thread.  The data paths of the network and block devices
+stay on the event loop: frames from the TAP are staged into transmit buffers and sent
+as one batch of SEND_DMAs, awaited there, and a receive interrupt is handled where its
+push arrives (`pvio.lguest.netpath`); a disk request is staged in guest memory and its
+SEND_DMA awaited, the Launcher serves it on its loop, and the completion is taken where
+the interrupt arrives.  Both touch only memory between hypercalls, and hand-offs between
+threads cost more than the work.  The guest process joins its net driver to a TAP
 in netns ``pvio-<name>``, exports its disk over NBD (export ``lgba``), and runs a shell in
 that namespace behind its console driver.  The Launcher serves the host end of the
 console (`pvio console NAME`) on ``extra["console_socket"]``: bytes typed there cross the
@@ -416,8 +418,9 @@ class Launcher:
     # guest attaches the same region at the top of its RAM, so a key in a device page is
     # one key for both: the Launcher binds one receive buffer at each device's key, the
     # guest's SEND_DMA lands there and raises the Launcher's interrupt, and the device
-    # logic of T:860 and T:870 runs in the Launcher's worker thread, answering with its
-    # own SEND_DMA to the same key, which reaches the reply buffer the guest bound.  A
+    # logic of T:860 and T:870 runs (the block device's on the event loop, the
+    # console's in the Launcher's worker thread), answering with its own SEND_DMA to the
+    # same key, which reaches the reply buffer the guest bound.  A
     # guest that breaks the DMA rules on a device's key has its SEND_DMA refused by the
     # hypervisor, which raises a violation interrupt here; the Launcher marks that
     # device FAILED and no longer serves it.  Breaks on the LAN page (bad DMA at a peer's
@@ -837,9 +840,9 @@ class Guest:
     # The guest process becomes a domain whose memory is its RAM, reads its Launcher's
     # rendezvous file, attaches the device region at the top of its RAM (and the LAN
     # region as the network device's page), then does what lguest's guest kernel did:
-    # scan the bus, probe a driver per device, open the network device.  Its drivers run
-    # in one worker thread; interrupts from the hypervisor are queued to that thread in
-    # order.  The ends: frames from a TAP in netns pvio-<name> become the net driver's
+    # scan the bus, probe a driver per device, open the network device.  The console
+    # driver runs in one worker thread, its interrupts queued to that thread in order;
+    # the disk's requests and the network's frames stay on the event loop.  The ends: frames from a TAP in netns pvio-<name> become the net driver's
     # transmits and received frames go back to the TAP; the disk is exported over NBD;
     # a shell inside the namespace is the console's user, its output sent by SEND_DMA
     # (retried while the Launcher's one buffer is busy).
