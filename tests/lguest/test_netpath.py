@@ -49,17 +49,22 @@ def _pair(rig: InProcessLguest) -> tuple[TapInterface, socket.socket]:
     return tap, theirs
 
 
+def _two_guests() -> tuple[InProcessLguest, InProcessLguest]:
+    host, lan = InProcessDmaHost(), Lan()
+    a, b = (build_guest(host, name, lan=lan, console=False) for name in ("a", "b"))
+    for rig in (a, b):
+        assert rig.net is not None
+        rig.net.open()
+    return a, b
+
+
 def _frame(dest: bytes, src: bytes, n: int) -> bytes:
     return dest + src + b"\x08\x00" + bytes([n % 256]) * 100
 
 
 def test_frames_cross_in_batches_and_a_full_receiver_is_retried_after_a_pause() -> None:
     async def main() -> None:
-        host, lan = InProcessDmaHost(), Lan()
-        a, b = (build_guest(host, name, lan=lan, console=False) for name in ("a", "b"))
-        for rig in (a, b):
-            assert rig.net is not None
-            rig.net.open()
+        a, b = _two_guests()
         assert a.net is not None and b.net is not None
         loop = asyncio.get_running_loop()
         tap_a, wire_a = _pair(a)
@@ -111,11 +116,7 @@ def test_frames_cross_in_batches_and_a_full_receiver_is_retried_after_a_pause() 
 
 def test_a_failed_device_drops_its_queue_and_takes_no_interrupt() -> None:
     async def main() -> None:
-        host, lan = InProcessDmaHost(), Lan()
-        a, b = (build_guest(host, name, lan=lan, console=False) for name in ("a", "b"))
-        for rig in (a, b):
-            assert rig.net is not None
-            rig.net.open()
+        a, b = _two_guests()
         assert a.net is not None and b.net is not None
         tap_a, wire_a = _pair(a)
         failed = [True]

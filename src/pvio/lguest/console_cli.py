@@ -25,14 +25,19 @@ import click
 CTRL_C = 0x03
 
 
-def console_socket(state_dir: Path, name: str) -> str:
-    """The console socket of guest `name`, from its Launcher's rendezvous file."""
+def launcher_socket(state_dir: Path, name: str, key: str) -> str:
+    """A socket guest `name`'s Launcher names in its rendezvous file (`key`), or ""."""
     path = state_dir / "lguest" / f"{name}.launcher.json"
     try:
         data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"no running lguest guest {name!r} under {state_dir} ({path})") from exc
-    sock = str(data.get("console_socket", ""))
+    return str(data.get(key, "")) if isinstance(data, dict) else ""
+
+
+def console_socket(state_dir: Path, name: str) -> str:
+    """The console socket of guest `name`, from its Launcher's rendezvous file."""
+    sock = launcher_socket(state_dir, name, "console_socket")
     if not sock:
         raise click.ClickException(f"guest {name!r} has no console")
     return sock

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import click
 
+from pvio.lguest.console_cli import launcher_socket
+
 DEVICES = ("console", "block", "net")
 
 
 def control_socket_of(state_dir: Path, name: str) -> str:
-    path = state_dir / "lguest" / f"{name}.launcher.json"
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"no running lguest guest {name!r} under {state_dir} ({path})") from exc
-    sock = str(data.get("control_socket", ""))
+    sock = launcher_socket(state_dir, name, "control_socket")
     if not sock:
         raise click.ClickException(f"guest {name!r}'s Launcher takes no requests")
     return sock
