@@ -283,21 +283,66 @@ def _eth(ethertype: int, payload: bytes) -> bytes:
     return b"\x02" * 6 + b"\x04" * 6 + ethertype.to_bytes(2, "big") + payload
 
 
+def _fold(total: int) -> int:
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _words(data: bytes) -> int:
+    return sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+
+
+def _ipv4(proto: int, l4: bytearray, *, ihl: int = 5, frag: int = 0, check: str = "partial") -> bytes:
+    """An IPv4 packet around transport header+payload `l4`, its checksum field holding
+    the pseudo-header's sum ("partial", what an offloading sender leaves), the finished
+    checksum ("full"), or 0."""
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    total = ihl * 4 + len(l4)
+    ip = bytes([0x40 | ihl, 0]) + total.to_bytes(2, "big") + bytes(2) + frag.to_bytes(2, "big")
+    ip += bytes([64, proto]) + bytes(2) + src + dst + bytes(ihl * 4 - 20)
+    at = _CSUM_AT.get(proto, 2)  # ICMP's checksum is at 2
+    pseudo = _fold(_words(src + dst) + proto + len(l4))
+    l4[at : at + 2] = bytes(2)
+    if check == "partial":
+        l4[at : at + 2] = pseudo.to_bytes(2, "big")
+    elif check == "full":
+        l4[at : at + 2] = (~_fold(pseudo + _words(bytes(l4))) & 0xFFFF).to_bytes(2, "big")
+    return _eth(0x0800, ip + bytes(l4))
+
+
+def _ipv6_tcp(l4: bytearray) -> bytes:
+    src, dst = bytes(15) + b"\x01", bytes(15) + b"\x02"
+    l4[16:18] = _fold(_words(src + dst) + 6 + len(l4)).to_bytes(2, "big")
+    return _eth(0x86DD, bytes([0x60, 0, 0, 0]) + len(l4).to_bytes(2, "big") + bytes([6, 64]) + src + dst
+                + bytes(l4))
+
+
+_CSUM_AT = {6: 16, 17: 6}
+_TCP = bytearray(20 + 100)
+_UDP = bytearray(8 + 100)
+
+
 @pytest.mark.parametrize(
     ("frame", "start", "offset"),
     [
-        (_eth(0x0800, bytes([0x45]) + bytes(8) + bytes([6]) + bytes(30)), 34, 16),  # IPv4 TCP
-        (_eth(0x0800, bytes([0x46]) + bytes(8) + bytes([17]) + bytes(30)), 38, 6),  # IPv4 options, UDP
-        (_eth(0x86DD, bytes(6) + bytes([6]) + bytes(60)), 54, 16),  # IPv6 TCP
-        (_eth(0x0800, bytes([0x45]) + bytes(8) + bytes([1]) + bytes(30)), 0, 0),  # ICMP: nothing
+        (_ipv4(6, bytearray(_TCP)), 34, 16),  # TCP left unfinished by the sender
+        (_ipv4(17, bytearray(_UDP), ihl=6), 38, 6),  # UDP, with IP options
+        (_ipv6_tcp(bytearray(_TCP)), 54, 16),  # IPv6 TCP
+        (_ipv4(6, bytearray(_TCP), check="full"), 0, 0),  # finished: the kernel checks it
+        (_ipv4(17, bytearray(_UDP), check="zero"), 0, 0),  # UDP without a checksum
+        (_ipv4(6, bytearray(_TCP), frag=0x2000), 0, 0),  # a first fragment (MF)
+        (_ipv4(6, bytearray(_TCP), frag=0x0010), 0, 0),  # a later fragment
+        (_ipv4(1, bytearray(_TCP)), 0, 0),  # ICMP: nothing
         (_eth(0x0806, bytes(28)), 0, 0),  # ARP
-        (_eth(0x0800, bytes([0x4F]) + bytes(8) + bytes([6]) + bytes(10)), 0, 0),  # header past the end
+        (_eth(0x0800, bytes([0x4F]) + bytes(8) + bytes([6]) + bytes(30)), 0, 0),  # header past the end
         (b"\x02" * 20, 0, 0),  # a runt
     ],
 )
 def test_checksum_header_of_a_frame_for_a_nocsum_tap(frame: bytes, start: int, offset: int) -> None:
-    # A NOCSUM LAN carries checksums the sender's kernel left to finish; the receiving
-    # TAP is told where they are, and its kernel takes the packet as checked.
+    # A NOCSUM LAN carries the checksums the sender's kernel left to finish; the receiving
+    # TAP is told where they are, and its kernel takes the packet as checked.  A finished
+    # checksum is left for the kernel to check.
     hdr = VIRTIO_NET_HDR.unpack(checksum_header(frame))
     assert (hdr["flags"], hdr["csum_start"], hdr["csum_offset"]) == (
         (VIRTIO_NET_HDR_F_NEEDS_CSUM if start else 0), start, offset)

@@ -34,6 +34,7 @@ import errno
 import fcntl
 import os
 import re
+import struct
 import subprocess
 import threading
 from collections import deque
@@ -66,24 +67,43 @@ Frame = bytes | memoryview
 _HDR = VIRTIO_NET_HDR.size
 _NO_CSUM = VIRTIO_NET_HDR.pack()
 _CSUM_OFFSET = {6: 16, 17: 6}  # IP protocol -> checksum offset in its header (TCP, UDP)
+_IPV4_ADDRS = struct.Struct("!4H")  # source and destination, as 16-bit words
+_IPV6_ADDRS = struct.Struct("!16H")
 
 
 def checksum_header(frame: Frame) -> bytes:
-    """The virtio_net_hdr that writes `frame` to a NOCSUM TAP: for TCP and UDP over IPv4
-    or IPv6, "the checksum is left to finish" (csum_start: the transport header), which
-    the kernel's own stack takes as checked; for anything else, nothing."""
+    """The virtio_net_hdr that writes `frame` to a NOCSUM TAP.
+
+    A TCP or UDP packet (IPv4, or IPv6 without extension headers) whose checksum field
+    holds only the pseudo-header's sum was left unfinished by the sender's kernel: the
+    header says "needs checksum" from the transport header on, which the receiving
+    stack takes as checked (and would finish if it forwarded the packet).  Anything else
+    — a finished checksum, a fragment, other protocols — gets no flags, and the
+    receiving kernel checks it as usual."""
     if len(frame) < 34:
         return _NO_CSUM
     ethertype = (frame[12] << 8) | frame[13]
     if ethertype == 0x0800:
-        start, proto = 14 + (frame[14] & 0x0F) * 4, frame[23]
+        ihl = (frame[14] & 0x0F) * 4
+        if ihl < 20 or frame[20] & 0x3F or frame[21]:
+            return _NO_CSUM  # a fragment (or MF set): the sender finished its checksum
+        start, proto = 14 + ihl, frame[23]
+        length = ((frame[16] << 8) | frame[17]) - ihl
+        pseudo = sum(_IPV4_ADDRS.unpack_from(frame, 26)) + proto + length
     elif ethertype == 0x86DD and len(frame) >= 54:
         start, proto = 54, frame[20]
+        length = (frame[18] << 8) | frame[19]
+        pseudo = sum(_IPV6_ADDRS.unpack_from(frame, 22)) + proto + length
     else:
         return _NO_CSUM
     offset = _CSUM_OFFSET.get(proto)
-    if offset is None or start + offset + 2 > len(frame):
+    if offset is None or length <= 0 or start + offset + 2 > len(frame):
         return _NO_CSUM
+    field = (frame[start + offset] << 8) | frame[start + offset + 1]
+    while pseudo > 0xFFFF:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    if field != pseudo and not (field == 0xFFFF and pseudo == 0) and not (field == 0 and pseudo == 0xFFFF):
+        return _NO_CSUM  # finished (or absent, UDP's 0): the kernel checks it
     return VIRTIO_NET_HDR.pack(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=start, csum_offset=offset)
 
 
