@@ -1016,21 +1016,36 @@ class Guest:
             return []
         for i in pending:
             if self.net is not None and i == self.net.device.index:
-                if self.path is not None:
-                    self.path.stop()
-                    self.path = None
-                if self.tap is not None:
-                    self.tap.close_device()
+                self._end_net()
             if self.block is not None and i == self.block.device.index:
-                if self.nbd is not None:
-                    await self.nbd.close(1.0)
-                    self.nbd = None
-                self.disk = None
-            if self.console is not None and i == self.console.device.index and self.shell is not None:
-                self.shell.stop()
-                self.shell = None
+                await self._end_disk()
+            if self.console is not None and i == self.console.device.index:
+                self._end_console()
         gone: list[int] = await self.thread.call(self.bus.poll_removals)
         return gone
+
+    # The real world's end of each device, let go on unplug and on stop.
+
+    def _end_net(self) -> None:
+        """The frame path and the TAP interface (its namespace stays: see `stop`)."""
+        if self.path is not None:
+            self.path.stop()
+            self.path = None
+        if self.tap is not None:
+            self.tap.close_device()
+
+    async def _end_disk(self) -> None:
+        """The NBD export (in-flight commands are answered first, up to a second)."""
+        if self.nbd is not None:
+            await self.nbd.close(1.0)
+            self.nbd = None
+        self.disk = None
+
+    def _end_console(self) -> None:
+        """The shell behind the console."""
+        if self.shell is not None:
+            self.shell.stop()
+            self.shell = None
 
     def _misbehave(self) -> None:
         """Tests only: break lguest's DMA rules on purpose (extra["hostile"])."""
@@ -1088,15 +1103,11 @@ class Guest:
     async def stop(self) -> None:
         from pvio.export.tap import remove_namespace
 
-        if self.shell is not None:
-            self.shell.stop()
-        if self.path is not None:
-            self.path.stop()
+        self._end_console()
+        self._end_net()
         if self.tap is not None:
-            self.tap.close()
             await asyncio.get_running_loop().run_in_executor(None, remove_namespace, self.tap.netns)
-        if self.nbd is not None:
-            await self.nbd.close(1.0)
+        await self._end_disk()
         await asyncio.get_running_loop().run_in_executor(None, self.thread.close)
         if getattr(self, "dom", None) is not None:
             await self.dom.close()
