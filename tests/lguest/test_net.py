@@ -384,3 +384,13 @@ def test_an_mtu_outside_the_range_is_refused(mtu: object) -> None:
     with pytest.raises(LguestError, match="MTU"):
         check_mtu(mtu)  # type: ignore[arg-type]
     assert check_mtu(MIN_MTU) == MIN_MTU and check_mtu(MAX_MTU) == MAX_MTU
+
+
+@pytest.mark.parametrize("mtu", [MIN_MTU, 1500, 4082, 9000, MAX_MTU])
+def test_memory_pages_bounds_what_the_driver_takes(mtu: int) -> None:
+    # The host's peer on a LAN runs a NetDriver in its Launcher's memory, sized by this.
+    host, lan = InProcessDmaHost(), Lan()
+    rig = build_guest(host, "m", lan=lan, console=False, ram_pages=1024, mtu=mtu)
+    assert rig.net is not None
+    used = rig.alloc.alloc(1) - PAGE_SIZE  # the allocator starts at PAGE_SIZE
+    assert used <= NetDriver.memory_pages(mtu) * PAGE_SIZE

@@ -319,6 +319,14 @@ class NetDriver:
         # yet routed)
         self._tx_queue: deque[tuple[bytes | memoryview, list[int] | None, int]] = deque()
 
+    @staticmethod
+    def memory_pages(mtu: int = ETH_DATA_LEN) -> int:
+        """An upper bound on the pages of its owner's memory the driver allocates: the
+        NUM_SKBS receive buffers and their DMA array, the single transmit buffer and the
+        TX_BATCH batch buffers with their DMA structs (what `__post_init__` takes)."""
+        frame_pages = -(-(ETH_HLEN + check_mtu(mtu)) // PAGE_SIZE) + 1  # + 1: alignment
+        return (NUM_SKBS + 1 + TX_BATCH) * (frame_pages + 1) + 1
+
     def _alloc_frame(self) -> int:
         # A frame buffer larger than a page starts on one, so that its sections (one per
         # page it touches) never number more than 16.

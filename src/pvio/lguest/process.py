@@ -138,8 +138,6 @@ from pvio.lguest.dma import (
 from pvio.lguest.guest import Allocator
 from pvio.lguest.net import (
     ETH_DATA_LEN,
-    NUM_SKBS,
-    TX_BATCH,
     NetDriver,
     check_mtu,
     lan_features,
@@ -154,13 +152,6 @@ log = logging.getLogger("pvio.lguest.process")
 
 #: The Launcher's own memory: its receive and send buffers (pages).
 LAUNCHER_PAGES = 96
-def host_peer_pages(mtu: int) -> int:
-    """Pages of Launcher memory the host's peer on a LAN needs: its receive and transmit
-    buffers (NUM_SKBS + 1 + TX_BATCH frames of MTU + 14 bytes) and their DMA structs."""
-    frame_pages = -(-(mtu + 14) // PAGE_SIZE)
-    return (NUM_SKBS + 1 + TX_BATCH) * (frame_pages + 1) + 2
-
-
 #: NBD export name of a guest's lguest disk.
 EXPORT_NAME = "lgba"
 #: How long a process waits for its peer's rendezvous file (seconds).
@@ -434,7 +425,7 @@ class Launcher:
         s = self.s
         loop = asyncio.get_running_loop()
         host_peer = bool(s.lan and s.lan_owner and s.lan_host)
-        mem_pages = LAUNCHER_PAGES + (host_peer_pages(s.mtu) if host_peer else 0)
+        mem_pages = LAUNCHER_PAGES + (NetDriver.memory_pages(s.mtu) if host_peer else 0)
         self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, mem_pages,
                                      domid=self.spec.domid)
         self.port = ThreadedDmaPort(self.dom, loop)
