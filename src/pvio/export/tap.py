@@ -254,18 +254,13 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
                mtu: int = 1500, nocsum: bool = False) -> TapInterface:
     """Namespace ``pvio-<name>`` holding TAP `ifname` with `address` (CIDR) and `mac`."""
     netns = netns_name(name)
-    if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
-        raise TapError(f"bad interface name {ifname!r}")
-    if len(mac) != 6 or mac[0] & 1:
-        raise TapError(f"bad MAC {mac.hex(':')}")
+    _check_link(ifname, mac)
     remove_namespace(netns)  # a leftover from a crash
     _ip("netns", "add", netns)
     fd = -1
     try:
         fd = _open_tap_in(netns, ifname, nocsum)
-        _ip("-n", netns, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
-        _ip("-n", netns, "addr", "add", address, "dev", ifname)
-        _ip("-n", netns, "link", "set", "dev", ifname, "up")
+        _configure(["-n", netns], ifname, mac, mtu, address)
         _ip("-n", netns, "link", "set", "dev", "lo", "up")
         os.set_blocking(fd, False)
     except BaseException:
@@ -281,10 +276,7 @@ def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
     """TAP `ifname` in the host's own namespace, with `address` (CIDR) and `mac`: the
     host's end of a LAN (lguest's ``--tunnet``).  It vanishes when closed; `netns` is ""
     and `close()` removes no namespace."""
-    if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
-        raise TapError(f"bad interface name {ifname!r}")
-    if len(mac) != 6 or mac[0] & 1:
-        raise TapError(f"bad MAC {mac.hex(':')}")
+    _check_link(ifname, mac)
     if os.path.exists(f"/sys/class/net/{ifname}"):
         raise TapError(f"interface {ifname} exists already (another pvio up on this LAN?)")
     try:
@@ -292,14 +284,26 @@ def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
     except OSError as exc:
         raise TapError(f"opening TAP {ifname}: {exc}") from exc
     try:
-        _ip("link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
-        _ip("addr", "add", address, "dev", ifname)
-        _ip("link", "set", "dev", ifname, "up")
+        _configure([], ifname, mac, mtu, address)
         os.set_blocking(fd, False)
     except BaseException:
         os.close(fd)
         raise
     return TapInterface("", ifname, fd, mac, address, nocsum)
+
+
+def _check_link(ifname: str, mac: bytes) -> None:
+    if not 0 < len(ifname) < IFNAMSIZ or not _NAME.match(ifname):
+        raise TapError(f"bad interface name {ifname!r}")
+    if len(mac) != 6 or mac[0] & 1:
+        raise TapError(f"bad MAC {mac.hex(':')}")
+
+
+def _configure(where: list[str], ifname: str, mac: bytes, mtu: int, address: str) -> None:
+    """The TAP's MAC, MTU and address, and its link up (`where`: ``-n NETNS`` or none)."""
+    _ip(*where, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
+    _ip(*where, "addr", "add", address, "dev", ifname)
+    _ip(*where, "link", "set", "dev", ifname, "up")
 
 
 @dataclass
