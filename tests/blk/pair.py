@@ -13,12 +13,12 @@ from typing import Any, ParamSpec
 
 from pvio.abi.blkif import ABI_NATIVE, BlkifABI, abi_for_protocol
 from pvio.blk.backend import BlkbackRing
-from pvio.blk.disk import Disk, ThreadedDisk
 from pvio.blk.frontend import BlkFront
 from pvio.blk.keys import backend_disk_keys, parse_backend_disk, parse_frontend_ring
-from pvio.blk.storage import RawFileStorage
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
+from pvio.storage.backend import VectoredBackend
+from pvio.storage.rawfile import RawFile
 
 P = ParamSpec("P")
 
@@ -30,7 +30,7 @@ class Pair:
     front_dom: Domain
     back: BlkbackRing
     front: BlkFront
-    disk: Disk
+    disk: VectoredBackend
     image: Path | None
 
     async def reconnect_backend(self, transport: str | None = None) -> None:
@@ -60,7 +60,7 @@ async def blk_pair(
     abi: BlkifABI = ABI_NATIVE,
     ring_order: int = 0,
     read_only: bool = False,
-    disk: Disk | None = None,
+    disk: VectoredBackend | None = None,
     max_in_flight: int = 64,
     persistent: bool = False,
 ) -> AsyncIterator[Pair]:
@@ -68,7 +68,7 @@ async def blk_pair(
     back_dom = await hv.create_domain("driver", 2048, transport=transport)
     front_dom = await hv.create_domain("guest", 4096)
     if disk is None:
-        disk = ThreadedDisk(RawFileStorage(image, read_only=read_only))
+        disk = RawFile(image, read_only=read_only)
     back = BlkbackRing(back_dom, front_dom.domid, disk, max_in_flight=max_in_flight, persistent=persistent)
     front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi)
     front.persistent = persistent
@@ -78,7 +78,7 @@ async def blk_pair(
     await back.connect(ring)
     front.connect(
         parse_backend_disk(
-            backend_disk_keys(disk.size // 512, read_only=disk.read_only, discard=disk.supports_discard)
+            backend_disk_keys(disk.info.size // 512, read_only=disk.info.read_only, discard=disk.info.can_trim)
         )
     )
     pair = Pair(hv, back_dom, front_dom, back, front, disk, image)

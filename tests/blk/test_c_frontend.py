@@ -19,10 +19,9 @@ from blk.pair import make_image
 from cprobe import build
 from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF
 from pvio.blk.backend import BlkbackRing
-from pvio.blk.disk import ThreadedDisk
 from pvio.blk.keys import FrontendRing
-from pvio.blk.storage import RawFileStorage
 from pvio.hypervisor.inprocess import InProcessHypervisor
+from pvio.storage.rawfile import RawFile
 
 SOURCE = Path(__file__).resolve().parents[1] / "c" / "blkfront.c"
 
@@ -57,7 +56,7 @@ def test_c_frontend_drives_blkback(exes: dict[bool, Path], tmp_path: Path, trans
         hv = InProcessHypervisor()
         bdom = await hv.create_domain("driver", 1024, transport=transport)
         fdom = await hv.create_domain("c-guest", 256)
-        disk = ThreadedDisk(RawFileStorage(img))
+        disk = RawFile(img)
         back = BlkbackRing(bdom, fdom.domid, disk)
         try:
             head = fdom.gnttab.alloc_grant_references(16)

@@ -13,7 +13,7 @@ import pytest
 
 from blk.harness import Harness
 from blk.pair import make_image
-from pvio.export.nbd_client_asyncio import NbdClient
+from pvio.nbd.client_asyncio import NbdClient
 
 
 @pytest.fixture

@@ -32,14 +32,13 @@ from pvio.abi.blkif import (
     BLKIF_RSP_OKAY,
 )
 from pvio.blk.backend import BlkbackRing
-from pvio.blk.disk import ThreadedDisk
 from pvio.blk.keys import parse_frontend_ring
 from pvio.blk.request import Segment, build_request, parse_response
-from pvio.blk.storage import RawFileStorage
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.hypervisor.inprocess import InProcessHypervisor
 from pvio.ring import FrontRing, SharedRing
+from pvio.storage.rawfile import RawFile
 
 MiB = 1 << 20
 SIZE = 1 * MiB
@@ -84,7 +83,7 @@ async def raw_front(
     bdom = await hv.create_domain("driver", 1024, transport=transport)
     fdom = await hv.create_domain("guest", 256)
     other = await hv.create_domain("other", 64)
-    disk = ThreadedDisk(RawFileStorage(image, read_only=read_only))
+    disk = RawFile(image, read_only=read_only)
     frames = await fdom.alloc_shareable_pages(1)
     front = FrontRing.init(SharedRing.for_blkif([fdom.frame(frames[0])], ABI_NATIVE))
     refs = await fdom.grant_access(bdom.domid, frames)

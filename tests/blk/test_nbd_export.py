@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blk.pair import blk_pair, make_image
-from pvio.export.nbd_server_asyncio import NbdServer
+from pvio.nbd.server_asyncio import NbdServer
 
 
 async def _qemu_io(uri: str, *commands: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from blk.pair import asynctest, blk_pair, make_image
 from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF, BLKIF_OP_WRITE_BARRIER
-from pvio.export.conformance import check_backend
+from pvio.testing.backend_conformance import check_backend
 
 MiB = 1 << 20
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pvio.export.tap import namespace_exists
+from pvio.domains.tap import namespace_exists
 from pvioup import PvioUp
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lguest-lan.toml"

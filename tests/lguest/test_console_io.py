@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from pvio.export.console import ConsoleTerminal, GuestShell
-from pvio.export.tap import netns_name, remove_namespace
+from pvio.domains.console import ConsoleTerminal, GuestShell
+from pvio.domains.tap import netns_name, remove_namespace
 from pvio.testing.lguest_dma import InProcessDmaHost
 from pvio.testing.lguest_guest import build_guest
 

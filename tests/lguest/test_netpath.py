@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from pvio.export.tap import TapInterface
+from pvio.domains.tap import TapInterface
 from pvio.lguest.dma import LguestError
 from pvio.lguest.net import NUM_SKBS, TX_BATCH
 from pvio.lguest.netpath import NetPath

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pvio.export.tap import stale_namespaces
+from pvio.domains.tap import stale_namespaces
 from pvio.testing.lguest_cluster import GuestDef, LguestCluster, netns_exec
 
 pytestmark = pytest.mark.skipif(

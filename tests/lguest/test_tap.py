@@ -31,7 +31,7 @@ from pvio.abi.linux_if import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
-from pvio.export.tap import (
+from pvio.domains.tap import (
     TapError,
     TapInterface,
     checksum_header,
@@ -248,7 +248,7 @@ def test_cleanup_after_a_crash(names: list[str]) -> None:
 
     code = (
         "import sys, time\n"
-        "from pvio.export.tap import create_tap\n"
+        "from pvio.domains.tap import create_tap\n"
         f"create_tap({names[0]!r}, address='10.9.0.1/24', mac=bytes.fromhex('020000aa0003'))\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"

@@ -1,6 +1,6 @@
 """Linux <net/if.h> and <linux/if_tun.h>: the ifreq TUNSETIFF takes, and TUN/TAP flags.
 
-Used by `pvio.export.tap` to create a TAP interface.  Native ABI (x86_64): the struct is
+Used by `pvio.domains.tap` to create a TAP interface.  Native ABI (x86_64): the struct is
 passed to the running kernel by ioctl, never shared with a 32-bit peer.
 """
 

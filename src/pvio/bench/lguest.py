@@ -49,7 +49,7 @@ from typing import Any
 import click
 
 from pvio.bench.suite import Benchmark, Context, Figure, compare
-from pvio.export.tap import TapInterface, create_tap, netns_name, remove_namespace
+from pvio.domains.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU
 from pvio.lguest.storage import FileStorage
 from pvio.testing.lguest_cluster import GuestDef, LguestCluster
@@ -201,7 +201,7 @@ async def _network(seconds: float, runs: int) -> list[Row]:
 
 
 async def _nbd_iops(uri: str, size: int, seconds: float) -> float:
-    from pvio.export.nbd_client_asyncio import NbdClient
+    from pvio.nbd.client_asyncio import NbdClient
 
     client = await NbdClient.connect(uri)
     rng = random.Random(2)

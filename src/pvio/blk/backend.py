@@ -62,7 +62,6 @@ from pvio.abi.blkif import (
     SECTOR_SIZE,
     BlkifABI,
 )
-from pvio.blk.disk import Disk
 from pvio.blk.keys import FrontendRing
 from pvio.blk.request import (
     BlkifRequestError,
@@ -76,6 +75,7 @@ from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
 from pvio.hypervisor.errors import GrantError, HypercallError
 from pvio.hypervisor.granting import NoSpace
 from pvio.ring import BackRing, RingBroken, SharedRing
+from pvio.storage.backend import VectoredBackend
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class BlkbackRing:
         self,
         domain: Domain,
         frontend_domid: int,
-        disk: Disk,
+        disk: VectoredBackend,
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         feature_barrier: bool = True,
@@ -145,11 +145,11 @@ class BlkbackRing:
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
-            sectors=disk.size // SECTOR_SIZE,
-            read_only=disk.read_only,
+            sectors=disk.info.size // SECTOR_SIZE,
+            read_only=disk.info.read_only,
             feature_flush_cache=feature_flush_cache,
             feature_barrier=feature_barrier,
-            feature_discard=disk.supports_discard,
+            feature_discard=disk.info.can_trim,
         )
         self.on_broken = on_broken
         self.stats = BlkbackStats()
@@ -450,7 +450,7 @@ class BlkbackRing:
             elif io.kind == "flush":
                 await self.disk.flush()
             elif io.kind == "discard":
-                await self.disk.discard(io.offset, io.length)
+                await self.disk.trim(io.offset, io.length)
         except OSError as e:
             log.warning("blkback d%d: %s failed: %s", self.frontend_domid, io.request.op_name, e)
             w.status = BLKIF_RSP_ERROR

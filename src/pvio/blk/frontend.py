@@ -66,11 +66,11 @@ from pvio.abi.blkif import (
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import Segment, build_discard, build_request, parse_response
 from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
-from pvio.export.backend import BackendInfo
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.hypervisor.granting import NoSpace
 from pvio.ring import FrontRing, RingBroken, SharedRing
+from pvio.storage.backend import BackendInfo
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from pvio.abi.xenbus import XenbusState as S
 from pvio.blk.driver_domain import open_xenstore
 from pvio.blk.frontend import BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
-from pvio.export.nbd_client_asyncio import nbd_uri_for_socket
-from pvio.export.nbd_server_asyncio import NbdServer
 from pvio.hypervisor import aio
 from pvio.hypervisor.client import Domain
+from pvio.nbd.address import nbd_uri_for_socket
+from pvio.nbd.server_asyncio import NbdServer
 from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, write_status
 from pvio.xenstore.client import AsyncClient
 

@@ -5,7 +5,7 @@ Theory of operation
 `BlkbackService` watches ``/local/domain/<own>/backend/vbd``; every
 ``<frontend-domid>/<devid>`` directory under it is one device.  For each it reads the
 keys the toolstack wrote (`params`, `mode`, `type`, `device-type`, `format`,
-`frontend`, `frontend-id`, `discard-enable`), opens the disk (`pvio.blk.disk.open_disk`:
+`frontend`, `frontend-id`, `discard-enable`), opens the disk (`open_disk`:
 a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and runs a
 `pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
 
@@ -46,10 +46,11 @@ from dataclasses import dataclass, field
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState
 from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, BlkbackRing
-from pvio.blk.disk import Disk, is_nbd_uri, open_disk
 from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
-from pvio.blk.storage import StorageError
 from pvio.hypervisor.client import Domain
+from pvio.nbd.address import is_nbd_uri
+from pvio.storage.backend import FlatVectored, StorageError, VectoredBackend, physical_sector_size
+from pvio.storage.rawfile import RawFile
 from pvio.xenbus import Backend, XenbusDevice
 from pvio.xenstore.client import AsyncClient
 
@@ -106,10 +107,24 @@ async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
     )
 
 
+async def open_disk(params: str, *, read_only: bool, workers: int = 4) -> VectoredBackend:
+    """The disk named by a vbd's `params`: an NBD URI (an `NbdClient`, for qcow2 and other
+    formats served by qemu-nbd) or a raw image path (a `RawFile`)."""
+    if is_nbd_uri(params):
+        from pvio.nbd.client_asyncio import NbdClient
+
+        try:
+            client = await NbdClient.connect(params)
+        except (OSError, TimeoutError) as e:
+            raise StorageError(errno.EIO, f"cannot reach {params}: {e}") from None
+        return FlatVectored(client, read_only=read_only)
+    return RawFile(params, read_only=read_only, workers=workers)
+
+
 class BlkbackDevice:
     """The BackendDriver of one vbd: probe, connect, disconnect (see the module notes)."""
 
-    def __init__(self, domain: Domain, config: VbdConfig, disk: Disk, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+    def __init__(self, domain: Domain, config: VbdConfig, disk: VectoredBackend, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         self.domain = domain
         self.config = config
         self.disk = disk
@@ -121,7 +136,7 @@ class BlkbackDevice:
 
     @property
     def discard(self) -> bool:
-        return self.disk.supports_discard and self.config.discard_enable and not self.config.read_only
+        return self.disk.info.can_trim and self.config.discard_enable and not self.config.read_only
 
     async def probe(self, dev: XenbusDevice, tx: int) -> None:
         keys = {
@@ -133,7 +148,7 @@ class BlkbackDevice:
             "feature-persistent": "1" if self.domain.transport == "map" else "0",
         }
         if self.discard:
-            keys["discard-granularity"] = str(self.disk.physical_sector_size)
+            keys["discard-granularity"] = str(physical_sector_size(self.disk.info))
             keys["discard-alignment"] = "0"
             keys["discard-secure"] = "0"
         for k, v in keys.items():
@@ -163,11 +178,11 @@ class BlkbackDevice:
             await ring.connect(ring_info)
             self.ring, self._ring_keys = ring, values
         keys = backend_disk_keys(
-            self.disk.size // 512,
+            self.disk.info.size // 512,
             read_only=self.config.read_only,
             cdrom=self.config.cdrom,
             removable=self.config.cdrom,
-            physical_sector_size=self.disk.physical_sector_size,
+            physical_sector_size=physical_sector_size(self.disk.info),
             discard=self.discard,
         )
         for k, v in keys.items():
@@ -324,13 +339,11 @@ class BlkbackService:
         """Publish the disk's current size to a connected frontend (online resize)."""
         device = self.devices[path]
         disk = device.driver.disk
-        storage = getattr(disk, "storage", None)
-        if storage is not None and hasattr(storage, "refresh_size"):
-            storage.refresh_size()
-            disk.size = storage.size
+        if isinstance(disk, RawFile):
+            disk.refresh_size()
         if device.driver.ring is not None:
-            device.driver.ring.set_size(disk.size)
-        await device.end.resize(disk.size // 512)
+            device.driver.ring.set_size(disk.info.size)
+        await device.end.resize(disk.info.size // 512)
 
     async def stop(self) -> None:
         """Stop watching; every device drains its ring and closes its disk."""

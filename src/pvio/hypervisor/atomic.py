@@ -26,30 +26,13 @@ granter cannot re-target an entry between the hypervisor's check and its pin.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any
 
-__all__ = ["AtomicWords", "load_libatomic"]
+from pvio.abi.native import libatomic
+
+__all__ = ["AtomicWords"]
 
 _ATOMIC_SEQ_CST = 5
-
-_lib: Any = None
-
-
-def load_libatomic() -> Any:
-    """The loaded libatomic (cached); a clear error naming the package if it is missing."""
-    global _lib
-    if _lib is None:
-        name = ctypes.util.find_library("atomic") or "libatomic.so.1"
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError as exc:  # pragma: no cover - depends on the machine
-            raise RuntimeError(f"libatomic not found ({exc}): apt-get install libatomic1") from exc
-        cas = lib.__atomic_compare_exchange_4
-        cas.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
-        cas.restype = ctypes.c_bool
-        _lib = lib
-    return _lib
 
 
 class AtomicWords:
@@ -62,7 +45,7 @@ class AtomicWords:
         self._anchor: Any = (ctypes.c_char * len(memoryview(buf))).from_buffer(buf)
         self._base = ctypes.addressof(self._anchor)
         self._size = len(self._anchor)
-        self._cas = getattr(load_libatomic(), "__atomic_compare_exchange_4")
+        self._cas = getattr(libatomic(), "__atomic_compare_exchange_4")
         self._expected = ctypes.c_uint32(0)
         self._expected_addr = ctypes.addressof(self._expected)
 

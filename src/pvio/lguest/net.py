@@ -37,14 +37,14 @@ NOCSUM (LGUEST_NET_F_NOCSUM, set on every pvio LAN as lguest set it on its guest
 --sharenet LANs) means frames between guests carry no finished checksums: memory copies
 do not corrupt them.  The process adapter opens its TAP with a virtio_net_hdr and
 checksum offload, so the guest's kernel leaves TCP and UDP checksums to finish, and
-tells the receiving TAP where they are (`pvio.export.tap.checksum_header`), which its
+tells the receiving TAP where they are (`pvio.domains.tap.checksum_header`), which its
 kernel takes as checked.
 
 What this deliberately does not do: protect a slot from a hostile guest that writes
 another peer's MAC (every guest maps the page writable, as in lguest), or queue frames:
 delivery is a synchronous copy, so a flood costs the flooder and the flooded receiver's
 buffers and nobody else's.  The guest's frames go to and from a TAP interface through
-`pvio.export.tap`.
+`pvio.domains.tap`.
 """
 
 from __future__ import annotations

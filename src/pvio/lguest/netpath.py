@@ -35,7 +35,7 @@ import functools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from pvio.export.tap import Frame, TapInterface, TapLink
+from pvio.domains.tap import Frame, TapInterface, TapLink
 from pvio.lguest.net import NetDriver, TxBatch
 
 #: Frames from the TAP waiting for the driver before they are dropped.

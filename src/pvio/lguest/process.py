@@ -120,7 +120,6 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
 )
-from pvio.export.backend import BackendInfo
 from pvio.lguest.aio import GuestThread, LguestDisk, ThreadedDmaPort
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceSlot, DeviceTable, LguestDevice
@@ -146,6 +145,7 @@ from pvio.lguest.net import (
 )
 from pvio.lguest.netpath import NetPath
 from pvio.lguest.storage import FileStorage
+from pvio.storage.backend import BackendInfo
 from pvio.toolstack.spec import DomainSpec, pid_alive, write_status
 
 log = logging.getLogger("pvio.lguest.process")
@@ -499,7 +499,7 @@ class Launcher:
     # it; nothing else of the host is exposed to them.
     # :T
     async def _start_host_peer(self, net: DeviceSlot, lan_base: int, alloc: Allocator) -> None:
-        from pvio.export.tap import create_host_tap
+        from pvio.domains.tap import create_host_tap
         from pvio.lguest.bus import LguestDevice
         from pvio.lguest.netpath import NetPath
 
@@ -868,7 +868,7 @@ class Guest:
         if self.block is not None:
             self.disk = LguestDisk(self.block, self.dom)
             if s.nbd_socket:
-                from pvio.export.nbd_server_asyncio import NbdServer
+                from pvio.nbd.server_asyncio import NbdServer
 
                 self.nbd = NbdServer({EXPORT_NAME: DiskBackend(self.disk)})
                 await self.nbd.listen_unix(s.nbd_socket)
@@ -897,7 +897,7 @@ class Guest:
         self.bus.scan()
 
     async def _start_net(self) -> None:
-        from pvio.export.tap import create_tap
+        from pvio.domains.tap import create_tap
         from pvio.lguest.netpath import NetPath
 
         net = self.net
@@ -957,8 +957,8 @@ class Guest:
                 os.write(self.shell.master, typed)
 
     def _start_shell(self) -> None:
-        from pvio.export.console import GuestShell
-        from pvio.export.tap import netns_name
+        from pvio.domains.console import GuestShell
+        from pvio.domains.tap import netns_name
 
         assert self.console is not None
         argv = ["sh", "-i"]
@@ -1092,7 +1092,7 @@ class Guest:
                 self.hostile_results[what] = errno.errorcode.get(exc.errno, str(exc.errno))
 
     async def stop(self) -> None:
-        from pvio.export.tap import remove_namespace
+        from pvio.domains.tap import remove_namespace
 
         self._end_console()
         self._end_net()

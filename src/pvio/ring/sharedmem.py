@@ -70,11 +70,10 @@ operations io/ring.h and the XenStore/console byte rings need, each named for it
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 from collections.abc import Callable
 
+from pvio.abi.native import libatomic
 from pvio.abi.ring import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRING_RSP_PROD
 
 __all__ = [
@@ -95,22 +94,9 @@ _MEMORY_ORDER_SEQ_CST = 5
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
 
 
-def _load_libatomic() -> tuple[str, Callable[[int], None]]:
-    name = ctypes.util.find_library("atomic") or "libatomic.so.1"
-    try:
-        lib = ctypes.CDLL(name)
-    except OSError as exc:  # pragma: no cover - the install scripts provide libatomic1
-        raise ImportError(
-            f"pvio.ring needs GCC's libatomic for its memory fences ({exc}); "
-            "install it with: apt-get install libatomic1"
-        ) from exc
-    fence = lib.atomic_thread_fence
-    fence.argtypes = [ctypes.c_int]
-    fence.restype = None
-    return name, fence
-
-
-FENCE_LIBRARY, _atomic_thread_fence = _load_libatomic()
+_LIBATOMIC = libatomic()
+FENCE_LIBRARY: str = _LIBATOMIC.pvio_name
+_atomic_thread_fence: Callable[[int], None] = _LIBATOMIC.atomic_thread_fence
 _TSO = platform.machine().lower() in _TSO_MACHINES
 
 

@@ -145,7 +145,7 @@ class LguestCluster:
             if self.hv.stdout is not None:
                 self.hv.stdout.close()
             self.hv = None
-        from pvio.export.tap import remove_namespace
+        from pvio.domains.tap import remove_namespace
 
         for g in self.guests:  # a guest killed above may have left its namespace
             if rcs.get(g.name, 0) != 0:

@@ -19,7 +19,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
 )
-from pvio.export.tap import TapInterface, TapLink
+from pvio.domains.tap import TapInterface, TapLink
 from pvio.lguest.block import BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.console import ConsoleDevice, ConsoleDriver

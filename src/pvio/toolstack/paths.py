@@ -43,7 +43,3 @@ class StatePaths:
 
     def console_socket(self, domain: str) -> Path:
         return self.root / f"{domain}-console.sock"
-
-
-def nbd_uri(socket_path: str | os.PathLike[str], export: str) -> str:
-    return f"nbd+unix:///{export}?socket={os.fspath(socket_path)}"

@@ -48,10 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pvio.blk.storage import create_sparse_image
+from pvio.nbd.address import nbd_uri_for_socket
+from pvio.storage.rawfile import create_sparse_image
 from pvio.toolstack import xslayout
 from pvio.toolstack.config import Config, DomainConfig
-from pvio.toolstack.paths import StatePaths, nbd_uri
+from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, read_status, write_status
 
 READY_TIMEOUT = 30.0
@@ -398,7 +399,7 @@ class Toolstack:
                     argv.append("--read-only")
                 child = await self._start_child(Child(name, [*argv, target], self.paths.log(name)))
                 await self._wait_socket(sock, child)
-                disk.params = nbd_uri(sock, disk.spec.vdev.name)
+                disk.params = nbd_uri_for_socket(sock, disk.spec.vdev.name)
 
     async def start_domains(self) -> None:
         self._prepare_images()
@@ -446,7 +447,7 @@ class Toolstack:
             for d in run.spec.disks:
                 entry["devices"].append(
                     {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
-                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri(d.nbd_socket, d.vdev),
+                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri_for_socket(d.nbd_socket, d.vdev),
                      "nbd_tcp": f"nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}" if d.nbd_tcp_port else ""}
                 )
             if run.spec.role == "lguest-guest":
@@ -454,7 +455,7 @@ class Toolstack:
                 if run.config and run.config.lguest_disk:
                     entry["devices"].append(
                         {"type": "lguest-block", "target": run.config.lguest_disk["target"],
-                         "nbd": nbd_uri(run.spec.extra["nbd_socket"], "lgba")}
+                         "nbd": nbd_uri_for_socket(run.spec.extra["nbd_socket"], "lgba")}
                     )
                 if run.config and run.config.lguest_net:
                     entry["devices"].append(
@@ -484,7 +485,7 @@ class Toolstack:
         for run in guests:
             self.say(f"  {run.spec.name} (domid {run.spec.domid}, pid {run.child.pid})")
             for d in run.spec.disks:
-                uri = nbd_uri(d.nbd_socket, d.vdev)
+                uri = nbd_uri_for_socket(d.nbd_socket, d.vdev)
                 first_uri = first_uri or uri
                 mode = "ro" if d.read_only else "rw"
                 self.say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
@@ -492,7 +493,7 @@ class Toolstack:
                     self.say(f"      NBD over TCP (localhost): nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}")
             if run.spec.role == "lguest-guest" and run.config is not None:
                 if run.config.lguest_disk:
-                    uri = nbd_uri(run.spec.extra["nbd_socket"], "lgba")
+                    uri = nbd_uri_for_socket(run.spec.extra["nbd_socket"], "lgba")
                     first_uri = first_uri or uri
                     self.say(f"    lgba rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
                 if run.config.lguest_net:
@@ -576,7 +577,7 @@ class Toolstack:
         names = [r.spec.name for r in self.domains if r.spec.role == "lguest-guest"]
         if not names:
             return
-        from pvio.export.tap import TapError, remove_namespace
+        from pvio.domains.tap import TapError, remove_namespace
 
         for name in names:
             try:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from export.nbd_helpers import ServerThread
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BlockBackend
-from pvio.export.conformance import check_backend
-from pvio.export.nbd_client import ClientRequestError, NbdOptionError
-from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient
+from nbd.helpers import ServerThread
+from pvio.nbd import wire as w
+from pvio.nbd.address import NbdAddress
+from pvio.nbd.client import ClientRequestError, NbdOptionError
+from pvio.nbd.client_asyncio import NbdClient
+from pvio.storage.backend import BlockBackend
+from pvio.testing.backend_conformance import check_backend
 
 SIZE = 32 << 20
 

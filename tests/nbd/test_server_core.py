@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export.nbd_helpers import (
+from nbd.helpers import (
     client_flags,
     go_data,
     option,
@@ -14,9 +14,8 @@ from export.nbd_helpers import (
     parse_simple_replies,
     request,
 )
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo
-from pvio.export.nbd_server import (
+from pvio.nbd import wire as w
+from pvio.nbd.server import (
     Command,
     CommandRejected,
     Disconnect,
@@ -28,6 +27,7 @@ from pvio.export.nbd_server import (
     OptionRejected,
     State,
 )
+from pvio.storage.backend import BackendInfo
 
 SIZE = 1 << 20
 RW = Export("disk", BackendInfo(size=SIZE, can_trim=True, can_write_zeroes=True), "a disk")

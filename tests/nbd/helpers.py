@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BlockBackend
-from pvio.export.nbd_server_asyncio import NbdServer
+from pvio.nbd import wire as w
+from pvio.nbd.server_asyncio import NbdServer
+from pvio.storage.backend import BlockBackend
 
 
 def option(opt: int, data: bytes = b"") -> bytes:

@@ -1,4 +1,4 @@
-"""The NBD client protocol, sans-IO; `pvio.export.nbd_client_asyncio.NbdClient` runs it.
+"""The NBD client protocol, sans-IO; `pvio.nbd.client_asyncio.NbdClient` runs it.
 
 Theory of operation
 -------------------
@@ -17,10 +17,10 @@ are checked locally against the export's size, flags and block sizes before they
 sent (`ClientRequestError`, a local fault) so that a misbehaving caller cannot make pvio
 break the protocol.
 
-`NbdClient` (in `pvio.export.nbd_client_asyncio`) runs the core over an asyncio stream (UNIX socket or TCP).  Any number of
+`NbdClient` (in `pvio.nbd.client_asyncio`) runs the core over an asyncio stream (UNIX socket or TCP).  Any number of
 coroutines may call `read`/`write`/`flush`/`trim` at once: requests are pipelined on the
 one connection and complete as their replies arrive.  `NbdClient` implements
-`pvio.export.backend.BlockBackend`, so a remote export (qemu-nbd serving a qcow2, or a
+`pvio.storage.backend.BlockBackend`, so a remote export (qemu-nbd serving a qcow2, or a
 server on another machine) can be the storage behind a pvio disk or behind another
 export.  This is the storage path pvio's blkback uses for anything that is not a raw file.
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo
+from pvio.nbd import wire as w
+from pvio.storage.backend import BackendInfo
 
 
 class ServerProtocolError(Exception):

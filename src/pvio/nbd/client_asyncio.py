@@ -4,22 +4,19 @@ Any number of coroutines may call `read`/`write`/`flush`/`trim` at once: each se
 request straight away and waits on a future that the reply (matched by cookie) resolves,
 so requests are pipelined on the one connection and complete in whatever order the server
 answers.  A protocol violation or a lost connection fails every waiting request with the
-cause.  `NbdClient` implements `pvio.export.backend.BlockBackend`.
+cause.  `NbdClient` implements `pvio.storage.backend.BlockBackend`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import urllib.parse
-from dataclasses import dataclass
 from typing import cast
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo
-from pvio.export.nbd_client import (
+from pvio.nbd import wire as w
+from pvio.nbd.address import NbdAddress
+from pvio.nbd.client import (
     ClientEvent,
     ClientRequestError,
     ExportDetails,
@@ -31,36 +28,7 @@ from pvio.export.nbd_client import (
     Reply,
     ServerProtocolError,
 )
-
-
-@dataclass(frozen=True)
-class NbdAddress:
-    """Where an NBD export is: a UNIX socket path or a TCP host and port, and the name."""
-
-    export: str = ""
-    socket_path: str | None = None
-    host: str | None = None
-    port: int = 10809
-
-    @classmethod
-    def parse(cls, uri: str) -> NbdAddress:
-        """nbd+unix:///NAME?socket=PATH or nbd://HOST[:PORT]/NAME (the NBD URI spec)."""
-        u = urllib.parse.urlsplit(uri)
-        name = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
-        if u.scheme == "nbd+unix":
-            query = urllib.parse.parse_qs(u.query)
-            if "socket" not in query:
-                raise ValueError(f"{uri}: nbd+unix needs ?socket=PATH")
-            return cls(export=name, socket_path=query["socket"][0])
-        if u.scheme == "nbd":
-            return cls(export=name, host=u.hostname or "localhost", port=u.port or 10809)
-        raise ValueError(f"{uri}: not an nbd:// or nbd+unix:// URI")
-
-    def uri(self) -> str:
-        name = urllib.parse.quote(self.export)
-        if self.socket_path is not None:
-            return f"nbd+unix:///{name}?socket={self.socket_path}"
-        return f"nbd://{self.host}:{self.port}/{name}"
+from pvio.storage.backend import BackendInfo
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -234,8 +202,3 @@ class NbdClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def nbd_uri_for_socket(path: str | os.PathLike[str], export: str = "") -> str:
-    """The NBD URI clients use for an export on a UNIX socket."""
-    return NbdAddress(export=export, socket_path=os.fspath(path)).uri()

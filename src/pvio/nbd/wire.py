@@ -5,11 +5,11 @@ NetworkBlockDevice/nbd project); the structure names follow libnbd's
 ``nbd-protocol.h``, which describes the same bytes as packed C structs.  NBD is big-endian
 ("network byte order") throughout, so every layout says ``byte_order=">"``.  These are
 pvio's own wire format, not Xen layouts: they are tagged ``abi="nbd"`` so that the gcc
-layout probe (which checks Xen's headers) leaves them alone; tests/export/test_nbd_wire.py
+layout probe (which checks Xen's headers) leaves them alone; tests/nbd/test_wire.py
 checks them against golden bytes instead.
 
 This module only declares; the handshake and transmission logic lives in
-`pvio.export.nbd_server` (server) and `pvio.export.nbd_client` (client).
+`pvio.nbd.server` (server) and `pvio.nbd.client` (client).
 """
 
 from __future__ import annotations
@@ -155,9 +155,6 @@ NBD_ERROR_NAMES = {
 NBD_MAX_STRING = 4096
 #: A read or write payload below 2^25 bytes "SHOULD NOT be considered a denial of service".
 NBD_MAX_PAYLOAD_PORTABLE = 1 << 25
-#: The default block-size constraints when none are advertised: minimum 1, preferred 4096.
-NBD_DEFAULT_MIN_BLOCK = 1
-NBD_DEFAULT_PREFERRED_BLOCK = 4096
 #: The 124 reserved bytes after NBD_OPT_EXPORT_NAME's reply unless NO_ZEROES was agreed.
 NBD_EXPORT_NAME_ZEROES = 124
 

@@ -38,9 +38,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BlockBackend
-from pvio.export.nbd_server import (
+from pvio.nbd import wire as w
+from pvio.nbd.server import (
     Command,
     CommandRejected,
     Disconnect,
@@ -49,8 +48,9 @@ from pvio.export.nbd_server import (
     NbdServerConnection,
     OptionRejected,
 )
+from pvio.storage.backend import BlockBackend
 
-log = logging.getLogger("pvio.export.nbd")
+log = logging.getLogger("pvio.nbd")
 
 #: Commands one connection may have running before the server stops reading from it.
 DEFAULT_MAX_IN_FLIGHT = 64

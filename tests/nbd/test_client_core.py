@@ -6,9 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo
-from pvio.export.nbd_client import (
+from pvio.nbd import wire as w
+from pvio.nbd.client import (
     ClientRequestError,
     ExportList,
     NbdClientConnection,
@@ -18,7 +17,8 @@ from pvio.export.nbd_client import (
     Reply,
     ServerProtocolError,
 )
-from pvio.export.nbd_server import Command, Export, NbdServerConnection
+from pvio.nbd.server import Command, Export, NbdServerConnection
+from pvio.storage.backend import BackendInfo
 
 SIZE = 1 << 20
 EXPORTS = {

@@ -5,7 +5,7 @@ the block-size constraints it advertises: data written reads back (at the start,
 and unaligned places when the minimum block allows), concurrent writes to distinct ranges
 all land, FUA writes and FLUSH succeed, zero-length requests are harmless, WRITE_ZEROES
 reads back as zeroes (with and without permission to trim), TRIM succeeds where offered,
-and `read_into` (where offered) agrees with `read`.  It raises AssertionError naming the
+and `readv`/`writev` (where offered) agree with `read`/`write`.  It raises AssertionError naming the
 first broken promise.  It writes over the whole device: never point it at data you want.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from pvio.export.backend import BackendInfo, BlockBackend, ReadIntoBackend
+from pvio.storage.backend import BackendInfo, BlockBackend, VectoredBackend
 
 
 def _span(info: BackendInfo, want: int) -> int:
@@ -73,9 +73,17 @@ async def check_backend(backend: BlockBackend) -> None:
         await backend.write(chunk, blocks[3])
         assert bytes(await backend.read(chunk, chunk)) == blocks[3], "write after trim was lost"
 
-    if isinstance(backend, ReadIntoBackend):
+    if isinstance(backend, VectoredBackend):
         buf = bytearray(chunk + 16)
-        await backend.read_into(chunk, memoryview(buf)[8 : 8 + chunk])
+        await backend.readv(chunk, [memoryview(buf)[8 : 8 + chunk]])
         assert buf[8 : 8 + chunk] == blocks[3] and buf[:8] == bytes(8) == buf[-8:], (
-            "read_into wrote outside its buffer or read the wrong bytes"
+            "readv wrote outside its buffer or read the wrong bytes"
         )
+        if (chunk // 2) % lo == 0:
+            half = chunk // 2
+            pieces = [memoryview(blocks[0][:half]), memoryview(blocks[0][half:])]
+            await backend.writev(0, pieces)
+            assert bytes(await backend.read(0, chunk)) == blocks[0], "writev of two pieces did not land"
+            split = [memoryview(bytearray(half)), memoryview(bytearray(chunk - half))]
+            await backend.readv(0, split)
+            assert b"".join(bytes(p) for p in split) == blocks[0], "readv into two pieces read wrong bytes"

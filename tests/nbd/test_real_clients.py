@@ -1,6 +1,6 @@
 """pvio's NBD export driven by the clients users have: QEMU, libnbd, fio and the kernel.
 
-Every test serves a real raw file with `RawFileBackend` from an `NbdServer` in a thread,
+Every test serves a real raw file with `RawFile` from an `NbdServer` in a thread,
 runs the external tool against it, and checks the file itself afterwards.  The kernel
 test (nbdfuse → loop → ext4) needs root, /dev/fuse and loop devices; it cleans up every
 mount, loop device and fuse process even when it fails.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from export.nbd_helpers import ServerThread
 from kernelpath import ext4_round_trip, kernel_path_missing
-from pvio.export.backend import BlockBackend
-from pvio.export.rawfile import RawFileBackend
+from nbd.helpers import ServerThread
+from pvio.storage.backend import BlockBackend
+from pvio.storage.rawfile import RawFile
 
 SIZE = 64 << 20
 RO_SIZE = 4 << 20
@@ -55,7 +55,7 @@ def server(tmp_path: Path, images: tuple[Path, Path]) -> Iterator[ServerThread]:
     disk, ro = images
 
     async def exports() -> dict[str, BlockBackend]:
-        return {"disk": RawFileBackend(disk), "ro": RawFileBackend(ro, read_only=True)}
+        return {"disk": RawFile(disk), "ro": RawFile(ro, read_only=True)}
 
     with ServerThread(exports, str(tmp_path / "nbd.sock"), descriptions={"disk": "scratch"}) as thread:
         yield thread

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from export.nbd_helpers import ServerThread
+from nbd.helpers import ServerThread
 from pvio.bench.fio_nbd import FioJob, _listening, fio_command, parse_fio_json, run_fio
-from pvio.export.backend import BlockBackend
-from pvio.export.rawfile import RawFileBackend
+from pvio.storage.backend import BlockBackend
+from pvio.storage.rawfile import RawFile
 
 
 def test_pvio_nbd_serve_process_and_clean_exit(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_fio_command_and_result_from_a_real_run(tmp_path: Path) -> None:
         f.truncate(16 << 20)
 
     async def exports() -> dict[str, BlockBackend]:
-        return {"b": RawFileBackend(img)}
+        return {"b": RawFile(img)}
 
     job = FioJob("t", "randwrite", "4k", 4, runtime=0.5, size="8m")
     cmd = fio_command("nbd+unix:///?socket=/x", job)

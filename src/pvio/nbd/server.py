@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `NbdServerConnection` is one client connection's protocol state and nothing else.  The
-adapter (`pvio.export.nbd_asyncio`) writes `data_to_send()` to the socket, passes what it
+adapter (`pvio.nbd.server_asyncio`) writes `data_to_send()` to the socket, passes what it
 reads to `receive_data()`, and acts on the events that come back:
 
 * `ExportChosen` — the handshake is over (NBD_OPT_GO or NBD_OPT_EXPORT_NAME); commands
@@ -46,8 +46,8 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo
+from pvio.nbd import wire as w
+from pvio.storage.backend import BackendInfo
 
 #: Option data larger than this is streamed past and answered NBD_REP_ERR_TOO_BIG: the
 #: largest legal option (NBD_OPT_GO: a 4096-byte name and a few info requests) is far less.

@@ -1,9 +1,8 @@
-"""NbdServer and NbdClient over real sockets, in one process; RawFileBackend on a real file."""
+"""NbdServer and NbdClient over real sockets, in one process; RawFile on a real file."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import random
@@ -13,14 +12,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from export.nbd_helpers import client_flags, go_data, option, request
-from pvio.export import nbd_wire as w
-from pvio.export.backend import BackendInfo, BlockBackend, MemoryBackend, ReadIntoBackend
-from pvio.export.conformance import check_backend
-from pvio.export.nbd_client import ClientRequestError
-from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient, NbdCommandError
-from pvio.export.nbd_server_asyncio import NbdServer
-from pvio.export.rawfile import RawFileBackend
+from nbd.helpers import client_flags, go_data, option, request
+from pvio.nbd import wire as w
+from pvio.nbd.address import NbdAddress
+from pvio.nbd.client import ClientRequestError
+from pvio.nbd.client_asyncio import NbdClient, NbdCommandError
+from pvio.nbd.server_asyncio import NbdServer
+from pvio.storage.backend import BackendInfo, BlockBackend, MemoryBackend
+from pvio.storage.rawfile import RawFile
+from pvio.testing.backend_conformance import check_backend
 
 T = TypeVar("T")
 
@@ -72,14 +72,6 @@ async def serve(tmp_path: Path, exports: dict[str, BlockBackend], **kw: Any) -> 
     server = NbdServer(exports, **kw)
     path = await server.listen_unix(tmp_path / "nbd.sock")
     return server, path
-
-
-def test_backends_satisfy_the_protocol(tmp_path: Path) -> None:
-    img = tmp_path / "x.img"
-    img.write_bytes(bytes(4096))
-    with RawFileBackend(img) as raw:
-        assert isinstance(raw, BlockBackend) and isinstance(raw, ReadIntoBackend)
-    assert isinstance(MemoryBackend(4096), ReadIntoBackend)
 
 
 def test_pipelined_out_of_order_round_trip(tmp_path: Path) -> None:
@@ -166,7 +158,7 @@ def test_a_client_vanishing_mid_request_disturbs_no_one(tmp_path: Path, caplog: 
             await asyncio.sleep(0.05)  # let the orphaned commands finish
             assert server.connections == 0
 
-    with caplog.at_level(logging.ERROR, logger="pvio.export.nbd"):
+    with caplog.at_level(logging.ERROR, logger="pvio.nbd"):
         run(main())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -251,48 +243,6 @@ def test_proxy_an_export_through_nbd_client(tmp_path: Path) -> None:
     run(main())
 
 
-def test_raw_file_backend(tmp_path: Path) -> None:
-    img = tmp_path / "disk.img"
-    with open(img, "wb") as f:
-        f.truncate(4 << 20)
-
-    async def main() -> None:
-        with RawFileBackend(img) as raw:
-            assert raw.info.size == 4 << 20 and raw.info.can_trim
-            data = os.urandom(1 << 20)
-            await raw.write(12345, data)
-            await raw.write(0, b"fua", fua=True)
-            assert await raw.read(12345, 1 << 20) == data
-            await raw.flush()
-            await raw.write_zeroes(12345, 100)
-            await raw.write_zeroes(20000, 100, may_trim=False)
-            await raw.trim(1 << 21, 1 << 20)
-            assert await raw.read(12345, 100) == bytes(100)
-            assert await raw.read(20000, 100) == bytes(100)
-            assert await raw.read(1 << 21, 4096) == bytes(4096)
-            assert await raw.read(0, 3) == b"fua"
-            page = bytearray(4096)
-            await raw.read_into(12345 + 100, memoryview(page)[8:])
-            assert page[:8] == bytes(8) and page[8:] == data[100 : 100 + 4088]
-            # The file shrinking under the export: what is past its new end reads as zeroes.
-            os.truncate(img, 12445 + 10)
-            page[:] = b"\xff" * 4096
-            await raw.read_into(12445, memoryview(page))
-            assert page[:10] == data[100:110] and page[10:] == bytes(4086)
-            os.truncate(img, 4 << 20)
-            await raw.write(12345, data)
-
-        content = img.read_bytes()
-        assert content[:3] == b"fua" and content[12345 + 100 : 20000] == data[100 : 20000 - 12345]
-
-    run(main())
-    with RawFileBackend(img, read_only=True) as ro:
-        assert ro.info.read_only and not ro.info.can_trim
-        with pytest.raises(OSError) as info:
-            run(ro.write(0, b"x"))
-        assert info.value.errno == errno.EBADF
-
-
 def test_many_connections_at_once(tmp_path: Path) -> None:
     mem = MemoryBackend(1 << 20)
 
@@ -363,19 +313,20 @@ def test_backend_conformance(kind: str, tmp_path: Path) -> None:
         if kind == "memory":
             await check_backend(MemoryBackend(1 << 20))
         elif kind == "raw":
-            with RawFileBackend(img) as raw:
-                await check_backend(raw)
+            raw = RawFile(img)
+            await check_backend(raw)
+            await raw.close()
         else:
             inner: BlockBackend = (
                 MemoryBackend(1 << 20, min_block=512, max_block=65536)
                 if kind == "raw-aligned-nbd"
-                else RawFileBackend(img)
+                else RawFile(img)
             )
             server, path = await serve(tmp_path, {"x": inner})
             async with server, await NbdClient.connect(NbdAddress(socket_path=path)) as client:
                 await check_backend(client)
-            if isinstance(inner, RawFileBackend):
-                inner.close()
+            if isinstance(inner, RawFile):
+                await inner.close()
 
     run(main())
 
@@ -431,7 +382,7 @@ def test_fuzz_bytes_at_a_live_server_never_hurt_it(tmp_path: Path, caplog: pytes
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from export.nbd_helpers import request as req
+    from nbd.helpers import request as req
 
     prefix = st.sampled_from(
         [b"", client_flags(), client_flags() + option(w.NBD_OPT_GO, go_data(""))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pvio.abi.layout import layouts
-from pvio.export import nbd_wire as w
+from pvio.nbd import wire as w
 
 
 def test_sizes_are_the_protocols() -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from pvio.export.backend import BlockBackend
-from pvio.export.nbd_client_asyncio import NbdAddress, NbdClient
-from pvio.export.nbd_server_asyncio import NbdServer
-from pvio.export.rawfile import RawFileBackend
+from pvio.nbd.address import NbdAddress
+from pvio.nbd.client_asyncio import NbdClient
+from pvio.nbd.server_asyncio import NbdServer
+from pvio.storage.backend import BlockBackend
+from pvio.storage.rawfile import RawFile
 
 
 @click.group()
@@ -42,7 +43,7 @@ def serve(images: tuple[str, ...], socket_path: str, tcp_port: int | None, read_
 async def _serve(
     images: tuple[str, ...], names: list[str], socket_path: str, tcp_port: int | None, read_only: bool
 ) -> None:
-    backends = [RawFileBackend(p, read_only=read_only) for p in images]
+    backends = [RawFile(p, read_only=read_only) for p in images]
     exports: dict[str, BlockBackend] = dict(zip(names, backends, strict=True))
     server = NbdServer(exports)
     stop = asyncio.Event()
@@ -62,7 +63,7 @@ async def _serve(
         await server.close()
         for backend in backends:
             with contextlib.suppress(Exception):
-                backend.close()
+                await backend.close()
 
 
 @nbd.command("list")

@@ -29,7 +29,6 @@ pyroute2 package (iproute2 is already a dependency of the tests and simpler to r
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
 import os
@@ -53,6 +52,7 @@ from pvio.abi.linux_if import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
+from pvio.abi.native import setns
 
 NETNS_PREFIX = "pvio-"
 NETNS_DIR = "/run/netns"
@@ -145,13 +145,6 @@ def stale_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
         return []
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def _open_tap(ifname: str, nocsum: bool) -> int:
     """/dev/net/tun as TAP `ifname` in the calling thread's namespace."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
@@ -176,7 +169,7 @@ def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
         try:
             ns_fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns(ns_fd)  # this thread only; it ends right after
+                setns(ns_fd, CLONE_NEWNET)  # this thread only; it ends right after
             finally:
                 os.close(ns_fd)
             result.append(_open_tap(ifname, nocsum))
