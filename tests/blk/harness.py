@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pvio.domains.spec import DiskSpecJSON, DomainSpec, read_status
 from pvio.toolstack import diskspec
-from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, read_status
 from pvio.toolstack.xslayout import XsOp, vbd_add, vbd_remove_request
 from pvio.xenstore.client import Client
 from pvio.xenstore.daemon import attach_domain
@@ -133,7 +133,7 @@ class Harness:
         spec_path = self.root / f"{name}.json"
         spec_path.write_text(spec.to_json())
         try:
-            self._spawn(name, [sys.executable, "-m", "pvio.toolstack.domain", str(spec_path)],
+            self._spawn(name, [sys.executable, "-m", "pvio.domains.run", str(spec_path)],
                         pass_fds=[sock.fileno()])
         finally:
             sock.close()

@@ -13,10 +13,10 @@ import os
 import socket
 from collections.abc import Sequence
 
+from pvio.domains.netpath import NetPath
 from pvio.domains.tap import TapInterface
 from pvio.lguest.dma import LguestError
 from pvio.lguest.net import NUM_SKBS, TX_BATCH
-from pvio.lguest.netpath import NetPath
 from pvio.testing.lguest_dma import InProcessDmaHost
 from pvio.testing.lguest_guest import InProcessLguest, Lan, build_guest
 

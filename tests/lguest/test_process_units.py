@@ -1,4 +1,4 @@
-"""Units of pvio.lguest.process: settings from a spec, the Launcher's port, rendezvous,
+"""Units of the lguest domain processes: settings from a spec, the Launcher's port, rendezvous,
 the Launcher's answer to a violation notice."""
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from typing import Any
 import pytest
 
 from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DEVICE_T_NET
-from pvio.lguest.dma import GUEST_VIOLATION_IRQ, VIOLATION_IRQ_BASE, LguestError
-from pvio.lguest.net import lan_features
-from pvio.lguest.process import (
-    HvLauncherPort,
-    Launcher,
+from pvio.domains.lguest_launcher import HvLauncherPort, Launcher
+from pvio.domains.lguest_settings import (
     LguestSettings,
     default_mac,
     wait_rendezvous,
 )
-from pvio.toolstack.spec import DomainSpec
+from pvio.domains.spec import DomainSpec
+from pvio.lguest.dma import GUEST_VIOLATION_IRQ, VIOLATION_IRQ_BASE, LguestError
+from pvio.lguest.net import lan_features
 
 
 def _spec(role: str, **extra: Any) -> DomainSpec:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from pvio.domains.spec import DomainSpec
 from pvio.toolstack.cli import list_
 from pvio.toolstack.config import default_config, load
 from pvio.toolstack.paths import StatePaths
-from pvio.toolstack.spec import DomainSpec
 from pvio.toolstack.up import Toolstack
 from pvio.toolstack.xslayout import domain_add
 

@@ -53,12 +53,15 @@ def setns(fd: int, nstype: int) -> None:
     _check(libc().setns(fd, nstype))
 
 
+#: The file name of GCC's libatomic as the dynamic loader finds it.
+LIBATOMIC = ctypes.util.find_library("atomic") or "libatomic.so.1"
+
+
 @functools.cache
 def libatomic() -> Any:
     """GCC's libatomic, with `atomic_thread_fence` and `__atomic_compare_exchange_4` typed."""
-    name = ctypes.util.find_library("atomic") or "libatomic.so.1"
     try:
-        lib = ctypes.CDLL(name)
+        lib = ctypes.CDLL(LIBATOMIC)
     except OSError as exc:  # pragma: no cover - the install scripts provide libatomic1
         raise ImportError(
             f"pvio needs GCC's libatomic for memory fences and compare-and-swap ({exc}); "
@@ -69,5 +72,4 @@ def libatomic() -> Any:
     cas = lib.__atomic_compare_exchange_4
     cas.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
     cas.restype = ctypes.c_bool
-    lib.pvio_name = name
     return lib

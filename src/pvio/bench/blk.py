@@ -328,8 +328,8 @@ class CounterLog:
 
 def missing() -> str | None:
     """Why `pvio bench blk` cannot run on this build, or None."""
-    for module, what in (("pvio.blk.driver_domain", "the driver domain (blkback)"),
-                         ("pvio.blk.guest", "the guest domain (blkfront + NBD export)")):
+    for module, what in (("pvio.domains.xen_driver", "the driver domain (blkback)"),
+                         ("pvio.domains.xen_guest", "the guest domain (blkfront + NBD export)")):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:

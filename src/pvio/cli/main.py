@@ -14,8 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.nbd.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
-    "console": ("pvio.lguest.console_cli:console", "Attach the terminal to an lguest guest's console."),
-    "unplug": ("pvio.lguest.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
+    "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
+    "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }
 

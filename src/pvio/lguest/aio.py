@@ -13,11 +13,11 @@ mapped memory, and each hypercall is handed to the event loop and waited for.
 Interrupts arrive on the event loop; the guest's adapter forwards the console's with
 ``await thread.call(bus.interrupt, irq)``, so they too run in the worker thread (the
 block and network devices' data paths stay on the loop, below and in
-`pvio.lguest.netpath`).
+`pvio.domains.netpath`).
 `LguestDisk` offers a guest's disk as async read/write (what an NBD export serves), one
 64 KiB protocol request at a time, entirely on the event loop: the block driver stages
 a request in guest memory and the SEND_DMA is awaited there (a request's path has no
-thread hand-off, like the network device's, `pvio.lguest.netpath`).
+thread hand-off, like the network device's, `pvio.domains.netpath`).
 
 What this does not do: I/O of its own (no sockets, no fds); it only moves calls between
 one thread and one loop.  Calling a port method on the loop's own thread would wait for

@@ -73,7 +73,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable
 
-from pvio.abi.native import libatomic
+from pvio.abi.native import LIBATOMIC, libatomic
 from pvio.abi.ring import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRING_RSP_PROD
 
 __all__ = [
@@ -94,9 +94,8 @@ _MEMORY_ORDER_SEQ_CST = 5
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i486", "i586", "i686"})
 
 
-_LIBATOMIC = libatomic()
-FENCE_LIBRARY: str = _LIBATOMIC.pvio_name
-_atomic_thread_fence: Callable[[int], None] = _LIBATOMIC.atomic_thread_fence
+FENCE_LIBRARY = LIBATOMIC
+_atomic_thread_fence: Callable[[int], None] = libatomic().atomic_thread_fence
 _TSO = platform.machine().lower() in _TSO_MACHINES
 
 

@@ -1,8 +1,8 @@
 """lguest guests and Launchers as real processes, started the toolstack's way.
 
 `LguestCluster` starts `pvio hypervisor`, then for each guest a Launcher and a guest
-domain process (``python -m pvio.toolstack.domain SPEC.json``) from specs shaped as
-`pvio up` writes them (`pvio.lguest.process` shows both), waits for their status files
+domain process (``python -m pvio.domains.run SPEC.json``) from specs shaped as
+`pvio up` writes them (`pvio.domains.lguest_settings` shows both), waits for their status files
 and stops everything in reverse order, checking that no ``pvio-*`` namespace is left.
 Used by the end-to-end tests and by ``pvio bench lguest``.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pvio.toolstack.spec import DomainSpec, read_status
+from pvio.domains.spec import DomainSpec, read_status
 
 
 @dataclass
@@ -105,7 +105,7 @@ class LguestCluster:
         path = self.state_dir / f"{spec.name}.json"
         path.write_text(spec.to_json())
         log = open(self.state_dir / f"{spec.name}.log", "wb")  # noqa: SIM115 (closed in stop)
-        proc = subprocess.Popen([sys.executable, "-m", "pvio.toolstack.domain", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "pvio.domains.run", str(path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(_Proc(spec.name, proc, Path(spec.status_file), log))
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
+from pvio.domains.spec import pid_alive
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths, default_state_dir
-from pvio.toolstack.spec import pid_alive
 from pvio.toolstack.up import Toolstack, load_up_status, run_up
 
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."

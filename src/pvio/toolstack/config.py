@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvio.domains.spec import parse_size as spec_parse_size
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU, MIN_MTU
 from pvio.toolstack import diskspec
 
 DEFAULT_DISK_SIZE = 1 << 30
 DOMAIN_TYPES = ("xen", "lguest")
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,10}$")
 
 
@@ -48,12 +48,11 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"size {text!r} is not a number with an optional K/M/G/T suffix")
-    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
+    """A size in bytes from an int or "64M"-style text (`pvio.domains.spec.parse_size`)."""
+    try:
+        return spec_parse_size(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass

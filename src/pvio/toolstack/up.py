@@ -16,7 +16,7 @@ Theory of operation
    permissions in one transaction (`pvio.toolstack.xslayout`), creating missing raw
    images sparse.
 4. It starts the driver domain, then the guests, each as
-   ``python -m pvio.toolstack.domain SPEC.json`` (`pvio.toolstack.spec`), waits for their
+   ``python -m pvio.domains.run SPEC.json`` (`pvio.domains.spec`), waits for their
    status files to say ready, writes `pvio-up.json` (what `pvio list` shows) and prints
    the NBD URIs and what to try next.
 5. It supervises.  A driver domain that dies is reported and restarted (guests' blkfronts
@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pvio.domains.spec import DiskSpecJSON, DomainSpec, read_status, write_status
 from pvio.nbd.address import nbd_uri_for_socket
 from pvio.storage.rawfile import create_sparse_image
 from pvio.toolstack import xslayout
 from pvio.toolstack.config import Config, DomainConfig
 from pvio.toolstack.paths import StatePaths
-from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, read_status, write_status
 
 READY_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 15.0
@@ -299,7 +299,7 @@ class Toolstack:
     def _run(self, config: DomainConfig | None, spec: DomainSpec) -> DomainRun:
         child = Child(
             spec.name,
-            _python_argv("pvio.toolstack.domain", str(self.paths.spec(spec.name))),
+            _python_argv("pvio.domains.run", str(self.paths.spec(spec.name))),
             self.paths.log(spec.name),
         )
         run = DomainRun(config, spec, child)

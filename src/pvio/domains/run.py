@@ -1,8 +1,8 @@
-"""`python -m pvio.toolstack.domain SPEC.json`: run one domain process (see `spec`).
+"""`python -m pvio.domains.run SPEC.json`: run one domain process (see `spec`).
 
 The role's entry point is imported only here, so each role's code stays in its own
-package: `pvio.blk.driver_domain.main` (role "driver"), `pvio.blk.guest.main` ("guest"),
-`pvio.lguest.process.guest_main` / `launcher_main` ("lguest-guest", "lguest-launcher").
+package: `pvio.domains.xen_driver.main` (role "driver"), `pvio.domains.xen_guest.main` ("guest"),
+`pvio.domains.lguest_guest.guest_main` / `pvio.domains.lguest_launcher.launcher_main` ("lguest-guest", "lguest-launcher").
 Each is ``async def main(spec: DomainSpec) -> None`` and returns after an orderly
 shutdown when the task is cancelled (SIGTERM/SIGINT cancel it).  Domains run on uvloop,
 as the hypervisor does (`pvio.hypervisor.aio.run`): they spend their lives waking for
@@ -17,14 +17,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from pvio.domains.spec import DomainSpec
 from pvio.hypervisor import aio
-from pvio.toolstack.spec import DomainSpec
 
 ENTRY_POINTS = {
-    "driver": "pvio.blk.driver_domain:main",
-    "guest": "pvio.blk.guest:main",
-    "lguest-guest": "pvio.lguest.process:guest_main",
-    "lguest-launcher": "pvio.lguest.process:launcher_main",
+    "driver": "pvio.domains.xen_driver:main",
+    "guest": "pvio.domains.xen_guest:main",
+    "lguest-guest": "pvio.domains.lguest_guest:guest_main",
+    "lguest-launcher": "pvio.domains.lguest_launcher:launcher_main",
 }
 
 
@@ -49,7 +49,7 @@ async def run(spec: DomainSpec) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pvio.toolstack.domain SPEC.json", file=sys.stderr)
+        print("usage: python -m pvio.domains.run SPEC.json", file=sys.stderr)
         return 2
     spec = DomainSpec.load(args[0])
     aio.run(run(spec))  # on uvloop, as the hypervisor

@@ -2,7 +2,7 @@
 
 The guest's Launcher serves the host end of its console on a UNIX socket and names it
 in its rendezvous file (``<state_dir>/lguest/<NAME>.launcher.json``, see
-`pvio.lguest.process`).  On a terminal the session is raw (no ISIG, ICANON or ECHO, as
+`pvio.domains.lguest_launcher`).  On a terminal the session is raw (no ISIG, ICANON or ECHO, as
 lguest's Launcher set it, restored on exit) and three ^C within a second quit; with
 stdin not a terminal, input passes through as it is, and after the end of input the
 command keeps printing the guest's output until it has been quiet for ``--linger``

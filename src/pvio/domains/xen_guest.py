@@ -19,14 +19,14 @@ import os
 from dataclasses import dataclass
 
 from pvio.abi.xenbus import XenbusState as S
-from pvio.blk.driver_domain import open_xenstore
 from pvio.blk.frontend import BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
+from pvio.domains.role import open_xenstore, report_status
+from pvio.domains.spec import DiskSpecJSON, DomainSpec
 from pvio.hypervisor import aio
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import nbd_uri_for_socket
 from pvio.nbd.server_asyncio import NbdServer
-from pvio.toolstack.spec import DiskSpecJSON, DomainSpec, write_status
 from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ CONNECT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
 
 
-#: Seconds between refreshes of the status file (blkfront's counters).
-STATUS_INTERVAL = 1.0
 
 
 @dataclass
@@ -107,10 +105,8 @@ async def main(spec: DomainSpec) -> None:
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port)
-        write_status(spec.status_file, **status(spec, dom, disks))
-        while True:  # refreshed once a second: blkfront's counters for `pvio bench blk`
-            await asyncio.sleep(STATUS_INTERVAL)
-            write_status(spec.status_file, **status(spec, dom, disks))
+        # refreshed once a second: blkfront's counters for `pvio bench blk`
+        await report_status(spec, dom.domid, lambda: status(disks))
     finally:
         for disk in disks:
             with contextlib.suppress(Exception):
@@ -121,12 +117,8 @@ async def main(spec: DomainSpec) -> None:
         await dom.close()
 
 
-def status(spec: DomainSpec, dom: Domain, disks: list[GuestDisk]) -> dict[str, object]:
+def status(disks: list[GuestDisk]) -> dict[str, object]:
     return {
-        "ready": True,
-        "pid": os.getpid(),
-        "domid": dom.domid,
-        "role": spec.role,
         "disks": [
             {
                 "vdev": d.vdev,

@@ -9,7 +9,7 @@ libxl's permissions), introduces the domain to xenstored and obtains a XenStore
 connection already bound to that domid (`pvio.xenstore.daemon.attach_domain`), then
 starts the domain as a child process:
 
-    python -m pvio.toolstack.domain SPEC.json     (stdin/stdout/stderr: the domain's log)
+    python -m pvio.domains.run SPEC.json     (stdin/stdout/stderr: the domain's log)
 
 with the XenStore socket inherited as fd `DomainSpec.xenstore_fd`.  The domain process
 connects to the hypervisor itself (`pvio.hypervisor.aio.connect(path, name, domid=...)`)
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,19 @@ class DomainSpec:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DomainSpec:
         return cls.from_json(Path(path).read_text())
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes from an int or text with an optional K/M/G/T suffix ("64M", "1GiB")."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G/T suffix")
+    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))
 
 
 def pid_alive(pid: object) -> bool:

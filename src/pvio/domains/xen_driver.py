@@ -12,23 +12,13 @@ ring, closes the disks, and leaves: the hypervisor tears the domain down.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import socket
 
 from pvio.blk.xenbus_backend import BlkbackService
+from pvio.domains.role import open_xenstore, report_status
+from pvio.domains.spec import DomainSpec
 from pvio.hypervisor import aio
-from pvio.toolstack.spec import DomainSpec, write_status
 from pvio.xenstore.client import AsyncClient
-
-STATUS_INTERVAL = 1.0
-
-
-async def open_xenstore(spec: DomainSpec) -> AsyncClient:
-    sock = socket.socket(fileno=spec.xenstore_fd)
-    sock.setblocking(False)
-    return await AsyncClient.open(sock=sock)
 
 
 async def main(spec: DomainSpec) -> None:
@@ -41,18 +31,12 @@ async def main(spec: DomainSpec) -> None:
         xs = await open_xenstore(spec)
         service = BlkbackService(dom, xs, max_in_flight=int(spec.extra.get("max_in_flight", 64)))
         await service.start()
-        while True:
-            write_status(
-                spec.status_file,
-                ready=True,
-                pid=os.getpid(),
-                domid=dom.domid,
-                role=spec.role,
-                devices=sorted(service.devices),
-                failed=service.failed,
-                statistics=service.statistics(),
-            )
-            await asyncio.sleep(STATUS_INTERVAL)
+        blkback = service
+        await report_status(spec, dom.domid, lambda: {
+            "devices": sorted(blkback.devices),
+            "failed": blkback.failed,
+            "statistics": blkback.statistics(),
+        })
     finally:
         with contextlib.suppress(Exception):
             if service is not None:

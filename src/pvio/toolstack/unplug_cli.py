@@ -2,7 +2,7 @@
 
 The guest's Launcher takes requests on a UNIX socket named in its rendezvous file
 (``control_socket`` in ``<state_dir>/lguest/<NAME>.launcher.json``, see
-`pvio.lguest.process`): one JSON line ``{"unplug": DEVICE}``, answered by one JSON line
+`pvio.domains.lguest_launcher`): one JSON line ``{"unplug": DEVICE}``, answered by one JSON line
 once the guest has acknowledged (REMOVED_ACK) or the Launcher gave up waiting.  Exit 0
 when the device is gone, 1 with the Launcher's reason when it is not.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from pvio.lguest.console_cli import launcher_socket
+from pvio.toolstack.console_cli import launcher_socket
 
 DEVICES = ("console", "block", "net")
 

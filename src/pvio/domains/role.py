@@ -1,0 +1,58 @@
+"""What every domain role does the same way: open the XenStore connection the toolstack
+handed over, and keep the status file fresh.
+
+A role's main connects, starts its devices, then ends in `report_status`: the status file
+says ``ready`` at once (the toolstack waits for that), then is rewritten every
+`STATUS_INTERVAL` seconds with the role's counters (`pvio list` and `pvio bench` read
+them).  A role that must also look at something more often (the lguest guest, for devices
+its Launcher removed) passes `poll`, run every `poll_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+from pvio.domains.spec import DomainSpec, write_status
+from pvio.xenstore.client import AsyncClient
+
+#: Seconds between refreshes of a domain's status file.
+STATUS_INTERVAL = 1.0
+
+
+async def open_xenstore(spec: DomainSpec) -> AsyncClient:
+    """The XenStore connection the toolstack handed over (fd `spec.xenstore_fd`, already
+    bound to the domain's domid by xenstored)."""
+    sock = socket.socket(fileno=spec.xenstore_fd)
+    sock.setblocking(False)
+    return await AsyncClient.open(sock=sock)
+
+
+async def report_status(
+    spec: DomainSpec,
+    domid: int,
+    sample: Callable[[], dict[str, Any]],
+    *,
+    poll: Callable[[], Awaitable[None]] | None = None,
+    poll_interval: float = STATUS_INTERVAL,
+) -> NoReturn:
+    """Write ``{"ready": true, "pid", "domid", "role", **sample()}`` now and every
+    STATUS_INTERVAL seconds, running `poll` every `poll_interval` seconds in between;
+    returns only by cancellation."""
+    loop = asyncio.get_running_loop()
+
+    def write() -> None:
+        write_status(spec.status_file, ready=True, pid=os.getpid(), domid=domid, role=spec.role, **sample())
+
+    write()
+    next_write = loop.time() + STATUS_INTERVAL
+    while True:
+        await asyncio.sleep(poll_interval if poll is not None else STATUS_INTERVAL)
+        if poll is not None:
+            await poll()
+        if loop.time() >= next_write:
+            write()
+            next_write = loop.time() + STATUS_INTERVAL
