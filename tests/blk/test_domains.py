@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def test_driver_domain_killed_mid_io(harness: Harness, tmp_path: Path) -> None:
         await c.write(0, flushed)
         await c.flush()
         writes = [asyncio.ensure_future(c.write((2 << 20) + i * 65536, b)) for i, b in enumerate(blocks)]
-        await asyncio.sleep(0.05)
+        # The driver is serving (one write came back) and most are still in flight.
+        _, pending = await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+        assert len(pending) > len(blocks) // 2, "the writes finished before the kill"
         await asyncio.to_thread(harness.kill, "driver")  # SIGKILL, mid-I/O
         await asyncio.to_thread(harness.start_domain, "driver", 0, "driver")
         await asyncio.gather(*writes)  # no error for the callers
@@ -102,4 +105,15 @@ def test_driver_domain_killed_mid_io(harness: Harness, tmp_path: Path) -> None:
     assert data[: 1 << 20] == flushed
     assert data[2 << 20 : (2 << 20) + 96 * 65536] == b"".join(blocks)
     assert harness.read("/local/domain/1/device/vbd/51712/state") == "4"
+    # blkfront re-issued what the dead driver had taken and never answered (blkif_recover);
+    # the guest's status file carries its counters, refreshed once a second.
+    deadline = time.monotonic() + 10
+    while (reissued := _reissued(harness)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reissued > 0
     assert harness.stop("guest") == 0
+
+
+def _reissued(harness: Harness) -> int:
+    st = harness.status("guest") or {}
+    return sum(int(d.get("statistics", {}).get("reissued", 0)) for d in st.get("disks", []))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from blk.pair import asynctest, make_image
 from pvio.abi.xenbus import XenbusState as S
-from pvio.blk.guest import GuestDisk, attach_disk, detach_disk
 from pvio.blk.xenbus_backend import BlkbackService
+from pvio.domains.xen_guest import GuestDisk, attach_disk, detach_disk
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
 from pvio.toolstack import diskspec, xslayout
@@ -119,9 +119,11 @@ async def test_handshake_resize_and_close(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         assert d.front.info.size == 8 << 20
         await d.front.write((8 << 20) - 4096, b"e" * 4096)
-        # statistics appear under the backend directory
-        await asyncio.sleep(1.2)
-        assert int(await w.read(f"{BE}/statistics/wr_req") or 0) >= 2
+        # statistics appear under the backend directory (published at most once a second)
+        deadline = asyncio.get_running_loop().time() + 10
+        while int(await w.read(f"{BE}/statistics/wr_req") or 0) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no statistics within 10 s"
+            await asyncio.sleep(0.05)
         # orderly close: both ends Closed
         await detach_disk(d)
         await w.until(f"{FE}/state", "6")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +73,14 @@ async def serve(tmp_path: Path, exports: dict[str, BlockBackend], **kw: Any) -> 
     path = await server.listen_unix(tmp_path / "nbd.sock")
     return server, path
 
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `condition` to hold, checking every millisecond, at most `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
 
 def test_pipelined_out_of_order_round_trip(tmp_path: Path) -> None:
     slow = SlowBackend(MemoryBackend(1 << 20))
@@ -155,8 +163,7 @@ def test_a_client_vanishing_mid_request_disturbs_no_one(tmp_path: Path, caplog: 
                 await good.write(65536, data)
                 assert await good.read(65536, 8192) == data
             await good.close()
-            await asyncio.sleep(0.05)  # let the orphaned commands finish
-            assert server.connections == 0
+            await until(lambda: server.connections == 0)  # the orphaned commands finish
 
     with caplog.at_level(logging.ERROR, logger="pvio.nbd"):
         run(main())
@@ -351,7 +358,7 @@ def test_connections_beyond_the_limit_are_refused(tmp_path: Path) -> None:
             with pytest.raises(ConnectionError):
                 await NbdClient.connect(NbdAddress(socket_path=path))
             await a.close()
-            await asyncio.sleep(0.05)
+            await until(lambda: server.connections < 2)
             c = await NbdClient.connect(NbdAddress(socket_path=path))  # room again
             assert await c.read(0, 1) == b"\0" and await b.read(0, 1) == b"\0"
             await b.close()
