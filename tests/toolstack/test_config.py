@@ -60,6 +60,9 @@ def test_examples_load(tmp_path: Path) -> None:
         ("[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n[lan.lan0]\nhots='10.0.0.254/24'", "unknown keys ['hots']"),
         ("lan=3\n[[domain]]\nname='g1'\ntype='lguest'\nnet={address='10.0.0.1/24'}\n", "tables"),
         ("[[domain]\n", "toml"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nmisbehave=['teleport']", "misbehave: ['teleport']"),
+        ("[[domain]]\nname='g1'\ntype='lguest'\nmisbehave='flood'", "misbehave: ['flood']"),
+        ("[[domain]]\nname='g1'\nmisbehave=['flood']", "misbehave is for lguest domains"),
     ],
 )
 def test_errors(tmp_path: Path, toml: str, needle: str) -> None:
@@ -87,3 +90,15 @@ def test_sizes() -> None:
     assert parse_size("1G") == 1 << 30 and parse_size("64MiB") == 64 << 20 and parse_size(512) == 512
     with pytest.raises(ConfigError):
         parse_size("lots")
+
+
+def test_misbehave_reaches_the_guest(tmp_path: Path) -> None:
+    from pvio.domains.lguest_settings import LguestSettings
+    from pvio.domains.spec import DomainSpec
+
+    p = tmp_path / "c.toml"
+    p.write_text("[[domain]]\nname='g1'\ntype='lguest'\nmisbehave=['flood', 'runt-frames']\n")
+    (dom,) = load(p, tmp_path).domains
+    spec = DomainSpec(name="g1", domid=2, role="lguest-guest", hypervisor_socket="/x", xenstore_fd=-1,
+                      state_dir=str(tmp_path), status_file=str(tmp_path / "s"), extra={"config": dom.raw})
+    assert LguestSettings.from_spec(spec).misbehave == ["flood", "runt-frames"]

@@ -107,7 +107,7 @@ class Guest:
         self.shell: Any = None
         self.console_dropped = 0
         self.refused = 0  # hypercalls the hypervisor refused (DmaError)
-        self.hostile_results: dict[str, str] = {}  # tests only: each rule break's outcome
+        self.misbehave_results: dict[str, str] = {}  # each injected rule break's outcome
         self._net_closing = False
 
     # T:898 The guest as a domain: scan, probe, and the real world's ends
@@ -157,7 +157,7 @@ class Guest:
                 await self.nbd.listen_unix(s.nbd_socket)
         if self.console is not None:
             self._start_shell()
-        if s.hostile:
+        if s.misbehave:
             await self.thread.call(self._misbehave)
 
     def _probe_all(self) -> None:
@@ -322,9 +322,10 @@ class Guest:
             self.shell = None
 
     def _misbehave(self) -> None:
-        """Tests only: break lguest's DMA rules on purpose (extra["hostile"])."""
+        """Fault injection: break lguest's DMA rules on purpose, once the guest is up (the
+        config's ``misbehave``, each one of `MISBEHAVIOURS`); each outcome is reported."""
         bad = self.alloc.alloc_unsplit(DMA_SIZE)
-        for what in self.s.hostile:
+        for what in self.s.misbehave:
             try:
                 if what == "block-bad-dma" and self.block is not None:
                     # a section that crosses a page
@@ -369,10 +370,10 @@ class Guest:
                     self.port.write(bad, bytes(raw))
                     peer = 1 if self.net.me == 0 else 0
                     self.port.send_dma(peer_key(self.net.peer_phys, peer), bad)
-                self.hostile_results[what] = "accepted"
+                self.misbehave_results[what] = "accepted"
             except LguestError as exc:
                 self.refused += 1
-                self.hostile_results[what] = errno.errorcode.get(exc.errno, str(exc.errno))
+                self.misbehave_results[what] = errno.errorcode.get(exc.errno, str(exc.errno))
 
     async def stop(self) -> None:
         from pvio.domains.tap import remove_namespace
@@ -389,8 +390,8 @@ class Guest:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"refused": self.refused, "console_dropped": self.console_dropped,
                                "bus_refused": self.bus.stats.refused}
-        if self.hostile_results:
-            out["hostile"] = dict(self.hostile_results)
+        if self.misbehave_results:
+            out["misbehave"] = dict(self.misbehave_results)
         if self.net is not None:
             out["net"] = vars(self.net.stats).copy()
             out["net_open"] = self.net.is_open

@@ -86,8 +86,8 @@ Specs (``extra``), as the toolstack writes them::
 
 The guest's RAM is decided by the Launcher, as in lguest: ``extra["guest_nr_pages"]``
 if given, else the config's ``memory``, else the toolstack's default; the guest process
-takes the size from the rendezvous file.  ``extra["hostile"]`` is for tests only: a list
-of rule breaks the guest commits once it is up (see `Guest._misbehave`).
+takes the size from the rendezvous file.  The config's ``misbehave`` is fault injection: a list
+of rule breaks the guest commits once it is up (`MISBEHAVIOURS`, see `Guest._misbehave`).
 
 Unplug (`pvio unplug`, T:897): the Launcher takes requests on ``<state_dir>/lguest/
 <guest>.control`` (named in its rendezvous file); the guest looks for REMOVED devices
@@ -120,6 +120,11 @@ from pvio.lguest.net import (
     ETH_DATA_LEN,
     check_mtu,
 )
+
+#: The rule breaks an lguest guest can commit on purpose (its config's ``misbehave``), to
+#: see the hypervisor refuse each and the Launcher fail the device while others carry on.
+MISBEHAVIOURS = ("block-bad-dma", "block-bad-key", "console-past-memory", "runt-frames",
+                 "oversized-frames", "flood", "lan-bad-dma")
 
 log = logging.getLogger("pvio.domains.lguest")
 
@@ -164,7 +169,7 @@ class LguestSettings:
     lan_host_mac: bytes = b""
     console_socket: str = ""
     nbd_socket: str = ""
-    hostile: list[str] = field(default_factory=list)
+    misbehave: list[str] = field(default_factory=list)
 
     @classmethod
     def from_spec(cls, spec: DomainSpec) -> LguestSettings:
@@ -181,7 +186,7 @@ class LguestSettings:
             console=bool(cfg.get("console", True)),
             console_socket=str(extra.get("console_socket", "")),
             nbd_socket=str(extra.get("nbd_socket", "")),
-            hostile=[str(h) for h in extra.get("hostile", [])],
+            misbehave=[str(m) for m in cfg.get("misbehave", [])],
         )
         disk = cfg.get("disk")
         if isinstance(disk, dict) and disk.get("target"):

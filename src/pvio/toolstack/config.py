@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvio.domains.lguest_settings import MISBEHAVIOURS
 from pvio.domains.spec import parse_size as spec_parse_size
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU, MIN_MTU
 from pvio.toolstack import diskspec
@@ -150,7 +151,7 @@ def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map")
     return Config([dom], transport=transport)
 
 
-_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console"}
+_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave"}
 _NET_KEYS = {"lan", "address", "mac", "mtu"}
 
 
@@ -242,6 +243,8 @@ def load(path: Path, state_dir: Path) -> Config:
         if dtype == "xen":
             if "disk" in d or "net" in d:
                 raise ConfigError(f"{where} ({name}): xen domains take `disks` (xl disk specs)")
+            if "misbehave" in d:
+                raise ConfigError(f"{where} ({name}): misbehave is for lguest domains")
             dom.disks = [xen_disk(s, state_dir, j) for j, s in enumerate(d.get("disks", []))]
             _check_disks(dom)
         else:
@@ -263,6 +266,10 @@ def load(path: Path, state_dir: Path) -> Config:
                 dom.lguest_net = LguestNet(str(net.get("lan", "lan0")), str(net["address"]), str(net.get("mac", "")),
                                            _mtu(net.get("mtu", ETH_DATA_LEN), f"{where} ({name})"))
             dom.console = bool(d.get("console", True))
+            misbehave = d.get("misbehave", [])
+            wrong = [m for m in misbehave if m not in MISBEHAVIOURS] if isinstance(misbehave, list) else [misbehave]
+            if wrong:
+                raise ConfigError(f"{where} ({name}): misbehave: {wrong} (each one of {', '.join(MISBEHAVIOURS)})")
         domains.append(dom)
     if not domains:
         raise ConfigError(f"{path}: no [[domain]] tables")
