@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
-from pvio.xenstore.server import Close, Quotas, Send, XenStoreServer
+from pvio.xenstore.quotas import Quotas
+from pvio.xenstore.server import Close, Send, XenStoreServer
 from pvio.xenstore.wire import FrameDecoder, Packet, encode, join_args
 
 OK = b"OK\0"
