@@ -10,8 +10,10 @@ answers for each (its command-line option beside it); the toolstack (a privilege
 connection) is exempt from all of them, as dom0 is in Xen.
 
 Each check is a plain function over the request's identity and the numbers involved; the
-request handlers (`pvio.xenstore.nodes`, `pvio.xenstore.server`) call them *before*
-changing anything, so a refused request leaves no trace.  Nodes are charged to their
+node operations (`pvio.xenstore.nodes`) and the watch table (`pvio.xenstore.watches`)
+call them *before* changing anything, so a refused request leaves no trace.  (The one
+check made after acting is the size of a transaction, which acted only on its private
+view: past the limit the transaction is doomed and its commit fails.)  Nodes are charged to their
 owner (the first permission entry): `Store.owned` counts the committed tree, and an open
 transaction adds its own delta, so a domain cannot exceed its quota by spreading the
 nodes over transactions (XSA-414, XSA-415).  Releasing a domain resets its count
@@ -19,8 +21,8 @@ nodes over transactions (XSA-414, XSA-415).  Releasing a domain resets its count
 
 What this module deliberately does not do: write-rate limiting (XSA-206: the daemon
 serves connections fairly instead), bounding a connection's buffered replies and events
-(the daemon does it, where the buffers are), or the memory-per-domain accounting Xen
-added after 4.17 -- the node count and node size bound a domain's memory already.
+(the daemon does it, where the buffers are), or a separate memory quota per domain: the
+node count and the node size already bound what a domain makes the daemon keep.
 """
 
 from __future__ import annotations
