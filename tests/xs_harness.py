@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
-from pvio.xenstore.server import Close, Quotas, Send, XenStoreServer
+from pvio.xenstore.quotas import Quotas
+from pvio.xenstore.server import Close, Send, XenStoreServer
 from pvio.xenstore.wire import FrameDecoder, Packet, encode, join_args
 
 OK = b"OK\0"
@@ -129,6 +131,16 @@ def wait_for_socket(path: Path, timeout: float = 10.0) -> None:
             except OSError:
                 time.sleep(0.02)
     raise AssertionError(f"xenstored did not listen on {path}")
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait on the event loop until `predicate()` holds; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
-from pvio.xenstore.server import Quotas
+from pvio.xenstore.quotas import Quotas
 from pvio.xenstore.wire import encode, join_args
 from xs_harness import OK, Harness
 
@@ -186,8 +186,8 @@ def test_xsa330_watch_reset_loop_leaks_nothing() -> None:
     for round_ in range(300):
         assert h.req("d1", T.XS_WATCH, a(f"p{round_}", "t")) == OK
         assert h.req("d1", T.XS_RESET_WATCHES, b"") == OK
-    assert h.server.watch_index == {}
-    assert h.server.watch_count[1] == 0
+    assert h.server.watches.index == {}
+    assert h.server.watches.count[1] == 0
     for i in range(128):
         assert h.req("d1", T.XS_WATCH, a(f"q{i}", "t")) == OK
     still_serves(h)

@@ -17,11 +17,28 @@ from pathlib import Path
 import pytest
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
-from pvio.xenstore.client import AsyncClient, Client
+from pvio.xenstore.client import AsyncClient, Client, Reply, WatchEvent
 from pvio.xenstore.daemon import XenStoreDaemon, attach_domain, load_db
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.wire import FrameDecoder, Packet, encode
-from xs_harness import run_daemon, wait_for_socket
+from xs_harness import run_daemon, until, wait_for_socket
+
+
+async def read_until(
+    r: asyncio.StreamReader, dec: FrameDecoder, done: Callable[[list[Packet]], bool]
+) -> list[Packet]:
+    """Read packets from `r` until `done(packets read so far)` (at most 5 s a read)."""
+    got: list[Packet] = []
+    while not done(got):
+        data = await asyncio.wait_for(r.read(65536), 5)
+        assert data, "connection closed"
+        dec.feed(data)
+        got.extend(dec.packets())
+    return got
+
+
+def answered(type_: int, req_id: int) -> Callable[[list[Packet]], bool]:
+    return lambda got: any(p.type == type_ and p.req_id == req_id for p in got)
 
 
 def run_with_daemon(tmp_path: Path, body: Callable[[XenStoreDaemon], Awaitable[None]],
@@ -114,7 +131,10 @@ def test_unread_replies_stop_the_connection_not_the_daemon(tmp_path: Path) -> No
         for _ in range(20):
             w.write(req * 1000)  # 80 MB of replies requested, never read
             await asyncio.sleep(0)
-        await asyncio.sleep(0.3)
+        # Without back-pressure the daemon would read every request and never pause:
+        # this fails at the deadline instead of passing on whatever was read so far.
+        await until(lambda: any(conn.paused for conn in d.transports.values()),
+                    "the daemon to stop reading the connection that does not read")
         buffered = sum(
             conn.transport.get_write_buffer_size()
             for conn in d.transports.values() if conn.transport is not None
@@ -179,9 +199,22 @@ def test_many_idle_connections(tmp_path: Path) -> None:
     run_with_daemon(tmp_path, body)
 
 
-def test_async_watch_stream_and_own_write_order(tmp_path: Path) -> None:
+def test_async_watch_stream_and_own_write_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def body(d: XenStoreDaemon) -> None:
         c = await AsyncClient.open(str(d.socket_path))
+        # Every event the connection receives, whichever watch it is for (the client
+        # drops events for tokens it no longer has, so the streams alone cannot tell).
+        heard: list[WatchEvent] = []
+        dispatch = c._dispatch
+
+        def spy(item: Reply | WatchEvent) -> None:
+            if isinstance(item, WatchEvent):
+                heard.append(item)
+            dispatch(item)
+
+        monkeypatch.setattr(c, "_dispatch", spy)
         async with await c.watch("/ws") as events:
             assert (await events.get(5)).path == "/ws"
             await c.write("/ws/a", "1")
@@ -190,8 +223,14 @@ def test_async_watch_stream_and_own_write_order(tmp_path: Path) -> None:
             await c.rm("/ws")
             ev = await events.get(5)
             assert ev.path == "/ws"
-        await c.write("/ws/b", "1")
-        await asyncio.sleep(0.05)
+        # Leaving the block unregistered the watch.  Positive control: a second watch on
+        # the same path and connection hears the next write, and since a request's events
+        # come before its reply, everything that write caused has arrived once it returns.
+        async with await c.watch("/ws") as control:
+            assert (await control.get(5)).path == "/ws"
+            heard.clear()
+            await c.write("/ws/b", "1")
+            assert [(e.path, e.token) for e in heard] == [("/ws/b", control.token)]
         assert events.drain() == []
         await c.close()
 
@@ -365,21 +404,32 @@ def test_a_watcher_that_never_reads_loses_events_not_the_daemons_memory(tmp_path
         await tool.set_perms("/local/domain/4", ["n4"])
         sock = await in_thread(lambda: attach_domain(d.control_path, 4))
         assert isinstance(sock, socket.socket)
-        _r, w = await asyncio.open_unix_connection(sock=sock)
+        r, w = await asyncio.open_unix_connection(sock=sock)
+        dec = FrameDecoder()
         w.write(encode(T.XS_WATCH, b"/local/domain/4\0" + b"t" * 2000 + b"\0", req_id=1))
-        await w.drain()
-        await asyncio.sleep(0.05)
-        _r2, w2 = await asyncio.open_unix_connection(str(d.socket_path))
-        batch = b"".join(encode(T.XS_WRITE, f"/local/domain/4/n{i % 10}\0v".encode())
-                         for i in range(3000))
+        got = await read_until(r, dec, answered(T.XS_WATCH, 1))  # registered; now stop reading
+        r2, w2 = await asyncio.open_unix_connection(str(d.socket_path))
+        n = 9000
+        batch = b"".join(encode(T.XS_WRITE, f"/local/domain/4/n{i % 10}\0v".encode(), req_id=i)
+                         for i in range(n // 3))
         for _ in range(3):  # 9000 events of 2 KiB for a reader that never reads
             w2.write(batch)
             await w2.drain()
+        # every write answered, so every event was queued or dropped (before its reply)
+        await read_until(r2, FrameDecoder(), lambda replies: len(replies) >= n)
         await tool.write("/local/domain/4/last", "x")
         (conn,) = [c for c in d.transports.values() if c.domid == 4]
         assert conn.transport is not None
         assert conn.transport.get_write_buffer_size() < 2 << 20
         assert await tool.read("/local/domain/4/last") == b"x"
+        # The watcher reads again: its next reply reaches it, but past the backlog its
+        # events were dropped, most of the 9000 (the watch did fire: some arrived).
+        w.write(encode(T.XS_READ, b"last\0", req_id=2))
+        got += await read_until(r, dec, answered(T.XS_READ, 2))
+        (reply,) = [p for p in got if p.type == T.XS_READ]
+        assert reply.payload == b"x"
+        events = [p for p in got if p.type == T.XS_WATCH_EVENT]
+        assert 0 < len(events) < n // 2
         w.close()
         w2.close()
         await tool.close()

@@ -122,4 +122,4 @@ def test_reintroduce_resets_the_domains_connections() -> None:
     t = h.start("d2")
     h.req("dom0", T.XS_INTRODUCE, a("2", "0", "1"))
     assert h.read("d2", "/tool", tx=t) == "ENOENT"  # the transaction is gone
-    assert h.server.watch_count[2] == 0
+    assert h.server.watches.count[2] == 0

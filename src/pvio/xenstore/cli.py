@@ -8,7 +8,7 @@ import signal
 import click
 
 from pvio.xenstore.daemon import XenStoreDaemon, raise_nofile, run
-from pvio.xenstore.server import Quotas
+from pvio.xenstore.quotas import Quotas
 
 
 @click.command("xenstored")

@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from pvio.abi.xs_wire import XsdSockmsgType
+from pvio.xenstore.domains import XsDomain
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
-from pvio.xenstore.server import Close, Domain, Output, Quotas, Send, XenStoreServer
+from pvio.xenstore.quotas import Quotas
+from pvio.xenstore.server import Close, Output, Send, XenStoreServer
 from pvio.xenstore.store import Store
 
 EVENT_BACKLOG = 1 << 20
@@ -174,7 +176,7 @@ class XenStoreDaemon:
             store, domains = load_db(self.db)
         self.server = XenStoreServer(store, quotas)
         for domid, target in domains:
-            self.server.domains[domid] = Domain(domid, target=target)
+            self.server.domains[domid] = XsDomain(domid, target=target)
         self.transports: dict[int, _Conn] = {}
         self._saved_mutations = self.server.mutations
         self._save_handle: asyncio.TimerHandle | None = None

@@ -26,7 +26,7 @@ onto the *current* tree: new children are appended to whatever the directory hol
 
 One answer is deliberately not re-checked: RM of an absent node (a no-op either way)
 may say ENOENT inside the transaction and OK had it run after a concurrent commit that
-created the parent (see `XenStoreServer._rm`).
+created the parent (see `pvio.xenstore.nodes.NodeOps.rm`).
 
 So two transactions that add different children to one directory (two vbds created in
 parallel, each implicitly creating ``device/vbd``) both commit, where Xen's C daemon,
@@ -38,7 +38,7 @@ per transaction (memory per transaction grows with the store; XSA-326), and C's
 whole-node comparison (parallel device creation bounces with EAGAIN).
 
 What this module does not do: permission checks, quotas, path parsing and watches (the
-server does them, through the access), or any I/O.
+node operations do them, through the access), or any I/O.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ class Transaction:
     failed: str | None = None
     effects: list[Effect] = field(default_factory=list)
     owned: Counter[int] = field(default_factory=Counter)
-    #: Watch events to fire if the commit succeeds (queued by the server).
+    #: Changes to report to watches if the commit succeeds (queued by the node operations).
     pending: list[Any] = field(default_factory=list)
 
     def accessed(self) -> int:
