@@ -62,7 +62,7 @@ class MapRecord:
     """One maptrack entry: a grant `ref` of domain `granter` mapped by the owner."""
 
     handle: int
-    granter: Domain
+    granter: DomainRecord
     ref: int
     readonly: bool
     frame: int
@@ -99,7 +99,7 @@ class Port:
 class DmaBinding:
     """An lguest BIND_DMA: `count` lguest_dma structs at `dmas` in the binder's space."""
 
-    domain: Domain
+    domain: DomainRecord
     key: tuple[object, int]
     guest_key: int
     dmas: int
@@ -133,7 +133,13 @@ class FrameRule:
 
 
 @dataclass(eq=False)
-class Domain:
+class DomainRecord:
+    """The core's record of one domain (what Xen keeps in its struct domain).
+
+    Not the client: a domain process holds `pvio.hypervisor.client.Domain`, its handle
+    on the hypervisor; this record is what the hypervisor keeps about that domain.
+    """
+
     domid: int
     name: str
     nr_pages: int
