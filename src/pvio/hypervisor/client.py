@@ -270,7 +270,6 @@ class Domain:
         self._region_mms: list[mmap.mmap] = []
         self._irq_handler: Callable[[int], None] | None = None
         self._irq_waiters: list[asyncio.Future[int]] = []
-        self.irqs_raised: list[int] = []
         self.dead_domains: set[int] = set()
         #: Called with a domid when that domain is torn down (domain 0 hears of all).
         self.on_domain_dead: Callable[[int], None] | None = None
@@ -712,7 +711,6 @@ class Domain:
                 os.close(old)
         elif op.cmd == wire.PVIO_PUSH_irq:
             irq: int = wire.PVIO_PUSH_IRQ.unpack(op.args)["irq"]
-            self.irqs_raised.append(irq)
             if self._irq_handler is not None:
                 self._irq_handler(irq)
             waiters, self._irq_waiters = self._irq_waiters, []
