@@ -10,7 +10,8 @@ lguest DMA bindings.  Domain 0 is the control/driver domain and the only privile
 Besides its memory, a domain may ask for *shareable frames* (numbered from
 SHAREABLE_FRAME_BASE), each a one-page memfd of its own: a page that can be mapped by
 another domain without handing over the rest of memory.  Shared rings live there, so
-that even a copy-transport backend maps its ring live (see `pvio.hypervisor.client`).
+that even a copy-transport backend maps its ring live (see
+`pvio.hypervisor.client_mapping`).
 
 The cores never open files: memory, eventfds and signalling come from a `Platform`
 the adapter supplies (`pvio.hypervisor.platform.OsPlatform` makes memfds and eventfds;
