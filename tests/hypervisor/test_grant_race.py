@@ -16,7 +16,7 @@ import time
 
 from pvio.abi import grant_table as gt
 from pvio.hypervisor.atomic import AtomicWords
-from pvio.hypervisor.domain import Domain
+from pvio.hypervisor.domain import DomainRecord
 from pvio.hypervisor.grant_table import _Fail, pin, unpin
 from pvio.hypervisor.granting import GrantRefs
 
@@ -26,7 +26,7 @@ MAPPER = 5
 
 def _hypervisor_child(table: mmap.mmap, shared: mmap.mmap, ref: int) -> None:
     view = memoryview(table)
-    d = Domain(1, "granter", 1, -1, memoryview(bytearray(4096)), -1, view, 1)
+    d = DomainRecord(1, "granter", 1, -1, memoryview(bytearray(4096)), -1, view, 1)
     d.gnttab_atomic = AtomicWords(view)
     pins = 0
     deadline = time.monotonic() + 20

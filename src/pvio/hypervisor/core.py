@@ -49,7 +49,7 @@ from pvio.hypervisor.domain import (
     MAX_SHAREABLE_FRAMES,
     PAGE_SIZE,
     SHAREABLE_FRAME_BASE,
-    Domain,
+    DomainRecord,
     FrameRule,
     Platform,
     Region,
@@ -87,8 +87,8 @@ class Hypervisor:
     def __init__(self, platform: Platform, dup: Callable[[int], int]) -> None:
         self.platform = platform
         self.dup = dup
-        self.domains: dict[int, Domain] = {}
-        self.zombies: dict[int, Domain] = {}
+        self.domains: dict[int, DomainRecord] = {}
+        self.zombies: dict[int, DomainRecord] = {}
         self.regions: dict[int, Region] = {}
         self._next_domid = 1
         self._next_region = 1
@@ -98,7 +98,7 @@ class Hypervisor:
         self.evtchn = EventChannels(self.domains.get, platform, dup)
         self.lguest = LguestDma(self.regions)
         self._pushes: list[Push] = []
-        self._grant_ops: dict[int, tuple[Layout, Callable[[Domain, dict[str, Any]], Any]]] = {
+        self._grant_ops: dict[int, tuple[Layout, Callable[[DomainRecord, dict[str, Any]], Any]]] = {
             gt.GNTTABOP_map_grant_ref: (gt.GNTTAB_MAP_GRANT_REF, self.grants.map_grant_ref),
             gt.GNTTABOP_unmap_grant_ref: (gt.GNTTAB_UNMAP_GRANT_REF, self._unmap),
             gt.GNTTABOP_setup_table: (gt.GNTTAB_SETUP_TABLE, self.grants.setup_table),
@@ -108,7 +108,7 @@ class Hypervisor:
             gt.GNTTABOP_query_size: (gt.GNTTAB_QUERY_SIZE, self.grants.query_size),
             gt.GNTTABOP_unmap_and_replace: (gt.GNTTAB_UNMAP_AND_REPLACE, self._unmap_and_replace),
         }
-        self._evtchn_ops: dict[int, tuple[Layout, Callable[[Domain, dict[str, Any]], Any]]] = {
+        self._evtchn_ops: dict[int, tuple[Layout, Callable[[DomainRecord, dict[str, Any]], Any]]] = {
             ev.EVTCHNOP_alloc_unbound: (ev.EVTCHN_ALLOC_UNBOUND, self.evtchn.alloc_unbound),
             ev.EVTCHNOP_bind_interdomain: (ev.EVTCHN_BIND_INTERDOMAIN, self.evtchn.bind_interdomain),
             ev.EVTCHNOP_send: (ev.EVTCHN_SEND, self.evtchn.send),
@@ -127,7 +127,7 @@ class Hypervisor:
         max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
         transport: str = "map",
         domid: int | None = None,
-    ) -> Domain:
+    ) -> DomainRecord:
         if not 0 < nr_pages <= MAX_DOMAIN_PAGES:
             raise HypercallError(-errno.EINVAL, f"nr_pages {nr_pages}", "nr_pages")
         if not 0 < max_grant_frames <= MAX_GRANT_FRAMES_LIMIT:
@@ -140,7 +140,7 @@ class Hypervisor:
             raise HypercallError(-errno.EEXIST, f"domid {domid} is taken", "domid")
         mem_fd, memory = self.platform.new_memory(nr_pages, f"pvio-d{domid}-memory")
         gnt_fd, gnttab = self.platform.new_memory(max_grant_frames, f"pvio-d{domid}-gnttab")
-        d = Domain(domid, name, nr_pages, mem_fd, memory, gnt_fd, gnttab, max_grant_frames)
+        d = DomainRecord(domid, name, nr_pages, mem_fd, memory, gnt_fd, gnttab, max_grant_frames)
         d.gnttab_atomic = AtomicWords(gnttab)
         d.transport = transport
         self.domains[domid] = d
@@ -155,7 +155,7 @@ class Hypervisor:
                 return domid
         raise HypercallError(-errno.ENOSPC, "no free domid")
 
-    def lookup(self, domid: int) -> Domain | None:
+    def lookup(self, domid: int) -> DomainRecord | None:
         return self.domains.get(domid)
 
     # T:390 Tearing a domain down
@@ -202,7 +202,7 @@ class Hypervisor:
         else:
             self._free(d)
 
-    def _free(self, d: Domain) -> None:
+    def _free(self, d: DomainRecord) -> None:
         if d.gnttab_atomic is not None:
             d.gnttab_atomic.release()
             d.gnttab_atomic = None
@@ -214,16 +214,16 @@ class Hypervisor:
         d.shareable.clear()
         log.info("freed d%d", d.domid)
 
-    def _reap(self, granter: Domain) -> None:
+    def _reap(self, granter: DomainRecord) -> None:
         if granter.dying and granter.foreign_maps == 0 and self.zombies.pop(granter.domid, None) is not None:
             self._free(granter)
 
-    def _unmap(self, caller: Domain, op: dict[str, Any]) -> None:
+    def _unmap(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         rec = self.grants.unmap_grant_ref(caller, op)
         if rec is not None:
             self._reap(rec.granter)
 
-    def _unmap_and_replace(self, caller: Domain, op: dict[str, Any]) -> None:
+    def _unmap_and_replace(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         rec = self.grants.unmap_and_replace(caller, op)
         if rec is not None:
             self._reap(rec.granter)
@@ -274,7 +274,7 @@ class Hypervisor:
             return [Reply(-errno.ESRCH, b"") for _ in ops]
         return [self._execute_one(d, op) for op in ops]
 
-    def _execute_one(self, d: Domain, op: Op) -> Reply:
+    def _execute_one(self, d: DomainRecord, op: Op) -> Reply:
         try:
             if op.hypercall == wire.HYPERVISOR_grant_table_op:
                 return self._grant_op(d, op)
@@ -292,7 +292,7 @@ class Hypervisor:
             log.warning("d%d: %s", d.domid, exc)
             return Reply(-(exc.errno or errno.EIO), op.args)
 
-    def _grant_op(self, d: Domain, op: Op) -> Reply:
+    def _grant_op(self, d: DomainRecord, op: Op) -> Reply:
         entry = self._grant_ops.get(op.cmd)
         if entry is None:
             return Reply(-errno.ENOSYS, op.args)
@@ -313,7 +313,7 @@ class Hypervisor:
         return Reply(0, b"".join(out) + b"".join(extra))
 
     def _single(
-        self, d: Domain, op: Op, table: dict[int, tuple[Layout, Callable[[Domain, dict[str, Any]], Any]]]
+        self, d: DomainRecord, op: Op, table: dict[int, tuple[Layout, Callable[[DomainRecord, dict[str, Any]], Any]]]
     ) -> Reply:
         entry = table.get(op.cmd)
         if entry is None:
@@ -325,7 +325,7 @@ class Hypervisor:
         fds = handler(d, args) or []
         return Reply(0, layout.pack(**args), list(fds))
 
-    def _domctl(self, d: Domain, op: Op) -> Reply:
+    def _domctl(self, d: DomainRecord, op: Op) -> Reply:
         if op.cmd == wire.PVIO_DOMCTL_alloc_shareable:
             return self._alloc_shareable(d, op)
         if op.cmd == wire.PVIO_DOMCTL_page_fd:
@@ -351,7 +351,7 @@ class Hypervisor:
         args["nr_pages"] = target.nr_pages
         return Reply(0, lay.pack(**args), [self.dup(target.mem_fd)])
 
-    def _alloc_shareable(self, d: Domain, op: Op) -> Reply:
+    def _alloc_shareable(self, d: DomainRecord, op: Op) -> Reply:
         lay = wire.PVIO_SHAREABLE
         if op.count != 1 or len(op.args) != lay.size:
             return Reply(-errno.EINVAL, op.args)
@@ -370,7 +370,7 @@ class Hypervisor:
 
     # A shareable page's fd goes to the domain that maps it now (either transport): it is
     # that one page and nothing else, so the copy transport's promise holds.
-    def _page_fd(self, d: Domain, op: Op) -> Reply:
+    def _page_fd(self, d: DomainRecord, op: Op) -> Reply:
         lay = wire.PVIO_PAGE_FD
         if op.count > wire.MAX_FDS or len(op.args) != op.count * lay.size:
             return Reply(-errno.EINVAL, op.args)
@@ -388,7 +388,7 @@ class Hypervisor:
             out.append(lay.pack(**a))
         return Reply(0, b"".join(out), fds)
 
-    def _lguest(self, d: Domain, op: Op) -> Reply:
+    def _lguest(self, d: DomainRecord, op: Op) -> Reply:
         if op.cmd in (LHCALL_BIND_DMA, LHCALL_SEND_DMA):
             lay = wire.PVIO_LHCALL
             if op.count != 1 or len(op.args) != lay.size:
@@ -462,7 +462,7 @@ class Hypervisor:
             return Reply(0, lay.pack(**a), [self.dup(region.fd)])
         return Reply(-errno.ENOSYS, op.args)
 
-    def _attach_region(self, d: Domain, region: Region, base: int) -> None:
+    def _attach_region(self, d: DomainRecord, region: Region, base: int) -> None:
         end = base + region.nr_pages * PAGE_SIZE
         if base % PAGE_SIZE or base < d.nr_pages * PAGE_SIZE or end > 1 << 32:
             raise HypercallError(-errno.EINVAL, f"region base {base:#x}", "base")
@@ -478,7 +478,7 @@ class Hypervisor:
         d.regions[region.region_id] = region
         d.dma_sections.clear()  # addresses above memory now resolve differently
 
-    def _detach_region(self, d: Domain, region: Region) -> None:
+    def _detach_region(self, d: DomainRecord, region: Region) -> None:
         region.attached.pop(d.domid, None)
         d.regions.pop(region.region_id, None)
         d.dma_sections.clear()

@@ -10,7 +10,8 @@ lguest DMA bindings.  Domain 0 is the control/driver domain and the only privile
 Besides its memory, a domain may ask for *shareable frames* (numbered from
 SHAREABLE_FRAME_BASE), each a one-page memfd of its own: a page that can be mapped by
 another domain without handing over the rest of memory.  Shared rings live there, so
-that even a copy-transport backend maps its ring live (see `pvio.hypervisor.client`).
+that even a copy-transport backend maps its ring live (see
+`pvio.hypervisor.client_mapping`).
 
 The cores never open files: memory, eventfds and signalling come from a `Platform`
 the adapter supplies (`pvio.hypervisor.platform.OsPlatform` makes memfds and eventfds;
@@ -62,7 +63,7 @@ class MapRecord:
     """One maptrack entry: a grant `ref` of domain `granter` mapped by the owner."""
 
     handle: int
-    granter: Domain
+    granter: DomainRecord
     ref: int
     readonly: bool
     frame: int
@@ -99,7 +100,7 @@ class Port:
 class DmaBinding:
     """An lguest BIND_DMA: `count` lguest_dma structs at `dmas` in the binder's space."""
 
-    domain: Domain
+    domain: DomainRecord
     key: tuple[object, int]
     guest_key: int
     dmas: int
@@ -133,7 +134,13 @@ class FrameRule:
 
 
 @dataclass(eq=False)
-class Domain:
+class DomainRecord:
+    """The core's record of one domain (what Xen keeps in its struct domain).
+
+    Not the client: a domain process holds `pvio.hypervisor.client.Domain`, its handle
+    on the hypervisor; this record is what the hypervisor keeps about that domain.
+    """
+
     domid: int
     name: str
     nr_pages: int

@@ -43,10 +43,10 @@ from pvio.abi.event_channel import (
     EVTCHNSTAT_unbound,
 )
 from pvio.abi.grant_table import DOMID_SELF
-from pvio.hypervisor.domain import NR_EVTCHN_PORTS, Domain, Platform, Port
+from pvio.hypervisor.domain import NR_EVTCHN_PORTS, DomainRecord, Platform, Port
 from pvio.hypervisor.errors import HypercallError
 
-DomainLookup = Callable[[int], Domain | None]
+DomainLookup = Callable[[int], DomainRecord | None]
 
 
 @dataclass
@@ -69,7 +69,7 @@ class EventChannels:
         self._dup = dup
         self.pushes: list[PortPush] = []
 
-    def _target(self, caller: Domain, domid: int) -> Domain:
+    def _target(self, caller: DomainRecord, domid: int) -> DomainRecord:
         if domid in (DOMID_SELF, caller.domid):
             return caller
         if not caller.privileged:
@@ -80,14 +80,14 @@ class EventChannels:
         return d
 
     @staticmethod
-    def _free_port(d: Domain) -> int:
+    def _free_port(d: DomainRecord) -> int:
         for port in range(1, NR_EVTCHN_PORTS):
             if port not in d.ports:
                 return port
         raise HypercallError(-errno.ENOSPC, "no free port")
 
     @staticmethod
-    def _port(d: Domain, port: int) -> Port:
+    def _port(d: DomainRecord, port: int) -> Port:
         p = d.ports.get(port)
         if p is None:
             raise HypercallError(-errno.EINVAL, f"d{d.domid} has no port {port}", "port")
@@ -102,7 +102,7 @@ class EventChannels:
     # epoll wake-up in the receiver's event loop (add_reader on the port's eventfd, the
     # handler called from that callback): the hypervisor is not involved.
     # :T
-    def alloc_unbound(self, caller: Domain, op: dict[str, Any]) -> list[int]:
+    def alloc_unbound(self, caller: DomainRecord, op: dict[str, Any]) -> list[int]:
         d = self._target(caller, op["dom"])
         remote = op["remote_dom"]
         if remote == DOMID_SELF:
@@ -118,7 +118,7 @@ class EventChannels:
         self.pushes.append(PortPush(d.domid, port, False, remote, 0, fds, allocated=True))
         return []
 
-    def bind_interdomain(self, caller: Domain, op: dict[str, Any]) -> list[int]:
+    def bind_interdomain(self, caller: DomainRecord, op: dict[str, Any]) -> list[int]:
         rdomid = op["remote_dom"]
         remote = caller if rdomid in (DOMID_SELF, caller.domid) else self._lookup(rdomid)
         if remote is None or remote.dying:
@@ -141,7 +141,7 @@ class EventChannels:
         self._platform.signal(local.rx_fd)
         return [self._dup(local.rx_fd), self._dup(rport.rx_fd)]
 
-    def send(self, caller: Domain, op: dict[str, Any]) -> None:
+    def send(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         p = self._port(caller, op["port"])
         if p.state != EVTCHNSTAT_interdomain:
             return  # Xen drops events on an unbound port
@@ -152,10 +152,10 @@ class EventChannels:
         if rp is not None:
             self._platform.signal(rp.rx_fd)
 
-    def close(self, caller: Domain, op: dict[str, Any]) -> None:
+    def close(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         self.close_port(caller, self._port(caller, op["port"]))
 
-    def close_port(self, d: Domain, p: Port) -> None:
+    def close_port(self, d: DomainRecord, p: Port) -> None:
         if p.state == EVTCHNSTAT_interdomain:
             remote = self._lookup(p.remote_dom)
             rp = remote.ports.get(p.remote_port) if remote is not None else None
@@ -169,11 +169,11 @@ class EventChannels:
         del d.ports[p.port]
         self._platform.close_fd(p.rx_fd)
 
-    def close_all(self, d: Domain) -> None:
+    def close_all(self, d: DomainRecord) -> None:
         for p in list(d.ports.values()):
             self.close_port(d, p)
 
-    def status(self, caller: Domain, op: dict[str, Any]) -> None:
+    def status(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         d = self._target(caller, op["dom"])
         p = d.ports.get(op["port"])
         op["vcpu"] = 0
@@ -189,6 +189,6 @@ class EventChannels:
         if p.state == EVTCHNSTAT_interdomain:
             op["u_port"] = p.remote_port
 
-    def unmask(self, caller: Domain, op: dict[str, Any]) -> None:
+    def unmask(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         """Validates the port; mask bits are the domain's own (see the module notes)."""
         self._port(caller, op["port"])

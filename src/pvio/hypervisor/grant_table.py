@@ -72,7 +72,7 @@ from pvio.hypervisor.domain import (
     PAGE_SHIFT,
     PAGE_SIZE,
     ActiveGrant,
-    Domain,
+    DomainRecord,
     MapRecord,
 )
 
@@ -85,7 +85,7 @@ _ENTRY = GRANT_ENTRY_V1.size
 #: Attempts at the compare-and-swap before the entry is declared unstable (as Xen).
 CAS_RETRIES = 4
 
-DomainLookup = Callable[[int], Domain | None]
+DomainLookup = Callable[[int], DomainRecord | None]
 
 
 class _Fail(Exception):
@@ -94,17 +94,17 @@ class _Fail(Exception):
         self.status = status
 
 
-def _read_word(d: Domain, ref: int) -> int:
+def _read_word(d: DomainRecord, ref: int) -> int:
     word: int = _WORD.unpack_from(d.gnttab, ref * _ENTRY)[0]
     return word
 
 
-def _read_frame(d: Domain, ref: int) -> int:
+def _read_frame(d: DomainRecord, ref: int) -> int:
     frame: int = _WORD.unpack_from(d.gnttab, ref * _ENTRY + GRANT_ENTRY_V1_FRAME)[0]
     return frame
 
 
-def _cas(d: Domain, ref: int, old: int, new: int) -> int:
+def _cas(d: DomainRecord, ref: int, old: int, new: int) -> int:
     assert d.gnttab_atomic is not None
     return d.gnttab_atomic.cmpxchg32(ref * _ENTRY, old, new)
 
@@ -118,7 +118,7 @@ def _cas(d: Domain, ref: int, old: int, new: int) -> int:
 # "unstable" and the map fails.  The frame is read after the pin, validated against the
 # granter's memory, and remembered: later pins use that frame, never a re-read.
 # :T
-def pin(granter: Domain, ref: int, mapper: int, readonly: bool) -> ActiveGrant:
+def pin(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> ActiveGrant:
     """Take one pin on `granter`'s entry `ref` for domain `mapper`; raise _Fail."""
     if granter.dying:
         raise _Fail(GNTST_bad_domain, "granter is dying")
@@ -159,7 +159,7 @@ def pin(granter: Domain, ref: int, mapper: int, readonly: bool) -> ActiveGrant:
     return act
 
 
-def unpin(granter: Domain, ref: int, readonly: bool) -> None:
+def unpin(granter: DomainRecord, ref: int, readonly: bool) -> None:
     act = granter.active.get(ref)
     if act is None:
         return
@@ -170,7 +170,7 @@ def unpin(granter: Domain, ref: int, readonly: bool) -> None:
     _release_bits(granter, ref, act)
 
 
-def _release_bits(granter: Domain, ref: int, act: ActiveGrant) -> None:
+def _release_bits(granter: DomainRecord, ref: int, act: ActiveGrant) -> None:
     """Clear GTF_writing with the last writable pin and GTF_reading with the last pin."""
     clear = (0 if act.pins_rw else GTF_writing) | (0 if act.pins else GTF_reading)
     if not act.pins:
@@ -194,7 +194,7 @@ class GrantTables:
     def __init__(self, lookup: DomainLookup) -> None:
         self._lookup = lookup
 
-    def _domain(self, caller: Domain, domid: int) -> Domain | None:
+    def _domain(self, caller: DomainRecord, domid: int) -> DomainRecord | None:
         if domid in (DOMID_SELF, caller.domid):
             return caller
         return self._lookup(domid)
@@ -206,7 +206,7 @@ class GrantTables:
     # that offset in its own mapping of the granter's memory; the copy transport never
     # receives that memory and moves bytes with GNTTABOP_copy instead.
     # :T
-    def map_grant_ref(self, caller: Domain, op: dict[str, Any]) -> None:
+    def map_grant_ref(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         op["handle"] = 0xFFFFFFFF
         op["dev_bus_addr"] = 0
         if not op["flags"] & (GNTMAP_host_map | GNTMAP_device_map):
@@ -235,13 +235,13 @@ class GrantTables:
         op["dev_bus_addr"] = act.frame << PAGE_SHIFT
         op["status"] = GNTST_okay
 
-    def _drop(self, caller: Domain, rec: MapRecord) -> None:
+    def _drop(self, caller: DomainRecord, rec: MapRecord) -> None:
         del caller.maptrack[rec.handle]
         caller.free_handles.append(rec.handle)
         rec.granter.foreign_maps -= 1
         unpin(rec.granter, rec.ref, rec.readonly)
 
-    def unmap_grant_ref(self, caller: Domain, op: dict[str, Any]) -> MapRecord | None:
+    def unmap_grant_ref(self, caller: DomainRecord, op: dict[str, Any]) -> MapRecord | None:
         rec = caller.maptrack.get(op["handle"])
         if rec is None:
             op["status"] = GNTST_bad_handle
@@ -250,7 +250,7 @@ class GrantTables:
         op["status"] = GNTST_okay
         return rec
 
-    def unmap_and_replace(self, caller: Domain, op: dict[str, Any]) -> MapRecord | None:
+    def unmap_and_replace(self, caller: DomainRecord, op: dict[str, Any]) -> MapRecord | None:
         rec = caller.maptrack.get(op["handle"])
         if rec is None:
             op["status"] = GNTST_bad_handle
@@ -262,7 +262,7 @@ class GrantTables:
         op["status"] = GNTST_okay
         return rec
 
-    def unmap_all(self, caller: Domain) -> None:
+    def unmap_all(self, caller: DomainRecord) -> None:
         for rec in list(caller.maptrack.values()):
             self._drop(caller, rec)
         caller.free_handles.clear()
@@ -275,14 +275,14 @@ class GrantTables:
     # inside one page on both sides, or the op fails with GNTST_bad_copy_arg.  Then it is
     # one memoryview slice assignment: no byte outside the two pages is reachable.
     # :T
-    def copy(self, caller: Domain, op: dict[str, Any]) -> None:
+    def copy(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         length = op["len"]
         if length > PAGE_SIZE or op["source_offset"] > PAGE_SIZE - length or op[
             "dest_offset"
         ] > PAGE_SIZE - length:
             op["status"] = GNTST_bad_copy_arg
             return
-        pins: list[tuple[Domain, int, bool]] = []
+        pins: list[tuple[DomainRecord, int, bool]] = []
         try:
             src = self._copy_side(caller, op, "source", op["flags"] & GNTCOPY_source_gref, True, pins)
             dst = self._copy_side(caller, op, "dest", op["flags"] & GNTCOPY_dest_gref, False, pins)
@@ -298,12 +298,12 @@ class GrantTables:
 
     def _copy_side(
         self,
-        caller: Domain,
+        caller: DomainRecord,
         op: dict[str, Any],
         side: str,
         is_gref: int,
         readonly: bool,
-        pins: list[tuple[Domain, int, bool]],
+        pins: list[tuple[DomainRecord, int, bool]],
     ) -> memoryview:
         domid = op[f"{side}_domid"]
         value = op[f"{side}_u"]
@@ -324,7 +324,7 @@ class GrantTables:
             raise _Fail(GNTST_bad_page, f"{side}: frame {value} outside memory")
         return owner.frame_view(value)
 
-    def query_size(self, caller: Domain, op: dict[str, Any]) -> None:
+    def query_size(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         d = self._checked_target(caller, op, "dom")
         if d is None:
             return
@@ -332,7 +332,7 @@ class GrantTables:
         op["max_nr_frames"] = d.max_grant_frames
         op["status"] = GNTST_okay
 
-    def setup_table(self, caller: Domain, op: dict[str, Any]) -> list[int]:
+    def setup_table(self, caller: DomainRecord, op: dict[str, Any]) -> list[int]:
         """Grow the table to at least nr_frames; answer the table's frame numbers."""
         d = self._checked_target(caller, op, "dom")
         if d is None:
@@ -345,7 +345,7 @@ class GrantTables:
         op["status"] = GNTST_okay
         return list(range(nr))
 
-    def dump_table(self, caller: Domain, op: dict[str, Any]) -> None:
+    def dump_table(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         d = self._checked_target(caller, op, "dom")
         if d is None:
             return
@@ -354,7 +354,7 @@ class GrantTables:
         op["status"] = GNTST_okay
 
     @staticmethod
-    def entries(d: Domain) -> list[tuple[int, int, int, int]]:
+    def entries(d: DomainRecord) -> list[tuple[int, int, int, int]]:
         """The table's non-empty entries as (ref, flags, domid, frame)."""
         out = []
         for ref in range(d.nr_grant_entries):
@@ -363,7 +363,7 @@ class GrantTables:
                 out.append((ref, word & 0xFFFF, word >> 16, _read_frame(d, ref)))
         return out
 
-    def _checked_target(self, caller: Domain, op: dict[str, Any], key: str) -> Domain | None:
+    def _checked_target(self, caller: DomainRecord, op: dict[str, Any], key: str) -> DomainRecord | None:
         domid = op[key]
         if domid not in (DOMID_SELF, caller.domid) and not caller.privileged:
             op["status"] = GNTST_permission_denied
@@ -374,7 +374,7 @@ class GrantTables:
             return None
         return d
 
-    def transfer(self, caller: Domain, op: dict[str, Any]) -> None:
+    def transfer(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         mfn = op["mfn"]
         if not caller.valid_frame(mfn):
             op["status"] = GNTST_bad_page

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 This is Linux's gnttab.c for a pvio domain, over the domain's shared table (a
 memoryview of grant_entry_v1) and with no I/O: growing the table needs a
-GNTTABOP_setup_table round trip, which the client (`pvio.hypervisor.client`) makes and
-then reports here with `grow`.
+GNTTABOP_setup_table round trip, which the client (`pvio.hypervisor.client_memory`) makes
+and then reports here with `grow`.
 
 References 0..7 are reserved (GNTTAB_NR_RESERVED_ENTRIES: console, xenstore); the rest
 form a free list threaded through a Python list, head `free_head`, length
@@ -24,7 +24,7 @@ Where Linux's old `gnttab_end_foreign_access` printed "leaking g.e. and page sti
 use!", pvio keeps the reference on a deferred list and frees it (and calls the caller's
 `on_freed`, e.g. to give the page back) the first time a retry finds the mapping gone:
 `poll_deferred` is run by every allocation that finds the free list short and by a
-timer the client (`Domain.end_access`) keeps while references are deferred.
+timer the client (`MemoryClient.end_access`) keeps while references are deferred.
 """
 
 from __future__ import annotations

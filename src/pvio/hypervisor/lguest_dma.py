@@ -69,7 +69,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pvio.abi.lguest import LGUEST_DMA
-from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
+from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Region
+from pvio.hypervisor.domain import DomainRecord as Domain
 from pvio.hypervisor.errors import HypercallError
 from pvio.lguest.dma import (
     GUEST_VIOLATION_IRQ,
