@@ -250,7 +250,7 @@ class Launcher:
     # :T
     async def _start_host_peer(self, net: DeviceSlot, lan_base: int, alloc: Allocator) -> None:
         from pvio.domains.netpath import NetPath
-        from pvio.domains.tap import create_host_tap
+        from pvio.domains.tap import create_host_tap, lan_interface
 
         s = self.s
         slot = len(s.lan_members)
@@ -260,7 +260,7 @@ class Launcher:
         await self.thread.call(functools.partial(driver.open, promisc=True))
         loop = asyncio.get_running_loop()
         tap = await loop.run_in_executor(
-            None, lambda: create_host_tap(f"pvio-{s.lan}", address=s.lan_host, mac=driver.mac, mtu=s.mtu,
+            None, lambda: create_host_tap(lan_interface(s.lan), address=s.lan_host, mac=driver.mac, mtu=s.mtu,
                                           nocsum=driver.nocsum))
         self.host_path = NetPath(driver, self.dom, tap)
         self.host_path.start(loop)

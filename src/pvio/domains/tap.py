@@ -111,6 +111,11 @@ class TapError(Exception):
     """Creating or configuring a namespace or TAP failed (the host's side)."""
 
 
+def lan_interface(lan: str) -> str:
+    """The host's interface on lguest LAN `lan`: ``pvio-<lan>``, in the host's namespace."""
+    return NETNS_PREFIX + lan
+
+
 def netns_name(name: str) -> str:
     """The namespace of guest `name`: ``pvio-<name>``."""
     if not _NAME.match(name):

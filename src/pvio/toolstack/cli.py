@@ -9,10 +9,12 @@ from pathlib import Path
 
 import click
 
+from pvio.domains.lguest_settings import EXPORT_NAME
 from pvio.domains.spec import pid_alive
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths, default_state_dir
-from pvio.toolstack.up import Toolstack, load_up_status, run_up
+from pvio.toolstack.status import load_up_status
+from pvio.toolstack.up import Toolstack, run_up
 
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
 
@@ -105,7 +107,7 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
                 if dev.get("nbd_tcp"):
                     devices.append(f"     {dev['nbd_tcp']}")
             elif dev["type"] == "lguest-block":
-                devices.append(f"lgba {dev['nbd']}")
+                devices.append(f"{EXPORT_NAME} {dev['nbd']}")
             elif dev["type"] == "lguest-net":
                 devices.append(f"net {dev['address']} netns {dev['netns']}")
             elif dev["type"] == "console":

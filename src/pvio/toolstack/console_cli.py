@@ -22,12 +22,14 @@ from pathlib import Path
 
 import click
 
+from pvio.domains.lguest_settings import launcher_file
+
 CTRL_C = 0x03
 
 
 def launcher_socket(state_dir: Path, name: str, key: str) -> str:
     """A socket guest `name`'s Launcher names in its rendezvous file (`key`), or ""."""
-    path = state_dir / "lguest" / f"{name}.launcher.json"
+    path = launcher_file(state_dir, name)
     try:
         data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError) as exc:

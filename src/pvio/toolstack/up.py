@@ -37,31 +37,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pvio.domains.spec import DiskSpecJSON, DomainSpec, read_status, write_status
+from pvio.abi.xenbus import XenbusState
+from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.storage.rawfile import create_sparse_image
 from pvio.toolstack import xslayout
-from pvio.toolstack.config import Config, DomainConfig
+from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
+from pvio.toolstack.config import Config
 from pvio.toolstack.paths import StatePaths
+from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
+from pvio.toolstack.status import banner, write_up_status
 
 READY_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 15.0
-XENBUS_CLOSED = "6"
-
-
-class UpError(RuntimeError):
-    """pvio up cannot go on; the message says why and what to do."""
+XENBUS_CLOSED = str(int(XenbusState.Closed))  # as <device>/state holds it
 
 
 # T:910 The toolstack
@@ -73,71 +70,6 @@ class UpError(RuntimeError):
 # a XenStore connection already bound to its domid.  From there the two ends meet through
 # XenStore alone, exactly as Xen's split drivers do.
 # :T
-
-
-@dataclass
-class Child:
-    """One process pvio up started."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    pass_fds: tuple[int, ...] = ()
-    proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    log_file: TextIO | None = None
-
-    async def start(self) -> None:
-        self.log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop
-        self.log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.argv)}\n")
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=self.log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            pass_fds=self.pass_fds,
-            start_new_session=True,  # a Ctrl-C on the terminal reaches pvio up only
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        if self.log_file:
-            self.log_file.close()
-            self.log_file = None
-        return self.proc.returncode
-
-
-@dataclass
-class DomainRun:
-    """A domain pvio up runs: its spec and its process."""
-
-    config: DomainConfig | None  # None for the driver domain
-    spec: DomainSpec
-    child: Child
-    status: dict[str, Any] = field(default_factory=dict)
-    state: str = "starting"
-
-
-def _python_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
 
 
 class Toolstack:
@@ -189,34 +121,18 @@ class Toolstack:
         self.children.append(child)
         return child
 
-    async def _wait_socket(self, path: Path, child: Child, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        kind = socket.SOCK_SEQPACKET if path == self.paths.hypervisor_socket else socket.SOCK_STREAM
-        while time.monotonic() < deadline:
-            if not child.running:
-                raise UpError(f"{child.name} exited at start; see {child.log_path}")
-            if path.exists():
-                with socket.socket(socket.AF_UNIX, kind) as s:
-                    try:
-                        s.connect(str(path))
-                        return
-                    except OSError:
-                        pass
-            await asyncio.sleep(0.05)
-        raise UpError(f"{child.name} did not open {path} within {timeout:.0f}s; see {child.log_path}")
-
     async def start_services(self) -> None:
         hv = await self._start_child(
             Child(
                 "hypervisor",
-                _python_argv("pvio", "hypervisor", "--socket", str(self.paths.hypervisor_socket)),
+                python_argv("pvio", "hypervisor", "--socket", str(self.paths.hypervisor_socket)),
                 self.paths.log("hypervisor"),
             )
         )
         xs = await self._start_child(
             Child(
                 "xenstored",
-                _python_argv(
+                python_argv(
                     "pvio",
                     "xenstored",
                     "--socket",
@@ -227,8 +143,8 @@ class Toolstack:
                 self.paths.log("xenstored"),
             )
         )
-        await self._wait_socket(self.paths.hypervisor_socket, hv)
-        await self._wait_socket(self.paths.xenstored_socket, xs)
+        await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
+        await wait_socket(self.paths.xenstored_socket, xs)
         from pvio.xenstore.client import AsyncClient
 
         self.xs = await AsyncClient.open(str(self.paths.xenstored_socket))
@@ -284,99 +200,15 @@ class Toolstack:
         if child not in self.children:
             self.children.append(child)
 
-    def _spec(self, name: str, domid: int, role: str, **kw: Any) -> DomainSpec:
-        return DomainSpec(
-            name=name,
-            domid=domid,
-            role=role,
-            hypervisor_socket=str(self.paths.hypervisor_socket),
-            xenstore_fd=-1,
-            state_dir=str(self.paths.root),
-            status_file=str(self.paths.status(name)),
-            **kw,
-        )
-
-    def _run(self, config: DomainConfig | None, spec: DomainSpec) -> DomainRun:
-        child = Child(
-            spec.name,
-            _python_argv("pvio.domains.run", str(self.paths.spec(spec.name))),
-            self.paths.log(spec.name),
-        )
-        run = DomainRun(config, spec, child)
-        self.domains.append(run)
-        return run
-
     def plan(self) -> None:
-        """Decide domids and specs for the driver domain and every guest."""
-        if any(dom.type == "xen" for dom in self.config.domains):
-            driver = self._spec("driver", 0, "driver", transport=self.config.transport)
-            self._run(None, driver)
-        domid = 1
-        tcp_port = self.nbd_tcp
-        for dom in self.config.domains:
-            if dom.type == "xen":
-                disks = []
-                for i, disk in enumerate(dom.disks):
-                    sock = self.paths.nbd_socket(dom.name, disk.spec.vdev.name)
-                    if i == 0 and self.nbd_socket_override:
-                        sock = Path(self.nbd_socket_override).resolve()
-                    disk.nbd_socket = str(sock)
-                    disks.append(
-                        DiskSpecJSON(
-                            vdev=disk.spec.vdev.name,
-                            devid=disk.spec.vdev.number,
-                            target=disk.spec.target,
-                            format=disk.spec.format,
-                            read_only=disk.spec.read_only,
-                            nbd_socket=str(sock),
-                            nbd_tcp_port=tcp_port,
-                        )
-                    )
-                    tcp_port += 1 if tcp_port else 0
-                self._run(dom, self._spec(dom.name, domid, "guest", nr_pages=dom.memory // 4096, disks=disks))
-                domid += 1
-            else:
-                launcher = self._spec(f"{dom.name}-launcher", domid, "lguest-launcher")
-                guest = self._spec(dom.name, domid + 1, "lguest-guest", nr_pages=dom.memory // 4096)
-                extra = {
-                    "config": dom.raw
-                    | {"disk": dom.lguest_disk, "net": dom.lguest_net.__dict__ if dom.lguest_net else None},
-                    "launcher_domid": domid,
-                    "guest_domid": domid + 1,
-                    "console_socket": str(self.paths.console_socket(dom.name)),
-                    "nbd_socket": str(self.paths.nbd_socket(dom.name, "lgba")),
-                }
-                launcher.extra = dict(extra)
-                guest.extra = dict(extra)
-                self._run(dom, launcher)
-                self._run(dom, guest)
-                domid += 2
-        lans: dict[str, list[dict[str, Any]]] = {}
-        for run in self.domains:
-            cfg = run.config
-            if cfg is not None and cfg.type == "lguest" and cfg.lguest_net and run.spec.role == "lguest-guest":
-                lans.setdefault(cfg.lguest_net.lan, []).append({"name": cfg.name, "domid": run.spec.domid})
-        for run in self.domains:
-            cfg = run.config
-            if cfg is not None and cfg.type == "lguest":
-                lan = cfg.lguest_net.lan if cfg.lguest_net else None
-                run.spec.extra["lan_members"] = lans.get(lan, []) if lan else []
-                lan_cfg = self.config.lans.get(lan or "")
-                if lan_cfg is not None and lan_cfg.host:
-                    run.spec.extra["lan_host"] = {"address": lan_cfg.host, "mac": lan_cfg.host_mac}
+        """Decide domids and specs for the driver domain and every guest (`plan`)."""
+        self.domains = plan_domains(self.config, self.paths, nbd_socket=self.nbd_socket_override, nbd_tcp=self.nbd_tcp)
 
-    def _prepare_images(self) -> None:
-        for dom in self.config.domains:
-            for disk in dom.disks:
-                target = disk.spec.target
-                if "://" in target or os.path.exists(target):
-                    continue
-                if disk.spec.format != "raw":
-                    raise UpError(f"{dom.name}: {target} does not exist (only raw images are created)")
-                create_sparse_image(target, disk.size)
-                self.say(f"created {target} ({_human(disk.size)}, sparse raw)")
-            if dom.lguest_disk and not os.path.exists(dom.lguest_disk["target"]):
-                create_sparse_image(dom.lguest_disk["target"], int(dom.lguest_disk["size"]))
+    def write_up_status(self, ready: bool) -> None:
+        write_up_status(self.paths, self.domains, self.children, ready)
+
+    def banner(self) -> None:
+        banner(self.config, self.paths, self.domains, self.say)
 
     async def _start_format_servers(self) -> None:
         """qemu-nbd in front of every image that is not raw (qcow2, vhd, ...): blkback
@@ -398,11 +230,11 @@ class Toolstack:
                 if disk.spec.read_only:
                     argv.append("--read-only")
                 child = await self._start_child(Child(name, [*argv, target], self.paths.log(name)))
-                await self._wait_socket(sock, child)
+                await wait_socket(sock, child)
                 disk.params = nbd_uri_for_socket(sock, disk.spec.vdev.name)
 
     async def start_domains(self) -> None:
-        self._prepare_images()
+        prepare_images(self.config, self.say)
         await self._start_format_servers()
         for run in self.domains:
             await self._make_domain(run)
@@ -424,96 +256,10 @@ class Toolstack:
             if not run.child.running:
                 raise UpError(
                     f"domain {run.spec.name} exited while starting (status {run.child.proc and run.child.proc.returncode}); "
-                    f"see {run.child.log_path}:\n{_tail(run.child.log_path)}"
+                    f"see {run.child.log_path}:\n{tail(run.child.log_path)}"
                 )
             await asyncio.sleep(0.05)
         raise UpError(f"domain {run.spec.name} was not ready within {timeout:.0f}s; see {run.child.log_path}")
-
-    # -- what pvio list shows -----------------------------------------------------
-
-    def write_up_status(self, ready: bool) -> None:
-        domains = []
-        for run in self.domains:
-            entry: dict[str, Any] = {
-                "name": run.spec.name,
-                "domid": run.spec.domid,
-                "role": run.spec.role,
-                "pid": run.child.pid,
-                "state": run.state,
-                "restarts": run.child.restarts,
-                "log": str(run.child.log_path),
-                "devices": [],
-            }
-            for d in run.spec.disks:
-                entry["devices"].append(
-                    {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
-                     "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri_for_socket(d.nbd_socket, d.vdev),
-                     "nbd_tcp": f"nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}" if d.nbd_tcp_port else ""}
-                )
-            if run.spec.role == "lguest-guest":
-                entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
-                if run.config and run.config.lguest_disk:
-                    entry["devices"].append(
-                        {"type": "lguest-block", "target": run.config.lguest_disk["target"],
-                         "nbd": nbd_uri_for_socket(run.spec.extra["nbd_socket"], "lgba")}
-                    )
-                if run.config and run.config.lguest_net:
-                    entry["devices"].append(
-                        {"type": "lguest-net", "netns": f"pvio-{run.spec.name}",
-                         "address": run.config.lguest_net.address, "lan": run.config.lguest_net.lan}
-                    )
-            domains.append(entry)
-        write_status(
-            self.paths.up_status,
-            ready=ready,
-            pid=os.getpid(),
-            state_dir=str(self.paths.root),
-            xenstored_path=str(self.paths.xenstored_socket),
-            hypervisor_socket=str(self.paths.hypervisor_socket),
-            services=[
-                {"name": c.name, "pid": c.pid, "log": str(c.log_path)}
-                for c in self.children
-                if c.name in ("hypervisor", "xenstored")
-            ],
-            domains=domains,
-        )
-
-    def banner(self) -> None:
-        guests = [r for r in self.domains if r.spec.role in ("guest", "lguest-guest")]
-        self.say(f"pvio up: {len(guests)} guest(s) running; state directory {self.paths.root}")
-        first_uri = None
-        for run in guests:
-            self.say(f"  {run.spec.name} (domid {run.spec.domid}, pid {run.child.pid})")
-            for d in run.spec.disks:
-                uri = nbd_uri_for_socket(d.nbd_socket, d.vdev)
-                first_uri = first_uri or uri
-                mode = "ro" if d.read_only else "rw"
-                self.say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
-                if d.nbd_tcp_port:
-                    self.say(f"      NBD over TCP (localhost): nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}")
-            if run.spec.role == "lguest-guest" and run.config is not None:
-                if run.config.lguest_disk:
-                    uri = nbd_uri_for_socket(run.spec.extra["nbd_socket"], "lgba")
-                    first_uri = first_uri or uri
-                    self.say(f"    lgba rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
-                if run.config.lguest_net:
-                    self.say(f"    net {run.config.lguest_net.address} in netns pvio-{run.spec.name}")
-                self.say(f"    console: pvio console {run.spec.name} --state-dir {self.paths.root}")
-        for lan in self.config.lans.values():
-            if lan.host:
-                self.say(f"  the host on LAN {lan.name}: {lan.host} on interface pvio-{lan.name}")
-        self.say("")
-        self.say(f"export XENSTORED_PATH={self.paths.xenstored_socket}")
-        self.say("")
-        self.say("Try next, in another terminal:")
-        if first_uri:
-            self.say(f"  nbdinfo '{first_uri}'")
-            self.say(
-                f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{first_uri}'"
-            )
-        self.say(f"  XENSTORED_PATH={self.paths.xenstored_socket} xenstore-ls -p /local/domain")
-        self.say(f"  pvio list --state-dir {self.paths.root}")
-        self.say("Stop with Ctrl-C: XenBus close, flush, exit.")
 
     # -- supervise -----------------------------------------------------------------
 
@@ -577,13 +323,13 @@ class Toolstack:
         names = [r.spec.name for r in self.domains if r.spec.role == "lguest-guest"]
         if not names:
             return
-        from pvio.domains.tap import TapError, remove_namespace
+        from pvio.domains.tap import TapError, netns_name, remove_namespace
 
         for name in names:
             try:
-                await asyncio.to_thread(remove_namespace, f"pvio-{name}")
+                await asyncio.to_thread(remove_namespace, netns_name(name))
             except (TapError, OSError) as e:
-                self.say(f"pvio up: could not remove network namespace pvio-{name}: {e}")
+                self.say(f"pvio up: could not remove network namespace {netns_name(name)}: {e}")
 
     async def _close_backends(self) -> None:
         """libxl's remove: online=0 and Closing for every backend not Closed yet; wait."""
@@ -674,24 +420,3 @@ async def run_up(toolstack: Toolstack) -> int:
     return code
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def load_up_status(paths: StatePaths) -> dict[str, Any] | None:
-    try:
-        data = json.loads(paths.up_status.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None

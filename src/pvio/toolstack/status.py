@@ -1,0 +1,113 @@
+"""What a running `pvio up` tells: `pvio-up.json` (read by `pvio list`, the tests and the
+benches) and the banner printed once every guest is ready."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pvio.domains.lguest_settings import EXPORT_NAME
+from pvio.domains.spec import write_status
+from pvio.domains.tap import lan_interface, netns_name
+from pvio.nbd.address import nbd_uri_for_socket
+from pvio.toolstack.children import Child
+from pvio.toolstack.config import Config
+from pvio.toolstack.paths import StatePaths
+from pvio.toolstack.plan import DomainRun
+
+
+def write_up_status(paths: StatePaths, domains: list[DomainRun], children: list[Child], ready: bool) -> None:
+    """`pvio-up.json`: what `pvio list` shows (atomically replaced)."""
+    entries = []
+    for run in domains:
+        entry: dict[str, Any] = {
+            "name": run.spec.name,
+            "domid": run.spec.domid,
+            "role": run.spec.role,
+            "pid": run.child.pid,
+            "state": run.state,
+            "restarts": run.child.restarts,
+            "log": str(run.child.log_path),
+            "devices": [],
+        }
+        for d in run.spec.disks:
+            entry["devices"].append(
+                {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
+                 "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri_for_socket(d.nbd_socket, d.vdev),
+                 "nbd_tcp": f"nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}" if d.nbd_tcp_port else ""}
+            )
+        if run.spec.role == "lguest-guest":
+            entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
+            if run.config and run.config.lguest_disk:
+                entry["devices"].append(
+                    {"type": "lguest-block", "target": run.config.lguest_disk["target"],
+                     "nbd": nbd_uri_for_socket(run.spec.extra["nbd_socket"], EXPORT_NAME)}
+                )
+            if run.config and run.config.lguest_net:
+                entry["devices"].append(
+                    {"type": "lguest-net", "netns": netns_name(run.spec.name),
+                     "address": run.config.lguest_net.address, "lan": run.config.lguest_net.lan}
+                )
+        entries.append(entry)
+    write_status(
+        paths.up_status,
+        ready=ready,
+        pid=os.getpid(),
+        state_dir=str(paths.root),
+        xenstored_path=str(paths.xenstored_socket),
+        hypervisor_socket=str(paths.hypervisor_socket),
+        services=[
+            {"name": c.name, "pid": c.pid, "log": str(c.log_path)}
+            for c in children
+            if c.name in ("hypervisor", "xenstored")
+        ],
+        domains=entries,
+    )
+
+def banner(config: Config, paths: StatePaths, domains: list[DomainRun], say: Callable[[str], None]) -> None:
+    """What pvio up prints once every guest is ready: the guests, their URIs, what to try."""
+    guests = [r for r in domains if r.spec.role in ("guest", "lguest-guest")]
+    say(f"pvio up: {len(guests)} guest(s) running; state directory {paths.root}")
+    first_uri = None
+    for run in guests:
+        say(f"  {run.spec.name} (domid {run.spec.domid}, pid {run.child.pid})")
+        for d in run.spec.disks:
+            uri = nbd_uri_for_socket(d.nbd_socket, d.vdev)
+            first_uri = first_uri or uri
+            mode = "ro" if d.read_only else "rw"
+            say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
+            if d.nbd_tcp_port:
+                say(f"      NBD over TCP (localhost): nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}")
+        if run.spec.role == "lguest-guest" and run.config is not None:
+            if run.config.lguest_disk:
+                uri = nbd_uri_for_socket(run.spec.extra["nbd_socket"], EXPORT_NAME)
+                first_uri = first_uri or uri
+                say(f"    lgba rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
+            if run.config.lguest_net:
+                say(f"    net {run.config.lguest_net.address} in netns {netns_name(run.spec.name)}")
+            say(f"    console: pvio console {run.spec.name} --state-dir {paths.root}")
+    for lan in config.lans.values():
+        if lan.host:
+            say(f"  the host on LAN {lan.name}: {lan.host} on interface {lan_interface(lan.name)}")
+    say("")
+    say(f"export XENSTORED_PATH={paths.xenstored_socket}")
+    say("")
+    say("Try next, in another terminal:")
+    if first_uri:
+        say(f"  nbdinfo '{first_uri}'")
+        say(
+            f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{first_uri}'"
+        )
+    say(f"  XENSTORED_PATH={paths.xenstored_socket} xenstore-ls -p /local/domain")
+    say(f"  pvio list --state-dir {paths.root}")
+    say("Stop with Ctrl-C: XenBus close, flush, exit.")
+
+
+def load_up_status(paths: StatePaths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(paths.up_status.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
