@@ -257,6 +257,22 @@ class LguestDma:
             self.floods += 1
             raise HypercallError(-errno.ENOBUFS, f"d{d.domid} dropped {drops} frames in a second", "flood")
 
+    # T:840 SEND_DMA: the host's copy
+    # The host is pvio's hypervisor (this code, whether the daemon runs it or a test runs
+    # its core in one process).  A SEND_DMA names a key and one buffer.  The key is
+    # resolved in the sender's address space: a key in its own RAM reaches nobody (its
+    # Launcher is another domain); a key in a region it attached (a device page, a LAN
+    # page) is (region, offset), one key for every domain attached there, lguest's futex
+    # trick.  The sender's buffer is copied out and checked once (T:830), its sections
+    # resolved and joined where they continue each other; on a LAN page the frame must
+    # also have the length the LAN's owner declared.  Then the first other domain bound
+    # at the key with a free buffer (used_len 0, read first; then the struct copied and
+    # checked like the sender's) gets the bytes section by section: its used_len is
+    # set and its irq raised.  The sender's used_len becomes the bytes copied, or 0 if
+    # nobody had a free buffer: a drop, which counts toward a flood.  A receiver's broken
+    # buffer is the receiver's fault, skipped and counted; a rule the sender broke
+    # refuses the hypercall with -errno and tells the domains bound at the key (T:380).
+    # :T
     def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
         dst_dom = b.domain
         try:  # the bound array, resolved as BIND_DMA checked it

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -201,20 +201,6 @@ def page_sections(addr: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
-def scatter(data_len: int, sections: Sequence[DmaSection]) -> Iterator[tuple[DmaSection, int, int]]:
-    """Where a copy of `data_len` bytes lands: (section, offset in data, bytes).
-
-    Bytes beyond the receiver's capacity are not copied (lguest truncated silently; the
-    sender sees a short used_len)."""
-    done = 0
-    for s in sections:
-        if done >= data_len:
-            return
-        n = min(s.length, data_len - done)
-        yield s, done, n
-        done += n
-
-
 def check_key(key: int, device_ranges: Sequence[tuple[int, int]] | None, *, field: str = "key") -> None:
     """A DMA key: a multiple of 4 (lguest's futex rule) inside one device's pages.
 
@@ -237,16 +223,6 @@ def check_bind(count: int, irq: int) -> None:
         raise DmaError(f"count {count} not in 1..{MAX_DMAS_PER_BIND}", field="count")
     if not 1 <= irq < LGUEST_IRQS:
         raise DmaError(f"irq {irq} not in 1..{LGUEST_IRQS - 1}", field="irq")
-
-
-@dataclass(frozen=True)
-class BoundDma:
-    """A free bound buffer handed to the Launcher (LHREQ_GETDMA's answer)."""
-
-    key: int
-    addr: int  # guest address of its `struct lguest_dma`
-    buffer: DmaBuffer
-    irq: int
 
 
 class DmaPort(Protocol):
@@ -290,10 +266,3 @@ class LauncherPort(Protocol):
 
     def trigger_irq(self, irq: int) -> None:
         """LHREQ_IRQ: raise a guest interrupt with no data."""
-
-
-class LauncherDevice(Protocol):
-    """The Launcher side of one device: told of every SEND_DMA to its private keys."""
-
-    def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
-        """Handle the bytes a guest sent; the return value is the sender's used_len."""
