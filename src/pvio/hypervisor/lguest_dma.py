@@ -18,9 +18,10 @@ used_len, raises the receiver's irq, and writes the sender's used_len (the bytes
 
 Every lguest_dma is copied out of guest memory once and checked like lguest's
 check_dma_list: at most 16 sections, a zero length ends the list, every section inside
-the domain's address space and inside one page.  The rules and limits are the ones in
-`pvio.lguest.dma` (parse_dma, check_key, check_bind, LGUEST_MAX_DMA bindings), used
-here, not restated.  Where lguest killed the guest, pvio answers -EINVAL (the sender's
+the domain's address space and inside one page.  The rules and limits are declared
+once, in `pvio.hypervisor.lguest_rules` (parse_dma, check_key, check_bind) and
+`pvio.abi.lguest` (LGUEST_MAX_DMA bindings, the violation interrupts), and used here.
+Where lguest killed the guest, pvio answers -EINVAL (the sender's
 fault) or skips the receiver's bad buffer and counts it, so one bad domain never stops
 the others; and it raises a violation interrupt (VIOLATION_IRQ_BASE + irq) in every
 other domain bound at the offending key, so a Launcher can mark that device FAILED.
@@ -66,20 +67,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pvio.abi.lguest import LGUEST_DMA
+from pvio.abi.lguest import GUEST_VIOLATION_IRQ, LGUEST_DMA, LGUEST_MAX_DMA, VIOLATION_IRQ_BASE
 from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Domain, Region
 from pvio.hypervisor.errors import HypercallError
-from pvio.lguest.dma import (
-    GUEST_VIOLATION_IRQ,
-    MAX_BINDINGS,
-    VIOLATION_IRQ_BASE,
-    DmaError,
-    check_bind,
-    check_key,
-    parse_dma,
-)
+from pvio.hypervisor.lguest_rules import check_bind, check_key, parse_dma
 
 _U32 = struct.Struct("<I")
 DMA_STRUCT_SIZE = LGUEST_DMA.size
@@ -129,7 +121,7 @@ class LguestDma:
         raise HypercallError(-errno.EINVAL, f"address {addr:#x}+{length} outside d{d.domid}", "addr")
 
     def _key(self, d: Domain, key: int) -> tuple[object, int]:
-        _rule(check_key, key, None)
+        check_key(key)
         obj, _, off = self.resolve(d, key, 4)
         return obj, off
 
@@ -145,7 +137,7 @@ class LguestDma:
         cached = d.dma_sections.get(key)
         if cached is not None:
             return cached
-        buf = _rule(parse_dma, raw, memory_size=1 << 32)
+        buf = parse_dma(raw, memory_size=1 << 32)
         out: list[Section] = []
         for s in buf.sections:
             _, mem, off = self.resolve(d, s.addr, s.length)
@@ -211,9 +203,9 @@ class LguestDma:
         if irq == 0:
             d.dma = [b for b in d.dma if not (b.key == kobj and b.dmas == dmas)]
             return
-        _rule(check_bind, count, irq)
+        check_bind(count, irq)
         self.resolve(d, dmas, count * LGUEST_DMA.size)
-        if len(d.dma) >= MAX_BINDINGS:
+        if len(d.dma) >= LGUEST_MAX_DMA:
             raise HypercallError(-errno.ENOSPC, "too many DMA bindings", "dmas")
         d.dma.append(DmaBinding(d, kobj, key, dmas, count, irq))
 
@@ -297,14 +289,6 @@ class LguestDma:
             self.pushes.append(IrqPush(dst_dom.domid, b.irq))
             return n
         return None
-
-
-def _rule(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Apply a rule of pvio.lguest.dma; its DmaError becomes the hypercall's -errno."""
-    try:
-        return fn(*args, **kwargs)
-    except DmaError as exc:
-        raise HypercallError(-exc.errno, exc.reason, exc.field) from exc
 
 
 def _copy_sections(src: list[Section], dst: list[Section]) -> int:

@@ -38,12 +38,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pvio.abi.lguest import (
+    GUEST_VIOLATION_IRQ,
     LGUEST_DEVICE_F_RANDOMNESS,
     LGUEST_DEVICE_T_BLOCK,
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
+    LGUEST_IRQS,
     LHCALL_BIND_DMA,
     LHCALL_SEND_DMA,
+    VIOLATION_IRQ_BASE,
 )
 from pvio.export.tap import TapInterface
 from pvio.hypervisor import wire
@@ -57,10 +60,7 @@ from pvio.lguest.bus import Bus, DeviceDriver, DeviceSlot, DeviceTable, LguestDe
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice, ConsoleDriver
 from pvio.lguest.dma import (
     DMA_SIZE,
-    GUEST_VIOLATION_IRQ,
-    LGUEST_IRQS,
     PAGE_SIZE,
-    VIOLATION_IRQ_BASE,
     DmaError,
     Fault,
     LguestError,
