@@ -28,6 +28,11 @@ request has been served when its SEND_DMA returns; a guest's interrupts wait in 
 port until the test runs them (`InProcessLguest.run_interrupts`), or go to a handler
 (`DomainPort.on_irq`), which an asyncio user schedules on its loop
 (`AsyncDomainClient`, `net_path`).
+
+Rejected: `pvio.hypervisor.inprocess` (the core behind asyncio channels, with real
+memfds) for these tests: lguest's drivers are synchronous, so every driver call would
+need a worker thread and a running loop, for no rule the core does not already apply
+here.  The processes themselves are tested by tests/lguest/test_processes.py.
 """
 
 from __future__ import annotations
@@ -283,7 +288,11 @@ class _Served:
 
 
 class InProcessLauncher:
-    """A guest's Launcher as a domain: the device region, served by DMA."""
+    """A guest's Launcher as a domain: the device region, served by DMA.
+
+    What the Launcher process does on an interrupt, done at once: a violation notice
+    marks the device FAILED (and unbinds its buffer); a filled receive buffer is taken
+    and handed to the device's logic, whose reply is the Launcher's own SEND_DMA."""
 
     def __init__(self, world: LguestWorld, name: str, table: DeviceTable, guest: DomainPort) -> None:
         self.table = table
