@@ -1,5 +1,5 @@
 """A refused SEND_DMA/BIND_DMA raises a violation interrupt in the other domains bound at
-that key (the Launcher), and nowhere else; the limits are pvio.lguest.dma's."""
+that key (the Launcher), and nowhere else; the limits are pvio.abi.lguest's."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import errno
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pvio.abi.lguest import LGUEST_DMA, LHCALL_BIND_DMA, LHCALL_SEND_DMA
+from pvio.abi.lguest import (
+    GUEST_VIOLATION_IRQ,
+    LGUEST_DMA,
+    LHCALL_BIND_DMA,
+    LHCALL_SEND_DMA,
+    MAX_DMAS_PER_BIND,
+    VIOLATION_IRQ_BASE,
+)
 from pvio.hypervisor import wire
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.hypervisor.lguest_dma import LguestDma
 from pvio.hypervisor.wire import Op
-from pvio.lguest.dma import GUEST_VIOLATION_IRQ, MAX_DMAS_PER_BIND, VIOLATION_IRQ_BASE
 from pvio.testing.hypervisor import FakePlatform
 
 BASE = 0x100000

@@ -4,73 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import pytest
 
 from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_NET
 from pvio.lguest.aio import GuestThread, LguestDisk, ThreadedDmaPort
-from pvio.lguest.block import BlockDevice, BlockDriver
+from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.dma import PAGE_SIZE, DmaError, LguestError
 from pvio.lguest.guest import Allocator
 from pvio.lguest.net import BROADCAST, NetDriver, lan_features
 from pvio.lguest.storage import MemoryStorage
-from pvio.testing.lguest_dma import InProcessDmaHost, InProcessGuest
-from pvio.testing.lguest_guest import Lan
+from pvio.testing.lguest_world import AsyncDomainClient, DomainPort, Lan, LguestWorld, new_guest
 
 
-@dataclass
-class RefusedByHypervisor(Exception):
-    """Shaped like the hypervisor client's HypercallError: a negative errno in rc."""
-
-    rc: int
-    field: str = "key"
-
-
-class FakeAsyncClient:
-    """An asyncio client over the in-process host (the test forwards interrupts)."""
-
-    def __init__(self, guest: InProcessGuest) -> None:
-        self.guest = guest
-        self.after_send: Callable[[], Awaitable[None]] | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def bind_dma(self, key: int, dmas: int, count: int, irq: int) -> None:
-        try:
-            self.guest.bind_dma(key, dmas, count, irq)
-        except DmaError as exc:
-            raise RefusedByHypervisor(-exc.errno, exc.field) from exc
-
-    async def unbind_dma(self, key: int, dmas: int) -> None:
-        self.guest.unbind_dma(key, dmas)
-
-    async def send_dma(self, key: int, dma: int) -> int:
-        try:
-            used = self.guest.send_dma(key, dma)
-        except DmaError as exc:
-            raise RefusedByHypervisor(-exc.errno, exc.field) from exc
-        if self.after_send is not None:  # interrupts are delivered later, on the loop
-            task = asyncio.get_running_loop().create_task(self.after_send())
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        return used
-
-    def phys(self, addr: int, length: int) -> memoryview:
-        return self.guest.memory.view(addr, length)
+def _disk_guest(storage: MemoryStorage) -> tuple[DeviceTable, DomainPort, BlockDevice]:
+    """A guest with one block device, served by its Launcher from `storage`."""
+    table = DeviceTable(64)
+    slot = table.add(LGUEST_DEVICE_T_BLOCK)
+    guest, launcher = new_guest(LguestWorld(), "g", table)
+    device = BlockDevice(slot, storage)
+    device.setup(launcher.port)
+    launcher.serve(slot, device, MAX_REQUEST_BYTES)
+    return table, guest, device
 
 
 async def _block_scenario() -> None:
-    host = InProcessDmaHost()
-    table = DeviceTable(64)
-    slot = table.add(LGUEST_DEVICE_T_BLOCK)
-    guest = host.new_guest("g", table)
-    device = BlockDevice(slot, MemoryStorage(1 << 20))
-    device.setup(guest.launcher)
-    guest.attach(slot.index, device)
+    table, guest, _ = _disk_guest(MemoryStorage(1 << 20))
     loop = asyncio.get_running_loop()
-    port = ThreadedDmaPort(FakeAsyncClient(guest), loop, timeout=5)
+    port = ThreadedDmaPort(AsyncDomainClient(guest), loop, timeout=5)
     thread = GuestThread()
     try:
         bus = Bus(port, table.top_pfn, table.total_pages)
@@ -100,8 +62,8 @@ async def _block_scenario() -> None:
         assert exc.value.errno == errno.EDEADLK
         # A refusal by the hypervisor becomes a DmaError with its errno.
         with pytest.raises(DmaError) as derr:
-            await thread.call(port.bind_dma, slot.addr + 2, 0x1000, 1, 2)
-        assert derr.value.errno == errno.EINVAL and derr.value.field == "key"
+            await thread.call(port.bind_dma, table.slots[0].addr + 2, 0x1000, 1, 2)
+        assert derr.value.errno == errno.EINVAL
     finally:
         thread.close()
 
@@ -111,17 +73,15 @@ def test_block_driver_in_a_thread() -> None:
 
 
 async def _net_scenario() -> None:
-    host = InProcessDmaHost()
-    lan = Lan()
+    lan = Lan(LguestWorld())
     loop = asyncio.get_running_loop()
-    guests, nets, threads, buses = [], [], [], []
+    guests, ports, nets, threads, buses = [], [], [], [], []
     for i in range(2):
         table = DeviceTable(64)
-        slot_no = lan.owner.claim()
-        slot = table.add(LGUEST_DEVICE_T_NET, features=lan_features(slot_no))
-        guest = host.new_guest(f"g{i}", table)
-        guest.memory.map_shared(slot.pfn, lan.pages)
-        port = ThreadedDmaPort(FakeAsyncClient(guest), loop, timeout=5)
+        slot = table.add(LGUEST_DEVICE_T_NET, features=lan_features(lan.owner.claim()))
+        guest, _ = new_guest(lan.world, f"g{i}", table)
+        lan.join(guest, slot.addr)
+        port = ThreadedDmaPort(AsyncDomainClient(guest), loop, timeout=5)
         bus = Bus(port, table.top_pfn, table.total_pages)
         alloc = Allocator(PAGE_SIZE, 64 * PAGE_SIZE)
         found: list[NetDriver] = []
@@ -131,15 +91,24 @@ async def _net_scenario() -> None:
                           lambda d, a=alloc, f=found: f.append(NetDriver(d, a)) or f[-1])
         await thread.call(found[0].open)
         guests.append(guest)
+        ports.append(port)
         nets.append(found[0])
         threads.append(thread)
         buses.append(bus)
+
+    def send(net: NetDriver, port: ThreadedDmaPort, frame: bytes) -> list[int]:
+        net.queue([frame])
+        batch = net.stage()
+        results = port.send_dma_many(batch.sends)  # one hypercall batch, from the thread
+        net.account(batch, results)
+        return results
+
     try:
         f = BROADCAST + nets[0].mac + b"\x08\x06" + b"\x01" * 46
-        assert await threads[0].call(nets[0].transmit, f) == 1
+        assert await threads[0].call(send, nets[0], ports[0], f) == [len(f)]
         for irq in guests[1].take_irqs():
             await threads[1].call(buses[1].interrupt, irq)
-        assert nets[1].take_frames() == [f]
+        assert nets[1].take_frames() == [f] and nets[0].stats.tx_packets == 1
     finally:
         for t in threads:
             t.close()
@@ -150,16 +119,10 @@ def test_net_drivers_in_threads() -> None:
 
 
 async def _disk_scenario() -> None:
-    host = InProcessDmaHost()
-    table = DeviceTable(64)
-    slot = table.add(LGUEST_DEVICE_T_BLOCK)
-    guest = host.new_guest("g", table)
     storage = MemoryStorage(1 << 20)
-    device = BlockDevice(slot, storage)
-    device.setup(guest.launcher)
-    guest.attach(slot.index, device)
+    table, guest, device = _disk_guest(storage)
     loop = asyncio.get_running_loop()
-    client = FakeAsyncClient(guest)
+    client = AsyncDomainClient(guest)
     port = ThreadedDmaPort(client, loop, timeout=5)
     thread = GuestThread()
     try:
@@ -171,12 +134,11 @@ async def _disk_scenario() -> None:
                           lambda d: drivers.append(BlockDriver(d, alloc)) or drivers[-1])
         disk = LguestDisk(drivers[0], client)  # the disk's requests run on the loop
 
-        async def deliver_interrupts() -> None:
-            for _irq in guest.take_irqs():
-                drivers[0].interrupt()  # on the loop, as the guest process does
+        def on_irq(_irq: int) -> None:  # on the loop, as the guest process does
+            drivers[0].interrupt()
             disk.completed()
 
-        client.after_send = deliver_interrupts
+        client.set_irq_handler(on_irq)
         assert disk.size == 1 << 20
         data = bytes(range(256)) * 800  # 200 KiB: four 64 KiB requests
         await disk.write(4096, data)

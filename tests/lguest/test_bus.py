@@ -36,7 +36,7 @@ from pvio.lguest.bus import (
     next_status,
 )
 from pvio.lguest.dma import PAGE_SIZE, LguestError
-from pvio.testing.lguest_dma import InProcessDmaHost
+from pvio.testing.lguest_world import LguestWorld, new_guest
 
 ACK, DRV, OK = LGUEST_DEVICE_S_ACKNOWLEDGE, LGUEST_DEVICE_S_DRIVER, LGUEST_DEVICE_S_DRIVER_OK
 FAILED, REM, REM_ACK = LGUEST_DEVICE_S_FAILED, LGUEST_DEVICE_S_REMOVED, LGUEST_DEVICE_S_REMOVED_ACK
@@ -69,11 +69,8 @@ def test_descriptor_page_golden_bytes() -> None:
     assert page[24:36] == struct.pack("<HHHHI", 2, 3, 0, 2, 102)
     assert page[36:] == bytes(PAGE_SIZE - 36)
     assert t.total_pages == 104
-    assert t.device_ranges() == [(101 * PAGE_SIZE, 102 * PAGE_SIZE), (102 * PAGE_SIZE, 104 * PAGE_SIZE)]
-    assert t.index_for_key(0) == 0
-    assert t.index_for_key(101 * PAGE_SIZE + 8) == 1
-    assert t.index_for_key(103 * PAGE_SIZE + 4092) == 2
-    assert t.index_for_key(104 * PAGE_SIZE) is None
+    assert [(s.addr, s.end) for s in t.slots[1:]] == [(101 * PAGE_SIZE, 102 * PAGE_SIZE),
+                                                      (102 * PAGE_SIZE, 104 * PAGE_SIZE)]
     assert [s.irq for s in t.slots] == [1, 2, 3]
 
 
@@ -134,17 +131,16 @@ def _booted(*slots: tuple[int, int, int]):  # type: ignore[no-untyped-def]
     t = DeviceTable(32)
     for dtype, features, pages in slots:
         t.add(dtype, features=features, num_pages=pages)
-    host = InProcessDmaHost()
-    g = host.new_guest("g", t)
-    return t, g, Bus(g, t.top_pfn, t.total_pages)
+    g, launcher = new_guest(LguestWorld(), "g", t)
+    return t, g, launcher.port, Bus(g, t.top_pfn, t.total_pages)
 
 
 def test_scan_match_probe_and_interrupts() -> None:
-    t, g, bus = _booted((LGUEST_DEVICE_T_CONSOLE, 0, 0), (LGUEST_DEVICE_T_BLOCK, 0, 1),
+    t, _g, lp, bus = _booted((LGUEST_DEVICE_T_CONSOLE, 0, 0), (LGUEST_DEVICE_T_BLOCK, 0, 1),
                         (LGUEST_DEVICE_T_NET, 0, 1))
     found = bus.scan()
     assert [d.index for d in found] == [0, 1, 2]
-    assert [t.status(g.launcher, i) for i in range(3)] == [ACK, ACK, ACK]
+    assert [t.status(lp, i) for i in range(3)] == [ACK, ACK, ACK]
     drivers: dict[int, Recorder] = {}
 
     def probe(dev: LguestDevice) -> DeviceDriver:
@@ -157,9 +153,9 @@ def test_scan_match_probe_and_interrupts() -> None:
     assert len(bus.register_driver(LGUEST_DEVICE_T_BLOCK, probe)) == 1
     bus.register_driver(LGUEST_DEVICE_T_NET, failing_probe)
     # Launcher's view: block is DRIVER_OK, net FAILED after DRIVER, console unclaimed.
-    assert t.status(g.launcher, 0) == ACK
-    assert t.status(g.launcher, 1) == ACK | DRV | OK
-    assert t.status(g.launcher, 2) == ACK | DRV | FAILED
+    assert t.status(lp, 0) == ACK
+    assert t.status(lp, 1) == ACK | DRV | OK
+    assert t.status(lp, 2) == ACK | DRV | FAILED
     assert bus.stats.probe_failures == 1
     # Interrupt index + 1.
     assert irq_of(1) == 2
@@ -169,19 +165,19 @@ def test_scan_match_probe_and_interrupts() -> None:
 
 
 def test_removal_handshake() -> None:
-    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
+    t, _g, lp, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
     bus.scan()
     rec: list[Recorder] = []
     bus.register_driver(LGUEST_DEVICE_T_BLOCK, lambda d: rec.append(Recorder(d)) or rec[-1])
     assert bus.poll_removals() == []
-    t.remove(g.launcher, 0)
-    assert t.status(g.launcher, 0) & REM and not t.status(g.launcher, 0) & REM_ACK
+    t.remove(lp, 0)
+    assert t.status(lp, 0) & REM and not t.status(lp, 0) & REM_ACK
     assert bus.poll_removals() == [0]
     assert rec[0].removed
-    assert t.status(g.launcher, 0) == ACK | DRV | OK | REM | REM_ACK
+    assert t.status(lp, 0) == ACK | DRV | OK | REM | REM_ACK
     assert bus.interrupt(1) is None  # gone
     with pytest.raises(BusError):
-        t.remove(g.launcher, 0)  # removed once only
+        t.remove(lp, 0)  # removed once only
 
 
 @pytest.mark.parametrize(
@@ -196,7 +192,7 @@ def test_removal_handshake() -> None:
     ],
 )
 def test_nonsense_descriptors_are_refused_counted_and_failed(fields: dict[str, int], field: str) -> None:
-    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1), (LGUEST_DEVICE_T_CONSOLE, 0, 0))
+    t, g, lp, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1), (LGUEST_DEVICE_T_CONSOLE, 0, 0))
     # The hostile entry replaces device 0; device 1 must still work.
     g.write(t.descriptor_addr, LGUEST_DEVICE_DESC.pack(**fields))
     with pytest.raises(BusError) as exc:
@@ -205,20 +201,20 @@ def test_nonsense_descriptors_are_refused_counted_and_failed(fields: dict[str, i
     found = bus.scan()
     assert [d.index for d in found] == [1]
     assert bus.stats.refused == 1
-    assert t.status(g.launcher, 0) == ACK | FAILED
-    assert t.status(g.launcher, 1) == ACK
+    assert t.status(lp, 0) == ACK | FAILED
+    assert t.status(lp, 1) == ACK
 
 
 def test_a_device_the_host_fails_during_probe_stays_failed() -> None:
-    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
+    t, _g, lp, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
     bus.scan()
 
     def probe(dev: LguestDevice) -> DeviceDriver:
-        t.fail(g.launcher, dev.index)
+        t.fail(lp, dev.index)
         return Recorder(dev)
 
     assert bus.register_driver(LGUEST_DEVICE_T_BLOCK, probe) == []
-    assert t.status(g.launcher, 0) == ACK | DRV | FAILED
+    assert t.status(lp, 0) == ACK | DRV | FAILED
 
 
 @settings(max_examples=200, deadline=None)
@@ -228,7 +224,7 @@ def test_a_device_the_host_fails_during_probe_stays_failed() -> None:
                           st.one_of(st.integers(30, 40), st.integers(0, 0xFFFFFFFF))),
                 max_size=LGUEST_MAX_DEVICES))
 def test_scan_never_crashes_on_any_descriptor_page(entries: list[tuple[int, int, int, int, int]]) -> None:
-    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1), (LGUEST_DEVICE_T_NET, 0, 2))
+    t, g, _lp, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1), (LGUEST_DEVICE_T_NET, 0, 2))
     g.write(t.descriptor_addr, bytes(PAGE_SIZE))
     page = b"".join(LGUEST_DEVICE_DESC.pack(type=a, features=b, status=0, num_pages=d, pfn=e)
                     for a, b, _c, d, e in entries)
@@ -245,7 +241,7 @@ def test_scan_never_crashes_on_any_descriptor_page(entries: list[tuple[int, int,
 def test_fail_reads_the_guest_status_word_once() -> None:
     # The status word is guest memory: a guest that sets FAILED itself between two reads
     # of the Launcher must not make fail() raise (copy once, then act on the copy).
-    t, g, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
+    t, _g, lp, bus = _booted((LGUEST_DEVICE_T_BLOCK, 0, 1))
     bus.scan()
     status_addr = t.descriptor_addr + 4  # device 0's status field
 
@@ -254,17 +250,17 @@ def test_fail_reads_the_guest_status_word_once() -> None:
             self.reads = 0
 
         def read(self, addr: int, length: int) -> bytes:
-            data = g.launcher.read(addr, length)
+            data = lp.read(addr, length)
             if addr == status_addr:
                 self.reads += 1
                 # the guest sets FAILED right after the Launcher's first look
-                g.launcher.write(status_addr, struct.pack("<H", ACK | FAILED))
+                lp.write(status_addr, struct.pack("<H", ACK | FAILED))
             return data
 
         def write(self, addr: int, data: bytes) -> None:
-            g.launcher.write(addr, data)
+            lp.write(addr, data)
 
     racing = Racing()
     assert t.fail(racing, 0) is True  # type: ignore[arg-type]
     assert racing.reads == 1
-    assert t.status(g.launcher, 0) & FAILED
+    assert t.status(lp, 0) & FAILED

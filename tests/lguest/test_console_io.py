@@ -13,19 +13,18 @@ import pytest
 
 from pvio.domains.console import ConsoleTerminal, GuestShell
 from pvio.domains.tap import netns_name, remove_namespace
-from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import build_guest
+from pvio.testing.lguest_world import LguestWorld, build_guest
 
 
 async def _session(argv: Sequence[str], script: bytes, want: re.Pattern[bytes],
                    *, timeout: float = 20) -> bytes:
-    rig = build_guest(InProcessDmaHost(), "c")
+    rig = build_guest(LguestWorld(), "c")
     assert rig.console is not None and rig.console_device is not None
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     loop = asyncio.get_running_loop()
     shell = GuestShell(rig.console, argv)
-    terminal = ConsoleTerminal(rig.console_device, rig.guest.launcher, in_r, out_w)
+    terminal = ConsoleTerminal(rig.console_device, rig.launcher.port, in_r, out_w)
 
     def guest_sees_input() -> None:
         rig.run_interrupts()  # the console driver reads its buffer and frees it
@@ -87,7 +86,7 @@ def test_the_shell_runs_in_the_guests_namespace() -> None:
 def test_terminal_raw_mode_is_restored_and_three_ctrl_c_quit() -> None:
     import termios
 
-    rig = build_guest(InProcessDmaHost(), "t")
+    rig = build_guest(LguestWorld(), "t")
     assert rig.console_device is not None
     master, slave = os.openpty()
     out_r, out_w = os.pipe()
@@ -96,14 +95,17 @@ def test_terminal_raw_mode_is_restored_and_three_ctrl_c_quit() -> None:
 
     async def run() -> None:
         assert rig.console_device is not None
-        term = ConsoleTerminal(rig.console_device, rig.guest.launcher, slave, out_w,
+        term = ConsoleTerminal(rig.console_device, rig.launcher.port, slave, out_w,
                                on_quit=lambda: quits.append(True))
         term.start(asyncio.get_running_loop())
         try:
             raw = termios.tcgetattr(slave)
             assert not raw[3] & (termios.ICANON | termios.ECHO | termios.ISIG)
             os.write(master, b"ab\x03")
-            await asyncio.sleep(0.05)
+            deadline = asyncio.get_running_loop().time() + 5
+            while rig.console_device.stats.input_bytes < 3:  # one ^C, read and passed on
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
             assert not quits
             os.write(master, b"\x03\x03")
             for _ in range(100):

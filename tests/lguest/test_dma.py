@@ -1,4 +1,5 @@
-"""lguest's DMA rules (pvio.lguest.dma) and the in-process host that applies them."""
+"""lguest's DMA on the drivers' side (pvio.lguest.dma), and the hypervisor applying its
+rules (pvio.hypervisor.lguest_rules, tested in tests/hypervisor) to in-process domains."""
 
 from __future__ import annotations
 
@@ -6,29 +7,22 @@ import errno
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DMA
-from pvio.lguest.bus import DeviceTable
+from pvio.abi.lguest import LGUEST_DEVICE_S_FAILED, LGUEST_DMA, LGUEST_MAX_DMA
+from pvio.hypervisor.lguest_rules import DmaSection, parse_dma
 from pvio.lguest.dma import (
     DMA_SIZE,
-    MAX_BINDINGS,
     PAGE_SIZE,
     DmaError,
-    DmaSection,
     Fault,
+    LguestError,
     build_dma,
-    check_bind,
-    check_key,
     page_sections,
-    parse_dma,
-    scatter,
 )
-from pvio.testing.lguest_dma import GuestMemory, InProcessDmaHost, SharedPages
+from pvio.lguest.storage import MemoryStorage
+from pvio.testing.lguest_world import DomainPort, LguestWorld, build_guest
 
 MEM = 64 * PAGE_SIZE
-FUZZ = settings(max_examples=200, deadline=None)
 
 
 def test_golden_bytes_of_a_two_section_dma() -> None:
@@ -39,66 +33,25 @@ def test_golden_bytes_of_a_two_section_dma() -> None:
     assert raw[12:68] == bytes(56)
     assert raw[68:72] == struct.pack("<HH", 512, 256)
     assert raw[72:] == bytes(28)
-    buf = parse_dma(raw, memory_size=MEM)
+    buf = parse_dma(raw, memory_size=MEM)  # and the hypervisor reads what was built
     assert buf.used_len == 7
     assert buf.sections == (DmaSection(0x1000, 512), DmaSection(0x2F00, 256))
     assert buf.capacity == 768
 
 
-def test_a_zero_length_ends_the_list() -> None:
-    raw = LGUEST_DMA.pack(addr=[0x1000, 0x2000, 0x3000], len=[10, 0, 30])
-    assert parse_dma(raw, memory_size=MEM).sections == (DmaSection(0x1000, 10),)
-
-
-def test_sixteen_full_sections() -> None:
-    raw = LGUEST_DMA.pack(addr=[i * PAGE_SIZE for i in range(16)], len=[PAGE_SIZE] * 16)
-    assert parse_dma(raw, memory_size=MEM).capacity == 16 * PAGE_SIZE
-    with pytest.raises(DmaError):
-        build_dma([(i * PAGE_SIZE, 1) for i in range(17)])
-
-
 @pytest.mark.parametrize(
-    ("addr", "length", "field"),
+    ("sections", "field"),
     [
-        (0x1F00, 0x200, "addr[0]"),  # crosses a page
-        (0x1000, PAGE_SIZE + 1, "addr[0]"),  # longer than a page
-        (MEM - 16, 32, "addr[0]"),  # crosses the top (and a page)
-        (MEM, 4, "addr[0]"),  # past the end of memory
-        (0xFFFFFFF0, 8, "addr[0]"),  # far past, no wrap-around
+        ([(i * PAGE_SIZE, 1) for i in range(17)], "len"),  # more than sixteen
+        ([(0x1000, 0)], "len"),  # would end the list early
+        ([(0x1F00, 0x200)], "addr"),  # crosses a page
     ],
 )
-def test_bad_sections_are_refused(addr: int, length: int, field: str) -> None:
-    raw = LGUEST_DMA.pack(addr=[addr], len=[length])
+def test_build_dma_refuses_what_the_host_would(sections: list[tuple[int, int]], field: str) -> None:
     with pytest.raises(DmaError) as exc:
-        parse_dma(raw, memory_size=MEM)
-    assert exc.value.field == field
-    assert exc.value.fault is Fault.GUEST
-
-
-def test_a_section_ending_exactly_at_the_top_is_fine() -> None:
-    raw = LGUEST_DMA.pack(addr=[MEM - 16], len=[16])
-    assert parse_dma(raw, memory_size=MEM).capacity == 16
-
-
-def test_keys() -> None:
-    ranges = [(0x10000, 0x11000)]
-    check_key(0, ranges)  # the console
-    check_key(0x10000, ranges)
-    check_key(0x10FFC, ranges)
-    with pytest.raises(DmaError, match="multiple of 4"):
-        check_key(0x10002, ranges)
-    with pytest.raises(DmaError, match="no device"):
-        check_key(0x11000, ranges)
-    with pytest.raises(DmaError, match="no device"):
-        check_key(0x4000, ranges)
-
-
-def test_bind_arguments() -> None:
-    check_bind(1, 1)
-    check_bind(8, 31)
-    for count, irq in [(0, 1), (0x10000, 1), (1, 0), (1, 32)]:
-        with pytest.raises(DmaError):
-            check_bind(count, irq)
+        build_dma(sections)
+    assert exc.value.fault is Fault.LOCAL and exc.value.field == field
+    assert len(build_dma([(i * PAGE_SIZE, PAGE_SIZE) for i in range(16)])) == DMA_SIZE
 
 
 def test_page_sections_split_at_page_boundaries() -> None:
@@ -106,151 +59,119 @@ def test_page_sections_split_at_page_boundaries() -> None:
     assert page_sections(0x1000, 0x2000) == [(0x1000, 0x1000), (0x2000, 0x1000)]
 
 
-@FUZZ
-@given(st.binary(min_size=DMA_SIZE, max_size=DMA_SIZE), st.integers(1, 1 << 20))
-def test_parse_dma_never_crashes_and_only_passes_valid_sections(raw: bytes, mem: int) -> None:
-    try:
-        buf = parse_dma(raw, memory_size=mem)
-    except DmaError as exc:
-        assert exc.fault is Fault.GUEST and exc.field
-        return
-    assert len(buf.sections) <= 16
-    for s in buf.sections:
-        assert 0 < s.length <= PAGE_SIZE
-        assert s.addr // PAGE_SIZE == (s.addr + s.length - 1) // PAGE_SIZE
-        assert s.addr + s.length <= mem
+# -- the hypervisor applying them, domains in one process -------------------------------
+
+BASE = 16 * PAGE_SIZE  # where both domains attach their shared page
 
 
-@FUZZ
-@given(st.integers(0, 1 << 20), st.lists(st.integers(1, PAGE_SIZE), max_size=16))
-def test_scatter_covers_exactly_min_of_data_and_capacity(data_len: int, lens: list[int]) -> None:
-    sections = [DmaSection(i * PAGE_SIZE, n) for i, n in enumerate(lens)]
-    pieces = list(scatter(data_len, sections))
-    assert sum(n for _, _, n in pieces) == min(data_len, sum(lens))
-    offset = 0
-    for section, off, n in pieces:
-        assert off == offset and 0 < n <= section.length
-        offset += n
+def _shared(world: LguestWorld) -> tuple[DomainPort, DomainPort]:
+    """Two domains of 16 pages that share one page at BASE (a LAN page, say)."""
+    a, b = world.domain("a", 16), world.domain("b", 16)
+    region = a.create_region(1, BASE)
+    b.attach_region(region, BASE)
+    return a, b
 
 
-# -- the in-process host ---------------------------------------------------------------
-
-
-def _guest(host: InProcessDmaHost, name: str = "g"):  # type: ignore[no-untyped-def]
-    table = DeviceTable(16)
-    table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=0)
-    table.add(LGUEST_DEVICE_T_BLOCK)
-    return host.new_guest(name, table)
-
-
-def test_guest_memory_with_shared_pages() -> None:
-    shared = SharedPages(1)
-    a, b = GuestMemory(8 * PAGE_SIZE), GuestMemory(8 * PAGE_SIZE)
-    a.map_shared(3, shared)
-    b.map_shared(5, shared)
-    a.write(3 * PAGE_SIZE - 2, b"wxyz")  # two private bytes, two shared
-    assert b.read(5 * PAGE_SIZE, 2) == b"yz"
-    assert b.read(3 * PAGE_SIZE - 2, 2) == b"\0\0"
-    with pytest.raises(DmaError):
-        a.read(8 * PAGE_SIZE - 1, 2)
-
-
-def test_violations_are_counted_and_fail_the_device() -> None:
-    host = InProcessDmaHost()
-    g = _guest(host)
-    blk = g.table.slots[1]
-    g.write(0x1000, build_dma([(0x2000, 16)]))
+def test_a_broken_rule_at_a_device_key_fails_that_device_only() -> None:
+    rig = build_guest(LguestWorld(), "g", disk=MemoryStorage(64 * 1024))
+    assert rig.console is not None and rig.console_device is not None
+    blk = rig.table.slots[1]
+    rig.port.write(0x1000, build_dma([(0x2000, 16)]))
     with pytest.raises(DmaError) as exc:
-        g.send_dma(blk.addr + 2, 0x1000)
-    assert exc.value.field == "key"
-    assert g.stats.violations == 1
-    assert g.table.failed(g.launcher, blk.index)
-    # The failed device refuses everything after, with EIO.
-    with pytest.raises(DmaError) as exc:
-        g.send_dma(blk.addr, 0x1000)
-    assert exc.value.errno == errno.EIO
-    # The console is a different device and still works (nothing attached: 0 copied).
-    assert g.send_dma(0, 0x1000) == 0
+        rig.port.send_dma(blk.addr + 2, 0x1000)  # not a multiple of 4
+    assert exc.value.errno == errno.EINVAL and exc.value.fault is Fault.GUEST
+    # The hypervisor told the Launcher bound at that key; it failed the device and
+    # unbound its buffer, so the key reaches nobody now.
+    assert rig.status(blk.index) & LGUEST_DEVICE_S_FAILED and rig.launcher.violations == 1
+    assert rig.world.lguest.violations == 1
+    assert rig.port.send_dma(blk.addr, 0x1000) == 0
+    # The console is another device and still works.
+    rig.console.put_chars(b"still here")
+    assert rig.console_device.take_output() == b"still here"
+    assert not rig.status(0) & LGUEST_DEVICE_S_FAILED
 
 
 def test_a_dma_struct_past_memory_is_refused() -> None:
-    host = InProcessDmaHost()
-    g = _guest(host)
+    world = LguestWorld()
+    a, _ = _shared(world)
     with pytest.raises(DmaError) as exc:
-        g.send_dma(0, g.memory.size - 50)
-    assert exc.value.field == "dma" and exc.value.errno == errno.EFAULT
+        a.send_dma(BASE, 16 * PAGE_SIZE - 50)  # runs off the top of RAM
+    assert exc.value.errno == errno.EINVAL
 
 
 def test_binding_limits_and_unbind() -> None:
-    host = InProcessDmaHost()
-    g = _guest(host)
-    key = g.table.slots[1].addr
-    for i in range(MAX_BINDINGS):
-        g.bind_dma(key + 4 * (i % 8), 0x1000 + i * DMA_SIZE, 1, 2)
-    g.bind_dma(key, 0x1000, 1, 0)  # irq 0 is an unbind
-    assert host.bindings() == MAX_BINDINGS - 1
-    g.bind_dma(key, 0x1000, 1, 2)
-    with pytest.raises(DmaError):
-        g.bind_dma(key, 0x9000, 1, 2)
-    assert g.table.failed(g.launcher, 1)  # the 33rd binding failed the device
-    g.unbind_dma(key, 0x1000)
-    assert host.bindings() == MAX_BINDINGS - 1
-    host.drop_guest(g)
-    assert host.bindings() == 0
+    world = LguestWorld()
+    a, _ = _shared(world)
+    for i in range(LGUEST_MAX_DMA):
+        a.bind_dma(BASE + 4 * (i % 8), 0x1000 + i * DMA_SIZE, 1, 2)
+    with pytest.raises(DmaError) as exc:
+        a.bind_dma(BASE, 0x9000, 1, 2)
+    assert exc.value.errno == errno.ENOSPC
+    a.bind_dma(BASE, 0x1000, 1, 0)  # irq 0 is an unbind
+    assert world.bindings() == LGUEST_MAX_DMA - 1
+    a.bind_dma(BASE, 0x1000, 1, 2)
+    a.unbind_dma(BASE, 0x1000)
+    assert world.bindings() == LGUEST_MAX_DMA - 1
+    world.destroy(a)  # a domain's bindings go with it
+    assert world.bindings() == 0
 
 
-def test_a_guest_cannot_reach_another_guests_private_key() -> None:
-    host = InProcessDmaHost()
-    a, b = _guest(host, "a"), _guest(host, "b")
-    key = b.table.slots[1].addr  # same address in both guests: private to each
+def test_a_key_in_private_memory_reaches_nobody() -> None:
+    world = LguestWorld()
+    a, b = _shared(world)
     b.write(0x1000, build_dma([(0x3000, 64)]))
-    b.bind_dma(key, 0x1000, 1, 2)
+    b.bind_dma(0x4000, 0x1000, 1, 2)  # the same address in both: private to each
     a.write(0x3000, b"secret")
     a.write(0x1000, build_dma([(0x3000, 6)]))
-    assert a.send_dma(key, 0x1000) == 0  # went to a's own (absent) Launcher device
+    assert a.send_dma(0x4000, 0x1000) == 0
     assert b.take_irqs() == [] and b.read(0x3000, 6) == bytes(6)
+    # ...and the same send at a shared key would have arrived.
+    b.bind_dma(BASE, 0x1000, 1, 2)
+    assert a.send_dma(BASE, 0x1000) == 6 and b.read(0x3000, 6) == b"secret"
 
 
-def test_shared_keys_reach_the_other_guest_only_into_free_buffers() -> None:
-    host = InProcessDmaHost()
-    shared = SharedPages(1)
-    guests = []
-    for name in "ab":
-        table = DeviceTable(16)
-        slot = table.add(2, num_pages=1)
-        g = host.new_guest(name, table)
-        g.memory.map_shared(slot.pfn, shared)
-        guests.append((g, slot))
-    (a, sa), (b, sb) = guests
+def test_shared_keys_reach_the_other_domain_only_into_free_buffers() -> None:
+    world = LguestWorld()
+    a, b = _shared(world)
     b.write(0x1000, build_dma([(0x3FF0, 16), (0x5000, 100)]))  # two sections
-    b.bind_dma(sb.addr + 8, 0x1000, 1, 3)
+    b.bind_dma(BASE + 8, 0x1000, 1, 3)
     a.write(0x2000, bytes(range(50)))
     a.write(0x1000, build_dma([(0x2000, 50)]))
-    assert a.send_dma(sa.addr + 8, 0x1000) == 50
+    assert a.send_dma(BASE + 8, 0x1000) == 50
     assert struct.unpack("<I", a.read(0x1000, 4))[0] == 50  # the sender's used_len
     assert struct.unpack("<I", b.read(0x1000, 4))[0] == 50  # the receiver's
     assert b.read(0x3FF0, 16) + b.read(0x5000, 34) == bytes(range(50))
     assert b.take_irqs() == [3]
     # The buffer is used: the next send copies nothing until b frees it.
-    assert a.send_dma(sa.addr + 8, 0x1000) == 0
-    assert b.stats.no_buffer == 1
+    assert a.send_dma(BASE + 8, 0x1000) == 0
+    assert b.take_irqs() == []
     b.write(0x1000, struct.pack("<I", 0))
-    assert a.send_dma(sa.addr + 8, 0x1000) == 50
+    assert a.send_dma(BASE + 8, 0x1000) == 50
+    # A sender never reaches its own buffers.
+    a.bind_dma(BASE + 12, 0x1000 + DMA_SIZE, 1, 4)
+    a.write(0x1000 + DMA_SIZE, build_dma([(0x6000, 64)]))
+    assert a.send_dma(BASE + 12, 0x1000) == 0 and a.take_irqs() == []
 
 
 def test_a_receivers_bad_buffer_is_the_receivers_fault() -> None:
-    host = InProcessDmaHost()
-    shared = SharedPages(1)
-    rigs = []
-    for name in "ab":
-        table = DeviceTable(16)
-        slot = table.add(2, num_pages=1)
-        g = host.new_guest(name, table)
-        g.memory.map_shared(slot.pfn, shared)
-        rigs.append((g, slot))
-    (a, sa), (b, sb) = rigs
-    b.bind_dma(sb.addr, 0x1000, 1, 3)
+    world = LguestWorld()
+    a, b = _shared(world)
+    b.bind_dma(BASE, 0x1000, 1, 3)
     b.write(0x1000, LGUEST_DMA.pack(addr=[0x1FFF], len=[2]))  # crosses a page: invalid
     a.write(0x1000, build_dma([(0x2000, 4)]))
-    assert a.send_dma(sa.addr, 0x1000) == 0
-    assert b.stats.receiver_errors == 1 and a.stats.violations == 0
+    assert a.send_dma(BASE, 0x1000) == 0
+    assert world.lguest.bad_buffers == 1 and world.lguest.violations == 0
+
+
+def test_a_domains_view_is_its_ram_and_its_regions() -> None:
+    world = LguestWorld()
+    a, b = _shared(world)
+    a.write(BASE + 6, b"shared")
+    assert b.read(BASE + 6, 6) == b"shared"
+    a.write(BASE - 2, b"ab")  # the top of a's RAM: private
+    assert b.read(BASE - 2, 2) == b"\0\0"
+    with pytest.raises(LguestError) as exc:
+        a.read(BASE - 2, 4)  # straddles RAM and the region: two memories
+    assert exc.value.errno == errno.EFAULT
+    with pytest.raises(LguestError):
+        a.read(BASE + PAGE_SIZE, 1)  # above everything a has

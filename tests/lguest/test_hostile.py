@@ -1,5 +1,5 @@
-"""Hostile guests, fuzzed: nothing a guest writes or sends crashes the host or a Launcher
-device, reaches another guest's memory, or stops another guest."""
+"""Hostile guests, fuzzed: nothing a guest writes or sends crashes the hypervisor or a
+Launcher device, reaches another guest's memory, or stops another guest."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from pvio.abi.lguest import LGUEST_BLOCK_PAGE, LGUEST_DMA
 from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, DmaError
 from pvio.lguest.storage import MemoryStorage
-from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import Lan, build_guest
+from pvio.testing.lguest_world import Lan, LguestWorld, build_guest
 
 FUZZ = settings(max_examples=150, deadline=None)
 DISK = 64 * 1024
@@ -20,17 +19,17 @@ DISK = 64 * 1024
 @given(st.binary(min_size=DMA_SIZE, max_size=DMA_SIZE), st.integers(0, 300 * PAGE_SIZE),
        st.integers(0, 300 * PAGE_SIZE))
 def test_any_send_dma_is_refused_or_bounded(raw: bytes, key: int, addr: int) -> None:
-    host = InProcessDmaHost()
-    lan = Lan()
-    bad = build_guest(host, "bad", lan=lan, disk=MemoryStorage(DISK))
-    good = build_guest(host, "good", lan=lan, disk=MemoryStorage(DISK))
+    world = LguestWorld()
+    lan = Lan(world)
+    bad = build_guest(world, "bad", lan=lan, disk=MemoryStorage(DISK))
+    good = build_guest(world, "good", lan=lan, disk=MemoryStorage(DISK))
     assert bad.net is not None and good.net is not None
     bad.net.open()
     good.net.open()
-    addr = min(addr, bad.guest.memory.size - DMA_SIZE)
-    bad.guest.write(addr, raw)
+    addr = min(addr, bad.table.ram_pages * PAGE_SIZE - DMA_SIZE)
+    bad.port.write(addr, raw)
     try:
-        used = bad.guest.send_dma(key, addr)
+        used = bad.port.send_dma(key, addr)
     except DmaError:
         pass
     else:
@@ -51,16 +50,16 @@ def test_any_send_dma_is_refused_or_bounded(raw: bytes, key: int, addr: int) -> 
        st.binary(max_size=3 * PAGE_SIZE))
 def test_any_block_request_gets_a_result_and_never_grows_the_image(page: bytes, data: bytes) -> None:
     storage = MemoryStorage(DISK)
-    rig = build_guest(InProcessDmaHost(), "g", disk=storage, console=False)
+    rig = build_guest(LguestWorld(), "g", disk=storage, console=False)
     assert rig.block is not None and rig.block_device is not None
     blk = rig.block
-    rig.guest.write(blk.page, page[:16])  # type, sector, bytes, result: all the guest's
-    rig.guest.write(0x10000, data)
+    rig.port.write(blk.page, page[:16])  # type, sector, bytes, result: all the guest's
+    rig.port.write(0x10000, data)
     sections = [(0x10000 + i, min(PAGE_SIZE, len(data) - i)) for i in range(0, len(data), PAGE_SIZE)]
-    rig.guest.write(blk.send_dma, LGUEST_DMA.pack(addr=[a for a, _ in sections],
+    rig.port.write(blk.send_dma, LGUEST_DMA.pack(addr=[a for a, _ in sections],
                                                   len=[n for _, n in sections]))
-    rig.guest.send_dma(blk.page, blk.send_dma)
-    req = LGUEST_BLOCK_PAGE.unpack(rig.guest.read(blk.page, LGUEST_BLOCK_PAGE.size))
+    rig.port.send_dma(blk.page, blk.send_dma)
+    req = LGUEST_BLOCK_PAGE.unpack(rig.port.read(blk.page, LGUEST_BLOCK_PAGE.size))
     assert req["result"] in (1, 2)
     assert storage.size == DISK
     offset = req["sector"] * 512
@@ -69,7 +68,7 @@ def test_any_block_request_gets_a_result_and_never_grows_the_image(page: bytes, 
     elif req["type"] != 1:
         assert storage.data == bytearray(DISK)
     # The driver's own next request still works.
-    rig.guest.take_irqs()
+    rig.port.take_irqs()
     blk.write(1, b"z" * 512)
     rig.run_interrupts()
     assert blk.take_completions()[-1].ok

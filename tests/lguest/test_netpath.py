@@ -1,48 +1,59 @@
 """NetPath: a network device's frames between a TAP and the LAN, on an event loop.
 
 Both ends run in one process: each guest's "TAP" is one end of a datagram socketpair
-(what a TAP is to its reader: one frame per read), its driver is the real NetDriver
-over the in-process DMA host, and its hypercalls are an async client that runs each
-SEND_DMA on that host.  No root, no hypervisor process: the adapter's own logic —
-batches, one in flight, the pause after a full receiver, interrupts into the TAP."""
+(what a TAP is to its reader: one frame per read), its driver is the real NetDriver,
+and its hypercalls go to the hypervisor's core through an asyncio client
+(`pvio.testing.lguest_world`).  No root, no hypervisor process: the adapter's own logic
+— batches, one in flight, the pause after a full receiver, interrupts into the TAP.
+Every wait is on a condition, with a deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pvio.domains.netpath import NetPath
 from pvio.domains.tap import TapInterface
-from pvio.lguest.dma import LguestError
 from pvio.lguest.net import NUM_SKBS, TX_BATCH
-from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import InProcessLguest, Lan, build_guest
+from pvio.testing.lguest_world import (
+    AsyncDomainClient,
+    InProcessLguest,
+    Lan,
+    LguestWorld,
+    build_guest,
+)
+
+#: The pause after a batch that found the receiver full; long next to the few
+#: milliseconds a check takes, so "nothing was sent during the pause" is checked inside it.
+PAUSE = 0.5
 
 
-class _Client:
-    """send_dma_many on the in-process host, after a yield (as a round trip would)."""
+class _Counting(AsyncDomainClient):
+    """The asyncio client, recording the size of each batch."""
 
     def __init__(self, rig: InProcessLguest) -> None:
-        self.rig = rig
+        super().__init__(rig.port)
         self.batches: list[int] = []
 
     async def send_dma_many(self, sends: Sequence[tuple[int, int]]) -> list[int]:
-        await asyncio.sleep(0)
         self.batches.append(len(sends))
-        out = []
-        for key, dma in sends:
-            try:
-                out.append(self.rig.guest.send_dma(key, dma))
-            except LguestError as exc:
-                out.append(-exc.errno)
-        return out
+        return await super().send_dma_many(sends)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
 
 
 def _pair(rig: InProcessLguest) -> tuple[TapInterface, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours.setblocking(False)
+    theirs.setblocking(False)
     assert rig.net is not None
     tap = TapInterface("", "test0", os.dup(ours.fileno()), rig.net.mac, "")
     ours.close()
@@ -50,8 +61,8 @@ def _pair(rig: InProcessLguest) -> tuple[TapInterface, socket.socket]:
 
 
 def _two_guests() -> tuple[InProcessLguest, InProcessLguest]:
-    host, lan = InProcessDmaHost(), Lan()
-    a, b = (build_guest(host, name, lan=lan, console=False) for name in ("a", "b"))
+    lan = Lan(LguestWorld())
+    a, b = (build_guest(lan.world, name, lan=lan, console=False) for name in ("a", "b"))
     for rig in (a, b):
         assert rig.net is not None
         rig.net.open()
@@ -62,6 +73,15 @@ def _frame(dest: bytes, src: bytes, n: int) -> bytes:
     return dest + src + b"\x08\x00" + bytes([n % 256]) * 100
 
 
+def _received(end: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(end.recv(65536))
+        except BlockingIOError:
+            return out
+
+
 def test_frames_cross_in_batches_and_a_full_receiver_is_retried_after_a_pause() -> None:
     async def main() -> None:
         a, b = _two_guests()
@@ -69,47 +89,47 @@ def test_frames_cross_in_batches_and_a_full_receiver_is_retried_after_a_pause() 
         loop = asyncio.get_running_loop()
         tap_a, wire_a = _pair(a)
         tap_b, wire_b = _pair(b)
-        client_a = _Client(a)
-        path_a = NetPath(a.net, client_a, tap_a, retry_delay=0.02)
-        path_b = NetPath(b.net, _Client(b), tap_b)
+        client_a = _Counting(a)
+        path_a = NetPath(a.net, client_a, tap_a, retry_delay=PAUSE)
+        path_b = NetPath(b.net, AsyncDomainClient(b.port), tap_b)  # b's interrupts: by hand
         path_a.start(loop)
         path_b.start(loop)
         frames = [_frame(b.net.mac, a.net.mac, i) for i in range(20)]
         for f in frames:  # the kernel writes 20 frames into a's TAP at once
             wire_a.send(f)
-        await asyncio.sleep(0.005)
         # b has eight buffers and nobody has taken its interrupt yet: the first batch
         # fills them, the second finds b full and the path pauses
-        assert client_a.batches[:2] == [TX_BATCH, TX_BATCH]
+        await _until(lambda: a.net.stats.tx_retries >= TX_BATCH)
+        paused = loop.time()
+        assert client_a.batches == [TX_BATCH, TX_BATCH]
         assert a.net.stats.tx_packets == NUM_SKBS and a.net.stats.tx_retries == TX_BATCH
-        paused_at = len(client_a.batches)
+        # A frame from the TAP during the pause waits too: it is read and queued, and the
+        # pump runs (it would send a batch now if it were not paused) ...
         frames.append(_frame(b.net.mac, a.net.mac, 20))
-        wire_a.send(frames[-1])  # a frame from the TAP during the pause waits too
-        await asyncio.sleep(0.005)
-        assert len(client_a.batches) == paused_at  # nothing sent during the pause
-        # b's interrupt: its buffers go into its TAP, and the retries get through
-        b.guest.take_irqs()
-        path_b.interrupt()
-        await asyncio.sleep(0.05)
-        b.guest.take_irqs()
-        path_b.interrupt()
-        await asyncio.sleep(0.05)
-        b.guest.take_irqs()
-        path_b.interrupt()
-        wire_b.setblocking(False)
-        got = []
-        while True:
-            try:
-                got.append(wire_b.recv(65536))
-            except BlockingIOError:
-                break
-        assert got == frames  # all of them, in order
+        wire_a.send(frames[-1])
+        await _until(lambda: a.net.queued() == 20 - TX_BATCH + 1)
+        await asyncio.sleep(0)  # the pump scheduled by that read runs before we go on
+        if loop.time() - paused < PAUSE:
+            assert client_a.batches == [TX_BATCH, TX_BATCH]  # ... but nothing was sent
+        # b takes its interrupts: its buffers go into its TAP, and after the pause the
+        # retries get through, all of them, in order
+        got: list[bytes] = []
+
+        def b_drains() -> bool:
+            path_b.interrupt()
+            got.extend(_received(wire_b))
+            return len(got) >= len(frames)
+
+        await _until(b_drains)
+        assert got == frames
         assert a.net.stats.tx_carrier_errors == 0 and a.net.stats.tx_packets == 21
         assert path_a.tx_batches == len(client_a.batches) and path_a.refused == 0
         path_a.stop()
         path_b.stop()
         for tap in (tap_a, tap_b):
             tap.close()
+        wire_a.close()
+        wire_b.close()
 
     asyncio.run(main())
 
@@ -119,15 +139,18 @@ def test_a_failed_device_drops_its_queue_and_takes_no_interrupt() -> None:
         a, b = _two_guests()
         assert a.net is not None and b.net is not None
         tap_a, wire_a = _pair(a)
-        failed = [True]
-        client = _Client(a)
-        path = NetPath(a.net, client, tap_a, failed=lambda: failed[0])
+        client = _Counting(a)
+        path = NetPath(a.net, client, tap_a, failed=lambda: True)
         path.start(asyncio.get_running_loop())
         wire_a.send(_frame(b.net.mac, a.net.mac, 1))
-        await asyncio.sleep(0.01)
-        assert client.batches == [] and a.net.stats.tx_dropped == 1 and a.net.queued() == 0
-        path.interrupt()  # nothing taken from a FAILED device
+        await _until(lambda: a.net is not None and a.net.stats.tx_dropped == 1)  # read, then dropped
+        assert client.batches == [] and a.net.queued() == 0
+        # A frame waits in a's buffers; a FAILED device's interrupt takes nothing.
+        assert b.transmit(_frame(a.net.mac, b.net.mac, 2)) == 1
+        path.interrupt()
+        assert a.net.stats.rx_packets == 0 and _received(wire_a) == []
         path.stop()
         tap_a.close()
+        wire_a.close()
 
     asyncio.run(main())

@@ -11,15 +11,22 @@ from typing import Any
 
 import pytest
 
-from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_CONSOLE, LGUEST_DEVICE_T_NET
-from pvio.domains.lguest_launcher import HvLauncherPort, Launcher
+from pvio.abi.lguest import (
+    GUEST_VIOLATION_IRQ,
+    LGUEST_DEVICE_T_BLOCK,
+    LGUEST_DEVICE_T_CONSOLE,
+    LGUEST_DEVICE_T_NET,
+    VIOLATION_IRQ_BASE,
+)
+from pvio.domains.lguest_launcher import Launcher
 from pvio.domains.lguest_settings import (
     LguestSettings,
     default_mac,
     wait_rendezvous,
 )
 from pvio.domains.spec import DomainSpec
-from pvio.lguest.dma import GUEST_VIOLATION_IRQ, VIOLATION_IRQ_BASE, LguestError
+from pvio.lguest.dma import LguestError
+from pvio.lguest.launcher import HvLauncherPort
 from pvio.lguest.net import lan_features
 
 

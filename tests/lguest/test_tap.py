@@ -1,9 +1,10 @@
 """TAP interfaces in network namespaces, joined by lguest guests' network drivers.
 
 Real kernel, as root: two namespaces, a TAP in each, and between them two in-process
-lguest guests on one LAN page — frames the kernel writes to a TAP are transmitted by
-that guest's driver, DMAed by the in-process host into the other guest's receive
-buffers, and written to the other TAP.  Real `ping` and real TCP (iperf3) cross it.
+lguest guests on one LAN page — frames the kernel writes to a TAP take the frame path
+the guest processes run (pvio.domains.netpath) through that guest's driver, are DMAed by
+the hypervisor's core (in this process) into the other guest's receive buffers, and are
+written to the other TAP.  Real `ping` and real TCP (iperf3) cross it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pvio.abi.linux_if import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
+from pvio.domains.netpath import NetPath
 from pvio.domains.tap import (
     TapError,
     TapInterface,
@@ -41,8 +43,7 @@ from pvio.domains.tap import (
     remove_namespace,
     stale_namespaces,
 )
-from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import Lan, TapSwitchboard, build_guest
+from pvio.testing.lguest_world import Lan, LguestWorld, build_guest, net_path
 
 pytestmark = pytest.mark.root
 
@@ -143,22 +144,19 @@ async def _run(*cmd: str, timeout: float) -> tuple[int, str]:
 
 
 def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
-    host = InProcessDmaHost()
-    lan = Lan()
-    rigs = [build_guest(host, name, lan=lan, console=False) for name in names[:2]]
+    lan = Lan(LguestWorld())
+    rigs = [build_guest(lan.world, name, lan=lan, console=False) for name in names[:2]]
     taps: list[TapInterface] = []
     try:
         for i, rig in enumerate(rigs):
             assert rig.net is not None
             rig.net.open()
             taps.append(create_tap(names[i], address=f"10.0.0.{i + 1}/24", mac=rig.net.mac))
-        board = TapSwitchboard(rigs, taps)
         ns1, ns2 = (t.netns for t in taps)
 
         async def scenario() -> tuple[str, dict[str, object]]:
             loop = asyncio.get_running_loop()
-            for link in board.links:
-                link.start(loop)
+            paths = [net_path(rig, tap, loop) for rig, tap in zip(rigs, taps, strict=True)]
             server = await asyncio.create_subprocess_exec(
                 "ip", "netns", "exec", ns2, "iperf3", "-s", "-1", "-p", "5201",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
@@ -180,8 +178,8 @@ def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
                 if server.returncode is None:
                     server.kill()
                 await server.wait()
-                for link in board.links:
-                    link.stop()
+                for path in paths:
+                    path.stop()
 
         ping, report = asyncio.run(asyncio.wait_for(scenario(), 90))
         assert " 0% packet loss" in ping and "3 received" in ping
@@ -204,11 +202,10 @@ def test_ping_and_tcp_across_the_lguest_lan(names: list[str]) -> None:
 
 def test_the_host_peer_reaches_the_guests(names: list[str]) -> None:
     """lguest's --tunnet: the host is one more peer on the LAN, with a TAP of its own."""
-    host = InProcessDmaHost()
-    lan = Lan()
-    rigs = [build_guest(host, name, lan=lan, console=False) for name in names[:2]]
+    lan = Lan(LguestWorld())
+    rigs = [build_guest(lan.world, name, lan=lan, console=False) for name in names[:2]]
     host_mac = bytes.fromhex("02aaaaaaaa01")
-    peer = lan.add_host_peer(host, host_mac)
+    host = lan.add_host(host_mac)
     taps: list[TapInterface] = []
     try:
         for i, rig in enumerate(rigs):
@@ -217,12 +214,11 @@ def test_the_host_peer_reaches_the_guests(names: list[str]) -> None:
             taps.append(create_tap(names[i], address=f"10.0.0.{i + 1}/24", mac=rig.net.mac))
         host_tap = create_tap(names[2], address="10.0.0.254/24", mac=host_mac)
         taps.append(host_tap)
-        board = TapSwitchboard(rigs, taps[:2], host=(peer, host_tap))
 
         async def scenario() -> list[tuple[int, str]]:
             loop = asyncio.get_running_loop()
-            for link in board.all_links():
-                link.start(loop)
+            paths: list[NetPath] = [net_path(rig, tap, loop) for rig, tap in zip(rigs, taps, strict=False)]
+            paths.append(net_path(host, host_tap, loop))
             try:
                 return [
                     await _run("ip", "netns", "exec", host_tap.netns, "ping", "-c", "2", "-i",
@@ -231,12 +227,12 @@ def test_the_host_peer_reaches_the_guests(names: list[str]) -> None:
                                "0.2", "-W", "3", "10.0.0.254", timeout=30),
                 ]
             finally:
-                for link in board.all_links():
-                    link.stop()
+                for path in paths:
+                    path.stop()
 
         for code, out in asyncio.run(asyncio.wait_for(scenario(), 60)):
             assert code == 0 and "2 received" in out, out
-        assert peer.stats.tx_frames > 0 and peer.stats.rx_frames > 0
+        assert host.net.stats.tx_packets > 0 and host.net.stats.rx_packets > 0
     finally:
         for tap in taps:
             tap.close()

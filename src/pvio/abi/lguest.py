@@ -32,6 +32,22 @@ LGUEST_MAX_DEVICES = LGUEST_MAX_DMA // 2
 #: #define LGUEST_CONSOLE_DMA_KEY 0
 LGUEST_CONSOLE_DMA_KEY = 0
 LGUEST_PAGE_SIZE = 4096
+#: #define LGUEST_IRQS 32 (drivers/lguest/lg.h): interrupt lines a guest has; 0 is the
+#: timer, and 0 in BIND_DMA means "unbind".
+LGUEST_IRQS = 32
+#: The number of `struct lguest_dma` in one BIND_DMA array: lguest's hypercall passed it
+#: as ``u16 numdmas`` (arg3 >> 8) and checked only that the array lay in memory; its
+#: drivers bind 1 or 8.  pvio refuses a larger count instead of truncating it.
+MAX_DMAS_PER_BIND = 0xFFFF
+#: pvio's violation notices (interrupts at or above this are never bound by a guest):
+#: when a domain's SEND_DMA or BIND_DMA on a key is refused, the hypervisor raises
+#: ``VIOLATION_IRQ_BASE + irq`` in every other domain bound at that key with ``irq`` (the
+#: Launcher), which marks the device FAILED.
+VIOLATION_IRQ_BASE = LGUEST_IRQS
+#: The violation notice of irq 0 (which no binding can use): raised in a guest's
+#: supervisor (its Launcher) when the guest broke the rules at a key in a shared region
+#: the supervisor is not bound at: its network device's LAN page.
+GUEST_VIOLATION_IRQ = VIOLATION_IRQ_BASE + 0
 
 C_PROLOGUE = """
 typedef unsigned char u8; typedef unsigned short u16; typedef unsigned int u32;

@@ -2,13 +2,14 @@
 
 * TCP throughput and ping round trip between two network namespaces joined by pvio's
   lguest LAN (a TAP in each namespace, two in-process guests on one LAN page, every frame
-  transmitted by one guest's driver and DMAed into the other's receive buffers by the
-  in-process host, all in this Python process), next to a veth pair between two
-  namespaces measured in the same run (the kernel's own limit on this machine).  iperf3
-  and ping run as real processes in the namespaces.
-* Block: 4 KiB random reads through the guest's lguest block driver and the Launcher's
-  block device (one request in flight, as the protocol has it) from an image file, next
-  to os.pread of the same blocks from the same file.
+  taking the guest processes' frame path (pvio.domains.netpath) through one guest's
+  driver and DMAed into the other's receive buffers by pvio's hypervisor core, the
+  daemon's own, run in this Python process without its socket), next to a veth pair
+  between two namespaces measured in the same run (the kernel's own limit on this
+  machine).  iperf3 and ping run as real processes in the namespaces.
+* Block: 4 KiB random reads through the guest's lguest block driver, the hypervisor
+  core and the Launcher's block device (one request in flight, as the protocol has it)
+  from an image file, next to os.pread of the same blocks from the same file.
 
 * Processes (`--only processes`, part of the default): the same TCP and ping between
   two lguest guests that are real domain processes over `pvio hypervisor` (each with
@@ -49,12 +50,12 @@ from typing import Any
 import click
 
 from pvio.bench.suite import Benchmark, Context, Figure, compare
+from pvio.domains.netpath import NetPath
 from pvio.domains.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU
 from pvio.lguest.storage import FileStorage
 from pvio.testing.lguest_cluster import GuestDef, LguestCluster
-from pvio.testing.lguest_dma import InProcessDmaHost
-from pvio.testing.lguest_guest import Lan, TapSwitchboard, build_guest
+from pvio.testing.lguest_world import Lan, LguestWorld, build_guest, net_path
 
 #: The target: at least this share of the veth pair's TCP throughput.
 TARGET_TCP_RATIO = 0.25
@@ -151,11 +152,11 @@ class _LguestLan:
     def __init__(self, tag: str) -> None:
         self.names = [f"bl1-{tag}", f"bl2-{tag}"]
         self.taps: list[TapInterface] = []
-        self.board: TapSwitchboard | None = None
+        self.paths: list[NetPath] = []
 
     def __enter__(self) -> list[str]:
-        host, lan = InProcessDmaHost(), Lan()
-        rigs = [build_guest(host, n, lan=lan, console=False) for n in self.names]
+        lan = Lan(LguestWorld())
+        rigs = [build_guest(lan.world, n, lan=lan, console=False) for n in self.names]
         try:
             for i, rig in enumerate(rigs):
                 assert rig.net is not None
@@ -165,15 +166,13 @@ class _LguestLan:
         except BaseException:
             self.__exit__()
             raise
-        self.board = TapSwitchboard(rigs, self.taps)
-        for link in self.board.links:
-            link.start(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.paths = [net_path(rig, tap, loop) for rig, tap in zip(rigs, self.taps, strict=True)]
         return [t.netns for t in self.taps]
 
     def __exit__(self, *exc: object) -> None:
-        if self.board is not None:
-            for link in self.board.links:
-                link.stop()
+        for path in self.paths:
+            path.stop()
         for tap in self.taps:
             tap.close()
         for n in self.names:
@@ -285,7 +284,7 @@ def _block(seconds: float, runs: int) -> list[Row]:
             f.write(os.urandom(size))
         storage = FileStorage(path)
         try:
-            rig = build_guest(InProcessDmaHost(), "bench", disk=storage, console=False)
+            rig = build_guest(LguestWorld(), "bench", disk=storage, console=False)
             blk = rig.block
             assert blk is not None
             rng = random.Random(1)

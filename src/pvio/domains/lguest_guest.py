@@ -24,6 +24,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_BLOCK,
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
+    LGUEST_IRQS,
 )
 from pvio.domains.lguest_settings import (
     CONSOLE_RETRY,
@@ -44,7 +45,6 @@ from pvio.lguest.bus import Bus, DeviceDriver, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDriver
 from pvio.lguest.dma import (
     DMA_SIZE,
-    LGUEST_IRQS,
     PAGE_SIZE,
     LguestError,
     build_dma,

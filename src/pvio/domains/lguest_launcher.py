@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -25,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from pvio.abi.lguest import (
+    GUEST_VIOLATION_IRQ,
     LGUEST_DEVICE_F_RANDOMNESS,
     LGUEST_DEVICE_T_BLOCK,
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
+    VIOLATION_IRQ_BASE,
 )
 from pvio.domains.lguest_settings import (
-    _U32,
     CLIENT_BUFFER_LIMIT,
     LAUNCHER_PAGES,
     UNPLUG_TIMEOUT,
@@ -51,14 +51,12 @@ from pvio.lguest.bus import DeviceSlot, DeviceTable, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice
 from pvio.lguest.dma import (
     DMA_SIZE,
-    GUEST_VIOLATION_IRQ,
     PAGE_SIZE,
-    VIOLATION_IRQ_BASE,
-    LguestError,
     build_dma,
     page_sections,
 )
 from pvio.lguest.guest import Allocator
+from pvio.lguest.launcher import HvLauncherPort, take_received
 from pvio.lguest.net import (
     NetDriver,
     lan_features,
@@ -69,52 +67,6 @@ from pvio.lguest.storage import FileStorage
 log = logging.getLogger("pvio.domains.lguest")
 
 # -- the Launcher --------------------------------------------------------------------------
-
-
-class HvLauncherPort:
-    """`LauncherPort` for a Launcher domain: the device region and its own SEND_DMA.
-
-    Guest addresses are translated by `delta` into the Launcher's view of the device
-    region; anything else (the guest's RAM) is out of its reach and refused."""
-
-    def __init__(self, port: ThreadedDmaPort, delta: int, lo: int, hi: int, tx_dma: int, tx_buf: int,
-                 irq_keys: dict[int, int]) -> None:
-        self.port = port
-        self.delta = delta
-        self.lo, self.hi = lo, hi  # guest addresses of the device region
-        self.tx_dma = tx_dma
-        self.tx_buf = tx_buf
-        self.irq_keys = irq_keys
-
-    def _check(self, addr: int, length: int) -> int:
-        if not (self.lo <= addr and addr + length <= self.hi):
-            raise LguestError(f"{addr:#x}+{length} is not in the device region", field="addr",
-                              err=errno.EFAULT)
-        return addr + self.delta
-
-    def read(self, addr: int, length: int) -> bytes:
-        return self.port.read(self._check(addr, length), length)
-
-    def write(self, addr: int, data: bytes | memoryview) -> None:
-        self.port.write(self._check(addr, len(data)), data)
-
-    def deliver(self, key: int, data: bytes) -> int | None:
-        n = self.port.send_dma(*self.stage(key, data, self.tx_buf, self.tx_dma))
-        return None if data and n == 0 else n
-
-    def stage(self, key: int, data: bytes, buf: int, dma: int) -> tuple[int, int]:
-        """`data` (at most 64 KiB) into `buf` and its lguest_dma at `dma`, both in the
-        Launcher's memory; the (key, dma) of the SEND_DMA that delivers it."""
-        data = data[:MAX_REQUEST_BYTES]
-        if data:
-            self.port.write(buf, data)
-        self.port.write(dma, build_dma(page_sections(buf, len(data))))
-        return self._check(key, 4), dma
-
-    def trigger_irq(self, irq: int) -> None:
-        key = self.irq_keys.get(irq)
-        if key is not None:
-            self.deliver(key, b"")
 
 
 @dataclass
@@ -358,13 +310,7 @@ class Launcher:
 
     def _take(self, served: _Served) -> bytes:
         """What the guest sent into a device's receive buffer; the buffer is free again."""
-        raw = self.port.read(served.rx_dma, DMA_SIZE)
-        used = _U32.unpack_from(raw)[0]
-        if not used:
-            return b""
-        data = b"".join(self.port.read(a, n) for a, n in page_sections(_first_addr(raw), used))
-        self.port.write(served.rx_dma, _U32.pack(0))
-        return data
+        return take_received(self.port, served.rx_dma)
 
     def _irq_in_thread(self, irq: int) -> bytes:
         """Runs in the worker: serve the device whose buffer the guest just filled."""
@@ -485,11 +431,6 @@ class Launcher:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _first_addr(raw: bytes) -> int:
-    addr: int = _U32.unpack_from(raw, 4)[0]
-    return addr
 
 
 def _remove_if_mine(path: Path) -> None:

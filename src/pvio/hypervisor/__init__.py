@@ -6,7 +6,8 @@ Sans-IO cores: `core.Hypervisor` (domain table, batched hypercall dispatch, tear
 `domain` (`DomainRecord`, what the core keeps per domain, and the `Platform` it asks
 for I/O), `grant_table` (the hypervisor's side of GNTTABOP_*), `granting` (the granting
 domain's side: references, free list, grant/end access), `event_channel` (ports),
-`lguest_dma` (BIND_DMA/SEND_DMA), `wire` (frames), `session` (one connection),
+`lguest_dma` (BIND_DMA/SEND_DMA) and `lguest_rules` (the DMA rules it enforces),
+`wire` (frames), `session` (one connection),
 `client_core` (the client's frame sequencing and event-port bits).
 
 Adapters: `daemon` (``pvio hypervisor --socket PATH``), `aio` (a domain's asyncio

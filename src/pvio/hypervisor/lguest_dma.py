@@ -18,9 +18,10 @@ used_len, raises the receiver's irq, and writes the sender's used_len (the bytes
 
 Every lguest_dma is copied out of guest memory once and checked like lguest's
 check_dma_list: at most 16 sections, a zero length ends the list, every section inside
-the domain's address space and inside one page.  The rules and limits are the ones in
-`pvio.lguest.dma` (parse_dma, check_key, check_bind, LGUEST_MAX_DMA bindings), used
-here, not restated.  Where lguest killed the guest, pvio answers -EINVAL (the sender's
+the domain's address space and inside one page.  The rules and limits are declared
+once, in `pvio.hypervisor.lguest_rules` (parse_dma, check_key, check_bind) and
+`pvio.abi.lguest` (LGUEST_MAX_DMA bindings, the violation interrupts), and used here.
+Where lguest killed the guest, pvio answers -EINVAL (the sender's
 fault) or skips the receiver's bad buffer and counts it, so one bad domain never stops
 the others; and it raises a violation interrupt (VIOLATION_IRQ_BASE + irq) in every
 other domain bound at the offending key, so a Launcher can mark that device FAILED.
@@ -66,21 +67,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pvio.abi.lguest import LGUEST_DMA
-from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, Region
-from pvio.hypervisor.domain import DomainRecord as Domain
+from pvio.abi.lguest import GUEST_VIOLATION_IRQ, LGUEST_DMA, LGUEST_MAX_DMA, VIOLATION_IRQ_BASE
+from pvio.hypervisor.domain import PAGE_SIZE, DmaBinding, DomainRecord, Region
 from pvio.hypervisor.errors import HypercallError
-from pvio.lguest.dma import (
-    GUEST_VIOLATION_IRQ,
-    MAX_BINDINGS,
-    VIOLATION_IRQ_BASE,
-    DmaError,
-    check_bind,
-    check_key,
-    parse_dma,
-)
+from pvio.hypervisor.lguest_rules import check_bind, check_key, parse_dma
 
 _U32 = struct.Struct("<I")
 DMA_STRUCT_SIZE = LGUEST_DMA.size
@@ -101,7 +92,7 @@ class LguestDma:
     pushes: list[IrqPush] = field(default_factory=list)
     bad_buffers: int = 0
     violations: int = 0
-    lookup: Callable[[int], Domain | None] | None = None
+    lookup: Callable[[int], DomainRecord | None] | None = None
     clock: Callable[[], float] = time.monotonic
     floods: int = 0  # sends refused because their sender was flooding
     #: sender domid -> (start of its window, drops, deliveries in it)
@@ -117,7 +108,7 @@ class LguestDma:
     # -- the address space ----------------------------------------------------------
 
     @staticmethod
-    def resolve(d: Domain, addr: int, length: int) -> tuple[object, memoryview, int]:
+    def resolve(d: DomainRecord, addr: int, length: int) -> tuple[object, memoryview, int]:
         """(key object, memory, offset) of [addr, addr+length) in `d`'s space, or raise."""
         if length < 0 or addr < 0:
             raise HypercallError(-errno.EINVAL, "negative address", "addr")
@@ -129,12 +120,12 @@ class LguestDma:
                 return r, r.view, addr - base
         raise HypercallError(-errno.EINVAL, f"address {addr:#x}+{length} outside d{d.domid}", "addr")
 
-    def _key(self, d: Domain, key: int) -> tuple[object, int]:
-        _rule(check_key, key, None)
+    def _key(self, d: DomainRecord, key: int) -> tuple[object, int]:
+        check_key(key)
         obj, _, off = self.resolve(d, key, 4)
         return obj, off
 
-    def _sections(self, d: Domain, raw: memoryview | bytes) -> list[Section]:
+    def _sections(self, d: DomainRecord, raw: memoryview | bytes) -> list[Section]:
         # The shared rules (at most 16 sections, a zero length ends the list, none
         # crossing a page, none past 4 GiB); then each section is resolved in `d`'s space
         # and sections that continue each other in one memory are joined (one copy for a
@@ -146,7 +137,7 @@ class LguestDma:
         cached = d.dma_sections.get(key)
         if cached is not None:
             return cached
-        buf = _rule(parse_dma, raw, memory_size=1 << 32)
+        buf = parse_dma(raw, memory_size=1 << 32)
         out: list[Section] = []
         for s in buf.sections:
             _, mem, off = self.resolve(d, s.addr, s.length)
@@ -159,19 +150,19 @@ class LguestDma:
         d.dma_sections[key] = out
         return out
 
-    def _read_dma(self, d: Domain, addr: int) -> bytes:
+    def _read_dma(self, d: DomainRecord, addr: int) -> bytes:
         _, mem, off = self.resolve(d, addr, LGUEST_DMA.size)
         return bytes(mem[off : off + LGUEST_DMA.size])
 
     @staticmethod
-    def supervisor(d: Domain) -> int | None:
+    def supervisor(d: DomainRecord) -> int | None:
         """The domain that created a region permitted to `d` alone (its Launcher), if any."""
         for r in d.regions.values():
             if r.permitted == {d.domid} and r.creator not in (-1, d.domid):
                 return r.creator
         return None
 
-    def violation(self, d: Domain, key: int, bindings: list[DmaBinding]) -> None:
+    def violation(self, d: DomainRecord, key: int, bindings: list[DmaBinding]) -> None:
         """`d` broke a rule on `key`: count it, tell the other domains bound there, and
         tell `d`'s supervisor (GUEST_VIOLATION_IRQ) when it was not among them."""
         self.violations += 1
@@ -207,18 +198,18 @@ class LguestDma:
     # not be one drop too many of a flood; a broken rule there is reported to the
     # sender's supervisor, its Launcher, which fails its network device.
     # :T
-    def bind_dma(self, d: Domain, key: int, dmas: int, count: int, irq: int) -> None:
+    def bind_dma(self, d: DomainRecord, key: int, dmas: int, count: int, irq: int) -> None:
         kobj = self._key(d, key)
         if irq == 0:
             d.dma = [b for b in d.dma if not (b.key == kobj and b.dmas == dmas)]
             return
-        _rule(check_bind, count, irq)
+        check_bind(count, irq)
         self.resolve(d, dmas, count * LGUEST_DMA.size)
-        if len(d.dma) >= MAX_BINDINGS:
+        if len(d.dma) >= LGUEST_MAX_DMA:
             raise HypercallError(-errno.ENOSPC, "too many DMA bindings", "dmas")
         d.dma.append(DmaBinding(d, kobj, key, dmas, count, irq))
 
-    def send_dma(self, d: Domain, key: int, dma_addr: int, bindings: list[DmaBinding]) -> int:
+    def send_dma(self, d: DomainRecord, key: int, dma_addr: int, bindings: list[DmaBinding]) -> int:
         kobj = self._key(d, key)
         raw = self._read_dma(d, dma_addr)
         src = self._sections(d, raw)
@@ -243,7 +234,7 @@ class LguestDma:
         _U32.pack_into(mem, off, copied)
         return copied
 
-    def _count(self, d: Domain, limit: int, delivered: bool) -> None:
+    def _count(self, d: DomainRecord, limit: int, delivered: bool) -> None:
         """Count `d`'s frame in its one-second window; refuse the drop of a flooder."""
         now = self.clock()
         start, drops, good = self._drops.get(d.domid, (now, 0, 0))
@@ -258,6 +249,22 @@ class LguestDma:
             self.floods += 1
             raise HypercallError(-errno.ENOBUFS, f"d{d.domid} dropped {drops} frames in a second", "flood")
 
+    # T:840 SEND_DMA: the host's copy
+    # The host is pvio's hypervisor (this code, whether the daemon runs it or a test runs
+    # its core in one process).  A SEND_DMA names a key and one buffer.  The key is
+    # resolved in the sender's address space: a key in its own RAM reaches nobody (its
+    # Launcher is another domain); a key in a region it attached (a device page, a LAN
+    # page) is (region, offset), one key for every domain attached there, lguest's futex
+    # trick.  The sender's buffer is copied out and checked once (T:830), its sections
+    # resolved and joined where they continue each other; on a LAN page the frame must
+    # also have the length the LAN's owner declared.  Then the first other domain bound
+    # at the key with a free buffer (used_len 0, read first; then the struct copied and
+    # checked like the sender's) gets the bytes section by section: its used_len is
+    # set and its irq raised.  The sender's used_len becomes the bytes copied, or 0 if
+    # nobody had a free buffer: a drop, which counts toward a flood.  A receiver's broken
+    # buffer is the receiver's fault, skipped and counted; a rule the sender broke
+    # refuses the hypercall with -errno and tells the domains bound at the key (T:380).
+    # :T
     def _deliver(self, b: DmaBinding, src: list[Section]) -> int | None:
         dst_dom = b.domain
         try:  # the bound array, resolved as BIND_DMA checked it
@@ -282,14 +289,6 @@ class LguestDma:
             self.pushes.append(IrqPush(dst_dom.domid, b.irq))
             return n
         return None
-
-
-def _rule(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Apply a rule of pvio.lguest.dma; its DmaError becomes the hypercall's -errno."""
-    try:
-        return fn(*args, **kwargs)
-    except DmaError as exc:
-        raise HypercallError(-exc.errno, exc.reason, exc.field) from exc
 
 
 def _copy_sections(src: list[Section], dst: list[Section]) -> int:

@@ -6,6 +6,6 @@
 * `block`, `console`, `net` — each device's guest driver and Launcher logic.
 
 Nothing here does I/O: memory, copies and interrupts come through the ports.  The TAP
-adapter is `pvio.domains.tap`; the in-process DMA host for tests is
-`pvio.testing.lguest_dma`.
+adapter is `pvio.domains.tap`; tests run these pieces over the hypervisor's core in one
+process with `pvio.testing.lguest_world`.
 """

@@ -18,8 +18,9 @@ a write past the end never touches the image.  The guest driver splits its buffe
 page-bounded sections itself (lguest asked the block layer to) and refuses requests
 that would need more than 16.
 
-Not here: the NBD export of the guest's disk (an adapter over `BlockDriver`, later) and
-any queueing: one request at a time is the protocol.
+Not here: the guest's disk as async reads and writes for an NBD export
+(`pvio.lguest.aio.LguestDisk`, an adapter over `BlockDriver`) and any queueing: one
+request at a time is the protocol.
 """
 
 from __future__ import annotations
@@ -275,8 +276,10 @@ class BlockDevice:
 
     def no_reply_buffer(self, port: LauncherPort) -> None:
         """The reply found no buffer: the guest broke the protocol.  The result becomes
-        an error; the caller still raises the interrupt, so the guest can never hang
-        waiting for this request."""
+        an error, and the caller still raises the interrupt.  (Under pvio's hypervisor
+        that is an empty SEND_DMA to the page's key, which reaches only a free buffer
+        bound there: a guest that unbound its reply buffer, or never freed it, hears
+        nothing, and waits by its own doing.)"""
         self.stats.no_reply_buffer += 1
         if self._answered_ok:
             self.stats.errors += 1

@@ -5,8 +5,7 @@ Theory of operation
 The Launcher describes a guest's devices in one page of `struct lguest_device_desc`
 (LGUEST_MAX_DEVICES entries) placed just above the top of the guest's RAM; each device's
 own pages follow.  `DeviceTable` is the Launcher's side: it lays the pages out, builds
-the descriptor page's bytes, answers "which device owns this key" and reads the status
-bits the guest writes back.
+the descriptor page's bytes, and reads and sets the status bits the guest writes back.
 
 `Bus` is the guest's side (drivers/lguest/lguest_bus.c): it copies the descriptor page
 once, refuses nonsense entries (unknown type, pages outside memory, no pages or too
@@ -218,18 +217,6 @@ class DeviceTable:
                                          features=s.features, status=0,
                                          num_pages=s.num_pages, pfn=s.pfn)
         return bytes(page)
-
-    def device_ranges(self) -> list[tuple[int, int]]:
-        return [(s.addr, s.end) for s in self.slots if s.num_pages]
-
-    def index_for_key(self, key: int) -> int | None:
-        """The device whose pages hold `key`; the console owns key 0."""
-        for s in self.slots:
-            if s.num_pages and s.addr <= key < s.end:
-                return s.index
-            if not s.num_pages and s.type == LGUEST_DEVICE_T_CONSOLE and key == 0:
-                return s.index
-        return None
 
     def status(self, port: LauncherPort, index: int) -> int:
         raw = port.read(self.descriptor_addr + index * DESC_SIZE + _STATUS_OFFSET, 2)

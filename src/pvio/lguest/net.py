@@ -52,7 +52,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pvio.abi.lguest import LGUEST_MAX_DMA_SECTIONS, LGUEST_NET, LGUEST_NET_F_NOCSUM
@@ -61,7 +61,6 @@ from pvio.lguest.dma import (
     DMA_SIZE,
     PAGE_SIZE,
     Fault,
-    LauncherPort,
     LguestError,
     build_dma,
     page_sections,
@@ -307,9 +306,10 @@ class NetDriver:
         self.frame_len = ETH_HLEN + check_mtu(self.mtu)
         self.rx_dmas = self.alloc.alloc(NUM_SKBS * DMA_SIZE, align=PAGE_SIZE)
         self.rx = [_RxSlot(self._alloc_frame(), self.rx_dmas + i * DMA_SIZE) for i in range(NUM_SKBS)]
+        # A frame's worth of the driver's memory that no batch uses (the guest process's
+        # rule-breaking test frames are staged there).
         self.tx_buf = self._alloc_frame()
-        self.tx_dma = self.alloc.alloc_unsplit(DMA_SIZE)
-        # transmit_many's buffers, one per SEND_DMA of a batch
+        # `stage`'s buffers, one per SEND_DMA of a batch
         self._tx_slots = [(self._alloc_frame(), self.alloc.alloc_unsplit(DMA_SIZE)) for _ in range(TX_BATCH)]
         self.promisc = False
         self.is_open = False
@@ -391,30 +391,6 @@ class NetDriver:
             return False
         return True
 
-    def transmit(self, frame: bytes | memoryview) -> int:
-        """lguestnet_start_xmit: send to every peer that wants it; returns how many."""
-        if not self._check(frame):
-            return 0
-        page = self.port.read(self.peer_phys, self.mapsize)  # copied once
-        targets = route_page(frame[:ETH_ALEN], page, self.me)
-        if not targets:
-            return 0
-        self.port.write(self.tx_buf, frame)
-        dma = self._dma_for(self.tx_buf, len(frame))
-        for peer in targets:
-            self.port.write(self.tx_dma, dma)  # used_len 0 before each send
-            try:
-                used = self.port.send_dma(peer_key(self.peer_phys, peer), self.tx_dma)
-            except LguestError:
-                self.stats.tx_errors += 1  # refused by the host (our device has FAILED)
-                return 0
-            if used != len(frame):
-                self.stats.tx_carrier_errors += 1
-            else:
-                self.stats.tx_packets += 1
-                self.stats.tx_bytes += len(frame)
-        return len(targets)
-
     # T:885 Sending many frames: staged in memory, one round trip
     # lguest's driver made one SEND_DMA per frame and waited for it.  pvio's adds a
     # batch: frames are queued, and `stage` writes up to TX_BATCH of their sends, each
@@ -482,20 +458,6 @@ class NetDriver:
                 self.stats.tx_bytes += n
         self._tx_queue.extendleft(reversed(again))
 
-    def transmit_many(self, frames: Sequence[bytes]) -> int:
-        """Several frames at once: staged by `stage_many`, and their SEND_DMAs handed to
-        the port in batches when it can batch them (``send_dma_many``, one hypervisor
-        round trip each); otherwise one by one.  Returns the SEND_DMAs made."""
-        many: Callable[[list[tuple[int, int]]], list[int]] | None = getattr(self.port, "send_dma_many", None)
-        if many is None or len(frames) <= 1:
-            return sum(self.transmit(f) for f in frames)
-        self.queue(frames)
-        sent = 0
-        while batch := self.stage():
-            self.account(batch, many(batch.sends))
-            sent += len(batch.sends)
-        return sent
-
     def interrupt(self) -> None:
         """lguestnet_rcv: take every filled buffer, refill it, check the length."""
         dmas = self.port.read(self.rx_dmas, NUM_SKBS * DMA_SIZE)  # every used_len at once
@@ -517,90 +479,3 @@ class NetDriver:
     def take_frames(self) -> list[bytes]:
         frames, self._frames = self._frames, []
         return frames
-
-
-#: Frames from guests waiting for the host's TAP; beyond this they are dropped.
-HOST_QUEUE_LIMIT = 256
-
-
-@dataclass
-class HostPeerStatistics:
-    rx_frames: int = 0  # from guests, queued for the host
-    rx_dropped: int = 0  # the queue was full
-    rx_length_errors: int = 0
-    tx_frames: int = 0  # delivered into a guest's buffer
-    tx_no_buffer: int = 0  # a guest had no free buffer
-    tx_dropped: int = 0  # runt or oversized frames from the host
-
-
-@dataclass
-class _GuestEnd:
-    port: LauncherPort
-    peer_phys: int  # where this guest sees the LAN page
-
-
-@dataclass
-class HostNetPeer:
-    """The host as one more peer on a LAN (lguest's ``--tunnet``), on the Launcher side.
-
-    It owns a slot and publishes its MAC there, promiscuous as lguest's Launcher did (so
-    every frame for an address outside the LAN comes to it).  Guests SEND_DMA frames to
-    its key like to any peer; they land in `handle_output` and wait in a bounded queue
-    for the host's TAP.  Frames from the TAP go to the guests `route` picks, each by
-    `LauncherPort.deliver` into that guest's buffers at its key for the slot."""
-
-    lan: LanPage
-    mac: bytes
-    queue_limit: int = HOST_QUEUE_LIMIT
-    stats: HostPeerStatistics = field(default_factory=HostPeerStatistics)
-
-    def __post_init__(self) -> None:
-        self.slot = self.lan.claim()
-        self.lan.publish(self.slot, self.mac, promisc=True)
-        self._guests: dict[int, _GuestEnd] = {}
-        self._queue: deque[bytes] = deque()
-
-    def attach(self, slot: int, port: LauncherPort, peer_phys: int) -> None:
-        """Guest in `slot` sees the LAN page at `peer_phys` through `port`."""
-        self._guests[slot] = _GuestEnd(port, peer_phys)
-
-    def detach(self, slot: int) -> None:
-        self._guests.pop(slot, None)
-
-    def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
-        """A guest sent a frame to the host's key."""
-        try:
-            check_frame(data)
-        except FrameError:
-            self.stats.rx_length_errors += 1
-            return 0
-        if len(self._queue) >= self.queue_limit:
-            self.stats.rx_dropped += 1
-            return 0  # the sender counts a carrier error, as for a full guest
-        self._queue.append(data)
-        self.stats.rx_frames += 1
-        return len(data)
-
-    def take_frames(self) -> list[bytes]:
-        frames = list(self._queue)
-        self._queue.clear()
-        return frames
-
-    def transmit(self, frame: bytes) -> int:
-        """A frame from the host's TAP: deliver it to every guest that wants it."""
-        try:
-            check_frame(frame)
-        except FrameError:
-            self.stats.tx_dropped += 1
-            return 0
-        sent = 0
-        for slot in route_page(frame[:ETH_ALEN], bytes(self.lan.page), self.slot):
-            end = self._guests.get(slot)
-            if end is None:
-                continue
-            if end.port.deliver(peer_key(end.peer_phys, slot), frame) is None:
-                self.stats.tx_no_buffer += 1
-            else:
-                self.stats.tx_frames += 1
-                sent += 1
-        return sent
