@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -22,14 +23,13 @@ from pvio.abi.lguest import (
 )
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockCompletion
 from pvio.lguest.dma import PAGE_SIZE, DmaError, LguestError, build_dma
-from pvio.lguest.storage import FileStorage, MemoryStorage
 from pvio.testing.lguest_world import InProcessLguest, LguestWorld, build_guest
 
 DISK = 256 * 1024
 
 
-def _rig(storage: MemoryStorage | FileStorage | None = None) -> InProcessLguest:
-    return build_guest(LguestWorld(), "g", disk=storage or MemoryStorage(DISK), console=False)
+def _rig(image: bytearray | mmap.mmap | None = None) -> InProcessLguest:
+    return build_guest(LguestWorld(), "g", disk=bytearray(DISK) if image is None else image, console=False)
 
 
 def _complete(rig: InProcessLguest) -> BlockCompletion:
@@ -58,7 +58,7 @@ def test_write_then_read_back() -> None:
     done = _complete(rig)
     assert done == BlockCompletion(LGUEST_BLOCK_WRITE, 10, len(data), True)
     assert rig.block_device is not None
-    assert rig.block_device.storage.pread(len(data), 10 * 512) == data  # type: ignore[union-attr]
+    assert rig.launcher.served[rig.block_device.slot.irq].image[10 * 512 : 10 * 512 + len(data)] == data
     blk.read(10, len(data))
     done = _complete(rig)
     assert done.ok and done.data == data and not blk.busy
@@ -92,18 +92,18 @@ def test_one_request_in_flight() -> None:
 
 
 def test_write_past_the_end_is_refused_without_changing_the_image() -> None:
-    storage = MemoryStorage(DISK)
+    storage = bytearray(DISK)
     rig = _rig(storage)
     assert rig.block is not None and rig.block_device is not None
-    before = bytes(storage.data)
+    before = bytes(storage)
     rig.block.write(DISK // 512 - 1, b"x" * 1024)  # last sector + one past the end
     done = _complete(rig)
     assert not done.ok
-    assert bytes(storage.data) == before and storage.size == DISK
+    assert bytes(storage) == before and len(storage) == DISK
     assert rig.block_device.stats.refused_writes == 1
     rig.block.write(DISK // 512, b"x" * 512)  # wholly past the end
     assert not _complete(rig).ok
-    assert bytes(storage.data) == before
+    assert bytes(storage) == before
     # ...and the device still serves good requests.
     rig.block.write(DISK // 512 - 1, b"y" * 512)
     assert _complete(rig).ok
@@ -122,16 +122,15 @@ def test_read_at_and_past_the_end() -> None:
 def test_file_storage(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(DISK))
-    storage = FileStorage(image)
-    try:
+    with open(image, "r+b") as f, mmap.mmap(f.fileno(), 0) as storage:
         rig = _rig(storage)
         assert rig.block is not None
         rig.block.write(7, b"pvio" * 256)
         assert _complete(rig).ok
         rig.block.write(DISK // 512 - 1, b"z" * 4096)
         assert not _complete(rig).ok
-    finally:
-        storage.close()
+        storage.flush()
+        rig.launcher.served.clear()  # the mmap is closed next
     assert image.stat().st_size == DISK
     assert image.read_bytes()[7 * 512 : 7 * 512 + 1024] == b"pvio" * 256
 
@@ -175,7 +174,7 @@ def test_a_stray_key_inside_the_page_reaches_nobody() -> None:
     # The Launcher binds only the page's first word: another key of the page finds no
     # buffer; the device logic would count one if it were ever handed one.
     assert rig.port.send_dma(rig.block.page + 8, rig.block.send_dma) == 0
-    assert rig.block_device.serve(rig.launcher.port, rig.block.page + 8, b"") is None
+    assert rig.block_device.request(rig.launcher.port, rig.block.page + 8, b"") is None
     assert rig.block_device.stats.stray_keys == 1
 
 
@@ -183,7 +182,7 @@ def test_a_stray_key_inside_the_page_reaches_nobody() -> None:
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, DISK // 512 + 4), st.integers(1, 24)),
                 min_size=1, max_size=12))
 def test_random_requests_match_a_model_disk(ops: list[tuple[bool, int, int]]) -> None:
-    storage = MemoryStorage(DISK)
+    storage = bytearray(DISK)
     rig = _rig(storage)
     model = bytearray(DISK)
     assert rig.block is not None
@@ -201,7 +200,7 @@ def test_random_requests_match_a_model_disk(ops: list[tuple[bool, int, int]]) ->
         assert done.ok == inside
         if not is_write and inside:
             assert done.data == bytes(model[sector * 512 : sector * 512 + nbytes])
-    assert storage.data == model
+    assert storage == model
 
 
 def test_block_page_golden_bytes() -> None:

@@ -8,18 +8,10 @@ import struct
 
 import pytest
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import LGUEST_DEVICE_S_FAILED, LGUEST_DMA, LGUEST_MAX_DMA
 from pvio.hypervisor.lguest_rules import DmaSection, parse_dma
-from pvio.lguest.dma import (
-    DMA_SIZE,
-    PAGE_SIZE,
-    DmaError,
-    Fault,
-    LguestError,
-    build_dma,
-    page_sections,
-)
-from pvio.lguest.storage import MemoryStorage
+from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, DmaError, LguestError, build_dma, page_sections
 from pvio.testing.lguest_world import DomainPort, LguestWorld, build_guest
 
 MEM = 64 * PAGE_SIZE
@@ -73,13 +65,13 @@ def _shared(world: LguestWorld) -> tuple[DomainPort, DomainPort]:
 
 
 def test_a_broken_rule_at_a_device_key_fails_that_device_only() -> None:
-    rig = build_guest(LguestWorld(), "g", disk=MemoryStorage(64 * 1024))
+    rig = build_guest(LguestWorld(), "g", disk=bytearray(64 * 1024))
     assert rig.console is not None and rig.console_device is not None
     blk = rig.table.slots[1]
     rig.port.write(0x1000, build_dma([(0x2000, 16)]))
     with pytest.raises(DmaError) as exc:
         rig.port.send_dma(blk.addr + 2, 0x1000)  # not a multiple of 4
-    assert exc.value.errno == errno.EINVAL and exc.value.fault is Fault.GUEST
+    assert exc.value.errno == errno.EINVAL and exc.value.fault is Fault.REMOTE
     # The hypervisor told the Launcher bound at that key; it failed the device and
     # unbound its buffer, so the key reaches nobody now.
     assert rig.status(blk.index) & LGUEST_DEVICE_S_FAILED and rig.launcher.violations == 1

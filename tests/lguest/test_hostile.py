@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from pvio.abi.lguest import LGUEST_BLOCK_PAGE, LGUEST_DMA
 from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, DmaError
-from pvio.lguest.storage import MemoryStorage
 from pvio.testing.lguest_world import Lan, LguestWorld, build_guest
 
 FUZZ = settings(max_examples=150, deadline=None)
@@ -21,8 +20,8 @@ DISK = 64 * 1024
 def test_any_send_dma_is_refused_or_bounded(raw: bytes, key: int, addr: int) -> None:
     world = LguestWorld()
     lan = Lan(world)
-    bad = build_guest(world, "bad", lan=lan, disk=MemoryStorage(DISK))
-    good = build_guest(world, "good", lan=lan, disk=MemoryStorage(DISK))
+    bad = build_guest(world, "bad", lan=lan, disk=bytearray(DISK))
+    good = build_guest(world, "good", lan=lan, disk=bytearray(DISK))
     assert bad.net is not None and good.net is not None
     bad.net.open()
     good.net.open()
@@ -49,7 +48,7 @@ def test_any_send_dma_is_refused_or_bounded(raw: bytes, key: int, addr: int) -> 
 @given(st.binary(min_size=LGUEST_BLOCK_PAGE.size, max_size=LGUEST_BLOCK_PAGE.size),
        st.binary(max_size=3 * PAGE_SIZE))
 def test_any_block_request_gets_a_result_and_never_grows_the_image(page: bytes, data: bytes) -> None:
-    storage = MemoryStorage(DISK)
+    storage = bytearray(DISK)
     rig = build_guest(LguestWorld(), "g", disk=storage, console=False)
     assert rig.block is not None and rig.block_device is not None
     blk = rig.block
@@ -61,12 +60,12 @@ def test_any_block_request_gets_a_result_and_never_grows_the_image(page: bytes, 
     rig.port.send_dma(blk.page, blk.send_dma)
     req = LGUEST_BLOCK_PAGE.unpack(rig.port.read(blk.page, LGUEST_BLOCK_PAGE.size))
     assert req["result"] in (1, 2)
-    assert storage.size == DISK
+    assert len(storage) == DISK
     offset = req["sector"] * 512
     if req["type"] == 1 and offset + len(data) <= DISK and req["result"] == 1:
-        assert bytes(storage.data[offset : offset + len(data)]) == data
+        assert bytes(storage[offset : offset + len(data)]) == data
     elif req["type"] != 1:
-        assert storage.data == bytearray(DISK)
+        assert storage == bytearray(DISK)
     # The driver's own next request still works.
     rig.port.take_irqs()
     blk.write(1, b"z" * 512)

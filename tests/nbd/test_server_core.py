@@ -14,6 +14,7 @@ from nbd.helpers import (
     parse_simple_replies,
     request,
 )
+from pvio.abi.fault import Fault
 from pvio.nbd import wire as w
 from pvio.nbd.server import (
     Command,
@@ -21,7 +22,6 @@ from pvio.nbd.server import (
     Disconnect,
     Export,
     ExportChosen,
-    Fault,
     LocalProtocolError,
     NbdServerConnection,
     OptionRejected,
@@ -156,7 +156,7 @@ def test_unknown_client_flags_drop_the_connection() -> None:
     conn = new_conn()
     events = conn.receive_data(client_flags(0x4 | 1))
     assert isinstance(events[0], Disconnect)
-    assert events[0].error is not None and events[0].error.fault is Fault.CLIENT
+    assert events[0].error is not None and events[0].error.fault is Fault.REMOTE
     assert conn.receive_data(option(w.NBD_OPT_LIST)) == []
 
 

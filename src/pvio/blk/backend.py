@@ -42,9 +42,10 @@ and received, batches, grant operations): `BlkbackStats.as_keys()` is what the X
 side publishes under the backend directory's ``statistics/``.
 
 Alternatives rejected: mapping per request (a round trip each: the batch is the unit);
-a response per request pushed at once (the point of io/ring.h is batching); persistent
-grants and indirect descriptors (not offered: 11 segments per request, as the base
-protocol).
+a response per request pushed at once (the point of io/ring.h is batching).  Persistent
+grants are honoured in the map transport (a frontend's persistent grants stay mapped, up
+to `persistent_limit`); indirect descriptors are not offered (11 segments per request, as
+the base protocol).
 """
 
 from __future__ import annotations

@@ -33,10 +33,13 @@ backend's).  It does what Linux's xen-blkfront does:
   `resume()` puts every shadow still in flight back into the ring with its original
   bytes and grants.  Callers wait through this and see no error; a write whose
   response never came is simply written again.
+- Persistent grants (feature-persistent, offered by default): data pages stay granted
+  read-write and are reused by later requests, so a backend that keeps their mappings
+  needs no hypercall in the steady state.
 - `BlockBackend`: `read`/`write`/`flush`/`trim` of any offset and length, so the NBD
   export serves the disk directly.
 
-Deliberately not here: persistent grants, indirect descriptors, multi-queue.
+Deliberately not here: indirect descriptors, multi-queue.
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
 directly; the data is copied once, between the caller's bytes and those pages).
 """

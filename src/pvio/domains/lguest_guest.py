@@ -26,6 +26,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_NET,
     LGUEST_IRQS,
 )
+from pvio.domains.lguest_aio import GuestThread, LguestDisk, ThreadedDmaPort
 from pvio.domains.lguest_settings import (
     CONSOLE_RETRY,
     EXPORT_NAME,
@@ -39,7 +40,6 @@ from pvio.domains.lguest_settings import (
 from pvio.domains.netpath import NetPath
 from pvio.domains.role import report_status
 from pvio.domains.spec import DomainSpec
-from pvio.lguest.aio import GuestThread, LguestDisk, ThreadedDmaPort
 from pvio.lguest.block import BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDriver

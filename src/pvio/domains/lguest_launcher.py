@@ -31,6 +31,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_NET,
     VIOLATION_IRQ_BASE,
 )
+from pvio.domains.lguest_aio import GuestThread, ThreadedDmaPort
 from pvio.domains.lguest_settings import (
     CLIENT_BUFFER_LIMIT,
     LAUNCHER_PAGES,
@@ -45,8 +46,7 @@ from pvio.domains.lguest_settings import (
 from pvio.domains.netpath import NetPath
 from pvio.domains.role import report_status
 from pvio.domains.spec import DomainSpec, write_status
-from pvio.lguest.aio import GuestThread, ThreadedDmaPort
-from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice
+from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockIO
 from pvio.lguest.bus import DeviceSlot, DeviceTable, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice
 from pvio.lguest.dma import (
@@ -62,7 +62,7 @@ from pvio.lguest.net import (
     lan_features,
     lan_frame_rule,
 )
-from pvio.lguest.storage import FileStorage
+from pvio.storage.rawfile import RawFile, create_sparse_image
 
 log = logging.getLogger("pvio.domains.lguest")
 
@@ -91,7 +91,7 @@ class Launcher:
         self.served: dict[int, _Served] = {}  # by irq
         self.net_index: int | None = None  # the network device's slot (its page is the LAN's)
         self.net_failed = False
-        self.storage: FileStorage | None = None
+        self.disk: RawFile | None = None
         self.console: ConsoleDevice | None = None
         self.clients: set[asyncio.StreamWriter] = set()
         self.violations = 0
@@ -162,8 +162,8 @@ class Launcher:
         self.lport.write(top, self.table.descriptor_page())
         self.dom.set_irq_handler(self._on_irq)
         if blk is not None:
-            self.storage = _open_image(s.disk_target, s.disk_size)
-            device = BlockDevice(blk, self.storage)
+            self.disk = _open_image(s.disk_target, s.disk_size)
+            device = BlockDevice(blk, self.disk.info.size)
             device.setup(self.lport)
             await self._serve(blk, device, alloc, MAX_REQUEST_BYTES)
         if cons is not None:
@@ -299,14 +299,30 @@ class Launcher:
         buffer, served from the image (page-cache reads and writes: one request at a
         time, as the protocol has it), and the reply's SEND_DMA awaited."""
         data = self._take(served)
-        payload = device.serve(self.lport, served.slot.addr, data)
-        if payload is None:
+        io = device.request(self.lport, served.slot.addr, data)
+        if io is None:
             return
+        payload = device.finish(self.lport, io, await self._move(io))
         buf, dma = self.block_tx
         n = await self.dom.send_dma(*self.lport.stage(served.slot.addr, payload, buf, dma))
         if payload and n == 0:
             device.no_reply_buffer(self.lport)
             await self.dom.send_dma(*self.lport.stage(served.slot.addr, b"", buf, dma))  # the interrupt
+
+    async def _move(self, io: BlockIO) -> bytes | int | None:
+        """Move one request's bytes between the image and memory, off the event loop
+        (`RawFile`); None if the image failed (the guest is answered with an error)."""
+        if io.length < 0 or self.disk is None:
+            return None
+        try:
+            if io.write:
+                await self.disk.write(io.offset, io.data)
+                return io.length
+            return bytes(await self.disk.read(io.offset, io.length))
+        except OSError as exc:
+            log.warning("lguest %s: disk %s at %d: %s", self.s.guest_name,
+                        "write" if io.write else "read", io.offset, exc)
+            return None
 
     def _take(self, served: _Served) -> bytes:
         """What the guest sent into a device's receive buffer; the buffer is free again."""
@@ -334,13 +350,13 @@ class Launcher:
         served = self.served.get(irq)
         if served is None or served.failed or served.removed:
             return b""
+        if not isinstance(served.device, ConsoleDevice):
+            return b""  # the block device is served on the loop (_serve_block)
         data = self._take(served)
-        if not data and isinstance(served.device, ConsoleDevice):
+        if not data:
             return b""
         served.device.handle_output(self.lport, served.slot.addr, data)
-        if isinstance(served.device, ConsoleDevice):
-            return served.device.take_output()
-        return b""
+        return served.device.take_output()
 
     def _after_irq(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -424,8 +440,8 @@ class Launcher:
         await asyncio.get_running_loop().run_in_executor(None, self.thread.close)
         if getattr(self, "dom", None) is not None:
             await self.dom.close()
-        if self.storage is not None:
-            self.storage.close()
+        if self.disk is not None:
+            await self.disk.close()
 
 
 def _unlink(path: Path) -> None:
@@ -441,14 +457,13 @@ def _remove_if_mine(path: Path) -> None:
         pass
 
 
-def _open_image(path: str, size: int) -> FileStorage:
+def _open_image(path: str, size: int) -> RawFile:
     """The disk image, created sparse with `size` bytes if it does not exist."""
     p = Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "xb") as f:
-            f.truncate(size)
-    return FileStorage(p)
+        create_sparse_image(p, size)
+    return RawFile(p)
 
 
 async def launcher_main(spec: DomainSpec) -> None:

@@ -110,8 +110,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvio.domains.lguest_aio import GuestThread
 from pvio.domains.spec import DomainSpec, parse_size, pid_alive
-from pvio.lguest.aio import GuestThread
 from pvio.lguest.dma import (
     PAGE_SIZE,
     LguestError,

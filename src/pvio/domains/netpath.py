@@ -87,7 +87,7 @@ class NetPath:
     # goes (after a pause, if a peer was full).  A receive interrupt is handled right
     # where its push arrives: the driver takes the filled buffers (memory reads and one
     # used_len write each) and the frames go straight into the TAP.  A guest's disk
-    # requests take the same kind of path (`pvio.lguest.aio.LguestDisk`); its console
+    # requests take the same kind of path (`pvio.domains.lguest_aio.LguestDisk`); its console
     # driver, whose calls wait for hypercalls, stays in its worker thread.
     # :T
     def from_tap(self, frame: Frame) -> None:

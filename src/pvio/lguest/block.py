@@ -7,7 +7,8 @@ result, num_sectors).  The Launcher writes num_sectors once.  The guest has one 
 in flight: it writes type, sector and bytes, clears result, and SEND_DMAs to the page's
 address — with the data for a write, or an empty "ping" for a read, whose data comes
 back into the one-entry reply buffer the guest bound at the same key.  The Launcher
-copies the request page out once, serves it from a `Storage`, writes result
+copies the request page out once, moves the bytes (the Launcher process from a
+`pvio.storage.rawfile.RawFile`, off its event loop; tests from memory), writes result
 (1 ok, 2 error: ``1 + (bytes != len)`` as lguest computed it) and then fills the reply
 buffer, which raises the guest's interrupt.
 
@@ -18,17 +19,24 @@ a write past the end never touches the image.  The guest driver splits its buffe
 page-bounded sections itself (lguest asked the block layer to) and refuses requests
 that would need more than 16.
 
+The Launcher's side is sans-IO: `BlockDevice.request` copies the request out and checks
+it, returning a `BlockIO` (what to move); the caller moves the bytes however it can, and
+`BlockDevice.finish` writes the result and returns the reply's payload.  `serve` does all
+three against an image in memory (a bytearray, or an mmap of a file).
+
 Not here: the guest's disk as async reads and writes for an NBD export
-(`pvio.lguest.aio.LguestDisk`, an adapter over `BlockDriver`) and any queueing: one
-request at a time is the protocol.
+(`pvio.domains.lguest_aio.LguestDisk`, an adapter over `BlockDriver`) and any queueing:
+one request at a time is the protocol.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import struct
 from dataclasses import dataclass, field
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import (
     LGUEST_BLOCK_PAGE,
     LGUEST_BLOCK_READ,
@@ -40,17 +48,11 @@ from pvio.abi.lguest import (
     LGUEST_SECTOR_SIZE,
 )
 from pvio.lguest.bus import DeviceSlot, LguestDevice
-from pvio.lguest.dma import (
-    DMA_SIZE,
-    PAGE_SIZE,
-    Fault,
-    LauncherPort,
-    LguestError,
-    build_dma,
-    page_sections,
-)
+from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, LauncherPort, LguestError, build_dma, page_sections
 from pvio.lguest.guest import Allocator
-from pvio.lguest.storage import Storage
+
+#: A whole disk in memory, as `BlockDevice.serve` takes it (an mmap of a file will do).
+DiskImage = bytearray | memoryview | mmap.mmap
 
 #: The largest request: 16 sections of one page each.
 MAX_REQUEST_BYTES = LGUEST_MAX_DMA_SECTIONS * PAGE_SIZE
@@ -208,18 +210,29 @@ class BlockDeviceStatistics:
     stray_keys: int = 0  # SEND_DMAs to a key of ours that is not the page
 
 
+@dataclass(frozen=True)
+class BlockIO:
+    """One checked request: what the Launcher must move before `BlockDevice.finish`."""
+
+    write: bool
+    offset: int
+    length: int  # bytes to move; -1: refused (answered with an error, the image untouched)
+    asked: int  # the request's `bytes`
+    data: bytes = b""  # a write's data
+
+
 @dataclass
 class BlockDevice:
-    """The Launcher's block device: serves one request at a time from `storage`."""
+    """The Launcher's block device for a disk of `size` bytes, one request at a time."""
 
     slot: DeviceSlot
-    storage: Storage
+    size: int
     stats: BlockDeviceStatistics = field(default_factory=BlockDeviceStatistics)
     _answered_ok: bool = False
 
     def setup(self, port: LauncherPort) -> None:
         """Tell the guest the disk's size (num_sectors = size / 512)."""
-        sectors = self.storage.size // LGUEST_SECTOR_SIZE
+        sectors = self.size // LGUEST_SECTOR_SIZE
         port.write(self.slot.addr, LGUEST_BLOCK_PAGE.pack(num_sectors=sectors))
 
     # T:860 Block, Launcher side: serve one request, refuse what is wrong
@@ -233,46 +246,58 @@ class BlockDevice:
     # result 2, counts it, and leaves the image untouched.  The result is written before
     # the reply is delivered, because delivering raises the guest's interrupt.
     # :T
-    def handle_output(self, port: LauncherPort, key: int, data: bytes) -> int:
-        payload = self.serve(port, key, data)
-        if payload is not None and port.deliver(key, payload) is None:
-            self.no_reply_buffer(port)
-            port.trigger_irq(self.slot.irq)
-        return 0
-
-    def serve(self, port: LauncherPort, key: int, data: bytes) -> bytes | None:
-        """Serve one request up to its reply: the result is written, and the bytes to
-        deliver at the page's key are returned (None for a stray key: nothing to answer).
-        `handle_output` delivers them; an adapter that makes its SEND_DMA itself calls
-        `no_reply_buffer` when the guest had none bound, then raises the interrupt."""
+    def request(self, port: LauncherPort, key: int, data: bytes) -> BlockIO | None:
+        """The request the guest's SEND_DMA to `key` carries, checked (None for a stray
+        key: nothing to answer)."""
         if key != self.slot.addr:
             self.stats.stray_keys += 1
             return None
         req = LGUEST_BLOCK_PAGE.unpack(port.read(self.slot.addr, LGUEST_BLOCK_PAGE.size))
         offset = req["sector"] * LGUEST_SECTOR_SIZE
-        size = self.storage.size
-        payload = b""
-        length = -1  # -1: refused
+        asked = req["bytes"]
         if req["type"] == LGUEST_BLOCK_WRITE:
             self.stats.writes += 1
-            if offset < size and len(data) <= size - offset:
-                length = self.storage.pwrite(data, offset)
+            if offset < self.size and len(data) <= self.size - offset:
+                return BlockIO(True, offset, len(data), asked, data)
+            self.stats.refused_writes += 1
+            return BlockIO(True, offset, -1, asked)
+        if req["type"] == LGUEST_BLOCK_READ:
+            self.stats.reads += 1
+            if offset < self.size:
+                return BlockIO(False, offset, min(asked, MAX_REQUEST_BYTES, self.size - offset), asked)
+        return BlockIO(False, offset, -1, asked)
+
+    def finish(self, port: LauncherPort, io: BlockIO, moved: bytes | int | None) -> bytes:
+        """The bytes moved for `io` (a read's data, a write's count; None: the storage
+        failed): write the result and return the payload to deliver at the page's key."""
+        payload = moved if isinstance(moved, bytes) else b""
+        length = -1 if io.length < 0 or moved is None else len(moved) if isinstance(moved, bytes) else moved
+        if length >= 0:
+            if io.write:
                 self.stats.bytes_written += length
             else:
-                self.stats.refused_writes += 1
-        elif req["type"] == LGUEST_BLOCK_READ:
-            self.stats.reads += 1
-            if offset < size:
-                want = min(req["bytes"], MAX_REQUEST_BYTES, size - offset)
-                payload = self.storage.pread(want, offset)
-                length = len(payload)
                 self.stats.bytes_read += length
-        result = LGUEST_BLOCK_RESULT_ERROR if length < 0 else 1 + (req["bytes"] != length)
+        result = LGUEST_BLOCK_RESULT_ERROR if length < 0 else 1 + (io.asked != length)
         if result != LGUEST_BLOCK_RESULT_OK:
             self.stats.errors += 1
         self._result(port, result)
         self._answered_ok = result == LGUEST_BLOCK_RESULT_OK
-        return payload
+        return payload if length >= 0 else b""
+
+    def serve(self, port: LauncherPort, key: int, data: bytes, image: DiskImage) -> bytes | None:
+        """`request`, the bytes moved in `image` (the whole disk in memory), `finish`."""
+        io = self.request(port, key, data)
+        if io is None:
+            return None
+        moved: bytes | int | None = None
+        if io.length >= 0:
+            end = io.offset + io.length
+            if io.write:
+                image[io.offset : end] = io.data
+                moved = io.length
+            else:
+                moved = bytes(image[io.offset : end])
+        return self.finish(port, io, moved)
 
     def no_reply_buffer(self, port: LauncherPort) -> None:
         """The reply found no buffer: the guest broke the protocol.  The result becomes

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import (
     LGUEST_DEVICE_DESC,
     LGUEST_DEVICE_S_ACKNOWLEDGE,
@@ -46,7 +47,7 @@ from pvio.abi.lguest import (
     LGUEST_MAX_DEVICES,
     LGUEST_PAGE_SIZE,
 )
-from pvio.lguest.dma import DmaPort, Fault, LauncherPort, LguestError
+from pvio.lguest.dma import DmaPort, LauncherPort, LguestError
 
 PAGE_SIZE = LGUEST_PAGE_SIZE
 DESC_SIZE = LGUEST_DEVICE_DESC.size

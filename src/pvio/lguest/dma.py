@@ -22,7 +22,7 @@ the Launcher's device logic need on their side of the hypercalls:
   the copies: `DmaPort` is what a guest driver sees (bind_dma, send_dma, read/write of
   its own memory); `LauncherPort` is what the Launcher's device logic sees (read/write
   of the guest's device pages, `deliver` into the buffer the guest bound at a key, raise
-  an interrupt).  In processes, `pvio.lguest.aio.ThreadedDmaPort` and
+  an interrupt).  In processes, `pvio.domains.lguest_aio.ThreadedDmaPort` and
   `pvio.lguest.launcher.HvLauncherPort` implement them over the hypervisor client; in
   tests, `pvio.testing.lguest_world` over the hypervisor's core in one process.
 
@@ -36,29 +36,21 @@ lguest's).
 
 from __future__ import annotations
 
-import enum
 import errno
 from collections.abc import Sequence
 from typing import Protocol
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import LGUEST_DMA, LGUEST_MAX_DMA_SECTIONS, LGUEST_PAGE_SIZE
 
 PAGE_SIZE = LGUEST_PAGE_SIZE
 DMA_SIZE = LGUEST_DMA.size
 
 
-class Fault(enum.Enum):
-    """Whose fault an error is."""
-
-    GUEST = "guest"  # the guest broke a rule: its request is refused, its device may fail
-    HOST = "host"  # the Launcher or hypervisor side misbehaved
-    LOCAL = "local"  # the caller misused a local API (a bug in pvio's caller)
-
-
 class LguestError(Exception):
     """An error with structure: whose fault, which field, the errno a hypercall returns."""
 
-    def __init__(self, reason: str, *, fault: Fault = Fault.GUEST, field: str = "",
+    def __init__(self, reason: str, *, fault: Fault = Fault.REMOTE, field: str = "",
                  err: int = errno.EINVAL) -> None:
         super().__init__(f"{fault.value}: {field + ': ' if field else ''}{reason}")
         self.reason = reason

@@ -10,7 +10,8 @@ buffers for the device's life, so nothing is ever freed piecemeal.
 
 from __future__ import annotations
 
-from pvio.lguest.dma import PAGE_SIZE, Fault, LguestError
+from pvio.abi.fault import Fault
+from pvio.lguest.dma import PAGE_SIZE, LguestError
 
 
 class Allocator:

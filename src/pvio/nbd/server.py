@@ -46,6 +46,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pvio.abi.fault import Fault
 from pvio.nbd import wire as w
 from pvio.storage.backend import BackendInfo
 
@@ -59,14 +60,6 @@ MAX_WRITE_PAYLOAD_DRAINED = w.NBD_MAX_PAYLOAD_PORTABLE * 2
 
 
 # --- errors ------------------------------------------------------------------------------
-
-
-class Fault(enum.Enum):
-    """Whose fault an error is."""
-
-    CLIENT = "client"  # the remote peer broke the protocol or asked for the impossible
-    LOCAL = "local"  # pvio's own caller misused this object
-    BACKEND = "backend"  # the storage failed
 
 
 @dataclass(frozen=True)
@@ -343,7 +336,7 @@ class NbdServerConnection:
         return n or None
 
     def _violation(self, fld: str, message: str) -> None:
-        err = NbdError(Fault.CLIENT, 0, fld, message)
+        err = NbdError(Fault.REMOTE, 0, fld, message)
         self.state = State.CLOSED
         self._events.append(Disconnect(f"protocol violation: {err}", err))
 
@@ -412,7 +405,7 @@ class NbdServerConnection:
             self._out.append(data)
 
     def _option_error(self, option: int, reply: int, fld: str, message: str) -> None:
-        err = NbdError(Fault.CLIENT, reply, fld, message)
+        err = NbdError(Fault.REMOTE, reply, fld, message)
         self._option_reply(option, reply, message.encode()[: w.NBD_MAX_STRING])
         self._events.append(OptionRejected(option, err))
 
@@ -578,7 +571,7 @@ class NbdServerConnection:
         info = export.info
 
         def bad(wire: int, fld: str, message: str) -> NbdError:
-            return NbdError(Fault.CLIENT, wire, fld, message)
+            return NbdError(Fault.REMOTE, wire, fld, message)
 
         if self.shutting_down:
             return NbdError(Fault.LOCAL, w.NBD_ESHUTDOWN, "server", "shutting down")

@@ -32,7 +32,7 @@ port until the test runs them (`InProcessLguest.run_interrupts`), or go to a han
 Rejected: `pvio.hypervisor.inprocess` (the core behind asyncio channels, with real
 memfds) for these tests: lguest's drivers are synchronous, so every driver call would
 need a worker thread and a running loop, for no rule the core does not already apply
-here.  The processes themselves are tested by tests/lguest/test_processes.py.
+here.  The processes themselves are tested by tests/domains/test_lguest_processes.py.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import (
     GUEST_VIOLATION_IRQ,
     LGUEST_DEVICE_F_RANDOMNESS,
@@ -61,22 +62,13 @@ from pvio.hypervisor.domain import DomainRecord
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.lguest_dma import LguestDma
 from pvio.hypervisor.wire import Op
-from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver
+from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver, DiskImage
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceSlot, DeviceTable, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice, ConsoleDriver
-from pvio.lguest.dma import (
-    DMA_SIZE,
-    PAGE_SIZE,
-    DmaError,
-    Fault,
-    LguestError,
-    build_dma,
-    page_sections,
-)
+from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, DmaError, LguestError, build_dma, page_sections
 from pvio.lguest.guest import Allocator
 from pvio.lguest.launcher import HvLauncherPort, take_received
 from pvio.lguest.net import ETH_DATA_LEN, LanPage, NetDriver, lan_features, lan_frame_rule
-from pvio.lguest.storage import Storage
 from pvio.testing.hypervisor import FakePlatform
 
 #: A Launcher's own memory: its transmit buffer and one receive buffer per device.
@@ -285,6 +277,7 @@ class _Served:
     device: BlockDevice | ConsoleDevice
     rx_dma: int
     failed: bool = False
+    image: DiskImage | None = None  # a block device's disk, in memory
 
 
 class InProcessLauncher:
@@ -315,13 +308,15 @@ class InProcessLauncher:
         self.violations = 0
         self.domain.on_irq = self._on_irq
 
-    def serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, size: int) -> None:
-        """Bind one receive buffer of `size` bytes at the device's key."""
+    def serve(self, slot: DeviceSlot, device: BlockDevice | ConsoleDevice, size: int,
+              image: DiskImage | None = None) -> None:
+        """Bind one receive buffer of `size` bytes at the device's key (a block device
+        serves `image`, its whole disk in memory: a bytearray or an mmap of a file)."""
         buf = self.alloc.alloc_pages(-(-size // PAGE_SIZE))
         rx_dma = self.alloc.alloc_unsplit(DMA_SIZE)
         self.domain.write(rx_dma, build_dma(page_sections(buf, size)))
         self.domain.bind_dma(slot.addr + self.port.delta, rx_dma, 1, slot.irq)
-        self.served[slot.irq] = _Served(slot, device, rx_dma)
+        self.served[slot.irq] = _Served(slot, device, rx_dma, image=image)
 
     def _on_irq(self, irq: int) -> None:
         if irq == GUEST_VIOLATION_IRQ:  # the guest broke a rule on its LAN page
@@ -342,7 +337,15 @@ class InProcessLauncher:
         if served is None or served.failed:
             return
         data = take_received(self.domain, served.rx_dma)
-        served.device.handle_output(self.port, served.slot.addr, data)
+        device = served.device
+        if isinstance(device, ConsoleDevice):
+            device.handle_output(self.port, served.slot.addr, data)
+            return
+        assert served.image is not None
+        payload = device.serve(self.port, served.slot.addr, data, served.image)
+        if payload is not None and self.port.deliver(served.slot.addr, payload) is None:
+            device.no_reply_buffer(self.port)
+            self.port.trigger_irq(served.slot.irq)
 
 
 # -- guests and LANs -------------------------------------------------------------------------
@@ -459,7 +462,7 @@ def build_guest(
     name: str,
     *,
     ram_pages: int = 256,
-    disk: Storage | None = None,
+    disk: DiskImage | None = None,
     console: bool = True,
     lan: Lan | None = None,
     mac: bytes = b"",
@@ -483,9 +486,9 @@ def build_guest(
         rig.console_device = ConsoleDevice(cons_slot)
         launcher.serve(cons_slot, rig.console_device, CONSOLE_BUFFER)
     if blk_slot is not None and disk is not None:
-        rig.block_device = BlockDevice(blk_slot, disk)
+        rig.block_device = BlockDevice(blk_slot, len(disk))
         rig.block_device.setup(launcher.port)
-        launcher.serve(blk_slot, rig.block_device, MAX_REQUEST_BYTES)
+        launcher.serve(blk_slot, rig.block_device, MAX_REQUEST_BYTES, image=disk)
 
     def probe_console(dev: LguestDevice) -> DeviceDriver:
         rig.console = ConsoleDriver(dev, rig.alloc)

@@ -32,8 +32,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import NamedTuple, TypeVar
 
+from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_ERRORS, XSD_SOCKMSG, XsdSockmsgType
-from pvio.xenstore.errors import Fault, XsError
+from pvio.xenstore.errors import XsError
 from pvio.xenstore.wire import (
     HEADER_SIZE,
     NEED_DATA,

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import enum
-
+from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XSD_ERRORS
-
-
-class Fault(enum.Enum):
-    """Who caused an error: the peer that sent the request, or pvio's own caller."""
-
-    REMOTE = "remote"  # the peer violated the protocol or asked for something not allowed
-    LOCAL = "local"  # pvio's own caller misused an API
 
 
 class XsError(Exception):

@@ -38,10 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
 from pvio.xenstore import paths
 from pvio.xenstore.domains import DOMID_SELF, XsDomain, atoi, forget, parse_introduce
-from pvio.xenstore.errors import Fault, ProtocolViolation, XsError
+from pvio.xenstore.errors import ProtocolViolation, XsError
 from pvio.xenstore.nodes import NodeOps
 from pvio.xenstore.perms import Who
 from pvio.xenstore.quotas import Quotas

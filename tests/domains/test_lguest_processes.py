@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from lguest.lan import Guest, LguestUp, lguest_up, netns_exec
+from domains.lan import Guest, LguestUp, lguest_up, netns_exec
 from pvio.domains.tap import stale_namespaces
 
 pytestmark = pytest.mark.skipif(

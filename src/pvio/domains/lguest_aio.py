@@ -36,9 +36,10 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
+from pvio.abi.fault import Fault
 from pvio.abi.lguest import LGUEST_SECTOR_SIZE
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockCompletion, BlockDriver
-from pvio.lguest.dma import DmaError, Fault, LguestError
+from pvio.lguest.dma import DmaError, LguestError
 
 T = TypeVar("T")
 

@@ -8,29 +8,28 @@ import errno
 import pytest
 
 from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_NET
-from pvio.lguest.aio import GuestThread, LguestDisk, ThreadedDmaPort
+from pvio.domains.lguest_aio import GuestThread, LguestDisk, ThreadedDmaPort
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.dma import PAGE_SIZE, DmaError, LguestError
 from pvio.lguest.guest import Allocator
 from pvio.lguest.net import BROADCAST, NetDriver, lan_features
-from pvio.lguest.storage import MemoryStorage
 from pvio.testing.lguest_world import AsyncDomainClient, DomainPort, Lan, LguestWorld, new_guest
 
 
-def _disk_guest(storage: MemoryStorage) -> tuple[DeviceTable, DomainPort, BlockDevice]:
-    """A guest with one block device, served by its Launcher from `storage`."""
+def _disk_guest(image: bytearray) -> tuple[DeviceTable, DomainPort, BlockDevice]:
+    """A guest with one block device, served by its Launcher from `image`."""
     table = DeviceTable(64)
     slot = table.add(LGUEST_DEVICE_T_BLOCK)
     guest, launcher = new_guest(LguestWorld(), "g", table)
-    device = BlockDevice(slot, storage)
+    device = BlockDevice(slot, len(image))
     device.setup(launcher.port)
-    launcher.serve(slot, device, MAX_REQUEST_BYTES)
+    launcher.serve(slot, device, MAX_REQUEST_BYTES, image=image)
     return table, guest, device
 
 
 async def _block_scenario() -> None:
-    table, guest, _ = _disk_guest(MemoryStorage(1 << 20))
+    table, guest, _ = _disk_guest(bytearray(1 << 20))
     loop = asyncio.get_running_loop()
     port = ThreadedDmaPort(AsyncDomainClient(guest), loop, timeout=5)
     thread = GuestThread()
@@ -119,8 +118,8 @@ def test_net_drivers_in_threads() -> None:
 
 
 async def _disk_scenario() -> None:
-    storage = MemoryStorage(1 << 20)
-    table, guest, device = _disk_guest(storage)
+    image = bytearray(1 << 20)
+    table, guest, device = _disk_guest(image)
     loop = asyncio.get_running_loop()
     client = AsyncDomainClient(guest)
     port = ThreadedDmaPort(client, loop, timeout=5)
@@ -142,7 +141,7 @@ async def _disk_scenario() -> None:
         assert disk.size == 1 << 20
         data = bytes(range(256)) * 800  # 200 KiB: four 64 KiB requests
         await disk.write(4096, data)
-        assert bytes(storage.data[4096 : 4096 + len(data)]) == data
+        assert bytes(image[4096 : 4096 + len(data)]) == data
         assert await disk.read(4096, len(data)) == data
         await disk.flush()
         with pytest.raises(OSError) as exc:
@@ -151,7 +150,7 @@ async def _disk_scenario() -> None:
         with pytest.raises(OSError):
             await disk.write((1 << 20) - 512, b"x" * 1024)  # past the end
         assert device.stats.refused_writes == 0  # refused before it reached the wire
-        del storage.data[512 * 1024 :]  # the image shrank under the Launcher
+        del image[512 * 1024 :]  # the image shrank under the Launcher
         with pytest.raises(OSError) as exc:
             await disk.read(768 * 1024, 4096)
         assert exc.value.errno == errno.EIO

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from blk.harness import Harness
 from blk.pair import make_image
+from domains.harness import Harness
 from pvio.nbd.client_asyncio import NbdClient
 
 
