@@ -9,10 +9,10 @@ import pytest
 
 from pvio.abi.lguest import LGUEST_DEVICE_T_BLOCK, LGUEST_DEVICE_T_NET
 from pvio.domains.lguest_aio import GuestThread, LguestDisk, ThreadedDmaPort
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceTable, LguestDevice
 from pvio.lguest.dma import PAGE_SIZE, DmaError, LguestError
-from pvio.lguest.guest import Allocator
 from pvio.lguest.net import BROADCAST, NetDriver, lan_features
 from pvio.testing.lguest_world import AsyncDomainClient, DomainPort, Lan, LguestWorld, new_guest
 

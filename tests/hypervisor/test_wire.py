@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cprobe import build, run
 from pvio.abi import grant_table as gt
 from pvio.hypervisor import wire
-from pvio.hypervisor.client_core import ClientProtocol
+from pvio.hypervisor.client_core import HypercallProtocol
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.errors import ProtocolError
 from pvio.hypervisor.platform import OsPlatform
@@ -158,7 +158,7 @@ def test_session_survives_random_ops(ops: list[Op]) -> None:
     platform = OsPlatform()
     hv = Hypervisor(platform, lambda fd: fd)
     session = Session(hv)
-    proto = ClientProtocol()
+    proto = HypercallProtocol()
     _, data = proto.request([createdomain_op("fuzz", 16, 2, "map", None)])
     reply, fds = session.handle(data)
     peer = Session(hv)
@@ -180,7 +180,7 @@ def test_session_rejects_garbage_and_keeps_going() -> None:
     session = Session(hv)
     reply, _ = session.handle(b"garbage that is not a frame")
     assert wire.decode_frame(reply).kind == wire.FRAME_ERROR
-    proto = ClientProtocol()
+    proto = HypercallProtocol()
     reply, fds = session.handle(proto.request([createdomain_op("ok", 4, 1, "map", None)])[1])
     frame = wire.decode_frame(reply)
     assert frame.kind == wire.FRAME_REPLY and frame.ops[0].rc == 0 and len(fds) == 2
@@ -205,7 +205,7 @@ def test_session_rejects_garbage_and_keeps_going() -> None:
 )
 def test_client_protocol_never_misplaces_fds(kind: int, seq: int, ops: list[Op], nfds: int) -> None:
     """A hostile hypervisor's frames: each fd goes to exactly one op, or back to be closed."""
-    proto = ClientProtocol()
+    proto = HypercallProtocol()
     proto.request([])  # seq 1 is pending
     fds = list(range(100, 100 + nfds))
     try:
@@ -221,11 +221,11 @@ def test_client_protocol_never_misplaces_fds(kind: int, seq: int, ops: list[Op],
     assert not (given_out and received.stray_fds)
 
 
-def _dup_session() -> tuple[OsPlatform, Hypervisor, Session, ClientProtocol]:
+def _dup_session() -> tuple[OsPlatform, Hypervisor, Session, HypercallProtocol]:
     platform = OsPlatform()
     hv = Hypervisor(platform, os.dup)
     session = Session(hv)
-    proto = ClientProtocol()
+    proto = HypercallProtocol()
     reply, fds = session.handle(proto.request([createdomain_op("big", 16, 1024, "map", None)])[1])
     assert wire.decode_frame(reply).ops[0].rc == 0
     for fd in fds:

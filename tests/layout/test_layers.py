@@ -72,3 +72,14 @@ def test_no_source_file_is_too_long() -> None:
         if (n := p.read_text().count("\n")) > MAX_LINES
     }
     assert not long, long
+
+
+def test_no_two_packages_declare_a_public_class_of_the_same_name() -> None:
+    # `Domain` in three packages once meant three different things; one name, one thing.
+    where: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(str(path.relative_to(SRC)))
+    twice = {name: paths for name, paths in where.items() if len({p.split("/")[0] for p in paths}) > 1}
+    assert not twice, twice

@@ -15,9 +15,9 @@ from pvio.abi.lguest import (
     LGUEST_NET_F_NOCSUM,
     LGUEST_NET_SLOTS,
 )
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.bus import Bus, DeviceTable
 from pvio.lguest.dma import PAGE_SIZE, LguestError, build_dma
-from pvio.lguest.guest import Allocator
 from pvio.lguest.net import (
     BROADCAST,
     ETH_FRAME_LEN,

@@ -12,12 +12,13 @@ from pvio.nbd.client import (
     ExportList,
     NbdClientConnection,
     NbdOptionError,
+    NbdReply,
     Phase,
     Ready,
-    Reply,
     ServerProtocolError,
 )
-from pvio.nbd.server import Command, Export, NbdServerConnection
+from pvio.nbd.events import Command, Export
+from pvio.nbd.server import NbdServerConnection
 from pvio.storage.backend import BackendInfo
 
 SIZE = 1 << 20
@@ -80,7 +81,7 @@ def test_pipelined_requests_and_out_of_order_replies() -> None:
         out += b"".join(bytes(p) for p in server.reply(cmd, 0, bytes([cmd.offset // 512]) * 512))
     out += b"".join(server.reply(server_events[0], w.NBD_ENOSPC))
     replies = client.receive_data(out)
-    assert [(r.cookie, r.error, r.data[:1]) for r in replies if isinstance(r, Reply)] == [
+    assert [(r.cookie, r.error, r.data[:1]) for r in replies if isinstance(r, NbdReply)] == [
         (cookies[2], 0, b"\x02"),
         (cookies[1], 0, b"\x01"),
         (cookies[0], 0, b"\x00"),
@@ -207,7 +208,7 @@ def test_fuzz_client_reply_parser(items: list[object], chunk: int) -> None:
     try:
         for i in range(0, len(stream), chunk):
             for event in client.receive_data(stream[i : i + chunk]):
-                assert isinstance(event, Reply)
+                assert isinstance(event, NbdReply)
                 assert len(event.data) in (0, 512)
                 assert event.error == 0 or event.data == b""
     except ServerProtocolError:

@@ -16,17 +16,16 @@ from nbd.helpers import (
 )
 from pvio.abi.fault import Fault
 from pvio.nbd import wire as w
-from pvio.nbd.server import (
+from pvio.nbd.events import (
     Command,
     CommandRejected,
     Disconnect,
     Export,
     ExportChosen,
     LocalProtocolError,
-    NbdServerConnection,
     OptionRejected,
-    State,
 )
+from pvio.nbd.server import NbdServerConnection, State
 from pvio.storage.backend import BackendInfo
 
 SIZE = 1 << 20

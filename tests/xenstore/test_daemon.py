@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
-from pvio.xenstore.client import AsyncClient, Client, Reply, WatchEvent
+from pvio.xenstore.client import AsyncClient, Client, WatchEvent, XsReply
 from pvio.xenstore.daemon import XenStoreDaemon, attach_domain, load_db
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.wire import FrameDecoder, Packet, encode
@@ -209,7 +209,7 @@ def test_async_watch_stream_and_own_write_order(
         heard: list[WatchEvent] = []
         dispatch = c._dispatch
 
-        def spy(item: Reply | WatchEvent) -> None:
+        def spy(item: XsReply | WatchEvent) -> None:
             if isinstance(item, WatchEvent):
                 heard.append(item)
             dispatch(item)

@@ -66,12 +66,12 @@ from pvio.abi.blkif import (
     SECTOR_SIZE,
     BlkifABI,
 )
+from pvio.blk.front_grants import FrontGrants
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import Segment, build_discard, build_request, parse_response
 from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
-from pvio.hypervisor.granting import NoSpace
 from pvio.ring import FrontRing, RingBroken, SharedRing
 from pvio.storage.backend import BackendInfo
 
@@ -147,14 +147,11 @@ class BlkFront:
         self._ids = asyncio.Semaphore(self.nr_ents)
         self._running = asyncio.Event()  # set while requests may be put into the ring
         self._push_scheduled = False
-        self._grant_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._ref_frames: dict[int, int] = {}
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
         #: feature-persistent: data pages stay granted (read-write) and are reused
         self.persistent = False
-        self._pool: list[tuple[int, int]] = []
-        self._pool_size = 0
+        self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
 
     def set_ring_order(self, order: int) -> None:
         """Choose the ring's size before the first `setup_ring` (no request yet)."""
@@ -259,11 +256,11 @@ class BlkFront:
         try:
             await self._wait_running()
             if self.persistent:
-                pooled = await self._take_pooled(npages)
+                pooled = await self.grants.take_pooled(npages)
                 grefs = [r for r, _ in pooled]
                 frames = [f for _, f in pooled]
             else:
-                grefs = await self._claim_grants(npages)
+                grefs = await self.grants.claim(npages)
                 frames = self.domain.alloc_pages(npages)
         except BaseException:
             self._ids.release()
@@ -271,12 +268,10 @@ class BlkFront:
         readonly = operation != BLKIF_OP_READ
         segs: list[Segment] = []
         left = nbytes
-        gnttab = self.domain.gnttab
         for ref, frame in zip(grefs, frames, strict=True):
             n = min(left, PAGE_SIZE)
             if pooled is None:
-                gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
-                self._ref_frames[ref] = frame
+                self.grants.grant(ref, frame, readonly)
             segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
             left -= n
         if payload is not None:
@@ -314,43 +309,8 @@ class BlkFront:
             await self._running.wait()
         self._check_broken()
 
-    async def _take_pooled(self, n: int) -> list[tuple[int, int]]:
-        """`n` persistently granted pages: reused ones first, new ones granted read-write."""
-        take = self._pool[-n:] if n else []
-        del self._pool[len(self._pool) - len(take) :]
-        more = n - len(take)
-        if more:
-            refs = await self._claim_grants(more)
-            frames = self.domain.alloc_pages(more)
-            for ref, frame in zip(refs, frames, strict=True):
-                self.domain.gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, False)
-                self._ref_frames[ref] = frame
-            take += list(zip(refs, frames, strict=True))
-            self._pool_size += more
-        return take
-
-    async def _claim_grants(self, n: int) -> list[int]:
-        if n == 0:
-            return []
-        gnttab = self.domain.gnttab
-        while True:
-            try:
-                head = gnttab.alloc_grant_references(n)
-                return [gnttab.claim_grant_reference(head) for _ in range(n)]
-            except NoSpace:
-                self.stats.grant_waits += 1
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-                def wake(f: asyncio.Future[None] = fut) -> None:
-                    if not f.done():
-                        f.set_result(None)
-
-                gnttab.request_free_callback(wake, n)
-                try:
-                    await fut
-                finally:
-                    gnttab.cancel_free_callback(wake)
-                self._check_broken()
+    def _grant_wait(self) -> None:
+        self.stats.grant_waits += 1
 
     def _put(self, shadow: Shadow) -> None:
         front = self._front
@@ -431,20 +391,11 @@ class BlkFront:
                 out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
                 pos += n
         if pending.pooled is not None:
-            self._pool.extend(pending.pooled)  # still granted: the next request reuses them
+            self.grants.give_back(pending.pooled)
         else:
-            self._end_grants(shadow.grefs)
+            self.grants.end(shadow.grefs)
         if not pending.future.done():
             pending.future.set_result(status)
-
-    def _end_grants(self, grefs: tuple[int, ...]) -> None:
-        if grefs:
-            self.domain.end_access(list(grefs), self._ref_freed)
-
-    def _ref_freed(self, ref: int) -> None:
-        frame = self._ref_frames.pop(ref, None)
-        if frame is not None:
-            self.domain.free_pages([frame])
 
     def _check_broken(self) -> None:
         if self.broken is not None:
@@ -622,9 +573,7 @@ class BlkFront:
         if self.broken is None:  # from now on every call fails instead of waiting
             self.broken = DeviceBroken("the disk is closed")
             self._running.set()
-        if self._pool:
-            pool, self._pool = self._pool, []
-            self._end_grants(tuple(r for r, _ in pool))
+        self.grants.release_pool()
 
 
 async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:

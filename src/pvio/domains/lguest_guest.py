@@ -40,6 +40,7 @@ from pvio.domains.lguest_settings import (
 from pvio.domains.netpath import NetPath
 from pvio.domains.role import report_status
 from pvio.domains.spec import DomainSpec
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import BlockDriver
 from pvio.lguest.bus import Bus, DeviceDriver, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDriver
@@ -50,7 +51,6 @@ from pvio.lguest.dma import (
     build_dma,
     page_sections,
 )
-from pvio.lguest.guest import Allocator
 from pvio.lguest.net import (
     NetDriver,
     peer_key,

@@ -46,6 +46,7 @@ from pvio.domains.lguest_settings import (
 from pvio.domains.netpath import NetPath
 from pvio.domains.role import report_status
 from pvio.domains.spec import DomainSpec, write_status
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockIO
 from pvio.lguest.bus import DeviceSlot, DeviceTable, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice
@@ -55,7 +56,6 @@ from pvio.lguest.dma import (
     build_dma,
     page_sections,
 )
-from pvio.lguest.guest import Allocator
 from pvio.lguest.launcher import HvLauncherPort, take_received
 from pvio.lguest.net import (
     NetDriver,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pvio.hypervisor import wire
 from pvio.hypervisor.client import Domain, create_domain
-from pvio.hypervisor.client_core import ClientProtocol
+from pvio.hypervisor.client_core import HypercallProtocol
 from pvio.hypervisor.errors import HypercallError, ProtocolError
 from pvio.hypervisor.wire import Op
 
@@ -77,7 +77,7 @@ class SocketChannel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._proto = ClientProtocol()
+        self._proto = HypercallProtocol()
         self._calls: dict[int, asyncio.Future[list[Op]]] = {}
         self._on_push: Callable[[Op], None] | None = None
         self._early: list[Op] = []

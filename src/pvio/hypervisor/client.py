@@ -18,7 +18,7 @@ only passes calls on and routes the hypervisor's pushes to the part they concern
     EventClient      client_events     event-channel ports: bind, notify, wait, mask
     LguestClient     client_lguest     lguest regions, BIND_DMA/SEND_DMA, interrupts
     EventPorts,      client_core       the sans-IO bits: port mask/pending table, and
-    ClientProtocol                     the frame sequencing the adapters use
+    HypercallProtocol                     the frame sequencing the adapters use
 
 Everything that can be batched is: `map_grants` of N references is one
 GNTTABOP_map_grant_ref op with N structs (one round trip, whatever N), `unmap_grants`

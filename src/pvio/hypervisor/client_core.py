@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`ClientProtocol` turns a batch of ops into a request frame with a fresh sequence number
+`HypercallProtocol` turns a batch of ops into a request frame with a fresh sequence number
 and turns each received frame (plus the descriptors that came with it) into a reply for
 a pending sequence number or a push.  It hands every descriptor to exactly one op (by
 the ops' nr_fds) or, if the counts do not add up, reports them for closing: a confused
@@ -34,7 +34,7 @@ class Received:
     stray_fds: list[int] = field(default_factory=list)  # to be closed by the adapter
 
 
-class ClientProtocol:
+class HypercallProtocol:
     def __init__(self) -> None:
         self._seq = 0
         self.pending: set[int] = set()

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from pvio.hypervisor.client import Domain, create_domain
-from pvio.hypervisor.client_core import ClientProtocol
+from pvio.hypervisor.client_core import HypercallProtocol
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.errors import HypercallError, ProtocolError
 from pvio.hypervisor.platform import OsPlatform
@@ -63,7 +63,7 @@ class InProcessChannel:
         self.owner = owner
         self.session = Session(owner.hv)
         self.loop = asyncio.get_running_loop()
-        self._proto = ClientProtocol()
+        self._proto = HypercallProtocol()
         self._on_push: Callable[[Op], None] | None = None
         self._early: list[Op] = []
         self._readers: set[int] = set()

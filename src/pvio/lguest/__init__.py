@@ -4,7 +4,7 @@
   BIND_DMA/SEND_DMA rules themselves are the hypervisor's: `pvio.hypervisor.lguest_rules`);
 * `bus` — the descriptor page (Launcher side) and the guest's scan, matching and
   status bits;
-* `guest` — the guest's page allocator;
+* `allocator` — the guest's page allocator;
 * `launcher` — the Launcher's port when the Launcher is a domain;
 * `block`, `console`, `net` — each device's guest driver and Launcher logic.
 

@@ -47,9 +47,9 @@ from pvio.abi.lguest import (
     LGUEST_MAX_DMA_SECTIONS,
     LGUEST_SECTOR_SIZE,
 )
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.bus import DeviceSlot, LguestDevice
 from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, LauncherPort, LguestError, build_dma, page_sections
-from pvio.lguest.guest import Allocator
 
 #: A whole disk in memory, as `BlockDevice.serve` takes it (an mmap of a file will do).
 DiskImage = bytearray | memoryview | mmap.mmap

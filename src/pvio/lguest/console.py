@@ -28,9 +28,9 @@ import struct
 from dataclasses import dataclass, field
 
 from pvio.abi.lguest import LGUEST_CONSOLE_DMA_KEY
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.bus import DeviceSlot, LguestDevice
 from pvio.lguest.dma import DMA_SIZE, LauncherPort, build_dma, page_sections
-from pvio.lguest.guest import Allocator
 
 #: The guest's input buffer (hvc_lguest's inbuf) and output chunk (hvc_alloc's 256).
 CONSOLE_BUFFER = 256

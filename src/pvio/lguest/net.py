@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 
 from pvio.abi.fault import Fault
 from pvio.abi.lguest import LGUEST_MAX_DMA_SECTIONS, LGUEST_NET, LGUEST_NET_F_NOCSUM
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.bus import LguestDevice
 from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, LguestError, build_dma, page_sections
-from pvio.lguest.guest import Allocator
 
 ETH_ALEN = 6
 ETH_HLEN = 14

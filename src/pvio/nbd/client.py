@@ -8,7 +8,7 @@ client promises, and keeps, the server's alignment), falling back to NBD_OPT_EXP
 only if the server answers NBD_REP_ERR_UNSUP; or NBD_OPT_LIST to enumerate exports.
 In transmission `request()` builds a request with a fresh cookie and remembers it;
 `receive_data()` parses simple replies, pairs them with their requests by cookie (any
-order) and returns `Reply` events, with the data for a successful read.
+order) and returns `NbdReply` events, with the data for a successful read.
 
 The server is not trusted either: a reply with an unknown cookie, a bad magic, an
 unasked-for structured reply, or option replies that do not fit the option asked mark
@@ -108,13 +108,13 @@ class ExportList:
 
 
 @dataclass(frozen=True)
-class Reply:
+class NbdReply:
     cookie: int
     error: int
     data: bytes = b""
 
 
-ClientEvent = Ready | ExportList | Reply
+ClientEvent = Ready | ExportList | NbdReply
 
 
 class Phase(enum.Enum):
@@ -421,7 +421,7 @@ class NbdClientConnection:
             if self._avail(pos) < length:
                 return None
             self._read_reply = None
-            events.append(Reply(cookie, 0, bytes(self._in[pos : pos + length])))
+            events.append(NbdReply(cookie, 0, bytes(self._in[pos : pos + length])))
             return length
         if self._avail(pos) < 4:
             return None
@@ -439,5 +439,5 @@ class NbdClientConnection:
         if pending.type == w.NBD_CMD_READ and error == 0 and pending.length:
             self._read_reply = (cookie, pending.length)
         else:
-            events.append(Reply(cookie, error))
+            events.append(NbdReply(cookie, error))
         return w.SIMPLE_REPLY.size

@@ -24,8 +24,8 @@ from pvio.nbd.client import (
     NbdClientConnection,
     NbdCommandError,
     NbdOptionError,
+    NbdReply,
     Ready,
-    Reply,
     ServerProtocolError,
 )
 from pvio.storage.backend import BackendInfo
@@ -63,7 +63,7 @@ class NbdClient:
     def __init__(self, core: NbdClientConnection) -> None:
         self.core = core
         self._transport: asyncio.Transport | None = None
-        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        self._waiters: dict[int, asyncio.Future[NbdReply]] = {}
         self._handshake: asyncio.Future[ClientEvent] = asyncio.get_running_loop().create_future()
         self._closed: BaseException | None = None
 
@@ -113,7 +113,7 @@ class NbdClient:
             return
         self._flush_out()
         for event in events:
-            if isinstance(event, Reply):
+            if isinstance(event, NbdReply):
                 fut = self._waiters.pop(event.cookie, None)
                 if fut is not None and not fut.done():
                     fut.set_result(event)
@@ -154,12 +154,12 @@ class NbdClient:
 
     async def _command(
         self, type: int, offset: int = 0, length: int = 0, data: bytes | memoryview = b"", flags: int = 0
-    ) -> Reply:
+    ) -> NbdReply:
         if self._closed is not None:
             raise ConnectionError(f"NBD connection is closed: {self._closed}")
         assert self._transport is not None
         cookie, parts = self.core.request(type, offset, length, data, flags)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[NbdReply] = asyncio.get_running_loop().create_future()
         self._waiters[cookie] = fut
         self._transport.writelines(parts)
         reply = await fut

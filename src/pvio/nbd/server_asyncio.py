@@ -39,15 +39,15 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from pvio.nbd import wire as w
-from pvio.nbd.server import (
+from pvio.nbd.events import (
     Command,
     CommandRejected,
     Disconnect,
     Export,
     ExportChosen,
-    NbdServerConnection,
     OptionRejected,
 )
+from pvio.nbd.server import NbdServerConnection
 from pvio.storage.backend import BlockBackend
 
 log = logging.getLogger("pvio.nbd")

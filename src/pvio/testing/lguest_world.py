@@ -62,11 +62,11 @@ from pvio.hypervisor.domain import DomainRecord
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.lguest_dma import LguestDma
 from pvio.hypervisor.wire import Op
+from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockDriver, DiskImage
 from pvio.lguest.bus import Bus, DeviceDriver, DeviceSlot, DeviceTable, LguestDevice
 from pvio.lguest.console import CONSOLE_BUFFER, ConsoleDevice, ConsoleDriver
 from pvio.lguest.dma import DMA_SIZE, PAGE_SIZE, DmaError, LguestError, build_dma, page_sections
-from pvio.lguest.guest import Allocator
 from pvio.lguest.launcher import HvLauncherPort, take_received
 from pvio.lguest.net import ETH_DATA_LEN, LanPage, NetDriver, lan_features, lan_frame_rule
 from pvio.testing.hypervisor import FakePlatform

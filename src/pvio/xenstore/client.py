@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 `ClientProtocol` is the sans-IO half: it numbers requests (req_id counts up, so replies
 can be matched even with several in flight, as pyxs does), frames them, and turns
-received bytes into `Reply` and `WatchEvent` values with the shared `FrameDecoder`.
+received bytes into `XsReply` and `WatchEvent` values with the shared `FrameDecoder`.
 `reply_payload` turns an XS_ERROR into an `XsError` (an unknown errno name is EINVAL,
 as libxenstore maps it).
 
@@ -65,7 +65,7 @@ class WatchEvent(NamedTuple):
     token: str
 
 
-class Reply(NamedTuple):
+class XsReply(NamedTuple):
     packet: Packet
 
 
@@ -92,9 +92,9 @@ class ClientProtocol:
         req_id = next(self._ids) & 0xFFFFFFFF
         return req_id, _HEADER.pack(type_, req_id, tx_id, len(payload)) + payload
 
-    def receive(self, data: bytes) -> list[Reply | WatchEvent]:
+    def receive(self, data: bytes) -> list[XsReply | WatchEvent]:
         self.decoder.feed(data)
-        out: list[Reply | WatchEvent] = []
+        out: list[XsReply | WatchEvent] = []
         while (pkt := self.decoder.next_packet()) is not NEED_DATA:
             assert isinstance(pkt, Packet)
             if pkt.type == T.XS_WATCH_EVENT:
@@ -102,7 +102,7 @@ class ClientProtocol:
                 if len(parts) >= 2:
                     out.append(WatchEvent(parts[0].decode(), parts[1].decode()))
             else:
-                out.append(Reply(pkt))
+                out.append(XsReply(pkt))
         return out
 
 
@@ -389,7 +389,7 @@ class AsyncClient:
                 return
             await self._reconnect()
 
-    def _dispatch(self, item: Reply | WatchEvent) -> None:
+    def _dispatch(self, item: XsReply | WatchEvent) -> None:
         if isinstance(item, WatchEvent):
             stream = self._streams.get(item.token)
             if stream is not None:

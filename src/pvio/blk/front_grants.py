@@ -1,0 +1,98 @@
+"""blkfront's grant references: claimed per request, or kept granted in a pool.
+
+Theory of operation
+-------------------
+Each request's data pages are granted to the backend.  Without persistent grants
+(`feature-persistent`) a request claims fresh references (`claim`, waiting while the
+table is full, as Linux's blkfront waits for free grants), grants its pages read-only for
+a write or read-write for a read (`grant`), and ends access when the response arrives
+(`end`): a reference is reused only once the backend has let go of it, and its page is
+freed then.  With persistent grants the pages stay granted read-write in a pool
+(`take_pooled`, `give_back`) and the backend may keep them mapped; `release_pool` ends
+them all when the ring is given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from pvio.hypervisor.client import Domain
+from pvio.hypervisor.granting import NoSpace
+
+
+class FrontGrants:
+    """The grant references one blkfront uses for its data pages."""
+
+    def __init__(self, domain: Domain, backend_domid: int, *, on_wait: Callable[[], None],
+                 check: Callable[[], None]) -> None:
+        self.domain = domain
+        self.backend_domid = backend_domid
+        self.on_wait = on_wait  # a claim had to wait for free references (counted)
+        self.check = check  # raises if the device broke while a claim waited
+        self.pool: list[tuple[int, int]] = []  # persistent (ref, frame) pairs not in use
+        self.pool_size = 0
+        self._ref_frames: dict[int, int] = {}  # ref -> the page it grants, freed with it
+
+    async def claim(self, n: int) -> list[int]:
+        """`n` free grant references, waiting while the table has too few."""
+        if n == 0:
+            return []
+        gnttab = self.domain.gnttab
+        while True:
+            try:
+                head = gnttab.alloc_grant_references(n)
+                return [gnttab.claim_grant_reference(head) for _ in range(n)]
+            except NoSpace:
+                self.on_wait()
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+                def wake(f: asyncio.Future[None] = fut) -> None:
+                    if not f.done():
+                        f.set_result(None)
+
+                gnttab.request_free_callback(wake, n)
+                try:
+                    await fut
+                finally:
+                    gnttab.cancel_free_callback(wake)
+                self.check()
+
+    def grant(self, ref: int, frame: int, readonly: bool) -> None:
+        """Grant `frame` to the backend through `ref`; the page is freed when `ref` is."""
+        self.domain.gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)
+        self._ref_frames[ref] = frame
+
+    async def take_pooled(self, n: int) -> list[tuple[int, int]]:
+        """`n` persistently granted pages: reused ones first, new ones granted read-write."""
+        take = self.pool[-n:] if n else []
+        del self.pool[len(self.pool) - len(take) :]
+        more = n - len(take)
+        if more:
+            refs = await self.claim(more)
+            frames = self.domain.alloc_pages(more)
+            for ref, frame in zip(refs, frames, strict=True):
+                self.grant(ref, frame, False)
+            take += list(zip(refs, frames, strict=True))
+            self.pool_size += more
+        return take
+
+    def give_back(self, pooled: list[tuple[int, int]]) -> None:
+        """Persistent pages a request is done with: still granted, the next one reuses them."""
+        self.pool.extend(pooled)
+
+    def end(self, grefs: tuple[int, ...]) -> None:
+        """End the backend's access through `grefs`; each page is freed once it is let go."""
+        if grefs:
+            self.domain.end_access(list(grefs), self._ref_freed)
+
+    def release_pool(self) -> None:
+        """End every persistent grant (the ring is given up)."""
+        if self.pool:
+            pool, self.pool = self.pool, []
+            self.end(tuple(r for r, _ in pool))
+
+    def _ref_freed(self, ref: int) -> None:
+        frame = self._ref_frames.pop(ref, None)
+        if frame is not None:
+            self.domain.free_pages([frame])
