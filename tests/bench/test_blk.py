@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pvio.bench import blk, block, suite
+from pvio.bench import blk
 from pvio.bench.blk import CounterLog, Counters, PvioUp
-from pvio.bench.suite import Baseline, Figure, Stats
+from pvio.bench.harness import fio
+from pvio.bench.harness.figures import Baseline, Figure, Stats
+from pvio.bench.harness.runner import SuiteReport
 from pvio.cli.main import cli
 
 #: A driver domain's ``statistics`` entry as BlkbackStats.as_keys() writes it.
@@ -78,7 +80,7 @@ def test_counter_log_takes_each_runs_difference() -> None:
 def test_targets_are_evaluated_not_asserted() -> None:
     def fig(name: str, unit: str, ours: float, qemu: float) -> Figure:
         return Figure(name, unit, Stats.of([ours]), "pvio map",
-                      baselines=(Baseline(block.QEMU_NBD, Stats.of([qemu]), ours / qemu),))
+                      baselines=(Baseline(fio.QEMU_NBD, Stats.of([qemu]), ours / qemu),))
 
     figures = [fig("4k-randread-qd32", "IOPS", 9000, 10000),
                fig("1m-read-qd8", "MiB/s", 2200, 2000),
@@ -120,7 +122,7 @@ def test_reduced_run_writes_valid_json(tmp_path: Path) -> None:
         env={**os.environ, "COLUMNS": "160"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     document = json.loads((out / "results.json").read_text())
-    assert suite.validate(document) == []
+    SuiteReport.from_json(document)
     (result,) = document["benchmarks"]
     assert result["name"] == "blk" and result["status"] == "ok", result["reason"]
     by_unit: dict[str, set[str]] = {}
@@ -128,7 +130,7 @@ def test_reduced_run_writes_valid_json(tmp_path: Path) -> None:
         by_unit.setdefault(f["unit"], set()).add(f["subject"])
         if f["unit"] in ("IOPS", "MiB/s"):
             assert f["name"] == "4k-randread-qd32" and f["runs"] == 1
-            assert {b["subject"] for b in f["baselines"]} == {block.QEMU_NBD, block.DIRECT}
+            assert {b["subject"] for b in f["baselines"]} == {fio.QEMU_NBD, fio.DIRECT}
     assert by_unit["IOPS"] == by_unit["MiB/s"] == set(blk.TRANSPORTS)
     assert by_unit["notifications/request"] == set(blk.TRANSPORTS)
     for subject in blk.TRANSPORTS:

@@ -11,25 +11,26 @@ request crosses NBD socket → blkfront → shared ring → blkback → image an
 - ``pvio map``: blkback maps the granted pages and preadv/pwritev straight into them;
 - ``pvio copy``: blkback never maps guest memory; GNTTABOP_copy moves the data;
 
-and `pvio.bench.block.block_matrix` runs every workload (4 KiB random read and write at
+and `pvio.bench.harness.fio.block_matrix` runs every workload (4 KiB random read and write at
 queue depth 1 and 32, 64 KiB and 1 MiB sequential read and write) against both, against
 ``qemu-nbd -f raw`` on the same image (what a user would run instead) and with fio's
 io_uring engine on the file itself (the limit on this machine), interleaved run by run,
 and reports medians with min and max and the ratios pvio / qemu-nbd and pvio / direct.
 
 Per-request counters come from blkback's own statistics (`pvio.blk.backend.BlkbackStats`),
-which the driver domain writes into its status file every second: after each fio run the
-benchmark waits for the next refresh and takes the difference from the previous one, so
-each run's counters are exactly that run's (plus the handful of requests of fio's NBD
-connection set-up).  Reported per subject and workload (``extra.counters``), and, for
-the notifications, as figures:
+which the driver domain writes into its status file every second, and from blkfront's
+(`pvio.blk.frontend.BlkfrontStats`), which the guest writes into its own: after each fio
+run the benchmark waits for the next refresh and takes the difference from the previous
+one, so each run's counters are exactly that run's (plus the handful of requests of
+fio's NBD connection set-up).  Reported per subject and workload (``extra.counters``),
+and, for the notifications, as figures:
 
-- notifications per request: blkback's kicks to the frontend plus the frontend's kicks
-  that woke blkback (``notify_sent + notify_received``), over the blkif requests served
-  (a 1 MiB NBD read is some 24 blkif requests of at most 11 pages).  blkback counts the
-  wake-ups of its event channel, not the frontend's eventfd writes: kicks written while
-  blkback was busy coalesce into one wake-up, so the frontend-to-backend half is a lower
-  bound until blkfront's own counters (`BlkfrontStats.notify_sent`) are published;
+- notifications per request: blkback's kicks to the frontend plus blkfront's kicks to
+  the backend, over the blkif requests served (a 1 MiB NBD read is some 24 blkif
+  requests of at most 11 pages).  blkfront counts every kick it sends; should the
+  guest's status file lack its counters, blkback's wake-ups (``notify_received``) stand
+  in, a lower bound, since kicks written while blkback is busy coalesce into one wake-up
+  (``frontend_kicks_exact`` says which was used);
 - requests per batch: requests taken off the ring per batch;
 - grant hypercalls per request: GNTTABOP map/unmap/copy hypercalls (each one a batch of
   grant operations) per request.
@@ -39,10 +40,8 @@ queue depth 32 at least as many IOPS as qemu-nbd, 1 MiB sequential read bandwidt
 least qemu-nbd's, and at most 0.1 notifications per request at queue depth 32;
 `targets` evaluates them from the figures.
 
-Deliberately not here: no counters from blkfront (the guest's status file does not carry
-them yet; blkback sees the frontend's kicks as ``notify_received``), no O_DIRECT (every
-subject goes through the page cache, so the ratios compare serving costs, not the disk),
-and no warm-up beyond fio's ramp time and the prefill.  Alternatives rejected: reading
+Deliberately not here: no O_DIRECT (every subject goes through the page cache, so the
+ratios compare serving costs, not the disk), and no warm-up beyond fio's ramp time and the prefill.  Alternatives rejected: reading
 the counters from XenStore (``statistics/`` under the backend directory carries the same
 values at the same once-a-second rate, through one more client), and running the two
 transports one after the other (the interleaving is what makes the ratios fair).
@@ -52,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -67,8 +65,9 @@ from typing import Any
 
 import click
 
-from pvio.bench import block
-from pvio.bench.suite import Benchmark, Context, Figure, Params, Stats
+from pvio.bench.harness import fio
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, Stats
 
 #: pvio's subjects: label -> `pvio up --transport`.
 TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
@@ -326,19 +325,6 @@ class CounterLog:
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-def missing() -> str | None:
-    """Why `pvio bench blk` cannot run on this build, or None."""
-    for module, what in (("pvio.blk.driver_domain", "the driver domain (blkback)"),
-                         ("pvio.blk.guest", "the guest domain (blkfront + NBD export)")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            return f"{module} ({what}) is not built yet"
-    return block.helper_missing()
-
-
 def _suite(params: Params, ctx: Context) -> list[Figure]:
     with contextlib.ExitStack() as stack:
         return _measure(params, ctx, stack)
@@ -352,7 +338,7 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
     # directory of their own, not under the user's --out.
     short = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-blk-")))
 
-    def server_for(subject: str, transport: str) -> block.Server:
+    def server_for(subject: str, transport: str) -> fio.Server:
         @contextlib.contextmanager
         def serve(image: Path, sock: Path) -> Iterator[str]:
             up = PvioUp(image, short / f"{transport}.sock", transport, short / transport)
@@ -371,7 +357,7 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
 
     servers = {subject: server_for(subject, t) for subject, t in TRANSPORTS.items()
                if subject in params.get("subjects", TRANSPORTS)}
-    figures = block.block_matrix(ctx, servers, workloads=params["workloads"],
+    figures = fio.block_matrix(ctx, servers, workloads=params["workloads"],
                                  runs=int(params["runs"]), runtime=float(params["runtime"]),
                                  size=str(params["size"]), after_run=log.after_run)
     figures += log.figures()
@@ -398,7 +384,7 @@ def targets(figures: Sequence[Figure]) -> list[dict[str, Any]]:
             if f.name != name or f.unit != unit:
                 continue
             for b in f.baselines:
-                if b.subject == block.QEMU_NBD and b.ratio is not None:
+                if b.subject == fio.QEMU_NBD and b.ratio is not None:
                     out.append({"target": f"{what} ratio vs qemu-nbd >= 1.0",
                                 "subject": f.subject, "value": b.ratio, "met": b.ratio >= 1.0})
 
@@ -421,9 +407,8 @@ SUITE = Benchmark(
     run=_suite,
     quick={"runs": 2, "runtime": 1.0, "size": "64m", "workloads": list(QUICK_WORKLOADS)},
     full={"runs": 3, "runtime": 2.0, "size": "256m",
-          "workloads": [w.name for w in block.WORKLOADS]},
+          "workloads": [w.name for w in fio.STANDARD_JOBS]},
     tools=("fio", "qemu-nbd"),
-    requires=missing,
 )
 
 
@@ -434,7 +419,7 @@ SUITE = Benchmark(
 @click.option("--runtime", type=float, default=None, help="Seconds per fio run.")
 @click.option("--size", default=None, help="Image size (fio --size), e.g. 64m.")
 @click.option("--workloads", default=None, metavar="NAMES",
-              help="Comma-separated, of " + ",".join(w.name for w in block.WORKLOADS) + ".")
+              help="Comma-separated, of " + ",".join(w.name for w in fio.STANDARD_JOBS) + ".")
 @click.option("--transport", "transports", multiple=True, type=click.Choice(["map", "copy"]),
               help="Only these pvio transports (repeatable; default both).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -442,16 +427,17 @@ SUITE = Benchmark(
 def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
         workloads: str | None, transports: tuple[str, ...], out: Path | None) -> None:
     """fio through `pvio up`'s NBD export (map, copy) vs qemu-nbd vs io_uring on the file."""
-    from pvio.bench import report, suite
+    from pvio.bench.harness import registry, report
+    from pvio.bench.harness.benchmark import Mode
 
-    mode: suite.Mode = "quick" if quick else "full"
+    mode: Mode = "quick" if quick else "full"
     params = dict(SUITE.params(mode))
     for key, value in (("runs", runs), ("runtime", runtime), ("size", size)):
         if value is not None:
             params[key] = value
     if workloads:
         names = [w.strip() for w in workloads.split(",") if w.strip()]
-        known = {w.name for w in block.WORKLOADS}
+        known = {w.name for w in fio.STANDARD_JOBS}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise click.BadParameter(f"unknown {unknown}; known: {sorted(known)}",
@@ -460,13 +446,13 @@ def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
     if transports:
         params["subjects"] = [s for s, t in TRANSPORTS.items() if t in transports]
     variant = dataclasses.replace(SUITE, quick=params, full=params)
-    suite.register(variant)
+    registry.register(variant)
     argv = ["pvio", "bench", "blk", *sys.argv[sys.argv.index("blk") + 1:]] \
         if "blk" in sys.argv else ["pvio", "bench", "blk"]
     try:
         result = report.run(["blk"], mode, out or report.default_out_dir(), False, argv)
     finally:
-        suite.unregister("blk")
+        registry.unregister("blk")
     blk_result = result.results[0]
     for t in blk_result.extra.get("targets", []):
         click.echo(f"target: {t['subject']}: {t['target']}: {t['value']:.3g} "

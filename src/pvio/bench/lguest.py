@@ -48,7 +48,8 @@ from typing import Any
 
 import click
 
-from pvio.bench.suite import Benchmark, Context, Figure, compare
+from pvio.bench.harness.benchmark import Benchmark, Context
+from pvio.bench.harness.figures import Figure, compare
 from pvio.export.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU
 from pvio.lguest.storage import FileStorage

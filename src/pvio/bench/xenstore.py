@@ -37,7 +37,8 @@ from pathlib import Path
 
 import click
 
-from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, compare
 from pvio.xenstore.client import Client
 
 ECHO_SERVER = """
