@@ -338,3 +338,11 @@ def test_a_forked_child_never_runs_the_rest_of_the_suite(tmp_path: Path) -> None
         registry.unregister("fake-fork")
     assert result.status == "ok", result.reason
     assert result.figures[0].stats.median == 1
+
+
+def test_a_relative_out_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("--quick", "--only", "fake", "--out", "rel")
+    assert result.exit_code == 0, result.output
+    assert f"results: {tmp_path / 'rel' / 'results.json'}" in result.output
+    assert _read(tmp_path / "rel" / "results.json")["benchmarks"][0]["status"] == "ok"

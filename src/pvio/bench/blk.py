@@ -405,7 +405,7 @@ SUITE = Benchmark(
     name="blk",
     title="A guest disk through pvio up (map, copy) vs qemu-nbd vs the file (io_uring), fio",
     run=_suite,
-    quick={"runs": 2, "runtime": 1.0, "size": "64m", "workloads": list(QUICK_WORKLOADS)},
+    quick={"runs": 1, "runtime": 0.5, "size": "32m", "workloads": list(QUICK_WORKLOADS)},
     full={"runs": 3, "runtime": 2.0, "size": "256m",
           "workloads": [w.name for w in fio.STANDARD_JOBS]},
     tools=("fio", "qemu-nbd"),
@@ -414,7 +414,7 @@ SUITE = Benchmark(
 
 @click.command("blk")
 @click.option("--quick", is_flag=True,
-              help="The reduced set (the two target workloads, 2 runs of 1 s).")
+              help="The reduced set (the two target workloads, one run of 0.5 s each).")
 @click.option("--runs", type=int, default=None, help="Runs of each workload per subject.")
 @click.option("--runtime", type=float, default=None, help="Seconds per fio run.")
 @click.option("--size", default=None, help="Image size (fio --size), e.g. 64m.")
@@ -450,7 +450,8 @@ def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
     argv = ["pvio", "bench", "blk", *sys.argv[sys.argv.index("blk") + 1:]] \
         if "blk" in sys.argv else ["pvio", "bench", "blk"]
     try:
-        result = report.run(["blk"], mode, out or report.default_out_dir(), False, argv)
+        out = out.resolve() if out is not None else report.default_out_dir()
+        result = report.run(["blk"], mode, out, False, argv)
     finally:
         registry.unregister("blk")
     blk_result = result.results[0]

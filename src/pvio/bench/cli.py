@@ -47,7 +47,7 @@ def bench(ctx: click.Context, quick: bool, only: str | None, out: Path | None,
         names = report.resolve_names(only)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--only") from None
-    out = out or report.default_out_dir()
+    out = out.resolve() if out is not None else report.default_out_dir()
     argv = ["pvio", "bench", *(["--quick"] if quick else []),
             *(["--only", only] if only else []), "--out", str(out),
             *(["--profile"] if profile else [])]

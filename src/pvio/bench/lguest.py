@@ -392,7 +392,7 @@ def _make_suite() -> Benchmark:
         name="lguest",
         title="lguest guests as processes and in process: LAN (iperf3, ping) vs veth; disk vs pread",
         run=_suite,
-        quick={"runs": 2, "seconds": 1.0},
+        quick={"runs": 1, "seconds": 1.0},
         full={"runs": 3, "seconds": 3.0},
         tools=("iperf3", "ping", "ip"),
         needs_root=True,

@@ -52,7 +52,7 @@ SUITE = Benchmark(
     name="nbd",
     title="pvio's NBD export vs qemu-nbd vs fio on the file (io_uring), fio's nbd engine",
     run=_suite,
-    quick={"runs": 2, "runtime": 1.0, "size": "64m", "workloads": list(QUICK_WORKLOADS)},
+    quick={"runs": 1, "runtime": 0.5, "size": "32m", "workloads": list(QUICK_WORKLOADS)},
     full={"runs": 3, "runtime": 4.0, "size": "256m",
           "workloads": [w.name for w in fio.STANDARD_JOBS]},
     tools=("fio", "qemu-nbd"),

@@ -63,8 +63,10 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def default_out_dir(now: datetime | None = None) -> Path:
+    """./bench-results/<timestamp>, made absolute here: the benchmarks hand paths under it
+    to processes that may run elsewhere (pvio up's domains, qemu-nbd)."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path("bench-results") / stamp
+    return Path.cwd() / "bench-results" / stamp
 
 
 class PlainObserver(Observer):

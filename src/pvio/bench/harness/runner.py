@@ -196,7 +196,7 @@ def run_benchmark(name: str, mode: Mode, workdir: Path, observer: Observer,
     limit = float(bench.params(mode).get("timeout_s", TIMEOUT_S[mode]))
     before, suite_pid = children(), os.getpid()
     with tempfile.TemporaryDirectory(prefix=f"pvio-bench-{bench.name}-", dir=workdir) as tmp:
-        ctx = Context(Path(tmp), lambda message: observer.step(bench.name, message))
+        ctx = Context(Path(tmp).resolve(), lambda message: observer.step(bench.name, message))
         try:
             def thunk() -> list[Figure]:
                 with time_limit(limit):
