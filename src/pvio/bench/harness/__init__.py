@@ -37,11 +37,10 @@ How to add a benchmark
    ``ctx.progress("...")``, put temporary files in ``ctx.workdir`` (absolute; UNIX
    sockets, limited to 107 bytes, go in a short directory of their own under /tmp) and
    anything that is not a figure but worth keeping (per-request counters, settings) in
-   ``ctx.extra``.  ``requires`` (a function returning the reason it cannot run, or None)
-   covers other prerequisites; a ``"timeout_s"`` entry in the parameters overrides the
-   time limit (`runner.TIMEOUT_S`: 150 s quick, 900 s full), past which the benchmark
-   fails with BenchmarkTimeout.  Processes the benchmark leaves running are stopped
-   afterwards and listed in its ``extra`` as a defect to fix.
+   ``ctx.extra``.  A ``"timeout_s"`` entry in the parameters overrides the time limit
+   (`runner.TIMEOUT_S`: 150 s quick, 900 s full), past which the benchmark fails with
+   BenchmarkTimeout.  Processes the benchmark leaves running are stopped afterwards and
+   listed in its ``extra`` as a defect to fix.
 3. The quick parameter set is a smoke run: the whole ``pvio bench --quick`` stays under
    about a minute on two cores (a test runs it), so budget a few seconds per layer and
    about 15 for the block layers, which start servers and run fio.  The full set should

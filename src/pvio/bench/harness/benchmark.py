@@ -4,7 +4,7 @@ and the `Result` it leaves.
 A layer's module defines ``SUITE = Benchmark(...)``: a name, a title, a ``quick`` and a
 ``full`` parameter set, and a run function that takes one of those parameter sets and a
 `Context` and returns `Figure`\\ s.  `Benchmark.missing` says why it cannot run on this
-machine (a tool absent, not root, another prerequisite): the runner then records it as
+machine (a tool absent, or root needed and not had): the runner then records it as
 *skipped* with that reason.
 """
 
@@ -62,16 +62,12 @@ class Benchmark:
     full: Params
     tools: tuple[str, ...] = ()  # external programs it runs; a missing one skips it
     needs_root: bool = False
-    requires: Callable[[], str | None] = lambda: None  # other prerequisite: reason or None
 
     def params(self, mode: Mode) -> Params:
         return self.quick if mode == "quick" else self.full
 
     def missing(self) -> str | None:
         """Why this benchmark cannot run here, or None."""
-        reason = self.requires()
-        if reason is not None:
-            return reason
         for tool in self.tools:
             if find_tool(tool) is None:
                 return f"{tool} is not installed (tools/install.sh installs it)"
