@@ -1,22 +1,22 @@
-"""`pvio bench blk`: blkback's counters turned into per-request figures, the targets, and
-a reduced run through real `pvio up` instances, qemu-nbd and fio whose JSON is checked.
-Figures are never asserted; the counters' arithmetic and the document's shape are."""
+"""`pvio bench blk`: blkback's and blkfront's counters turned into per-request figures,
+and the targets.  Figures are never asserted; the counters' arithmetic is.  The layer's
+run through real `pvio up` instances, qemu-nbd and fio is checked by tests/bench/test_quick.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from pvio.bench import blk, block, suite
+from pvio.bench import blk
 from pvio.bench.blk import CounterLog, Counters, PvioUp
-from pvio.bench.suite import Baseline, Figure, Stats
+from pvio.bench.harness import fio
+from pvio.bench.harness.benchmark import Context, Params
+from pvio.bench.harness.figures import Baseline, Figure, Stats
 from pvio.cli.main import cli
 
 #: A driver domain's ``statistics`` entry as BlkbackStats.as_keys() writes it.
@@ -78,7 +78,7 @@ def test_counter_log_takes_each_runs_difference() -> None:
 def test_targets_are_evaluated_not_asserted() -> None:
     def fig(name: str, unit: str, ours: float, qemu: float) -> Figure:
         return Figure(name, unit, Stats.of([ours]), "pvio map",
-                      baselines=(Baseline(block.QEMU_NBD, Stats.of([qemu]), ours / qemu),))
+                      baselines=(Baseline(fio.QEMU_NBD, Stats.of([qemu]), ours / qemu),))
 
     figures = [fig("4k-randread-qd32", "IOPS", 9000, 10000),
                fig("1m-read-qd8", "MiB/s", 2200, 2000),
@@ -107,40 +107,6 @@ def test_usage_errors() -> None:
     assert result.exit_code == 0 and "qemu-nbd" in result.output
 
 
-def test_reduced_run_writes_valid_json(tmp_path: Path) -> None:
-    reason = blk.SUITE.missing()
-    if reason is not None:
-        pytest.skip(reason)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pvio", "bench", "blk", "--quick", "--runs", "1",
-         "--runtime", "0.5", "--size", "16m", "--workloads", "4k-randread-qd32",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=150, cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "160"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    document = json.loads((out / "results.json").read_text())
-    assert suite.validate(document) == []
-    (result,) = document["benchmarks"]
-    assert result["name"] == "blk" and result["status"] == "ok", result["reason"]
-    by_unit: dict[str, set[str]] = {}
-    for f in result["figures"]:
-        by_unit.setdefault(f["unit"], set()).add(f["subject"])
-        if f["unit"] in ("IOPS", "MiB/s"):
-            assert f["name"] == "4k-randread-qd32" and f["runs"] == 1
-            assert {b["subject"] for b in f["baselines"]} == {block.QEMU_NBD, block.DIRECT}
-    assert by_unit["IOPS"] == by_unit["MiB/s"] == set(blk.TRANSPORTS)
-    assert by_unit["notifications/request"] == set(blk.TRANSPORTS)
-    for subject in blk.TRANSPORTS:
-        counters = result["extra"]["counters"][subject]["4k-randread-qd32"]
-        assert counters["requests"] > 0 and counters["requests_per_batch"] >= 1
-    assert "stopped_leftover_processes" not in result["extra"]  # pvio up stopped by SIGINT
-    assert "pvio_up_exit" not in result["extra"]  # and exited 0
-    assert [t["subject"] for t in result["extra"]["targets"]] == [*blk.TRANSPORTS] * 2
-    assert "target:" in proc.stdout
-    assert not list(tmp_path.glob("**/*.sock"))
-
-
 def test_frontend_kicks_are_blkfronts_own_count() -> None:
     """With the guest's counters, the frontend's kicks are exact (blkback's wake-ups can
     only under-count them); without, blkback's count is the fallback."""
@@ -154,3 +120,28 @@ def test_frontend_kicks_are_blkfronts_own_count() -> None:
     assert per["notifications_per_request"] == (30 + 50) / 1010 and per["frontend_kicks_exact"] == 1
     only_back = back.per_request()
     assert only_back["notify_from_frontend_per_request"] == 20 / 1010 and only_back["frontend_kicks_exact"] == 0
+
+
+def test_the_subcommand_passes_its_options_and_resolves_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pvio bench blk` runs the layer's SUITE with the user's options, into a relative
+    --out made absolute; the measurement itself is faked (tests/bench/test_quick.py runs it)."""
+    seen: list[tuple[dict[str, object], Path]] = []
+
+    def fake(params: Params, ctx: Context) -> list[Figure]:
+        seen.append((dict(params), ctx.workdir))
+        ctx.extra["targets"] = [{"target": "t", "subject": "pvio map", "value": 2.0,
+                                 "met": True}]
+        return [Figure("4k-randread-qd32", "IOPS", Stats.of([1.0]), "pvio map")]
+
+    monkeypatch.setattr(blk, "SUITE", dataclasses.replace(blk.SUITE, run=fake, tools=()))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["bench", "blk", "--quick", "--runs", "1", "--transport",
+                                      "map", "--workloads", "1m-read-qd8", "--out", "rel"])
+    assert result.exit_code == 0, result.output
+    ((params, workdir),) = seen
+    assert params == {**blk.SUITE.quick, "runs": 1, "workloads": ["1m-read-qd8"],
+                      "subjects": ["pvio map"]}
+    assert workdir.is_absolute() and workdir.parent == tmp_path / "rel"
+    assert "target: pvio map: t: 2 (met)" in result.output
+    assert (tmp_path / "rel" / "results.json").exists()

@@ -1,25 +1,18 @@
-"""The suite's adapters turn each layer's own results into figures.  The layers' modules
-are replaced by fakes returning recorded output, so these run on any build."""
+"""Each layer's SUITE turns the layer's own measurements into figures.  The measuring
+functions are replaced by fakes returning recorded output, so these run anywhere."""
 
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
+import contextlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pvio.bench import block, layers, suite
-from pvio.bench.suite import Context, Figure
-
-
-def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> None:
-    module = types.ModuleType(name)
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    monkeypatch.setitem(sys.modules, name, module)
+from pvio.bench import nbd
+from pvio.bench.harness import fio
+from pvio.bench.harness.benchmark import Context
+from pvio.bench.harness.figures import Figure
+from pvio.bench.harness.registry import load_benchmark
 
 
 def _by_name(figures: list[Figure]) -> dict[str, Figure]:
@@ -41,8 +34,7 @@ def test_hypervisor_suite_keeps_every_runs_samples(monkeypatch: pytest.MonkeyPat
         hv.Measure("compare-and-swap (ctypes + libatomic)", "ns", [809.0, 800.0, 804.0]),
     ]
     monkeypatch.setattr(hv, "measure", lambda quick: measures)
-    assert suite.load_benchmark("hypervisor") is hv.SUITE
-    assert "hypervisor" not in layers.ADAPTERS
+    assert load_benchmark("hypervisor") is hv.SUITE
     figures = _by_name(hv.SUITE.run(hv.SUITE.quick, Context(tmp_path)))
     rtt = figures["hypercall round trip"]
     assert (rtt.unit, rtt.higher_is_better, rtt.stats.samples) == ("µs", False, (80.0, 70.0, 75.0))
@@ -79,44 +71,42 @@ def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     from pvio.bench import xenstore as xs
 
     monkeypatch.setattr(xs, "measure", measure)
-    assert suite.load_benchmark("xenstore") is xs.SUITE
-    assert "xenstore" not in layers.ADAPTERS
+    assert load_benchmark("xenstore") is xs.SUITE
     ctx = Context(tmp_path)
     figures = _by_name(xs.SUITE.run({"runs": 2, "iterations": 50, "idle": 7}, ctx))
-    assert calls == [(tmp_path, 50, 2, 7)]
+    ((short, *args),) = calls
+    assert args == [50, 2, 7] and short != tmp_path  # sockets: not under the output folder
+    assert short.is_absolute() and len(str(short)) < 60 and not short.exists()
     read = figures["read"]
     assert read.stats.samples == (20.0, 22.0) and not read.higher_is_better
     assert read.baselines[0].ratio == pytest.approx(21.0 / 10.5)
     assert figures["read, 7 idle connections"].baselines[0].stats.median == 10.5
-    assert ctx.commands[0][:2] == ["pvio", "xenstored"]
+    assert ctx.commands[0] == ["pvio", "xenstored", "--socket", str(short / "xs.sock")]
 
 
-def test_adapters_skip_while_their_layer_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("pvio.bench.hypervisor", "pvio.bench.xenstore", "pvio.bench.lguest",
-                 "pvio.bench.fio_nbd"):
-        monkeypatch.setitem(sys.modules, name, None)  # import -> ModuleNotFoundError
-    assert layers.NBD.missing() == "pvio.bench.fio_nbd (the NBD export's fio helper) is not built yet"
-
-
-def test_direct_io_uring_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    @dataclass(frozen=True)
-    class FioJob:
-        name: str
-        rw: str
-        bs: str
-        iodepth: int
-        runtime: float = 5.0
-        size: str = "256m"
-
-    def fio_command(uri: str, job: FioJob) -> list[str]:  # as pvio.bench.fio_nbd has it
-        return ["fio", f"--name={job.name}", "--ioengine=nbd", f"--uri={uri}",
-                f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.iodepth}",
-                f"--size={job.size}", f"--runtime={job.runtime}", "--time_based",
-                "--output-format=json"]
-
-    _fake_module(monkeypatch, "pvio.bench.fio_nbd", fio_command=fio_command)
-    argv = block.direct_command(Path("/img"), FioJob("4k-randread-qd32", "randread", "4k", 32))
+def test_direct_io_uring_command() -> None:
+    job = fio.FioJob("4k-randread-qd32", "randread", "4k", 32)
+    argv = fio.direct_command(Path("/img"), job)
     assert argv == ["fio", "--ioengine=io_uring", "--filename=/img", "--name=4k-randread-qd32",
                     "--rw=randread", "--bs=4k", "--iodepth=32", "--size=256m",
-                    "--runtime=5.0", "--time_based", "--output-format=json"]
-    assert {w.name for w in block.WORKLOADS} >= set(block.QUICK_WORKLOADS)
+                    "--output-format=json", "--runtime=5.0", "--time_based",
+                    "--ramp_time=0.5"]
+    assert {w.name for w in fio.STANDARD_JOBS} >= set(nbd.QUICK_WORKLOADS)
+    assert load_benchmark("nbd") is nbd.SUITE
+
+
+def test_the_servers_sockets_live_in_a_short_directory(tmp_path: Path) -> None:
+    """Not under the output folder: a UNIX socket's path must fit in sun_path (107 bytes),
+    and qemu-nbd wants it absolute."""
+    seen: list[Path] = []
+
+    @contextlib.contextmanager
+    def server(image: Path, sock: Path) -> contextlib.Generator[str]:
+        seen.append(sock)
+        assert sock.parent.is_dir()
+        yield "nbd+unix:///?socket=" + str(sock)
+
+    with fio._serving({"s": server}, tmp_path / "disk.img") as uris:
+        assert uris == {"s": "nbd+unix:///?socket=" + str(seen[0])}
+    (sock,) = seen
+    assert sock.is_absolute() and len(str(sock)) < 60 and not sock.parent.exists()

@@ -1,5 +1,6 @@
 """`pvio bench` as a suite: it runs, skips what cannot run, reports failures, and writes a
-results.json that matches its schema and valid PNG plots.  Figures are never asserted."""
+results.json that reads back into the harness's types, and valid PNG plots.  Figures are
+never asserted."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from pvio.bench import suite
-from pvio.bench.cli import BENCHMARKS
-from pvio.bench.profile import summarise_speedscope
-from pvio.bench.suite import Benchmark, Context, Figure, Params, Stats, compare
+from pvio.bench.harness import registry, runner
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, Stats, compare, interleave, ratio
+from pvio.bench.harness.jsondoc import DocumentError
+from pvio.bench.harness.profile import summarise_speedscope
+from pvio.bench.harness.registry import LAYERS, MATRIX, Layer
+from pvio.bench.harness.runner import SuiteReport
 from pvio.cli.main import cli
 
 CHILD_WORK = "import time\nt = time.time()\nwhile time.time() - t < 0.3: sorted(range(500))"
@@ -41,7 +45,7 @@ def _fake_run(params: Params, ctx: Context) -> list[Figure]:
     (ctx.workdir / "scratch").write_text("x")
     ctx.extra["counters"] = {"notifications_per_request": 0.5}
     runs = int(params["runs"])
-    samples = suite.interleave(runs, {"pvio": lambda: 2.0, "echo": lambda: 1.0,
+    samples = interleave(runs, {"pvio": lambda: 2.0, "echo": lambda: 1.0,
                                       "direct": lambda: 4.0})
     return [
         compare("read", "µs", samples, higher_is_better=False),
@@ -73,10 +77,10 @@ HANGING = Benchmark("fake-hanging", "hangs", _hanging_run, quick={"timeout_s": 1
 @pytest.fixture(autouse=True)
 def fakes() -> Iterator[None]:
     for b in (FAKE, SKIPPED, BROKEN, HANGING):
-        suite.register(b)
+        registry.register(b)
     yield
     for b in (FAKE, SKIPPED, BROKEN, HANGING):
-        suite.unregister(b.name)
+        registry.unregister(b.name)
 
 
 def _is_png(path: Path) -> bool:
@@ -98,6 +102,13 @@ def _is_png(path: Path) -> bool:
     return kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and 0 < width < 5000 and 0 < height < 5000
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """results.json, after checking that it reads back into a SuiteReport."""
+    doc: dict[str, Any] = json.loads(path.read_text())
+    SuiteReport.from_json(doc)
+    return doc
+
+
 def _invoke(*args: str) -> Any:
     return CliRunner().invoke(cli, ["bench", *args], catch_exceptions=False)
 
@@ -110,8 +121,7 @@ def test_quick_suite_writes_valid_json_and_plots(tmp_path: Path) -> None:
     assert "fake: measuring the fake" in result.output
     assert "skipped: no-such-tool-pvio-bench is not installed" in result.output
 
-    doc = json.loads((out / "results.json").read_text())
-    assert suite.validate(doc) == []
+    doc = _read(out / "results.json")
     assert doc["mode"] == "quick" and doc["command"][:2] == ["pvio", "bench"]
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["memory_bytes"] > 0
     assert "fio" not in doc["tools"] or doc["tools"]["fio"].startswith("fio")
@@ -151,17 +161,14 @@ def test_quick_suite_writes_valid_json_and_plots(tmp_path: Path) -> None:
 
 
 def suite_params(name: str) -> Params:
-    loaded = suite.load_benchmark(name)
-    assert isinstance(loaded, Benchmark)
-    return loaded.quick
+    return registry.load_benchmark(name).quick
 
 
 def test_a_failing_benchmark_is_reported_and_the_suite_goes_on(tmp_path: Path) -> None:
     result = _invoke("--quick", "--only", "fake-broken,fake", "--out", str(tmp_path))
     assert result.exit_code == 1
     assert "failed: RuntimeError: the fake daemon died" in result.output
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert suite.validate(doc) == []
+    doc = _read(tmp_path / "results.json")
     broken, fake = doc["benchmarks"]
     assert broken["status"] == "failed" and "the fake daemon died" in broken["extra"]["traceback"]
     assert fake["status"] == "ok"
@@ -169,12 +176,12 @@ def test_a_failing_benchmark_is_reported_and_the_suite_goes_on(tmp_path: Path) -
 
 def test_a_hanging_benchmark_times_out_and_its_processes_are_stopped(tmp_path: Path) -> None:
     t0 = time.monotonic()
-    result = suite.run_benchmark("fake-hanging", "quick", tmp_path, suite.Observer())
+    result = runner.run_benchmark("fake-hanging", "quick", tmp_path, runner.Observer())
     assert time.monotonic() - t0 < 20
     assert result.status == "failed" and result.reason == "BenchmarkTimeout: timed out after 1.5 s"
     (leftover,) = result.extra["stopped_leftover_processes"]
     assert "time.sleep(60)" in leftover
-    assert not any("time.sleep(60)" in cmd for cmd in suite.children().values())
+    assert not any("time.sleep(60)" in cmd for cmd in runner.children().values())
 
 
 def test_without_matplotlib_the_json_is_still_written(tmp_path: Path,
@@ -183,29 +190,24 @@ def test_without_matplotlib_the_json_is_still_written(tmp_path: Path,
     result = _invoke("--quick", "--only", "fake", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "pip install 'pvio[bench]'" in result.output
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert suite.validate(doc) == []
+    doc = _read(tmp_path / "results.json")
     assert doc["benchmarks"][0]["plot"] is None
     assert any("matplotlib is not installed" in n for n in doc["notes"])
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_layers_not_built_are_skipped_with_the_reason(tmp_path: Path) -> None:
-    for name in suite.MATRIX:
-        loaded = suite.load_benchmark(name)
-        if isinstance(loaded, str):
-            assert loaded == f"pvio bench {name} is not built yet"
-        elif loaded.requires() is not None:  # an adapter waiting for its layer
-            result = suite.run_benchmark(name, "quick", tmp_path, suite.Observer())
-            assert result.status == "skipped" and result.reason == loaded.requires()
-    blk = suite.load_benchmark("blk")
-    assert isinstance(blk, Benchmark) and blk.name == "blk"
+def test_every_layer_has_its_suite() -> None:
+    for name in MATRIX:
+        loaded = registry.load_benchmark(name)
+        assert isinstance(loaded, Benchmark) and loaded.name == name
 
 
-def test_a_module_without_suite_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(BENCHMARKS, "nosuite", ("pvio.bench.plots:available", "no SUITE here"))
-    reason = suite.load_benchmark("nosuite")
-    assert isinstance(reason, str) and "pvio.bench.plots defines no SUITE" in reason
+def test_a_layer_without_suite_fails_to_load(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LAYERS, "nosuite", Layer("pvio.bench.harness.plots"))
+    result = runner.run_benchmark("nosuite", "quick", tmp_path, runner.Observer())
+    assert result.status == "failed"
+    assert "pvio.bench.harness.plots.SUITE is not a" in result.reason
 
 
 def test_usage_errors() -> None:
@@ -218,8 +220,7 @@ def test_usage_errors() -> None:
 def test_profile_writes_a_profile_per_benchmark(tmp_path: Path) -> None:
     result = _invoke("--quick", "--only", "fake", "--profile", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert suite.validate(doc) == []
+    doc = _read(tmp_path / "results.json")
     files = [Path(p) for p in doc["benchmarks"][0]["profile"]]
     assert files and all(p.exists() for p in files)
     summary = tmp_path / "profile" / "fake.txt"
@@ -259,57 +260,66 @@ def test_stats_ratio_and_interleave() -> None:
     assert (st.median, st.min, st.max, st.runs) == (2.5, 1, 10, 4)
     with pytest.raises(ValueError):
         Stats.of([])
-    assert suite.ratio(1.0, 0.0) is None and suite.ratio(math.inf, 1.0) is None
+    with pytest.raises(ValueError, match="not a finite number"):
+        Stats.of([1.0, math.nan])  # a failed measurement, never a figure
+    assert ratio(1.0, 0.0) is None and ratio(math.inf, 1.0) is None
     order: list[str] = []
-    suite.interleave(2, {"a": lambda: order.append("a") or 1.0,
+    interleave(2, {"a": lambda: order.append("a") or 1.0,
                          "b": lambda: order.append("b") or 1.0})
     assert order == ["a", "b", "a", "b"]
     fig = compare("x", "u", {"base": [1.0], "pvio": [3.0]}, subject="pvio")
     assert fig.subject == "pvio" and fig.baselines[0].ratio == 3.0
 
 
-def _valid_doc() -> dict[str, Any]:
-    report = suite.run_suite(["fake-skipped"], "quick", Path("."), suite.Observer())
-    return report.to_json()
+def _valid_doc(tmp_path: Path) -> dict[str, Any]:
+    report = runner.run_suite(["fake", "fake-skipped"], "quick", tmp_path, runner.Observer())
+    doc: dict[str, Any] = json.loads(json.dumps(report.to_json()))
+    return doc
+
+
+def _median(d: dict[str, Any]) -> None:
+    d["benchmarks"][0]["figures"][0]["median"] = "fast"
 
 
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d.pop("machine"), "missing 'machine'"),
-        (lambda d: d.update(mode="slow"), "'slow' is not one of"),
-        (lambda d: d["machine"].update(cores="two"), "$.machine.cores: expected integer"),
-        (lambda d: d["benchmarks"][0].update(status="maybe"), "is not one of"),
-        (lambda d: d["benchmarks"][0]["figures"].append(
-            {"name": "x", "unit": "u", "subject": "pvio", "higher_is_better": True,
-             "median": math.nan, "min": 1, "max": 1, "runs": 1, "samples": [1],
-             "baselines": [], "note": ""}), "figures[0].median: expected number"),
-        (lambda d: d["tools"].update(fio=3), "$.tools.fio: expected string"),
+        (lambda d: d.pop("machine"), "$: missing 'machine'"),
+        (lambda d: d.update(mode="slow"), "$.mode: expected one of quick, full"),
+        (lambda d: d["machine"].update(cores="two"), "$.machine.cores: expected an integer"),
+        (lambda d: d["benchmarks"][1].update(status="maybe"),
+         "$.benchmarks[1].status: expected one of ok, skipped, failed"),
+        (_median, "$.benchmarks[0].figures[0].median: expected a finite number, got str"),
+        (lambda d: d["benchmarks"][0]["figures"][1]["baselines"][0].pop("ratio"),
+         "$.benchmarks[0].figures[1].baselines[0]: missing 'ratio'"),
+        (lambda d: d["tools"].update(fio=3), "$.tools.fio: expected a string"),
     ],
 )
-def test_validate_finds_what_is_wrong(mutate: Any, expected: str) -> None:
-    doc = _valid_doc()
-    assert suite.validate(doc) == []
+def test_reading_back_names_what_is_wrong(mutate: Any, expected: str, tmp_path: Path) -> None:
+    doc = _valid_doc(tmp_path)
+    back = SuiteReport.from_json(doc)
+    assert [r.to_json() for r in back.results] == doc["benchmarks"]  # the same document
     mutate(doc)
-    problems = suite.validate(doc)
-    assert any(expected in p for p in problems), problems
+    with pytest.raises(DocumentError) as error:
+        SuiteReport.from_json(doc)
+    assert str(error.value).startswith(expected), error.value
 
 
 @pytest.mark.parametrize("width", [80, 150])
 def test_the_table_fits_narrow_and_wide_terminals(width: int, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from pvio.bench import report
+    from pvio.bench.harness import report
 
-    rep = suite.run_suite(["fake", "fake-skipped"], "quick", tmp_path, suite.Observer())
+    rep = runner.run_suite(["fake", "fake-skipped"], "quick", tmp_path, runner.Observer())
     console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     console.print(report.table(rep) if width >= 130 else report.compact_table(rep))
     text = console.export_text()
     console.file.close()
     assert max(len(line) for line in text.splitlines()) <= width
     assert "qemu-nbd" in text and "fake-skipped" in text and "skipped:" in text
-    for ratio in ("2.00", "0.50", "0.55", "0.40"):  # echo, direct; map, copy / qemu-nbd
-        assert ratio in text
+    for shown in ("2.00", "0.50", "0.55", "0.40"):  # echo, direct; map, copy / qemu-nbd
+        assert shown in text
 
 
 def _forking_run(params: Params, ctx: Context) -> list[Figure]:
@@ -321,10 +331,18 @@ def _forking_run(params: Params, ctx: Context) -> list[Figure]:
 
 
 def test_a_forked_child_never_runs_the_rest_of_the_suite(tmp_path: Path) -> None:
-    suite.register(Benchmark("fake-fork", "forks", _forking_run, quick={}, full={}))
+    registry.register(Benchmark("fake-fork", "forks", _forking_run, quick={}, full={}))
     try:
-        result = suite.run_benchmark("fake-fork", "quick", tmp_path, suite.Observer())
+        result = runner.run_benchmark("fake-fork", "quick", tmp_path, runner.Observer())
     finally:
-        suite.unregister("fake-fork")
+        registry.unregister("fake-fork")
     assert result.status == "ok", result.reason
     assert result.figures[0].stats.median == 1
+
+
+def test_a_relative_out_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("--quick", "--only", "fake", "--out", "rel")
+    assert result.exit_code == 0, result.output
+    assert f"results: {tmp_path / 'rel' / 'results.json'}" in result.output
+    assert _read(tmp_path / "rel" / "results.json")["benchmarks"][0]["status"] == "ok"

@@ -24,7 +24,7 @@ def test_registered_and_runs(tmp_path: Path) -> None:
 
 def test_the_suite_takes_lguests_own_suite() -> None:
     from pvio.bench import lguest
-    from pvio.bench.suite import load_benchmark
+    from pvio.bench.harness.registry import load_benchmark
 
     assert load_benchmark("lguest") is lguest.SUITE
     assert lguest.SUITE.needs_root and "iperf3" in lguest.SUITE.tools

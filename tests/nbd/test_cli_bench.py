@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nbd.helpers import ServerThread
-from pvio.bench.fio_nbd import FioJob, _listening, fio_command, parse_fio_json, run_fio
+from pvio.bench.harness.fio import FioJob, fio_command, listening, parse_fio_json, run_fio
 from pvio.storage.backend import BlockBackend
 from pvio.storage.rawfile import RawFile
 
@@ -31,7 +31,7 @@ def test_pvio_nbd_serve_process_and_clean_exit(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 20
-        while not _listening(sock):
+        while not listening(sock):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         out = subprocess.run(

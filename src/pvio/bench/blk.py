@@ -11,25 +11,26 @@ request crosses NBD socket → blkfront → shared ring → blkback → image an
 - ``pvio map``: blkback maps the granted pages and preadv/pwritev straight into them;
 - ``pvio copy``: blkback never maps guest memory; GNTTABOP_copy moves the data;
 
-and `pvio.bench.block.block_matrix` runs every workload (4 KiB random read and write at
+and `pvio.bench.harness.fio.block_matrix` runs every workload (4 KiB random read and write at
 queue depth 1 and 32, 64 KiB and 1 MiB sequential read and write) against both, against
 ``qemu-nbd -f raw`` on the same image (what a user would run instead) and with fio's
 io_uring engine on the file itself (the limit on this machine), interleaved run by run,
 and reports medians with min and max and the ratios pvio / qemu-nbd and pvio / direct.
 
 Per-request counters come from blkback's own statistics (`pvio.blk.backend.BlkbackStats`),
-which the driver domain writes into its status file every second: after each fio run the
-benchmark waits for the next refresh and takes the difference from the previous one, so
-each run's counters are exactly that run's (plus the handful of requests of fio's NBD
-connection set-up).  Reported per subject and workload (``extra.counters``), and, for
-the notifications, as figures:
+which the driver domain writes into its status file every second, and from blkfront's
+(`pvio.blk.frontend.BlkfrontStats`), which the guest writes into its own: after each fio
+run the benchmark waits for the next refresh and takes the difference from the previous
+one, so each run's counters are exactly that run's (plus the handful of requests of
+fio's NBD connection set-up).  Reported per subject and workload (``extra.counters``),
+and, for the notifications, as figures:
 
-- notifications per request: blkback's kicks to the frontend plus the frontend's kicks
-  that woke blkback (``notify_sent + notify_received``), over the blkif requests served
-  (a 1 MiB NBD read is some 24 blkif requests of at most 11 pages).  blkback counts the
-  wake-ups of its event channel, not the frontend's eventfd writes: kicks written while
-  blkback was busy coalesce into one wake-up, so the frontend-to-backend half is a lower
-  bound until blkfront's own counters (`BlkfrontStats.notify_sent`) are published;
+- notifications per request: blkback's kicks to the frontend plus blkfront's kicks to
+  the backend, over the blkif requests served (a 1 MiB NBD read is some 24 blkif
+  requests of at most 11 pages).  blkfront counts every kick it sends; should the
+  guest's status file lack its counters, blkback's wake-ups (``notify_received``) stand
+  in, a lower bound, since kicks written while blkback is busy coalesce into one wake-up
+  (``frontend_kicks_exact`` says which was used);
 - requests per batch: requests taken off the ring per batch;
 - grant hypercalls per request: GNTTABOP map/unmap/copy hypercalls (each one a batch of
   grant operations) per request.
@@ -39,10 +40,8 @@ queue depth 32 at least as many IOPS as qemu-nbd, 1 MiB sequential read bandwidt
 least qemu-nbd's, and at most 0.1 notifications per request at queue depth 32;
 `targets` evaluates them from the figures.
 
-Deliberately not here: no counters from blkfront (the guest's status file does not carry
-them yet; blkback sees the frontend's kicks as ``notify_received``), no O_DIRECT (every
-subject goes through the page cache, so the ratios compare serving costs, not the disk),
-and no warm-up beyond fio's ramp time and the prefill.  Alternatives rejected: reading
+Deliberately not here: no O_DIRECT (every subject goes through the page cache, so the
+ratios compare serving costs, not the disk), and no warm-up beyond fio's ramp time and the prefill.  Alternatives rejected: reading
 the counters from XenStore (``statistics/`` under the backend directory carries the same
 values at the same once-a-second rate, through one more client), and running the two
 transports one after the other (the interleaving is what makes the ratios fair).
@@ -52,11 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,8 +63,10 @@ from typing import Any
 
 import click
 
-from pvio.bench import block
-from pvio.bench.suite import Benchmark, Context, Figure, Params, Stats
+from pvio.bench.harness import fio
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, Stats
+from pvio.testing.up import UpFailed, UpProcess
 
 #: pvio's subjects: label -> `pvio up --transport`.
 TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
@@ -170,65 +168,34 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # -- pvio up as a server -----------------------------------------------------------------------
 
 
-class PvioUp:
+class PvioUp(UpProcess):
     """One `pvio up --transport T` serving `image` as xvda, in its own state directory."""
 
     def __init__(self, image: Path, sock: Path, transport: str, state_dir: Path) -> None:
-        self.image, self.sock, self.transport, self.state_dir = image, sock, transport, state_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.status: dict[str, Any] = {}
+        super().__init__(state_dir, "--disk", f"format=raw, vdev={VDEV}, access=rw, target={image}",
+                         "--nbd-socket", str(sock), "--transport", transport)
+        self.image, self.sock, self.transport = image, sock, transport
         self.driver_status: Path | None = None
         self.guest_status: Path | None = None
 
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "pvio", "up",
-                "--disk", f"format=raw, vdev={VDEV}, access=rw, target={self.image}",
-                "--nbd-socket", str(self.sock), "--transport", self.transport,
-                "--state-dir", str(self.state_dir)]
-
-    def start(self) -> str:
+    def serve(self) -> str:
         """Start it and wait until ready; returns the guest's NBD URI for xvda."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir.parent / f"{self.state_dir.name}.out", "wb")  # noqa: SIM115
-        with log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        status_file = self.state_dir / "pvio-up.json"
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pvio up --transport {self.transport} exited "
-                                   f"{self.proc.returncode}: {self.output()}")
-            status = read_json(status_file)
-            if status is not None and status.get("ready"):
-                self.status = status
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"pvio up was not ready in {READY_TIMEOUT:.0f} s: "
-                                   f"{self.output()}")
-            time.sleep(0.1)
+        try:
+            self.start(READY_TIMEOUT)
+        except UpFailed as e:
+            raise RuntimeError(f"pvio up --transport {self.transport}: {e}") from None
         uri = None
         for dom in self.status.get("domains", []):
             if dom.get("role") == "driver":
-                self.driver_status = self.state_dir / "domains" / f"{dom['name']}.status"
+                self.driver_status = self.paths.status(dom["name"])
             if dom.get("role") == "guest":
-                self.guest_status = self.state_dir / "domains" / f"{dom['name']}.status"
+                self.guest_status = self.paths.status(dom["name"])
             for dev in dom.get("devices", []):
                 if dev.get("type") == "vbd" and dev.get("vdev") == VDEV and dev.get("nbd"):
                     uri = str(dev["nbd"])
         if uri is None:
             raise RuntimeError(f"pvio up's status names no NBD export of {VDEV}: {self.status}")
         return uri
-
-    def output(self) -> str:
-        """The tail of pvio up's output and of its domains' logs (they go with the state
-        directory)."""
-        text = ""
-        for log in [self.state_dir.parent / f"{self.state_dir.name}.out",
-                    *sorted((self.state_dir / "logs").glob("*.log"))]:
-            with contextlib.suppress(OSError):
-                text += f"\n--- {log.name}\n" + log.read_text(errors="replace")[-1200:]
-        return text
 
     def counters(self, newer_than: float = 0.0) -> Counters | None:
         """blkback's counters from the driver domain's status file, once it has been
@@ -262,18 +229,14 @@ class PvioUp:
                     return Counters.from_guest_status(status)
         return None
 
-    def stop(self) -> int | None:
+    def close(self) -> int | None:
         """SIGINT, as a user stops it (orderly XenBus close, flush); kill if it hangs."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        try:
+            return self.stop(STOP_TIMEOUT)
+        except UpFailed:
+            return None
 
 
 class CounterLog:
@@ -326,19 +289,6 @@ class CounterLog:
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-def missing() -> str | None:
-    """Why `pvio bench blk` cannot run on this build, or None."""
-    for module, what in (("pvio.domains.xen_driver", "the driver domain (blkback)"),
-                         ("pvio.domains.xen_guest", "the guest domain (blkfront + NBD export)")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            return f"{module} ({what}) is not built yet"
-    return block.helper_missing()
-
-
 def _suite(params: Params, ctx: Context) -> list[Figure]:
     with contextlib.ExitStack() as stack:
         return _measure(params, ctx, stack)
@@ -352,18 +302,18 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
     # directory of their own, not under the user's --out.
     short = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-blk-")))
 
-    def server_for(subject: str, transport: str) -> block.Server:
+    def server_for(subject: str, transport: str) -> fio.Server:
         @contextlib.contextmanager
         def serve(image: Path, sock: Path) -> Iterator[str]:
             up = PvioUp(image, short / f"{transport}.sock", transport, short / transport)
-            ctx.command(["pvio", *up.argv()[3:]])
+            ctx.command(["pvio", "up", *up.args, "--state-dir", str(up.state_dir)])
             ctx.progress(f"starting pvio up --transport {transport}")
             try:
-                uri = up.start()
+                uri = up.serve()
                 log.serving(subject, up)
                 yield uri
             finally:
-                code = up.stop()
+                code = up.close()
                 if code not in (0, None):
                     ctx.extra.setdefault("pvio_up_exit", {})[subject] = code
 
@@ -371,7 +321,7 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
 
     servers = {subject: server_for(subject, t) for subject, t in TRANSPORTS.items()
                if subject in params.get("subjects", TRANSPORTS)}
-    figures = block.block_matrix(ctx, servers, workloads=params["workloads"],
+    figures = fio.block_matrix(ctx, servers, workloads=params["workloads"],
                                  runs=int(params["runs"]), runtime=float(params["runtime"]),
                                  size=str(params["size"]), after_run=log.after_run)
     figures += log.figures()
@@ -398,7 +348,7 @@ def targets(figures: Sequence[Figure]) -> list[dict[str, Any]]:
             if f.name != name or f.unit != unit:
                 continue
             for b in f.baselines:
-                if b.subject == block.QEMU_NBD and b.ratio is not None:
+                if b.subject == fio.QEMU_NBD and b.ratio is not None:
                     out.append({"target": f"{what} ratio vs qemu-nbd >= 1.0",
                                 "subject": f.subject, "value": b.ratio, "met": b.ratio >= 1.0})
 
@@ -419,22 +369,21 @@ SUITE = Benchmark(
     name="blk",
     title="A guest disk through pvio up (map, copy) vs qemu-nbd vs the file (io_uring), fio",
     run=_suite,
-    quick={"runs": 2, "runtime": 1.0, "size": "64m", "workloads": list(QUICK_WORKLOADS)},
+    quick={"runs": 1, "runtime": 0.5, "size": "32m", "workloads": list(QUICK_WORKLOADS)},
     full={"runs": 3, "runtime": 2.0, "size": "256m",
-          "workloads": [w.name for w in block.WORKLOADS]},
+          "workloads": [w.name for w in fio.STANDARD_JOBS]},
     tools=("fio", "qemu-nbd"),
-    requires=missing,
 )
 
 
 @click.command("blk")
 @click.option("--quick", is_flag=True,
-              help="The reduced set (the two target workloads, 2 runs of 1 s).")
+              help="The reduced set (the two target workloads, one run of 0.5 s each).")
 @click.option("--runs", type=int, default=None, help="Runs of each workload per subject.")
 @click.option("--runtime", type=float, default=None, help="Seconds per fio run.")
 @click.option("--size", default=None, help="Image size (fio --size), e.g. 64m.")
 @click.option("--workloads", default=None, metavar="NAMES",
-              help="Comma-separated, of " + ",".join(w.name for w in block.WORKLOADS) + ".")
+              help="Comma-separated, of " + ",".join(w.name for w in fio.STANDARD_JOBS) + ".")
 @click.option("--transport", "transports", multiple=True, type=click.Choice(["map", "copy"]),
               help="Only these pvio transports (repeatable; default both).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -442,16 +391,17 @@ SUITE = Benchmark(
 def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
         workloads: str | None, transports: tuple[str, ...], out: Path | None) -> None:
     """fio through `pvio up`'s NBD export (map, copy) vs qemu-nbd vs io_uring on the file."""
-    from pvio.bench import report, suite
+    from pvio.bench.harness import registry, report
+    from pvio.bench.harness.benchmark import Mode
 
-    mode: suite.Mode = "quick" if quick else "full"
+    mode: Mode = "quick" if quick else "full"
     params = dict(SUITE.params(mode))
     for key, value in (("runs", runs), ("runtime", runtime), ("size", size)):
         if value is not None:
             params[key] = value
     if workloads:
         names = [w.strip() for w in workloads.split(",") if w.strip()]
-        known = {w.name for w in block.WORKLOADS}
+        known = {w.name for w in fio.STANDARD_JOBS}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise click.BadParameter(f"unknown {unknown}; known: {sorted(known)}",
@@ -460,13 +410,14 @@ def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
     if transports:
         params["subjects"] = [s for s, t in TRANSPORTS.items() if t in transports]
     variant = dataclasses.replace(SUITE, quick=params, full=params)
-    suite.register(variant)
+    registry.register(variant)
     argv = ["pvio", "bench", "blk", *sys.argv[sys.argv.index("blk") + 1:]] \
         if "blk" in sys.argv else ["pvio", "bench", "blk"]
     try:
-        result = report.run(["blk"], mode, out or report.default_out_dir(), False, argv)
+        out = out.resolve() if out is not None else report.default_out_dir()
+        result = report.run(["blk"], mode, out, False, argv)
     finally:
-        suite.unregister("blk")
+        registry.unregister("blk")
     blk_result = result.results[0]
     for t in blk_result.extra.get("targets", []):
         click.echo(f"target: {t['subject']}: {t['target']}: {t['value']:.3g} "

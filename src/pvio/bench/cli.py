@@ -6,22 +6,20 @@ from pathlib import Path
 
 import click
 
-from pvio.bench.suite import MATRIX
+from pvio.bench.harness.registry import LAYERS, MATRIX
 from pvio.cli.lazy import LazyGroup
 
-#: name -> ("module:command", one-line help).  Each layer adds its line here.
+#: name -> ("module:command", one-line help): the layers that have a subcommand, named as
+#: the layer (the registry's table is the one list of layers).
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "ring": ("pvio.bench.ring:ring", "Round trips/s through an io/ring.h front/back pair."),
-    "lguest": ("pvio.bench.lguest:lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
-    "hypervisor": ("pvio.bench.hypervisor:hypervisor", "Hypercalls, batched grant maps, copies, event latency."),
-    "xenstore": ("pvio.bench.xenstore:xenstore", "XenStore latency vs a UNIX-socket echo."),
-    "blk": ("pvio.bench.blk:blk", "fio through pvio up (map, copy) vs qemu-nbd vs io_uring."),
+    name: (f"{layer.module}:{name}", layer.help) for name, layer in LAYERS.items() if layer.help
 }
 
 
 @click.group(cls=LazyGroup, lazy=BENCHMARKS, invoke_without_command=True)
 @click.option("--quick", is_flag=True,
-              help="The reduced matrix (under 2 minutes on 2 cores) instead of the full one.")
+              help="A smoke run of every layer (about a minute on 2 cores) instead of the "
+                   "full matrix.")
 @click.option("--only", metavar="NAMES",
               help=f"Comma-separated benchmarks to run, of {','.join(MATRIX)}; default: all.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -43,13 +41,13 @@ def bench(ctx: click.Context, quick: bool, only: str | None, out: Path | None,
             raise click.UsageError("--quick, --only, --out and --profile are for the whole "
                                    "suite (`pvio bench`); give a subcommand its own options")
         return
-    from pvio.bench import report
+    from pvio.bench.harness import report
 
     try:
         names = report.resolve_names(only)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--only") from None
-    out = out or report.default_out_dir()
+    out = out.resolve() if out is not None else report.default_out_dir()
     argv = ["pvio", "bench", *(["--quick"] if quick else []),
             *(["--only", only] if only else []), "--out", str(out),
             *(["--profile"] if profile else [])]

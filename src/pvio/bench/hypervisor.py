@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 import click
 
 from pvio.abi import grant_table as gt
-from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, compare
 from pvio.hypervisor import aio, wire
 from pvio.hypervisor.atomic import AtomicWords
 from pvio.hypervisor.client import CopySeg, Domain

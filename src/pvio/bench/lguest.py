@@ -50,12 +50,13 @@ from typing import Any
 
 import click
 
-from pvio.bench.suite import Benchmark, Context, Figure, compare
+from pvio.bench.harness.benchmark import Benchmark, Context
+from pvio.bench.harness.figures import Figure, compare
 from pvio.domains.netpath import NetPath
 from pvio.domains.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU
-from pvio.testing.lguest_cluster import GuestDef, LguestCluster
 from pvio.testing.lguest_world import Lan, LguestWorld, build_guest, net_path
+from pvio.testing.up import LanGuest, UpProcess, lguest_config
 
 #: The target: at least this share of the veth pair's TCP throughput.
 TARGET_TCP_RATIO = 0.25
@@ -247,10 +248,12 @@ async def _processes(seconds: float, runs: int) -> list[Row]:
         for mtu in (ETH_DATA_LEN, JUMBO_MTU):
             with tempfile.TemporaryDirectory() as tmp:
                 names = [f"p1{tag}", f"p2{tag}"]
-                cluster = LguestCluster(Path(tmp), [GuestDef(names[0], "10.0.0.1/24", disk_size="16M", mtu=mtu),
-                                                    GuestDef(names[1], "10.0.0.2/24", disk_size="16M", mtu=mtu)])
+                config = Path(tmp) / "lan.toml"
+                config.write_text(lguest_config([LanGuest(names[0], "10.0.0.1/24", disk_size="16M", mtu=mtu),
+                                                 LanGuest(names[1], "10.0.0.2/24", disk_size="16M", mtu=mtu)]))
+                up = UpProcess(Path(tmp) / "state", str(config))
                 try:
-                    await loop.run_in_executor(None, cluster.start)
+                    await loop.run_in_executor(None, up.start)
                     ns = [netns_name(n) for n in names]
                     await _ping(ns[0], 2)  # ARP settled before measuring
                     if mtu == JUMBO_MTU:
@@ -258,11 +261,12 @@ async def _processes(seconds: float, runs: int) -> list[Row]:
                         continue
                     pvio["tcp"].append(await _iperf(ns[0], ns[1], seconds))
                     pvio["rtt"].append(await _ping(ns[0], 20))
-                    image = str(Path(tmp) / f"{names[0]}-disk.img")
-                    base["iops"].append(await loop.run_in_executor(None, _pread_iops, image, size, seconds))
-                    pvio["iops"].append(await _nbd_iops(cluster.nbd_uri(names[0]), size, seconds))
+                    blk = up.device(names[0], type="lguest-block")
+                    base["iops"].append(await loop.run_in_executor(None, _pread_iops, blk["target"], size, seconds))
+                    pvio["iops"].append(await _nbd_iops(blk["nbd"], size, seconds))
                 finally:
-                    await loop.run_in_executor(None, cluster.stop)
+                    if up.proc is not None:
+                        await loop.run_in_executor(None, up.stop)
     med = {k: (statistics.median(pvio[k]), statistics.median(base[k])) for k in keys}
     t_p, t_b = med["tcp"][0] / 1e6, med["tcp"][1] / 1e6
     j_p, j_b = med["tcp_jumbo"][0] / 1e6, med["tcp_jumbo"][1] / 1e6
@@ -393,7 +397,7 @@ def _make_suite() -> Benchmark:
         name="lguest",
         title="lguest guests as processes and in process: LAN (iperf3, ping) vs veth; disk vs pread",
         run=_suite,
-        quick={"runs": 2, "seconds": 1.0},
+        quick={"runs": 1, "seconds": 1.0},
         full={"runs": 3, "seconds": 3.0},
         tools=("iperf3", "ping", "ip"),
         needs_root=True,

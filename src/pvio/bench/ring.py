@@ -30,7 +30,8 @@ from typing import Any
 import click
 
 from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF, BlkifABI
-from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, compare
 from pvio.ring import BackRing, FrontRing, SharedRing, sharedmem
 
 FENCE = "full_fence (libatomic atomic_thread_fence)"

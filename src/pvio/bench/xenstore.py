@@ -37,7 +37,8 @@ from pathlib import Path
 
 import click
 
-from pvio.bench.suite import Benchmark, Context, Figure, Params, compare
+from pvio.bench.harness.benchmark import Benchmark, Context, Params
+from pvio.bench.harness.figures import Figure, compare
 from pvio.xenstore.client import Client
 
 ECHO_SERVER = """
@@ -165,9 +166,12 @@ def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[
 def _suite(params: Params, ctx: Context) -> list[Figure]:
     """The suite's figures: every run's median latency, in µs, next to the echo's."""
     runs, iterations, idle = int(params["runs"]), int(params["iterations"]), int(params["idle"])
-    ctx.command(["pvio", "xenstored", "--socket", str(ctx.workdir / "xs.sock")])
     ctx.progress(f"{runs} runs x {iterations} requests, then {idle} idle connections")
-    ns = measure(ctx.workdir, iterations, runs, idle)
+    # The sockets go in a short directory of their own: a UNIX socket's path is limited
+    # to 107 bytes, and ctx.workdir is under the user's output folder.
+    with tempfile.TemporaryDirectory(prefix="pvio-bench-xs-") as tmp:
+        ctx.command(["pvio", "xenstored", "--socket", str(Path(tmp) / "xs.sock")])
+        ns = measure(Path(tmp), iterations, runs, idle)
     us = {k: [v / 1000 for v in values] for k, values in ns.items()}
     echo = "asyncio UNIX-socket echo"
     return [

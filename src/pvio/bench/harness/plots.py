@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pvio.bench.suite import Figure, Result, Stats
+from pvio.bench.harness.benchmark import Result
+from pvio.bench.harness.figures import Figure, Stats
 
 INSTALL_HINT = "pip install 'pvio[bench]' (or: pip install matplotlib)"
 

@@ -43,12 +43,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvio.bench.suite import Figure, find_tool
+from pvio.bench.harness.figures import Figure
+from pvio.bench.harness.machine import find_tool
 
 TOP = 15
 
 #: Frames of the suite's own machinery (always on the stack): left out of "total".
-HARNESS = re.compile(r"/pvio/bench/(suite|profile|report|cli)\.py$|/pvio/cli/|/click/|"
+HARNESS = re.compile(r"/pvio/bench/harness/(runner|profile|report)\.py$|/pvio/bench/cli\.py$|/pvio/cli/|/click/|"
                      r"^<frozen runpy>$|/bin/pvio$")
 RATE = 100  # samples per second
 
