@@ -97,7 +97,7 @@ def test_pvio_up_counters_read_the_driver_status_file(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert up.counters(newer_than=time.time() + 60) is None  # never refreshed: gives up
     assert time.monotonic() - t0 < blk.STATS_TIMEOUT + 1
-    assert "--transport" in up.argv() and "copy" not in up.argv()
+    assert "--transport" in up.args and "copy" not in up.args
 
 
 def test_usage_errors() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pvio.bench.cli import BENCHMARKS, bench
+from pvio.cli.bench import BENCHMARKS, bench
 
 
 def test_registered_and_runs(tmp_path: Path) -> None:

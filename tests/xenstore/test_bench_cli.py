@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pvio.bench.cli import bench
+from pvio.cli.bench import bench
 
 
 def test_bench_xenstore_runs(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pvio.cli.lazy import LazyGroup
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pvio.toolstack.cli:up", "Run guests with paravirtual disks exported over NBD (the main job)."),
     "list": ("pvio.toolstack.cli:list_", "Show the running domains, their devices and NBD URIs."),
-    "bench": ("pvio.bench.cli:bench", "Benchmarks: pvio next to the tools users would pick instead."),
+    "bench": ("pvio.cli.bench:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.nbd.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
