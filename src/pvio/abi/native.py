@@ -3,6 +3,8 @@
 
 - `fallocate(fd, mode, offset, length)`: fallocate(2) with a mode (punch a hole, zero a
   range); Python's `os.posix_fallocate` has no mode.
+- `set_parent_death_signal(sig)`: prctl(PR_SET_PDEATHSIG), so that a child dies with
+  the process that started it, however that one ends;
 - `setns(fd, nstype)`: setns(2) (Python 3.11 has no `os.setns`), to open a TAP inside
   a network namespace from one thread.
 - `libatomic()`: GCC's runtime library (Debian's libatomic1), for a real memory fence
@@ -34,6 +36,8 @@ def libc() -> Any:
     lib.fallocate.restype = ctypes.c_int
     lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.setns.restype = ctypes.c_int
+    lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    lib.prctl.restype = ctypes.c_int
     return lib
 
 
@@ -46,6 +50,15 @@ def _check(ret: int) -> None:
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode; raises OSError."""
     _check(libc().fallocate(fd, mode, offset, length))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to the calling process when
+    the thread that forked it exits.  Safe between fork and exec (no allocation)."""
+    _check(libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0))
 
 
 def setns(fd: int, nstype: int) -> None:

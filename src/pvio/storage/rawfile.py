@@ -47,6 +47,7 @@ from pvio.abi.native import (
     fallocate,
 )
 from pvio.storage.backend import DEFAULT_MAX_BLOCK, BackendInfo, StorageError
+from pvio.storage.lock import lock_image
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
@@ -93,7 +94,8 @@ class RawFile:
     """A raw image file or block device served as a disk (see the module docstring)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, read_only: bool = False, workers: int = 4, nowait: bool = True
+        self, path: str | os.PathLike[str], *, read_only: bool = False, workers: int = 4, nowait: bool = True,
+        lock: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -105,6 +107,12 @@ class RawFile:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
             raise StorageError(errno.EINVAL, f"{self.path} is not a file or block device")
+        if lock:  # as QEMU does: a writer has the image alone (`pvio.storage.lock`)
+            try:
+                lock_image(self.fd, self.path, write=not read_only)
+            except OSError:
+                os.close(self.fd)
+                raise
         self._info = BackendInfo(
             size=_image_size(self.fd, st),
             read_only=read_only,

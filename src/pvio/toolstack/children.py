@@ -1,22 +1,40 @@
 """The processes `pvio up` starts: each a `Child` with its log file, started in its own
 session (a Ctrl-C on the terminal reaches pvio up only), stopped with SIGTERM and, past a
-timeout, SIGKILL."""
+timeout, SIGKILL.
+
+A stack dies with its toolstack: every child is started with PR_SET_PDEATHSIG = SIGKILL,
+so if pvio up itself is killed (SIGKILL, a crash), the kernel kills the hypervisor,
+xenstored, every domain and every qemu-nbd it started.  Nothing acknowledged is lost that
+way: a domain acknowledges a write only once it is in the image (the page cache)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from pvio.abi.native import set_parent_death_signal
+
 
 class UpError(RuntimeError):
     """pvio up cannot go on; the message says why and what to do."""
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def preexec() -> None:  # in the child, between fork and exec
+        set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:  # pvio up died before the line above: follow it now
+            os._exit(1)
+
+    return preexec
 
 
 @dataclass
@@ -41,6 +59,7 @@ class Child:
             stderr=asyncio.subprocess.STDOUT,
             pass_fds=self.pass_fds,
             start_new_session=True,  # a Ctrl-C on the terminal reaches pvio up only
+            preexec_fn=_die_with_parent(os.getpid()),
         )
 
     @property

@@ -19,6 +19,12 @@ from pvio.toolstack.up import Toolstack, run_up
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
 
 
+class BadInput(click.ClickException):
+    """A mistake in what the user gave: one line, exit status 2."""
+
+    exit_code = 2
+
+
 @click.command()
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help=STATE_DIR_HELP)
@@ -68,7 +74,7 @@ def up(
         else:
             config = default_config(root)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
+        raise BadInput(str(e)) from None
     if transport:
         config.transport = transport
     toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0)

@@ -151,6 +151,9 @@ def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map")
     return Config([dom], transport=transport)
 
 
+_PVIO_KEYS = {"transport"}
+#: Domain names pvio uses for its own processes.
+RESERVED_NAMES = frozenset({"driver", "hypervisor", "xenstored"})
 _DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave"}
 _NET_KEYS = {"lan", "address", "mac", "mtu"}
 
@@ -219,6 +222,11 @@ def load(path: Path, state_dir: Path) -> Config:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = raw.get("pvio", {})
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: [pvio] must be a table")
+    unknown = set(settings) - _PVIO_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: [pvio]: unknown keys {sorted(unknown)} (known: {', '.join(sorted(_PVIO_KEYS))})")
     transport = settings.get("transport", "map")
     if transport not in ("map", "copy"):
         raise ConfigError(f"{path}: [pvio] transport must be map or copy, not {transport!r}")
@@ -236,6 +244,9 @@ def load(path: Path, state_dir: Path) -> Config:
                 f"{where}: name {name!r} must be 1-11 lowercase letters, digits or '-' "
                 "(it names a network namespace pvio-<name> and interfaces)"
             )
+        if name in RESERVED_NAMES or name.endswith("-launcher"):
+            raise ConfigError(f"{where}: the name {name!r} is pvio's own (the driver domain, a Launcher): "
+                              "choose another")
         dtype = d.get("type", "xen")
         if dtype not in DOMAIN_TYPES:
             raise ConfigError(f"{where} ({name}): type must be xen or lguest, not {dtype!r}")
@@ -245,12 +256,19 @@ def load(path: Path, state_dir: Path) -> Config:
                 raise ConfigError(f"{where} ({name}): xen domains take `disks` (xl disk specs)")
             if "misbehave" in d:
                 raise ConfigError(f"{where} ({name}): misbehave is for lguest domains")
-            dom.disks = [xen_disk(s, state_dir, j) for j, s in enumerate(d.get("disks", []))]
+            specs = d.get("disks", [])
+            if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                raise ConfigError(f"{where} ({name}): disks must be a list of xl disk specs, "
+                                  "e.g. disks = [\"vdev=xvda, target=a.img\"]")
+            dom.disks = [xen_disk(s, state_dir, j) for j, s in enumerate(specs)]
             _check_disks(dom)
         else:
             if "disks" in d:
                 raise ConfigError(f"{where} ({name}): lguest domains take one `disk` table")
             if "disk" in d:
+                if not isinstance(d["disk"], dict):
+                    raise ConfigError(f"{where} ({name}): disk must be a table, "
+                                      "e.g. disk = { target = \"g1.img\", size = \"64M\" }")
                 disk = dict(d["disk"])
                 target = Path(str(disk.get("target", f"{name}-disk.img")))
                 disk["target"] = str(target if target.is_absolute() else state_dir / target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pvio.domains.lguest_settings import EXPORT_NAME
@@ -111,3 +112,20 @@ def load_up_status(paths: StatePaths) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def stale_processes(status: dict[str, Any]) -> list[int]:
+    """The processes a `pvio-up.json` names (services, domains) that still run pvio or
+    qemu-nbd: what an earlier pvio up left behind if it ended without stopping them."""
+    pids = []
+    for entry in [*status.get("services", []), *status.get("domains", [])]:
+        pid = entry.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pvio" in cmdline or b"qemu-nbd" in cmdline:
+            pids.append(pid)
+    return pids

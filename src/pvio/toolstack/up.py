@@ -49,12 +49,12 @@ from typing import Any, TextIO
 from pvio.abi.xenbus import XenbusState
 from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.toolstack import xslayout
+from pvio.toolstack import preflight, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
-from pvio.toolstack.status import banner, write_up_status
+from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
 
 READY_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 15.0
@@ -101,8 +101,12 @@ class Toolstack:
     # -- start ---------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        self.paths.make()
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.paths.make()
+            fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise UpError(f"cannot use {self.paths.root} as the state directory: {e.strerror} "
+                          "(give a writable --state-dir)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,9 +116,26 @@ class Toolstack:
                 "(stop it, or pass --state-dir DIR)"
             ) from None
         self._lock_fd = fd
+        self._clean_stale_stack()
         for stale in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
+
+    def _clean_stale_stack(self) -> None:
+        """A stack left running by a pvio up that ended without stopping it (we hold the
+        lock, so its pvio up is gone): say so, and stop what it started."""
+        status = load_up_status(self.paths)
+        if status is None:
+            return
+        left = stale_processes(status)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            self.say(f"pvio up: a stack left by an earlier pvio up (pid {status.get('pid')}) was still "
+                     f"running on {self.paths.root}: stopped its {len(left)} processes")
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.up_status.unlink()
 
     async def _start_child(self, child: Child) -> Child:
         await child.start()
@@ -384,9 +405,14 @@ async def run_up(toolstack: Toolstack) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    code = 0
     try:
         toolstack._take_lock()
+    except UpError as e:
+        toolstack.say(f"pvio up: error: {e}")
+        return 1
+    code = 0
+    try:
+        preflight.check(toolstack.config)
         toolstack.plan()
         await toolstack.start_services()
         toolstack.write_up_status(False)
@@ -411,7 +437,6 @@ async def run_up(toolstack: Toolstack) -> int:
         try:
             await toolstack.shutdown()
         finally:
-            toolstack.write_up_status(False) if toolstack.paths.root.exists() else None
             with contextlib.suppress(FileNotFoundError):
                 toolstack.paths.up_status.unlink()
             toolstack.release_lock()
