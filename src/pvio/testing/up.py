@@ -58,7 +58,7 @@ class UpProcess:
             if self.proc.poll() is not None:
                 raise UpFailed(f"pvio up exited {self.proc.returncode}:\n{self.output()}")
             status = read_status(self.paths.up_status)
-            if status and status.get("ready"):
+            if status and status.get("ready") and status.get("pid") == self.proc.pid:  # not an earlier one's
                 self.status = status
                 return self
             time.sleep(0.1)
