@@ -62,6 +62,7 @@ from pvio.abi.blkif import (
     BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
     BlkifABI,
@@ -139,6 +140,9 @@ class BlkFront:
         self.stats = BlkfrontStats()
         self.disk: BackendDisk | None = None
         self.broken: DeviceBroken | None = None
+        #: why no backend serves the disk now (it closed the device, or none came back in
+        #: time): requests fail with EIO at once instead of waiting, until one connects
+        self.unavailable: str | None = None
         self.users = 0
         self.port = -1
         self.ring_refs: list[int] = []
@@ -308,6 +312,21 @@ class BlkFront:
             self._check_broken()
             await self._running.wait()
         self._check_broken()
+        if self.unavailable is not None:
+            raise OSError(errno.EIO, f"blkfront: no backend serves the disk: {self.unavailable}")
+
+    def fail_in_flight(self, reason: str) -> int:
+        """No backend will answer for now: every request in flight fails with EIO, and
+        new ones at once, until a backend connects again (`resume`); returns how many
+        failed.  What was acknowledged stays acknowledged; the device is not broken."""
+        if self.unavailable is None:
+            log.warning("blkfront: failing requests: %s", reason)
+        self.unavailable = reason
+        shadows = self.shadows.in_flight()
+        for shadow in shadows:
+            self._complete(shadow.id, shadow.operation, BLKIF_RSP_ERROR)
+        self._running.set()  # wake the waiters: they fail now
+        return len(shadows)
 
     def _grant_wait(self) -> None:
         self.stats.grant_waits += 1
@@ -447,6 +466,7 @@ class BlkFront:
         """After the backend reconnected: re-issue every request in flight; returns how many."""
         if disk is not None:
             self.disk = disk
+        self.unavailable = None
         front = self._front
         assert front is not None, "setup_ring() first"
         shadows = self.shadows.in_flight()

@@ -16,15 +16,20 @@ the frontend's handshake table for it.
   `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
   re-issue every request still in flight (`BlkFront.resume`).
 - resize (the backend rewrote Connected): the new size is read.
-- disconnect: the queue stops and the ring is given up; the shadows are kept.  When
-  the toolstack removed the device (`online` = 0 on the backend) the disk is closed
-  and its callers fail with EIO instead of waiting.
+- disconnect (the backend closed the device): the queue stops and the ring is given up.
+  When the toolstack removed the device (`online` = 0 on the backend) the disk is
+  closed; otherwise the backend cannot serve it (blkback could not open the image, say,
+  and said so with dev_fatal): the requests in flight fail with EIO, and new ones at
+  once, until a backend connects again.  Either way no caller waits for a backend that
+  said it will not answer.
 
 Recovery: a backend whose domain died leaves its `state` at Connected; the new backend
 probes and writes InitWait.  `BlkfrontEnd` sees (Connected, InitWait) — a pair the
 plain table ignores — suspends the queue and goes back to Initialising, and the table
 does the rest: publish a new ring, the backend connects, finalize re-issues the
-shadows.  An explicit suspend/resume (`BlkfrontEnd.renegotiate`) goes through Closing
+shadows.  If no backend has reconnected RECONNECT_TIMEOUT seconds after the queue was
+suspended, the requests fail with EIO as above (the device stays recoverable).  An
+explicit suspend/resume (`BlkfrontEnd.renegotiate`) goes through Closing
 and Closed with the live backend, then starts over the same way.
 """
 
@@ -43,6 +48,10 @@ from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
+#: How long requests wait for a backend to come back after the old one died (seconds);
+#: pvio up restarts a driver domain in a second or two.
+RECONNECT_TIMEOUT = 30.0
+
 BACKEND_DISK_KEYS = (
     "sectors", "info", "sector-size", "physical-sector-size",
     "feature-flush-cache", "feature-barrier", "feature-discard",
@@ -59,6 +68,7 @@ class BlkfrontDevice:
         self._keys: dict[str, str] | None = None
         self.connected = asyncio.Event()
         self.connections = 0
+        self._backstop: asyncio.TimerHandle | None = None
 
     # The handshake: keys in one transaction, the disk's properties on Connected.
     # blkfront publishes its ring the moment the backend is in InitWait: the ring is set
@@ -93,6 +103,7 @@ class BlkfrontDevice:
             log.warning("blkfront %s: reconnected, %d requests re-issued", dev.nodename, n)
         self.connections += 1
         self.connected.set()
+        self._stop_backstop()
 
     async def resize(self, dev: XenbusDevice) -> None:
         disk = parse_backend_disk(await read_keys(dev.xs, dev.otherend, BACKEND_DISK_KEYS))
@@ -106,13 +117,27 @@ class BlkfrontDevice:
         if online == b"0":  # removed by the toolstack: fail the callers
             await self.front.close(force=True)
         else:
+            we_closed = await dev.read_state() is S.Closing  # a renegotiation of ours
             await self.front.suspend()
+            if not we_closed:
+                self.front.fail_in_flight(f"the backend closed {dev.otherend}")
         self._keys = None
 
     async def suspend(self) -> None:
+        """The backend died (a new one is starting): requests wait for it, at most
+        RECONNECT_TIMEOUT seconds."""
         self.connected.clear()
         await self.front.suspend()
         self._keys = None
+        self._stop_backstop()
+        self._backstop = asyncio.get_running_loop().call_later(
+            RECONNECT_TIMEOUT, self.front.fail_in_flight,
+            f"no backend came back within {RECONNECT_TIMEOUT:.0f} s")
+
+    def _stop_backstop(self) -> None:
+        if self._backstop is not None:
+            self._backstop.cancel()
+            self._backstop = None
 
 
 class BlkfrontEnd(Frontend):
@@ -133,6 +158,13 @@ class BlkfrontEnd(Frontend):
             self.recoveries += 1
             await self.driver.suspend()
             await self.dev.switch_state(S.Initialising)
+        elif mine is S.Closed and other is S.InitWait and self.driver.front.broken is None:
+            # A backend that closed the device (it could not serve it) is back: start
+            # over, as Linux's xenbus_reset_frontend does.  A disk the toolstack removed
+            # is closed for good (broken) and stays so.
+            log.warning("blkfront %s: a backend is back, reconnecting", self.dev.nodename)
+            self.recoveries += 1
+            await self.reconnect()
         await super().kick()
 
     async def renegotiate(self, timeout: float = 30.0) -> None:

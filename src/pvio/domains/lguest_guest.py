@@ -38,7 +38,7 @@ from pvio.domains.lguest_settings import (
     wait_rendezvous,
 )
 from pvio.domains.netpath import NetPath
-from pvio.domains.role import report_status
+from pvio.domains.role import become_domain, report_status
 from pvio.domains.spec import DomainSpec
 from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import BlockDriver
@@ -122,7 +122,6 @@ class Guest:
     # (retried while the Launcher's one buffer is busy).
     # :T
     async def start(self) -> None:
-        from pvio.hypervisor import aio
 
         s = self.s
         loop = asyncio.get_running_loop()
@@ -133,8 +132,7 @@ class Guest:
         # descriptor page.
         top_pfn = int(info["top_pfn"])
         s.guest_nr_pages = top_pfn
-        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, top_pfn,
-                                     domid=self.spec.domid)
+        self.dom = await become_domain(self.spec, top_pfn)
         await self.dom.lguest_region(int(info["dev_pages"]), top_pfn * PAGE_SIZE, int(info["region_id"]))
         if s.lan and info.get("net_pfn"):
             owner = s.lan_members[0][1]

@@ -44,7 +44,7 @@ from pvio.domains.lguest_settings import (
     launcher_file,
 )
 from pvio.domains.netpath import NetPath
-from pvio.domains.role import report_status
+from pvio.domains.role import become_domain, report_status
 from pvio.domains.spec import DomainSpec, write_status
 from pvio.lguest.allocator import Allocator
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockDevice, BlockIO
@@ -122,14 +122,12 @@ class Launcher:
     # guest, and it marks the network device FAILED.
     # :T
     async def start(self) -> None:
-        from pvio.hypervisor import aio
 
         s = self.s
         loop = asyncio.get_running_loop()
         host_peer = bool(s.lan and s.lan_owner and s.lan_host)
         mem_pages = LAUNCHER_PAGES + (NetDriver.memory_pages(s.mtu) if host_peer else 0)
-        self.dom = await aio.connect(self.spec.hypervisor_socket, self.spec.name, mem_pages,
-                                     domid=self.spec.domid)
+        self.dom = await become_domain(self.spec, mem_pages)
         self.port = ThreadedDmaPort(self.dom, loop)
         cons = self.table.add(LGUEST_DEVICE_T_CONSOLE, num_pages=1) if s.console else None
         blk = (self.table.add(LGUEST_DEVICE_T_BLOCK, features=LGUEST_DEVICE_F_RANDOMNESS)

@@ -11,16 +11,38 @@ its Launcher removed) passes `poll`, run every `poll_interval` seconds.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from pvio.domains.spec import DomainSpec, write_status
+from pvio.hypervisor import aio
+from pvio.hypervisor.client import Domain
+from pvio.hypervisor.errors import HypercallError
 from pvio.xenstore.client import AsyncClient
 
 #: Seconds between refreshes of a domain's status file.
 STATUS_INTERVAL = 1.0
+#: How long a restarted domain waits for the hypervisor to finish its previous life
+#: (a dead domain lingers while another domain still maps its pages).
+REBIRTH_TIMEOUT = 15.0
+
+
+async def become_domain(spec: DomainSpec, nr_pages: int | None = None) -> Domain:
+    """Connect to the hypervisor as `spec.domid`.  A domain restarted after it died may
+    find its domid still taken for a moment (EEXIST): it waits, at most REBIRTH_TIMEOUT."""
+    deadline = asyncio.get_running_loop().time() + REBIRTH_TIMEOUT
+    while True:
+        try:
+            return await aio.connect(spec.hypervisor_socket, spec.name,
+                                     spec.nr_pages if nr_pages is None else nr_pages,
+                                     transport=spec.transport, domid=spec.domid)
+        except HypercallError as e:
+            if e.rc != -errno.EEXIST or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def open_xenstore(spec: DomainSpec) -> AsyncClient:

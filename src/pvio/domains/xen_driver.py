@@ -15,16 +15,13 @@ from __future__ import annotations
 import contextlib
 
 from pvio.blk.xenbus_backend import BlkbackService
-from pvio.domains.role import open_xenstore, report_status
+from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DomainSpec
-from pvio.hypervisor import aio
 from pvio.xenstore.client import AsyncClient
 
 
 async def main(spec: DomainSpec) -> None:
-    dom = await aio.connect(
-        spec.hypervisor_socket, spec.name, spec.nr_pages, transport=spec.transport, domid=spec.domid
-    )
+    dom = await become_domain(spec)
     xs: AsyncClient | None = None
     service: BlkbackService | None = None
     try:

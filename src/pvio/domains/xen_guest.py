@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pvio.abi.xenbus import XenbusState as S
 from pvio.blk.frontend import BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
-from pvio.domains.role import open_xenstore, report_status
+from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
-from pvio.hypervisor import aio
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import nbd_uri_for_socket
 from pvio.nbd.server_asyncio import NbdServer
@@ -91,9 +90,7 @@ async def detach_disk(disk: GuestDisk) -> None:
 
 
 async def main(spec: DomainSpec) -> None:
-    dom = await aio.connect(
-        spec.hypervisor_socket, spec.name, spec.nr_pages, transport=spec.transport, domid=spec.domid
-    )
+    dom = await become_domain(spec)
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
     try:

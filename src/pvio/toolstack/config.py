@@ -84,6 +84,8 @@ class DomainConfig:
     lguest_disk: dict[str, Any] | None = None
     lguest_net: LguestNet | None = None
     console: bool = True
+    #: what pvio up does when the domain dies (xl's on_crash): "restart" or "destroy"
+    on_crash: str = "restart"
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,7 +156,9 @@ def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map")
 _PVIO_KEYS = {"transport"}
 #: Domain names pvio uses for its own processes.
 RESERVED_NAMES = frozenset({"driver", "hypervisor", "xenstored"})
-_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave"}
+_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave", "on_crash"}
+#: xl's on_crash actions pvio has: start the domain again, or leave it dead.
+ON_CRASH = ("restart", "destroy")
 _NET_KEYS = {"lan", "address", "mac", "mtu"}
 
 
@@ -250,7 +254,10 @@ def load(path: Path, state_dir: Path) -> Config:
         dtype = d.get("type", "xen")
         if dtype not in DOMAIN_TYPES:
             raise ConfigError(f"{where} ({name}): type must be xen or lguest, not {dtype!r}")
-        dom = DomainConfig(name, dtype, memory=parse_size(d.get("memory", "16M")), raw=d)
+        on_crash = d.get("on_crash", "restart")
+        if on_crash not in ON_CRASH:
+            raise ConfigError(f"{where} ({name}): on_crash must be one of {', '.join(ON_CRASH)}, not {on_crash!r}")
+        dom = DomainConfig(name, dtype, memory=parse_size(d.get("memory", "16M")), on_crash=on_crash, raw=d)
         if dtype == "xen":
             if "disk" in d or "net" in d:
                 raise ConfigError(f"{where} ({name}): xen domains take `disks` (xl disk specs)")

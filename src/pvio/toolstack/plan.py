@@ -32,6 +32,7 @@ class DomainRun:
     child: Child
     status: dict[str, Any] = field(default_factory=dict)
     state: str = "starting"
+    crashes: list[float] = field(default_factory=list)  # when it died (time.monotonic())
 
 
 def _spec(paths: StatePaths, name: str, domid: int, role: str, **kw: Any) -> DomainSpec:

@@ -57,6 +57,9 @@ from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
 
 READY_TIMEOUT = 30.0
+#: A domain that dies more than MAX_CRASHES times in CRASH_WINDOW seconds is left dead.
+MAX_CRASHES = 5
+CRASH_WINDOW = 60.0
 CLOSE_TIMEOUT = 15.0
 XENBUS_CLOSED = str(int(XenbusState.Closed))  # as <device>/state holds it
 
@@ -92,6 +95,7 @@ class Toolstack:
         self.xs: Any = None
         self._lock_fd = -1
         self._stopping = False
+        self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
 
     # -- output --------------------------------------------------------------------
 
@@ -292,22 +296,80 @@ class Toolstack:
                     raise UpError(f"{svc.name} exited (status {svc.proc and svc.proc.returncode}); see {svc.log_path}")
             for run in self.domains:
                 if run.state == "running" and not run.child.running:
-                    code = run.child.proc.returncode if run.child.proc else None
-                    if run.spec.role == "driver":
-                        run.child.restarts += 1
-                        self.say(f"pvio up: driver domain exited (status {code}); restarting it "
-                                 f"(restart #{run.child.restarts}; log {run.child.log_path})")
-                        run.state = "restarting"
-                        self.write_up_status(True)
-                        await self._spawn_domain(run, await self._attach(0))
-                        await self._wait_ready(run)
-                        self.say("pvio up: driver domain is back")
-                    else:
-                        run.state = "crashed"
-                        self.say(f"pvio up: domain {run.spec.name} exited (status {code}); see {run.child.log_path}")
-                    self.write_up_status(True)
+                    await self._crashed(run)
+                if run.spec.role == "driver" and run.state == "running":
+                    self._report_backend_failures(run)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
+
+    async def _crashed(self, run: DomainRun) -> None:
+        """A domain died: restart it (xl's on_crash = "restart", the default: the driver
+        domain always) or leave it dead ("destroy"); a domain that keeps dying is left."""
+        code = run.child.proc.returncode if run.child.proc else None
+        what = "driver domain" if run.spec.role == "driver" else f"domain {run.spec.name}"
+        on_crash = "restart" if run.config is None else run.config.on_crash
+        now = time.monotonic()
+        run.crashes = [t for t in run.crashes if now - t < CRASH_WINDOW] + [now]
+        if on_crash != "restart" or len(run.crashes) > MAX_CRASHES:
+            run.state = "crashed"
+            why = "on_crash = destroy" if on_crash != "restart" else \
+                f"{len(run.crashes)} times in {CRASH_WINDOW:.0f} s, not restarted again"
+            self.say(f"pvio up: {what} exited (status {code}; {why}); see {run.child.log_path}")
+            self.write_up_status(True)
+            return
+        run.child.restarts += 1
+        self.say(f"pvio up: {what} exited (status {code}); restarting it "
+                 f"(restart #{run.child.restarts}; log {run.child.log_path})")
+        run.state = "restarting"
+        self.write_up_status(True)
+        try:
+            if run.spec.role == "guest":
+                await self._renew_guest(run)
+            await self._spawn_domain(run, await self._attach(run.spec.domid))
+            await self._wait_ready(run)
+        except UpError as e:
+            run.state = "crashed"
+            self.say(f"pvio up: {what} did not come back: {e}")
+        else:
+            self.say(f"pvio up: {what} is back")
+        self.write_up_status(True)
+
+    async def _renew_guest(self, run: DomainRun) -> None:
+        """What libxl does between a guest's death and its restart: its backends let go
+        of it (online=0, Closing: blkback unmaps its pages, so the hypervisor can finish
+        the dead domain), its devices and XenStore directory are removed, xenstored
+        forgets it, and then it is introduced and its devices written again."""
+        await self._close_backends([run])
+        ops: list[xslayout.XsOp] = []
+        for d in run.spec.disks:
+            ops += xslayout.vbd_destroy(run.spec.domid, d.devid)
+        if ops:
+            await self._transact(ops)
+        with contextlib.suppress(Exception):
+            await self.xs.release(run.spec.domid)
+        with contextlib.suppress(Exception):
+            await self.xs.rm(f"/local/domain/{run.spec.domid}")
+        await self._make_domain(run)
+
+    def _report_backend_failures(self, run: DomainRun) -> None:
+        """Say once each device the driver domain cannot serve, with the cause (its
+        status file names them: an image that cannot be opened, say)."""
+        failed = (read_status(run.spec.status_file) or {}).get("failed") or {}
+        for path, why in failed.items():
+            if self._backend_failures.get(path) != why:
+                self._backend_failures[path] = why
+                self.say(f"pvio up: {self._device_name(path)} cannot be served: {why}")
+        for path in set(self._backend_failures) - set(failed):
+            del self._backend_failures[path]
+
+    def _device_name(self, backend_path: str) -> str:
+        """'guest1 xvda' for /local/domain/0/backend/vbd/<domid>/<devid>."""
+        parts = backend_path.rstrip("/").split("/")
+        for run in self.domains:
+            for d in run.spec.disks:
+                if parts[-2:] == [str(run.spec.domid), str(d.devid)]:
+                    return f"{run.spec.name} {d.vdev}"
+        return backend_path
 
     # -- stop ----------------------------------------------------------------------
 
@@ -352,10 +414,10 @@ class Toolstack:
             except (TapError, OSError) as e:
                 self.say(f"pvio up: could not remove network namespace {netns_name(name)}: {e}")
 
-    async def _close_backends(self) -> None:
+    async def _close_backends(self, runs: list[DomainRun] | None = None) -> None:
         """libxl's remove: online=0 and Closing for every backend not Closed yet; wait."""
         pending = []
-        for run in self.domains:
+        for run in self.domains if runs is None else runs:
             for d in run.spec.disks:
                 be = xslayout.backend_path(0, run.spec.domid, d.devid)
                 try:
