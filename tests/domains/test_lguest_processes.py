@@ -255,6 +255,20 @@ def test_unplug_takes_each_device_away_and_the_other_guest_carries_on(
         # REMOVED|REMOVED_ACK on all three, once the guest's status is refreshed
         wait_until(lambda: len(_devices(c, "u1")) == 3 and all(v & 0x18 == 0x18 for v in _devices(c, "u1").values()),
                    "u1's devices REMOVED and acknowledged")
+        # pvio list leaves the unplugged devices out (and says so), pvio console refuses
+        def listed() -> dict[str, Any]:
+            out = subprocess.run([sys.executable, "-m", "pvio", "list", "--json", "--state-dir", str(state)],
+                                 capture_output=True, text=True, timeout=30).stdout
+            return next(d for d in json.loads(out)["domains"] if d["name"] == "u1")
+
+        wait_until(lambda: listed()["unplugged"] == ["block", "console", "net"], "pvio list to see the unplug")
+        assert listed()["devices"] == []
+        u2 = subprocess.run([sys.executable, "-m", "pvio", "list", "--json", "--state-dir", str(state)],
+                            capture_output=True, text=True, timeout=30).stdout
+        assert len(next(d for d in json.loads(u2)["domains"] if d["name"] == "u2")["devices"]) == 3
+        r = subprocess.run([sys.executable, "-m", "pvio", "console", "u1", "--state-dir", str(state)],
+                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1 and "unplugged" in r.stderr, r.stdout + r.stderr
         assert c.domain_status("u1-launcher")["stats"]["violations"] == 0
         # u2 keeps its disk and its console
         r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "read -P 0x11 0 64k",

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pvio.domains.spec import DomainSpec
 from pvio.toolstack.cli import list_
-from pvio.toolstack.config import default_config, load
+from pvio.toolstack.config import default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.up import Toolstack
 from pvio.toolstack.xslayout import domain_add
@@ -95,3 +95,21 @@ def test_list_shows_domains(tmp_path: Path) -> None:
     assert vbd["nbd"] == f"nbd+unix:///xvda?socket={tmp_path / 'guest1-xvda.sock'}"
     table = CliRunner().invoke(list_, ["--state-dir", str(tmp_path)])
     assert table.exit_code == 0 and "guest1" in table.output and "xvda rw" in table.output
+
+
+def test_the_banner_writes_only_to_a_writable_disk(tmp_path: Path) -> None:
+    (tmp_path / "ro.img").write_bytes(bytes(1 << 20))
+    config = from_disk_options([f"vdev=xvda, access=ro, target={tmp_path / 'ro.img'}",
+                                f"vdev=xvdb, access=rw, target={tmp_path / 'rw.img'}"], tmp_path)
+    out = io.StringIO()
+    ts = Toolstack(config, StatePaths(tmp_path), out=out)
+    ts.plan()
+    ts.banner()
+    (write,) = [line for line in out.getvalue().splitlines() if "qemu-io" in line]
+    assert "write" in write and "xvdb" in write and "xvda" not in write
+    only_ro = Toolstack(from_disk_options([f"vdev=xvda, access=ro, target={tmp_path / 'ro.img'}"], tmp_path),
+                        StatePaths(tmp_path), out=(out := io.StringIO()))
+    only_ro.plan()
+    only_ro.banner()
+    (read,) = [line for line in out.getvalue().splitlines() if "qemu-io" in line]
+    assert "qemu-io -r" in read and "-c 'write" not in read

@@ -244,12 +244,25 @@ class Launcher:
                                  f"(status {status:#x}); the device stays removed"}
             await asyncio.sleep(0.02)
         served = self.served.get(slot.irq)
+        if kind == "console":  # `pvio console` has nothing to attach to any more
+            self._end_console_clients()
         if served is not None and not served.removed:
             served.removed = True
             with contextlib.suppress(Exception):
                 await self.dom.unbind_dma(slot.addr + self.lport.delta, served.rx_dma)
         assert status & R
         return {"ok": True, "device": kind, "index": slot.index, "status": status}
+
+    def _end_console_clients(self) -> None:
+        """Close the console's socket and its clients (unplug, stop)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self.clients):
+            w.close()
+        with contextlib.suppress(FileNotFoundError):
+            if self.s.console_socket:
+                os.unlink(self.s.console_socket)
 
     async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request per line, JSON: {"unplug": "console" | "block" | "net"}."""
@@ -406,6 +419,12 @@ class Launcher:
         del self._pending_input[:n]
         self._schedule_input(0 if n else 0.005)
 
+    def removed(self) -> list[str]:
+        """The devices unplugged (marked REMOVED), by kind: what `pvio list` leaves out."""
+        from pvio.lguest.bus import R
+
+        return sorted(kind for kind, slot in self.slots.items() if self.table.status(self.lport, slot.index) & R)
+
     def statistics(self) -> dict[str, Any]:
         """Violations, FAILED devices, console output dropped, each device's counters."""
         return {
@@ -413,6 +432,7 @@ class Launcher:
             "failed": sorted([sv.slot.index for sv in self.served.values() if sv.failed]
                              + ([self.net_index] if self.net_failed and self.net_index is not None else [])),
             "console_output_dropped": self.output_dropped,
+            "removed": self.removed(),
             "devices": {str(sv.slot.index): vars(sv.device.stats).copy() for sv in self.served.values()},
             **({"host_peer": {"interface": self.host_path.tap.ifname, "address": self.host_path.tap.address,
                               "net": vars(self.host_path.net.stats).copy()}}
@@ -426,13 +446,7 @@ class Launcher:
         if self.host_path is not None:
             self.host_path.stop()
             self.host_path.tap.close()  # the host's interface goes with it
-        if self._server is not None:
-            self._server.close()
-        for w in list(self.clients):
-            w.close()
-        with contextlib.suppress(FileNotFoundError):
-            if self.s.console_socket:
-                os.unlink(self.s.console_socket)
+        self._end_console_clients()
         for path in (launcher_file(self.s.state_dir, self.s.guest_name), lan_file(self.s.state_dir, self.s.lan)):
             _remove_if_mine(path)
         await asyncio.get_running_loop().run_in_executor(None, self.thread.close)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pvio.domains.lguest_settings import EXPORT_NAME
-from pvio.domains.spec import pid_alive
+from pvio.domains.spec import pid_alive, read_status
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths, default_state_dir
 from pvio.toolstack.status import load_up_status
@@ -93,9 +93,15 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             click.echo(json.dumps({"running": False, "domains": []}))
             return
         raise click.ClickException(f"no pvio up is running with state directory {paths.root}")
+    kinds = {"console": "console", "lguest-block": "block", "lguest-net": "net"}
     for d in status["domains"]:
         if d.get("state") == "running" and not pid_alive(d.get("pid")):
             d["state"] = "dead"
+        if d.get("role") == "lguest-guest":  # what was unplugged since, as its Launcher says
+            launcher = read_status(paths.status(f"{d['name']}-launcher")) or {}
+            gone = set(launcher.get("stats", {}).get("removed", []))
+            d["devices"] = [dev for dev in d["devices"] if kinds.get(dev["type"]) not in gone]
+            d["unplugged"] = sorted(gone)
     if as_json:
         click.echo(json.dumps({"running": True} | status, indent=2))
         return
@@ -118,6 +124,7 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
                 devices.append(f"net {dev['address']} netns {dev['netns']}")
             elif dev["type"] == "console":
                 devices.append("console")
+        devices += [f"({kind} unplugged)" for kind in d.get("unplugged", [])]
         table.add_row(d["name"], str(d["domid"]), str(d["pid"]), d["role"], d["state"], "\n".join(devices))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
     click.echo(f"XENSTORED_PATH={status['xenstored_path']}")

@@ -42,6 +42,8 @@ def console_socket(state_dir: Path, name: str) -> str:
     sock = launcher_socket(state_dir, name, "console_socket")
     if not sock:
         raise click.ClickException(f"guest {name!r} has no console")
+    if not os.path.exists(sock):
+        raise click.ClickException(f"guest {name!r}'s console was unplugged")
     return sock
 
 

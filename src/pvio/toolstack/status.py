@@ -72,11 +72,13 @@ def banner(config: Config, paths: StatePaths, domains: list[DomainRun], say: Cal
     guests = [r for r in domains if r.spec.role in ("guest", "lguest-guest")]
     say(f"pvio up: {len(guests)} guest(s) running; state directory {paths.root}")
     first_uri = None
+    writable_uri = None  # the qemu-io example writes: not on a read-only disk
     for run in guests:
         say(f"  {run.spec.name} (domid {run.spec.domid}, pid {run.child.pid})")
         for d in run.spec.disks:
             uri = nbd_uri_for_socket(d.nbd_socket, d.vdev)
             first_uri = first_uri or uri
+            writable_uri = writable_uri or (None if d.read_only else uri)
             mode = "ro" if d.read_only else "rw"
             say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
             if d.nbd_tcp_port:
@@ -85,7 +87,8 @@ def banner(config: Config, paths: StatePaths, domains: list[DomainRun], say: Cal
             if run.config.lguest_disk:
                 uri = nbd_uri_for_socket(run.spec.extra["nbd_socket"], EXPORT_NAME)
                 first_uri = first_uri or uri
-                say(f"    lgba rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
+                writable_uri = writable_uri or uri
+                say(f"    {EXPORT_NAME} rw {run.config.lguest_disk['target']}\n      NBD: {uri}")
             if run.config.lguest_net:
                 say(f"    net {run.config.lguest_net.address} in netns {netns_name(run.spec.name)}")
             say(f"    console: pvio console {run.spec.name} --state-dir {paths.root}")
@@ -98,9 +101,10 @@ def banner(config: Config, paths: StatePaths, domains: list[DomainRun], say: Cal
     say("Try next, in another terminal:")
     if first_uri:
         say(f"  nbdinfo '{first_uri}'")
-        say(
-            f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{first_uri}'"
-        )
+    if writable_uri:
+        say(f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{writable_uri}'")
+    elif first_uri:
+        say(f"  qemu-io -r -f raw -c 'read 0 1M' '{first_uri}'")
     say(f"  XENSTORED_PATH={paths.xenstored_socket} xenstore-ls -p /local/domain")
     say(f"  pvio list --state-dir {paths.root}")
     say("Stop with Ctrl-C: XenBus close, flush, exit.")
