@@ -185,15 +185,14 @@ class _Conn(asyncio.Protocol):
             self.transport.resume_reading()
             self._serve()
 
-    # T:485 A watcher that stops reading
-    # Watch events are caused by other connections' requests, so no longer reading a
-    # watcher's own requests does not bound them.  Past EVENT_BACKLOG bytes of unsent output a connection's events are
-    # dropped -- dom0's too: in `pvio up` the driver domain is dom0, and a guest that
-    # rewrites its own node under a stalled backend's watch must not grow the daemon.
-    # The writer is served as before.  The connection remembers which watches lost
-    # events; once it has drained, each of them fires once on its own path, as on
-    # registration, and a XenStore client takes any event as "read the tree again".
-    # :T
+    # A watcher that stops reading.  Watch events are caused by other connections'
+    # requests, so no longer reading the watcher's own requests does not bound them.
+    # Past EVENT_BACKLOG bytes of unsent output its events are dropped -- dom0's too: in
+    # `pvio up` the driver domain is dom0, and a guest rewriting its own node under a
+    # stalled backend's watch must not grow the daemon.  The writer is served as before.
+    # The connection remembers which watches lost events; once it has drained, each of
+    # them fires once on its own path, as on registration, and a XenStore client takes
+    # any event as "read it again".
     def drop_event(self, watch: Watch) -> None:
         """`watch`'s event is not sent: we are EVENT_BACKLOG behind."""
         if not self.lost:
