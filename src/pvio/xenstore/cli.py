@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import click
@@ -58,6 +59,7 @@ def xenstored(
     )
 
     raise_nofile()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
     async def main() -> None:
         task = asyncio.current_task()

@@ -20,10 +20,25 @@ the toolstack's half.  The core only ever sees (connection id, domid, bytes), so
 real transport -- the byte rings of a granted page plus an event channel -- can be added
 as another adapter.
 
-Back-pressure.  When a connection's unsent output passes the transport's high-water
-mark, the daemon stops reading its requests until it drains (a client that never reads
-replies cannot make us buffer without bound: XSA-326, XSA-416); watch events for an
-unprivileged connection that is `event_backlog` bytes behind are dropped.
+Back-pressure.  What a connection can make the daemon hold is its unsent output, and
+that is bounded for every connection, dom0's included (in `pvio up` the driver domain is
+dom0: a stalled backend must not be a way for a guest to grow the daemon):
+
+- replies: when a connection's unsent output passes `REPLY_BACKLOG`, the daemon stops
+  reading its requests until it drains (XSA-326, XSA-416), so its replies are never
+  dropped and a client that never reads holds at most that plus one request's output;
+- watch events, which other connections' requests cause: an event for a connection
+  already `EVENT_BACKLOG` bytes behind is dropped and counted, with one log line per
+  episode.  When the connection has drained (the transport's low-water mark), each of its
+  watches that lost events fires once on its own path (`watches.rescan_event`), which
+  every client takes as "read again"; then events flow as before.  The writer is never
+  slowed down by a watcher that does not read.
+
+Rejected: stalling the writer until the watcher reads (oxenstored queues per watch and
+then stops reading the writer; C xenstored keeps a domain's request outstanding until its
+events are read), which lets a stuck dom0 client stop a guest or the toolstack; closing
+the connection (a dom0 toolstack would lose its transactions and watches); dropping
+silently (a backend would miss a frontend's state change and the device would hang).
 
 Durability (`--db FILE`).  The store (tree, permissions, introduced domains) is written
 as one JSON snapshot to ``FILE.tmp``, fsync'ed, renamed over FILE, and the directory
@@ -39,22 +54,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import resource
 import socket
 from pathlib import Path
 from typing import Any, cast
 
-from pvio.abi.xs_wire import XsdSockmsgType
 from pvio.xenstore.domains import XsDomain
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
 from pvio.xenstore.quotas import Quotas
 from pvio.xenstore.server import Close, Output, Send, XenStoreServer
 from pvio.xenstore.store import Store
+from pvio.xenstore.watches import Watch, rescan_event
 
+log = logging.getLogger("pvio.xenstore.daemon")
+
+#: A connection this many bytes behind loses its watch events (until it drains).  About
+#: 10,000 events of typical size (16-byte header, path, token): a client that reads at
+#: all never lags that far in the bursts pvio makes (tens of nodes for a device or a
+#: domain), and it is below C xenstored's 2 MiB memory quota per domain, which holds a
+#: domain's queued events with everything else it owns.
 EVENT_BACKLOG = 1 << 20
-_WATCH_EVENT_TYPE = int(XsdSockmsgType.XS_WATCH_EVENT).to_bytes(4, "little")
+#: Past this much unsent output the daemon stops reading a connection's requests (the
+#: transport's high-water mark; it resumes below a quarter of it).
 REPLY_BACKLOG = 256 << 10
 DB_VERSION = 1
 
@@ -107,6 +131,9 @@ class _Conn(asyncio.Protocol):
         self.conn_id = 0
         self.transport: asyncio.Transport | None = None
         self.paused = False
+        #: Watches whose events were dropped since the connection fell behind (in order).
+        self.lost: dict[Watch, None] = {}
+        self.events_dropped = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
@@ -150,10 +177,45 @@ class _Conn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and self.paused:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._rescan()
+        if self.paused:
             self.paused = False
             self.transport.resume_reading()
             self._serve()
+
+    # A watcher that stops reading.  Watch events are caused by other connections'
+    # requests, so no longer reading the watcher's own requests does not bound them.
+    # Past EVENT_BACKLOG bytes of unsent output its events are dropped -- dom0's too: in
+    # `pvio up` the driver domain is dom0, and a guest rewriting its own node under a
+    # stalled backend's watch must not grow the daemon.  The writer is served as before.
+    # The connection remembers which watches lost events; once it has drained, each of
+    # them fires once on its own path, as on registration, and a XenStore client takes
+    # any event as "read it again".
+    def drop_event(self, watch: Watch) -> None:
+        """`watch`'s event is not sent: we are EVENT_BACKLOG behind."""
+        if not self.lost:
+            log.warning(
+                "connection %d (domain %d) stopped reading: its watch events are "
+                "dropped past %d KiB queued, and each watch that lost some fires once on "
+                "its own path when it catches up", self.conn_id, self.domid,
+                EVENT_BACKLOG >> 10,
+            )
+        self.lost[watch] = None
+        self.events_dropped += 1
+        self.daemon.events_dropped += 1
+
+    def _rescan(self) -> None:
+        """Caught up: one event per watch that lost events, on the watch's own path."""
+        if not self.lost or self.transport is None:
+            return
+        watches = self.daemon.server.watches
+        for w in self.lost:
+            packet = rescan_event(w, self.domid)
+            if packet is not None and watches.registered(w):
+                self.transport.write(packet)
+        self.lost.clear()
 
 
 class XenStoreDaemon:
@@ -178,6 +240,7 @@ class XenStoreDaemon:
         for domid, target in domains:
             self.server.domains[domid] = XsDomain(domid, target=target)
         self.transports: dict[int, _Conn] = {}
+        self.events_dropped = 0
         self._saved_mutations = self.server.mutations
         self._save_handle: asyncio.TimerHandle | None = None
         self._unix: asyncio.base_events.Server | None = None
@@ -241,15 +304,22 @@ class XenStoreDaemon:
                 continue
             if isinstance(out, Send):
                 t = conn.transport
-                if (
-                    conn.domid != 0
-                    and t.get_write_buffer_size() > EVENT_BACKLOG
-                    and out.data[:4] == _WATCH_EVENT_TYPE
+                if out.watch is not None and (
+                    conn.lost or t.get_write_buffer_size() > EVENT_BACKLOG
                 ):
-                    continue  # an unprivileged reader this far behind loses events
+                    conn.drop_event(out.watch)  # a reader this far behind loses events
+                    continue
                 t.write(out.data)
             elif isinstance(out, Close):
                 conn.transport.close()
+
+    def statistics(self) -> dict[str, int]:
+        """Watch events dropped since start for connections that stopped reading, and how
+        many connections are behind now (their events are being dropped)."""
+        return {
+            "events_dropped": self.events_dropped,
+            "connections_behind": sum(1 for c in self.transports.values() if c.lost),
+        }
 
     def flush(self) -> None:
         """Write the snapshot now if the store changed since the last one."""

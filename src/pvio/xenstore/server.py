@@ -47,7 +47,7 @@ from pvio.xenstore.nodes import NodeOps
 from pvio.xenstore.perms import Who
 from pvio.xenstore.quotas import Quotas
 from pvio.xenstore.store import Store, Transaction
-from pvio.xenstore.watches import Change, WatchTable, event
+from pvio.xenstore.watches import Change, Watch, WatchTable, event
 from pvio.xenstore.wire import (
     HEADER_SIZE,
     OK,
@@ -72,10 +72,12 @@ TX_AGNOSTIC = frozenset({T.XS_WATCH, T.XS_UNWATCH, T.XS_RESET_WATCHES})
 
 
 class Send(NamedTuple):
-    """Write `data` to connection `conn_id`."""
+    """Write `data` to connection `conn_id`; `watch` is the watch when `data` is one of
+    its events (an adapter may drop an event, never a reply: see `pvio.xenstore.daemon`)."""
 
     conn_id: int
     data: bytes
+    watch: Watch | None = None
 
 
 class Close(NamedTuple):
@@ -276,8 +278,8 @@ class XenStoreServer:
 
     def _fire(self, change: Change) -> None:
         """Queue the watch events of `change` (they go out before the request's reply)."""
-        for conn_id, packet in self.watches.events(change, self.conns):
-            self._out.append(Send(conn_id, packet))
+        for w, packet in self.watches.events(change, self.conns):
+            self._out.append(Send(w.conn_id, packet, w))
 
     def _fire_special(self, path: str) -> None:
         self._fire(Change(path, True, (self.store.specials[path],)))
@@ -291,10 +293,10 @@ class XenStoreServer:
 
     def _watch(self, conn: Connection, pkt: Packet, tx: Transaction | None) -> bytes:
         path, relative, token, given = self._watch_args(conn, pkt)
-        self.watches.add(conn, path, token, relative)
+        w = self.watches.add(conn, path, token, relative)
         first = event(given, token)  # fires once at once, after the OK
         if first is not None:
-            self._after.append(Send(conn.conn_id, first))
+            self._after.append(Send(conn.conn_id, first, w))
         return OK
 
     def _unwatch(self, conn: Connection, pkt: Packet, tx: Transaction | None) -> bytes:

@@ -20,7 +20,8 @@ changes until it commits, is the server's business.
 
 What this module deliberately does not do: decide when a change happens (the node
 operations do), bound the events a connection that stops reading accumulates (the daemon
-drops them past a backlog, XSA-326), or any I/O.
+drops them past a backlog, XSA-326, and sends `rescan_event` for each watch that lost
+some when the connection catches up), or any I/O.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class WatchTable:
         self.count: Counter[int] = Counter()
         self._by_conn: dict[int, dict[tuple[str, bytes], Watch]] = {}
 
-    def add(self, watcher: Watcher, path: str, token: bytes, relative: bool) -> None:
+    def add(self, watcher: Watcher, path: str, token: bytes, relative: bool) -> Watch:
         """Register a watch (EEXIST for the same path and token again, E2BIG past the
         domain's quota)."""
         mine = self._by_conn.setdefault(watcher.conn_id, {})
@@ -97,6 +98,7 @@ class WatchTable:
         mine[(path, token)] = w
         self.index.setdefault(path, []).append(w)
         self.count[watcher.domid] += 1
+        return w
 
     def remove(self, watcher: Watcher, path: str, token: bytes) -> None:
         w = self._by_conn.get(watcher.conn_id, {}).pop((path, token), None)
@@ -113,6 +115,10 @@ class WatchTable:
         self.count[watcher.domid] -= len(mine)
         if self.count[watcher.domid] <= 0:
             del self.count[watcher.domid]
+
+    def registered(self, w: Watch) -> bool:
+        """Whether `w` is still one of its connection's watches."""
+        return self._by_conn.get(w.conn_id, {}).get((w.path, w.token)) is w
 
     def _unindex(self, w: Watch) -> None:
         lst = self.index.get(w.path)
@@ -132,8 +138,8 @@ class WatchTable:
     # :T
     def events(
         self, change: Change, watchers: Mapping[int, Watcher]
-    ) -> Iterator[tuple[int, bytes]]:
-        """(conn_id, encoded event) for every watch that hears about `change`."""
+    ) -> Iterator[tuple[Watch, bytes]]:
+        """(watch, encoded event) for every watch that hears about `change`."""
         targets = [change.path] if change.exact or change.path.startswith("@") else (
             paths.ancestors(change.path)
         )
@@ -149,4 +155,11 @@ class WatchTable:
                 )
                 packet = event(epath, w.token)
                 if packet is not None:
-                    yield w.conn_id, packet
+                    yield w, packet
+
+
+def rescan_event(w: Watch, domid: int) -> bytes | None:
+    """The event that tells a watcher to look at everything under `w` again: `w` fired on
+    its own path, as on registration.  (It stands for the events a connection that stopped
+    reading lost: every XenStore client must already take an event as "read again".)"""
+    return event(paths.relative_to_home(w.path, domid) if w.relative else w.path, w.token)
