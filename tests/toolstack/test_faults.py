@@ -89,3 +89,31 @@ def test_on_crash_destroy_leaves_a_dead_guest_dead(tmp_path: Path) -> None:
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
+
+
+@pytest.mark.skipif(shutil.which("xenstore-read") is None, reason="needs xenstore-utils")
+def test_xenstored_restarts_from_its_database_and_every_domain_reconnects(tmp_path: Path) -> None:
+    img = tmp_path / "a.img"
+    up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=16M, target={img}").start()
+    try:
+        uri = up.device("guest1", vdev="xvda")["nbd"]
+        assert qemu_io(uri, "write -P 0x21 0 64k").returncode == 0
+        xenstored = next(s for s in up.status["services"] if s["name"] == "xenstored")["pid"]
+        os.kill(xenstored, signal.SIGKILL)
+        wait_for("xenstored back", lambda: "xenstored is back" in up.output())
+        # The rings never needed XenStore: I/O goes on.
+        assert qemu_io(uri, "read -P 0x21 0 64k").returncode == 0
+        # The tree came back from the database, and Xen's own client reads it.
+        env = os.environ | {"XENSTORED_PATH": str(up.paths.xenstored_socket)}
+        state = subprocess.run(["xenstore-read", "/local/domain/1/device/vbd/51712/state"],
+                               capture_output=True, text=True, timeout=10, env=env)
+        assert state.stdout.strip() == "4", state.stdout + state.stderr
+        # Both domains reconnected (their watches too): a driver domain killed now is
+        # restarted, and the guest renegotiates through XenStore and serves again.
+        os.kill(up.domain("driver")["pid"], signal.SIGKILL)
+        wait_for("the driver domain back", lambda: up.output().count("driver domain is back") == 1)
+        wait_for("the disk to serve again",
+                 lambda: qemu_io(uri, "read -P 0x21 0 64k", "write -P 0x22 64k 4k").returncode == 0, 60)
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()

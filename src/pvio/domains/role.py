@@ -47,10 +47,31 @@ async def become_domain(spec: DomainSpec, nr_pages: int | None = None) -> Domain
 
 async def open_xenstore(spec: DomainSpec) -> AsyncClient:
     """The XenStore connection the toolstack handed over (fd `spec.xenstore_fd`, already
-    bound to the domain's domid by xenstored)."""
+    bound to the domain's domid by xenstored).  If xenstored restarts, the client asks
+    the toolstack for a new one over `spec.toolstack_fd` and carries on (its watches
+    registered again, its requests outside a transaction sent again)."""
     sock = socket.socket(fileno=spec.xenstore_fd)
     sock.setblocking(False)
-    return await AsyncClient.open(sock=sock)
+    if spec.toolstack_fd < 0:
+        return await AsyncClient.open(sock=sock)
+    channel = socket.socket(fileno=spec.toolstack_fd)
+
+    async def connector() -> socket.socket:
+        return await asyncio.to_thread(ask_for_xenstore, channel)
+
+    return await AsyncClient.open(sock=sock, reconnect=True, connector=connector)
+
+
+def ask_for_xenstore(channel: socket.socket) -> socket.socket:
+    """A new XenStore connection from the toolstack (blocking: it answers once xenstored
+    serves again)."""
+    channel.send(b"xenstore")
+    msg, fds, _, _ = socket.recv_fds(channel, 256, 1)
+    if not fds:
+        raise ConnectionRefusedError(f"the toolstack gave no XenStore connection: {msg[:200]!r}")
+    sock = socket.socket(fileno=fds[0])
+    sock.setblocking(False)
+    return sock
 
 
 async def report_status(

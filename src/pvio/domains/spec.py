@@ -66,6 +66,9 @@ class DomainSpec:
     state_dir: str
     status_file: str
     transport: str = "map"  # "map" or "copy": how this domain maps others' grants
+    #: inherited channel to the toolstack (SOCK_SEQPACKET): b"xenstore" asks for a new
+    #: XenStore connection, answered with the fd (SCM_RIGHTS) once xenstored serves; -1: none
+    toolstack_fd: int = -1
     nr_pages: int = 4096  # memory, in 4 KiB pages
     disks: list[DiskSpecJSON] = field(default_factory=list)
     #: role-specific settings (lguest: devices, LAN, addresses; driver: limits)

@@ -24,6 +24,7 @@ class StatePaths:
         self.xenstored_control = self.root / "xenstored.sock.control"
         self.up_status = self.root / "pvio-up.json"
         self.lock = self.root / "pvio-up.lock"
+        self.xenstore_db = self.root / "xenstore.db"  # xenstored's durable tree
 
     def make(self) -> None:
         for d in (self.root, self.logs, self.specs):

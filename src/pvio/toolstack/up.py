@@ -96,6 +96,9 @@ class Toolstack:
         self._lock_fd = -1
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
+        self._channels: dict[int, socket.socket] = {}  # domid -> its channel to us
+        self._xenstored_up = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- output --------------------------------------------------------------------
 
@@ -121,7 +124,8 @@ class Toolstack:
             ) from None
         self._lock_fd = fd
         self._clean_stale_stack()
-        for stale in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
+        for stale in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,
+                      self.paths.xenstore_db):  # a new stack starts with a new tree
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
@@ -164,6 +168,8 @@ class Toolstack:
                     str(self.paths.xenstored_socket),
                     "--control",
                     str(self.paths.xenstored_control),
+                    "--db",  # durable: a restarted xenstored has the whole tree back
+                    str(self.paths.xenstore_db),
                 ),
                 self.paths.log("xenstored"),
             )
@@ -172,7 +178,8 @@ class Toolstack:
         await wait_socket(self.paths.xenstored_socket, xs)
         from pvio.xenstore.client import AsyncClient
 
-        self.xs = await AsyncClient.open(str(self.paths.xenstored_socket))
+        self.xs = await AsyncClient.open(str(self.paths.xenstored_socket), reconnect=True)
+        self._xenstored_up.set()
 
     async def _transact(self, ops: list[xslayout.XsOp]) -> None:
         xs = self.xs
@@ -213,17 +220,85 @@ class Toolstack:
 
     async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket) -> None:
         spec = run.spec
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec.xenstore_fd = xs_sock.fileno()
+        spec.toolstack_fd = theirs.fileno()
         self.paths.spec(spec.name).write_text(spec.to_json())
         with contextlib.suppress(FileNotFoundError):
             Path(spec.status_file).unlink()
-        os.set_inheritable(xs_sock.fileno(), True)
+        for s in (xs_sock, theirs):
+            os.set_inheritable(s.fileno(), True)
         child = run.child
-        child.pass_fds = (xs_sock.fileno(),)
-        await child.start()
-        xs_sock.close()  # the domain holds it now
+        child.pass_fds = (xs_sock.fileno(), theirs.fileno())
+        try:
+            await child.start()
+        finally:
+            xs_sock.close()  # the domain holds them now
+            theirs.close()
+        self._serve_channel(spec.domid, ours)
         if child not in self.children:
             self.children.append(child)
+
+    # A domain asks for a new XenStore connection over its channel when xenstored has
+    # restarted: it gets one bound to its domid, once xenstored serves again.
+    def _serve_channel(self, domid: int, channel: socket.socket) -> None:
+        old = self._channels.pop(domid, None)
+        loop = asyncio.get_running_loop()
+        if old is not None:
+            loop.remove_reader(old.fileno())
+            old.close()
+        channel.setblocking(False)
+        self._channels[domid] = channel
+        loop.add_reader(channel.fileno(), self._on_channel, domid, channel)
+
+    def _on_channel(self, domid: int, channel: socket.socket) -> None:
+        try:
+            request = channel.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            request = b""
+        if not request:  # the domain is gone
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            if self._channels.get(domid) is channel:
+                del self._channels[domid]
+            channel.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._hand_over(domid, channel))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hand_over(self, domid: int, channel: socket.socket) -> None:
+        try:
+            await self._xenstored_up.wait()
+            sock = await self._attach(domid)
+        except Exception as e:
+            with contextlib.suppress(OSError):
+                channel.send(f"error: {e}".encode()[:200])
+            return
+        try:
+            socket.send_fds(channel, [b"ok"], [sock.fileno()])
+        except OSError:
+            pass  # the domain went away meanwhile
+        finally:
+            sock.close()
+
+    async def _restart_xenstored(self, child: Child) -> None:
+        """xenstored died: start it again from its database (the whole tree, the domains
+        introduced); each domain's client asks for a new connection and carries on."""
+        self._xenstored_up.clear()
+        child.restarts += 1
+        code = child.proc.returncode if child.proc else None
+        self.say(f"pvio up: xenstored exited (status {code}); restarting it from its database "
+                 f"(restart #{child.restarts}; log {child.log_path})")
+        for path in (self.paths.xenstored_socket, self.paths.xenstored_control):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        await child.stop()  # closes its log
+        await child.start()
+        await wait_socket(self.paths.xenstored_socket, child)
+        self._xenstored_up.set()
+        self.say("pvio up: xenstored is back; the domains reconnect")
 
     def plan(self) -> None:
         """Decide domids and specs for the driver domain and every guest (`plan`)."""
@@ -292,7 +367,9 @@ class Toolstack:
         services = [c for c in self.children if c.name in ("hypervisor", "xenstored")]
         while not stop.is_set():
             for svc in services:
-                if not svc.running:
+                if svc.name == "xenstored" and not svc.running and svc.restarts < MAX_CRASHES:
+                    await self._restart_xenstored(svc)
+                elif not svc.running:
                     raise UpError(f"{svc.name} exited (status {svc.proc and svc.proc.returncode}); see {svc.log_path}")
             for run in self.domains:
                 if run.state == "running" and not run.child.running:
@@ -375,6 +452,11 @@ class Toolstack:
 
     async def shutdown(self) -> None:
         self._stopping = True
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(channel.fileno())
+            channel.close()
+        self._channels.clear()
         guests = [r for r in self.domains if r.spec.role != "driver"]
         drivers = [r for r in self.domains if r.spec.role == "driver"]
         # Guests first: each takes its vbds through Closing -> Closed and ends its grants.
@@ -397,7 +479,8 @@ class Toolstack:
         for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
             await c.stop(5.0)
         await self._remove_namespaces()
-        for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control):
+        for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,
+                     self.paths.xenstore_db):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

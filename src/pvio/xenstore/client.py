@@ -14,8 +14,12 @@ a future per req_id and routes watch events to the `WatchStream` that owns the t
 streams are async iterators.  With `reconnect=True` the async client survives a daemon
 restart: it reconnects with back-off and re-registers every live watch (each fires once
 on registration, as Xen's watches do, so a consumer re-reads state after a reconnect).
-Requests in flight when the connection drops fail with `ConnectionResetError`;
-`transact` retries its whole function on that and on EAGAIN.
+A domain's connection is not opened by path but handed over by the toolstack: it
+reconnects through a `connector` that asks the toolstack for a new one.  Requests in
+flight outside a transaction are sent again once reconnected (each request's effect is
+the same done twice); those in a transaction fail with `ConnectionResetError` (the
+daemon's transaction is gone), and `transact` retries its whole function on that and
+on EAGAIN.
 
 What this deliberately does not do: follow libxenstore's one-request-at-a-time rule
 (the daemon echoes req_id, so pipelining is safe), or hide a watch's immediate event.
@@ -319,6 +323,17 @@ class WatchStream:
         await self.close()
 
 
+#: What gives a reconnecting client a new connection (the toolstack hands domains theirs).
+Connector = Callable[[], Awaitable[socket.socket]]
+
+
+class _Request(NamedTuple):
+    type: int
+    payload: bytes
+    tx: int
+    future: asyncio.Future[Packet]
+
+
 # T:490 The client side
 # pvio's own components use `AsyncClient`: requests are pipelined and matched by req_id,
 # watch events are routed by token to a `WatchStream` (an async iterator), `transact`
@@ -330,15 +345,19 @@ class AsyncClient:
     """asyncio XenStore client with pipelined requests, watch streams and reconnection.
 
     Use `await AsyncClient.open(path)` (dom0) or `await AsyncClient.open(sock=s)` for a
-    domain connection; `reconnect=True` (path only) survives daemon restarts.
+    domain connection; `reconnect=True` survives daemon restarts (by path, or through
+    `connector` for a connection handed over by the toolstack).
     """
 
-    def __init__(self, path: str | None, sock: socket.socket | None, reconnect: bool) -> None:
+    def __init__(self, path: str | None, sock: socket.socket | None, reconnect: bool,
+                 connector: Connector | None = None) -> None:
         self.path = path
         self._sock = sock
-        self.reconnect = reconnect and path is not None
+        self.connector = connector
+        self.reconnect = reconnect and (path is not None or connector is not None)
         self.proto = ClientProtocol()
-        self._pending: dict[int, tuple[int, asyncio.Future[Packet]]] = {}
+        self._pending: dict[int, _Request] = {}
+        self._held: list[_Request] = []  # outside a transaction: sent again on reconnect
         self._streams: dict[str, WatchStream] = {}
         self._tokens = itertools.count(1)
         self._writer: asyncio.StreamWriter | None = None
@@ -350,14 +369,17 @@ class AsyncClient:
 
     @classmethod
     async def open(
-        cls, path: str | None = None, *, sock: socket.socket | None = None, reconnect: bool = False
+        cls, path: str | None = None, *, sock: socket.socket | None = None, reconnect: bool = False,
+        connector: Connector | None = None,
     ) -> AsyncClient:
-        self = cls(path or (None if sock else default_path()), sock, reconnect)
+        self = cls(path or (None if sock or connector else default_path()), sock, reconnect, connector)
         await self._connect()
         self._reader_task = asyncio.create_task(self._read_loop())
         return self
 
     async def _connect(self) -> None:
+        if self._sock is None and self.connector is not None:
+            self._sock = await self.connector()
         if self._sock is not None:
             reader, writer = await asyncio.open_unix_connection(sock=self._sock)
             self._sock = None
@@ -396,8 +418,8 @@ class AsyncClient:
                 stream.queue.put_nowait(item)
             return
         entry = self._pending.pop(item.packet.req_id, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(item.packet)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(item.packet)
 
     def _lost(self) -> None:
         self._connected.clear()
@@ -405,9 +427,13 @@ class AsyncClient:
             self._writer.close()
             self._writer = None
         pending, self._pending = self._pending, {}
-        for _, fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionResetError("xenstored connection lost"))
+        for request in pending.values():
+            if request.future.done():
+                continue
+            if self.reconnect and not self._closed and request.tx == 0:
+                self._held.append(request)
+            else:
+                request.future.set_exception(ConnectionResetError("xenstored connection lost"))
 
     async def _reconnect(self) -> None:
         delay = 0.01
@@ -419,6 +445,10 @@ class AsyncClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self.reconnects += 1
+        held, self._held = self._held, []
+        for request in held:
+            if not request.future.done():
+                self._send(request)
         for stream in list(self._streams.values()):
             # Re-register; the daemon fires each once, telling the consumer to re-read.
             task = asyncio.get_running_loop().create_task(self._rewatch(stream))
@@ -448,12 +478,15 @@ class AsyncClient:
             if not self.reconnect or self._closed:
                 raise ConnectionResetError("not connected to xenstored")
             await self._connected.wait()
-        assert self._writer is not None
-        req_id, data = self.proto.request(type_, payload, tx)
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = (type_, fut)
-        self._writer.write(data)
+        self._send(_Request(type_, payload, tx, fut))
         return reply_payload(await fut, type_)
+
+    def _send(self, request: _Request) -> None:
+        assert self._writer is not None
+        req_id, data = self.proto.request(request.type, request.payload, request.tx)
+        self._pending[req_id] = request
+        self._writer.write(data)
 
     # -- operations ------------------------------------------------------------------
 
