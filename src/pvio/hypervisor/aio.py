@@ -173,6 +173,11 @@ class SocketChannel:
                 else:
                     self._on_push(op)
             return
+        if frame.kind == wire.FRAME_ERROR and frame.seq == 0 and frame.ops:
+            # Not an answer to a request: the hypervisor refused the connection (it
+            # serves as many as it may: -EBUSY), and closes it.
+            self._broken(HypercallError(frame.ops[0].rc, "the hypervisor refused the connection"))
+            return
         fut = self._calls.get(frame.seq)
         if fut is None or fut.done():
             for op in frame.ops:
