@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import resource
 import socket
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pvio.abi.xs_wire import XsdSockmsgType
+from pvio.hypervisor.listener import Acceptor
 from pvio.xenstore.domains import XsDomain
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
@@ -53,6 +55,7 @@ from pvio.xenstore.quotas import Quotas
 from pvio.xenstore.server import Close, Output, Send, XenStoreServer
 from pvio.xenstore.store import Store
 
+_log = logging.getLogger("pvio.xenstore.daemon")
 EVENT_BACKLOG = 1 << 20
 _WATCH_EVENT_TYPE = int(XsdSockmsgType.XS_WATCH_EVENT).to_bytes(4, "little")
 REPLY_BACKLOG = 256 << 10
@@ -182,6 +185,7 @@ class XenStoreDaemon:
         self._save_handle: asyncio.TimerHandle | None = None
         self._unix: asyncio.base_events.Server | None = None
         self._control: socket.socket | None = None
+        self._control_acceptor: Acceptor | None = None
         self._control_conns: set[socket.socket] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -202,16 +206,18 @@ class XenStoreDaemon:
         finally:
             os.umask(old)
         ctl.listen(16)
-        ctl.setblocking(False)
         self._control = ctl
-        loop.add_reader(ctl.fileno(), self._control_accept)
+        # accept() failing for want of descriptors backs off and logs once.
+        self._control_acceptor = Acceptor(ctl, self._control_accepted, _log, "xenstored control socket")
+        self._control_acceptor.start()
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._unix is not None:
             self._unix.close()
+        if self._control_acceptor is not None:
+            self._control_acceptor.stop()
+            self._control_acceptor = None
         if self._control is not None:
-            loop.remove_reader(self._control.fileno())
             self._control.close()
             self._control = None
         for c in list(self._control_conns):
@@ -261,12 +267,7 @@ class XenStoreDaemon:
 
     # -- the control socket: the toolstack attaches domain connections ---------------
 
-    def _control_accept(self) -> None:
-        assert self._control is not None
-        try:
-            sock, _ = self._control.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+    def _control_accepted(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._control_conns.add(sock)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._control_read, sock)
