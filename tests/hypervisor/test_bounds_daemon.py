@@ -18,7 +18,9 @@ import pytest
 
 from pvio.abi import grant_table as gt
 from pvio.hypervisor import aio, wire
+from pvio.hypervisor.accounts import HostLimits
 from pvio.hypervisor.client import Domain
+from pvio.hypervisor.daemon import HypervisorServer
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.wire import Op
 
@@ -168,7 +170,7 @@ def test_memory_past_max_memory_is_refused_with_enomem(tmp_path: Path) -> None:
             try:
                 with pytest.raises(HypercallError) as refused:
                     await aio.connect(hv.path, "b", 9000)
-                assert refused.value.rc == -errno.ENOMEM
+                assert refused.value.rc == -errno.ENOMEM and "--max-memory" in str(refused.value)
             finally:
                 await a.close()
             # Its pages are given back when it goes.
@@ -233,3 +235,24 @@ def test_accept_out_of_descriptors_backs_off_and_logs_once(tmp_path: Path) -> No
         log = hv.log.read_text()
         assert log.count("accept: ") == 1 and "Too many open files" in log, log[:2000]
         assert "accepting again" in log
+
+
+def test_a_connection_past_the_cap_is_answered_ebusy(tmp_path: Path) -> None:
+    async def body() -> None:
+        path = str(tmp_path / "hv.sock")
+        server = HypervisorServer(path, HostLimits(max_connections=2))
+        await server.start()
+        domains = [await aio.connect(path, f"d{i}", 16) for i in range(2)]
+        try:
+            with pytest.raises(HypercallError) as refused:
+                await asyncio.wait_for(aio.connect(path, "third", 16), 5)
+            assert refused.value.rc == -errno.EBUSY
+            await domains.pop().close()
+            await _wait_for(lambda: len(server.hv.domains) == 1, "the domain to go")
+            domains.append(await aio.connect(path, "third", 16))
+        finally:
+            for d in domains:
+                await d.close()
+            await server.stop()
+
+    asyncio.run(body())
