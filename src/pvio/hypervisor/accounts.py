@@ -107,6 +107,15 @@ class HostLimits:
 BOUND_ERRNOS = frozenset({-errno.ENOSPC, -errno.EMFILE, -errno.ENFILE, -errno.ENOMEM})
 
 
+# T:395 What a domain may make the hypervisor hold
+# Every eventfd, memfd and page the hypervisor keeps for a domain is charged here before
+# it is made and given back when it goes.  A guest has xl's 1023 ports (-ENOSPC after,
+# as Xen), a share of the descriptors (-EMFILE), the host a bound on all of them and on
+# its ports (-ENFILE), and memory is promised only as far as the host can hold it
+# (-ENOMEM at create, as Xen refuses a domain it cannot build).  Each refusal is that
+# request's answer: the table for the connections stays whole, so the next domain is
+# always accepted and answered.
+# :T
 class Accounts:
     """The counts, checked and kept by the core (one per `Hypervisor`)."""
 
