@@ -431,15 +431,20 @@ class Hypervisor:
         out = []
         fds = []
         mapped = {(rec.granter.domid, rec.ref): rec for rec in d.maptrack.values()}
-        for i in range(op.count):
-            a = lay.unpack(op.args, i * lay.size)
-            rec = mapped.get((a["domid"], a["ref"]))
-            if rec is None or rec.frame not in rec.granter.shareable:
-                a["status"] = -errno.EINVAL
-            else:
-                a["status"] = 0
-                fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
-            out.append(lay.pack(**a))
+        try:
+            for i in range(op.count):
+                a = lay.unpack(op.args, i * lay.size)
+                rec = mapped.get((a["domid"], a["ref"]))
+                if rec is None or rec.frame not in rec.granter.shareable:
+                    a["status"] = -errno.EINVAL
+                else:
+                    a["status"] = 0
+                    fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
+                out.append(lay.pack(**a))
+        except BaseException:  # out of room for the descriptors: none is sent
+            for fd in fds:
+                self.close_dup(fd)
+            raise
         return Reply(0, b"".join(out), fds)
 
     def _lguest(self, d: DomainRecord, op: Op) -> Reply:
@@ -510,12 +515,17 @@ class Hypervisor:
                 region = found
                 a["nr_pages"] = region.nr_pages
             try:
-                self._attach_region(d, region, a["base"])
-            except HypercallError:
+                fd = self.dup(region.fd)
+                try:
+                    self._attach_region(d, region, a["base"])
+                except BaseException:
+                    self.close_dup(fd)
+                    raise
+            except BaseException:
                 if not region.attached:
                     self._drop_region(region)
                 raise
-            return Reply(0, lay.pack(**a), [self.dup(region.fd)])
+            return Reply(0, lay.pack(**a), [fd])
         return Reply(-errno.ENOSYS, op.args)
 
     def _attach_region(self, d: DomainRecord, region: Region, base: int) -> None:
