@@ -68,6 +68,7 @@ async def run_with(impl: str, body: Callable[..., Awaitable[None]], *args: Any) 
             settled = await _settle(lambda: hv.is_empty())
             if server is not None:
                 await server.stop()
+                assert server.in_flight == 0, f"{server.in_flight} descriptors sent but never closed"
         # The leak check: after every scenario the hypervisor's tables must be empty (no
         # domain, zombie, shared region, queued push, memfd or eventfd), and the test
         # process holds no descriptor it did not hold before.

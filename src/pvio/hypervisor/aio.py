@@ -148,7 +148,7 @@ class SocketChannel:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._broken(ConnectionError(f"hypercall socket: {exc}"))
+            self._broken(self._refusal() or ConnectionError(f"hypercall socket: {exc}"))
             return
         if not data and not fds:
             self._broken(ConnectionError("the hypervisor closed the connection"))
@@ -173,6 +173,11 @@ class SocketChannel:
                 else:
                     self._on_push(op)
             return
+        if frame.kind == wire.FRAME_ERROR and frame.seq == 0 and frame.ops:
+            # Not an answer to a request: the hypervisor refused the connection (it
+            # serves as many as it may: -EBUSY), and closes it.
+            self._broken(HypercallError(frame.ops[0].rc, "the hypervisor refused the connection"))
+            return
         fut = self._calls.get(frame.seq)
         if fut is None or fut.done():
             for op in frame.ops:
@@ -184,6 +189,23 @@ class SocketChannel:
             fut.set_exception(HypercallError(rc, "the hypervisor rejected the frame"))
         else:
             fut.set_result(frame.ops)
+
+    def _refusal(self) -> HypercallError | None:
+        """After a reset: the hypervisor's last frame, if it said why (a connection it
+        refused, closed before it read our request, arrives as ECONNRESET first)."""
+        try:
+            data, fds, _ = self._receiver.recv(self._sock)
+        except OSError:
+            return None
+        for fd in fds:
+            os.close(fd)
+        try:
+            frame = wire.decode_frame(data)
+        except ProtocolError:
+            return None
+        if frame.kind == wire.FRAME_ERROR and frame.seq == 0 and frame.ops:
+            return HypercallError(frame.ops[0].rc, "the hypervisor refused the connection")
+        return None
 
     def _broken(self, exc: Exception) -> None:
         for fut in self._calls.values():

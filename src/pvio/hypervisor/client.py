@@ -38,6 +38,7 @@ built on this API by the packages above `hypervisor`.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 
@@ -298,6 +299,13 @@ class Domain:
         self._memory.close()
 
 
+#: What a refused create means, in the error the caller sees.
+_CREATE_REFUSED = {
+    errno.ENOMEM: "the host has no more memory to promise: see the hypervisor's log and --max-memory",
+    errno.ENFILE: "the hypervisor holds as many domains as its descriptors allow",
+}
+
+
 async def create_domain(
     channel: Channel,
     name: str,
@@ -311,6 +319,7 @@ async def create_domain(
     from pvio.hypervisor.session import createdomain_op
 
     (reply,) = await channel.call([createdomain_op(name, nr_pages, max_grant_frames, transport, domid)])
-    check(reply, "PVIO_DOMCTL_createdomain")
+    why = _CREATE_REFUSED.get(-reply.rc)
+    check(reply, f"PVIO_DOMCTL_createdomain ({why})" if why else "PVIO_DOMCTL_createdomain")
     a = wire.PVIO_CREATEDOMAIN.unpack(reply.args)
     return Domain(channel, a["domid"], name, nr_pages, transport, reply.fds[0], reply.fds[1], max_grant_frames)

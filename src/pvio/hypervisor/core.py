@@ -21,6 +21,11 @@ longer honoured.  If other domains still map its pages, it stays a zombie, memor
 intact, until the last of those mappings is unmapped, as a dying Xen domain waits for
 its pages to be released; nothing of a zombie is ever handed to anyone new.
 
+Everything a domain makes the hypervisor hold is charged to `Accounts` before it is
+made and given back when it goes: its memfds, its ports' eventfds, its shareable frames
+and regions, and the pages of each; a request past a bound fails with that bound's errno
+(see `pvio.hypervisor.accounts`) and nothing else changes.
+
 Domain ids are allocated upward from 1 and not reused until they wrap, so that a stale
 domid in someone's hands does not name a new domain; 0 is given only on request (the
 control/driver domain, the only privileged one).
@@ -41,6 +46,7 @@ from pvio.abi.grant_table import DOMID_FIRST_RESERVED, DOMID_INVALID, DOMID_SELF
 from pvio.abi.layout import Layout
 from pvio.abi.lguest import LHCALL_BIND_DMA, LHCALL_SEND_DMA
 from pvio.hypervisor import wire
+from pvio.hypervisor.accounts import BOUND_ERRNOS, Accounts, HostLimits, RefusalLog
 from pvio.hypervisor.atomic import AtomicWords
 from pvio.hypervisor.domain import (
     DEFAULT_MAX_GRANT_FRAMES,
@@ -84,9 +90,21 @@ class Reply:
 
 
 class Hypervisor:
-    def __init__(self, platform: Platform, dup: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        platform: Platform,
+        dup: Callable[[int], int],
+        *,
+        limits: HostLimits | None = None,
+        close_dup: Callable[[int], None] | None = None,
+    ) -> None:
         self.platform = platform
+        #: Duplicates of our descriptors for a reply or push; the adapter closes them
+        #: once sent, and `close_dup` closes those that cannot be (their domain died).
         self.dup = dup
+        self.close_dup = close_dup if close_dup is not None else platform.close_fd
+        self.accounts = Accounts(limits if limits is not None else HostLimits())
+        self.refusals = RefusalLog(log)
         self.domains: dict[int, DomainRecord] = {}
         self.zombies: dict[int, DomainRecord] = {}
         self.regions: dict[int, Region] = {}
@@ -95,7 +113,7 @@ class Hypervisor:
         #: Called with the domid of each domain torn down (XenStore's @releaseDomain).
         self.release_hooks: list[Callable[[int], None]] = []
         self.grants = GrantTables(self.domains.get)
-        self.evtchn = EventChannels(self.domains.get, platform, dup)
+        self.evtchn = EventChannels(self.domains.get, platform, dup, self.accounts, self.close_dup)
         self.lguest = LguestDma(self.regions)
         self._pushes: list[Push] = []
         self._grant_ops: dict[int, tuple[Layout, Callable[[DomainRecord, dict[str, Any]], Any]]] = {
@@ -138,11 +156,25 @@ class Hypervisor:
             domid = self._alloc_domid()
         elif domid in self.domains or domid in self.zombies or domid >= DOMID_FIRST_RESERVED:
             raise HypercallError(-errno.EEXIST, f"domid {domid} is taken", "domid")
-        mem_fd, memory = self.platform.new_memory(nr_pages, f"pvio-d{domid}-memory")
-        gnt_fd, gnttab = self.platform.new_memory(max_grant_frames, f"pvio-d{domid}-gnttab")
+        try:
+            self.accounts.charge_domain(domid, name, nr_pages + max_grant_frames)
+        except HypercallError as exc:
+            self.refusals.refused(exc)
+            raise
+        try:
+            mem_fd, memory = self.platform.new_memory(nr_pages, f"pvio-d{domid}-memory")
+            try:
+                gnt_fd, gnttab = self.platform.new_memory(max_grant_frames, f"pvio-d{domid}-gnttab")
+            except BaseException:
+                self.platform.free_memory(mem_fd, memory)
+                raise
+        except BaseException:
+            self.accounts.release_domain(nr_pages + max_grant_frames)
+            raise
         d = DomainRecord(domid, name, nr_pages, mem_fd, memory, gnt_fd, gnttab, max_grant_frames)
         d.gnttab_atomic = AtomicWords(gnttab)
         d.transport = transport
+        d.max_evtchn_port = self.accounts.max_evtchn_port(domid)
         self.domains[domid] = d
         log.info("created d%d %r: %d pages, %s transport", domid, name, nr_pages, transport)
         return d
@@ -211,6 +243,9 @@ class Hypervisor:
         self.platform.free_memory(d.gnttab_fd, d.gnttab)
         for fd, view in d.shareable.values():
             self.platform.free_memory(fd, view)
+        self.accounts.release_fds(d, len(d.shareable))
+        self.accounts.release_pages(d, len(d.shareable))
+        self.accounts.release_domain(d.nr_pages + d.max_grant_frames)
         d.shareable.clear()
         log.info("freed d%d", d.domid)
 
@@ -229,8 +264,8 @@ class Hypervisor:
             self._reap(rec.granter)
 
     def is_empty(self) -> bool:
-        """No domain, zombie, region or queued push left (the leak check)."""
-        return not (self.domains or self.zombies or self.regions or self._pushes)
+        """No domain, zombie, region, queued push or charge left (the leak check)."""
+        return not (self.domains or self.zombies or self.regions or self._pushes) and self.accounts.is_empty()
 
     def has_pushes(self) -> bool:
         return bool(self._pushes or self.evtchn.pushes or self.lguest.pushes)
@@ -262,7 +297,7 @@ class Hypervisor:
                 live.append(push)
             else:  # its domain died meanwhile: the descriptors it carried are ours to close
                 for fd in push.op.fds:
-                    self.platform.close_fd(fd)
+                    self.close_dup(fd)
         return live
 
     # -- hypercalls ---------------------------------------------------------------
@@ -286,7 +321,10 @@ class Hypervisor:
                 return self._lguest(d, op)
             return Reply(-errno.ENOSYS, op.args)
         except HypercallError as exc:
-            log.debug("d%d: %s", d.domid, exc)
+            if exc.rc in BOUND_ERRNOS:
+                self.refusals.refused(exc)
+            else:
+                log.debug("d%d: %s", d.domid, exc)
             return Reply(exc.rc, op.args)
         except OSError as exc:  # out of descriptors or memory: the op fails, we go on
             log.warning("d%d: %s", d.domid, exc)
@@ -359,12 +397,28 @@ class Hypervisor:
         n = a["nr_frames"]
         if not 0 < n <= min(wire.MAX_FDS, MAX_SHAREABLE_FRAMES - len(d.shareable)):
             return Reply(-errno.ENOSPC, op.args)
+        self.accounts.charge_fds(d, n)
+        try:
+            self.accounts.charge_pages(d, n)
+        except HypercallError:
+            self.accounts.release_fds(d, n)
+            raise
         first = SHAREABLE_FRAME_BASE + len(d.shareable)
-        fds = []
-        for frame in range(first, first + n):
-            fd, view = self.platform.new_memory(1, f"pvio-d{d.domid}-frame-{frame:#x}")
-            d.shareable[frame] = (fd, view)
-            fds.append(self.dup(fd))
+        fds: list[int] = []
+        try:
+            for frame in range(first, first + n):
+                fd, view = self.platform.new_memory(1, f"pvio-d{d.domid}-frame-{frame:#x}")
+                d.shareable[frame] = (fd, view)
+                fds.append(self.dup(fd))
+        except BaseException:
+            # The frames made so far stay the domain's (charged, freed with it); the
+            # reply carries none of them, so the rest of the charge is given back.
+            for fd in fds:
+                self.close_dup(fd)
+            made = len(d.shareable) - (first - SHAREABLE_FRAME_BASE)
+            self.accounts.release_fds(d, n - made)
+            self.accounts.release_pages(d, n - made)
+            raise
         a["first_frame"] = first
         return Reply(0, lay.pack(**a), fds)
 
@@ -377,15 +431,20 @@ class Hypervisor:
         out = []
         fds = []
         mapped = {(rec.granter.domid, rec.ref): rec for rec in d.maptrack.values()}
-        for i in range(op.count):
-            a = lay.unpack(op.args, i * lay.size)
-            rec = mapped.get((a["domid"], a["ref"]))
-            if rec is None or rec.frame not in rec.granter.shareable:
-                a["status"] = -errno.EINVAL
-            else:
-                a["status"] = 0
-                fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
-            out.append(lay.pack(**a))
+        try:
+            for i in range(op.count):
+                a = lay.unpack(op.args, i * lay.size)
+                rec = mapped.get((a["domid"], a["ref"]))
+                if rec is None or rec.frame not in rec.granter.shareable:
+                    a["status"] = -errno.EINVAL
+                else:
+                    a["status"] = 0
+                    fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
+                out.append(lay.pack(**a))
+        except BaseException:  # out of room for the descriptors: none is sent
+            for fd in fds:
+                self.close_dup(fd)
+            raise
         return Reply(0, b"".join(out), fds)
 
     def _lguest(self, d: DomainRecord, op: Op) -> Reply:
@@ -440,8 +499,10 @@ class Hypervisor:
             if op.cmd == wire.PVIO_LGUEST_region_create:
                 if not 0 < a["nr_pages"] <= MAX_REGION_PAGES:
                     return Reply(-errno.EINVAL, op.args)
-                fd, view = self.platform.new_memory(a["nr_pages"], "pvio-lguest-region")
-                region = Region(self._next_region, a["nr_pages"], fd, view, creator=d.domid)
+                if len(d.regions) >= MAX_REGIONS_PER_DOMAIN:
+                    raise HypercallError(-errno.ENOSPC, "too many regions", "region_id")
+                fd, view = self._new_region_memory(d, a["nr_pages"])
+                region = Region(self._next_region, a["nr_pages"], fd, view, creator=d.domid, charged_to=d)
                 self._next_region += 1
                 self.regions[region.region_id] = region
                 a["region_id"] = region.region_id
@@ -454,12 +515,17 @@ class Hypervisor:
                 region = found
                 a["nr_pages"] = region.nr_pages
             try:
-                self._attach_region(d, region, a["base"])
-            except HypercallError:
+                fd = self.dup(region.fd)
+                try:
+                    self._attach_region(d, region, a["base"])
+                except BaseException:
+                    self.close_dup(fd)
+                    raise
+            except BaseException:
                 if not region.attached:
                     self._drop_region(region)
                 raise
-            return Reply(0, lay.pack(**a), [self.dup(region.fd)])
+            return Reply(0, lay.pack(**a), [fd])
         return Reply(-errno.ENOSYS, op.args)
 
     def _attach_region(self, d: DomainRecord, region: Region, base: int) -> None:
@@ -485,9 +551,27 @@ class Hypervisor:
         if not region.attached:
             self._drop_region(region)
 
+    def _new_region_memory(self, d: DomainRecord, nr_pages: int) -> tuple[int, memoryview]:
+        self.accounts.charge_fds(d, 1)
+        try:
+            self.accounts.charge_pages(d, nr_pages)
+        except HypercallError:
+            self.accounts.release_fds(d, 1)
+            raise
+        try:
+            return self.platform.new_memory(nr_pages, "pvio-lguest-region")
+        except BaseException:
+            self.accounts.release_fds(d, 1)
+            self.accounts.release_pages(d, nr_pages)
+            raise
+
     def _drop_region(self, region: Region) -> None:
         self.regions.pop(region.region_id, None)
         self.platform.free_memory(region.fd, region.view)
+        if region.charged_to is not None:
+            self.accounts.release_fds(region.charged_to, 1)
+            self.accounts.release_pages(region.charged_to, region.nr_pages)
+            region.charged_to = None
 
 
 _NAMES: dict[str, tuple[str, ...]] = {}

@@ -11,9 +11,17 @@ their domains.  A connection that closes, or breaks, tears its domain down.
 Hostile clients: a frame that does not parse gets an error reply; a frame larger than
 MAX_FRAME arrives truncated and gets -E2BIG; descriptors a client sends are closed
 unread; a client that does not read its replies fills only its own socket buffer (its
-replies queue in its own outbox, and past a limit the connection is dropped), so it
-slows no one else.  Nothing a client sends can raise out of the loop: an unexpected
-exception in one session is logged and that connection closed.
+reply waits in its own outbox and its next request is not read until the reply is sent;
+pushes to it queue there, and past MAX_OUTBOX the connection is dropped), so it slows no
+one else.  Nothing a client sends can raise out of the loop: an unexpected exception in
+one session is logged and that connection closed.
+
+Descriptors: the daemon never runs itself out of them.  Its RLIMIT_NOFILE is cut into
+parts (`pvio.hypervisor.accounts`): what domains make it hold is charged by the core,
+and the duplicates in flight (sent with replies and pushes, then closed) are counted
+here, so a reply that would pass their bound fails -ENFILE instead of taking the room
+kept for connections.  A connection past the cap is answered (a FRAME_ERROR, -EBUSY) and
+closed; an accept() that fails all the same backs off (`pvio.hypervisor.listener`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -31,9 +40,12 @@ from collections.abc import Callable
 import click
 
 from pvio.hypervisor import wire
+from pvio.hypervisor.accounts import HostLimits
 from pvio.hypervisor.aio import FrameReceiver, run, send_frame
 from pvio.hypervisor.core import Hypervisor
-from pvio.hypervisor.platform import OsPlatform
+from pvio.hypervisor.errors import HypercallError
+from pvio.hypervisor.listener import Acceptor
+from pvio.hypervisor.platform import OsPlatform, host_limits
 from pvio.hypervisor.session import Session, push_frames
 from pvio.hypervisor.wire import Op
 
@@ -41,8 +53,6 @@ log = logging.getLogger("pvio.hypervisor.daemon")
 
 #: Replies and pushes one connection may leave unread before it is dropped.
 MAX_OUTBOX = 256
-#: Connections served at once; more are closed on accept.
-MAX_CONNECTIONS = 1024
 
 
 class _Conn:
@@ -51,17 +61,24 @@ class _Conn:
         self.session = session
         self.outbox: list[tuple[bytes, list[int]]] = []
         self.closed = False
+        #: not read while its outbox waits for room
+        self.paused = False
 
 
 class HypervisorServer:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limits: HostLimits | None = None) -> None:
         self.path = path
         self.platform = OsPlatform()
-        self.hv = Hypervisor(self.platform, os.dup)
+        self.limits = limits if limits is not None else host_limits()
+        #: duplicates sent with replies and pushes, not yet closed
+        self.in_flight = 0
+        self.hv = Hypervisor(self.platform, self._dup, limits=self.limits, close_dup=self._close_dup)
         self._conns: dict[int, _Conn] = {}  # fileno -> connection
         self._listener: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
         self._receiver = FrameReceiver()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._refused = 0
 
     @property
     def release_hooks(self) -> list[Callable[[int], None]]:
@@ -75,29 +92,39 @@ class HypervisorServer:
         sock.bind(self.path)
         os.chmod(self.path, 0o600)
         sock.listen(64)
-        sock.setblocking(False)
         self._listener = sock
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._acceptor = Acceptor(sock, self._accepted, log, "pvio hypervisor")
+        self._acceptor.start()
         log.info("pvio hypervisor listening on %s", self.path)
 
-    def _accept(self) -> None:
-        assert self._listener is not None and self._loop is not None
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept: %s", exc)
-                return
-            if len(self._conns) >= MAX_CONNECTIONS:
-                log.warning("too many connections; refusing one")
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = _Conn(sock, Session(self.hv))
-            self._conns[sock.fileno()] = conn
-            self._loop.add_reader(sock.fileno(), self._on_readable, conn)
+    def _dup(self, fd: int) -> int:
+        cap = self.limits.transient_fds
+        if cap is not None and self.in_flight >= cap:
+            raise HypercallError(-errno.ENFILE, f"{cap} descriptors already in flight to domains")
+        new = os.dup(fd)
+        self.in_flight += 1
+        return new
+
+    def _close_dup(self, fd: int) -> None:
+        os.close(fd)
+        self.in_flight -= 1
+
+    def _accepted(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        if len(self._conns) >= self.limits.max_connections:
+            # Answered, then closed: the client learns why instead of waiting.
+            self._refused += 1
+            if self._refused == 1 or self._refused % 1000 == 0:
+                log.warning("%d connections served already; refused %d", len(self._conns), self._refused)
+            err = Op(0, 0, 0, b"", rc=-errno.EBUSY)
+            with contextlib.suppress(OSError):
+                sock.send(wire.encode_frame(wire.FRAME_ERROR, 0, [err]), socket.MSG_DONTWAIT)
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock, Session(self.hv))
+        self._conns[sock.fileno()] = conn
+        self._loop.add_reader(sock.fileno(), self._on_readable, conn)
 
     def _on_readable(self, conn: _Conn) -> None:
         # One frame per wake-up: add_reader is level-triggered, so a connection with more
@@ -135,7 +162,7 @@ class HypervisorServer:
     def _send(self, conn: _Conn, data: bytes, fds: list[int]) -> None:
         if conn.closed:
             for fd in fds:
-                os.close(fd)
+                self._close_dup(fd)
             return
         conn.outbox.append((data, fds))
         self._drain(conn)
@@ -151,19 +178,27 @@ class HypervisorServer:
                     log.warning("d%s does not read its replies; dropping it", conn.session.domid)
                     self._close(conn)
                     return
-                self._loop.add_writer(conn.sock.fileno(), self._writable, conn)
+                if not conn.paused:
+                    # Its next request waits until this reply is sent: a client that
+                    # does not read holds one reply's descriptors, not a queue of them.
+                    conn.paused = True
+                    self._loop.remove_reader(conn.sock.fileno())
+                    self._loop.add_writer(conn.sock.fileno(), self._writable, conn)
                 return
             except OSError:
                 self._close(conn)
                 return
             conn.outbox.pop(0)
             for fd in fds:
-                os.close(fd)
+                self._close_dup(fd)
 
     def _writable(self, conn: _Conn) -> None:
         assert self._loop is not None
-        self._loop.remove_writer(conn.sock.fileno())
         self._drain(conn)
+        if not conn.closed and not conn.outbox:
+            conn.paused = False
+            self._loop.remove_writer(conn.sock.fileno())
+            self._loop.add_reader(conn.sock.fileno(), self._on_readable, conn)
 
     def _flush_pushes(self) -> None:
         by_domid = {c.session.domid: c for c in self._conns.values() if c.session.domid is not None}
@@ -171,7 +206,7 @@ class HypervisorServer:
             conn = by_domid.get(domid)
             if conn is None:
                 for fd in fds:
-                    os.close(fd)
+                    self._close_dup(fd)
             else:
                 self._send(conn, frame, fds)
 
@@ -186,7 +221,7 @@ class HypervisorServer:
         self._conns.pop(fileno, None)
         for _, fds in conn.outbox:
             for fd in fds:
-                os.close(fd)
+                self._close_dup(fd)
         conn.outbox.clear()
         conn.sock.close()
         try:
@@ -198,8 +233,10 @@ class HypervisorServer:
     async def stop(self) -> None:
         for conn in list(self._conns.values()):
             self._close(conn)
+        if self._acceptor is not None:
+            self._acceptor.stop()
+            self._acceptor = None
         if self._listener is not None and self._loop is not None:
-            self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
@@ -219,8 +256,8 @@ def _at_eof(sock: socket.socket) -> bool:
         return True
 
 
-async def serve(path: str, ready: Callable[[], None] | None = None) -> None:
-    server = HypervisorServer(path)
+async def serve(path: str, ready: Callable[[], None] | None = None, *, max_memory: int | None = None) -> None:
+    server = HypervisorServer(path, host_limits(max_memory))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,13 +273,31 @@ async def serve(path: str, ready: Callable[[], None] | None = None) -> None:
 
 @click.command("hypervisor")
 @click.option("--socket", "path", required=True, type=click.Path(dir_okay=False), help="UNIX socket to serve.")
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    default=None,
+    help="Memory to promise to domains, in all (e.g. 16G; default: the host's MemAvailable at start).",
+)
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def hypervisor(path: str, verbose: int) -> None:
+def hypervisor(path: str, max_memory: str | None, verbose: int) -> None:
     """Run pvio's hypervisor: domains, grant tables, event channels, lguest DMA."""
-    # Every port and every domain's memory is a descriptor: allow as many as we may.
+    limit = None if max_memory is None else _parse_size(max_memory)
+    # Every port and every domain's memory is a descriptor: allow as many as we may (the
+    # accounts are cut from the limit as it is after this).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
-    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True)))
+    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True), max_memory=limit))
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+
+
+def _parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) == 0:
+        raise click.BadParameter(f"{text!r} is not a size such as 4096M or 16G", param_hint="--max-memory")
+    return int(m.group(1)) << (10 * " KMGT".index((m.group(2) or " ").upper()))

@@ -120,6 +120,8 @@ class Region:
     creator: int = -1
     permitted: set[int] | None = None  # None: open to all (nobody was ever permitted)
     frames: FrameRule | None = None  # set by PVIO_LGUEST_region_frames
+    #: the domain whose account holds the region's descriptor and pages
+    charged_to: DomainRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,13 @@ class DomainRecord:
     mem_fds_given: set[int] = field(default_factory=set)
     #: shareable frames: frame -> (its own memfd, view)
     shareable: dict[int, tuple[int, memoryview]] = field(default_factory=dict)
+    #: Xen's max_evtchn_port: EVTCHNOP_alloc_unbound past it is -ENOSPC
+    max_evtchn_port: int = NR_EVTCHN_PORTS - 1
+    #: what the hypervisor holds for this domain (pvio.hypervisor.accounts): pool
+    #: descriptors (ports, shareable frames, regions), and pages beyond its memory and
+    #: grant table (shareable frames, regions)
+    fds_held: int = 0
+    pages_held: int = 0
 
     @property
     def privileged(self) -> bool:

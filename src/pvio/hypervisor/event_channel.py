@@ -27,7 +27,11 @@ State table (the rows are the only transitions; anything else is -EINVAL):
 
 Errors are negative errno values as Xen returns them: -EINVAL for a bad or foreign port,
 -EPERM for an unprivileged dom != DOMID_SELF, -ESRCH for an unknown remote domain,
--ENOSPC when a domain's ports are exhausted.
+-ENOSPC when a domain's ports are exhausted (every port up to its max_evtchn_port, 1023
+for a guest as xl's default, in use).  A port's eventfd is charged to its domain's
+descriptors (pvio.hypervisor.accounts): -EMFILE past the domain's share, -ENFILE past
+the host's; the request fails and nothing changes.  Each port's descriptors are made and
+duplicated before any state changes, so a failure half-way leaves no port behind.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pvio.abi.event_channel import (
     EVTCHNSTAT_unbound,
 )
 from pvio.abi.grant_table import DOMID_SELF
+from pvio.hypervisor.accounts import Accounts
 from pvio.hypervisor.domain import NR_EVTCHN_PORTS, DomainRecord, Platform, Port
 from pvio.hypervisor.errors import HypercallError
 
@@ -63,10 +68,19 @@ class PortPush:
 
 
 class EventChannels:
-    def __init__(self, lookup: DomainLookup, platform: Platform, dup: Callable[[int], int]) -> None:
+    def __init__(
+        self,
+        lookup: DomainLookup,
+        platform: Platform,
+        dup: Callable[[int], int],
+        accounts: Accounts,
+        close_dup: Callable[[int], None],
+    ) -> None:
         self._lookup = lookup
         self._platform = platform
         self._dup = dup
+        self._close_dup = close_dup
+        self._accounts = accounts
         self.pushes: list[PortPush] = []
 
     def _target(self, caller: DomainRecord, domid: int) -> DomainRecord:
@@ -81,10 +95,34 @@ class EventChannels:
 
     @staticmethod
     def _free_port(d: DomainRecord) -> int:
-        for port in range(1, NR_EVTCHN_PORTS):
-            if port not in d.ports:
-                return port
-        raise HypercallError(-errno.ENOSPC, "no free port")
+        if len(d.ports) < d.max_evtchn_port:
+            for port in range(1, d.max_evtchn_port + 1):
+                if port not in d.ports:
+                    return port
+        raise HypercallError(-errno.ENOSPC, f"d{d.domid} uses all its ports (max_evtchn_port {d.max_evtchn_port})")
+
+    def _new_eventfd(self, d: DomainRecord, dups: int) -> tuple[int, list[int]]:
+        """A port's eventfd, charged to `d`, and `dups` duplicates of it (all or none)."""
+        self._accounts.charge_fds(d, 1, ports=True)
+        try:
+            rx_fd = self._platform.new_eventfd()
+        except BaseException:
+            self._accounts.release_fds(d, 1, ports=True)
+            raise
+        made: list[int] = []
+        try:
+            for _ in range(dups):
+                made.append(self._dup(rx_fd))
+        except BaseException:
+            self._drop(rx_fd, made, d)
+            raise
+        return rx_fd, made
+
+    def _drop(self, rx_fd: int, dups: list[int], d: DomainRecord) -> None:
+        for fd in dups:
+            self._close_dup(fd)
+        self._platform.close_fd(rx_fd)
+        self._accounts.release_fds(d, 1, ports=True)
 
     @staticmethod
     def _port(d: DomainRecord, port: int) -> Port:
@@ -108,13 +146,13 @@ class EventChannels:
         if remote == DOMID_SELF:
             remote = caller.domid
         port = self._free_port(d)
-        d.ports[port] = Port(port, EVTCHNSTAT_unbound, remote, 0, self._platform.new_eventfd())
+        rx_fd, fds = self._new_eventfd(d, 1)
+        d.ports[port] = Port(port, EVTCHNSTAT_unbound, remote, 0, rx_fd)
         op["port"] = port
         if d is caller:
-            return [self._dup(d.ports[port].rx_fd)]
+            return fds
         # The control domain allocated it for `d` (as a toolstack does for a guest's
         # xenstore or console channel): `d` is told, with the port's eventfd.
-        fds = [self._dup(d.ports[port].rx_fd)]
         self.pushes.append(PortPush(d.domid, port, False, remote, 0, fds, allocated=True))
         return []
 
@@ -127,19 +165,23 @@ class EventChannels:
         if rport is None or rport.state != EVTCHNSTAT_unbound or rport.remote_dom != caller.domid:
             raise HypercallError(-errno.EINVAL, "remote port not unbound for us", "remote_port")
         lport = self._free_port(caller)
-        local = Port(lport, EVTCHNSTAT_interdomain, remote.domid, rport.port, self._platform.new_eventfd())
+        rx_fd, dups = self._new_eventfd(caller, 2 if remote is not caller else 1)
+        try:
+            dups.append(self._dup(rport.rx_fd))
+        except BaseException:
+            self._drop(rx_fd, dups, caller)
+            raise
+        local = Port(lport, EVTCHNSTAT_interdomain, remote.domid, rport.port, rx_fd)
         caller.ports[lport] = local
         rport.state = EVTCHNSTAT_interdomain
         rport.remote_dom = caller.domid
         rport.remote_port = lport
         op["local_port"] = lport
         if remote is not caller:
-            self.pushes.append(
-                PortPush(remote.domid, rport.port, True, caller.domid, lport, [self._dup(local.rx_fd)])
-            )
+            self.pushes.append(PortPush(remote.domid, rport.port, True, caller.domid, lport, [dups.pop(1)]))
         # Notifications sent on the unbound port may have been lost: raise one, as Xen.
         self._platform.signal(local.rx_fd)
-        return [self._dup(local.rx_fd), self._dup(rport.rx_fd)]
+        return dups  # the new port's eventfd, and the remote port's to send with
 
     def send(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         p = self._port(caller, op["port"])
@@ -168,6 +210,7 @@ class EventChannels:
                 self._platform.signal(rp.rx_fd)
         del d.ports[p.port]
         self._platform.close_fd(p.rx_fd)
+        self._accounts.release_fds(d, 1, ports=True)
 
     def close_all(self, d: DomainRecord) -> None:
         for p in list(d.ports.values()):

@@ -17,7 +17,7 @@ from pvio.hypervisor.client import Domain, create_domain
 from pvio.hypervisor.client_core import HypercallProtocol
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.errors import HypercallError, ProtocolError
-from pvio.hypervisor.platform import OsPlatform
+from pvio.hypervisor.platform import OsPlatform, host_limits
 from pvio.hypervisor.session import Session, push_frames
 from pvio.hypervisor.wire import FRAME_ERROR, FRAME_PUSH, Op
 
@@ -25,7 +25,7 @@ from pvio.hypervisor.wire import FRAME_ERROR, FRAME_PUSH, Op
 class InProcessHypervisor:
     def __init__(self) -> None:
         self.platform = OsPlatform()
-        self.hv = Hypervisor(self.platform, os.dup)
+        self.hv = Hypervisor(self.platform, os.dup, limits=host_limits())
         self._channels: dict[int, InProcessChannel] = {}
 
     async def create_domain(

@@ -1,10 +1,13 @@
-"""The operating-system side the hypervisor core asks for: memfds, mmaps, eventfds."""
+"""The operating-system side the hypervisor core asks for: memfds, mmaps, eventfds, and
+the host's limits (RLIMIT_NOFILE, MemAvailable) its accounts are kept against."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import resource
 
+from pvio.hypervisor.accounts import HostLimits
 from pvio.hypervisor.domain import PAGE_SIZE
 
 
@@ -58,3 +61,24 @@ class OsPlatform:
     def open_fds(self) -> int:
         """Descriptors this platform still holds (for leak checks)."""
         return len(self._maps) + len(self.eventfds)
+
+
+def mem_available_pages(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host's MemAvailable in pages (None where the kernel does not say)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_limits(max_memory: int | None = None) -> HostLimits:
+    """The hypervisor's bounds on this host: its RLIMIT_NOFILE (soft, as it is now) cut
+    as `pvio.hypervisor.accounts` describes, and `max_memory` bytes (default: the host's
+    MemAvailable now) of pages to promise to domains."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    pages = max_memory // PAGE_SIZE if max_memory is not None else mem_available_pages()
+    return HostLimits.for_host(soft, pages)

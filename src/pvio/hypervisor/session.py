@@ -60,7 +60,7 @@ class Session:
             self.bad_frames += 1
             log.info("d%s: reply of %d bytes / %d fds is too large", self.domid, size, len(fds))
             for fd in fds:
-                self.hv.platform.close_fd(fd)
+                self.hv.close_dup(fd)
             err = Op(0, 0, 0, b"", rc=-errno.E2BIG)
             return wire.encode_frame(wire.FRAME_ERROR, frame.seq, [err]), []
         return wire.encode_frame(wire.FRAME_REPLY, frame.seq, replies), fds
@@ -82,9 +82,18 @@ class Session:
             )
         except HypercallError as exc:
             return Op(op.hypercall, op.cmd, op.count, op.args, rc=exc.rc)
+        fds: list[int] = []
+        try:
+            fds.append(self.hv.dup(d.mem_fd))
+            fds.append(self.hv.dup(d.gnttab_fd))
+        except (HypercallError, OSError) as exc:  # no room to send them: no domain
+            for fd in fds:
+                self.hv.close_dup(fd)
+            self.hv.destroy_domain(d.domid)
+            rc = exc.rc if isinstance(exc, HypercallError) else -(exc.errno or errno.EIO)
+            return Op(op.hypercall, op.cmd, op.count, op.args, rc=rc)
         self.domid = d.domid
         a["domid"] = d.domid
-        fds = [self.hv.dup(d.mem_fd), self.hv.dup(d.gnttab_fd)]
         return Op(op.hypercall, op.cmd, 1, lay.pack(**a), nr_fds=2, fds=fds)
 
     def close(self) -> None:

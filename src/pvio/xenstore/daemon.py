@@ -61,6 +61,7 @@ import socket
 from pathlib import Path
 from typing import Any, cast
 
+from pvio.hypervisor.listener import Acceptor
 from pvio.xenstore.domains import XsDomain
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
@@ -245,6 +246,7 @@ class XenStoreDaemon:
         self._save_handle: asyncio.TimerHandle | None = None
         self._unix: asyncio.base_events.Server | None = None
         self._control: socket.socket | None = None
+        self._control_acceptor: Acceptor | None = None
         self._control_conns: set[socket.socket] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -265,16 +267,18 @@ class XenStoreDaemon:
         finally:
             os.umask(old)
         ctl.listen(16)
-        ctl.setblocking(False)
         self._control = ctl
-        loop.add_reader(ctl.fileno(), self._control_accept)
+        # accept() failing for want of descriptors backs off and logs once.
+        self._control_acceptor = Acceptor(ctl, self._control_accepted, log, "xenstored control socket")
+        self._control_acceptor.start()
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
         if self._unix is not None:
             self._unix.close()
+        if self._control_acceptor is not None:
+            self._control_acceptor.stop()
+            self._control_acceptor = None
         if self._control is not None:
-            loop.remove_reader(self._control.fileno())
             self._control.close()
             self._control = None
         for c in list(self._control_conns):
@@ -331,12 +335,7 @@ class XenStoreDaemon:
 
     # -- the control socket: the toolstack attaches domain connections ---------------
 
-    def _control_accept(self) -> None:
-        assert self._control is not None
-        try:
-            sock, _ = self._control.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+    def _control_accepted(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._control_conns.add(sock)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._control_read, sock)
