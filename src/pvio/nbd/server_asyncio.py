@@ -143,6 +143,7 @@ class _Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_command = 0.0
         self.tls_task: asyncio.Task[None] | None = None
+        self.tls_early = b""
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -175,6 +176,11 @@ class _Connection(asyncio.Protocol):
         self._send()
 
     def data_received(self, data: bytes) -> None:
+        if self.tls_task is not None and not self.tls_task.done():
+            # TLS is up and the client has spoken over it, but `_start_tls` has not
+            # resumed yet: keep these bytes for it (at most one read: it resumes first).
+            self.tls_early += data
+            return
         self._feed(data)
 
     def _feed(self, data: bytes = b"") -> None:
@@ -281,7 +287,8 @@ class _Connection(asyncio.Protocol):
         self.transport = upgraded
         self.read_paused = False  # the new transport reads
         self.core.tls_started()
-        self._feed()
+        early, self.tls_early = self.tls_early, b""
+        self._feed(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self.handshake_timer, self.idle_timer):
