@@ -61,7 +61,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PvioUp]:
         root / "state",
         "--disk", f"format=raw, vdev=xvda, access=rw, size=256M, target={rw}",
         "--disk", f"format=raw, vdev=xvdb, access=ro, target={ro}",
-        "--nbd-tcp", str(_free_port_pair()),
+        "--nbd-tcp", str(_free_port_pair()), "--nbd-tcp-insecure",
     )  # fmt: skip
     p.start()
     try:
