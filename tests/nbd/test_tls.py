@@ -224,3 +224,30 @@ def test_pvio_up_nbd_tcp_needs_tls_or_insecure(tmp_path: Path) -> None:
     line = one_line_error(["up", "--state-dir", str(state), "--nbd-tls-creds", str(tmp_path)])
     assert "--nbd-tcp" in line
     assert not state.exists()  # refused before anything started
+
+
+def test_nbd_serve_tcp_insecure_serves_plain_tcp(tmp_path: Path) -> None:
+    need("nbdinfo")
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(65536))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvio", "nbd", "serve", str(img), "--socket", str(tmp_path / "s.sock"),
+         "--tcp", "0", "--tcp-insecure"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = ""
+        while not uri:
+            line = proc.stdout.readline()
+            assert line, "pvio nbd serve printed no nbd:// URI"
+            uri = line.strip() if line.strip().startswith("nbd://127.0.0.1:") else ""
+        out = sh("nbdinfo", "--size", uri)
+        assert out.returncode == 0 and out.stdout.strip() == "65536", out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
