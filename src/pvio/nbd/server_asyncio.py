@@ -234,7 +234,7 @@ class _Connection(asyncio.Protocol):
         limit = self.server.max_connections_per_export
         if entered[export.name] >= limit:
             self.server.stats["refused_export_full"] += 1
-            log.warning("refusing NBD_OPT_GO on %r: %d connections already in it", export.name, limit)
+            log.info("refusing NBD_OPT_GO on %r: %d connections already in it", export.name, limit)
             return f"export {export.name!r} is serving {limit} connections, its limit; try again later"
         entered[export.name] += 1
         self.export_name = export.name
