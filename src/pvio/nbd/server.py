@@ -39,12 +39,19 @@ client sends raises out of `receive_data` except through a `Disconnect` event.
 
 Nothing a client sends makes the core hold more than its bounds, and they are enforced
 while parsing, request by request: a request header that would take the connection past
-`max_in_flight` commands or `max_in_flight_bytes` of read and write data (counting the
-replies the adapter has not yet sent, `output_backlog`) is left in the buffer, unparsed,
-until a command is answered; while `output_blocked` (the client is not reading what is
-sent) nothing is parsed at all, so neither replies to rejected requests nor option replies
-pile up.  `reading_wanted` then says False and the adapter stops reading the socket: what
-the core buffers is at most one received chunk plus the request being assembled.
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data is left in the
+buffer, unparsed, until a command is answered; while `output_blocked` (the client is not
+reading what is sent: the adapter's transport holds more than its high-water mark) nothing
+is parsed at all, so neither commands nor replies to rejected requests or options pile up.
+`reading_wanted` then says False and the adapter stops reading the socket: what the core
+buffers is at most one received chunk plus the request being assembled.  Replies written
+but not yet sent are bounded the same way: a command is only handed out while the unsent
+output is under the high-water mark, and its data was counted in flight until its reply
+was handed over, so in flight plus unsent never exceeds `max_in_flight_bytes` plus that
+mark.  (Counting the unsent bytes themselves against `max_in_flight_bytes` was tried and
+rejected: the transport does not say when its buffer shrinks short of `resume_writing`,
+so a connection would wait for its whole pipeline to drain; 1 MiB reads lost half their
+throughput.)
 
 Alternatives rejected: one coroutine per connection reading with `readexactly` (simpler,
 but mixes protocol with I/O and cannot be fuzzed byte by byte); structured replies
@@ -83,7 +90,8 @@ MAX_OPTION_DATA = 16 * 1024
 MAX_WRITE_PAYLOAD_DRAINED = w.NBD_MAX_PAYLOAD_PORTABLE * 2
 #: Commands one connection may have handed out and not yet answered.
 DEFAULT_MAX_IN_FLIGHT = 64
-#: Bytes of read and write data one connection may have in flight, unsent replies included.
+#: Bytes of read and write data one connection may have in flight: a READ from its header
+#: until its reply is handed to the adapter, a WRITE from its header until it is answered.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 
@@ -148,8 +156,6 @@ class NbdServerConnection:
     shutting_down: bool = field(default=False, init=False)
     #: Set by the adapter while the client is not reading what is sent: nothing is parsed.
     output_blocked: bool = field(default=False, init=False)
-    #: Set by the adapter: reply bytes it holds for the client, not yet sent; in flight.
-    output_backlog: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._in = bytearray()
@@ -549,18 +555,19 @@ class NbdServerConnection:
     # T:735 Bounded while parsing
     # A valid request is only taken from the buffer if the connection has room for it:
     # fewer than `max_in_flight` commands, and its data (a read's reply or a write's
-    # payload) within `max_in_flight_bytes` together with what is already in flight and
-    # the replies the adapter has not sent yet.  Otherwise its header stays in the buffer
-    # and `reading_wanted` turns False, so the adapter stops reading the socket; the
-    # header is parsed again when a command is answered.  One command always fits when
-    # none is in flight, so a connection cannot wedge.
+    # payload) within `max_in_flight_bytes` together with what is already in flight.
+    # Otherwise its header stays in the buffer and `reading_wanted` turns False, so the
+    # adapter stops reading the socket; the header is parsed again when a command is
+    # answered.  One command always fits when none is in flight, so a connection cannot
+    # wedge.  While the client is not reading its replies (`output_blocked`), nothing at
+    # all is parsed.
     # :T
     def _room(self, cost: int) -> bool:
         if not self._in_flight:
             return True
         return (
             len(self._in_flight) < self.max_in_flight
-            and self._bytes_in_flight + self.output_backlog + cost <= self.max_in_flight_bytes
+            and self._bytes_in_flight + cost <= self.max_in_flight_bytes
         )
 
     def _reject(self, cookie: int, cmd: int, error: NbdError) -> None:

@@ -10,10 +10,9 @@ pairs them up on the client's side).  Rejected requests were already answered by
 core.
 
 Flow control is the core's, enforced while parsing: it hands out no command past
-`max_in_flight` commands or `max_in_flight_bytes` of read and write data, counting the
-replies this adapter holds and the transport's write buffer; and while the transport has
-asked us to pause writing (the client is not reading its replies, `pause_writing`) it
-parses nothing.  Whenever the core says `reading_wanted` is False the socket stops being
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data; and while the
+transport has asked us to pause writing (the client is not reading its replies:
+`pause_writing`, above the transport's high-water mark) it parses nothing.  Whenever the core says `reading_wanted` is False the socket stops being
 read; it is read again once a command is answered or the transport drains.  Memory per
 connection is therefore bounded by max_in_flight_bytes, plus the transport's high-water
 mark, plus one received chunk and the request being assembled.
@@ -134,7 +133,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.replies: list[bytes | bytearray | memoryview] = []
-        self.replies_bytes = 0
         self.flush_scheduled = False
         self.lost = False
         self.closing = False  # close once the in-flight commands are answered
@@ -187,7 +185,6 @@ class _Connection(asyncio.Protocol):
         """Parse `data` and whatever the core holds buffered, up to its bounds."""
         if self.lost or self.transport is None:
             return
-        self.core.output_backlog = self.replies_bytes + self.transport.get_write_buffer_size()
         self._handle(self.core.receive_data(data))
         self._send()
         self._flow()
@@ -352,7 +349,6 @@ class _Connection(asyncio.Protocol):
 
     def _queue_reply(self, parts: list[bytes | bytearray | memoryview]) -> None:
         self.replies.extend(parts)
-        self.replies_bytes += sum(len(p) for p in parts)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_replies)
@@ -360,7 +356,6 @@ class _Connection(asyncio.Protocol):
     def _flush_replies(self) -> None:
         self.flush_scheduled = False
         replies, self.replies = self.replies, []
-        self.replies_bytes = 0
         if not replies or self.lost or self.transport is None or self.transport.is_closing():
             return
         # Small replies travel together; a large read's data is handed over on its own, so
