@@ -20,6 +20,8 @@ DEBIAN_PACKAGES=(
   # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which
   # dpkg-query never reports installed (apt-get would run on every call).
   qemu-utils libnbd-bin fio
+  # openssl makes the TLS test certificates (tests/nbd/tlscerts.py)
+  openssl
   fuse3 e2fsprogs util-linux
   iproute2 iperf3 iputils-ping
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kernelpath import ext4_round_trip, kernel_path_missing, sh
+from nbd.tlscerts import make_creds
 from pvioup import PvioUp
 
 MiB = 1 << 20
@@ -61,7 +62,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PvioUp]:
         root / "state",
         "--disk", f"format=raw, vdev=xvda, access=rw, size=256M, target={rw}",
         "--disk", f"format=raw, vdev=xvdb, access=ro, target={ro}",
-        "--nbd-tcp", str(_free_port_pair()),
+        "--nbd-tcp", str(_free_port_pair()), "--nbd-tls-creds", str(make_creds(root / "tls")),
     )  # fmt: skip
     p.start()
     try:
@@ -97,14 +98,25 @@ def test_nbdinfo_sees_the_disks(up: PvioUp) -> None:
     assert info["exports"][0]["is_read_only"] is True
 
 
-def test_nbd_over_localhost_tcp(up: PvioUp) -> None:
+def test_nbd_over_localhost_tcp_with_tls(up: PvioUp) -> None:
     need("qemu-io", "nbdinfo")
     devices = {d["vdev"]: d for d in up.domain("guest1")["devices"]}
     tcp = devices["xvda"]["nbd_tcp"]
-    assert tcp.startswith("nbd://127.0.0.1:") and devices["xvdb"]["nbd_tcp"] != tcp
-    info = json.loads(sh("nbdinfo", "--json", tcp).stdout)
+    assert tcp.startswith("nbds://127.0.0.1:") and devices["xvdb"]["nbd_tcp"] != tcp
+    creds = up.state_dir.parent / "tls"
+    info = json.loads(sh("nbdinfo", "--json", f"{tcp}?tls-certificates={creds}").stdout)
     assert info["exports"][0]["export-size"] == 256 * MiB
-    sh("qemu-io", "-f", "raw", "-c", "write -P 0x6b 64M 128k", tcp)
+    port = tcp.split(":")[2].split("/")[0]
+    sh(
+        "qemu-io", "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={creds}",
+        "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},export=xvda,tls-creds=tls0",
+        "-c", "write -P 0x6b 64M 128k",
+    )  # fmt: skip
+    plain = subprocess.run(
+        ["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", f"nbd://127.0.0.1:{port}/xvda"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert plain.returncode != 0 and "requires TLS" in plain.stderr
     proc = sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x6b 64M 128k", up.nbd_uri())  # same disk, UNIX socket
     assert "Pattern verification failed" not in proc.stdout
 

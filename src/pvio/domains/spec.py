@@ -54,6 +54,7 @@ class DiskSpecJSON:
     read_only: bool = False
     nbd_socket: str = ""  # guests: where the disk is exported over NBD
     nbd_tcp_port: int = 0  # guests: also export on 127.0.0.1:<port> (0: UNIX socket only)
+    nbd_tls_creds: str = ""  # guests: TLS on that port, QEMU's x509 directory ("": plain TCP, allowed by --nbd-tcp-insecure)
 
 
 @dataclass

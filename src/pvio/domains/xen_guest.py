@@ -24,8 +24,9 @@ from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
 from pvio.hypervisor.client import Domain
-from pvio.nbd.address import nbd_uri_for_socket
+from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
 from pvio.nbd.server_asyncio import NbdServer
+from pvio.nbd.tls import server_context
 from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,18 @@ async def attach_disk(
     return GuestDisk(vdev, devid, front, end, driver)
 
 
-async def export_disk(disk: GuestDisk, nbd_socket: str, tcp_port: int = 0) -> None:
-    """Serve the disk over NBD on a UNIX socket and, with `tcp_port`, on localhost TCP."""
+async def export_disk(disk: GuestDisk, nbd_socket: str, tcp_port: int = 0, tls_creds: str = "") -> None:
+    """Serve the disk over NBD on a UNIX socket and, with `tcp_port`, on localhost TCP
+    (TLS with `tls_creds`, QEMU's x509 directory; without, plain TCP: the toolstack
+    allows that only with --nbd-tcp-insecure)."""
+    tls = server_context(tls_creds) if tcp_port and tls_creds else None
     disk.server = NbdServer({disk.vdev: disk.front})
     disk.front.open()
     await disk.server.listen_unix(nbd_socket)
     disk.nbd_uri = nbd_uri_for_socket(nbd_socket, disk.vdev)
     if tcp_port:
-        host, port = await disk.server.listen_tcp("127.0.0.1", tcp_port)
-        disk.nbd_tcp_uri = f"nbd://{host}:{port}/{disk.vdev}"
+        host, port = await disk.server.listen_tcp("127.0.0.1", tcp_port, tls=tls)
+        disk.nbd_tcp_uri = tcp_uri(port, disk.vdev, tls_creds, host)
 
 
 async def detach_disk(disk: GuestDisk) -> None:
@@ -101,7 +105,7 @@ async def main(spec: DomainSpec) -> None:
             disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent)
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
-            await export_disk(disk, sock, d.nbd_tcp_port)
+            await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
         # refreshed once a second: blkfront's counters for `pvio bench blk`
         await report_status(spec, dom.domid, lambda: status(disks))
     finally:

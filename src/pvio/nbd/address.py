@@ -43,6 +43,13 @@ def nbd_uri_for_socket(path: str | os.PathLike[str], export: str = "") -> str:
     return NbdAddress(export=export, socket_path=os.fspath(path)).uri()
 
 
+def tcp_uri(port: int, export: str, tls_creds: str = "", host: str = "127.0.0.1") -> str:
+    """The URI of an export on TCP: ``nbds://`` with TLS (clients then need a certificate:
+    libnbd's ``?tls-certificates=DIR``, qemu's ``tls-creds``), ``nbd://`` without."""
+    scheme = "nbds" if tls_creds else "nbd"
+    return f"{scheme}://{host}:{port}/{urllib.parse.quote(export)}"
+
+
 def is_nbd_uri(params: str) -> bool:
     """True for an ``nbd://`` or ``nbd+unix://`` URI (a vbd's `params` may be one)."""
     return params.startswith(("nbd://", "nbd+unix://"))

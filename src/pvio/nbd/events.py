@@ -110,6 +110,13 @@ class OptionRejected:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: send `data_to_send()` in plain text, run the TLS
+    handshake (server side) on the connection, then call `tls_started()`.  Until then the
+    core parses nothing."""
+
+
+@dataclass(frozen=True)
 class Disconnect:
     """Close the connection once `data_to_send()` is sent (and, if `drain`, once every
     in-flight command is answered)."""
@@ -119,4 +126,4 @@ class Disconnect:
     drain: bool = False
 
 
-Event = ExportChosen | Command | CommandRejected | OptionRejected | Disconnect
+Event = ExportChosen | Command | CommandRejected | OptionRejected | StartTls | Disconnect

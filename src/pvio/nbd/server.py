@@ -12,14 +12,18 @@ reads to `receive_data()`, and acts on the events that come back:
   WRITE_ZEROES) to run on the backend, then answer with `reply()`, in any order.
 * `CommandRejected` — a request that failed validation; its error reply is already
   queued.  Reported for logs and statistics only.
+* `StartTls` — NBD_OPT_STARTTLS was acknowledged: send what is queued, run the TLS
+  handshake on the socket, then call `tls_started()`.
 * `Disconnect` — the client asked to leave (NBD_OPT_ABORT, NBD_CMD_DISC) or broke the
   protocol: send what is queued, wait for in-flight commands if `drain`, then close.
 
 The handshake is a table (`_OPTION_HANDLERS`): each option code maps to a method that
 answers it; anything not in the table gets NBD_REP_ERR_UNSUP and haggling continues, as
 fixed newstyle requires.  Served: NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_LIST,
-NBD_OPT_INFO, NBD_OPT_GO.  Not served (ERR_UNSUP): STARTTLS (pvio listens on a UNIX
-socket or localhost only), STRUCTURED_REPLY and the meta-context options (so no
+NBD_OPT_INFO, NBD_OPT_GO, and NBD_OPT_STARTTLS when `tls_required` (the protocol's
+FORCEDTLS mode: until TLS is up every other option but ABORT is answered
+NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME, which cannot be refused, ends the
+connection).  Not served (ERR_UNSUP): STRUCTURED_REPLY and the meta-context options (so no
 BLOCK_STATUS), EXTENDED_HEADERS.  Simple replies only: a failed read sends its error and
 no data, which the protocol allows for simple replies.
 
@@ -32,6 +36,22 @@ buffering — so the connection stays in step.  Only violations that make the by
 meaningless (a bad request magic, unknown client flags, an unknown NBD_OPT_EXPORT_NAME,
 a write payload too large to be anything but an attack) end the connection.  Nothing a
 client sends raises out of `receive_data` except through a `Disconnect` event.
+
+Nothing a client sends makes the core hold more than its bounds, and they are enforced
+while parsing, request by request: a request header that would take the connection past
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data is left in the
+buffer, unparsed, until a command is answered; while `output_blocked` (the client is not
+reading what is sent: the adapter's transport holds more than its high-water mark) nothing
+is parsed at all, so neither commands nor replies to rejected requests or options pile up.
+`reading_wanted` then says False and the adapter stops reading the socket: what the core
+buffers is at most one received chunk plus the request being assembled.  Replies written
+but not yet sent are bounded the same way: a command is only handed out while the unsent
+output is under the high-water mark, and its data was counted in flight until its reply
+was handed over, so in flight plus unsent never exceeds `max_in_flight_bytes` plus that
+mark.  (Counting the unsent bytes themselves against `max_in_flight_bytes` was tried and
+rejected: the transport does not say when its buffer shrinks short of `resume_writing`,
+so a connection would wait for its whole pipeline to drain; 1 MiB reads lost half their
+throughput.)
 
 Alternatives rejected: one coroutine per connection reading with `readexactly` (simpler,
 but mixes protocol with I/O and cannot be fuzzed byte by byte); structured replies
@@ -57,7 +77,9 @@ from pvio.nbd.events import (
     LocalProtocolError,
     NbdError,
     OptionRejected,
+    StartTls,
 )
+from pvio.nbd.requests import data_bytes, parse_info_request, validate_request
 
 #: Option data larger than this is streamed past and answered NBD_REP_ERR_TOO_BIG: the
 #: largest legal option (NBD_OPT_GO: a 4096-byte name and a few info requests) is far less.
@@ -66,6 +88,11 @@ MAX_OPTION_DATA = 16 * 1024
 #: such a payload as a denial-of-service attack); up to it, an oversized write is drained
 #: and answered EINVAL.
 MAX_WRITE_PAYLOAD_DRAINED = w.NBD_MAX_PAYLOAD_PORTABLE * 2
+#: Commands one connection may have handed out and not yet answered.
+DEFAULT_MAX_IN_FLIGHT = 64
+#: Bytes of read and write data one connection may have in flight: a READ from its header
+#: until its reply is handed to the adapter, a WRITE from its header until it is answered.
+DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 
 class State(enum.Enum):
@@ -80,19 +107,6 @@ class State(enum.Enum):
     OPTIONS = "options"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
-
-
-# Which command flags each command accepts (beyond that: EINVAL), given the export.
-def _allowed_flags(cmd: int, export: Export) -> int:
-    fua = w.NBD_CMD_FLAG_FUA if export.transmission_flags & w.NBD_FLAG_SEND_FUA else 0
-    if cmd == w.NBD_CMD_WRITE or cmd == w.NBD_CMD_TRIM:
-        return fua
-    if cmd == w.NBD_CMD_WRITE_ZEROES:
-        return fua | w.NBD_CMD_FLAG_NO_HOLE
-    return 0
-
-
-_WRITES = frozenset({w.NBD_CMD_WRITE, w.NBD_CMD_TRIM, w.NBD_CMD_WRITE_ZEROES})
 
 
 @dataclass
@@ -129,10 +143,19 @@ class NbdServerConnection:
     exports: Mapping[str, Export]
     #: The export NBD_OPT_GO "" (the default export) selects; None: "" is just a name.
     default_export: str | None = None
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
+    #: FORCEDTLS: no option but NBD_OPT_STARTTLS and NBD_OPT_ABORT before TLS is up.
+    tls_required: bool = False
+    #: Asked as a client enters an export: None admits it, a message refuses it
+    #: (NBD_REP_ERR_POLICY to NBD_OPT_GO; NBD_OPT_EXPORT_NAME, which cannot fail, disconnects).
+    admit: Callable[[Export], str | None] | None = None
     state: State = field(default=State.CLIENT_FLAGS, init=False)
     export: Export | None = field(default=None, init=False)
     no_zeroes: bool = field(default=False, init=False)
     shutting_down: bool = field(default=False, init=False)
+    #: Set by the adapter while the client is not reading what is sent: nothing is parsed.
+    output_blocked: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._in = bytearray()
@@ -143,6 +166,10 @@ class NbdServerConnection:
         self._draining: _Draining | None = None
         self._next_tag = 0
         self._in_flight: dict[int, Command] = {}
+        self._bytes_in_flight = 0  # read and write data of `_in_flight` and a write being received
+        self._held = False  # the last parse stopped at a bound, not for want of bytes
+        self._starttls_pending = False
+        self._tls_active = False
         self._disc_seen = False
         self._out.append(
             w.NEW_HANDSHAKE.pack(
@@ -164,20 +191,54 @@ class NbdServerConnection:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def bytes_in_flight(self) -> int:
+        return self._bytes_in_flight
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed."""
+        return len(self._in)
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def reading_wanted(self) -> bool:
+        """False while a bound (or a TLS handshake) holds parsing: stop reading the socket,
+        and feed `receive_data(b"")` when a command is answered or the output unblocks."""
+        return self._parsing() and not (self._held or self.output_blocked or self._starttls_pending)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed bytes read from the client; returns the events they complete."""
+        """Feed bytes read from the client (b"": go on parsing what is buffered); returns
+        the events they complete.  Parsing stops at the bounds; the rest waits, buffered."""
         if self.state is State.CLOSED or self._disc_seen:
             return []  # whatever follows a DISC or a violation is ignored
         self._in += data
         pos = 0
+        self._held = False
         while self._parsing():
+            if self.output_blocked or self._starttls_pending:
+                break
             used = self._step(pos)
             if used is None:
                 break
             pos += used
         del self._in[:pos]
+        if self._starttls_pending and self._in:
+            # The client must wait for the ACK before its TLS handshake: these bytes came
+            # before it, in plain text, and TLS would never see them.
+            self._violation("NBD_OPT_STARTTLS", f"{len(self._in)} bytes sent before the TLS handshake")
         events, self._events = self._events, []
         return events
+
+    def tls_started(self) -> None:
+        """The TLS handshake that followed `StartTls` is done: haggling goes on over TLS."""
+        if not self._starttls_pending:
+            raise LocalProtocolError("tls_started() without an acknowledged NBD_OPT_STARTTLS")
+        self._starttls_pending = False
+        self._tls_active = True
 
     def reply(
         self, command: Command, error: int = 0, data: bytes | bytearray | memoryview = b""
@@ -189,6 +250,7 @@ class NbdServerConnection:
         """
         if self._in_flight.pop(command.tag, None) is None:
             raise LocalProtocolError(f"reply to {command.name} #{command.tag}: not in flight")
+        self._bytes_in_flight -= data_bytes(command.type, command.length)
         header = w.SIMPLE_REPLY.packer.pack(w.NBD_SIMPLE_REPLY_MAGIC, error, command.cookie)
         if command.type != w.NBD_CMD_READ or error:
             return [header]
@@ -287,6 +349,15 @@ class NbdServerConnection:
         if self.shutting_down and option != w.NBD_OPT_ABORT:
             self._option_error(option, w.NBD_REP_ERR_SHUTDOWN, "option", "server shutting down")
             return
+        if self.tls_required and not self._tls_active and option not in (w.NBD_OPT_STARTTLS, w.NBD_OPT_ABORT):
+            if option == w.NBD_OPT_EXPORT_NAME:
+                # "as this request cannot error, it MUST terminate the session"
+                self._violation("NBD_OPT_EXPORT_NAME", "sent before NBD_OPT_STARTTLS; this server requires TLS")
+            else:
+                self._option_error(
+                    option, w.NBD_REP_ERR_TLS_REQD, "option", "this server requires TLS: send NBD_OPT_STARTTLS"
+                )
+            return
         handler = _OPTION_HANDLERS.get(option)
         if handler is None:
             name = w.NBD_OPT_NAMES.get(option, f"option {option}")
@@ -325,6 +396,13 @@ class NbdServerConnection:
             # "If the chosen export does not exist ... the server MUST terminate the session."
             self._violation("NBD_OPT_EXPORT_NAME", f"no export named {data[:64]!r}")
             return
+        refusal = self.admit(export) if self.admit is not None else None
+        if refusal is not None:
+            # Cannot be answered with an error: refused the only way EXPORT_NAME allows.
+            self._events.append(OptionRejected(option, NbdError(Fault.LOCAL, 0, "export", refusal)))
+            self.state = State.CLOSED
+            self._events.append(Disconnect(f"NBD_OPT_EXPORT_NAME refused: {refusal}"))
+            return
         self._out.append(
             w.NEW_HANDSHAKE_FINISH.pack(exportsize=export.info.size, eflags=export.transmission_flags)
         )
@@ -352,7 +430,7 @@ class NbdServerConnection:
         self._option_reply(option, w.NBD_REP_ACK)
 
     def _opt_info_or_go(self, option: int, data: bytes) -> None:
-        parsed = _parse_info_request(data)
+        parsed = parse_info_request(data)
         if isinstance(parsed, str):
             self._option_error(option, w.NBD_REP_ERR_INVALID, "option data", parsed)
             return
@@ -375,6 +453,10 @@ class NbdServerConnection:
                 "info requests",
                 f"export needs {info.min_block}-byte alignment: ask for NBD_INFO_BLOCK_SIZE",
             )
+            return
+        refusal = self.admit(export) if option == w.NBD_OPT_GO and self.admit is not None else None
+        if refusal is not None:
+            self._option_error(option, w.NBD_REP_ERR_POLICY, "export", refusal)
             return
         self._option_reply(
             option,
@@ -408,6 +490,18 @@ class NbdServerConnection:
         if option == w.NBD_OPT_GO:
             self._enter_transmission(export, option)
 
+    def _opt_starttls(self, option: int, data: bytes) -> None:
+        if not self.tls_required:
+            self._option_error(option, w.NBD_REP_ERR_UNSUP, "option", "no TLS on this socket")
+        elif data:
+            self._option_error(option, w.NBD_REP_ERR_INVALID, "optlen", "NBD_OPT_STARTTLS carries no data")
+        elif self._tls_active:
+            self._option_error(option, w.NBD_REP_ERR_INVALID, "option", "TLS is already up")
+        else:
+            self._option_reply(option, w.NBD_REP_ACK)
+            self._starttls_pending = True
+            self._events.append(StartTls())
+
     def _enter_transmission(self, export: Export, via: int) -> None:
         self.export = export
         self.state = State.TRANSMISSION
@@ -435,7 +529,13 @@ class NbdServerConnection:
             self.state = State.CLOSED
             self._events.append(Disconnect("client sent NBD_CMD_DISC", drain=True))
             return w.REQUEST.size
-        error = self._validate(cmd, flags, offset, length)
+        error = validate_request(self.export, cmd, flags, offset, length, self.shutting_down)
+        if error is None:
+            cost = data_bytes(cmd, length)
+            if not self._room(cost):
+                self._held = True
+                return None  # stays buffered until a command is answered
+            self._bytes_in_flight += cost
         if cmd == w.NBD_CMD_WRITE:
             if length > MAX_WRITE_PAYLOAD_DRAINED:
                 self._violation("length", f"{length}-byte write payload")
@@ -452,53 +552,23 @@ class NbdServerConnection:
             self._issue(cookie, cmd, flags, offset, length, b"")
         return w.REQUEST.size
 
-    # T:730 Copy once, validate, then act
-    # A request is unpacked once from the 28 header bytes into locals; nothing is read
-    # from the buffer again.  `_validate` checks it in the protocol's order: an unknown or
-    # unadvertised command or flag is EINVAL, a write to a read-only export EPERM, a read or
-    # write above the maximum block size or off the minimum alignment EINVAL, and a range
-    # past the end ENOSPC for writes and EINVAL otherwise.  A refused request is answered
-    # right here, in band, and reported as `CommandRejected`; only a valid one becomes a
-    # `Command` event for the adapter.  A refused write's payload is still consumed —
-    # streamed past by `_Draining` without being buffered — so that the next header is
-    # read where it really starts.  Only a broken byte stream (bad magic, a payload too
-    # large to be anything but an attack) ends the connection.
+    # T:735 Bounded while parsing
+    # A valid request is only taken from the buffer if the connection has room for it:
+    # fewer than `max_in_flight` commands, and its data (a read's reply or a write's
+    # payload) within `max_in_flight_bytes` together with what is already in flight.
+    # Otherwise its header stays in the buffer and `reading_wanted` turns False, so the
+    # adapter stops reading the socket; the header is parsed again when a command is
+    # answered.  One command always fits when none is in flight, so a connection cannot
+    # wedge.  While the client is not reading its replies (`output_blocked`), nothing at
+    # all is parsed.
     # :T
-    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> NbdError | None:
-        export = self.export
-        assert export is not None
-        info = export.info
-
-        def bad(wire: int, fld: str, message: str) -> NbdError:
-            return NbdError(Fault.REMOTE, wire, fld, message)
-
-        if self.shutting_down:
-            return NbdError(Fault.LOCAL, w.NBD_ESHUTDOWN, "server", "shutting down")
-        supported = {
-            w.NBD_CMD_READ: True,
-            w.NBD_CMD_WRITE: True,
-            w.NBD_CMD_FLUSH: info.can_flush,
-            w.NBD_CMD_TRIM: info.can_trim,
-            w.NBD_CMD_WRITE_ZEROES: info.can_write_zeroes,
-        }
-        name = w.NBD_CMD_NAMES.get(cmd, f"command {cmd}")
-        if not supported.get(cmd, False):
-            return bad(w.NBD_EINVAL, "type", f"{name} is not supported")
-        extra = flags & ~_allowed_flags(cmd, export)
-        if extra:
-            return bad(w.NBD_EINVAL, "flags", f"{name} does not take flags {extra:#x}")
-        if cmd in _WRITES and info.read_only:
-            return bad(w.NBD_EPERM, "type", f"{name} on a read-only export")
-        if cmd == w.NBD_CMD_FLUSH:
-            return None  # offset and length are reserved: ignored
-        if cmd in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) and length > info.max_block:
-            return bad(w.NBD_EINVAL, "length", f"{length} > maximum block size {info.max_block}")
-        if offset % info.min_block or length % info.min_block:
-            return bad(w.NBD_EINVAL, "offset", f"not aligned to {info.min_block} bytes")
-        if offset + length > info.size:
-            wire = w.NBD_ENOSPC if cmd in (w.NBD_CMD_WRITE, w.NBD_CMD_WRITE_ZEROES) else w.NBD_EINVAL
-            return bad(wire, "offset", f"{offset}+{length} is past the end ({info.size})")
-        return None
+    def _room(self, cost: int) -> bool:
+        if not self._in_flight:
+            return True
+        return (
+            len(self._in_flight) < self.max_in_flight
+            and self._bytes_in_flight + cost <= self.max_in_flight_bytes
+        )
 
     def _reject(self, cookie: int, cmd: int, error: NbdError) -> None:
         self._out.append(
@@ -514,26 +584,11 @@ class NbdServerConnection:
         self._events.append(command)
 
 
-def _parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | str:
-    """NBD_OPT_INFO/GO data: u32 name length, name, u16 count, count u16 info types."""
-    if len(data) < w.OPT_GO_NAMELEN.size + w.OPT_GO_NRINFOS.size:
-        return f"{len(data)} bytes is too short"
-    (namelen,) = w.OPT_GO_NAMELEN.packer.unpack_from(data, 0)
-    if namelen > w.NBD_MAX_STRING or 4 + namelen + 2 > len(data):
-        return f"name length {namelen} does not fit"
-    name = data[4 : 4 + namelen]
-    (count,) = w.OPT_GO_NRINFOS.packer.unpack_from(data, 4 + namelen)
-    rest = data[4 + namelen + 2 :]
-    if len(rest) != 2 * count:
-        return f"{count} info requests in {len(rest)} bytes"
-    requests = frozenset(int.from_bytes(rest[i : i + 2], "big") for i in range(0, len(rest), 2))
-    return name, requests
-
-
 _OPTION_HANDLERS: dict[int, Callable[[NbdServerConnection, int, bytes], None]] = {
     w.NBD_OPT_EXPORT_NAME: NbdServerConnection._opt_export_name,
     w.NBD_OPT_ABORT: NbdServerConnection._opt_abort,
     w.NBD_OPT_LIST: NbdServerConnection._opt_list,
     w.NBD_OPT_INFO: NbdServerConnection._opt_info_or_go,
     w.NBD_OPT_GO: NbdServerConnection._opt_info_or_go,
+    w.NBD_OPT_STARTTLS: NbdServerConnection._opt_starttls,
 }

@@ -1,4 +1,4 @@
-"""`NbdServer`: named exports on a UNIX socket (and optionally TCP on localhost), asyncio.
+"""`NbdServer`: named exports on a UNIX socket (and optionally TCP, with TLS), asyncio.
 
 Theory of operation
 -------------------
@@ -9,11 +9,22 @@ connection has many requests in flight and replies leave in completion order (th
 pairs them up on the client's side).  Rejected requests were already answered by the
 core.
 
-Flow control is by pausing the socket: reading stops while a connection has
-`max_in_flight` commands or `max_in_flight_bytes` of read and write data in flight, or
-while its replies are not being read (the transport asked us to pause writing); it
-resumes as they drain.  Memory per connection is therefore bounded by about
-max_in_flight_bytes plus one maximum-size request being received.
+Flow control is the core's, enforced while parsing: it hands out no command past
+`max_in_flight` commands or `max_in_flight_bytes` of read and write data; and while the
+transport has asked us to pause writing (the client is not reading its replies:
+`pause_writing`, above the transport's high-water mark) it parses nothing.  Whenever the core says `reading_wanted` is False the socket stops being
+read; it is read again once a command is answered or the transport drains.  Memory per
+connection is therefore bounded by max_in_flight_bytes, plus the transport's high-water
+mark, plus one received chunk and the request being assembled.
+
+Connections are bounded three ways: `max_connections` per server (more are closed on
+arrival), `max_connections_per_export` in transmission (NBD_OPT_GO is answered
+NBD_REP_ERR_POLICY with a message), and time — `handshake_timeout` to choose an export,
+`idle_timeout` without a command after that — so no client holds a slot for ever.
+
+TLS (`listen_tcp(..., tls=context)`, see `pvio.nbd.tls`) is the protocol's FORCEDTLS
+mode: the core refuses every option until NBD_OPT_STARTTLS, then this adapter upgrades
+the same connection with `loop.start_tls` and haggling continues encrypted.
 
 A client that disconnects mid-request disturbs nobody: its running commands finish (a
 write half-done is worse than a write done), their replies are dropped, and no other
@@ -34,6 +45,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
@@ -43,19 +55,16 @@ from pvio.nbd.events import (
     Command,
     CommandRejected,
     Disconnect,
+    Event,
     Export,
     ExportChosen,
     OptionRejected,
+    StartTls,
 )
-from pvio.nbd.server import NbdServerConnection
+from pvio.nbd.server import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, NbdServerConnection
 from pvio.storage.backend import BlockBackend
 
 log = logging.getLogger("pvio.nbd")
-
-#: Commands one connection may have running before the server stops reading from it.
-DEFAULT_MAX_IN_FLIGHT = 64
-#: Bytes of read and write data one connection may have in flight before the same.
-DEFAULT_MAX_IN_FLIGHT_BYTES = 64 << 20
 
 # OSError errno -> NBD error.  "SHOULD map EDQUOT and EFBIG to ENOSPC"; anything else is EIO.
 _ERRNO_TO_NBD = {
@@ -87,40 +96,52 @@ def nbd_error_for(exc: BaseException) -> int:
 # that is one send for many replies instead of one each).  A
 # connection that has `max_in_flight` commands running, or whose replies the client is
 # not reading, stops being read until it drains: memory stays bounded whatever a client
-# sends.  A backend exception becomes EIO (ENOSPC, EPERM where the errno says so) for that
+# sends (the bounds themselves are the core's, T:735).  A backend exception becomes EIO (ENOSPC, EPERM where the errno says so) for that
 # request only; a client that vanishes mid-request only loses its own replies.
 # :T
 
 
 #: Connections served at once; more are closed on arrival.
 DEFAULT_MAX_CONNECTIONS = 128
+#: Connections in transmission on one export; NBD_OPT_GO beyond it: NBD_REP_ERR_POLICY.
+DEFAULT_MAX_CONNECTIONS_PER_EXPORT = 64
 #: Seconds a connection may take to choose an export before it is closed.
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds a connection in transmission may go without a command (and with none running)
+#: before it is closed; None: never.
+DEFAULT_IDLE_TIMEOUT = 300.0
 #: The send buffer asked for on every connection (the kernel may grant less).
 SOCKET_SEND_BUFFER = 4 << 20
 #: Reply pieces at least this large are written on their own rather than joined.
 _JOIN_LIMIT = 64 << 10
 
 
-def _data_bytes(cmd: Command) -> int:
-    return cmd.length if cmd.type in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
-
-
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
-        self.core = NbdServerConnection(server.exports, server.default_export)
+        self.tls = tls
+        self.core = NbdServerConnection(
+            server.exports,
+            server.default_export,
+            max_in_flight=server.max_in_flight,
+            max_in_flight_bytes=server.max_in_flight_bytes,
+            tls_required=tls is not None,
+            admit=self._admit,
+        )
         self.backend: BlockBackend | None = None
+        self.export_name: str | None = None  # the export whose slot this connection holds
         self.transport: asyncio.Transport | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.bytes_in_flight = 0
         self.replies: list[bytes | bytearray | memoryview] = []
         self.flush_scheduled = False
         self.lost = False
         self.closing = False  # close once the in-flight commands are answered
-        self.write_paused = False
         self.read_paused = False
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_command = 0.0
+        self.tls_task: asyncio.Task[None] | None = None
+        self.tls_early = b""
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -153,21 +174,47 @@ class _Connection(asyncio.Protocol):
         self._send()
 
     def data_received(self, data: bytes) -> None:
-        for event in self.core.receive_data(data):
+        if self.tls_task is not None and not self.tls_task.done():
+            # TLS is up and the client has spoken over it, but `_start_tls` has not
+            # resumed yet: keep these bytes for it (at most one read: it resumes first).
+            self.tls_early += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes = b"") -> None:
+        """Parse `data` and whatever the core holds buffered, up to its bounds."""
+        if self.lost or self.transport is None:
+            return
+        self._handle(self.core.receive_data(data))
+        self._send()
+        self._flow()
+
+    def _handle(self, events: list[Event]) -> None:
+        commands = 0
+        for event in events:
             if isinstance(event, Command):
+                commands += 1
                 self.server.stats[event.name] += 1
-                self.bytes_in_flight += _data_bytes(event)
                 task = asyncio.get_running_loop().create_task(self._run(event))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
+            elif isinstance(event, CommandRejected):
+                commands += 1
+                self.server.stats["rejected"] += 1
+                log.debug("rejected: %s", event.error)
+            elif isinstance(event, OptionRejected):
+                self.server.stats["rejected"] += 1
+                log.debug("rejected: %s", event.error)
             elif isinstance(event, ExportChosen):
                 self.backend = self.server.backends[event.export.name]
                 if self.handshake_timer is not None:
                     self.handshake_timer.cancel()
+                commands += 1  # the idle clock starts now
+                self._arm_idle_timer(self.server.idle_timeout)
                 log.debug("connection chose export %r", event.export.name)
-            elif isinstance(event, CommandRejected | OptionRejected):
-                self.server.stats["rejected"] += 1
-                log.debug("rejected: %s", event.error)
+            elif isinstance(event, StartTls):
+                self._send()  # the ACK, in plain text, before the TLS handshake
+                self.tls_task = asyncio.get_running_loop().create_task(self._start_tls())
             elif isinstance(event, Disconnect):
                 if event.error is not None:
                     self.server.stats["protocol_errors"] += 1
@@ -175,8 +222,20 @@ class _Connection(asyncio.Protocol):
                 self._send()
                 self.closing = True
                 self._maybe_close()
-        self._send()
-        self._flow()
+        if commands:
+            self.last_command = asyncio.get_running_loop().time()
+
+    def _admit(self, export: Export) -> str | None:
+        """The core asks as a client enters `export`: take one of its slots, or refuse."""
+        entered = self.server._entered
+        limit = self.server.max_connections_per_export
+        if entered[export.name] >= limit:
+            self.server.stats["refused_export_full"] += 1
+            log.info("refusing NBD_OPT_GO on %r: %d connections already in it", export.name, limit)
+            return f"export {export.name!r} is serving {limit} connections, its limit; try again later"
+        entered[export.name] += 1
+        self.export_name = export.name
+        return None
 
     def _handshake_expired(self) -> None:
         # A client that never finishes the handshake would hold a connection slot forever.
@@ -185,19 +244,67 @@ class _Connection(asyncio.Protocol):
             log.info("closing a connection: no export chosen in %ss", self.server.handshake_timeout)
             self.transport.abort()
 
+    def _arm_idle_timer(self, delay: float | None) -> None:
+        if delay:
+            self.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # A client in transmission that sends nothing would hold its slots for ever: after
+        # idle_timeout seconds with no command and none running, it is closed.
+        timeout = self.server.idle_timeout
+        if self.lost or self.transport is None or not timeout:
+            return
+        idle_for = asyncio.get_running_loop().time() - self.last_command
+        if not self.tasks and idle_for >= timeout:
+            self.server.stats["idle_timeouts"] += 1
+            log.info("closing a connection: no command in %ss", timeout)
+            self.transport.abort()
+            return
+        self._arm_idle_timer(timeout if self.tasks else timeout - idle_for)
+
+    async def _start_tls(self) -> None:
+        raw, context = self.transport, self.tls
+        assert raw is not None and context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            upgraded = await loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout
+            )
+        except OSError as exc:  # ssl.SSLError, ConnectionError, TimeoutError
+            # e.g. a client without a certificate the CA signed: nothing to say in plain text
+            self.server.stats["tls_failures"] += 1
+            log.info("closing a connection: TLS handshake failed: %s", exc or type(exc).__name__)
+            raw.abort()
+            self.connection_lost(None)
+            return
+        if upgraded is None or self.lost:
+            raw.abort()
+            self.connection_lost(None)
+            return
+        self.transport = upgraded
+        self.read_paused = False  # the new transport reads
+        self.core.tls_started()
+        early, self.tls_early = self.tls_early, b""
+        self._feed(early)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.handshake_timer is not None:
-            self.handshake_timer.cancel()
+        for timer in (self.handshake_timer, self.idle_timer):
+            if timer is not None:
+                timer.cancel()
         self.lost = True
         self.server._connections.discard(self)
+        if self.export_name is not None:
+            self.server._entered[self.export_name] -= 1
+            self.export_name = None
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        # The client is not reading its replies: parse nothing until it does.
+        self.core.output_blocked = True
         self._flow()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        self._flow()
+        self.core.output_blocked = False
+        self._feed()
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -227,7 +334,6 @@ class _Connection(asyncio.Protocol):
             self.server.stats["backend_errors"] += 1
             log.warning("%s at %d+%d failed: %r", cmd.name, cmd.offset, cmd.length, exc)
         parts = self.core.reply(cmd, error, data)
-        self.bytes_in_flight -= _data_bytes(cmd)
         if not self.lost and self.transport is not None and not self.transport.is_closing():
             self._queue_reply(parts)
 
@@ -235,7 +341,8 @@ class _Connection(asyncio.Protocol):
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD command task failed", exc_info=task.exception())
-        self._flow()
+        if not self.closing:
+            self._feed()  # the core may hold requests that fit now
         self._maybe_close()
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -273,11 +380,7 @@ class _Connection(asyncio.Protocol):
     def _flow(self) -> None:
         if self.transport is None or self.lost or self.transport.is_closing():
             return
-        want_pause = (
-            self.write_paused
-            or len(self.tasks) >= self.server.max_in_flight
-            or self.bytes_in_flight >= self.server.max_in_flight_bytes
-        )
+        want_pause = not self.core.reading_wanted
         if want_pause and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
@@ -316,7 +419,9 @@ class NbdServer:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_export: int = DEFAULT_MAX_CONNECTIONS_PER_EXPORT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -332,12 +437,15 @@ class NbdServer:
         self.max_in_flight = max_in_flight
         self.max_in_flight_bytes = max_in_flight_bytes
         self.max_connections = max_connections
+        self.max_connections_per_export = max_connections_per_export
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.closing = False
         self.stats: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
+        self._entered: Counter[str] = Counter()  # connections in transmission, per export
 
     async def listen_unix(self, path: str | os.PathLike[str]) -> str:
         """Listen on a UNIX socket (a stale socket file at `path` is replaced)."""
@@ -352,10 +460,16 @@ class NbdServer:
         self._unix_paths.append(path)
         return path
 
-    async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Listen on TCP, on localhost unless told otherwise; returns the bound address."""
+    async def listen_tcp(
+        self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
+        """Listen on TCP, on localhost unless told otherwise; returns the bound address.
+
+        With `tls` (`pvio.nbd.tls.server_context`) every client must upgrade with
+        NBD_OPT_STARTTLS before anything else; without it, anyone who can reach the port
+        can use the exports."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        server = await loop.create_server(lambda: _Connection(self, tls), host, port, reuse_address=True)
         self._servers.append(server)
         sockname: Any = server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
@@ -363,6 +477,10 @@ class NbdServer:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+    def connections_in(self, export: str) -> int:
+        """Connections in transmission on `export` (what max_connections_per_export bounds)."""
+        return self._entered[export]
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop listening, finish (bounded by `timeout`) in-flight commands, disconnect all."""

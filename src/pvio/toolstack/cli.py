@@ -11,6 +11,7 @@ import click
 
 from pvio.domains.lguest_settings import EXPORT_NAME
 from pvio.domains.spec import pid_alive, read_status
+from pvio.nbd.cli import tcp_tls_context
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
 from pvio.toolstack.paths import StatePaths, default_state_dir
 from pvio.toolstack.status import load_up_status
@@ -41,8 +42,18 @@ class BadInput(click.ClickException):
     type=click.IntRange(1, 65535),
     default=None,
     metavar="PORT",
-    help="Also export the disks over TCP on 127.0.0.1, from PORT upwards (one port per disk).",
+    help="Also export the disks over TCP on 127.0.0.1, from PORT upwards (one port per disk); "
+    "needs --nbd-tls-creds or --nbd-tcp-insecure.",
 )
+@click.option(
+    "--nbd-tls-creds",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="TLS for --nbd-tcp: ca-cert.pem, server-cert.pem, server-key.pem in DIR (QEMU's x509 layout); "
+    "clients need a certificate the CA signed.",
+)
+@click.option("--nbd-tcp-insecure", is_flag=True, help="--nbd-tcp without TLS: every local user can read and write the disks.")
 @click.option(
     "--transport",
     type=click.Choice(["map", "copy"]),
@@ -55,6 +66,8 @@ def up(
     disks: tuple[str, ...],
     nbd_socket: str | None,
     nbd_tcp: int | None,
+    nbd_tls_creds: str | None,
+    nbd_tcp_insecure: bool,
     transport: str | None,
 ) -> None:
     """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
@@ -64,6 +77,7 @@ def up(
     domains a TOML file describes (see examples/).  Runs until Ctrl-C or SIGTERM.
     """
     root = (state_dir or default_state_dir()).resolve()
+    tcp_tls_context(nbd_tcp is not None, nbd_tls_creds, nbd_tcp_insecure, "--nbd-tcp", "--nbd-tls-creds", "--nbd-tcp-insecure")
     try:
         if config_file and disks:
             raise ConfigError("give a CONFIG_FILE or --disk options, not both")
@@ -77,7 +91,8 @@ def up(
         raise BadInput(str(e)) from None
     if transport:
         config.transport = transport
-    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0)
+    tls_creds = str(Path(nbd_tls_creds).resolve()) if nbd_tls_creds else ""
+    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0, nbd_tls_creds=tls_creds)
     sys.exit(asyncio.run(run_up(toolstack)))
 
 

@@ -48,7 +48,9 @@ def _spec(paths: StatePaths, name: str, domid: int, role: str, **kw: Any) -> Dom
     )
 
 
-def plan_domains(config: Config, paths: StatePaths, *, nbd_socket: str | None = None, nbd_tcp: int = 0) -> list[DomainRun]:
+def plan_domains(
+    config: Config, paths: StatePaths, *, nbd_socket: str | None = None, nbd_tcp: int = 0, nbd_tls_creds: str = ""
+) -> list[DomainRun]:
     """Decide domids and specs for the driver domain and every guest."""
     domains: list[DomainRun] = []
 
@@ -78,6 +80,7 @@ def plan_domains(config: Config, paths: StatePaths, *, nbd_socket: str | None = 
                         read_only=disk.spec.read_only,
                         nbd_socket=str(sock),
                         nbd_tcp_port=tcp_port,
+                        nbd_tls_creds=nbd_tls_creds if tcp_port else "",
                     )
                 )
                 tcp_port += 1 if tcp_port else 0

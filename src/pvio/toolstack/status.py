@@ -12,7 +12,7 @@ from typing import Any
 from pvio.domains.lguest_settings import EXPORT_NAME
 from pvio.domains.spec import write_status
 from pvio.domains.tap import lan_interface, netns_name
-from pvio.nbd.address import nbd_uri_for_socket
+from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
 from pvio.toolstack.children import Child
 from pvio.toolstack.config import Config
 from pvio.toolstack.paths import StatePaths
@@ -37,7 +37,7 @@ def write_up_status(paths: StatePaths, domains: list[DomainRun], children: list[
             entry["devices"].append(
                 {"type": "vbd", "vdev": d.vdev, "devid": d.devid, "target": d.target,
                  "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri_for_socket(d.nbd_socket, d.vdev),
-                 "nbd_tcp": f"nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}" if d.nbd_tcp_port else ""}
+                 "nbd_tcp": tcp_uri(d.nbd_tcp_port, d.vdev, d.nbd_tls_creds) if d.nbd_tcp_port else ""}
             )
         if run.spec.role == "lguest-guest":
             entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
@@ -82,7 +82,7 @@ def banner(config: Config, paths: StatePaths, domains: list[DomainRun], say: Cal
             mode = "ro" if d.read_only else "rw"
             say(f"    {d.vdev} {mode} {d.target}\n      NBD: {uri}")
             if d.nbd_tcp_port:
-                say(f"      NBD over TCP (localhost): nbd://127.0.0.1:{d.nbd_tcp_port}/{d.vdev}")
+                say(f"      NBD over TCP (localhost): {tcp_uri(d.nbd_tcp_port, d.vdev, d.nbd_tls_creds)}")
         if run.spec.role == "lguest-guest" and run.config is not None:
             if run.config.lguest_disk:
                 uri = nbd_uri_for_socket(run.spec.extra["nbd_socket"], EXPORT_NAME)

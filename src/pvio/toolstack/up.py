@@ -83,12 +83,14 @@ class Toolstack:
         *,
         nbd_socket: str | None = None,
         nbd_tcp: int = 0,
+        nbd_tls_creds: str = "",
         out: TextIO = sys.stdout,
     ) -> None:
         self.config = config
         self.paths = paths
         self.nbd_socket_override = nbd_socket
         self.nbd_tcp = nbd_tcp
+        self.nbd_tls_creds = nbd_tls_creds
         self.out = out
         self.children: list[Child] = []
         self.domains: list[DomainRun] = []
@@ -302,7 +304,7 @@ class Toolstack:
 
     def plan(self) -> None:
         """Decide domids and specs for the driver domain and every guest (`plan`)."""
-        self.domains = plan_domains(self.config, self.paths, nbd_socket=self.nbd_socket_override, nbd_tcp=self.nbd_tcp)
+        self.domains = plan_domains(self.config, self.paths, nbd_socket=self.nbd_socket_override, nbd_tcp=self.nbd_tcp, nbd_tls_creds=self.nbd_tls_creds)
 
     def write_up_status(self, ready: bool) -> None:
         write_up_status(self.paths, self.domains, self.children, ready)

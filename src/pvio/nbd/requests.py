@@ -1,0 +1,95 @@
+"""What an NBD client asks, checked before anything acts on it: transmission requests
+against the export (`validate_request`) and the data of NBD_OPT_INFO/NBD_OPT_GO
+(`parse_info_request`).  Pure functions of bytes and numbers, used by `pvio.nbd.server`.
+"""
+
+from __future__ import annotations
+
+from pvio.abi.fault import Fault
+from pvio.nbd import wire as w
+from pvio.nbd.events import Export, NbdError
+
+
+# Which command flags each command accepts (beyond that: EINVAL), given the export.
+def _allowed_flags(cmd: int, export: Export) -> int:
+    fua = w.NBD_CMD_FLAG_FUA if export.transmission_flags & w.NBD_FLAG_SEND_FUA else 0
+    if cmd == w.NBD_CMD_WRITE or cmd == w.NBD_CMD_TRIM:
+        return fua
+    if cmd == w.NBD_CMD_WRITE_ZEROES:
+        return fua | w.NBD_CMD_FLAG_NO_HOLE
+    return 0
+
+
+_WRITES = frozenset({w.NBD_CMD_WRITE, w.NBD_CMD_TRIM, w.NBD_CMD_WRITE_ZEROES})
+
+
+# T:730 Copy once, validate, then act
+# A request is unpacked once from the 28 header bytes into locals; nothing is read
+# from the buffer again.  `validate_request` checks it in the protocol's order: an unknown or
+# unadvertised command or flag is EINVAL, a write to a read-only export EPERM, a read or
+# write above the maximum block size or off the minimum alignment EINVAL, and a range
+# past the end ENOSPC for writes and EINVAL otherwise.  A refused request is answered
+# right here, in band, and reported as `CommandRejected`; only a valid one becomes a
+# `Command` event for the adapter.  A refused write's payload is still consumed —
+# streamed past by the server's `_Draining` without being buffered — so that the next header is
+# read where it really starts.  Only a broken byte stream (bad magic, a payload too
+# large to be anything but an attack) ends the connection.
+# :T
+def validate_request(
+    export: Export | None, cmd: int, flags: int, offset: int, length: int, shutting_down: bool = False
+) -> NbdError | None:
+    """Why the request may not run (its wire error and the field at fault), or None."""
+    assert export is not None
+    info = export.info
+
+    def bad(wire: int, fld: str, message: str) -> NbdError:
+        return NbdError(Fault.REMOTE, wire, fld, message)
+
+    if shutting_down:
+        return NbdError(Fault.LOCAL, w.NBD_ESHUTDOWN, "server", "shutting down")
+    supported = {
+        w.NBD_CMD_READ: True,
+        w.NBD_CMD_WRITE: True,
+        w.NBD_CMD_FLUSH: info.can_flush,
+        w.NBD_CMD_TRIM: info.can_trim,
+        w.NBD_CMD_WRITE_ZEROES: info.can_write_zeroes,
+    }
+    name = w.NBD_CMD_NAMES.get(cmd, f"command {cmd}")
+    if not supported.get(cmd, False):
+        return bad(w.NBD_EINVAL, "type", f"{name} is not supported")
+    extra = flags & ~_allowed_flags(cmd, export)
+    if extra:
+        return bad(w.NBD_EINVAL, "flags", f"{name} does not take flags {extra:#x}")
+    if cmd in _WRITES and info.read_only:
+        return bad(w.NBD_EPERM, "type", f"{name} on a read-only export")
+    if cmd == w.NBD_CMD_FLUSH:
+        return None  # offset and length are reserved: ignored
+    if cmd in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) and length > info.max_block:
+        return bad(w.NBD_EINVAL, "length", f"{length} > maximum block size {info.max_block}")
+    if offset % info.min_block or length % info.min_block:
+        return bad(w.NBD_EINVAL, "offset", f"not aligned to {info.min_block} bytes")
+    if offset + length > info.size:
+        wire = w.NBD_ENOSPC if cmd in (w.NBD_CMD_WRITE, w.NBD_CMD_WRITE_ZEROES) else w.NBD_EINVAL
+        return bad(wire, "offset", f"{offset}+{length} is past the end ({info.size})")
+    return None
+
+
+def data_bytes(cmd: int, length: int) -> int:
+    """The data a command moves through this server: a read's reply, a write's payload."""
+    return length if cmd in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
+
+
+def parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | str:
+    """NBD_OPT_INFO/GO data: u32 name length, name, u16 count, count u16 info types."""
+    if len(data) < w.OPT_GO_NAMELEN.size + w.OPT_GO_NRINFOS.size:
+        return f"{len(data)} bytes is too short"
+    (namelen,) = w.OPT_GO_NAMELEN.packer.unpack_from(data, 0)
+    if namelen > w.NBD_MAX_STRING or 4 + namelen + 2 > len(data):
+        return f"name length {namelen} does not fit"
+    name = data[4 : 4 + namelen]
+    (count,) = w.OPT_GO_NRINFOS.packer.unpack_from(data, 4 + namelen)
+    rest = data[4 + namelen + 2 :]
+    if len(rest) != 2 * count:
+        return f"{count} info requests in {len(rest)} bytes"
+    requests = frozenset(int.from_bytes(rest[i : i + 2], "big") for i in range(0, len(rest), 2))
+    return name, requests
