@@ -42,7 +42,7 @@ def nbd() -> None:
 )  # fmt: skip
 @click.option(
     "--idle-timeout", type=click.FloatRange(0), default=DEFAULT_IDLE_TIMEOUT, show_default=True,
-    help="Seconds a connection may go without a command before it is closed (0: never).",
+    help="Seconds without a command after which a connection gives its slot to a new client that finds the server or export full (0: never).",
 )  # fmt: skip
 @click.option("--read-only", "-r", is_flag=True, help="Export read-only.")
 @click.option(

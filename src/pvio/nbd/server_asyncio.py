@@ -19,8 +19,11 @@ mark, plus one received chunk and the request being assembled.
 
 Connections are bounded three ways: `max_connections` per server (more are closed on
 arrival), `max_connections_per_export` in transmission (NBD_OPT_GO is answered
-NBD_REP_ERR_POLICY with a message), and time — `handshake_timeout` to choose an export,
-`idle_timeout` without a command after that — so no client holds a slot for ever.
+NBD_REP_ERR_POLICY with a message), and time — `handshake_timeout` to choose an export —
+so no client holds a slot for ever.  A client in transmission may sit idle as long as it
+likes (a mounted file system through nbdfuse does, for hours) while nobody needs its slot;
+when a new client finds the server or the export full, the connection idle longest, if
+idle for at least `idle_timeout` seconds, is closed to let it in.
 
 TLS (`listen_tcp(..., tls=context)`, see `pvio.nbd.tls`) is the protocol's FORCEDTLS
 mode: the core refuses every option until NBD_OPT_STARTTLS, then this adapter upgrades
@@ -47,7 +50,7 @@ import os
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from pvio.nbd import wire as w
@@ -138,7 +141,6 @@ class _Connection(asyncio.Protocol):
         self.closing = False  # close once the in-flight commands are answered
         self.read_paused = False
         self.handshake_timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
         self.last_command = 0.0
         self.tls_task: asyncio.Task[None] | None = None
         self.tls_early = b""
@@ -157,7 +159,8 @@ class _Connection(asyncio.Protocol):
             # and shift in its own buffer.  The kernel caps this at net.core.wmem_max.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
-        if len(self.server._connections) >= self.server.max_connections:
+        if len(self.server._connections) >= self.server.max_connections and not self.server.evict_idle(
+                self.server._connections):
             # Refused before the greeting: memory per connection is bounded, so is their number.
             self.server.stats["refused_connections"] += 1
             log.warning("refusing a connection: %d already open", len(self.server._connections))
@@ -210,7 +213,6 @@ class _Connection(asyncio.Protocol):
                 if self.handshake_timer is not None:
                     self.handshake_timer.cancel()
                 commands += 1  # the idle clock starts now
-                self._arm_idle_timer(self.server.idle_timeout)
                 log.debug("connection chose export %r", event.export.name)
             elif isinstance(event, StartTls):
                 self._send()  # the ACK, in plain text, before the TLS handshake
@@ -229,7 +231,8 @@ class _Connection(asyncio.Protocol):
         """The core asks as a client enters `export`: take one of its slots, or refuse."""
         entered = self.server._entered
         limit = self.server.max_connections_per_export
-        if entered[export.name] >= limit:
+        if entered[export.name] >= limit and not self.server.evict_idle(
+                [c for c in self.server._connections if c.export_name == export.name]):
             self.server.stats["refused_export_full"] += 1
             log.info("refusing NBD_OPT_GO on %r: %d connections already in it", export.name, limit)
             return f"export {export.name!r} is serving {limit} connections, its limit; try again later"
@@ -244,23 +247,12 @@ class _Connection(asyncio.Protocol):
             log.info("closing a connection: no export chosen in %ss", self.server.handshake_timeout)
             self.transport.abort()
 
-    def _arm_idle_timer(self, delay: float | None) -> None:
-        if delay:
-            self.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
-
-    def _idle_check(self) -> None:
-        # A client in transmission that sends nothing would hold its slots for ever: after
-        # idle_timeout seconds with no command and none running, it is closed.
-        timeout = self.server.idle_timeout
-        if self.lost or self.transport is None or not timeout:
-            return
-        idle_for = asyncio.get_running_loop().time() - self.last_command
-        if not self.tasks and idle_for >= timeout:
-            self.server.stats["idle_timeouts"] += 1
-            log.info("closing a connection: no command in %ss", timeout)
-            self.transport.abort()
-            return
-        self._arm_idle_timer(timeout if self.tasks else timeout - idle_for)
+    def idle_for(self, now: float) -> float:
+        """Seconds in transmission with no command sent and none running (0: busy, or
+        still in the handshake, or gone)."""
+        if self.lost or self.transport is None or self.backend is None or self.tasks or self.closing:
+            return 0.0
+        return now - self.last_command
 
     async def _start_tls(self) -> None:
         raw, context = self.transport, self.tls
@@ -288,9 +280,12 @@ class _Connection(asyncio.Protocol):
         self._feed(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.handshake_timer, self.idle_timer):
-            if timer is not None:
-                timer.cancel()
+        self._lost_now()
+
+    def _lost_now(self) -> None:
+        """Give the connection's slots back (once; also when closed to make room)."""
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         self.lost = True
         self.server._connections.discard(self)
         if self.export_name is not None:
@@ -477,6 +472,21 @@ class NbdServer:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+    def evict_idle(self, candidates: Iterable[_Connection]) -> bool:
+        """Make room: close the connection of `candidates` idle longest, if it has been
+        idle `idle_timeout` seconds or more; whether one was closed."""
+        if not self.idle_timeout:
+            return False
+        now = asyncio.get_running_loop().time()
+        idle = max(candidates, key=lambda c: c.idle_for(now), default=None)
+        if idle is None or idle.idle_for(now) < self.idle_timeout or idle.transport is None:
+            return False
+        self.stats["idle_timeouts"] += 1
+        log.info("closing a connection idle for %.0f s to let another client in", idle.idle_for(now))
+        idle.transport.abort()
+        idle._lost_now()
+        return True
 
     def connections_in(self, export: str) -> int:
         """Connections in transmission on `export` (what max_connections_per_export bounds)."""
