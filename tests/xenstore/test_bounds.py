@@ -220,3 +220,47 @@ def test_the_rescan_event_is_the_watch_as_its_client_gave_it() -> None:
     assert rescan_event(relative, 5) == encode(T.XS_WATCH_EVENT, b"device\0be\0")
     assert rescan_event(absolute, 5) == encode(T.XS_WATCH_EVENT, b"/local/domain/5/device\0be\0")
     assert rescan_event(special, 0) == encode(T.XS_WATCH_EVENT, b"@releaseDomain\0rel\0")
+
+
+def test_accept_out_of_descriptors_backs_off_and_logs_once(tmp_path: Path) -> None:
+    """xenstored's descriptor table made full from outside (its soft RLIMIT_NOFILE lowered
+    to its lowest free descriptor): a new client's accept() fails with EMFILE on a
+    level-triggered listener.  It is logged once, not per attempt (nor with a traceback),
+    and the waiting client is served once there is room again."""
+    import os
+    import resource
+    import socket as socketlib
+    import subprocess
+    import sys
+    import time
+
+    from xs_harness import wait_for_socket
+
+    sock, log = tmp_path / "xs.sock", tmp_path / "xenstored.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pvio", "xenstored", "--socket", str(sock)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_socket(sock)
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        used = {int(n) for n in os.listdir(f"/proc/{proc.pid}/fd")}
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (min(set(range(len(used) + 1)) - used), hard))
+        late = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        late.connect(str(sock))  # queued in the backlog; accept() fails
+        deadline = time.monotonic() + 10
+        while "accept" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.02)
+        time.sleep(0.5)  # a listener that stays readable: without back-off, a flood of lines
+        size = log.stat().st_size
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        late.settimeout(5)
+        late.sendall(b"\x01\x00\x00\x00" + bytes(8) + b"\x02\x00\x00\x00" + b"/\x00")  # XS_DIRECTORY "/"
+        assert len(late.recv(4096)) >= 16  # served
+        late.close()
+        assert size < 1024, log.read_text(errors="replace")[:2000]
+        text = log.read_text(errors="replace")
+        assert text.count("accept: ") == 1 and "Traceback" not in text, text[:2000]
+    finally:
+        proc.terminate()
+        proc.wait(10)

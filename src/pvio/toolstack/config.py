@@ -11,6 +11,7 @@ lguest devices (block, console, network) served by their Launcher::
     name = "guest1"
     type = "xen"
     disks = ["format=raw, vdev=xvda, access=rw, target=guest1.img, size=1G"]
+    on_crash = "restart"     # xl's: restart (default) | destroy
 
     [[domain]]
     name = "g1"
@@ -18,6 +19,7 @@ lguest devices (block, console, network) served by their Launcher::
     disk = { target = "g1.img", size = "64M" }
     net = { lan = "lan0", address = "10.0.0.1/24" }   # also: mac, mtu
     console = true
+    misbehave = []           # fault injection: rule breaks the guest commits once up
 
 A LAN's MTU (`net.mtu`, default 1500, lguest's) is the same for every guest on it; up
 to 65521 (a TAP's largest).  Relative image paths are under the state directory; an image that does not exist is

@@ -244,7 +244,8 @@ class XenStoreDaemon:
         self.events_dropped = 0
         self._saved_mutations = self.server.mutations
         self._save_handle: asyncio.TimerHandle | None = None
-        self._unix: asyncio.base_events.Server | None = None
+        self._main: socket.socket | None = None
+        self._main_acceptor: Acceptor | None = None
         self._control: socket.socket | None = None
         self._control_acceptor: Acceptor | None = None
         self._control_conns: set[socket.socket] = set()
@@ -253,28 +254,41 @@ class XenStoreDaemon:
     # -- life cycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for p in (self.socket_path, self.control_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         old = os.umask(0o177)
         try:
-            self._unix = await loop.create_unix_server(
-                lambda: _Conn(self, 0), path=str(self.socket_path), backlog=1024
-            )
+            main = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            main.bind(str(self.socket_path))
             ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             ctl.bind(str(self.control_path))
         finally:
             os.umask(old)
+        main.listen(1024)
+        self._main = main
         ctl.listen(16)
         self._control = ctl
+        # The privileged socket's connections are dom0's; each runs as a protocol.
+        self._main_acceptor = Acceptor(main, self._main_accepted, log, "xenstored socket")
+        self._main_acceptor.start()
         # accept() failing for want of descriptors backs off and logs once.
         self._control_acceptor = Acceptor(ctl, self._control_accepted, log, "xenstored control socket")
         self._control_acceptor.start()
 
+    def _main_accepted(self, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: _Conn(self, 0), sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
-        if self._unix is not None:
-            self._unix.close()
+        if self._main_acceptor is not None:
+            self._main_acceptor.stop()
+            self._main_acceptor = None
+        if self._main is not None:
+            self._main.close()
+            self._main = None
         if self._control_acceptor is not None:
             self._control_acceptor.stop()
             self._control_acceptor = None
