@@ -9,7 +9,8 @@ import pytest
 
 from blk.pair import asynctest
 from pvio.abi.blkif import ABI_NATIVE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY
-from pvio.blk.frontend import BlkFront, DeviceBroken
+from pvio.blk.errors import DeviceBroken
+from pvio.blk.frontend import BlkFront
 from pvio.blk.keys import backend_disk_keys, parse_backend_disk, parse_frontend_ring
 from pvio.blk.request import build_response, parse_request
 from pvio.hypervisor.inprocess import InProcessHypervisor

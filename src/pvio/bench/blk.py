@@ -13,7 +13,7 @@ request crosses NBD socket → blkfront → shared ring → blkback → image an
 
 and `pvio.bench.harness.fio.block_matrix` runs every workload (4 KiB random read and write at
 queue depth 1 and 32, 64 KiB and 1 MiB sequential read and write) against both, against
-``qemu-nbd -f raw`` on the same image (what a user would run instead) and with fio's
+``qemu-nbd -f raw`` on an identical copy of the image (what a user would run instead) and with fio's
 io_uring engine on the file itself (the limit on this machine), interleaved run by run,
 and reports medians with min and max and the ratios pvio / qemu-nbd and pvio / direct.
 

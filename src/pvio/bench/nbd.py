@@ -2,7 +2,7 @@
 
 `pvio.bench.harness.fio.block_matrix` runs fio's nbd engine against ``pvio nbd serve``
 on a raw image, in its own process as a deployment would run it, against ``qemu-nbd -f
-raw`` on the same image and with io_uring on the file itself, interleaved run by run;
+raw`` on an identical copy of the image and with io_uring on the file itself, interleaved run by run;
 the ratios are pvio / qemu-nbd and pvio / direct.  The quick set has the writes that
 the blk layer's quick set leaves out.  This layer has no subcommand: run it with
 ``pvio bench --only nbd``.

@@ -67,6 +67,7 @@ from pvio.abi.blkif import (
     SECTOR_SIZE,
     BlkifABI,
 )
+from pvio.blk.errors import DeviceBroken, DeviceBusy
 from pvio.blk.front_grants import FrontGrants
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import Segment, build_discard, build_request, parse_response
@@ -80,19 +81,6 @@ log = logging.getLogger(__name__)
 
 #: Bytes one request can carry: 11 segments of a page each.
 MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
-
-
-class DeviceBroken(OSError):
-    """The backend broke the protocol: the device is unusable (callers get EIO)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(errno.EIO, f"blkfront: device broken: {reason}")
-        self.reason = reason
-
-
-class DeviceBusy(OSError):
-    def __init__(self, users: int) -> None:
-        super().__init__(errno.EBUSY, f"blkfront: the disk is in use ({users} users)")
 
 
 @dataclass

@@ -10,7 +10,7 @@ for each fio workload (`STANDARD_JOBS`: 4 KiB random read and write at queue dep
 - each of pvio's servers given by the caller (``pvio nbd serve`` for the nbd layer; a
   guest's export through ``pvio up`` in map and in copy mode for the blk layer), through
   fio's nbd engine (``--ioengine=nbd --uri=URI --output-format=json``);
-- ``qemu-nbd -f raw`` on the same image, through fio's nbd engine (the peer);
+- ``qemu-nbd -f raw`` on an identical copy of the image (servers lock their images), through fio's nbd engine (the peer);
 - fio on the image file itself with the io_uring engine (the limit on this machine).
 
 Every server and the direct job go through the page cache (qemu-nbd's default
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -211,18 +212,24 @@ def _run(ctx: Context, argv: Sequence[str], timeout: float) -> FioResult:
 
 @contextlib.contextmanager
 def _serving(servers: dict[str, Server], image: Path) -> Iterator[dict[str, str]]:
+    """Every server running, each on its own copy of `image`: a server that writes locks
+    its image (QEMU and pvio alike), so two cannot share one file."""
     with contextlib.ExitStack() as stack:
         sockets = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-nbd-")))
         uris = {}
         for i, (subject, server) in enumerate(servers.items()):
-            uris[subject] = stack.enter_context(server(image, sockets / f"nbd{i}.sock"))
+            copy = image.with_name(f"{image.stem}.{i}{image.suffix}")
+            shutil.copyfile(image, copy)
+            stack.callback(copy.unlink, missing_ok=True)
+            uris[subject] = stack.enter_context(server(copy, sockets / f"nbd{i}.sock"))
         yield uris
 
 
 def block_matrix(ctx: Context, servers: dict[str, Server], *, workloads: Sequence[str],
                  runs: int, runtime: float, size: str,
                  after_run: Callable[[str, str], None] | None = None) -> list[Figure]:
-    """IOPS and MiB/s per workload for pvio's `servers`, qemu-nbd and direct io_uring.
+    """IOPS and MiB/s per workload for pvio's `servers`, qemu-nbd and direct io_uring,
+    each on an identical copy of one prefilled image.
 
     `after_run(subject, workload)`, if given, is called after each fio run (the blk
     layer reads pvio's per-request counters there)."""
