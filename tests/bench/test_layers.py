@@ -106,7 +106,25 @@ def test_the_servers_sockets_live_in_a_short_directory(tmp_path: Path) -> None:
         assert sock.parent.is_dir()
         yield "nbd+unix:///?socket=" + str(sock)
 
-    with fio._serving({"s": server}, tmp_path / "disk.img") as uris:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"pvio" * 1024)
+    with fio._serving({"s": server}, image) as uris:
         assert uris == {"s": "nbd+unix:///?socket=" + str(seen[0])}
     (sock,) = seen
     assert sock.is_absolute() and len(str(sock)) < 60 and not sock.parent.exists()
+
+
+def test_each_server_serves_its_own_copy_of_the_image(tmp_path: Path) -> None:
+    served: list[Path] = []
+
+    @contextlib.contextmanager
+    def server(image: Path, sock: Path) -> contextlib.Generator[str]:
+        served.append(image)
+        assert image.read_bytes() == b"pvio" * 1024  # an identical copy
+        yield "nbd+unix:///?socket=" + str(sock)
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"pvio" * 1024)
+    with fio._serving({"a": server, "b": server}, image):
+        assert len(set(served)) == 2 and image not in served
+    assert not any(p.exists() for p in served) and image.exists()  # the copies go afterwards
