@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -276,5 +277,31 @@ def test_unplug_takes_each_device_away_and_the_other_guest_carries_on(
         assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
         r = subprocess.run([*unplug, "u2", "gpu"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "gpu" in r.stderr  # not a device kind
+    finally:
+        assert c.stop() == 0, c.output()
+
+
+def test_a_dead_guest_or_launcher_is_restarted_and_the_lan_carries_on(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    state = tmp_path_factory.mktemp("lguest-restart") / "state"
+    c = lguest_up(state, [Guest("r1", "10.0.0.1/24", lan="rlan"), Guest("r2", "10.0.0.2/24", lan="rlan")])
+    try:
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", c.nbd_uri("r2")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the guest, then its Launcher, then the Launcher that holds the LAN's page (r1's)
+        for victim, name in (("r2", "r2"), ("r2-launcher", "r2"), ("r1-launcher", "r2")):
+            before = c.domain(name)["pid"]
+            os.kill(c.domain(victim)["pid"], signal.SIGKILL)
+            wait_until(lambda before=before, name=name: c.domain(name)["state"] == "running"  # type: ignore[misc]
+                       and c.domain(name)["pid"] != before
+                       and netns_exec("r1", "ping", "-c", "1", "-W", "1", "10.0.0.2").returncode == 0,
+                       f"{name} back on the LAN after {victim} died", timeout=60)
+            r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x77 0 64k", c.nbd_uri("r2")],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+        out = c.output()
+        assert "domain r2 is back" in out and "domain r2-launcher is back" in out, out
+        assert "domain r1-launcher is back" in out and "domain r1 is back" in out, out
     finally:
         assert c.stop() == 0, c.output()

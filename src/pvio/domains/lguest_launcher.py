@@ -91,6 +91,7 @@ class Launcher:
         self.served: dict[int, _Served] = {}  # by irq
         self.net_index: int | None = None  # the network device's slot (its page is the LAN's)
         self.net_failed = False
+        self.resets = 0  # times the guest started over
         self.disk: RawFile | None = None
         self.console: ConsoleDevice | None = None
         self.clients: set[asyncio.StreamWriter] = set()
@@ -264,15 +265,36 @@ class Launcher:
             if self.s.console_socket:
                 os.unlink(self.s.console_socket)
 
+    async def reset(self) -> dict[str, Any]:
+        """The guest died and is started again (the toolstack asks): its devices start
+        over as for a new guest — statuses back to 0, FAILED forgotten, each served
+        device's receive buffer bound again (the hypervisor dropped nothing of ours, but
+        a failed device's buffer was unbound).  Unplugged devices stay unplugged."""
+        self.table.reset(self.lport)
+        for served in self.served.values():
+            if served.failed and not served.removed:
+                served.failed = False
+                with contextlib.suppress(Exception):
+                    await self.dom.bind_dma(served.slot.addr + self.lport.delta, served.rx_dma, 1, served.slot.irq)
+        self.net_failed = False
+        self.resets = 0  # times the guest started over
+        self.resets += 1
+        return {"ok": True, "reset": self.resets}
+
     async def _control_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One request per line, JSON: {"unplug": "console" | "block" | "net"}."""
+        """One request per line, JSON: {"unplug": "console" | "block" | "net"} or {"reset": true}."""
         try:
             while line := await reader.readline():
                 try:
                     request = json.loads(line)
+                    if isinstance(request, dict) and request.get("reset") is True:
+                        reply = await self.reset()
+                        writer.write(json.dumps(reply).encode() + b"\n")
+                        await writer.drain()
+                        continue
                     kind = request["unplug"] if isinstance(request, dict) else None
                     if not isinstance(kind, str):
-                        raise ValueError("expected {\"unplug\": DEVICE}")
+                        raise ValueError("expected {\"unplug\": DEVICE} or {\"reset\": true}")
                     reply = await self.unplug(kind)
                 except (ValueError, KeyError) as exc:
                     reply = {"error": f"bad request: {exc}"}

@@ -239,6 +239,15 @@ class DeviceTable:
     def failed(self, port: LauncherPort, index: int) -> bool:
         return bool(self.status(port, index) & F)
 
+    def reset(self, port: LauncherPort) -> None:
+        """The guest starts over (it died and is started again): every device's status
+        goes back to 0, as for a new guest; a device unplugged stays unplugged (REMOVED
+        and its acknowledgement kept: a new guest's scan passes it by)."""
+        for s in self.slots:
+            at = self.descriptor_addr + s.index * DESC_SIZE + _STATUS_OFFSET
+            status = self.status(port, s.index)
+            port.write(at, _STATUS.pack(status & (R | RA) if status & R else 0))
+
     def _host_event(self, port: LauncherPort, index: int, event: BusEvent,
                     status: int | None = None) -> None:
         if status is None:
@@ -347,7 +356,7 @@ class Bus:
         found: list[LguestDevice] = []
         for index in range(LGUEST_MAX_DEVICES):
             fields = LGUEST_DEVICE_DESC.unpack(page, index * DESC_SIZE)
-            if fields["type"] == 0:
+            if fields["type"] == 0 or fields["status"] & R:  # none, or unplugged before
                 continue
             self.set_status(index, BusEvent.FOUND)
             try:

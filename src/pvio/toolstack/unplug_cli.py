@@ -27,7 +27,7 @@ def control_socket_of(state_dir: Path, name: str) -> str:
     return sock
 
 
-def request(sock_path: str, message: dict[str, str], timeout: float) -> dict[str, object]:
+def request(sock_path: str, message: dict[str, object], timeout: float) -> dict[str, object]:
     """One request to a Launcher's control socket and its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)

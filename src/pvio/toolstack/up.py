@@ -404,6 +404,10 @@ class Toolstack:
         try:
             if run.spec.role == "guest":
                 await self._renew_guest(run)
+            elif run.spec.role == "lguest-guest":
+                await self._reset_lguest_devices(run)
+            elif run.spec.role == "lguest-launcher":
+                self._stop_its_guest(run)
             await self._spawn_domain(run, await self._attach(run.spec.domid))
             await self._wait_ready(run)
         except UpError as e:
@@ -429,6 +433,30 @@ class Toolstack:
         with contextlib.suppress(Exception):
             await self.xs.rm(f"/local/domain/{run.spec.domid}")
         await self._make_domain(run)
+
+    async def _reset_lguest_devices(self, run: DomainRun) -> None:
+        """Before an lguest guest starts over, its Launcher resets its devices (statuses
+        back to 0, as for a new guest); unplugged ones stay unplugged."""
+        from pvio.toolstack.unplug_cli import control_socket_of, request
+
+        sock = control_socket_of(self.paths.root, run.spec.name)
+        answer = await asyncio.to_thread(request, sock, {"reset": True}, 10.0)
+        if not answer.get("ok"):
+            raise UpError(f"its Launcher did not reset its devices: {answer.get('error', answer)}")
+
+    def _stop_its_guest(self, launcher: DomainRun) -> None:
+        """A Launcher that died took its guest's devices with it: the guest is stopped
+        too, and restarted (supervision sees it die) against the new Launcher.  The
+        Launcher of a LAN's first guest also held the LAN's page: every guest on that
+        LAN starts over with the new one."""
+        guest_domid = launcher.spec.extra.get("guest_domid")
+        members = [int(m["domid"]) for m in launcher.spec.extra.get("lan_members") or []]
+        victims = set(members) if members and min(members) == guest_domid else {guest_domid}
+        for run in self.domains:
+            if run.spec.role == "lguest-guest" and run.spec.domid in victims and run.child.running:
+                assert run.child.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    run.child.proc.kill()
 
     def _report_backend_failures(self, run: DomainRun) -> None:
         """Say once each device the driver domain cannot serve, with the cause (its
