@@ -52,6 +52,7 @@ from pvio.nbd.address import nbd_uri_for_socket
 from pvio.toolstack import preflight, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
+from pvio.toolstack.handover import XenstoreHandover
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
@@ -98,9 +99,7 @@ class Toolstack:
         self._lock_fd = -1
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
-        self._channels: dict[int, socket.socket] = {}  # domid -> its channel to us
-        self._xenstored_up = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.handover = XenstoreHandover(self._attach)
 
     # -- output --------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class Toolstack:
         from pvio.xenstore.client import AsyncClient
 
         self.xs = await AsyncClient.open(str(self.paths.xenstored_socket), reconnect=True)
-        self._xenstored_up.set()
+        self.handover.xenstored_up.set()
 
     async def _transact(self, ops: list[xslayout.XsOp]) -> None:
         xs = self.xs
@@ -237,58 +236,14 @@ class Toolstack:
         finally:
             xs_sock.close()  # the domain holds them now
             theirs.close()
-        self._serve_channel(spec.domid, ours)
+        self.handover.serve(spec.domid, ours)
         if child not in self.children:
             self.children.append(child)
-
-    # A domain asks for a new XenStore connection over its channel when xenstored has
-    # restarted: it gets one bound to its domid, once xenstored serves again.
-    def _serve_channel(self, domid: int, channel: socket.socket) -> None:
-        old = self._channels.pop(domid, None)
-        loop = asyncio.get_running_loop()
-        if old is not None:
-            loop.remove_reader(old.fileno())
-            old.close()
-        channel.setblocking(False)
-        self._channels[domid] = channel
-        loop.add_reader(channel.fileno(), self._on_channel, domid, channel)
-
-    def _on_channel(self, domid: int, channel: socket.socket) -> None:
-        try:
-            request = channel.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            request = b""
-        if not request:  # the domain is gone
-            asyncio.get_running_loop().remove_reader(channel.fileno())
-            if self._channels.get(domid) is channel:
-                del self._channels[domid]
-            channel.close()
-            return
-        task = asyncio.get_running_loop().create_task(self._hand_over(domid, channel))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _hand_over(self, domid: int, channel: socket.socket) -> None:
-        try:
-            await self._xenstored_up.wait()
-            sock = await self._attach(domid)
-        except Exception as e:
-            with contextlib.suppress(OSError):
-                channel.send(f"error: {e}".encode()[:200])
-            return
-        try:
-            socket.send_fds(channel, [b"ok"], [sock.fileno()])
-        except OSError:
-            pass  # the domain went away meanwhile
-        finally:
-            sock.close()
 
     async def _restart_xenstored(self, child: Child) -> None:
         """xenstored died: start it again from its database (the whole tree, the domains
         introduced); each domain's client asks for a new connection and carries on."""
-        self._xenstored_up.clear()
+        self.handover.xenstored_up.clear()
         child.restarts += 1
         code = child.proc.returncode if child.proc else None
         self.say(f"pvio up: xenstored exited (status {code}); restarting it from its database "
@@ -299,7 +254,7 @@ class Toolstack:
         await child.stop()  # closes its log
         await child.start()
         await wait_socket(self.paths.xenstored_socket, child)
-        self._xenstored_up.set()
+        self.handover.xenstored_up.set()
         self.say("pvio up: xenstored is back; the domains reconnect")
 
     def plan(self) -> None:
@@ -482,11 +437,7 @@ class Toolstack:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        for channel in self._channels.values():
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(channel.fileno())
-            channel.close()
-        self._channels.clear()
+        self.handover.close()
         guests = [r for r in self.domains if r.spec.role != "driver"]
         drivers = [r for r in self.domains if r.spec.role == "driver"]
         # Guests first: each takes its vbds through Closing -> Closed and ends its grants.
