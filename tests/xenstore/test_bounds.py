@@ -260,7 +260,9 @@ def test_accept_out_of_descriptors_backs_off_and_logs_once(tmp_path: Path) -> No
         late.close()
         assert size < 1024, log.read_text(errors="replace")[:2000]
         text = log.read_text(errors="replace")
-        assert text.count("accept: ") == 1 and "Traceback" not in text, text[:2000]
+        # Logged once per episode (a descriptor the daemon frees meanwhile, such as the
+        # probe connection's, may end one and start another), never per attempt.
+        assert 1 <= text.count("accept: ") <= 2 and "Traceback" not in text, text[:2000]
     finally:
         proc.terminate()
         proc.wait(10)
