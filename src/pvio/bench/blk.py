@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -66,6 +65,7 @@ import click
 from pvio.bench.harness import fio
 from pvio.bench.harness.benchmark import Benchmark, Context, Params
 from pvio.bench.harness.figures import Figure, Stats
+from pvio.jsonfile import read_json
 from pvio.testing.up import UpFailed, UpProcess
 
 #: pvio's subjects: label -> `pvio up --transport`.
@@ -155,14 +155,6 @@ class Counters:
 
 def _values(c: Counters) -> tuple[int, ...]:
     return tuple(getattr(c, f.name) for f in dataclasses.fields(c))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # -- pvio up as a server -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nbd": ("pvio.nbd.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
+    "top": ("pvio.toolstack.top_cli:top", "Show a running pvio up's domains and devices live, as xentop does."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pvio.jsonfile import read_json, write_json
+
 ROLES = ("driver", "guest", "lguest-guest", "lguest-launcher")
 
 
@@ -122,17 +124,9 @@ def pid_alive(pid: object) -> bool:
 
 
 def write_status(path: str | os.PathLike[str], **status: Any) -> None:
-    """Atomically replace a status file with one JSON object (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    """Atomically replace a status file with one JSON object (`pvio.jsonfile`)."""
+    write_json(path, status)
 
 
 def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json(path)

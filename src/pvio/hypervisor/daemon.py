@@ -35,6 +35,7 @@ import re
 import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 import click
@@ -42,12 +43,14 @@ import click
 from pvio.hypervisor import wire
 from pvio.hypervisor.accounts import HostLimits
 from pvio.hypervisor.aio import FrameReceiver, run, send_frame
+from pvio.hypervisor.census import census
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.listener import Acceptor
 from pvio.hypervisor.platform import OsPlatform, host_limits
 from pvio.hypervisor.session import Session, push_frames
 from pvio.hypervisor.wire import Op
+from pvio.jsonfile import write_json
 
 log = logging.getLogger("pvio.hypervisor.daemon")
 
@@ -256,9 +259,22 @@ def _at_eof(sock: socket.socket) -> bool:
         return True
 
 
-async def serve(path: str, ready: Callable[[], None] | None = None, *, max_memory: int | None = None) -> None:
+#: Seconds between rewrites of the status file (`--status`).
+STATUS_INTERVAL = 1.0
+
+
+async def report(server: HypervisorServer, path: str) -> None:
+    """The census of every domain into `path`, now and every STATUS_INTERVAL seconds."""
+    while True:
+        write_json(path, {"pid": os.getpid(), "time": time.time(), **census(server.hv)})
+        await asyncio.sleep(STATUS_INTERVAL)
+
+
+async def serve(path: str, ready: Callable[[], None] | None = None, *, max_memory: int | None = None,
+                status: str | None = None) -> None:
     server = HypervisorServer(path, host_limits(max_memory))
     await server.start()
+    reporter = asyncio.get_running_loop().create_task(report(server, status)) if status else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -268,6 +284,8 @@ async def serve(path: str, ready: Callable[[], None] | None = None, *, max_memor
     try:
         await stop.wait()
     finally:
+        if reporter is not None:
+            reporter.cancel()
         await server.stop()
 
 
@@ -279,8 +297,10 @@ async def serve(path: str, ready: Callable[[], None] | None = None, *, max_memor
     default=None,
     help="Memory to promise to domains, in all (e.g. 16G; default: the host's MemAvailable at start).",
 )
+@click.option("--status", type=click.Path(dir_okay=False), default=None,
+              help="Write what each domain holds (pages, grants, event channels) here every second, for pvio top.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def hypervisor(path: str, max_memory: str | None, verbose: int) -> None:
+def hypervisor(path: str, max_memory: str | None, status: str | None, verbose: int) -> None:
     """Run pvio's hypervisor: domains, grant tables, event channels, lguest DMA."""
     limit = None if max_memory is None else _parse_size(max_memory)
     # Every port and every domain's memory is a descriptor: allow as many as we may (the
@@ -290,7 +310,8 @@ def hypervisor(path: str, max_memory: str | None, verbose: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
-    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True), max_memory=limit))
+    run(serve(path, ready=lambda: print(f"pvio hypervisor: listening on {path}", flush=True), max_memory=limit,
+              status=status))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)

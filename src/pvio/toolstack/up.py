@@ -155,7 +155,8 @@ class Toolstack:
         hv = await self._start_child(
             Child(
                 "hypervisor",
-                python_argv("pvio", "hypervisor", "--socket", str(self.paths.hypervisor_socket)),
+                python_argv("pvio", "hypervisor", "--socket", str(self.paths.hypervisor_socket),
+                            "--status", str(self.paths.status("hypervisor"))),
                 self.paths.log("hypervisor"),
             )
         )
@@ -171,6 +172,8 @@ class Toolstack:
                     str(self.paths.xenstored_control),
                     "--db",  # durable: a restarted xenstored has the whole tree back
                     str(self.paths.xenstore_db),
+                    "--status",  # for pvio top
+                    str(self.paths.status("xenstored")),
                 ),
                 self.paths.log("xenstored"),
             )

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 
 import click
 
+from pvio.jsonfile import write_json
 from pvio.xenstore.daemon import XenStoreDaemon, raise_nofile, run
 from pvio.xenstore.quotas import Quotas
+
+#: Seconds between rewrites of the status file (`--status`).
+STATUS_INTERVAL = 1.0
+
+
+async def report(daemon: XenStoreDaemon, path: str) -> None:
+    """What the daemon serves into `path`, now and every STATUS_INTERVAL seconds."""
+    while True:
+        write_json(path, {"pid": os.getpid(), "time": time.time(), **daemon.server.census(),
+                          **daemon.statistics()})
+        await asyncio.sleep(STATUS_INTERVAL)
 
 
 @click.command("xenstored")
@@ -21,6 +35,8 @@ from pvio.xenstore.quotas import Quotas
               help="Control socket for attaching domain connections [SOCKET.control].")
 @click.option("--sync-interval", type=float, default=0.0, show_default=True,
               help="Seconds to coalesce --db snapshots; 0 = before each reply.")
+@click.option("--status", type=click.Path(dir_okay=False), default=None,
+              help="Write the connections, watches and transactions here every second, for pvio top.")
 @click.option("--quota-nodes", type=int, default=Quotas.nodes_per_domain, show_default=True,
               help="Nodes a domain may own (-E).")
 @click.option("--quota-node-size", type=int, default=Quotas.node_size, show_default=True,
@@ -38,6 +54,7 @@ def xenstored(
     db: str | None,
     control_path: str | None,
     sync_interval: float,
+    status: str | None,
     quota_nodes: int,
     quota_node_size: int,
     quota_watches: int,
@@ -70,9 +87,13 @@ def xenstored(
         ready = asyncio.Event()
         waiter = asyncio.ensure_future(ready.wait())
         waiter.add_done_callback(lambda _: click.echo(f"xenstored: listening on {socket_path}"))
+        reporter = asyncio.ensure_future(report(daemon, status)) if status else None
         try:
             await run(daemon, ready)
         except asyncio.CancelledError:
             pass
+        finally:
+            if reporter is not None:
+                reporter.cancel()
 
     asyncio.run(main())

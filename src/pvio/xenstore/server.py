@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
@@ -103,6 +103,7 @@ class Connection:
     next_tx_id: int = 1
     closed: bool = False
     who: Who = field(default_factory=lambda: Who(0, True))
+    requests: int = 0  # requests handled (for pvio top)
 
 
 Handler = Callable[[Connection, Packet, Transaction | None], bytes]
@@ -228,9 +229,21 @@ class XenStoreServer:
             return None
         return self.handle(conn_id, pkt)
 
+    def census(self) -> dict[str, Any]:
+        """Connections, their watches, transactions and requests, for pvio top."""
+        return {
+            "nodes": len(self.store.nodes),
+            "connections": [
+                {"conn": c.conn_id, "domid": c.domid, "privileged": c.privileged, "requests": c.requests,
+                 "watches": self.watches.watching(c.conn_id), "transactions": len(c.transactions)}
+                for c in self.conns.values()
+            ],
+        }
+
     def handle(self, conn_id: int, pkt: Packet) -> list[Output]:
         """Handle one decoded request on a connection."""
         conn = self.conns[conn_id]
+        conn.requests += 1
         type_, req_id, tx_id, _ = pkt
         try:
             handler = self._handlers.get(type_)

@@ -87,6 +87,10 @@ class WatchTable:
         self.count: Counter[int] = Counter()
         self._by_conn: dict[int, dict[tuple[str, bytes], Watch]] = {}
 
+    def watching(self, conn_id: int) -> int:
+        """How many watches connection `conn_id` has."""
+        return len(self._by_conn.get(conn_id, ()))
+
     def add(self, watcher: Watcher, path: str, token: bytes, relative: bool) -> Watch:
         """Register a watch (EEXIST for the same path and token again, E2BIG past the
         domain's quota)."""
