@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -77,6 +78,7 @@ from pvio.hypervisor.errors import GrantError, HypercallError
 from pvio.hypervisor.granting import NoSpace
 from pvio.ring import BackRing, RingBroken, SharedRing
 from pvio.storage.backend import VectoredBackend
+from pvio.trace import TRACE, flow_id
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ class BlkbackRing:
     ) -> None:
         self.domain = domain
         self.frontend_domid = frontend_domid
+        self._taken: dict[int, int] = {}  # request id -> when it was taken (while tracing)
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
@@ -272,6 +275,8 @@ class BlkbackRing:
                 self.stats.err_req += 1
                 refused.append(build_response(self.abi, req.id, req.operation, e.status))
                 continue
+            if TRACE.on:
+                self._taken[req.id] = time.monotonic_ns()
             if io.preflush:
                 # A barrier or flush: everything before it (this batch's group included)
                 # completes first.
@@ -501,6 +506,10 @@ class BlkbackRing:
             elif io.kind == "discard":
                 st.ds_req += 1
             out.append(build_response(self.abi, io.request.id, io.request.operation, w.status))
+            if TRACE.on and (taken := self._taken.pop(io.request.id, 0)):
+                TRACE.span(f"blkback {io.kind}", "blk", taken,
+                           args={"sector": io.request.sector_number, "bytes": io.length, "status": w.status},
+                           flow=flow_id(self.frontend_domid, io.request.id, io.request.sector_number))
         self._respond(out)
 
     def _respond(self, responses: list[bytes]) -> None:

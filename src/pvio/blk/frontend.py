@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ from pvio.abi.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_NAMES,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
@@ -76,6 +78,7 @@ from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import FrontRing, RingBroken, SharedRing
 from pvio.storage.backend import BackendInfo
+from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +291,13 @@ class BlkFront:
                 tuple(grefs), pending,
             )
         self.stats.requests += 1
+        t0 = time.monotonic_ns() if TRACE.on else 0
         self._put(shadow)
         status = await fut
+        if TRACE.on and t0:  # the request's hop in this domain; blkback names it alike
+            CURRENT_FLOW.set(flow := flow_id(self.domain.domid, shadow.id, sector))
+            TRACE.span(f"blkfront {BLKIF_OP_NAMES.get(shadow.operation)}", "blk", t0,
+                       args={"sector": sector, "bytes": nbytes, "status": status}, flow=flow)
         if status != BLKIF_RSP_OKAY:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
     "top": ("pvio.toolstack.top_cli:top", "Show a running pvio up's domains and devices live, as xentop does."),
+    "trace": ("pvio.toolstack.trace_cli:trace", "Record a running pvio up's rings, grants and notifies as a Perfetto trace."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }

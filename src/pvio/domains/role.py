@@ -21,6 +21,7 @@ from pvio.domains.spec import DomainSpec, write_status
 from pvio.hypervisor import aio
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.errors import HypercallError
+from pvio.trace import TRACE_DIR, follow
 from pvio.xenstore.client import AsyncClient
 
 #: Seconds between refreshes of a domain's status file.
@@ -90,12 +91,14 @@ async def report_status(
     def write() -> None:
         write_status(spec.status_file, ready=True, pid=os.getpid(), domid=domid, role=spec.role, **sample())
 
+    trace_dir = os.path.join(spec.state_dir, TRACE_DIR)
     write()
     next_write = loop.time() + STATUS_INTERVAL
     while True:
         await asyncio.sleep(poll_interval if poll is not None else STATUS_INTERVAL)
         if poll is not None:
             await poll()
+        follow(trace_dir, spec.name)  # `pvio trace` switches tracing on and off
         if loop.time() >= next_write:
             write()
             next_write = loop.time() + STATUS_INTERVAL

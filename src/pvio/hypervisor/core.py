@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ from pvio.hypervisor.event_channel import EventChannels
 from pvio.hypervisor.grant_table import GrantTables
 from pvio.hypervisor.lguest_dma import LguestDma
 from pvio.hypervisor.wire import Op
+from pvio.trace import TRACE
 
 log = logging.getLogger("pvio.hypervisor")
 
@@ -307,7 +309,14 @@ class Hypervisor:
         d = self.domains.get(domid)
         if d is None:
             return [Reply(-errno.ESRCH, b"") for _ in ops]
-        return [self._execute_one(d, op) for op in ops]
+        if not TRACE.on:
+            return [self._execute_one(d, op) for op in ops]
+        t0 = time.monotonic_ns()  # a batch, as `pvio trace` shows it: which ops, for whom
+        replies = [self._execute_one(d, op) for op in ops]
+        kinds = sorted({_op_name(op) for op in ops})
+        TRACE.span(f"hypercall batch: {', '.join(kinds)}", "hypervisor", t0,
+                   args={"domid": domid, "ops": len(ops)})
+        return replies
 
     def _execute_one(self, d: DomainRecord, op: Op) -> Reply:
         try:
@@ -588,3 +597,15 @@ def _scalar_names(layout: Layout) -> tuple[str, ...]:
 
 
 __all__ = ["DOMID_INVALID", "Hypervisor", "Push", "Reply"]
+
+
+_HYPERCALL_NAMES = {wire.HYPERVISOR_grant_table_op: "grant_table_op", wire.HYPERVISOR_event_channel_op:
+                    "event_channel_op", wire.PVIO_HYPERVISOR_domctl: "domctl", wire.PVIO_HYPERVISOR_lguest: "lguest"}
+_GNTTAB_NAMES = {gt.GNTTABOP_map_grant_ref: "map", gt.GNTTABOP_unmap_grant_ref: "unmap", gt.GNTTABOP_copy: "copy"}
+
+
+def _op_name(op: wire.Op) -> str:
+    """A hypercall's name for a trace ("grant copy", "event_channel_op")."""
+    if op.hypercall == wire.HYPERVISOR_grant_table_op and op.cmd in _GNTTAB_NAMES:
+        return f"grant {_GNTTAB_NAMES[op.cmd]}"
+    return _HYPERCALL_NAMES.get(op.hypercall, str(op.hypercall))

@@ -37,6 +37,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -51,6 +52,7 @@ from pvio.hypervisor.platform import OsPlatform, host_limits
 from pvio.hypervisor.session import Session, push_frames
 from pvio.hypervisor.wire import Op
 from pvio.jsonfile import write_json
+from pvio.trace import TRACE_DIR, follow
 
 log = logging.getLogger("pvio.hypervisor.daemon")
 
@@ -264,9 +266,12 @@ STATUS_INTERVAL = 1.0
 
 
 async def report(server: HypervisorServer, path: str) -> None:
-    """The census of every domain into `path`, now and every STATUS_INTERVAL seconds."""
+    """The census of every domain into `path`, now and every STATUS_INTERVAL seconds;
+    tracing follows the session of the stack whose state directory holds `path`."""
+    trace_dir = Path(path).resolve().parent.parent / TRACE_DIR
     while True:
         write_json(path, {"pid": os.getpid(), "time": time.time(), **census(server.hv)})
+        follow(trace_dir, "hypervisor")
         await asyncio.sleep(STATUS_INTERVAL)
 
 

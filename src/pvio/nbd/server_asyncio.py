@@ -49,6 +49,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -66,6 +67,7 @@ from pvio.nbd.events import (
 )
 from pvio.nbd.server import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, NbdServerConnection
 from pvio.storage.backend import BlockBackend
+from pvio.trace import CURRENT_FLOW, TRACE
 
 log = logging.getLogger("pvio.nbd")
 
@@ -308,6 +310,7 @@ class _Connection(asyncio.Protocol):
         assert backend is not None
         data: bytes | bytearray | memoryview = b""
         error = 0
+        t0 = time.monotonic_ns() if TRACE.on else 0
         try:
             if cmd.type == w.NBD_CMD_READ:
                 data = await backend.read(cmd.offset, cmd.length)
@@ -331,6 +334,11 @@ class _Connection(asyncio.Protocol):
         parts = self.core.reply(cmd, error, data)
         if not self.lost and self.transport is not None and not self.transport.is_closing():
             self._queue_reply(parts)
+        if TRACE.on and t0:  # the command's life here; its flow runs on into blkfront
+            flow = CURRENT_FLOW.get()
+            TRACE.span(f"nbd {cmd.name}", "nbd", t0, args={"offset": cmd.offset, "length": cmd.length,
+                                                             "error": error}, flow=flow, flow_phase="s")
+            TRACE.instant("nbd reply", "nbd", flow=flow, flow_phase="f")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

@@ -27,6 +27,7 @@ import errno as errno_mod
 from typing import Protocol
 
 from pvio.abi.xenbus import XenbusState as S
+from pvio.trace import TRACE
 from pvio.xenbus.handshake import Action, Handshake, Role, Step, parse_state
 from pvio.xenstore.client import AsyncClient, WatchStream
 
@@ -54,6 +55,8 @@ class XenbusDevice:
     # :T
     async def switch_state(self, state: S, tx: int = 0) -> None:
         await self.xs.write(f"{self.nodename}/state", str(int(state)), tx)
+        if TRACE.on:
+            TRACE.instant(f"xenbus {state.name}", "xenbus", args={"node": self.nodename})
 
     async def dev_error(self, err: int, message: str) -> None:
         """Record an error as Linux's xenbus_dev_error does, without closing."""

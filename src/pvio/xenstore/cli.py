@@ -7,10 +7,12 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import click
 
 from pvio.jsonfile import write_json
+from pvio.trace import TRACE_DIR, follow
 from pvio.xenstore.daemon import XenStoreDaemon, raise_nofile, run
 from pvio.xenstore.quotas import Quotas
 
@@ -20,9 +22,11 @@ STATUS_INTERVAL = 1.0
 
 async def report(daemon: XenStoreDaemon, path: str) -> None:
     """What the daemon serves into `path`, now and every STATUS_INTERVAL seconds."""
+    trace_dir = Path(path).resolve().parent.parent / TRACE_DIR  # the stack's, beside domains/
     while True:
         write_json(path, {"pid": os.getpid(), "time": time.time(), **daemon.server.census(),
                           **daemon.statistics()})
+        follow(trace_dir, "xenstored")
         await asyncio.sleep(STATUS_INTERVAL)
 
 

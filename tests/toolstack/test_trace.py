@@ -1,0 +1,90 @@
+"""`pvio trace`: one process's recorder switched on and off by the session file, the
+Chrome/Perfetto trace-event format it writes, and a real session on a running pvio up —
+the JSON valid, every request's flow started and finished, its hops in two processes, a
+summary per hop and a picture of one request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pvio.testing.up import UpProcess
+from pvio.trace import SESSION_FILE, TRACE, chrome_trace, flow_id, follow
+
+REQUIRED = {"ph", "name", "pid", "tid"}
+
+
+def valid(trace: dict[str, object]) -> list[dict[str, object]]:
+    """The trace-event format's required fields, and flows that pair up."""
+    events = trace["traceEvents"]
+    assert isinstance(events, list) and events
+    open_flows: dict[object, int] = {}
+    for e in sorted((e for e in events if e["ph"] != "M"), key=lambda e: e["ts"]):
+        assert set(e) >= REQUIRED and isinstance(e["ts"], float | int), e
+        if e["ph"] == "X":
+            assert e["dur"] >= 0, e
+        if e["ph"] == "s":
+            open_flows[e["id"]] = open_flows.get(e["id"], 0) + 1
+        elif e["ph"] == "f":
+            assert open_flows.get(e["id"], 0) > 0, f"flow {e['id']} finished before it started"
+            open_flows[e["id"]] -= 1
+    for e in events:
+        if e["ph"] == "M":
+            assert e["name"] == "process_name" and e["args"]["name"], e
+    return events
+
+
+def test_follow_switches_on_and_off_and_writes_the_events(tmp_path: Path) -> None:
+    assert not TRACE.on
+    follow(tmp_path, "me")
+    assert not TRACE.on  # no session: off, nothing written
+    (tmp_path / SESSION_FILE).write_text(json.dumps({"session": "s1"}))
+    follow(tmp_path, "me")
+    assert TRACE.on
+    t0 = time.monotonic_ns()
+    TRACE.span("nbd read", "nbd", t0, flow=flow_id(1, 2, 3), flow_phase="s")
+    TRACE.instant("nbd reply", "nbd", flow=flow_id(1, 2, 3), flow_phase="f")
+    (tmp_path / SESSION_FILE).unlink()
+    follow(tmp_path, "me")
+    assert not TRACE.on
+    (dump,) = [json.loads(p.read_text()) for p in (tmp_path / "s1").glob("me-*.json")]
+    assert dump["name"] == "me" and len(dump["events"]) == 2
+    events = valid(chrome_trace([dump]))
+    assert {e["ph"] for e in events} == {"M", "X", "i", "s", "f"}
+    assert flow_id(1, 2, 3) == flow_id(1, 2, 3) != flow_id(1, 2, 4)  # both ends compute alike
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
+    up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=32M, target={tmp_path / 'a.img'}").start()
+    try:
+        uri = up.device("guest1", vdev="xvda")["nbd"]
+        fio = subprocess.Popen(["fio", "--name=trace", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                                "--bs=4k", "--iodepth=2", "--time_based", "--runtime=30", "--size=16m"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            r = subprocess.run([sys.executable, "-m", "pvio", "trace", "--state-dir", str(up.state_dir),
+                                "--seconds", "1", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            fio.kill()
+            fio.wait()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "no events from" not in r.stdout, r.stdout  # every process took part
+        events = valid(json.loads((tmp_path / "t.json").read_text()))
+        names = {e["name"] for e in events if e["ph"] == "X"}
+        assert {"nbd NBD_CMD_WRITE", "blkfront BLKIF_OP_WRITE", "blkback write"} <= names, names
+        tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
+        assert {"guest1", "driver", "hypervisor", "xenstored"} <= tracks
+        assert "blkback write" in r.stdout and "median" in r.stdout  # the summary
+        assert "2 processes" in r.stdout and (tmp_path / "t.png").stat().st_size > 1000
+        # Off again: the processes record nothing between sessions.
+        assert not (up.state_dir / "trace" / SESSION_FILE).exists()
+    finally:
+        assert up.stop() == 0, up.output()
