@@ -43,6 +43,7 @@ from pvio.hypervisor.client_channel import Hypercalls
 from pvio.hypervisor.client_core import EventPorts
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.wire import Op
+from pvio.trace import TRACE
 
 #: The pushes that change this domain's ports (`EventClient.on_push`).
 PORT_PUSHES = frozenset({wire.PVIO_PUSH_port_bound, wire.PVIO_PUSH_port_alloc, wire.PVIO_PUSH_port_unbound})
@@ -124,6 +125,8 @@ class EventClient:
             task.add_done_callback(self._sends.discard)
             return
         os.eventfd_write(st.tx_fd, 1)
+        if TRACE.on:
+            TRACE.instant("notify sent", "evtchn", args={"port": port})
 
     async def send_via_hypervisor(self, port: int) -> None:
         """EVTCHNOP_send: notify through the hypervisor (the slow path)."""
@@ -141,6 +144,8 @@ class EventClient:
     def _deliver(self, port: int) -> None:
         if not self.ports.event(port):  # no such port, or masked (now pending)
             return
+        if TRACE.on:
+            TRACE.instant("notify received", "evtchn", args={"port": port})
         st = self.ports.ports[port]
         if st.handler is not None:
             st.handler(port)

@@ -34,12 +34,14 @@ the adapter serves connections fairly instead), or the CONTROL commands beyond `
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
+from pvio.trace import TRACE
 from pvio.xenstore import paths
 from pvio.xenstore.domains import DOMID_SELF, XsDomain, atoi, forget, parse_introduce
 from pvio.xenstore.errors import ProtocolViolation, XsError
@@ -245,6 +247,7 @@ class XenStoreServer:
         conn = self.conns[conn_id]
         conn.requests += 1
         type_, req_id, tx_id, _ = pkt
+        t0 = time.monotonic_ns() if TRACE.on else 0
         try:
             handler = self._handlers.get(type_)
             if handler is None:
@@ -274,6 +277,8 @@ class XenStoreServer:
         if self._after:
             out.extend(self._after)
             self._after.clear()
+        if t0:
+            TRACE.span(f"xs {_type_name(type_)}", "xenstore", t0, args={"domid": conn.domid, "tx": tx_id})
         return out
 
     def _take(self) -> list[Output]:
@@ -423,3 +428,10 @@ class XenStoreServer:
         if cmd == b"quota":
             return self.quotas.describe().encode() + b"\0"
         raise XsError("EINVAL", f"unknown control command {cmd!r}", field="payload")
+
+
+def _type_name(type_: int) -> str:
+    try:
+        return T(type_).name
+    except ValueError:
+        return str(type_)
