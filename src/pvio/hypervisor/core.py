@@ -313,7 +313,7 @@ class Hypervisor:
             return [self._execute_one(d, op) for op in ops]
         t0 = time.monotonic_ns()  # a batch, as `pvio trace` shows it: which ops, for whom
         replies = [self._execute_one(d, op) for op in ops]
-        kinds = sorted({_op_name(op) for op in ops})
+        kinds = sorted({wire.op_name(op) for op in ops})
         TRACE.span(f"hypercall batch: {', '.join(kinds)}", "hypervisor", t0,
                    args={"domid": domid, "ops": len(ops)})
         return replies
@@ -597,15 +597,3 @@ def _scalar_names(layout: Layout) -> tuple[str, ...]:
 
 
 __all__ = ["DOMID_INVALID", "Hypervisor", "Push", "Reply"]
-
-
-_HYPERCALL_NAMES = {wire.HYPERVISOR_grant_table_op: "grant_table_op", wire.HYPERVISOR_event_channel_op:
-                    "event_channel_op", wire.PVIO_HYPERVISOR_domctl: "domctl", wire.PVIO_HYPERVISOR_lguest: "lguest"}
-_GNTTAB_NAMES = {gt.GNTTABOP_map_grant_ref: "map", gt.GNTTABOP_unmap_grant_ref: "unmap", gt.GNTTABOP_copy: "copy"}
-
-
-def _op_name(op: wire.Op) -> str:
-    """A hypercall's name for a trace ("grant copy", "event_channel_op")."""
-    if op.hypercall == wire.HYPERVISOR_grant_table_op and op.cmd in _GNTTAB_NAMES:
-        return f"grant {_GNTTAB_NAMES[op.cmd]}"
-    return _HYPERCALL_NAMES.get(op.hypercall, str(op.hypercall))

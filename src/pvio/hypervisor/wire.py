@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 
+from pvio.abi import grant_table as gt
 from pvio.abi.layout import Layout
 from pvio.hypervisor.errors import ProtocolError
 
@@ -275,3 +276,15 @@ def decode_frame(buf: bytes | memoryview) -> Frame:
     if off != n:
         raise ProtocolError(f"{n - off} trailing bytes")
     return Frame(kind, seq, ops)
+
+
+_HYPERCALL_NAMES = {HYPERVISOR_grant_table_op: "grant_table_op", HYPERVISOR_event_channel_op:
+                    "event_channel_op", PVIO_HYPERVISOR_domctl: "domctl", PVIO_HYPERVISOR_lguest: "lguest"}
+_GNTTAB_NAMES = {gt.GNTTABOP_map_grant_ref: "map", gt.GNTTABOP_unmap_grant_ref: "unmap", gt.GNTTABOP_copy: "copy"}
+
+
+def op_name(op: Op) -> str:
+    """A hypercall's name for a trace ("grant copy", "event_channel_op")."""
+    if op.hypercall == HYPERVISOR_grant_table_op and op.cmd in _GNTTAB_NAMES:
+        return f"grant {_GNTTAB_NAMES[op.cmd]}"
+    return _HYPERCALL_NAMES.get(op.hypercall, str(op.hypercall))
