@@ -26,10 +26,11 @@ def qemu_io(uri: str, *commands: str, timeout: float = 30) -> subprocess.Complet
     return subprocess.run([*argv, uri], capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for(what: str, condition: object, timeout: float = 30) -> None:
+def wait_for(what: str, condition: object, timeout: float = 30, output: object = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (
+            f":\n{output()}" if output else "")  # type: ignore[operator]
         time.sleep(0.1)
 
 
@@ -51,7 +52,8 @@ def test_an_image_that_cannot_be_opened_fails_requests_and_says_why(tmp_path: Pa
         # The image back and the driver restarted: the disk serves again, data intact.
         os.rename(tmp_path / "moved.img", img)
         os.kill(up.domain("driver")["pid"], signal.SIGKILL)
-        wait_for("the disk to serve again", lambda: qemu_io(uri, "read -P 0x5a 0 64k").returncode == 0, 60)
+        wait_for("the disk to serve again", lambda: qemu_io(uri, "read -P 0x5a 0 64k").returncode == 0, 120,
+                 up.output)
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
