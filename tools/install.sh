@@ -53,9 +53,16 @@ install_python_env() {
   "$VENV/bin/python" -m pip install -q -e ".${extra:+[$extra]}"
 }
 
+# native/: the /dev/xen device layer (libpvio-xen.so) and its ASan/UBSan build.
+build_native() {
+  step "make -C native"
+  make -s -C "$(dirname "${BASH_SOURCE[0]}")/../native" all asan
+}
+
 # Run directly (as the README's first command does): install everything.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   install_debian_packages
   install_python_env
+  build_native
   step "pvio is installed: $VENV/bin/pvio"
 fi
