@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
+    "run": ("pvio.toolstack.run_cli:run", "Run a program built on Xen's libraries as a domain of a running pvio up."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }
 
