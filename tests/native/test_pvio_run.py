@@ -9,6 +9,7 @@ domain is gone from XenStore.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from native.devlayer import build_layer, build_peer, check_output
+from native.devlayer import build_layer, build_peer, check_output, library, preload
 from pvioup import PvioUp
 
 pytestmark = pytest.mark.slow
@@ -89,3 +90,39 @@ def test_two_programs_are_two_domains(up: PvioUp, peer: Path, transport: str) ->
             granter.kill()
             granter.wait()
     assert check_output(granter, out, err) == ["shared", "done"]
+
+
+def wait_introduced(up: PvioUp, domid: int) -> None:
+    up.wait_for(lambda: subprocess.run(["xenstore-exists", f"/local/domain/{domid}/name"], env=up.xs_env()).returncode == 0,
+                timeout=30, what=f"domain {domid} in XenStore")
+
+
+@pytest.mark.parametrize(("variant", "mib"), [("plain", 100), ("asan", 4)])
+def test_libxenvchan_between_two_domains(up: PvioUp, tmp_path: Path, variant: str, mib: int) -> None:
+    """100 MiB each way through Xen's own libxenvchan; the client's close is seen."""
+    exe = build_peer("vchan_peer", tmp_path, variant, ["-lxenvchan", "-lxenstore", "-lxenevtchn", "-lxengnttab"])
+    size = str(mib << 20)
+    path = "/local/domain/31/data/vchan"
+    env = os.environ | ({"PVIO_XEN_PRELOAD": str(library("asan")), "LD_PRELOAD": preload("asan"),
+                         "ASAN_OPTIONS": "detect_leaks=0"} if variant == "asan" else {})
+    # The client's domain must exist before the server names it in the keys' permissions.
+    client = subprocess.Popen(pvio_run(up, 32, str(exe), "client", "31", path, size), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = None
+    try:
+        wait_introduced(up, 32)
+        server = subprocess.Popen(pvio_run(up, 31, str(exe), "server", "32", path, size), env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        s_out, s_err = server.communicate(timeout=240)
+        c_out, c_err = client.communicate(timeout=30)
+    finally:
+        for p in (client, server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert server.returncode == 0 and client.returncode == 0, f"server:\n{s_out}{s_err}\nclient:\n{c_out}{c_err}"
+    s_sum = next(line.split()[1:] for line in s_out.splitlines() if line.startswith("sum "))
+    c_sum = next(line.split()[1:] for line in c_out.splitlines() if line.startswith("sum "))
+    assert s_sum == c_sum[::-1]  # what one sent is what the other received, both ways
+    assert "ok closed" in s_out and "ok closed" in c_out
+    print(next(line for line in s_out.splitlines() if line.startswith("rate")))

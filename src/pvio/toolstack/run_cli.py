@@ -66,8 +66,13 @@ def preload_library() -> Path:
 
 def domain_environment(env: dict[str, str], paths: StatePaths, domid: int, transport: str, name: str,
                        lib: Path, xenstored_path: str) -> dict[str, str]:
-    """`env` as the program sees it when it is domain `domid`."""
-    preload = " ".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+    """`env` as the program sees it when it is domain `domid`.
+
+    The layer is preloaded before anything the caller preloads, except a sanitizer's
+    runtime (ASan, UBSan, TSan), which must come first of all."""
+    given = env.get("LD_PRELOAD", "").replace(":", " ").split()
+    runtimes = [p for p in given if Path(p).name.startswith(("libasan", "libubsan", "libtsan"))]
+    preload = " ".join([*runtimes, str(lib), *(p for p in given if p not in runtimes)])
     return env | {
         "LD_PRELOAD": preload,
         "PVIO_HYPERVISOR_SOCKET": str(paths.hypervisor_socket),
