@@ -320,3 +320,30 @@ void gntalloc_close(struct dev *d)
     cleanup();
     free(g);
 }
+
+static void exit_notify_one(struct gref *r)
+{
+    if (r->notify_flags & UNMAP_NOTIFY_CLEAR_BYTE)
+        r->f.page[r->notify_pgoff] = 0;
+    if (r->notify_flags & UNMAP_NOTIFY_SEND_EVENT)
+        evtchn_notify_port(r->notify_port);
+    r->notify_flags = 0;
+}
+
+/* The process is exiting with pages still shared: their unmap notifications run now,
+ * as Linux's when the exiting process's gntalloc file and mappings go. */
+void gntalloc_exit_notify(void)
+{
+    for (struct vmap *v = pvio_vmaps; v; v = v->next)
+        if (v->kind == DEV_GNTALLOC) {
+            struct amap *am = v->obj;
+            for (uint32_t i = 0; i < am->count; i++)
+                exit_notify_one(am->grefs[i]);
+        }
+    for (int fd = 0; fd < DEV_MAX_FD; fd++) {
+        struct dev *d = pvio_devs[fd];
+        if (d && d->kind == DEV_GNTALLOC)
+            for (struct gref *r = ((struct gntalloc *)d->priv)->grefs; r; r = r->next)
+                exit_notify_one(r);
+    }
+}

@@ -472,3 +472,30 @@ void gntdev_close(struct dev *d)
     }
     free(g);
 }
+
+/* The process is exiting without having unmapped: run the unmap notifications now, as
+ * Linux does when the exiting process's mappings and files go (a peer watching the
+ * byte, libxenvchan's `cli_live`, learns that we are gone). */
+void gntdev_exit_notify(void)
+{
+    for (struct vmap *v = pvio_vmaps; v; v = v->next) {
+        struct gmap *m = v->obj;
+        if (v->kind != DEV_GNTDEV)
+            continue;
+        if ((m->notify_flags & UNMAP_NOTIFY_CLEAR_BYTE) && !m->readonly && m->notify_addr < m->count * PAGE_SIZE)
+            ((volatile uint8_t *)m->vm.start)[m->notify_addr] = 0;
+        if (m->notify_flags & UNMAP_NOTIFY_SEND_EVENT)
+            evtchn_notify_port(m->notify_port);
+        m->notify_flags = 0;
+    }
+    for (int fd = 0; fd < DEV_MAX_FD; fd++) {
+        struct dev *d = pvio_devs[fd];
+        if (!d || d->kind != DEV_GNTDEV)
+            continue;
+        for (struct gmap *m = ((struct gntdev *)d->priv)->maps; m; m = m->next) {
+            if (m->notify_flags & UNMAP_NOTIFY_SEND_EVENT)
+                evtchn_notify_port(m->notify_port);
+            m->notify_flags = 0;
+        }
+    }
+}

@@ -64,6 +64,19 @@ __attribute__((constructor)) static void init(void)
     pthread_atfork(NULL, NULL, forget_in_child);
 }
 
+/* exit() with grants still mapped or shared: their unmap notifications go now, as when
+ * Linux tears down an exiting process's mappings and files.  (A process killed by a
+ * signal cannot do this; the hypervisor still closes its ports, which signals peers.)
+ * A thread that holds the lock at exit keeps it: then nothing is done. */
+__attribute__((destructor)) static void fini(void)
+{
+    if (pvio_dom.sock < 0 || pvio_dom.pid != getpid() || pthread_mutex_trylock(&pvio_lock))
+        return;
+    gntdev_exit_notify();
+    gntalloc_exit_notify();
+    pthread_mutex_unlock(&pvio_lock);
+}
+
 void vmap_add(struct vmap *v)
 {
     v->next = pvio_vmaps;

@@ -125,6 +125,9 @@ int gntalloc_open(struct dev *d);
 int gntalloc_ioctl(struct dev *d, unsigned long req, void *arg);
 void *gntalloc_mmap(struct dev *d, void *addr, size_t len, int prot, int flags, off_t off);
 void gntalloc_close(struct dev *d);
+/* At exit: the unmap notifications of what is still mapped or shared. */
+void gntdev_exit_notify(void);
+void gntalloc_exit_notify(void);
 
 int privcmd_ioctl(struct dev *d, unsigned long req, void *arg);
 

@@ -1,12 +1,14 @@
 /* Two ends of a libxenvchan, each an unmodified program on Xen's libraries (libxenvchan,
  * libxenstore, libxenevtchn, libxengnttab), run as pvio domains by `pvio run`.
  *
- *   vchan_peer server CLIENT_DOMID PATH BYTES   offers a vchan at PATH (our XenStore dir)
- *   vchan_peer client SERVER_DOMID PATH BYTES   waits for PATH, connects
+ *   vchan_peer server CLIENT_DOMID PATH BYTES [exit]   offers a vchan at PATH (our XenStore dir)
+ *   vchan_peer client SERVER_DOMID PATH BYTES [exit]   waits for PATH, connects
  *
  * Both send BYTES of their own pseudo-random stream and receive BYTES of the other's at
  * the same time, checking every byte received, and print "sum SENT RECEIVED" (FNV-1a 64
  * of each direction).  Then the client closes and the server must see it: "ok closed".
+ * With "exit", the server instead exits without closing (its unmap notification is all
+ * the client gets, as when a process dies on Linux), and the client must see that.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +46,20 @@ static double now(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int wait_event(struct libxenvchan *v, int ms);
+
+/* Wait up to 10 s for the other end to be gone; "ok closed" or a failure. */
+static void see_peer_go(struct libxenvchan *v)
+{
+    double deadline = now() + 10;
+    while (libxenvchan_is_open(v) && now() < deadline)
+        wait_event(v, 1000);
+    if (libxenvchan_is_open(v))
+        die("the other end's close was not seen");
+    printf("ok closed\n");
+    fflush(stdout);
 }
 
 /* Wait (at most `ms`) for the vchan's event channel; 0 on timeout. */
@@ -109,8 +125,9 @@ static void exchange(struct libxenvchan *v, uint64_t bytes, uint64_t my_seed, ui
 
 int main(int argc, char **argv)
 {
-    if (argc != 5)
+    if (argc != 5 && argc != 6)
         return 2;
+    int server_exits = argc == 6 && !strcmp(argv[5], "exit");
     int peer = atoi(argv[2]);
     const char *path = argv[3];
     uint64_t bytes = strtoull(argv[4], NULL, 10);
@@ -124,13 +141,9 @@ int main(int argc, char **argv)
             if (!wait_event(v, 20000))
                 die("no client");
         exchange(v, bytes, 0x1234567, 0x7654321);
-        /* The client closes its end: we must see it. */
-        double deadline = now() + 10;
-        while (libxenvchan_is_open(v) && now() < deadline)
-            wait_event(v, 1000);
-        if (libxenvchan_is_open(v))
-            die("the client's close was not seen");
-        printf("ok closed\n");
+        if (server_exits)
+            exit(0); /* no libxenvchan_close: the device layer's exit notifications only */
+        see_peer_go(v); /* the client closes its end: we must see it */
         libxenvchan_close(v);
         return 0;
     }
@@ -153,7 +166,10 @@ int main(int argc, char **argv)
     if (!v)
         die("libxenvchan_client_init");
     exchange(v, bytes, 0x7654321, 0x1234567);
+    if (server_exits)
+        see_peer_go(v);
+    else
+        printf("ok closed\n");
     libxenvchan_close(v);
-    printf("ok closed\n");
     return 0;
 }
