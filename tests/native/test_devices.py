@@ -59,7 +59,7 @@ def test_two_domains_share_map_copy_and_signal(peers: dict[str, Path], hv: Path,
         # A third domain: the grants are not for it.
         assert run(exe, domain_env(hv, 7, variant), "steal", "5", r0) == ["steal"]
         mapped = run(exe, domain_env(hv, 6, variant, transport), "map", "5", r0, r1, ro, port)
-        assert mapped == ["map", "readonly", "ungranted", "grant-copy", "events", "done"]
+        assert mapped == ["map", "readonly", "ungranted", "grant-copy", "threads", "events", "done"]
         out, err = granter.communicate("\n", timeout=30)
     finally:
         if granter.poll() is None:

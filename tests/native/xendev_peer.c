@@ -155,6 +155,30 @@ static int evtchn_tests(void)
     return 0;
 }
 
+/* Threads copying through one handle at once (QEMU's main thread and iothread do). */
+struct copier { xengnttab_handle *xg; uint32_t granter, ref; int id, ok; };
+
+static void *copy_loop(void *arg)
+{
+    struct copier *c = arg;
+    uint8_t mine[64], back[64];
+    memset(mine, 0x10 + c->id, sizeof mine);
+    c->ok = 1;
+    for (int i = 0; i < 200 && c->ok; i++) {
+        xengnttab_grant_copy_segment_t seg[2];
+        memset(seg, 0, sizeof seg);
+        seg[0].source.virt = mine;
+        seg[0].dest.foreign.ref = c->ref; seg[0].dest.foreign.domid = (uint16_t)c->granter;
+        seg[0].dest.foreign.offset = (uint16_t)(1024 + 64 * c->id);
+        seg[0].len = sizeof mine; seg[0].flags = GNTCOPY_dest_gref;
+        seg[1].source.foreign = seg[0].dest.foreign;
+        seg[1].dest.virt = back; seg[1].len = sizeof back; seg[1].flags = GNTCOPY_source_gref;
+        if (xengnttab_grant_copy(c->xg, 2, seg) || seg[0].status || seg[1].status || memcmp(mine, back, sizeof mine))
+            c->ok = 0;
+    }
+    return NULL;
+}
+
 static int share(uint32_t peer)
 {
     xengntshr_handle *gs = xengntshr_open(NULL, 0);
@@ -244,6 +268,18 @@ static int map(uint32_t granter, uint32_t r0, uint32_t r1, uint32_t ro, uint32_t
     errno = 0;
     CHECK("copy-cross", xengnttab_grant_copy(xg, 1, &bad) == -1 && errno == EINVAL);
     ok("grant-copy");
+    /* Four threads at once through the same handle, each its own slice of the page. */
+    struct copier cs[4];
+    pthread_t ts[4];
+    for (int i = 0; i < 4; i++) {
+        cs[i] = (struct copier){ xg, granter, r1, i, 0 };
+        pthread_create(&ts[i], NULL, copy_loop, &cs[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(ts[i], NULL);
+        CHECK("threads", cs[i].ok);
+    }
+    ok("threads");
     /* Write through the mapping, then signal the granter. */
     m[0] = 0x5a;
     m[PAGE] = 0xa5;
