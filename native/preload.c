@@ -12,8 +12,8 @@
  *
  * After fork the child forgets the parent's domain (pthread_atfork): the connection,
  * devices and mappings are the parent's, and the child's copies of the descriptors
- * behave as plain epoll fds and memfds (ioctl ENOTTY), never as a second user of the
- * parent's connection.
+ * behave as plain epoll fds and memfds (an ioctl fails as the kernel fails it on them),
+ * never as a second user of the parent's connection.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

@@ -68,6 +68,13 @@ def test_two_domains_share_map_copy_and_signal(peers: dict[str, Path], hv: Path,
     assert check_output(granter, out, err) == ["shared", "done"]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_forked_child_is_the_domain_an_inherited_device_is_not(peers: dict[str, Path], hv: Path,
+                                                                variant: str) -> None:
+    done = run(peers[variant], domain_env(hv, 4, variant), "fork")
+    assert done[-2:] == ["child-first", "inherited"]
+
+
 def test_without_a_hypervisor_there_is_no_xen(peers: dict[str, Path], tmp_path: Path) -> None:
     env = domain_env(tmp_path / "nothing.sock", 3, "plain")
     proc = subprocess.run([str(peers["plain"]), "evtchn"], env=env, capture_output=True, text=True, timeout=30)

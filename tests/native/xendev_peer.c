@@ -6,6 +6,8 @@
  *                                       print "refs R0 R1 ro RO port P", wait for PEER
  *   xendev_peer map GRANTER R0 R1 RO P  map, copy and signal GRANTER's grants
  *   xendev_peer steal GRANTER R0        a third domain: the grants are not for it
+ *   xendev_peer fork                    a daemon's forks: the child that opens first is
+ *                                       the domain; an inherited device is not its
  *
  * Each check prints "ok NAME"; the first failure prints "FAIL NAME: why" and exits 1.
  */
@@ -20,6 +22,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <xenevtchn.h>
 #include <xengnttab.h>
@@ -314,8 +317,49 @@ static int steal(uint32_t granter, uint32_t ref)
     return 0;
 }
 
+/* fork before any device is opened: the child connects and is the domain.  Then the
+ * child of a process that holds devices: its inherited descriptors are not devices for
+ * it (the kernel's error for an epoll fd), and the parent's keep working. */
+static int forks(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(evtchn_tests());
+    int st;
+    waitpid(pid, &st, 0);
+    CHECK("child-first", WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    ok("child-first");
+    /* The child's domain goes when its connection closes; we are the domain after it. */
+    xenevtchn_handle *xe = NULL;
+    for (int i = 0; i < 200 && !xe; i++)
+        if (!(xe = xenevtchn_open(NULL, 0)))
+            usleep(10 * 1000);
+    CHECK("parent-open", xe);
+    int a = xenevtchn_bind_unbound_port(xe, mydomid());
+    int b = xenevtchn_bind_interdomain(xe, mydomid(), (evtchn_port_t)a);
+    CHECK("parent-bind", a > 0 && b > 0);
+    fflush(stdout);
+    pid = fork();
+    if (pid == 0) {
+        errno = 0;
+        int r = xenevtchn_notify(xe, (evtchn_port_t)a);
+        /* the kernel's answer for an epoll fd, not a second user of our connection */
+        _exit(r == -1 && (errno == ENOTTY || errno == EINVAL) ? 0 : 1);
+    }
+    waitpid(pid, &st, 0);
+    CHECK("inherited", WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK("parent-still", wait_port(xe, 2000) == b); /* the bind's own event */
+    xenevtchn_unmask(xe, (evtchn_port_t)b);
+    CHECK("parent-notify", xenevtchn_notify(xe, (evtchn_port_t)a) == 0 && wait_port(xe, 2000) == b);
+    xenevtchn_close(xe);
+    ok("inherited");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 2 && !strcmp(argv[1], "fork"))
+        return forks();
     if (argc >= 2 && !strcmp(argv[1], "evtchn"))
         return evtchn_tests();
     if (argc == 3 && !strcmp(argv[1], "share"))
