@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,9 +67,8 @@ def qemu_pid(up: PvioUp) -> int:
 def test_qemu_is_the_backend_domain(up: PvioUp) -> None:
     pid = qemu_pid(up)
     assert Path(f"/proc/{pid}/exe").resolve() == Path(QEMU_BINARY).resolve()
-    listing = sh("pvio", "list", "--state-dir", str(up.state_dir)).stdout if shutil.which("pvio") else ""
-    if listing:
-        assert "qdisk backend (QEMU)" in listing and str(pid) in listing
+    listing = sh(sys.executable, "-m", "pvio", "list", "--state-dir", str(up.state_dir)).stdout
+    assert "qdisk backend (QEMU)" in listing and str(pid) in listing and str(QDISK_DOMID_BASE + 1) in listing
     env = up.xs_env()
     be = f"/local/domain/{QDISK_DOMID_BASE + 1}/backend/qdisk/1/51712"
     got = subprocess.run(["xenstore-read", f"{be}/params", f"{be}/type", f"{be}/state",
