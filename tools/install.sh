@@ -12,9 +12,12 @@ VENV="${PVIO_VENV:-$PWD/.venv}"
 # grant entries (both through ctypes);
 # xenstore-utils, python3-pyxs: Xen's own XenStore clients; qemu-utils, libnbd-bin,
 # nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
-# mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN.
+# mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN;
+# make: builds native/, the /dev/xen device layer Xen's own programs run on (libxen-dev's
+# libraries and libxenvchan are its test peers); qemu-system-xen: QEMU's qdisk backend,
+# which pvio up runs for backendtype=qdisk disks.
 DEBIAN_PACKAGES=(
-  gcc gcc-multilib libc6-dev libxen-dev python3-venv
+  gcc gcc-multilib libc6-dev libxen-dev python3-venv make qemu-system-xen
   libatomic1
   xenstore-utils python3-pyxs
   # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which
@@ -53,9 +56,16 @@ install_python_env() {
   "$VENV/bin/python" -m pip install -q -e ".${extra:+[$extra]}"
 }
 
+# native/: the /dev/xen device layer (libpvio-xen.so) and its ASan/UBSan build.
+build_native() {
+  step "make -C native"
+  make -s -C "$(dirname "${BASH_SOURCE[0]}")/../native" all asan
+}
+
 # Run directly (as the README's first command does): install everything.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   install_debian_packages
   install_python_env
+  build_native
   step "pvio is installed: $VENV/bin/pvio"
 fi

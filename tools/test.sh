@@ -11,6 +11,7 @@ source tools/install.sh
 
 install_debian_packages
 install_python_env test
+build_native
 
 step "ruff"
 "$VENV/bin/ruff" check src tests tools

@@ -67,9 +67,14 @@ from pvio.bench.harness.benchmark import Benchmark, Context, Params
 from pvio.bench.harness.figures import Figure, Stats
 from pvio.jsonfile import read_json
 from pvio.testing.up import UpFailed, UpProcess
+from pvio.toolstack.qdisk import QEMU_BINARY
 
 #: pvio's subjects: label -> `pvio up --transport`.
 TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
+#: QEMU's qdisk (Debian's qemu-system-xen) serving the guest's disk on the /dev/xen device
+#: layer (`backendtype=qdisk`; GRANT_COPY, one hypervisor round trip per request):
+#: measured when QEMU is installed.  blkback's counters are not QEMU's: none for it.
+QDISK = "qemu qdisk"
 
 #: How long `pvio up` may take to say ready, and to stop after SIGINT.
 READY_TIMEOUT = 90.0
@@ -163,8 +168,9 @@ def _values(c: Counters) -> tuple[int, ...]:
 class PvioUp(UpProcess):
     """One `pvio up --transport T` serving `image` as xvda, in its own state directory."""
 
-    def __init__(self, image: Path, sock: Path, transport: str, state_dir: Path) -> None:
-        super().__init__(state_dir, "--disk", f"format=raw, vdev={VDEV}, access=rw, target={image}",
+    def __init__(self, image: Path, sock: Path, transport: str, state_dir: Path, backendtype: str = "phy") -> None:
+        super().__init__(state_dir, "--disk",
+                         f"format=raw, vdev={VDEV}, access=rw, backendtype={backendtype}, target={image}",
                          "--nbd-socket", str(sock), "--transport", transport)
         self.image, self.sock, self.transport = image, sock, transport
         self.driver_status: Path | None = None
@@ -294,15 +300,17 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
     # directory of their own, not under the user's --out.
     short = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pvio-blk-")))
 
-    def server_for(subject: str, transport: str) -> fio.Server:
+    def server_for(subject: str, transport: str, backendtype: str = "phy") -> fio.Server:
         @contextlib.contextmanager
         def serve(image: Path, sock: Path) -> Iterator[str]:
-            up = PvioUp(image, short / f"{transport}.sock", transport, short / transport)
+            name = transport if backendtype == "phy" else backendtype
+            up = PvioUp(image, short / f"{name}.sock", transport, short / name, backendtype)
             ctx.command(["pvio", "up", *up.args, "--state-dir", str(up.state_dir)])
             ctx.progress(f"starting pvio up --transport {transport}")
             try:
                 uri = up.serve()
-                log.serving(subject, up)
+                if backendtype == "phy":
+                    log.serving(subject, up)
                 yield uri
             finally:
                 code = up.close()
@@ -313,6 +321,8 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
 
     servers = {subject: server_for(subject, t) for subject, t in TRANSPORTS.items()
                if subject in params.get("subjects", TRANSPORTS)}
+    if QDISK in params.get("subjects", [QDISK]) and os.access(QEMU_BINARY, os.X_OK):
+        servers[QDISK] = server_for(QDISK, "copy", "qdisk")
     figures = fio.block_matrix(ctx, servers, workloads=params["workloads"],
                                  runs=int(params["runs"]), runtime=float(params["runtime"]),
                                  size=str(params["size"]), after_run=log.after_run)
@@ -376,8 +386,8 @@ SUITE = Benchmark(
 @click.option("--size", default=None, help="Image size (fio --size), e.g. 64m.")
 @click.option("--workloads", default=None, metavar="NAMES",
               help="Comma-separated, of " + ",".join(w.name for w in fio.STANDARD_JOBS) + ".")
-@click.option("--transport", "transports", multiple=True, type=click.Choice(["map", "copy"]),
-              help="Only these pvio transports (repeatable; default both).")
+@click.option("--transport", "transports", multiple=True, type=click.Choice(["map", "copy", "qdisk"]),
+              help="Only these pvio transports, or qdisk for QEMU's (repeatable; default all).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for results.json and the plot [default: ./bench-results/<time>].")
 def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
@@ -400,7 +410,7 @@ def blk(quick: bool, runs: int | None, runtime: float | None, size: str | None,
                                      param_hint="--workloads")
         params["workloads"] = names
     if transports:
-        params["subjects"] = [s for s, t in TRANSPORTS.items() if t in transports]
+        params["subjects"] = [s for s, t in [*TRANSPORTS.items(), (QDISK, "qdisk")] if t in transports]
     variant = dataclasses.replace(SUITE, quick=params, full=params)
     registry.register(variant)
     argv = ["pvio", "bench", "blk", *sys.argv[sys.argv.index("blk") + 1:]] \

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("pvio.toolstack.top_cli:top", "Show a running pvio up's domains and devices live, as xentop does."),
     "trace": ("pvio.toolstack.trace_cli:trace", "Record a running pvio up's rings, grants and notifies as a Perfetto trace."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
+    "run": ("pvio.toolstack.run_cli:run", "Run a program built on Xen's libraries as a domain of a running pvio up."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
 }
 

@@ -432,7 +432,9 @@ class Hypervisor:
         return Reply(0, lay.pack(**a), fds)
 
     # A shareable page's fd goes to the domain that maps it now (either transport): it is
-    # that one page and nothing else, so the copy transport's promise holds.
+    # that one page and nothing else, so the copy transport's promise holds.  For a
+    # read-only map it is a read-only open of the page (where the platform can make one),
+    # so the mapper cannot map it writable behind the grant's back.
     def _page_fd(self, d: DomainRecord, op: Op) -> Reply:
         lay = wire.PVIO_PAGE_FD
         if op.count > wire.MAX_FDS or len(op.args) != op.count * lay.size:
@@ -449,6 +451,8 @@ class Hypervisor:
                 else:
                     a["status"] = 0
                     fds.append(self.dup(rec.granter.shareable[rec.frame][0]))
+                    if rec.readonly and hasattr(self.platform, "make_readonly"):
+                        self.platform.make_readonly(fds[-1])  # on failure, closed below
                 out.append(lay.pack(**a))
         except BaseException:  # out of room for the descriptors: none is sent
             for fd in fds:

@@ -58,6 +58,16 @@ class OsPlatform:
         self.eventfds.discard(fd)
         os.close(fd)
 
+    @staticmethod
+    def make_readonly(fd: int) -> None:
+        """Make `fd` (a duplicate of a memfd) a read-only open of the same memfd, in place:
+        a shared writable mmap of it then fails (EACCES), whoever holds it."""
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(ro, fd)
+        finally:
+            os.close(ro)
+
     def open_fds(self) -> int:
         """Descriptors this platform still holds (for leak checks)."""
         return len(self._maps) + len(self.eventfds)

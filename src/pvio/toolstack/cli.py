@@ -141,5 +141,10 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
                 devices.append("console")
         devices += [f"({kind} unplugged)" for kind in d.get("unplugged", [])]
         table.add_row(d["name"], str(d["domid"]), str(d["pid"]), d["role"], d["state"], "\n".join(devices))
+    from pvio.toolstack.qdisk import table_rows
+
+    for row in table_rows(status):  # each guest's QEMU, if it has qdisks
+        table.add_row(*row)
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
     click.echo(f"XENSTORED_PATH={status['xenstored_path']}")
+

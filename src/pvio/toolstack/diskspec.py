@@ -7,6 +7,11 @@ Keys are comma-separated `key=value` or positional; `target=` swallows the rest 
 string (a path may contain commas), as xl does.  Flags: `cdrom` (devtype=cdrom),
 `discard`/`no-discard`, `trusted`/`untrusted`, `direct-io-safe`.  Unknown keys are errors
 with the key named: a typo must not silently become a default.
+
+`backendtype` picks who serves the disk: `phy` (the default, as libxl picks for a raw
+file) is pvio's blkback in the driver domain, Linux blkback's stand-in; `qdisk` is
+QEMU's Xen block backend, run by pvio up as a backend domain of its own
+(`pvio.toolstack.qdisk`).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class DiskSpec:
     access: str = "rw"  # "rw" or "ro"
     devtype: str = "disk"
     backend: str = "0"
-    backendtype: str = "qdisk"
+    backendtype: str = "phy"
     discard: bool = True
     trusted: bool = True
     direct_io_safe: bool = False
@@ -104,7 +109,7 @@ def parse(spec: str, *, default_vdev: str | None = None) -> DiskSpec:
     devtype = values.get("devtype", "disk")
     if devtype not in DEVTYPES:
         raise DiskSpecError(f"unknown devtype {devtype!r} (disk or cdrom)")
-    backendtype = values.get("backendtype", "qdisk")
+    backendtype = values.get("backendtype", "phy")
     if backendtype not in BACKENDTYPES:
         raise DiskSpecError(f"unknown backendtype {backendtype!r}")
     vdev_text = values.get("vdev") or default_vdev

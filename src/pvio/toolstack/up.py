@@ -55,6 +55,7 @@ from pvio.toolstack.config import Config
 from pvio.toolstack.handover import XenstoreHandover
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
+from pvio.toolstack.qdisk import QdiskBackends, wants_qemu
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
 
 READY_TIMEOUT = 30.0
@@ -100,6 +101,7 @@ class Toolstack:
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
         self.handover = XenstoreHandover(self._attach)
+        self.qdisk = QdiskBackends(paths, self.say)  # QEMU for backendtype=qdisk disks
 
     # -- output --------------------------------------------------------------------
 
@@ -214,6 +216,9 @@ class Toolstack:
         dom = run.config
         if dom is not None and dom.type == "xen":
             for disk in dom.disks:
+                if wants_qemu(disk):
+                    await self.qdisk.add_disk(self.xs, self._transact, domid, run.spec.name, disk)
+                    continue
                 await self._transact(xslayout.vbd_add(domid, disk.spec, disk.params or disk.spec.target))
 
     async def _attach(self, domid: int) -> socket.socket:
@@ -277,7 +282,7 @@ class Toolstack:
             for disk in dom.disks:
                 target = disk.spec.target
                 disk.params = target
-                if disk.spec.format == "raw" or "://" in target:
+                if disk.spec.format == "raw" or "://" in target or wants_qemu(disk):
                     continue
                 if shutil.which("qemu-nbd") is None:
                     raise UpError(f"{dom.name}: format {disk.spec.format} needs qemu-nbd (apt-get install qemu-utils)")
@@ -298,6 +303,8 @@ class Toolstack:
         await self._start_format_servers()
         for run in self.domains:
             await self._make_domain(run)
+        await self.qdisk.start(self.xs)
+        self.children += self.qdisk.processes()
         for run in self.domains:
             await self._spawn_domain(run, await self._attach(run.spec.domid))
             if run.spec.role in ("driver", "lguest-launcher"):
@@ -336,6 +343,8 @@ class Toolstack:
                     await self._crashed(run)
                 if run.spec.role == "driver" and run.state == "running":
                     self._report_backend_failures(run)
+            if await self.qdisk.supervise(self.xs, self._transact):
+                self.write_up_status(True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
 
@@ -447,6 +456,7 @@ class Toolstack:
         await asyncio.gather(*(r.child.stop(CLOSE_TIMEOUT) for r in guests if r.child.proc))
         for r in guests:
             r.state = "stopped"
+        await self.qdisk.stop(self.xs)
         if self.xs is not None:
             await self._close_backends()
         await asyncio.gather(*(r.child.stop(CLOSE_TIMEOUT) for r in drivers if r.child.proc))

@@ -45,14 +45,15 @@ def libxl_path(domid: int, devid: int, kind: str = "vbd") -> str:
     return f"/libxl/{domid}/device/{kind}/{devid}"
 
 
-def vbd_add(domid: int, disk: DiskSpec, params: str, backend_domid: int = 0) -> list[XsOp]:
+def vbd_add(domid: int, disk: DiskSpec, params: str, backend_domid: int = 0, backend_kind: str = "vbd") -> list[XsOp]:
     """Operations that create a vbd's three directories, for one transaction.
 
     `params` is what the backend opens (the image path, or an NBD URI for other formats).
+    `backend_kind` is the backend directory's kind: "qdisk" for QEMU's, as libxl.
     """
     devid = disk.vdev.number
     fe = frontend_path(domid, devid)
-    be = backend_path(backend_domid, domid, devid)
+    be = backend_path(backend_domid, domid, devid, backend_kind)
     lx = libxl_path(domid, devid)
     fe_keys = {
         "backend": be,
