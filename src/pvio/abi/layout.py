@@ -176,3 +176,16 @@ REGISTRY: list[Layout] = []
 def layouts(abi: str | None = None) -> list[Layout]:
     """The declared layouts, optionally only those of one ABI."""
     return [lay for lay in REGISTRY if abi is None or lay.abi == abi]
+
+
+_SCALAR_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def scalar_names(layout: Layout) -> tuple[str, ...]:
+    """The value fields of a layout made only of scalars, in packing order (cached)."""
+    names = _SCALAR_NAMES.get(layout.name)
+    if names is None:
+        fields = list(layout.named_fields())
+        assert all(f.count == 1 for f in fields), layout.name
+        names = _SCALAR_NAMES[layout.name] = tuple(f.name for f in fields)
+    return names

@@ -44,7 +44,7 @@ from typing import Any
 from pvio.abi import event_channel as ev
 from pvio.abi import grant_table as gt
 from pvio.abi.grant_table import DOMID_FIRST_RESERVED, DOMID_INVALID, DOMID_SELF
-from pvio.abi.layout import Layout
+from pvio.abi.layout import Layout, scalar_names
 from pvio.abi.lguest import LHCALL_BIND_DMA, LHCALL_SEND_DMA
 from pvio.hypervisor import wire
 from pvio.hypervisor.accounts import BOUND_ERRNOS, Accounts, HostLimits, RefusalLog
@@ -309,13 +309,11 @@ class Hypervisor:
         d = self.domains.get(domid)
         if d is None:
             return [Reply(-errno.ESRCH, b"") for _ in ops]
-        if not TRACE.on:
-            return [self._execute_one(d, op) for op in ops]
-        t0 = time.monotonic_ns()  # a batch, as `pvio trace` shows it: which ops, for whom
+        t0 = time.monotonic_ns() if TRACE.on else 0  # a batch, as `pvio trace` shows it
         replies = [self._execute_one(d, op) for op in ops]
-        kinds = sorted({wire.op_name(op) for op in ops})
-        TRACE.span(f"hypercall batch: {', '.join(kinds)}", "hypervisor", t0,
-                   args={"domid": domid, "ops": len(ops)})
+        if t0:
+            TRACE.span(f"hypercall batch: {', '.join(sorted({wire.op_name(op) for op in ops}))}",
+                       "hypervisor", t0, args={"domid": domid, "ops": len(ops)})
         return replies
 
     def _execute_one(self, d: DomainRecord, op: Op) -> Reply:
@@ -347,7 +345,7 @@ class Hypervisor:
         if op.count > wire.MAX_OPS or len(op.args) != op.count * layout.size:
             return Reply(-errno.EINVAL, op.args)
         # The hot path of a batch: the layout's precompiled Struct, one dict per op.
-        names = _scalar_names(layout)
+        names = scalar_names(layout)
         packer = layout.packer
         out: list[bytes] = []
         extra: list[bytes] = []
@@ -585,19 +583,6 @@ class Hypervisor:
             self.accounts.release_fds(region.charged_to, 1)
             self.accounts.release_pages(region.charged_to, region.nr_pages)
             region.charged_to = None
-
-
-_NAMES: dict[str, tuple[str, ...]] = {}
-
-
-def _scalar_names(layout: Layout) -> tuple[str, ...]:
-    """The value fields of a layout made only of scalars, in packing order (cached)."""
-    names = _NAMES.get(layout.name)
-    if names is None:
-        fields = list(layout.named_fields())
-        assert all(f.count == 1 for f in fields), layout.name
-        names = _NAMES[layout.name] = tuple(f.name for f in fields)
-    return names
 
 
 __all__ = ["DOMID_INVALID", "Hypervisor", "Push", "Reply"]
