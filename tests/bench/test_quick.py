@@ -46,5 +46,5 @@ def test_quick_from_a_fresh_directory_completes_every_layer(tmp_path: Path) -> N
             assert counters["requests"] > 0 and counters["requests_per_batch"] >= 1
     assert "pvio_up_exit" not in result["extra"]  # pvio up stopped by SIGINT, exited 0
     targets = result["extra"]["targets"]  # evaluated, never asserted
-    assert {t["subject"] for t in targets} == set(blk.TRANSPORTS)
+    assert {t["subject"] for t in targets} >= set(blk.TRANSPORTS)
     assert all(isinstance(t["met"], bool) for t in targets)
