@@ -123,6 +123,9 @@ class XenStoreServer:
         self.mutations = 0
         #: Requests that hit a bug and were answered EIO (tests assert it stays 0).
         self.internal_errors = 0
+        #: Told the domid after INTRODUCE or RELEASE changed a domain (the ring transport
+        #: maps or unmaps its page: `pvio.xenstore.daemon_ring`).
+        self.on_domain: Callable[[int], None] | None = None
         self._next_conn = 1
         self._out: list[Output] = []
         self._after: list[Output] = []
@@ -322,16 +325,20 @@ class XenStoreServer:
         connections' watches and transactions, as a re-introduction does in Xen."""
         dom = self.domains.get(domid)
         if dom is not None:
+            if (dom.gfn, dom.evtchn) != (gfn, evtchn):
+                self.mutations += 1
             dom.gfn, dom.evtchn = gfn, evtchn
             for cid in dom.conns:
                 c = self.conns[cid]
                 self.watches.drop(c)
                 c.transactions.clear()
-            return
-        self.domains[domid] = XsDomain(domid, gfn, evtchn)
-        self.mutations += 1
-        if domid != 0:
-            self._fire_special(paths.INTRODUCE_DOMAIN)
+        else:
+            self.domains[domid] = XsDomain(domid, gfn, evtchn)
+            self.mutations += 1
+            if domid != 0:
+                self._fire_special(paths.INTRODUCE_DOMAIN)
+        if self.on_domain is not None:
+            self.on_domain(domid)
 
     def _release(self, conn: Connection, pkt: Packet, tx: Transaction | None) -> bytes:
         domid = atoi(one_arg(pkt.payload, field="domid"))
@@ -352,6 +359,8 @@ class XenStoreServer:
     def release(self, domid: int) -> None:
         """Forget `domid` (RELEASE); see `pvio.xenstore.domains.forget`."""
         dom = self.domains.pop(domid)
+        if self.on_domain is not None:
+            self.on_domain(domid)
         for cid in sorted(dom.conns):
             self._out.append(Close(cid, f"domain {domid} released"))
             self.disconnect(cid)
