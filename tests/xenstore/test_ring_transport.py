@@ -142,3 +142,22 @@ def test_a_restarted_daemon_has_its_guests_reconnect_over_their_rings(tmp_path: 
         assert ev.path == "/local/domain/9/w"
 
     run(tmp_path, body, db=tmp_path / "xs.db")
+
+
+def test_introducing_dom0_again_leaves_the_toolstacks_sockets_alone() -> None:
+    """INTRODUCE resets the watches of the domain's own connections; dom0's sockets (the
+    toolstack, its tools) are no domain's connection, even once dom0 has a ring."""
+    from pvio.abi.xs_wire import XsdSockmsgType as T
+    from pvio.xenstore.server import Send, XenStoreServer
+    from pvio.xenstore.wire import encode
+
+    server = XenStoreServer()
+    server.introduce(0, gfn=1 << 24, evtchn=1)
+    tool = server.connect(0)
+    ring = server.connect(0, of_domain=True)
+    for conn in (tool, ring):
+        server.receive(conn, encode(T.XS_WATCH, b"/w\0t\0", req_id=1))
+    server.introduce(0, gfn=(1 << 24) + 1, evtchn=2)  # the driver domain restarted
+    out = server.receive(0 + tool, encode(T.XS_WRITE, b"/w\0x", req_id=2))
+    events = [o.conn_id for o in out if isinstance(o, Send) and o.watch is not None]
+    assert events == [tool]

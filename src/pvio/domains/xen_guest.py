@@ -98,7 +98,7 @@ async def main(spec: DomainSpec) -> None:
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
     try:
-        xs = await open_xenstore(spec)
+        xs = await open_xenstore(spec, dom)
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
         persistent = bool(spec.extra.get("persistent_grants", True))
         for d in spec.disks:

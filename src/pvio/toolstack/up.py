@@ -49,7 +49,7 @@ from typing import Any, TextIO
 from pvio.abi.xenbus import XenbusState
 from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.toolstack import preflight, xslayout
+from pvio.toolstack import preflight, xenpages, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
 from pvio.toolstack.handover import XenstoreHandover
@@ -86,6 +86,7 @@ class Toolstack:
         nbd_tcp: int = 0,
         nbd_tls_creds: str = "",
         out: TextIO = sys.stdout,
+        xenstore_transport: str = "ring",
     ) -> None:
         self.config = config
         self.paths = paths
@@ -99,7 +100,9 @@ class Toolstack:
         self._lock_fd = -1
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
-        self.handover = XenstoreHandover(self._attach)
+        #: "ring": Xen-style domains reach XenStore over their page (`xenpages`)
+        self.xenstore_transport = xenstore_transport
+        self.handover = XenstoreHandover(self._attach, self._introduce_ring)
 
     # -- output --------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class Toolstack:
                 self.paths.log("hypervisor"),
             )
         )
+        await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
         xs = await self._start_child(
             Child(
                 "xenstored",
@@ -171,11 +175,11 @@ class Toolstack:
                     str(self.paths.xenstored_control),
                     "--db",  # durable: a restarted xenstored has the whole tree back
                     str(self.paths.xenstore_db),
+                    *xenpages.xenstored_args(self.xenstore_transport, self.paths.hypervisor_socket),
                 ),
                 self.paths.log("xenstored"),
             )
         )
-        await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
         await wait_socket(self.paths.xenstored_socket, xs)
         from pvio.xenstore.client import AsyncClient
 
@@ -201,13 +205,16 @@ class Toolstack:
 
         await xs.transact(body)
 
-    async def _make_domain(self, run: DomainRun) -> None:
-        """INTRODUCE the domain, then write its directory and its vbds (libxl's order:
-        xenstored ignores a permission entry naming a domain it does not know yet)."""
+    async def _make_domain(self, run: DomainRun, pages: dict[str, int] | None = None) -> None:
+        """INTRODUCE the domain (with its XenStore page and port, when it built them),
+        then write its directory and its vbds (libxl's order: xenstored ignores a
+        permission entry naming a domain it does not know yet)."""
         domid = run.spec.domid
-        if domid != 0:
+        if pages is not None:
+            await self.xs.introduce(domid, pages["store-ring-ref"], pages["store-port"])
+        elif domid != 0:
             await self.xs.introduce(domid)
-        await self._transact(xslayout.domain_add(domid, run.spec.name))
+        await self._transact(xslayout.domain_add(domid, run.spec.name) + xenpages.page_keys(domid, pages))
         dom = run.config
         if dom is not None and dom.type == "xen":
             for disk in dom.disks:
@@ -219,23 +226,33 @@ class Toolstack:
 
         return await asyncio.to_thread(attach_domain, self.paths.xenstored_control, domid)
 
-    async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket) -> None:
+    async def _introduce_ring(self, domid: int, pages: dict[str, int]) -> None:
+        """A domain built its pages (`pvio.domains.xen_pages`): introduce it with them."""
+        run = next(r for r in self.domains if r.spec.domid == domid and xenpages.uses_ring(r.spec))
+        await self._make_domain(run, pages)
+
+    async def _xenstore_for(self, run: DomainRun) -> socket.socket | None:
+        """The socket a domain inherits, or None: it builds its ring and asks to be introduced."""
+        return None if xenpages.uses_ring(run.spec) else await self._attach(run.spec.domid)
+
+    async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket | None) -> None:
         spec = run.spec
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec.xenstore_fd = xs_sock.fileno()
+        spec.xenstore_fd = xs_sock.fileno() if xs_sock is not None else -1
         spec.toolstack_fd = theirs.fileno()
         self.paths.spec(spec.name).write_text(spec.to_json())
         with contextlib.suppress(FileNotFoundError):
             Path(spec.status_file).unlink()
-        for s in (xs_sock, theirs):
+        inherited = [s for s in (xs_sock, theirs) if s is not None]
+        for s in inherited:
             os.set_inheritable(s.fileno(), True)
         child = run.child
-        child.pass_fds = (xs_sock.fileno(), theirs.fileno())
+        child.pass_fds = tuple(s.fileno() for s in inherited)
         try:
             await child.start()
         finally:
-            xs_sock.close()  # the domain holds them now
-            theirs.close()
+            for s in inherited:
+                s.close()  # the domain holds them now
         self.handover.serve(spec.domid, ours)
         if child not in self.children:
             self.children.append(child)
@@ -294,9 +311,11 @@ class Toolstack:
         prepare_images(self.config, self.say)
         await self._start_format_servers()
         for run in self.domains:
-            await self._make_domain(run)
+            xenpages.choose_transport(run.spec, self.xenstore_transport)
+            if not xenpages.uses_ring(run.spec):  # a ring domain is introduced once it built its page
+                await self._make_domain(run)
         for run in self.domains:
-            await self._spawn_domain(run, await self._attach(run.spec.domid))
+            await self._spawn_domain(run, await self._xenstore_for(run))
             if run.spec.role in ("driver", "lguest-launcher"):
                 await self._wait_ready(run)
         for run in self.domains:
@@ -363,7 +382,7 @@ class Toolstack:
                 await self._reset_lguest_devices(run)
             elif run.spec.role == "lguest-launcher":
                 self._stop_its_guest(run)
-            await self._spawn_domain(run, await self._attach(run.spec.domid))
+            await self._spawn_domain(run, await self._xenstore_for(run))
             await self._wait_ready(run)
         except UpError as e:
             run.state = "crashed"
@@ -387,7 +406,8 @@ class Toolstack:
             await self.xs.release(run.spec.domid)
         with contextlib.suppress(Exception):
             await self.xs.rm(f"/local/domain/{run.spec.domid}")
-        await self._make_domain(run)
+        if not xenpages.uses_ring(run.spec):
+            await self._make_domain(run)
 
     async def _reset_lguest_devices(self, run: DomainRun) -> None:
         """Before an lguest guest starts over, its Launcher resets its devices (statuses

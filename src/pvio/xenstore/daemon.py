@@ -134,9 +134,10 @@ def load_db(path: Path) -> tuple[Store, list[XsDomain]]:
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, daemon: XenStoreDaemon, domid: int) -> None:
+    def __init__(self, daemon: XenStoreDaemon, domid: int, *, ring: bool = False) -> None:
         self.daemon = daemon
         self.domid = domid
+        self.ring = ring  # the domain's own ring (dom0's too), not a socket
         self.conn_id = 0
         self.transport: asyncio.Transport | None = None
         self.paused = False
@@ -149,7 +150,7 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         try:
-            self.conn_id = self.daemon.server.connect(self.domid)
+            self.conn_id = self.daemon.server.connect(self.domid, of_domain=self.ring or None)
         except XsError:
             transport.close()
             return

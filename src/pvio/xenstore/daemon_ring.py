@@ -275,12 +275,15 @@ class RingService:
             return
         transport = RingTransport(self.dom, domid, ServerEnd(mapping.view), port)
         self.rings[domid] = (transport, mapping, want)
+        log.info("domain %d: serving its ring (frame %#x, port %d%s)", domid, gfn, port,
+                 ", after a restart" if restored else "")
         from pvio.xenstore.daemon import _Conn
 
-        transport.start(lambda: _Conn(self.daemon, domid), restored=restored)
+        transport.start(lambda: _Conn(self.daemon, domid, ring=True), restored=restored)
 
     async def _detach(self, domid: int) -> None:
         transport, mapping, _ = self.rings.pop(domid)
+        log.info("domain %d: its ring is no longer served", domid)
         transport.end_connection()
         with contextlib.suppress(Exception):
             self.dom.set_handler(transport.port, None)

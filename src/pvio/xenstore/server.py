@@ -155,16 +155,19 @@ class XenStoreServer:
 
     # -- connections -----------------------------------------------------------------
 
-    def connect(self, domid: int = 0) -> int:
+    def connect(self, domid: int = 0, *, of_domain: bool | None = None) -> int:
         """A new connection for `domid` (0: the privileged toolstack).  A domain must have
-        been introduced first: pvio decides who a connection is, never the peer."""
+        been introduced first: pvio decides who a connection is, never the peer.
+        `of_domain`: the connection is the domain's own (its ring, or a socket attached
+        for it), which INTRODUCE resets and RELEASE closes; by default every connection
+        but dom0's sockets (the toolstack and its tools are no domain's connection)."""
         if domid != 0 and domid not in self.domains:
             raise XsError("ENOENT", f"domain {domid} is not introduced", fault=Fault.LOCAL)
         conn_id = self._next_conn
         self._next_conn += 1
         conn = Connection(conn_id, domid, privileged=(domid == 0))
         self.conns[conn_id] = conn
-        if domid in self.domains:
+        if domid in self.domains and (of_domain if of_domain is not None else domid != 0):
             self.domains[domid].conns.add(conn_id)
         conn.who = self._who(conn)
         return conn_id
