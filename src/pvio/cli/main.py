@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
+    "xenconsoled": ("pvio.domains.xenconsoled:xenconsoled", "Serve Xen-style guests' consoles on ptys."),
 }
 
 

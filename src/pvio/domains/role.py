@@ -55,7 +55,7 @@ async def open_xenstore(spec: DomainSpec, dom: Domain | None = None) -> AsyncCli
     the toolstack for a new one over `spec.toolstack_fd` and carries on (its watches
     registered again, its requests outside a transaction sent again)."""
     if dom is not None and uses_ring(spec):
-        xs, _ = await open_ring_xenstore(spec, dom)
+        xs, _, _ = await open_ring_xenstore(spec, dom)
         return xs
     sock = socket.socket(fileno=spec.xenstore_fd)
     sock.setblocking(False)

@@ -17,7 +17,10 @@ The toolstack, which alone decides which domid is behind each channel, INTRODUCE
 domain with that page and port, writes its XenStore directories (`store/*` among them),
 and answers; the domain then talks to XenStore over its ring.  Whom to grant the page
 to comes with the spec (``extra["xenstore_domid"]``), as libxl reads it from
-``/tool/xenstored/domid``.
+``/tool/xenstored/domid``.  A guest whose spec also names the console daemon's domid
+(``extra["xenconsoled_domid"]``) builds its console page too (grant 0,
+`pvio.domains.xen_console`) and names it in the same request
+(``console-ring-ref=<frame> console-port=<port>``).
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ import asyncio
 import socket
 
 from pvio.domains.spec import DomainSpec
+from pvio.domains.xen_console import ConsolePage, build_console_page
 from pvio.hypervisor.client import Domain
 from pvio.xenstore.client import AsyncClient
 from pvio.xenstore.client_ring import StorePage, build_store_page, open_ring_client
 
 #: The spec key naming xenstored's domid: present when the domain uses its ring.
 XENSTORE_DOMID_KEY = "xenstore_domid"
+#: The spec key naming the console daemon's domid: present when the guest has a console.
+XENCONSOLED_DOMID_KEY = "xenconsoled_domid"
 
 
 def uses_ring(spec: DomainSpec) -> bool:
@@ -56,12 +62,18 @@ def ask_introduce(channel: socket.socket, pages: dict[str, int], timeout: float 
         raise ConnectionRefusedError(f"the toolstack did not introduce us: {answer[:200]!r}")
 
 
-async def open_ring_xenstore(spec: DomainSpec, dom: Domain) -> tuple[AsyncClient, StorePage]:
-    """Build our XenStore page, be introduced with it, and connect over the ring."""
+async def open_ring_xenstore(spec: DomainSpec, dom: Domain) -> tuple[AsyncClient, StorePage, ConsolePage | None]:
+    """Build our XenStore page (and console page), be introduced with them, and connect
+    to XenStore over the ring."""
     page = await build_store_page(dom, int(spec.extra[XENSTORE_DOMID_KEY]))
+    pages = {"store-ring-ref": page.frame, "store-port": page.port}
+    console = None
+    if spec.extra.get(XENCONSOLED_DOMID_KEY) is not None:
+        console = await build_console_page(dom, int(spec.extra[XENCONSOLED_DOMID_KEY]))
+        pages |= {"console-ring-ref": console.frame, "console-port": console.port}
     channel = socket.socket(fileno=spec.toolstack_fd)
     try:
-        await asyncio.to_thread(ask_introduce, channel, {"store-ring-ref": page.frame, "store-port": page.port})
+        await asyncio.to_thread(ask_introduce, channel, pages)
     finally:
         channel.detach()
-    return await open_ring_client(dom, page.view, page.port), page
+    return await open_ring_client(dom, page.view, page.port), page, console

@@ -56,7 +56,7 @@ class XenstoreHandover:
 
     def _readable(self, domid: int, channel: socket.socket) -> None:
         try:
-            request = channel.recv(64)
+            request = channel.recv(512)  # "xenstore", or an introduce line
         except BlockingIOError:
             return
         except OSError:

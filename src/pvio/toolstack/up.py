@@ -181,6 +181,8 @@ class Toolstack:
             )
         )
         await wait_socket(self.paths.xenstored_socket, xs)
+        if (argv := xenpages.xenconsoled_argv(self.xenstore_transport, self.paths)) is not None:
+            await self._start_child(Child("xenconsoled", python_argv("pvio", *argv), self.paths.log("xenconsoled")))
         from pvio.xenstore.client import AsyncClient
 
         self.xs = await AsyncClient.open(str(self.paths.xenstored_socket), reconnect=True)
@@ -477,7 +479,7 @@ class Toolstack:
                 await self._cleanup_xenstore()
             with contextlib.suppress(Exception):
                 await self.xs.close()
-        for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
+        for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored", "xenconsoled")]):
             await c.stop(5.0)
         await self._remove_namespaces()
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,

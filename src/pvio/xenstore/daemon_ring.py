@@ -311,9 +311,9 @@ XENSTORED_PAGES = 16
 REBIRTH_TIMEOUT = 15.0
 
 
-async def connect_as_domain(hypervisor: str, domid: int | None) -> Domain:
-    """Become xenstored's domain (copy transport: it never holds another domain's
-    memory, only the pages granted to it).  A restarted daemon may find its domid still
+async def connect_as_domain(hypervisor: str, domid: int | None, name: str = "xenstored") -> Domain:
+    """Become a service domain (xenstored's, xenconsoled's) in the copy transport: it
+    never holds another domain's memory, only the pages granted to it.  A restarted daemon may find its domid still
     taken for a moment (EEXIST): it waits, at most REBIRTH_TIMEOUT."""
     import errno
 
@@ -323,7 +323,7 @@ async def connect_as_domain(hypervisor: str, domid: int | None) -> Domain:
     deadline = asyncio.get_running_loop().time() + REBIRTH_TIMEOUT
     while True:
         try:
-            return await aio.connect(hypervisor, "xenstored", XENSTORED_PAGES, transport="copy", domid=domid)
+            return await aio.connect(hypervisor, name, XENSTORED_PAGES, transport="copy", domid=domid)
         except HypercallError as e:
             if e.rc != -errno.EEXIST or asyncio.get_running_loop().time() > deadline:
                 raise
