@@ -102,7 +102,8 @@ class RingStream:
                 self._broken = True
                 return b""
             if data:
-                self._kick()  # room in the reply ring
+                if len(data) >= self.end.rings.rx.size:
+                    self._kick()  # it was full: the daemon may wait for room
                 return data
             await self._wake.wait()
 

@@ -150,7 +150,10 @@ class RingTransport:
             if self._reading and self.protocol is not None:
                 data = end.receive(READ_CHUNK)
                 if data:
-                    self._notify()  # room in the request ring
+                    if len(data) >= end.rings.rx.size:
+                        # It was full: the guest may wait for room (as Linux's xenbus,
+                        # we kick for that only then; a reply kicks it anyway).
+                        self._notify()
                     self.protocol.data_received(data)
         except RingBroken as e:
             log.warning("domain %d broke its XenStore ring: %s", self.domid, e)
