@@ -247,6 +247,13 @@ class ConsoleDaemon:
             self.consoles[domid].broken = "dead"
             self._spawn(self._detach(domid))
 
+    # T:920 Consoles: a guest never waits for its reader
+    # A Xen guest's console is a 2 KiB output ring and a 1 KiB input ring in a page it
+    # granted at reference 0.  xenconsoled's rule is kept: every kick empties the output
+    # ring into the console's buffer, whether or not anyone reads the pty, so the guest
+    # never blocks; a buffer past its `limit` loses its oldest bytes, counted.  Input
+    # moves the other way only while the guest's input ring has room.
+    # :T
     def _kicked(self, con: Console) -> None:
         """The guest wrote output or consumed input: drain, flush, feed."""
         if con.broken:

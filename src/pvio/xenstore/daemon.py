@@ -450,7 +450,8 @@ class XenStoreDaemon:
 # is: the toolstack INTRODUCEs it, makes a socketpair and passes one end to the daemon
 # over the 0600 control socket with SCM_RIGHTS ("attach 5"); the daemon adopts it as a
 # connection of domain 5 and the toolstack gives the other end to the domain process.
-# The core just sees connection ids with a domid, so a ring-page transport fits later.
+# The core just sees connection ids with a domid, so a domain's own page is another
+# transport under the same core (next stop).
 # :T
 def attach_domain(control_path: str | os.PathLike[str], domid: int, timeout: float = 5.0) -> socket.socket:
     """The toolstack's half of attaching a domain connection: a connected socket that

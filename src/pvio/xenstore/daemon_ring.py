@@ -61,6 +61,17 @@ log = logging.getLogger("pvio.xenstore.ring")
 READ_CHUNK = 1024
 
 
+# T:485 A domain's own page
+# Xen guests do not get sockets: each finds XenStore through a page granted at grant
+# reference 1 and an event channel, both named by the toolstack's INTRODUCE.  With a
+# hypervisor the daemon is a domain too (Xen's xenstore stub domain): it maps grant 1 of
+# the domain, binds the port, and puts the page under the same protocol object as a
+# socket, so replies, watch events and every bound behave alike.  Requests are read only
+# when the port fires, a ring's worth at a time; a guest that lies in its indices, or
+# sends a packet over 4096 bytes, finds the reason in the page's `error` word and is
+# served again only after it asks for a reconnection -- and so is every guest after the
+# daemon restarts, which is how their clients learn to register their watches again.
+# :T
 class RingTransport:
     """One domain's page and port, looking like an asyncio transport to `_Conn`."""
 
