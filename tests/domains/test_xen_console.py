@@ -37,3 +37,26 @@ def test_pvio_console_reaches_a_xen_guests_shell(tmp_path: Path) -> None:
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
+
+
+def test_a_restarted_xenconsoled_serves_the_console_again(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=4M, target={tmp_path / 'a.img'}").start()
+    try:
+        pid = next(s for s in up.status["services"] if s["name"] == "xenconsoled")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "xenconsoled exited" not in up.output():
+            assert time.monotonic() < deadline, up.output()
+            time.sleep(0.1)
+        out = b""
+        while b"again-42" not in out:  # until the new daemon has written the new pty
+            assert time.monotonic() < deadline, out
+            out = subprocess.run(
+                [sys.executable, "-m", "pvio", "console", "guest1", "--state-dir", str(up.state_dir),
+                 "--linger", "1.5"], input=b"echo again-$((6*7))\n", capture_output=True, timeout=60).stdout
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()

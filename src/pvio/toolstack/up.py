@@ -342,11 +342,13 @@ class Toolstack:
     # -- supervise -----------------------------------------------------------------
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        services = [c for c in self.children if c.name in ("hypervisor", "xenstored")]
+        services = [c for c in self.children if c.name in ("hypervisor", "xenstored", "xenconsoled")]
         while not stop.is_set():
             for svc in services:
                 if svc.name == "xenstored" and not svc.running and svc.restarts < MAX_CRASHES:
                     await self._restart_xenstored(svc)
+                elif svc.name == "xenconsoled" and not svc.running and svc.restarts < MAX_CRASHES:
+                    await xenpages.restart_xenconsoled(svc, self.say)  # it serves every console again
                 elif not svc.running:
                     raise UpError(f"{svc.name} exited (status {svc.proc and svc.proc.returncode}); see {svc.log_path}")
             for run in self.domains:

@@ -25,9 +25,12 @@ writes for console 0 (`console_keys`); xenconsoled adds ``console/tty``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pvio.abi.grant_table import DOMID_FIRST_RESERVED
 from pvio.domains.spec import DomainSpec
 from pvio.domains.xen_pages import XENCONSOLED_DOMID_KEY, XENSTORE_DOMID_KEY, uses_ring
+from pvio.toolstack.children import Child
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.xslayout import XsOp
 
@@ -42,7 +45,7 @@ RING_ROLES = ("driver", "guest")
 TRANSPORTS = ("ring", "socket")
 
 __all__ = ["TRANSPORTS", "XENCONSOLED_DOMID", "XENSTORED_DOMID", "choose_transport", "console_keys", "page_keys",
-           "uses_ring", "xenconsoled_argv", "xenstored_args"]
+           "restart_xenconsoled", "uses_ring", "xenconsoled_argv", "xenstored_args"]
 
 
 def xenstored_args(transport: str, hypervisor_socket: object) -> list[str]:
@@ -84,3 +87,14 @@ def console_keys(domid: int) -> list[XsOp]:
     home = f"/local/domain/{domid}/console"
     keys = {"type": "xenconsoled", "limit": str(XENCONSOLE_LIMIT), "output": "pty", "tty": ""}
     return [XsOp("write", f"{home}/{k}", v) for k, v in keys.items()]
+
+
+async def restart_xenconsoled(child: Child, say: Callable[[str], None]) -> None:
+    """xenconsoled died: start it again; it maps every console page again (its domid is
+    the one the pages are granted to) and writes each console's new pty to console/tty."""
+    child.restarts += 1
+    code = child.proc.returncode if child.proc else None
+    say(f"pvio up: xenconsoled exited (status {code}); restarting it (restart #{child.restarts}; "
+        f"log {child.log_path})")
+    await child.stop()  # closes its log
+    await child.start()
