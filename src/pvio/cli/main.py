@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.cli.bench:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.nbd.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
-    "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
+    "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to a guest's console (lguest or Xen-style)."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
     "xenconsoled": ("pvio.domains.xenconsoled:xenconsoled", "Serve Xen-style guests' consoles on ptys."),
