@@ -1,5 +1,6 @@
-"""The watch, transaction, quota and advisory suites run over both transports a domain
-has: the byte stream of a socket, and its XenStore page (`xs_harness.Harness`)."""
+"""The watch, transaction, quota and advisory suites, and the store's property tests, run
+over both transports a domain has: the byte stream of a socket, and its XenStore page
+(`xs_harness.Harness`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import xs_harness
 
 #: The suites whose Harness connections run over each transport.
-BOTH_TRANSPORTS = {"test_semantics", "test_scenarios", "test_advisories"}
+BOTH_TRANSPORTS = {"test_semantics", "test_scenarios", "test_advisories", "test_fuzz"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
