@@ -1,5 +1,11 @@
 """Helpers for XenStore tests: drive the sans-IO server by named connections, and run
-`pvio xenstored` as a real process for the tests with Xen's own clients."""
+`pvio xenstored` as a real process for the tests with Xen's own clients.
+
+`Harness(transport="ring")` carries every domain connection's bytes through a
+xenstore_domain_interface page instead (`pvio.xenstore.ring`'s two ends over one page,
+each direction pumped through its 1 KiB ring as space allows), dom0's as a socket
+would; tests/xenstore/conftest.py runs the watch, transaction, quota and advisory
+suites both ways."""
 
 from __future__ import annotations
 
@@ -16,10 +22,27 @@ from pathlib import Path
 
 from pvio.abi.xs_wire import XsdSockmsgType as T
 from pvio.xenstore.quotas import Quotas
+from pvio.xenstore.ring import GuestEnd, ServerEnd
 from pvio.xenstore.server import Close, Send, XenStoreServer
 from pvio.xenstore.wire import FrameDecoder, Packet, encode, join_args
 
 OK = b"OK\0"
+#: The transport a Harness uses when none is given (set by tests/xenstore/conftest.py).
+DEFAULT_TRANSPORT = ["socket"]
+
+
+@dataclass
+class RingPair:
+    """Both ends of one domain's page, in one process."""
+
+    server: ServerEnd
+    guest: GuestEnd
+    to_guest: bytearray = field(default_factory=bytearray)
+
+    @classmethod
+    def new(cls) -> RingPair:
+        page = memoryview(bytearray(4096))
+        return cls(ServerEnd(page), GuestEnd(page))
 
 
 @dataclass
@@ -27,6 +50,8 @@ class Harness:
     """Named connections ("dom0", "d1", ...) onto one in-process server."""
 
     quotas: Quotas | None = None
+    transport: str = field(default_factory=lambda: DEFAULT_TRANSPORT[0])
+    rings: dict[int, RingPair] = field(default_factory=dict)
     server: XenStoreServer = field(init=False)
     conns: dict[str, int] = field(default_factory=dict)
     decoders: dict[int, FrameDecoder] = field(default_factory=dict)
@@ -45,6 +70,8 @@ class Harness:
             if domid and domid not in self.server.domains:
                 self.server.introduce(domid)
             cid = self.server.connect(domid)
+            if self.transport == "ring" and domid != 0:
+                self.rings[cid] = RingPair.new()
             self.conns[name] = cid
             self.decoders[cid] = FrameDecoder()
             self.events[name] = []
@@ -61,18 +88,37 @@ class Harness:
                 self.closed.add(name)
                 continue
             dec = self.decoders[out.conn_id]
-            dec.feed(out.data)
+            dec.feed(self._through_ring(out.conn_id, out.data))
             for pkt in dec.packets():
                 self.log[name].append(pkt)
                 if pkt.type == T.XS_WATCH_EVENT:
                     path, token = pkt.payload.split(b"\0")[:2]
                     self.events[name].append((path.decode(), token.decode()))
 
+    def _through_ring(self, cid: int, data: bytes) -> bytes:
+        """What the guest reads of `data` sent to it (all of it, over a socket)."""
+        ring = self.rings.get(cid)
+        if ring is None:
+            return data
+        ring.to_guest += data
+        got = bytearray()
+        while ring.to_guest:  # the daemon writes what fits, the guest reads it, again
+            n = ring.server.send(ring.to_guest)
+            del ring.to_guest[:n]
+            got += ring.guest.receive()
+        return bytes(got)
+
     def raw(self, name: str, data: bytes) -> list[Packet]:
         """Send raw bytes; return the replies (not events) this connection got."""
         cid = self.conn(name)
         before = len(self.log[name])
-        self.dispatch(self.server.receive(cid, data))
+        ring = self.rings.get(cid)
+        if ring is None:
+            self.dispatch(self.server.receive(cid, data))
+        while ring is not None and data:  # the guest writes what fits, the daemon reads it
+            n = ring.guest.send(data)
+            data = data[n:]
+            self.dispatch(self.server.receive(cid, ring.server.receive()))
         return [p for p in self.log[name][before:] if p.type != T.XS_WATCH_EVENT]
 
     def req(self, name: str, type_: int, payload: bytes, tx: int = 0, req_id: int = 7) -> bytes | str:

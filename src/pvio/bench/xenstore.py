@@ -11,7 +11,11 @@ round so that machine noise hits both alike:
 * read: XS_READ of a small node through `pvio.xenstore.client.Client`;
 * write: XS_WRITE of a small value;
 * transaction: TRANSACTION_START, a READ and a WRITE inside it, TRANSACTION_END "T";
-* read (and echo) with 1000 idle connections open to the daemon.
+* read (and echo) with 1000 idle connections open to the daemon;
+* then, with the bench process a domain of a `pvio hypervisor` (xenstored is one too):
+  a read and a transaction over the domain's XenStore page and event channel, next to
+  the same requests of the same domain over a socket, both through `AsyncClient`
+  (`pvio.bench.xenstore_ring`).
 
 Within a run the measurements alternate in blocks of 50 requests, so that load from
 elsewhere on the machine falls on the baseline and on XenStore alike; each run opens
@@ -59,10 +63,10 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _wait_socket(path: Path, timeout: float = 10.0) -> None:
+def _wait_socket(path: Path, timeout: float = 10.0, kind: int = socket.SOCK_STREAM) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX) as s:
+        with socket.socket(socket.AF_UNIX, kind) as s:
             try:
                 s.connect(str(path))
                 return
@@ -87,9 +91,15 @@ def _median_ns(fn: Callable[[], object], n: int) -> float:
 
 def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[float]]:
     raise_nofile()
-    xs_path, echo_path = tmp / "xs.sock", tmp / "echo.sock"
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "pvio", "xenstored", "--socket", str(xs_path)],
+    from pvio.bench.xenstore_ring import XENSTORED_DOMID, measure_ring
+
+    xs_path, echo_path, hv_path = tmp / "xs.sock", tmp / "echo.sock", tmp / "hv.sock"
+    procs = [subprocess.Popen([sys.executable, "-m", "pvio", "hypervisor", "--socket", str(hv_path)],
+                              stdout=subprocess.DEVNULL)]
+    _wait_socket(hv_path, kind=socket.SOCK_SEQPACKET)
+    procs += [
+        subprocess.Popen([sys.executable, "-m", "pvio", "xenstored", "--socket", str(xs_path),
+                          "--hypervisor", str(hv_path), "--domid", str(XENSTORED_DOMID)],
                          stdout=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_path)]),
     ]
@@ -151,6 +161,7 @@ def measure(tmp: Path, iterations: int, runs: int, idle: int) -> dict[str, list[
                 results[k].append(statistics.median(v))
         c.close()
         echo.close()
+        results |= measure_ring(hv_path, xs_path, iterations, runs)
         return results
     finally:
         for p in procs:
@@ -182,6 +193,11 @@ def _suite(params: Params, ctx: Context) -> list[Figure]:
                 {"pvio": us["transaction"], echo: us["echo"]}, higher_is_better=False),
         compare(f"read, {idle} idle connections", "µs",
                 {"pvio": us["read_idle"], echo: us["echo_idle"]}, higher_is_better=False),
+        compare("a domain's read: its ring vs a socket", "µs",
+                {"ring": us["ring_read"], "socket": us["ring_socket_read"]}, higher_is_better=False),
+        compare("a domain's transaction: its ring vs a socket", "µs",
+                {"ring": us["ring_transaction"], "socket": us["ring_socket_transaction"]},
+                higher_is_better=False),
     ]
 
 
@@ -216,6 +232,14 @@ def xenstore(iterations: int, runs: int, idle: int, json_out: str | None) -> Non
         click.echo(f"  {label:<44} {med[key] / 1000:8.1f} us  "
                    f"({min(v) / 1000:.1f}..{max(v) / 1000:.1f})  "
                    f"x{med[key] / med['echo']:.2f} echo")
+    click.echo("  a domain (AsyncClient) over its ring, next to a socket:")
+    for label, key in (("read over the ring", "ring_read"), ("read over a socket", "ring_socket_read"),
+                       ("transaction over the ring", "ring_transaction"),
+                       ("transaction over a socket", "ring_socket_transaction")):
+        v = results[key]
+        click.echo(f"  {label:<44} {med[key] / 1000:8.1f} us  ({min(v) / 1000:.1f}..{max(v) / 1000:.1f})")
+    click.echo(f"  ring / socket: read x{med['ring_read'] / med['ring_socket_read']:.2f}, "
+               f"transaction x{med['ring_transaction'] / med['ring_socket_transaction']:.2f}")
     ratio_read = med["read"] / med["echo"]
     ratio_idle = med["read_idle"] / med["read"]
     click.echo(f"  read / echo            = {ratio_read:.2f}  (target <= 1.5)")

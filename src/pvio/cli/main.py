@@ -14,12 +14,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pvio.cli.bench:bench", "Benchmarks: pvio next to the tools users would pick instead."),
     "nbd": ("pvio.nbd.cli:nbd", "NBD exports: serve raw images to NBD clients, list a server's exports."),
     "hypervisor": ("pvio.hypervisor.daemon:hypervisor", "Run the hypervisor: domains, grants, event channels, lguest DMA."),
-    "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
+    "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to a guest's console (lguest or Xen-style)."),
     "top": ("pvio.toolstack.top_cli:top", "Show a running pvio up's domains and devices live, as xentop does."),
     "trace": ("pvio.toolstack.trace_cli:trace", "Record a running pvio up's rings, grants and notifies as a Perfetto trace."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "run": ("pvio.toolstack.run_cli:run", "Run a program built on Xen's libraries as a domain of a running pvio up."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
+    "xenconsoled": ("pvio.domains.xenconsoled:xenconsoled", "Serve Xen-style guests' consoles on ptys."),
 }
 
 

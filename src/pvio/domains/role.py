@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from pvio.domains.spec import DomainSpec, write_status
+from pvio.domains.xen_pages import open_ring_xenstore, uses_ring
 from pvio.hypervisor import aio
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.errors import HypercallError
@@ -46,11 +47,17 @@ async def become_domain(spec: DomainSpec, nr_pages: int | None = None) -> Domain
             await asyncio.sleep(0.1)
 
 
-async def open_xenstore(spec: DomainSpec) -> AsyncClient:
-    """The XenStore connection the toolstack handed over (fd `spec.xenstore_fd`, already
-    bound to the domain's domid by xenstored).  If xenstored restarts, the client asks
+async def open_xenstore(spec: DomainSpec, dom: Domain | None = None) -> AsyncClient:
+    """The domain's XenStore connection.  By default (no `spec.xenstore_fd`) over its
+    ring: the domain builds its page and port and the toolstack introduces it
+    (`pvio.domains.xen_pages`); a restarted xenstored has it reconnect over the ring.
+    Otherwise the socket the toolstack handed over (fd `spec.xenstore_fd`, already
+    bound to the domain's domid by xenstored): if xenstored restarts, the client asks
     the toolstack for a new one over `spec.toolstack_fd` and carries on (its watches
     registered again, its requests outside a transaction sent again)."""
+    if dom is not None and uses_ring(spec):
+        xs, _, _ = await open_ring_xenstore(spec, dom)
+        return xs
     sock = socket.socket(fileno=spec.xenstore_fd)
     sock.setblocking(False)
     if spec.toolstack_fd < 0:

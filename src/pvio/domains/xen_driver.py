@@ -25,7 +25,7 @@ async def main(spec: DomainSpec) -> None:
     xs: AsyncClient | None = None
     service: BlkbackService | None = None
     try:
-        xs = await open_xenstore(spec)
+        xs = await open_xenstore(spec, dom)
         service = BlkbackService(dom, xs, max_in_flight=int(spec.extra.get("max_in_flight", 64)))
         await service.start()
         blkback = service

@@ -23,6 +23,8 @@ from pvio.blk.frontend import BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
+from pvio.domains.xen_console import DEFAULT_SHELL, start_console
+from pvio.domains.xen_pages import open_ring_xenstore, uses_ring
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
 from pvio.nbd.server_asyncio import NbdServer
@@ -97,8 +99,13 @@ async def main(spec: DomainSpec) -> None:
     dom = await become_domain(spec)
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
+    console = None
     try:
-        xs = await open_xenstore(spec)
+        if uses_ring(spec):  # with its console, when the toolstack gave it one
+            xs, _, page = await open_ring_xenstore(spec, dom)
+            console = start_console(dom, page, spec.extra.get("console_shell", DEFAULT_SHELL))
+        else:
+            xs = await open_xenstore(spec, dom)
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
         persistent = bool(spec.extra.get("persistent_grants", True))
         for d in spec.disks:
@@ -115,6 +122,8 @@ async def main(spec: DomainSpec) -> None:
         with contextlib.suppress(Exception):
             if xs is not None:
                 await xs.close()
+        if console is not None:
+            console.stop()
         await dom.close()
 
 

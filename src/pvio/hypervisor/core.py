@@ -218,8 +218,10 @@ class Hypervisor:
         self.lguest.forget(domid)
         for other in self.domains.values():
             # The control domain hears of every death (the toolstack's @releaseDomain);
-            # mappers of the dead domain's memory hear of it to drop their mapping.
-            if domid in other.mem_fds_given or other.domid == 0:
+            # mappers of the dead domain's memory or grants hear of it to drop their
+            # mappings (xenstored maps every domain's XenStore page: Xen's VIRQ_DOM_EXC).
+            if domid in other.mem_fds_given or other.domid == 0 or any(
+                    rec.granter is d for rec in other.maptrack.values()):
                 other.mem_fds_given.discard(domid)
                 args = wire.PVIO_PUSH_DOMAIN.pack(domid=domid)
                 self._pushes.append(

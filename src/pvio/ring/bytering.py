@@ -18,8 +18,9 @@ in or out in at most two slices (the wrap), never past the array.
 
 What this deliberately does not do: framing (XenStore messages are built on top by the
 xenstore layer), notification (the caller kicks the event channel whenever a call moved
-an index, as xenstored and Linux do), or the reconnection handshake (`connection`,
-`server_features`, `error` are the xenstore layer's business).
+an index, as xenstored and Linux do), or the reconnection handshake itself: the page's
+`server_features`, `connection` and `error` words are reached through `xenstore_control`,
+and what they mean is the xenstore layer's business (`pvio.xenstore.ring`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pvio.abi.layout import Layout
 from pvio.abi.ring import RING_IDX_MASK
 from pvio.abi.xs_wire import XENSTORE_DOMAIN_INTERFACE, XENSTORE_ERROR_RINGIDX, XENSTORE_RING_SIZE
 from pvio.ring.errors import RingBroken
-from pvio.ring.sharedmem import ByteRingIndices
+from pvio.ring.sharedmem import ByteRingIndices, PageWord
 
 _M = RING_IDX_MASK
 
@@ -188,3 +189,34 @@ def console_backend(page: memoryview) -> ByteRingPair:
     """The console daemon's end of a xencons_interface page: reads out, writes in."""
     inp, out = _cons_rings(page)
     return ByteRingPair(tx=inp, rx=out)
+
+
+@dataclass(frozen=True)
+class XenstoreControl:
+    """The signalling words of a xenstore_domain_interface page, and the reset of its
+    four indices that a ring reconnection ends with (docs/misc/xenstore-ring.txt)."""
+
+    server_features: PageWord
+    connection: PageWord
+    error: PageWord
+    indices: tuple[PageWord, ...]
+
+    def empty_rings(self) -> None:
+        """Both queues empty: every index back to 0 (only while the guest waits with
+        `connection` = XENSTORE_RECONNECT, so it reads none of them meanwhile)."""
+        for word in self.indices:
+            word.store(0)
+
+
+def xenstore_control(page: memoryview) -> XenstoreControl:
+    """The `server_features`, `connection` and `error` words of a XenStore page."""
+    view = page.cast("B") if page.format != "B" else page
+    lay = XENSTORE_DOMAIN_INTERFACE
+    if len(view) < lay.size:
+        raise ValueError(f"{lay.name} needs {lay.size} bytes")
+    return XenstoreControl(
+        PageWord(view, lay.offset("server_features")),
+        PageWord(view, lay.offset("connection")),
+        PageWord(view, lay.offset("error")),
+        tuple(PageWord(view, lay.offset(f)) for f in ("req_cons", "req_prod", "rsp_cons", "rsp_prod")),
+    )

@@ -79,6 +79,7 @@ from pvio.abi.ring import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRIN
 __all__ = [
     "FENCE_LIBRARY",
     "ByteRingIndices",
+    "PageWord",
     "SringIndices",
     "acquire_fence",
     "full_fence",
@@ -276,3 +277,31 @@ class ByteRingIndices:
     def publish_cons(self, new: int) -> None:
         release_fence()  # producer sees free space only /after/ we copied the data out
         self._w[self._cons] = new
+
+
+class PageWord:
+    """One 32-bit control word of a shared page that is not a ring index: the
+    `server_features`, `connection` and `error` fields of xenstore_domain_interface.
+
+    A load is followed by the acquire fence (what the word announces is read after it),
+    a store preceded by the release fence (what it announces is written before it): the
+    server empties the rings *before* it sets `connection` back to XENSTORE_CONNECTED,
+    and the guest reads the rings only *after* it has seen that.
+    """
+
+    __slots__ = ("_i", "_w")
+
+    def __init__(self, area: memoryview, offset: int) -> None:
+        if offset % 4:
+            raise ValueError("a shared word must be 32-bit aligned")
+        self._w = _words(area, offset + 4)
+        self._i = offset // 4
+
+    def load(self) -> int:
+        value: int = self._w[self._i]
+        acquire_fence()
+        return value
+
+    def store(self, value: int) -> None:
+        release_fence()
+        self._w[self._i] = value & _MASK

@@ -60,6 +60,8 @@ class BadInput(click.ClickException):
     default=None,
     help="How the driver domain reaches guest pages: map (fast, trusted backend) or copy (grant copies only).",
 )
+@click.option("--xenstore-transport", type=click.Choice(["ring", "socket"]), default="ring", show_default=True,
+              help="How Xen-style domains reach XenStore: their shared page and event channel, or a socket.")
 def up(
     config_file: Path | None,
     state_dir: Path | None,
@@ -69,6 +71,7 @@ def up(
     nbd_tls_creds: str | None,
     nbd_tcp_insecure: bool,
     transport: str | None,
+    xenstore_transport: str,
 ) -> None:
     """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
 
@@ -92,7 +95,8 @@ def up(
     if transport:
         config.transport = transport
     tls_creds = str(Path(nbd_tls_creds).resolve()) if nbd_tls_creds else ""
-    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0, nbd_tls_creds=tls_creds)
+    toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0, nbd_tls_creds=tls_creds,
+                          xenstore_transport=xenstore_transport)
     sys.exit(asyncio.run(run_up(toolstack)))
 
 

@@ -1,4 +1,4 @@
-"""`pvio console NAME`: attach the terminal to an lguest guest's console.
+"""`pvio console NAME`: attach the terminal to a guest's console, lguest or Xen-style.
 
 The guest's Launcher serves the host end of its console on a UNIX socket and names it
 in its rendezvous file (``<state_dir>/lguest/<NAME>.launcher.json``, see
@@ -7,6 +7,10 @@ lguest's Launcher set it, restored on exit) and three ^C within a second quit; w
 stdin not a terminal, input passes through as it is, and after the end of input the
 command keeps printing the guest's output until it has been quiet for ``--linger``
 seconds, so scripts can drive a guest's console through a pipe.
+
+A Xen-style guest's console is a pty served by `pvio xenconsoled`, named in XenStore at
+``/local/domain/<domid>/console/tty`` (where `xl console` finds it); the guest's domid
+and xenstored's socket come from pvio up's status.  The session is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +51,52 @@ def console_socket(state_dir: Path, name: str) -> str:
     return sock
 
 
+class PtyConsole:
+    """A console pty's slave, with the calls `run_console` makes on a socket."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        except OSError as exc:
+            raise click.ClickException(f"cannot open the console at {path}: {exc}") from exc
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return os.read(self.fd, n)
+        except OSError:  # EIO: the daemon closed the master (the guest is gone)
+            return b""
+
+    def sendall(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def xen_console_tty(state_dir: Path, name: str) -> str:
+    """The pty of Xen-style guest `name`, from XenStore (pvio up's status says where)."""
+    from pvio.toolstack.paths import StatePaths
+    from pvio.toolstack.status import load_up_status
+    from pvio.xenstore.client import Client
+
+    status = load_up_status(StatePaths(state_dir)) or {}
+    domid = next((d.get("domid") for d in status.get("domains", []) if d.get("name") == name), None)
+    if domid is None or not status.get("xenstored_path"):
+        raise click.ClickException(f"no running guest {name!r} under {state_dir}")
+    try:
+        with Client(str(status["xenstored_path"]), timeout=5) as xs:
+            tty = xs.read(f"/local/domain/{domid}/console/tty").decode()
+    except OSError as exc:
+        raise click.ClickException(f"guest {name!r} has no console ({exc})") from exc
+    if not tty:
+        raise click.ClickException(f"guest {name!r}'s console is not served yet")
+    return tty
+
+
 def run_console(sock_path: str, fd_in: int, fd_out: int, *, linger: float = 1.0,
                 max_wait: float = 30.0) -> int:
     """Join `fd_in`/`fd_out` to the console socket until quit or end of input."""
@@ -55,6 +105,12 @@ def run_console(sock_path: str, fd_in: int, fd_out: int, *, linger: float = 1.0,
         sock.connect(sock_path)
     except OSError as exc:
         raise click.ClickException(f"cannot reach the console at {sock_path}: {exc}") from exc
+    return relay(sock, fd_in, fd_out, linger=linger, max_wait=max_wait)
+
+
+def relay(sock: socket.socket | PtyConsole, fd_in: int, fd_out: int, *, linger: float = 1.0,
+          max_wait: float = 30.0) -> int:
+    """Join `fd_in`/`fd_out` to a console (socket or pty) until quit or end of input."""
     tty = os.isatty(fd_in)
     saved = None
     if tty:
@@ -107,8 +163,12 @@ def run_console(sock_path: str, fd_in: int, fd_out: int, *, linger: float = 1.0,
 @click.option("--linger", type=float, default=1.0, show_default=True,
               help="Without a terminal: after the end of input, exit once output is quiet this long.")
 def console(name: str, state_dir: Path | None, linger: float) -> None:
-    """Attach the terminal to lguest guest NAME's console (three ^C quit)."""
+    """Attach the terminal to guest NAME's console, lguest or Xen-style (three ^C quit)."""
     from pvio.toolstack.paths import default_state_dir
 
-    path = console_socket(state_dir or default_state_dir(), name)
+    root = state_dir or default_state_dir()
+    if not launcher_file(root, name).exists():  # not an lguest guest: a Xen-style one
+        pty = PtyConsole(xen_console_tty(root, name))
+        sys.exit(relay(pty, sys.stdin.fileno(), sys.stdout.fileno(), linger=linger))
+    path = console_socket(root, name)
     sys.exit(run_console(path, sys.stdin.fileno(), sys.stdout.fileno(), linger=linger))

@@ -62,7 +62,7 @@ def write_up_status(paths: StatePaths, domains: list[DomainRun], children: list[
         services=[
             {"name": c.name, "pid": c.pid, "log": str(c.log_path)}
             for c in children
-            if c.name in ("hypervisor", "xenstored") or c.name.startswith("qdisk-")
+            if c.name in ("hypervisor", "xenstored", "xenconsoled") or c.name.startswith("qdisk-")
         ],
         domains=entries,
     )

@@ -49,13 +49,14 @@ from typing import Any, TextIO
 from pvio.abi.xenbus import XenbusState
 from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.toolstack import preflight, xslayout
+from pvio.toolstack import preflight, xenpages, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
 from pvio.toolstack.handover import XenstoreHandover
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
 from pvio.toolstack.qdisk import QdiskBackends, wants_qemu
+from pvio.toolstack.restart import device_name, reset_lguest_devices, stop_its_guests
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
 
 READY_TIMEOUT = 30.0
@@ -87,6 +88,7 @@ class Toolstack:
         nbd_tcp: int = 0,
         nbd_tls_creds: str = "",
         out: TextIO = sys.stdout,
+        xenstore_transport: str = "ring",
     ) -> None:
         self.config = config
         self.paths = paths
@@ -100,7 +102,9 @@ class Toolstack:
         self._lock_fd = -1
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
-        self.handover = XenstoreHandover(self._attach)
+        #: "ring": Xen-style domains reach XenStore over their page (`xenpages`)
+        self.xenstore_transport = xenstore_transport
+        self.handover = XenstoreHandover(self._attach, self._introduce_ring)
         self.qdisk = QdiskBackends(paths, self.say)  # QEMU for backendtype=qdisk disks
 
     # -- output --------------------------------------------------------------------
@@ -162,6 +166,7 @@ class Toolstack:
                 self.paths.log("hypervisor"),
             )
         )
+        await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
         xs = await self._start_child(
             Child(
                 "xenstored",
@@ -176,12 +181,14 @@ class Toolstack:
                     str(self.paths.xenstore_db),
                     "--status",  # for pvio top
                     str(self.paths.status("xenstored")),
+                    *xenpages.xenstored_args(self.xenstore_transport, self.paths.hypervisor_socket),
                 ),
                 self.paths.log("xenstored"),
             )
         )
-        await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
         await wait_socket(self.paths.xenstored_socket, xs)
+        if (argv := xenpages.xenconsoled_argv(self.xenstore_transport, self.paths)) is not None:
+            await self._start_child(Child("xenconsoled", python_argv("pvio", *argv), self.paths.log("xenconsoled")))
         from pvio.xenstore.client import AsyncClient
 
         self.xs = await AsyncClient.open(str(self.paths.xenstored_socket), reconnect=True)
@@ -206,13 +213,16 @@ class Toolstack:
 
         await xs.transact(body)
 
-    async def _make_domain(self, run: DomainRun) -> None:
-        """INTRODUCE the domain, then write its directory and its vbds (libxl's order:
-        xenstored ignores a permission entry naming a domain it does not know yet)."""
+    async def _make_domain(self, run: DomainRun, pages: dict[str, int] | None = None) -> None:
+        """INTRODUCE the domain (with its XenStore page and port, when it built them),
+        then write its directory and its vbds (libxl's order: xenstored ignores a
+        permission entry naming a domain it does not know yet)."""
         domid = run.spec.domid
-        if domid != 0:
+        if pages is not None:
+            await self.xs.introduce(domid, pages["store-ring-ref"], pages["store-port"])
+        elif domid != 0:
             await self.xs.introduce(domid)
-        await self._transact(xslayout.domain_add(domid, run.spec.name))
+        await self._transact(xslayout.domain_add(domid, run.spec.name) + xenpages.page_keys(domid, pages))
         dom = run.config
         if dom is not None and dom.type == "xen":
             for disk in dom.disks:
@@ -227,23 +237,33 @@ class Toolstack:
 
         return await asyncio.to_thread(attach_domain, self.paths.xenstored_control, domid)
 
-    async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket) -> None:
+    async def _introduce_ring(self, domid: int, pages: dict[str, int]) -> None:
+        """A domain built its pages (`pvio.domains.xen_pages`): introduce it with them."""
+        run = next(r for r in self.domains if r.spec.domid == domid and xenpages.uses_ring(r.spec))
+        await self._make_domain(run, pages)
+
+    async def _xenstore_for(self, run: DomainRun) -> socket.socket | None:
+        """The socket a domain inherits, or None: it builds its ring and asks to be introduced."""
+        return None if xenpages.uses_ring(run.spec) else await self._attach(run.spec.domid)
+
+    async def _spawn_domain(self, run: DomainRun, xs_sock: socket.socket | None) -> None:
         spec = run.spec
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spec.xenstore_fd = xs_sock.fileno()
+        spec.xenstore_fd = xs_sock.fileno() if xs_sock is not None else -1
         spec.toolstack_fd = theirs.fileno()
         self.paths.spec(spec.name).write_text(spec.to_json())
         with contextlib.suppress(FileNotFoundError):
             Path(spec.status_file).unlink()
-        for s in (xs_sock, theirs):
+        inherited = [s for s in (xs_sock, theirs) if s is not None]
+        for s in inherited:
             os.set_inheritable(s.fileno(), True)
         child = run.child
-        child.pass_fds = (xs_sock.fileno(), theirs.fileno())
+        child.pass_fds = tuple(s.fileno() for s in inherited)
         try:
             await child.start()
         finally:
-            xs_sock.close()  # the domain holds them now
-            theirs.close()
+            for s in inherited:
+                s.close()  # the domain holds them now
         self.handover.serve(spec.domid, ours)
         if child not in self.children:
             self.children.append(child)
@@ -302,11 +322,13 @@ class Toolstack:
         prepare_images(self.config, self.say)
         await self._start_format_servers()
         for run in self.domains:
-            await self._make_domain(run)
+            xenpages.choose_transport(run.spec, self.xenstore_transport)
+            if not xenpages.uses_ring(run.spec):  # a ring domain is introduced once it built its page
+                await self._make_domain(run)
         await self.qdisk.start(self.xs)
         self.children += self.qdisk.processes()
         for run in self.domains:
-            await self._spawn_domain(run, await self._attach(run.spec.domid))
+            await self._spawn_domain(run, await self._xenstore_for(run))
             if run.spec.role in ("driver", "lguest-launcher"):
                 await self._wait_ready(run)
         for run in self.domains:
@@ -331,11 +353,13 @@ class Toolstack:
     # -- supervise -----------------------------------------------------------------
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        services = [c for c in self.children if c.name in ("hypervisor", "xenstored")]
+        services = [c for c in self.children if c.name in ("hypervisor", "xenstored", "xenconsoled")]
         while not stop.is_set():
             for svc in services:
                 if svc.name == "xenstored" and not svc.running and svc.restarts < MAX_CRASHES:
                     await self._restart_xenstored(svc)
+                elif svc.name == "xenconsoled" and not svc.running and svc.restarts < MAX_CRASHES:
+                    await xenpages.restart_xenconsoled(svc, self.say)  # it serves every console again
                 elif not svc.running:
                     raise UpError(f"{svc.name} exited (status {svc.proc and svc.proc.returncode}); see {svc.log_path}")
             for run in self.domains:
@@ -372,10 +396,10 @@ class Toolstack:
             if run.spec.role == "guest":
                 await self._renew_guest(run)
             elif run.spec.role == "lguest-guest":
-                await self._reset_lguest_devices(run)
+                await reset_lguest_devices(self.paths, run)
             elif run.spec.role == "lguest-launcher":
-                self._stop_its_guest(run)
-            await self._spawn_domain(run, await self._attach(run.spec.domid))
+                stop_its_guests(self.domains, run)
+            await self._spawn_domain(run, await self._xenstore_for(run))
             await self._wait_ready(run)
         except UpError as e:
             run.state = "crashed"
@@ -399,31 +423,8 @@ class Toolstack:
             await self.xs.release(run.spec.domid)
         with contextlib.suppress(Exception):
             await self.xs.rm(f"/local/domain/{run.spec.domid}")
-        await self._make_domain(run)
-
-    async def _reset_lguest_devices(self, run: DomainRun) -> None:
-        """Before an lguest guest starts over, its Launcher resets its devices (statuses
-        back to 0, as for a new guest); unplugged ones stay unplugged."""
-        from pvio.toolstack.unplug_cli import control_socket_of, request
-
-        sock = control_socket_of(self.paths.root, run.spec.name)
-        answer = await asyncio.to_thread(request, sock, {"reset": True}, 10.0)
-        if not answer.get("ok"):
-            raise UpError(f"its Launcher did not reset its devices: {answer.get('error', answer)}")
-
-    def _stop_its_guest(self, launcher: DomainRun) -> None:
-        """A Launcher that died took its guest's devices with it: the guest is stopped
-        too, and restarted (supervision sees it die) against the new Launcher.  The
-        Launcher of a LAN's first guest also held the LAN's page: every guest on that
-        LAN starts over with the new one."""
-        guest_domid = launcher.spec.extra.get("guest_domid")
-        members = [int(m["domid"]) for m in launcher.spec.extra.get("lan_members") or []]
-        victims = set(members) if members and min(members) == guest_domid else {guest_domid}
-        for run in self.domains:
-            if run.spec.role == "lguest-guest" and run.spec.domid in victims and run.child.running:
-                assert run.child.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    run.child.proc.kill()
+        if not xenpages.uses_ring(run.spec):
+            await self._make_domain(run)
 
     def _report_backend_failures(self, run: DomainRun) -> None:
         """Say once each device the driver domain cannot serve, with the cause (its
@@ -432,18 +433,9 @@ class Toolstack:
         for path, why in failed.items():
             if self._backend_failures.get(path) != why:
                 self._backend_failures[path] = why
-                self.say(f"pvio up: {self._device_name(path)} cannot be served: {why}")
+                self.say(f"pvio up: {device_name(self.domains, path)} cannot be served: {why}")
         for path in set(self._backend_failures) - set(failed):
             del self._backend_failures[path]
-
-    def _device_name(self, backend_path: str) -> str:
-        """'guest1 xvda' for /local/domain/0/backend/vbd/<domid>/<devid>."""
-        parts = backend_path.rstrip("/").split("/")
-        for run in self.domains:
-            for d in run.spec.disks:
-                if parts[-2:] == [str(run.spec.domid), str(d.devid)]:
-                    return f"{run.spec.name} {d.vdev}"
-        return backend_path
 
     # -- stop ----------------------------------------------------------------------
 
@@ -470,7 +462,7 @@ class Toolstack:
                 await self._cleanup_xenstore()
             with contextlib.suppress(Exception):
                 await self.xs.close()
-        for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
+        for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored", "xenconsoled")]):
             await c.stop(5.0)
         await self._remove_namespaces()
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,

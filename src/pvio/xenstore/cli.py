@@ -53,6 +53,11 @@ async def report(daemon: XenStoreDaemon, path: str) -> None:
               help="Permission entries a domain may set on a node (-A).")
 @click.option("--quota-path-max", type=int, default=Quotas.path_max, show_default=True,
               help="Path length below a domain's home (-M).")
+@click.option("--hypervisor", type=click.Path(dir_okay=False), default=None,
+              help="Hypervisor socket: become a domain and serve introduced domains over "
+                   "their XenStore pages (grant 1) and event channels.")
+@click.option("--domid", type=int, default=None,
+              help="With --hypervisor: the domid to be (the one domains grant their page to).")
 def xenstored(
     socket_path: str,
     db: str | None,
@@ -65,6 +70,8 @@ def xenstored(
     quota_transactions: int,
     quota_perms: int,
     quota_path_max: int,
+    hypervisor: str | None,
+    domid: int | None,
 ) -> None:
     """Serve XenStore (xs_wire) on a UNIX socket, as Xen's xenstored does."""
     quotas = Quotas(
@@ -76,7 +83,8 @@ def xenstored(
         path_max=quota_path_max,
     )
     daemon = XenStoreDaemon(
-        socket_path, db=db, control_path=control_path, quotas=quotas, sync_interval=sync_interval
+        socket_path, db=db, control_path=control_path, quotas=quotas, sync_interval=sync_interval,
+        hypervisor=hypervisor, domid=domid,
     )
 
     raise_nofile()

@@ -34,7 +34,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from pvio.abi.fault import Fault
 from pvio.abi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_ERRORS, XSD_SOCKMSG, XsdSockmsgType
@@ -323,8 +323,17 @@ class WatchStream:
         await self.close()
 
 
-#: What gives a reconnecting client a new connection (the toolstack hands domains theirs).
-Connector = Callable[[], Awaitable[socket.socket]]
+class ByteStream(Protocol):
+    """What AsyncClient reads from and writes to besides a socket (a XenStore ring)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+#: What gives a reconnecting client a new connection: a socket (the toolstack hands
+#: domains theirs) or a byte stream (a ring after its reconnection handshake).
+Connector = Callable[[], Awaitable[socket.socket | ByteStream]]
 
 
 class _Request(NamedTuple):
@@ -360,7 +369,8 @@ class AsyncClient:
         self._held: list[_Request] = []  # outside a transaction: sent again on reconnect
         self._streams: dict[str, WatchStream] = {}
         self._tokens = itertools.count(1)
-        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | ByteStream
+        self._writer: asyncio.StreamWriter | ByteStream | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closed = False
@@ -379,7 +389,12 @@ class AsyncClient:
 
     async def _connect(self) -> None:
         if self._sock is None and self.connector is not None:
-            self._sock = await self.connector()
+            got = await self.connector()
+            if not isinstance(got, socket.socket):
+                self._reader, self._writer = got, got
+                self.proto = ClientProtocol()
+                return self._connected.set()
+            self._sock = got
         if self._sock is not None:
             reader, writer = await asyncio.open_unix_connection(sock=self._sock)
             self._sock = None

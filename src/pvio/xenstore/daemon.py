@@ -61,7 +61,9 @@ import socket
 from pathlib import Path
 from typing import Any, cast
 
+from pvio.hypervisor.client import Domain
 from pvio.hypervisor.listener import Acceptor
+from pvio.xenstore.daemon_ring import RingService, connect_as_domain
 from pvio.xenstore.domains import XsDomain
 from pvio.xenstore.errors import XsError
 from pvio.xenstore.perms import Perm
@@ -82,6 +84,8 @@ EVENT_BACKLOG = 1 << 20
 #: transport's high-water mark; it resumes below a quarter of it).
 REPLY_BACKLOG = 256 << 10
 DB_VERSION = 1
+#: The key holding the daemon's own domid when it serves rings (Xen's, read by libxl).
+XENSTORED_DOMID = "/tool/xenstored/domid"
 
 
 def raise_nofile() -> None:
@@ -103,7 +107,7 @@ def save_db(path: Path, server: XenStoreServer) -> None:
     data: dict[str, Any] = {
         "version": DB_VERSION,
         "store": server.store.dump(),
-        "domains": [[d.domid, d.target] for d in server.domains.values()],
+        "domains": [[d.domid, d.target, d.gfn, d.evtchn] for d in server.domains.values()],
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -118,17 +122,22 @@ def save_db(path: Path, server: XenStoreServer) -> None:
         os.close(dfd)
 
 
-def load_db(path: Path) -> tuple[Store, list[tuple[int, int | None]]]:
+def load_db(path: Path) -> tuple[Store, list[XsDomain]]:
+    """The store and the introduced domains (domid, target, and the page and port of a
+    domain served over its ring; a database written before rings has neither)."""
     data = json.loads(path.read_bytes())
     if data.get("version") != DB_VERSION:
         raise ValueError(f"{path}: unknown database version {data.get('version')!r}")
-    return Store.load(data["store"]), [(int(d), t) for d, t in data["domains"]]
+    domains = [XsDomain(int(d[0]), target=d[1], gfn=int(d[2]) if len(d) > 2 else 0,
+                        evtchn=int(d[3]) if len(d) > 3 else 0) for d in data["domains"]]
+    return Store.load(data["store"]), domains
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, daemon: XenStoreDaemon, domid: int) -> None:
+    def __init__(self, daemon: XenStoreDaemon, domid: int, *, ring: bool = False) -> None:
         self.daemon = daemon
         self.domid = domid
+        self.ring = ring  # the domain's own ring (dom0's too), not a socket
         self.conn_id = 0
         self.transport: asyncio.Transport | None = None
         self.paused = False
@@ -141,7 +150,7 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         try:
-            self.conn_id = self.daemon.server.connect(self.domid)
+            self.conn_id = self.daemon.server.connect(self.domid, of_domain=self.ring or None)
         except XsError:
             transport.close()
             return
@@ -228,18 +237,27 @@ class XenStoreDaemon:
         control_path: str | os.PathLike[str] | None = None,
         quotas: Quotas | None = None,
         sync_interval: float = 0.0,
+        hypervisor: str | os.PathLike[str] | None = None,
+        domid: int | None = None,
+        ring_domain: Domain | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.control_path = Path(control_path or f"{self.socket_path}.control")
         self.db = Path(db) if db is not None else None
         self.sync_interval = sync_interval
         store = fresh_store()
-        domains: list[tuple[int, int | None]] = []
+        domains: list[XsDomain] = []
         if self.db is not None and self.db.exists():
             store, domains = load_db(self.db)
         self.server = XenStoreServer(store, quotas)
-        for domid, target in domains:
-            self.server.domains[domid] = XsDomain(domid, target=target)
+        for d in domains:
+            self.server.domains[d.domid] = d
+        # The ring transport: xenstored as a domain of the hypervisor (daemon_ring).
+        self.hypervisor = os.fspath(hypervisor) if hypervisor is not None else None
+        self.domid = domid
+        self.ring_domain = ring_domain
+        self._own_ring_domain = False
+        self.rings: RingService | None = None
         self.transports: dict[int, _Conn] = {}
         self.events_dropped = 0
         self._saved_mutations = self.server.mutations
@@ -275,6 +293,20 @@ class XenStoreDaemon:
         # accept() failing for want of descriptors backs off and logs once.
         self._control_acceptor = Acceptor(ctl, self._control_accepted, log, "xenstored control socket")
         self._control_acceptor.start()
+        await self._start_rings()
+
+    async def _start_rings(self) -> None:
+        """Become a domain of the hypervisor and serve domains over their pages."""
+        if self.ring_domain is None and self.hypervisor is not None:
+            self.ring_domain = await connect_as_domain(self.hypervisor, self.domid)
+            self._own_ring_domain = True
+        if self.ring_domain is None:
+            return
+        # Where a domain builder finds whom to grant the page to (libxl reads it too).
+        self.server.store.put(XENSTORED_DOMID, str(self.ring_domain.domid).encode(), (Perm("n", 0),))
+        self.rings = RingService(self, self.ring_domain)
+        self.server.on_domain = self.rings.domain_changed
+        self.rings.restore()
 
     def _main_accepted(self, sock: socket.socket) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -300,6 +332,13 @@ class XenStoreDaemon:
         for conn in list(self.transports.values()):
             if conn.transport is not None:
                 conn.transport.close()
+        if self.rings is not None:
+            self.server.on_domain = None
+            await self.rings.close()
+            self.rings = None
+        if self.ring_domain is not None and self._own_ring_domain:
+            await self.ring_domain.close()
+            self.ring_domain = None
         await asyncio.sleep(0)
         self.flush()
         for p in (self.socket_path, self.control_path):
@@ -337,6 +376,7 @@ class XenStoreDaemon:
         return {
             "events_dropped": self.events_dropped,
             "connections_behind": sum(1 for c in self.transports.values() if c.lost),
+            **(self.rings.statistics() if self.rings is not None else {}),
         }
 
     def flush(self) -> None:
@@ -410,7 +450,8 @@ class XenStoreDaemon:
 # is: the toolstack INTRODUCEs it, makes a socketpair and passes one end to the daemon
 # over the 0600 control socket with SCM_RIGHTS ("attach 5"); the daemon adopts it as a
 # connection of domain 5 and the toolstack gives the other end to the domain process.
-# The core just sees connection ids with a domid, so a ring-page transport fits later.
+# The core just sees connection ids with a domid, so a domain's own page is another
+# transport under the same core (next stop).
 # :T
 def attach_domain(control_path: str | os.PathLike[str], domid: int, timeout: float = 5.0) -> socket.socket:
     """The toolstack's half of attaching a domain connection: a connected socket that

@@ -126,6 +126,9 @@ class XenStoreServer:
         self.mutations = 0
         #: Requests that hit a bug and were answered EIO (tests assert it stays 0).
         self.internal_errors = 0
+        #: Told the domid after INTRODUCE or RELEASE changed a domain (the ring transport
+        #: maps or unmaps its page: `pvio.xenstore.daemon_ring`).
+        self.on_domain: Callable[[int], None] | None = None
         self._next_conn = 1
         self._out: list[Output] = []
         self._after: list[Output] = []
@@ -155,16 +158,19 @@ class XenStoreServer:
 
     # -- connections -----------------------------------------------------------------
 
-    def connect(self, domid: int = 0) -> int:
+    def connect(self, domid: int = 0, *, of_domain: bool | None = None) -> int:
         """A new connection for `domid` (0: the privileged toolstack).  A domain must have
-        been introduced first: pvio decides who a connection is, never the peer."""
+        been introduced first: pvio decides who a connection is, never the peer.
+        `of_domain`: the connection is the domain's own (its ring, or a socket attached
+        for it), which INTRODUCE resets and RELEASE closes; by default every connection
+        but dom0's sockets (the toolstack and its tools are no domain's connection)."""
         if domid != 0 and domid not in self.domains:
             raise XsError("ENOENT", f"domain {domid} is not introduced", fault=Fault.LOCAL)
         conn_id = self._next_conn
         self._next_conn += 1
         conn = Connection(conn_id, domid, privileged=(domid == 0))
         self.conns[conn_id] = conn
-        if domid in self.domains:
+        if domid in self.domains and (of_domain if of_domain is not None else domid != 0):
             self.domains[domid].conns.add(conn_id)
         conn.who = self._who(conn)
         return conn_id
@@ -340,16 +346,20 @@ class XenStoreServer:
         connections' watches and transactions, as a re-introduction does in Xen."""
         dom = self.domains.get(domid)
         if dom is not None:
+            if (dom.gfn, dom.evtchn) != (gfn, evtchn):
+                self.mutations += 1
             dom.gfn, dom.evtchn = gfn, evtchn
             for cid in dom.conns:
                 c = self.conns[cid]
                 self.watches.drop(c)
                 c.transactions.clear()
-            return
-        self.domains[domid] = XsDomain(domid, gfn, evtchn)
-        self.mutations += 1
-        if domid != 0:
-            self._fire_special(paths.INTRODUCE_DOMAIN)
+        else:
+            self.domains[domid] = XsDomain(domid, gfn, evtchn)
+            self.mutations += 1
+            if domid != 0:
+                self._fire_special(paths.INTRODUCE_DOMAIN)
+        if self.on_domain is not None:
+            self.on_domain(domid)
 
     def _release(self, conn: Connection, pkt: Packet, tx: Transaction | None) -> bytes:
         domid = atoi(one_arg(pkt.payload, field="domid"))
@@ -370,6 +380,8 @@ class XenStoreServer:
     def release(self, domid: int) -> None:
         """Forget `domid` (RELEASE); see `pvio.xenstore.domains.forget`."""
         dom = self.domains.pop(domid)
+        if self.on_domain is not None:
+            self.on_domain(domid)
         for cid in sorted(dom.conns):
             self._out.append(Close(cid, f"domain {domid} released"))
             self.disconnect(cid)
