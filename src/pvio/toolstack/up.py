@@ -322,7 +322,10 @@ class Toolstack:
         prepare_images(self.config, self.say)
         await self._start_format_servers()
         for run in self.domains:
-            xenpages.choose_transport(run.spec, self.xenstore_transport)
+            # A guest whose disk QEMU serves keeps the socket: its QEMU backend is started
+            # against the guest's XenStore directories before the guest runs.
+            qemu = run.config is not None and any(wants_qemu(d) for d in run.config.disks)
+            xenpages.choose_transport(run.spec, "socket" if qemu else self.xenstore_transport)
             if not xenpages.uses_ring(run.spec):  # a ring domain is introduced once it built its page
                 await self._make_domain(run)
         await self.qdisk.start(self.xs)
