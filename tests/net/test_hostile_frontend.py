@@ -11,8 +11,8 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from net.pair import NetPair, net_pair, wait_for
 
+from net.pair import NetPair, net_pair, wait_for
 from pvio.abi import netif as n
 from pvio.net.backend import NetbackQueue
 from pvio.net.frontend import BackendFeatures, NetFront
