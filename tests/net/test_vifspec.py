@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pvio.toolstack import vifspec, xslayout
+from pvio.toolstack.config import ConfigError, from_disk_options, load
 
 
 def test_parse_xl_vif() -> None:
@@ -34,3 +37,18 @@ def test_libxl_layout_and_permissions() -> None:
     assert writes[f"{be}/frontend-id"] == "3" and writes[f"{be}/handle"] == "0"
     assert writes["/local/domain/3/device/vif/0/backend"] == be
     assert writes["/libxl/3/device/vif/0/frontend"] == "/local/domain/3/device/vif/0"
+
+
+def test_vifs_in_toml_and_options(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[domain]]\nname = "g1"\ntype = "xen"\n'
+                   'vifs = ["mac=00:16:3e:00:00:01, bridge=pvbr0, ip=10.0.1.2/24"]\n')
+    (dom,) = load(cfg, tmp_path).domains
+    assert [(v.mac, v.bridge, v.ip) for v in dom.vifs] == [("00:16:3e:00:00:01", "pvbr0", "10.0.1.2/24")]
+    c = from_disk_options(["target=a.img"], tmp_path, vifs=["bridge=b1", "bridge=b2"])
+    assert [v.bridge for v in c.domains[0].vifs] == ["b1", "b2"]
+    with pytest.raises(ConfigError, match="bogus"):
+        from_disk_options(["target=a.img"], tmp_path, vifs=["bogus=1"])
+    cfg.write_text('[[domain]]\nname = "g1"\ntype = "lguest"\nvifs = ["bridge=b"]\n')
+    with pytest.raises(ConfigError, match="vifs are for xen"):
+        load(cfg, tmp_path)

@@ -300,7 +300,8 @@ def _check_link(ifname: str, mac: bytes) -> None:
 def _configure(where: list[str], ifname: str, mac: bytes, mtu: int, address: str) -> None:
     """The TAP's MAC, MTU and address, and its link up (`where`: ``-n NETNS`` or none)."""
     _ip(*where, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
-    _ip(*where, "addr", "add", address, "dev", ifname)
+    if address:  # "": no address (a Xen vif's end, attached to a bridge)
+        _ip(*where, "addr", "add", address, "dev", ifname)
     _ip(*where, "link", "set", "dev", ifname, "up")
 
 

@@ -23,6 +23,7 @@ from pvio.blk.frontend import BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
+from pvio.domains.xen_net import GuestNet, attach_guest_vifs, detach_guest_vifs
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
 from pvio.nbd.server_asyncio import NbdServer
@@ -97,6 +98,7 @@ async def main(spec: DomainSpec) -> None:
     dom = await become_domain(spec)
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
+    nets: list[GuestNet] = []
     try:
         xs = await open_xenstore(spec)
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
@@ -106,9 +108,12 @@ async def main(spec: DomainSpec) -> None:
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
+        nets = await attach_guest_vifs(dom, xs, spec.name)  # device/vif/*: pvio.domains.xen_net
         # refreshed once a second: blkfront's counters for `pvio bench blk`
-        await report_status(spec, dom.domid, lambda: status(disks))
+        await report_status(spec, dom.domid, lambda: status(disks) | {"vifs": [n.status() for n in nets]})
     finally:
+        with contextlib.suppress(Exception):
+            await detach_guest_vifs(nets)
         for disk in disks:
             with contextlib.suppress(Exception):
                 await detach_disk(disk)

@@ -49,7 +49,7 @@ from typing import Any, TextIO
 from pvio.abi.xenbus import XenbusState
 from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.toolstack import preflight, xslayout
+from pvio.toolstack import preflight, vifs, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
 from pvio.toolstack.handover import XenstoreHandover
@@ -100,6 +100,7 @@ class Toolstack:
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
         self.handover = XenstoreHandover(self._attach)
+        self._new_bridges: list[str] = []  # the vifs' bridges pvio up made (removed at shutdown)
 
     # -- output --------------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class Toolstack:
         if dom is not None and dom.type == "xen":
             for disk in dom.disks:
                 await self._transact(xslayout.vbd_add(domid, disk.spec, disk.params or disk.spec.target))
+            if dom.vifs:
+                await self._transact(vifs.vif_ops(domid, dom))
 
     async def _attach(self, domid: int) -> socket.socket:
         """A XenStore connection bound to `domid`, for the domain process to inherit."""
@@ -292,6 +295,7 @@ class Toolstack:
 
     async def start_domains(self) -> None:
         prepare_images(self.config, self.say)
+        self._new_bridges = vifs.missing_bridges(self.config)
         await self._start_format_servers()
         for run in self.domains:
             await self._make_domain(run)
@@ -460,6 +464,7 @@ class Toolstack:
         for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
             await c.stop(5.0)
         await self._remove_namespaces()
+        await asyncio.to_thread(vifs.remove_bridges, self._new_bridges, self.say)
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,
                      self.paths.xenstore_db):
             with contextlib.suppress(FileNotFoundError):
@@ -467,7 +472,8 @@ class Toolstack:
 
     async def _remove_namespaces(self) -> None:
         """A guest killed before its own cleanup leaves its netns pvio-<name>: remove it."""
-        names = [r.spec.name for r in self.domains if r.spec.role == "lguest-guest"]
+        names = [r.spec.name for r in self.domains
+                 if r.spec.role == "lguest-guest" or r.spec.extra.get("vifs")]
         if not names:
             return
         from pvio.domains.tap import TapError, netns_name, remove_namespace
