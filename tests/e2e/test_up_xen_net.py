@@ -1,0 +1,75 @@
+"""`pvio up` with two Xen guests whose vifs share a bridge, as a subprocess: ping guest ↔
+guest and guest ↔ host (the bridge given an address), TCP with iperf3 guest → guest, the
+vifs in `pvio list`, then SIGINT and no namespace, vif or bridge left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pvio.domains.tap import namespace_exists
+from pvioup import PvioUp
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (namespaces, TAP, bridge)"
+)
+
+BRIDGE = "pvbrtest0"
+CONFIG = f"""
+[[domain]]
+name = "xnet1"
+vifs = ["mac=00:16:3e:00:0a:01, bridge={BRIDGE}, ip=10.0.10.1/24"]
+
+[[domain]]
+name = "xnet2"
+vifs = ["mac=00:16:3e:00:0a:02, bridge={BRIDGE}, ip=10.0.10.2/24"]
+"""
+
+
+def _ping(where: list[str], address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*where, "ping", "-c", "3", "-i", "0.2", "-W", "2", address],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
+    assert not os.path.exists(f"/sys/class/net/{BRIDGE}"), f"{BRIDGE} is left from an earlier run"
+    cfg = tmp_path / "net.toml"
+    cfg.write_text(CONFIG)
+    up = PvioUp(tmp_path / "state", str(cfg)).start()
+    in1 = ["ip", "netns", "exec", "pvio-xnet1"]
+    in2 = ["ip", "netns", "exec", "pvio-xnet2"]
+    try:
+        vif = up.device("xnet1", type="vif")
+        assert (vif["ifname"], vif["mac"], vif["bridge"]) == ("vif1.0", "00:16:3e:00:0a:01", BRIDGE)
+        assert os.path.exists(f"/sys/class/net/{BRIDGE}/brif/vif1.0")
+        r = _ping(in1, "10.0.10.2")
+        assert r.returncode == 0, r.stdout + r.stderr + up.output()
+        subprocess.run(["ip", "addr", "add", "10.0.10.254/24", "dev", BRIDGE], check=True)
+        r = _ping(in2, "10.0.10.254")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = _ping([], "10.0.10.1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert shutil.which("iperf3"), "iperf3 is not installed (bash tools/install.sh installs it)"
+        server = subprocess.Popen([*in2, "iperf3", "-s", "-1", "-p", "5298"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            r = subprocess.run([*in1, "iperf3", "-c", "10.0.10.2", "-p", "5298", "-t", "1", "-J"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.output()
+    assert not namespace_exists("pvio-xnet1") and not namespace_exists("pvio-xnet2")
+    assert not os.path.exists("/sys/class/net/vif1.0") and not os.path.exists("/sys/class/net/vif2.0")
+    assert not os.path.exists(f"/sys/class/net/{BRIDGE}")
