@@ -74,6 +74,16 @@ def test_gso_both_ways_carries_the_segment_size() -> None:
             await wait_for(lambda: len(pair.to_guest) == 1)
             got, meta = pair.to_guest[0]
             assert got == big and meta.gso == Gso(1440, n.XEN_NETIF_GSO_TYPE_TCPV6) and meta.csum_blank
+            # a GSO frame of one page: its extra comes after its only data response
+            small = [_frame(2900), _frame(60), _frame(4096)]
+            for f in small:
+                assert pair.back.transmit(f, Gso(1448, n.XEN_NETIF_GSO_TYPE_TCPV4), csum_blank=True)
+            await wait_for(lambda: len(pair.to_guest) == 4)
+            assert [d for d, _ in pair.to_guest[1:]] == small and pair.front.broken is None
+            assert all(m.gso == Gso(1448, n.XEN_NETIF_GSO_TYPE_TCPV4) for _, m in pair.to_guest[1:])
+            await _send_all(pair, small, gso=Gso(1448, n.XEN_NETIF_GSO_TYPE_TCPV4), csum_blank=True)
+            await wait_for(lambda: len(pair.to_host) == 4)
+            assert [d for d, _ in pair.to_host[1:]] == small and pair.back.disabled is None
 
     run(body())
 

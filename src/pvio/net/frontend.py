@@ -109,6 +109,8 @@ class _RxPartial:
     meta: RxMeta = field(default_factory=RxMeta)
     error: bool = False
     want_extra: bool = False
+    started: bool = False
+    more: bool = False
 
 
 class NetFront:
@@ -354,34 +356,41 @@ class NetFront:
                 if etype == n.XEN_NETIF_EXTRA_TYPE_GSO:
                     p.meta.gso = Gso(size, gso_type)
                 p.want_extra = bool(eflags & n.XEN_NETIF_EXTRA_FLAG_MORE)
-                continue
-            i, offset, flags, status = _RXRSP.unpack(raw)
-            if i != expected:
-                raise NetfrontBroken(f"rx response at index {expected} names id {i}")
-            if not p.pieces and not p.error:
-                p.meta = RxMeta(flags)
-                p.want_extra = bool(flags & n.NETRXF_extra_info)
-            if status < 0:
-                p.error = True
             else:
-                if offset + status > XEN_PAGE_SIZE:
-                    raise NetfrontBroken(f"rx response id {i}: {offset}+{status} is outside its page")
-                base = self._rx_pages[i] * XEN_PAGE_SIZE + offset
-                p.pieces.append(bytes(mem[base : base + status]))
-            if flags & n.NETRXF_more_data:
+                i, offset, flags, status = _RXRSP.unpack(raw)
+                if i != expected:
+                    raise NetfrontBroken(f"rx response at index {expected} names id {i}")
+                if not p.started:
+                    p.started = True
+                    p.meta = RxMeta(flags)
+                    p.want_extra = bool(flags & n.NETRXF_extra_info)
+                if status < 0:
+                    p.error = True
+                else:
+                    if offset + status > XEN_PAGE_SIZE:
+                        raise NetfrontBroken(f"rx response id {i}: {offset}+{status} is outside its page")
+                    base = self._rx_pages[i] * XEN_PAGE_SIZE + offset
+                    p.pieces.append(bytes(mem[base : base + status]))
+                p.more = bool(flags & n.NETRXF_more_data)
+            # A frame ends with its last data piece, and its extras read (a one-piece GSO
+            # frame's extra comes after its only data response).
+            if p.more or p.want_extra:
                 continue
             self._partial = _RxPartial()
-            if p.error:
-                self.stats.rx_errors += 1
-            else:
-                data = b"".join(p.pieces)
-                self.stats.rx_frames += 1
-                self.stats.rx_bytes += len(data)
-                try:
-                    self.on_frame(data, p.meta)
-                except Exception:  # pragma: no cover - the guest side's bug
-                    log.exception("netfront: delivering a frame failed")
+            self._deliver(p)
             p = self._partial
+
+    def _deliver(self, p: _RxPartial) -> None:
+        if p.error:
+            self.stats.rx_errors += 1
+            return
+        data = b"".join(p.pieces)
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += len(data)
+        try:
+            self.on_frame(data, p.meta)
+        except Exception:  # pragma: no cover - the guest side's bug
+            log.exception("netfront: delivering a frame failed")
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
