@@ -1,12 +1,14 @@
 """`pvio up` with two Xen guests whose vifs share a bridge, as a subprocess: ping guest ↔
 guest and guest ↔ host (the bridge given an address), TCP with iperf3 guest → guest, the
-vifs in `pvio list`, then SIGINT and no namespace, vif or bridge left behind."""
+vifs in `pvio list`, traffic again after the driver domain is killed and restarted, then
+SIGINT and no namespace, vif or bridge left behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -41,7 +43,8 @@ def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
     assert not os.path.exists(f"/sys/class/net/{BRIDGE}"), f"{BRIDGE} is left from an earlier run"
     cfg = tmp_path / "net.toml"
     cfg.write_text(CONFIG)
-    up = PvioUp(tmp_path / "state", str(cfg)).start()
+    up = PvioUp(tmp_path / "state", str(cfg))
+    up.start()
     in1 = ["ip", "netns", "exec", "pvio-xnet1"]
     in2 = ["ip", "netns", "exec", "pvio-xnet2"]
     try:
@@ -67,6 +70,11 @@ def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
         finally:
             server.kill()
             server.wait()
+        # the driver domain dies: pvio up starts it again, netfront renegotiates
+        driver = up.domain("driver")["pid"]
+        os.kill(driver, signal.SIGKILL)
+        up.wait_for(lambda: up.domain("driver")["pid"] != driver and _ping(in1, "10.0.10.2").returncode == 0,
+                    timeout=60, what="guest to guest traffic after the driver domain restarted")
     finally:
         rc = up.stop()
     assert rc == 0, up.output()

@@ -112,7 +112,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     try:
         yield w
     finally:
-        await service.stop()
+        await w.service.stop()
         for gdom, gxs in w.guests.values():
             await gxs.close()
             await gdom.close()
@@ -180,4 +180,25 @@ async def test_a_frontend_asking_for_split_channels_is_refused(tmp_path: Path) -
         got2: list[bytes] = []
         v2 = await attach(w, 2, got2)
         assert v2.driver.connected.is_set()
+        await detach_vif(v2)
+
+
+@asynctest
+async def test_netfront_recovers_when_netback_restarts(tmp_path: Path) -> None:
+    async with world(tmp_path) as w:
+        got1: list[bytes] = []
+        got2: list[bytes] = []
+        v1 = await attach(w, 1, got1)
+        v2 = await attach(w, 2, got2)
+        # the driver domain's netback goes away (its rings with it) and a new one starts
+        old = w.service
+        await old.stop()
+        w.service = NetbackService(old.domain, old.xs, old.open_host)
+        await w.service.start()
+        await wait_for(lambda: v1.driver.connections == 2 and v2.driver.connections == 2)
+        assert v1.end.recoveries == 1 and v1.front.broken is None
+        frame = os.urandom(5000)
+        assert v1.front.send(frame)
+        await wait_for(lambda: got2 == [frame])
+        await detach_vif(v1)
         await detach_vif(v2)

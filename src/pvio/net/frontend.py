@@ -31,9 +31,11 @@ difference in how grants live:
   its page, or publishes an impossible rsp_prod breaks the device (`broken`), and
   nothing crashes.
 
-Deliberately not here: split event channels, multi-queue, recovery after the driver
-domain restarts (blkfront's; the XenBus side can set up new rings, frames in flight
-are lost as on a real wire).
+Recovery: when the driver domain restarts, the XenBus side (`NetfrontEnd`) closes the
+rings and calls `setup_rings` again for the new backend; frames in flight are lost, as
+on a real wire, and TCP sends them again.
+
+Deliberately not here: split event channels, multi-queue.
 """
 
 from __future__ import annotations
@@ -148,7 +150,14 @@ class NetFront:
     # are even published, so the first frame netback has finds room.
     # :T
     async def setup_rings(self, features: BackendFeatures) -> dict[str, str]:
+        """Set up both rings (again, after `close`: a new backend; frames that were in
+        flight are lost, as on a wire) and return the keys to publish."""
+        if self._tx is not None:
+            await self.close()
         self.features = features
+        self.broken = None
+        self._partial = _RxPartial()
+        self._tx_busy = set()
         dom = self.domain
         await dom.grow_grant_table(2 + n.NET_TX_RING_SIZE + n.NET_RX_RING_SIZE)
         frames = await dom.alloc_shareable_pages(2)

@@ -8,7 +8,8 @@
   keys), and write tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy,
   feature-rx-notify and the accepted features;
 - finalize (the backend is Connected): the interface may carry frames (`connected`);
-- disconnect (the backend closed): the rings are given up.
+- disconnect (the backend closed): the rings are given up;
+- recovery (`NetfrontEnd`): a driver domain that restarted is met with new rings.
 
 The vif's MAC is read from the frontend directory's `mac` (written by the toolstack).
 """
@@ -37,6 +38,7 @@ class NetfrontDevice:
     def __init__(self, front: NetFront) -> None:
         self.front = front
         self.connected = asyncio.Event()
+        self.connections = 0
         self._keys: dict[str, str] | None = None
 
     async def publish(self, dev: XenbusDevice, tx: int) -> None:
@@ -47,6 +49,7 @@ class NetfrontDevice:
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
 
     async def finalize(self, dev: XenbusDevice) -> None:
+        self.connections += 1
         self.connected.set()
         log.info("netfront %s: connected", dev.nodename)
 
@@ -56,6 +59,40 @@ class NetfrontDevice:
     async def disconnect(self, dev: XenbusDevice) -> None:
         self.connected.clear()
         await self.front.close()
+        self._keys = None
+
+    async def suspend(self) -> None:
+        """The backend died (a new one is starting): give the rings up, publish anew."""
+        self.connected.clear()
+        await self.front.close()
+        self._keys = None
+
+
+class NetfrontEnd(Frontend):
+    """The frontend's handshake, plus recovery from a driver domain that restarted: as
+    blkfront's (`pvio.blk.xenbus_frontend.BlkfrontEnd`), a frontend Connected that sees
+    its backend in InitWait starts over (Initialising), and one Closed by a backend that
+    is back reconnects."""
+
+    driver: NetfrontDevice
+
+    def __init__(self, xs: AsyncClient, nodename: str, otherend: str, driver: NetfrontDevice) -> None:
+        super().__init__(xs, nodename, otherend, driver)
+        self.recoveries = 0
+
+    async def kick(self) -> None:
+        mine = await self.dev.read_state()
+        other = await self.dev.otherend_state()
+        if mine is S.Connected and other is S.InitWait:
+            log.warning("netfront %s: backend restarted, renegotiating", self.dev.nodename)
+            self.recoveries += 1
+            await self.driver.suspend()
+            await self.dev.switch_state(S.Initialising)
+        elif mine is S.Closed and other is S.InitWait and not self.done.is_set():
+            log.warning("netfront %s: a backend is back, reconnecting", self.dev.nodename)
+            self.recoveries += 1
+            await self.reconnect()
+        await super().kick()
 
 
 
@@ -66,7 +103,7 @@ CONNECT_TIMEOUT = 30.0
 class GuestVif:
     """A guest's vif through the handshake: the engine, its XenBus end, its MAC and MTU."""
 
-    def __init__(self, devid: int, front: NetFront, end: Frontend, driver: NetfrontDevice,
+    def __init__(self, devid: int, front: NetFront, end: NetfrontEnd, driver: NetfrontDevice,
                  mac: bytes, mtu: int) -> None:
         self.devid = devid
         self.front = front
@@ -86,7 +123,7 @@ async def attach_vif(dom: Domain, xs: AsyncClient, devid: int,
     mtu = int((await xs.read_or(f"{node}/mtu", b"1500") or b"1500").decode())
     front = NetFront(dom, backend_id, on_frame)
     driver = NetfrontDevice(front)
-    end = Frontend(xs, node, backend, driver)
+    end = NetfrontEnd(xs, node, backend, driver)
     await end.start()
     await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
     return GuestVif(devid, front, end, driver, mac, mtu)
@@ -101,4 +138,4 @@ async def detach_vif(vif: GuestVif, timeout: float = 10.0) -> None:
     await vif.front.close()
 
 
-__all__ = ["GuestVif", "NetfrontDevice", "attach_vif", "detach_vif"]
+__all__ = ["GuestVif", "NetfrontDevice", "NetfrontEnd", "attach_vif", "detach_vif"]
