@@ -41,7 +41,7 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 @contextlib.asynccontextmanager
 async def net_pair(
     *, features: BackendFeatures | None = None, transport: str = "map", rx_stall_timeout: float = 60.0,
-    rx_queue_max: int = 512,
+    rx_queue_max: int = 512, rate: tuple[int, float] | None = None,
 ) -> AsyncIterator[NetPair]:
     hv = InProcessHypervisor()
     back_dom = await hv.create_domain("driver", 2048, transport=transport)
@@ -49,7 +49,7 @@ async def net_pair(
     to_host: list[tuple[bytes, TxFrame]] = []
     to_guest: list[tuple[bytes, RxMeta]] = []
     back = NetbackQueue(back_dom, front_dom.domid, lambda d, f: to_host.append((d, f)),
-                        rx_stall_timeout=rx_stall_timeout, rx_queue_max=rx_queue_max)
+                        rx_stall_timeout=rx_stall_timeout, rx_queue_max=rx_queue_max, rate=rate)
     front = NetFront(front_dom, back_dom.domid, lambda d, m: to_guest.append((d, m)))
     feats = features or BackendFeatures(sg=True, gso_tcpv4=True, gso_tcpv6=True)
     keys = await front.setup_rings(feats)

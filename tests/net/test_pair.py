@@ -136,3 +136,19 @@ def test_rx_ring_never_refilled_stalls_then_drops_and_nothing_crashes() -> None:
             await wait_for(lambda: len(pair.to_host) == 1)
 
     run(body())
+
+
+def test_rate_limits_what_the_guest_sends() -> None:
+    async def body() -> None:
+        # 1 MB/s in 50 ms windows (libxl's "8Mb/s"): 400 KB take at least ~0.3 s
+        async with net_pair(rate=(50_000, 0.05)) as pair:
+            frames = [_frame(1514) for _ in range(264)]
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await _send_all(pair, frames)
+            await wait_for(lambda: len(pair.to_host) == len(frames))
+            elapsed = loop.time() - start
+            assert elapsed >= (len(frames) * 1514 - 50_000) / 1e6 * 0.9, elapsed
+            assert [d for d, _ in pair.to_host] == frames
+
+    run(body())

@@ -52,3 +52,16 @@ def test_vifs_in_toml_and_options(tmp_path: Path) -> None:
     cfg.write_text('[[domain]]\nname = "g1"\ntype = "lguest"\nvifs = ["bridge=b"]\n')
     with pytest.raises(ConfigError, match="vifs are for xen"):
         load(cfg, tmp_path)
+
+
+def test_libxl_rates() -> None:
+    from pvio.net.keys import KeyValueError, parse_rate
+
+    assert parse_rate("8Mb/s") == (50_000, 0.05)
+    assert parse_rate("10MB/s@20ms") == (200_000, 0.02)
+    assert parse_rate("100kb/s@1s") == (12_500, 1.0)
+    for bad in ("fast", "10Mb", "0Mb/s", "10Mb/s@0ms"):
+        with pytest.raises(KeyValueError):
+            parse_rate(bad)
+    with pytest.raises(vifspec.VifSpecError):
+        vifspec.parse("rate=lots")

@@ -143,6 +143,7 @@ class NetbackQueue:
         on_broken: Callable[[BaseException], None] | None = None,
         rx_queue_max: int = DEFAULT_RX_QUEUE_MAX,
         rx_stall_timeout: float = DEFAULT_RX_STALL_TIMEOUT,
+        rate: tuple[int, float] | None = None,
     ) -> None:
         self.domain = domain
         self.frontend_domid = frontend_domid
@@ -150,6 +151,10 @@ class NetbackQueue:
         self.on_broken = on_broken
         self.rx_queue_max = rx_queue_max
         self.rx_stall_timeout = rx_stall_timeout
+        #: the credit scheduler: (bytes, per seconds) the guest may send (libxl's `rate`)
+        self.rate = rate
+        self._credit = float(rate[0]) if rate else 0.0
+        self._credit_at = 0.0
         self.stats = NetbackStats()
         #: why the vif is disabled (the frontend broke the protocol), or None
         self.disabled: BaseException | None = None
@@ -245,6 +250,8 @@ class NetbackQueue:
                 if raws:
                     await self._tx_batch(raws)
                     busy = True
+                    if self.rate is not None:
+                        await self._spend_credit()
                 if self.disabled is not None:
                     return
                 if self._rxq and await self._rx_batch():
@@ -265,6 +272,25 @@ class NetbackQueue:
         except Exception as e:  # pragma: no cover - a bug: fail this vif, not the domain
             log.exception("netback d%d: the engine failed", self.frontend_domid)
             self._disable(e)
+
+    # T:1055 The credit scheduler: a vif's rate
+    # A vif may be given a rate (libxl's `rate=10Mb/s`, optionally `@50ms`): like Linux's
+    # netback, the guest earns `bytes` of credit every `seconds`, up to one window's worth,
+    # and every frame it sends spends its length.  A batch that leaves the credit below
+    # zero makes netback stop reading the transmit ring until the windows that follow
+    # have paid it back -- the frontend's ring fills and it stops sending, so the guest
+    # is slowed where it sends, not dropped further on.
+    # :T
+    async def _spend_credit(self) -> None:
+        assert self.rate is not None
+        size, window = self.rate
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._credit_at:
+            self._credit = min(float(size), self._credit + (now - self._credit_at) * size / window)
+        self._credit_at = now
+        if self._credit < 0:
+            await asyncio.sleep(-self._credit * window / size)
 
     async def _wait(self, timeout: float | None = None) -> bool:
         try:
@@ -338,6 +364,7 @@ class NetbackQueue:
         for f, data in good:
             st.tx_frames += 1
             st.tx_bytes += len(data)
+            self._credit -= len(data)
             st.tx_slots += len(f.slots)
             if f.gso is not None:
                 st.tx_gso += 1

@@ -32,6 +32,7 @@ Toolstack → both: mac, bridge, script, handle, type, ip, rate (libxl's names).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from pvio.blk.keys import KeyValueError, read_bool, read_uint
@@ -83,6 +84,26 @@ def parse_frontend_rings(values: Mapping[str, str]) -> FrontendRings:
     )
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)([bB])/s\s*(?:@\s*(\d+)\s*(us|ms|s))?\s*$")
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """libxl's rate syntax (xl-network-configuration(5)): ``RATE/s[@INTERVAL]``, RATE in
+    b or B with an optional k/M/G (powers of 10, as libxl), INTERVAL in us/ms/s
+    (default 50ms).  Returns (bytes per interval, interval in seconds)."""
+    m = _RATE.match(text)
+    if m is None:
+        raise KeyValueError("rate", f"{text!r} is not RATE/s[@INTERVAL] (e.g. 10Mb/s@20ms)")
+    value = int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+    per_second = value // 8 if m.group(3) == "b" else value
+    interval = 0.05
+    if m.group(4):
+        interval = int(m.group(4)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(5)]
+    if per_second <= 0 or interval <= 0:
+        raise KeyValueError("rate", f"{text!r}: must be positive")
+    return max(1, int(per_second * interval)), interval
+
+
 def parse_backend_features(values: Mapping[str, str]) -> BackendFeatures:
     """The backend's feature keys; a backend that only flips pages cannot be used."""
     if not read_bool(values, "feature-rx-copy"):
@@ -103,4 +124,5 @@ __all__ = [
     "KeyValueError",
     "parse_backend_features",
     "parse_frontend_rings",
+    "parse_rate",
 ]

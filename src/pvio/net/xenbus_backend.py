@@ -37,7 +37,7 @@ from pvio.blk.keys import read_uint
 from pvio.blk.xenbus_backend import read_keys
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
-from pvio.net.keys import BACKEND_FEATURES, FRONTEND_RING_KEYS, parse_frontend_rings
+from pvio.net.keys import BACKEND_FEATURES, FRONTEND_RING_KEYS, parse_frontend_rings, parse_rate
 from pvio.net.slots import TxFrame
 from pvio.xenbus import Backend, XenbusDevice
 from pvio.xenstore.client import AsyncClient, WatchStream
@@ -135,7 +135,8 @@ class NetbackDevice:
             await self._drop_queue()
             rings = parse_frontend_rings(values)
             queue = NetbackQueue(self.domain, self.config.frontend_id, self.host.deliver,
-                                 on_broken=lambda e: self._on_broken(dev, e))
+                                 on_broken=lambda e: self._on_broken(dev, e),
+                                 rate=parse_rate(self.config.rate) if self.config.rate else None)
             await queue.connect(rings)
             self.queue, self._ring_keys = queue, values
             self.host.attach(queue)

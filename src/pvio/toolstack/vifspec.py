@@ -6,7 +6,7 @@
 Keys are comma-separated `key=value`: `mac` (default: a random Xen OUI address,
 00:16:3e:xx:xx:xx), `bridge` (default ``xenbr0``, as xl), `ip` (the guest's address in
 CIDR form: pvio configures it on the guest's interface), `mtu` (default 1500), `rate`
-(kept in XenStore as libxl writes it; not enforced yet), `script` (kept; the built-in
+(libxl's ``10Mb/s[@50ms]``: netback's credit scheduler limits what the guest sends), `script` (kept; the built-in
 bridge attach runs), `type` (``vif``), `vifname` (the driver domain's interface name;
 default ``vif<domid>.<devid>``), `backend` (the driver domain).  Unknown keys are errors
 with the key named.
@@ -18,6 +18,8 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
+
+from pvio.net.keys import parse_rate
 
 _KEYS = ("mac", "bridge", "ip", "mtu", "rate", "script", "type", "vifname", "backend", "model")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -89,6 +91,11 @@ def parse(spec: str) -> VifSpec:
     vifname = values.get("vifname", "")
     if vifname and not _IFNAME.match(vifname):
         raise VifSpecError(f"vifname={vifname!r}: not an interface name")
+    if values.get("rate"):
+        try:
+            parse_rate(values["rate"])
+        except ValueError as e:
+            raise VifSpecError(str(e)) from None
     vtype = values.get("type", "vif")
     if vtype not in ("vif", "vif_ioemu", "ioemu"):
         raise VifSpecError(f"type={vtype!r}: expected vif")
