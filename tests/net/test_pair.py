@@ -152,3 +152,18 @@ def test_rate_limits_what_the_guest_sends() -> None:
             assert [d for d, _ in pair.to_host] == frames
 
     run(body())
+
+
+def test_split_event_channels() -> None:
+    async def body() -> None:
+        feats = BackendFeatures(sg=True, gso_tcpv4=True, split_event_channels=True)
+        async with net_pair(features=feats) as pair:
+            assert pair.front.rx_port != pair.front.port and pair.back.rx_port != pair.back.port
+            frames = [_frame(s) for s in SIZES]
+            await _send_all(pair, frames)
+            for f in frames:
+                assert pair.back.transmit(f)
+            await wait_for(lambda: len(pair.to_host) == len(pair.to_guest) == len(frames))
+            assert [d for d, _ in pair.to_host] == frames == [d for d, _ in pair.to_guest]
+
+    run(body())

@@ -2,8 +2,9 @@
 
 pvio's xenstored on a socket, the driver domain's `NetbackService` (its host ends are lists
 here) and two guests' `attach_vif`, with the toolstack's writes done as libxl does them:
-the handshake to Connected with netif.h's keys, frames guest → host → other guest, a
-frontend publishing keys netback refuses, and an orderly close."""
+the handshake to Connected with netif.h's keys (split event channels, as offered),
+frames guest → host → other guest, a frontend publishing keys netback refuses, recovery
+from a netback that restarted, and an orderly close."""
 
 from __future__ import annotations
 
@@ -136,10 +137,12 @@ async def test_handshake_frames_between_guests_and_close(tmp_path: Path) -> None
         v2 = await attach(w, 2, got2)
         assert await w.read(f"{BE1}/state") == "4" and await w.read(f"{FE1}/state") == "4"
         for key, value in [("feature-sg", "1"), ("feature-gso-tcpv4", "1"), ("feature-rx-copy", "1"),
-                           ("feature-rx-flip", "0"), ("feature-split-event-channels", "0"),
+                           ("feature-rx-flip", "0"), ("feature-split-event-channels", "1"),
                            ("multi-queue-max-queues", "1"), ("hotplug-status", "connected")]:
             assert await w.read(f"{BE1}/{key}") == value, key
         assert await w.read(f"{FE1}/request-rx-copy") == "1"
+        assert await w.read(f"{FE1}/event-channel-rx") is not None  # split, as offered
+        assert v1.front.rx_port != v1.front.port
         assert v1.mac == bytes.fromhex("00163e000001") and v1.mtu == 1500
         assert sorted(w.hosts) == ["vif1.0", "vif2.0"]
         frame = os.urandom(9000)
@@ -159,10 +162,10 @@ async def test_handshake_frames_between_guests_and_close(tmp_path: Path) -> None
 
 
 @asynctest
-async def test_a_frontend_asking_for_split_channels_is_refused(tmp_path: Path) -> None:
+async def test_a_frontend_asking_for_more_queues_is_refused(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
         _dom, xs = w.guests[1]
-        await xs.write(f"{FE1}/event-channel-tx", "5")  # not offered: netback must refuse
+        await xs.write(f"{FE1}/multi-queue-num-queues", "4")  # one was offered: netback refuses
         got: list[bytes] = []
         task = asyncio.create_task(attach(w, 1, got))
         for _ in range(500):
@@ -170,7 +173,7 @@ async def test_a_frontend_asking_for_split_channels_is_refused(tmp_path: Path) -
                 break
             await asyncio.sleep(0.01)
         err = await w.read("/local/domain/0/error/backend/vif/1/0/error")
-        assert err is not None and "split event channels" in err, err
+        assert err is not None and "multi-queue-num-queues" in err, err
         task.cancel()
         try:
             await task

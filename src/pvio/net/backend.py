@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-`NetbackQueue` serves one connected vif queue (one transmit ring, one receive ring, one
-event channel; split event channels and multi-queue are not offered).  Like blkback it
+`NetbackQueue` serves one connected vif queue (one transmit ring, one receive ring, and
+one event channel for both, or one each with feature-split-event-channels; multi-queue
+is not offered).  Like blkback it
 never sees XenStore: the XenBus side (`pvio.net.xenbus_backend`) reads the frontend's
 keys with `pvio.net.keys` and hands it a `FrontendRings`.
 
@@ -102,7 +103,9 @@ class FrontendRings:
 
     tx_ring_ref: int
     rx_ring_ref: int
-    event_channel: int
+    event_channel: int  # the only port, or the transmit ring's with split channels
+    #: feature-split-event-channels: the receive ring's own port (-1: one port for both)
+    event_channel_rx: int = -1
     rx_notify: bool = True
     sg: bool = False
     gso_tcpv4: bool = False
@@ -163,6 +166,8 @@ class NetbackQueue:
         self.multicast: set[bytes] = set()
         self.features = FrontendRings(0, 0, 0)
         self.port = -1
+        #: the receive ring's port: `port` itself unless the event channels are split
+        self.rx_port = -1
         self._tx: BackRing | None = None
         self._rx: BackRing | None = None
         self._maps: list[GrantMapping] = []
@@ -190,12 +195,17 @@ class NetbackQueue:
             self._tx = BackRing(tx_ring(maps[0].view))
             self._rx = BackRing(rx_ring(maps[1].view))
             self.port = await self.domain.bind_interdomain(self.frontend_domid, rings.event_channel)
+            self.rx_port = self.port
+            if rings.event_channel_rx >= 0:
+                self.rx_port = await self.domain.bind_interdomain(self.frontend_domid, rings.event_channel_rx)
         except BaseException:
             await self.domain.unmap_grants(maps)
             self._maps = []
             raise
         self.features = rings
         self.domain.set_handler(self.port, self._on_event)
+        if self.rx_port != self.port:
+            self.domain.set_handler(self.rx_port, self._on_event)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="netback")
 
     def _on_event(self, port: int) -> None:
@@ -406,16 +416,16 @@ class NetbackQueue:
             self.domain.free_pages(pages)
 
     def _respond_tx(self, responses: list[bytes]) -> None:
-        self._respond(self._tx, responses)
+        self._respond(self._tx, responses, self.port)
 
-    def _respond(self, ring: BackRing | None, responses: list[bytes]) -> None:
+    def _respond(self, ring: BackRing | None, responses: list[bytes], port: int) -> None:
         if ring is None or not responses:
             return
         ring.put_responses(responses)
         if ring.push_responses_and_check_notify():
             self.stats.notify_sent += 1
             try:
-                self.domain.notify(self.port)
+                self.domain.notify(port)
             except (OSError, HypercallError) as e:  # the frontend's port is gone
                 log.info("netback d%d: cannot notify: %s", self.frontend_domid, e)
 
@@ -492,7 +502,7 @@ class NetbackQueue:
                 st.rx_bytes += len(f.data)
             else:
                 st.rx_dropped += 1
-        self._respond(rx, responses)
+        self._respond(rx, responses, self.rx_port)
         return True
 
     # -- teardown ---------------------------------------------------------------------
@@ -509,12 +519,12 @@ class NetbackQueue:
             self._task = None
         self._tx = self._rx = None
         self._rxq.clear()
-        if self.port >= 0:
+        for port in {self.port, self.rx_port} - {-1}:
             try:
-                await self.domain.close_port(self.port)
+                await self.domain.close_port(port)
             except (OSError, HypercallError):
                 pass
-            self.port = -1
+        self.port = self.rx_port = -1
         if self._maps:
             try:
                 await self.domain.unmap_grants(self._maps)

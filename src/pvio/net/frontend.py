@@ -9,8 +9,9 @@ difference in how grants live:
 
 - `setup_rings(features)` allocates one shareable page for each ring (so netback maps
   exactly those pages live), initialises them, grants them, allocates one unbound event
-  channel for both rings, and returns the keys: tx-ring-ref, rx-ring-ref,
-  event-channel, request-rx-copy, feature-rx-notify, feature-sg and the GSO features
+  channel for both rings (or one each, event-channel-tx/-rx, when the backend offers
+  split event channels), and returns the keys: tx-ring-ref, rx-ring-ref, the port(s),
+  request-rx-copy, feature-rx-notify, feature-sg and the GSO features
   it accepts (only those the backend offered).
 - Each ring id owns one page of the guest's memory, granted once when the rings are
   set up and kept for the connection: transmit pages read-only, receive pages
@@ -35,7 +36,7 @@ Recovery: when the driver domain restarts, the XenBus side (`NetfrontEnd`) close
 rings and calls `setup_rings` again for the new backend; frames in flight are lost, as
 on a real wire, and TCP sends them again.
 
-Deliberately not here: split event channels, multi-queue.
+Deliberately not here: multi-queue.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class BackendFeatures:
     gso_tcpv6: bool = False
     rx_copy: bool = True
     multicast_control: bool = False
+    split_event_channels: bool = False
 
 
 @dataclass
@@ -127,6 +129,7 @@ class NetFront:
         self.features = BackendFeatures()
         self.broken: NetfrontBroken | None = None
         self.port = -1
+        self.rx_port = -1  # with split event channels: the receive ring's own port
         self._tx: FrontRing | None = None
         self._rx: FrontRing | None = None
         self._ring_frames: list[int] = []
@@ -172,18 +175,26 @@ class NetFront:
         self._tx_free = list(range(n.NET_TX_RING_SIZE - 1, -1, -1))
         self.port = await dom.alloc_unbound(self.backend_domid)
         dom.set_handler(self.port, self._on_event)
+        self.rx_port = self.port
+        if features.split_event_channels:
+            self.rx_port = await dom.alloc_unbound(self.backend_domid)
+            dom.set_handler(self.rx_port, self._on_event)
         self._post_rx()
         self._room.set()
         keys = {
             "tx-ring-ref": str(self._ring_refs[0]),
             "rx-ring-ref": str(self._ring_refs[1]),
-            "event-channel": str(self.port),
             "request-rx-copy": "1",
             "feature-rx-notify": "1",
             "feature-sg": "1" if features.sg else "0",
             "feature-gso-tcpv4": "1" if features.gso_tcpv4 else "0",
             "feature-gso-tcpv6": "1" if features.gso_tcpv6 else "0",
         }
+        if self.rx_port != self.port:
+            keys["event-channel-tx"] = str(self.port)
+            keys["event-channel-rx"] = str(self.rx_port)
+        else:
+            keys["event-channel"] = str(self.port)
         return keys
 
     # -- transmit -----------------------------------------------------------------------
@@ -270,19 +281,19 @@ class NetFront:
         self._push_scheduled = False
         if self.broken is not None:
             return
-        kick = False
+        kick: set[int] = set()
         try:
-            for ring in (self._tx, self._rx):
+            for ring, port in ((self._tx, self.port), (self._rx, self.rx_port)):
                 if ring is not None and ring.push_requests_and_check_notify():
-                    kick = True
+                    kick.add(port)
         except RingBroken as e:
             self._break(str(e))
             return
         self.stats.pushes += 1
-        if kick:
+        for port in kick:
             self.stats.notify_sent += 1
             try:
-                self.domain.notify(self.port)
+                self.domain.notify(port)
             except OSError as e:  # pragma: no cover - the port is gone
                 log.info("netfront: cannot notify: %s", e)
 
@@ -412,12 +423,12 @@ class NetFront:
     async def close(self) -> None:
         """Give both rings up, end every grant, free the pages."""
         self._tx = self._rx = None
-        if self.port >= 0:
+        for port in {self.port, self.rx_port} - {-1}:
             try:
-                await self.domain.close_port(self.port)
+                await self.domain.close_port(port)
             except Exception as e:
-                log.info("netfront: closing port %d: %s", self.port, e)
-            self.port = -1
+                log.info("netfront: closing port %d: %s", port, e)
+        self.port = self.rx_port = -1
         dom = self.domain
         pages = dict(zip(self._tx_refs + self._rx_refs, self._tx_pages + self._rx_pages, strict=True))
 

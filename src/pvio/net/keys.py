@@ -13,15 +13,15 @@ Backend → frontend (written by netback under its backend directory, before Ini
     feature-rx-copy                 Values: 0/1  Default: 0  receive by grant copy
     feature-rx-flip                 Values: 0/1  Default: 1  page flipping (pvio: always 0)
     feature-multicast-control       Values: 0/1  Default: 0  MCAST_ADD/DEL extra-info
-    feature-split-event-channels    Values: 0/1  Default: 0  (pvio: 0, one port)
+    feature-split-event-channels    Values: 0/1  Default: 0  a port per ring (pvio: 1)
     multi-queue-max-queues          Values: <uint32_t>  (pvio: 1)
     hotplug-status                  "connected" once the vif's host end is attached
 
 Frontend → backend (written by netfront under its device directory)::
 
     tx-ring-ref, rx-ring-ref        Values: <uint32_t>  grant references of the rings
-    event-channel                   Values: <uint32_t>  one port for both rings
-    event-channel-tx/-rx            (split event channels: refused, not offered)
+    event-channel                   Values: <uint32_t>  one port for both rings, or
+    event-channel-tx/-rx            one port each (feature-split-event-channels)
     request-rx-copy                 Values: 0/1  must be 1 (flipping is not supported)
     feature-rx-notify               Values: 0/1  the frontend kicks when it posts buffers
     feature-sg, feature-gso-tcpv4, feature-gso-tcpv6   what the frontend accepts on rx
@@ -41,7 +41,7 @@ from pvio.net.frontend import BackendFeatures
 
 U32_MAX = 0xFFFF_FFFF
 
-#: What netback offers (all but split event channels and multi-queue).
+#: What netback offers (all but multi-queue).
 BACKEND_FEATURES = {
     "feature-sg": "1",
     "feature-gso-tcpv4": "1",
@@ -50,7 +50,7 @@ BACKEND_FEATURES = {
     "feature-rx-copy": "1",
     "feature-rx-flip": "0",
     "feature-multicast-control": "1",
-    "feature-split-event-channels": "0",
+    "feature-split-event-channels": "1",
     "multi-queue-max-queues": "1",
 }
 
@@ -66,8 +66,9 @@ BACKEND_FEATURE_KEYS = tuple(BACKEND_FEATURES)
 
 def parse_frontend_rings(values: Mapping[str, str]) -> FrontendRings:
     """The frontend's ring keys, checked (KeyValueError names the offending key)."""
-    if "event-channel-tx" in values or "event-channel-rx" in values:
-        raise KeyValueError("event-channel-tx", "split event channels were not offered")
+    split = "event-channel-tx" in values or "event-channel-rx" in values
+    if split and "event-channel" in values:
+        raise KeyValueError("event-channel", "given with event-channel-tx/-rx: one or the other")
     queues = read_uint(values, "multi-queue-num-queues", U32_MAX, default=1)
     if queues != 1:
         raise KeyValueError("multi-queue-num-queues", f"{queues} queues; at most 1 was offered")
@@ -76,7 +77,8 @@ def parse_frontend_rings(values: Mapping[str, str]) -> FrontendRings:
     return FrontendRings(
         tx_ring_ref=read_uint(values, "tx-ring-ref", U32_MAX),
         rx_ring_ref=read_uint(values, "rx-ring-ref", U32_MAX),
-        event_channel=read_uint(values, "event-channel", U32_MAX),
+        event_channel=read_uint(values, "event-channel-tx" if split else "event-channel", U32_MAX),
+        event_channel_rx=read_uint(values, "event-channel-rx", U32_MAX) if split else -1,
         rx_notify=read_bool(values, "feature-rx-notify"),
         sg=read_bool(values, "feature-sg"),
         gso_tcpv4=read_bool(values, "feature-gso-tcpv4"),
@@ -114,6 +116,7 @@ def parse_backend_features(values: Mapping[str, str]) -> BackendFeatures:
         gso_tcpv6=read_bool(values, "feature-gso-tcpv6"),
         rx_copy=True,
         multicast_control=read_bool(values, "feature-multicast-control"),
+        split_event_channels=read_bool(values, "feature-split-event-channels"),
     )
 
 
