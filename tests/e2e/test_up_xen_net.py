@@ -1,5 +1,6 @@
 """`pvio up` with two Xen guests whose vifs share a bridge, as a subprocess: ping guest ↔
-guest and guest ↔ host (the bridge given an address), TCP with iperf3 guest → guest, the
+guest and guest ↔ host (the bridge given an address), TCP with iperf3 guest → guest and
+guest → host with GSO frames on the rings, the
 vifs in `pvio list`, traffic again after the driver domain is killed and restarted, then
 SIGINT and no namespace, vif or bridge left behind."""
 
@@ -70,6 +71,21 @@ def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
         finally:
             server.kill()
             server.wait()
+        # TCP guest -> host, into iperf3 in the host's namespace
+        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5299"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            r = subprocess.run([*in1, "iperf3", "-c", "10.0.10.254", "-p", "5299", "-t", "1", "-J"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
+        finally:
+            server.kill()
+            server.wait()
+        # the segments crossed whole: GSO frames of up to 64 KiB on the rings, at MTU 1500
+        up.wait_for(lambda: int(up.domain_status("driver")["statistics"]["/local/domain/0/backend/vif/1/0"]
+                                ["tx_gso"]) > 0, timeout=10, what="GSO frames counted by netback")
         # the driver domain dies: pvio up starts it again, netfront renegotiates
         driver = up.domain("driver")["pid"]
         os.kill(driver, signal.SIGKILL)
