@@ -65,3 +65,17 @@ def test_libxl_rates() -> None:
             parse_rate(bad)
     with pytest.raises(vifspec.VifSpecError):
         vifspec.parse("rate=lots")
+
+
+def test_bridge_tables(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    head = '[[domain]]\nname = "g1"\nvifs = ["bridge=pvbr0"]\n'
+    cfg.write_text(head + '[bridge.pvbr0]\nhost = "10.0.1.254/24"\n')
+    assert load(cfg, tmp_path).bridges == {"pvbr0": "10.0.1.254/24"}
+    for table, needle in [('[bridge.other]\nhost = "10.0.1.254/24"\n', "no vif"),
+                          ('[bridge.pvbr0]\nhost = "10.0.1.254"\n', "prefix"),
+                          ('[bridge.pvbr0]\nhost = "x"\n', "CIDR"),
+                          ('[bridge.pvbr0]\nmtu = 9000\n', "one key")]:
+        cfg.write_text(head + table)
+        with pytest.raises(ConfigError, match=needle):
+            load(cfg, tmp_path)

@@ -108,6 +108,8 @@ class Config:
     domains: list[DomainConfig]
     transport: str = "map"
     lans: dict[str, LanConfig] = field(default_factory=dict)
+    #: ``[bridge.<name>] host = CIDR``: the host's address on a vifs' bridge
+    bridges: dict[str, str] = field(default_factory=dict)
 
     def domain(self, name: str) -> DomainConfig:
         for d in self.domains:
@@ -241,7 +243,7 @@ def load(path: Path, state_dir: Path) -> Config:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    unknown = set(raw) - {"pvio", "domain", "lan"}
+    unknown = set(raw) - {"pvio", "domain", "lan", "bridge"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = raw.get("pvio", {})
@@ -325,7 +327,34 @@ def load(path: Path, state_dir: Path) -> Config:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{path}: domain names used twice: {sorted(dupes)}")
-    return Config(domains, transport=transport, lans=_lans(raw.get("lan", {}), domains, path))
+    return Config(domains, transport=transport, lans=_lans(raw.get("lan", {}), domains, path),
+                  bridges=_bridges(raw.get("bridge", {}), domains, path))
+
+
+def _bridges(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, str]:
+    """The ``[bridge.<name>]`` tables: the host's address (``host = CIDR``) on a bridge
+    some vif is on, so the host reaches those guests."""
+    import ipaddress
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `bridge` must be tables [bridge.<name>]")
+    used = {v.bridge for d in domains for v in d.vifs}
+    out: dict[str, str] = {}
+    for name, table in raw.items():
+        where = f"{path}: [bridge.{name}]"
+        if not isinstance(table, dict) or set(table) - {"host"}:
+            raise ConfigError(f"{where}: a table with one key, host")
+        if name not in used:
+            raise ConfigError(f"{where}: no vif is on bridge {name!r}")
+        host = str(table.get("host", ""))
+        try:
+            iface = ipaddress.ip_interface(host)
+        except ValueError:
+            raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
+        if iface.network.prefixlen == iface.max_prefixlen:
+            raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+        out[name] = host
+    return out
 
 
 def _check_disks(dom: DomainConfig) -> None:

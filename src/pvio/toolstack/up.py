@@ -100,7 +100,7 @@ class Toolstack:
         self._stopping = False
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
         self.handover = XenstoreHandover(self._attach)
-        self._new_bridges: list[str] = []  # the vifs' bridges pvio up made (removed at shutdown)
+        self._bridges_undo: list[tuple[str, str]] = []  # the vifs' bridges, as pvio up found them
 
     # -- output --------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ class Toolstack:
 
     async def start_domains(self) -> None:
         prepare_images(self.config, self.say)
-        self._new_bridges = vifs.missing_bridges(self.config)
+        self._bridges_undo = await asyncio.to_thread(vifs.prepare_bridges, self.config)
         await self._start_format_servers()
         for run in self.domains:
             await self._make_domain(run)
@@ -464,7 +464,7 @@ class Toolstack:
         for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored")]):
             await c.stop(5.0)
         await self._remove_namespaces()
-        await asyncio.to_thread(vifs.remove_bridges, self._new_bridges, self.say)
+        await asyncio.to_thread(vifs.undo_bridges, self._bridges_undo, self.say)
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,
                      self.paths.xenstore_db):
             with contextlib.suppress(FileNotFoundError):
