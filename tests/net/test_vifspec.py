@@ -79,3 +79,9 @@ def test_bridge_tables(tmp_path: Path) -> None:
         cfg.write_text(head + table)
         with pytest.raises(ConfigError, match=needle):
             load(cfg, tmp_path)
+
+
+def test_the_example_loads(tmp_path: Path) -> None:
+    c = load(Path(__file__).resolve().parents[2] / "examples" / "xen-net.toml", tmp_path)
+    assert [v.ip for d in c.domains for v in d.vifs] == ["10.0.1.2/24", "10.0.1.3/24"]
+    assert c.bridges == {"pvbr0": "10.0.1.254/24"}

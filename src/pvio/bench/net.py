@@ -126,7 +126,7 @@ def _config(tag: str) -> tuple[str, list[str], str]:
     text = "".join(
         f'[[domain]]\nname = "{n}"\nvifs = ["mac=00:16:3e:77:00:0{i + 1}, bridge={bridge}, '
         f'ip={NET}.{i + 1}/24"]\n\n'
-        for i, n in enumerate(names))
+        for i, n in enumerate(names)) + f'[bridge.{bridge}]\nhost = "{NET}.254/24"\n'
     return text, names, bridge
 
 
@@ -149,7 +149,7 @@ def _measure(seconds: float, runs: int) -> list[Row]:
         per["pvio"].append(pvio)
         per["base"].append(base)
 
-    text, names, bridge = _config(tag)
+    text, names, _bridge = _config(tag)
     per_frame: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pvio-bench-net-") as tmp:
         cfg = Path(tmp) / "net.toml"
@@ -157,7 +157,6 @@ def _measure(seconds: float, runs: int) -> list[Row]:
         up = UpProcess(Path(tmp) / "state", str(cfg)).start()
         try:
             g1, g2 = (netns_name(n) for n in names)
-            _run(["ip", "addr", "add", f"{NET}.254/24", "dev", bridge], 30)
             _ping(g1, f"{NET}.2", 3)  # ARP settled before measuring
             for _ in range(runs):
                 with _Veth(tag) as ns:

@@ -47,8 +47,9 @@ from dataclasses import dataclass, fields
 from pvio.abi import grant_table as gt
 from pvio.abi import netif as n
 from pvio.abi.ring import XEN_PAGE_SIZE
-from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
-from pvio.hypervisor.errors import GrantError, HypercallError
+from pvio.hypervisor.client import Domain, GrantMapping
+from pvio.hypervisor.errors import HypercallError
+from pvio.net.pages import GuestPages
 from pvio.net.slots import (
     Gso,
     NetifFatal,
@@ -171,6 +172,8 @@ class NetbackQueue:
         self._tx: BackRing | None = None
         self._rx: BackRing | None = None
         self._maps: list[GrantMapping] = []
+        #: the frontend's data pages: kept mapped (map transport) or copied (GuestPages)
+        self.pages = GuestPages(domain, frontend_domid)
         self._rxq: collections.deque[RxFrame] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -231,8 +234,10 @@ class NetbackQueue:
         if len(self._rxq) >= self.rx_queue_max:
             self.stats.rx_dropped += 1
             return False
-        if gso is not None and not (self.features.gso_tcpv4 or self.features.gso_tcpv6):
-            gso = None  # the frontend cannot take it: (the host segments before this)
+        if gso is not None and not (self.features.gso_tcpv4 if gso.type == n.XEN_NETIF_GSO_TYPE_TCPV4
+                                    else self.features.gso_tcpv6):
+            self.stats.rx_dropped += 1  # the frontend cannot take it (the host's TAP offloads
+            return False  # follow the frontend's features, so only a misuse gets here)
         if len(data) > XEN_PAGE_SIZE and not self.features.sg:
             self.stats.rx_dropped += 1
             return False
@@ -346,7 +351,8 @@ class NetbackQueue:
                 self._apply_mcast(f)
                 responses.extend(f.responses(True))
         if data_frames:
-            fetched = await self._fetch(data_frames)
+            fetched = await self.pages.fetch(data_frames)
+            self.stats.grant_ops = self.pages.grant_ops
             for f, data in zip(data_frames, fetched, strict=True):
                 responses.extend(f.responses(data is not None))
                 if data is None:
@@ -382,38 +388,6 @@ class NetbackQueue:
                 self.deliver(data, f)
             except Exception:  # pragma: no cover - the host side's bug, not the guest's
                 log.exception("netback d%d: delivering a frame failed", self.frontend_domid)
-
-    async def _fetch(self, frames: list[TxFrame]) -> list[bytes | None]:
-        """ONE GNTTABOP_copy for every slot of `frames`; None where a grant failed."""
-        nslots = sum(len(f.slots) for f in frames)
-        pages = self.domain.alloc_pages(nslots)
-        try:
-            segs = []
-            k = 0
-            for f in frames:
-                for s in f.slots:
-                    segs.append(CopySeg.from_grant(self.frontend_domid, s.gref, pages[k], s.size,
-                                                   grant_offset=s.offset))
-                    k += 1
-            self.stats.grant_ops += 1
-            try:
-                statuses = await self.domain.copy(segs)
-            except (OSError, HypercallError, GrantError) as e:
-                log.warning("netback d%d: tx copy failed: %s", self.frontend_domid, e)
-                return [None] * len(frames)
-            out: list[bytes | None] = []
-            k = 0
-            for f in frames:
-                mine = statuses[k : k + len(f.slots)]
-                if any(s != gt.GNTST_okay for s in mine):
-                    out.append(None)
-                else:
-                    out.append(b"".join(self.domain.frame(pages[k + j])[: s.size]
-                                        for j, s in enumerate(f.slots)))
-                k += len(f.slots)
-            return out
-        finally:
-            self.domain.free_pages(pages)
 
     def _respond_tx(self, responses: list[bytes]) -> None:
         self._respond(self._tx, responses, self.port)
@@ -451,37 +425,24 @@ class NetbackQueue:
             return False
         self.stats.rx_batches += 1
         reqs = [n.RX_REQUEST.packer.unpack_from(r) for r in rx.take_requests(need)]
-        pieces = sum(len(plan_rx(len(f.data), gso=False, csum_blank=False)) for f in take)
-        pages = self.domain.alloc_pages(pieces)
-        try:
-            segs: list[CopySeg] = []
-            layout: list[tuple[RxFrame, list[tuple[int, int, int, int]]]] = []
-            k = 0  # request index
-            p = 0  # page index
-            mem = self.domain.memory
-            for f in take:
-                plan = plan_rx(len(f.data), gso=f.gso is not None, csum_blank=f.csum_blank)
-                slots = []
-                for j, piece in enumerate(plan):
-                    req_id, _pad, gref = reqs[k]
-                    base = pages[p] * XEN_PAGE_SIZE
-                    mem[base : base + piece.length] = f.data[piece.start : piece.start + piece.length]
-                    segs.append(CopySeg.to_grant(pages[p], self.frontend_domid, gref, piece.length))
-                    slots.append((req_id, piece.flags, piece.length, len(segs) - 1))
+        puts: list[tuple[int, memoryview]] = []  # (gref, bytes for it)
+        layout: list[tuple[RxFrame, list[tuple[int, int, int, int]]]] = []
+        k = 0  # request index
+        for f in take:
+            plan = plan_rx(len(f.data), gso=f.gso is not None, csum_blank=f.csum_blank)
+            data = memoryview(f.data)
+            slots = []
+            for j, piece in enumerate(plan):
+                req_id, _pad, gref = reqs[k]
+                puts.append((gref, data[piece.start : piece.start + piece.length]))
+                slots.append((req_id, piece.flags, piece.length, len(puts) - 1))
+                k += 1
+                if j == 0 and f.gso is not None:
+                    slots.append((reqs[k][0], -1, 0, -1))  # the extra-info slot
                     k += 1
-                    p += 1
-                    if j == 0 and f.gso is not None:
-                        slots.append((reqs[k][0], -1, 0, -1))  # the extra-info slot
-                        k += 1
-                layout.append((f, slots))
-            self.stats.grant_ops += 1
-            try:
-                statuses = await self.domain.copy(segs)
-            except (OSError, HypercallError, GrantError) as e:
-                log.warning("netback d%d: rx copy failed: %s", self.frontend_domid, e)
-                statuses = [gt.GNTST_general_error] * len(segs)
-        finally:
-            self.domain.free_pages(pages)
+            layout.append((f, slots))
+        statuses = await self.pages.put(puts)
+        self.stats.grant_ops = self.pages.grant_ops
         responses = []
         st = self.stats
         for f, slots in layout:
@@ -519,6 +480,7 @@ class NetbackQueue:
             self._task = None
         self._tx = self._rx = None
         self._rxq.clear()
+        await self.pages.unmap_all()
         for port in {self.port, self.rx_port} - {-1}:
             try:
                 await self.domain.close_port(port)
