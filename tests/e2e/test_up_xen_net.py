@@ -105,7 +105,8 @@ MIXED = """
 [[domain]]
 name = "xmix1"
 disks = ["vdev=xvda, size=16M, target=xmix1.img"]
-vifs = ["mac=00:16:3e:00:0b:01, bridge=pvbrmix0, ip=10.0.11.1/24"]
+vifs = ["mac=00:16:3e:00:0b:01, bridge=pvbrmix0, ip=10.0.11.1/24",
+        "mac=00:16:3e:00:0c:01, bridge=pvbrmix1, ip=10.0.12.1/24"]
 
 [[domain]]
 name = "lmix1"
@@ -119,22 +120,26 @@ net = { lan = "lanmix", address = "10.78.0.2/24" }
 
 [bridge.pvbrmix0]
 host = "10.0.11.254/24"
+
+[bridge.pvbrmix1]
+host = "10.0.12.254/24"
 """
 
 
-def test_a_xen_guest_with_a_disk_and_a_vif_next_to_lguest_guests(tmp_path: Path) -> None:
+def test_a_xen_guest_with_a_disk_and_two_vifs_next_to_lguest_guests(tmp_path: Path) -> None:
     cfg = tmp_path / "mixed.toml"
     cfg.write_text(MIXED)
     up = PvioUp(tmp_path / "state", str(cfg))
     up.start()
     try:
         assert up.device("xmix1", type="vbd")["nbd"]
-        r = _ping([], "10.0.11.1")
-        assert r.returncode == 0, r.stdout + r.stderr + up.output()
+        for address in ("10.0.11.1", "10.0.12.1"):  # two vifs: eth0 and eth1 in pvio-xmix1
+            r = _ping([], address)
+            assert r.returncode == 0, r.stdout + r.stderr + up.output()
         r = _ping(["ip", "netns", "exec", "pvio-lmix1"], "10.78.0.2")
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
     assert not any(namespace_exists(f"pvio-{n}") for n in ("xmix1", "lmix1", "lmix2"))
-    assert not os.path.exists("/sys/class/net/pvbrmix0")
+    assert not os.path.exists("/sys/class/net/pvbrmix0") and not os.path.exists("/sys/class/net/pvbrmix1")

@@ -26,8 +26,7 @@ both ends take GSO) TCP segments of up to GSO_MAX_SIZE bytes.  A segment travels
 netif frame with its GSO extra-info -- one request per 64 KiB, not per 1514 bytes --
 and `pvio.net.offload` turns netif's flags into the virtio_net_hdr and back.
 
-What this does not do yet: rate limiting, running Xen's own vif-bridge script, more
-than one vif per guest.
+What this does not do yet: run Xen's own vif-bridge script.
 """
 
 from __future__ import annotations
@@ -42,7 +41,15 @@ import subprocess
 
 from pvio.abi import linux_if as lif
 from pvio.abi import netif as n
-from pvio.domains.tap import Frame, TapError, TapInterface, TapLink, create_host_tap, create_tap
+from pvio.domains.tap import (
+    Frame,
+    TapError,
+    TapInterface,
+    TapLink,
+    add_tap,
+    create_host_tap,
+    create_tap,
+)
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
 from pvio.net.frontend import BackendFeatures, RxMeta
@@ -183,6 +190,7 @@ class GuestNet:
     link: TapLink
     address: str
     dropped: int = 0
+    owns_netns: bool = True  # the guest's first TAP made pvio-<name>; the others are added
 
     def status(self) -> dict[str, object]:
         return {
@@ -198,16 +206,14 @@ class GuestNet:
 
 
 async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str) -> list[GuestNet]:
-    """netfront for every device/vif of this guest, each ending in a TAP in pvio-<name>.
-
-    Only the first vif gets the namespace (``create_tap`` makes it); a guest has one
-    vif here (more need TAPs added to the same namespace: not done yet)."""
+    """netfront for every device/vif of this guest, each ending in a TAP eth<devid> in
+    pvio-<name> (the first makes the namespace, the others are added to it)."""
     try:
         devids = sorted(int(d) for d in await xs.directory(f"/local/domain/{dom.domid}/device/vif"))
     except Exception:
         return []
     out: list[GuestNet] = []
-    for devid in devids[:1]:
+    for devid in devids:
         holder: list[GuestNet] = []
 
         def to_tap(data: bytes, meta: RxMeta, holder: list[GuestNet] = holder) -> None:
@@ -222,12 +228,16 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str) -> list[Gue
         vif = await attach_vif(dom, xs, devid, to_tap)
         backend = (await xs.read(f"/local/domain/{dom.domid}/device/vif/{devid}/backend")).decode()
         address = (await xs.read_or(f"{backend}/ip", b"") or b"").decode()
-        tap = vnet_tap(await asyncio.to_thread(create_tap, name, address=address, mac=vif.mac,
-                                               ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True))
+        if out:
+            tap = vnet_tap(await asyncio.to_thread(add_tap, out[0].tap.netns, address=address, mac=vif.mac,
+                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True))
+        else:
+            tap = vnet_tap(await asyncio.to_thread(create_tap, name, address=address, mac=vif.mac,
+                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True))
         features: BackendFeatures = vif.front.features
         await asyncio.to_thread(set_offload, tap, tso4=features.sg and features.gso_tcpv4,
                                 tso6=features.sg and features.gso_tcpv6)
-        net = GuestNet(vif, tap, TapLink(tap, lambda f: None), address)
+        net = GuestNet(vif, tap, TapLink(tap, lambda f: None), address, owns_netns=not out)
 
         def from_tap(raw: Frame, net: GuestNet = net) -> None:
             try:
@@ -246,11 +256,14 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str) -> list[Gue
 
 
 async def detach_guest_vifs(nets: list[GuestNet]) -> None:
-    for net in nets:
+    for net in reversed(nets):  # the namespace's owner last
         net.link.stop()
         with contextlib.suppress(Exception):
             await detach_vif(net.vif)
-        net.tap.close()
+        if net.owns_netns:
+            net.tap.close()
+        else:
+            net.tap.close_device()
 
 
 __all__ = [
