@@ -16,7 +16,7 @@ import pytest
 
 import pvio.abi  # noqa: F401  (declares every layout)
 from cprobe import build, run
-from pvio.abi import blkif, event_channel, grant_table, ring, xs_wire
+from pvio.abi import blkif, event_channel, grant_table, netif, ring, xs_wire
 from pvio.abi.layout import ABI_X86_32, ABI_X86_64, Layout, layouts
 
 XEN_PROLOGUE = """
@@ -28,6 +28,7 @@ XEN_PROLOGUE = """
 #include <xen/xen.h>
 #include <xen/io/ring.h>
 #include <xen/io/blkif.h>
+#include <xen/io/netif.h>
 #include <xen/io/protocols.h>
 #include <xen/grant_table.h>
 #include <xen/event_channel.h>
@@ -40,6 +41,7 @@ CONSTANT_PREFIXES: dict[ModuleType, tuple[str, ...]] = {
     grant_table: ("GTF_", "GNTTABOP_", "GNTMAP_", "GNTCOPY_", "GNTST_", "DOMID_", "GNTTAB_"),
     event_channel: ("EVTCHNOP_", "EVTCHNSTAT_", "EVTCHN_2L_"),
     xs_wire: ("XS_", "XENSTORE_"),
+    netif: ("NETTXF_", "NETRXF_", "XEN_NETIF_", "NETIF_RSP_"),
 }
 
 
@@ -77,6 +79,8 @@ def _probe_source(abi: str) -> str:
         body.append(
             f'printf("ring_size {order} %zu\\n", (size_t)__CONST_RING_SIZE(blkif, 4096 << {order}));'
         )
+    body.append('printf("net_ring_size tx %zu\\n", (size_t)__CONST_RING_SIZE(netif_tx, 4096));')
+    body.append('printf("net_ring_size rx %zu\\n", (size_t)__CONST_RING_SIZE(netif_rx, 4096));')
     if abi == ABI_X86_64:
         for name, value in sorted(_constants().items()):
             if isinstance(value, str):
@@ -134,6 +138,12 @@ def test_ring_sizes_match_const_ring_size(probe: tuple[str, list[str]]) -> None:
     }
     assert got == {order: ours.ring_size(order) for order in range(5)}
     assert got[0] == 32
+
+
+def test_netif_ring_sizes_match_const_ring_size(probe: tuple[str, list[str]]) -> None:
+    _, lines = probe
+    got = {k: int(v) for _, k, v in (ln.split() for ln in lines if ln.startswith("net_ring_size "))}
+    assert got == {"tx": netif.NET_TX_RING_SIZE, "rx": netif.NET_RX_RING_SIZE} == {"tx": 256, "rx": 256}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "pvio"
 #: Bottom to top.  `testing` (conformance suites and in-process harnesses, shipped for
 #: users' tests) may use every layer below the toolstack's users; `bench` uses `testing`.
 ORDER = [
-    "abi", "ring", "storage", "hypervisor", "xenstore", "xenbus", "nbd", "blk", "lguest",
+    "abi", "ring", "storage", "hypervisor", "xenstore", "xenbus", "nbd", "blk", "net", "lguest",
     "domains", "toolstack", "testing", "bench", "cli",
 ]
 MAX_LINES = 600

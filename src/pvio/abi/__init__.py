@@ -2,12 +2,22 @@
 
 One module per header: `ring` (io/ring.h), `blkif` (io/blkif.h, io/protocols.h),
 `grant_table`, `event_channel`, `xs_wire` (io/xs_wire.h), `console` (io/console.h),
-`lguest` (lguest_launcher.h, 2.6.23) and `linux_if` (net/if.h, linux/if_tun.h, for TAP).
+`netif` (io/netif.h), `lguest` (lguest_launcher.h, 2.6.23) and `linux_if` (net/if.h, linux/if_tun.h, for TAP).
 Importing this package declares them all, so that `pvio.abi.layout.REGISTRY` is complete
 for the C layout probe.  This package imports nothing that does I/O.
 """
 
-from pvio.abi import blkif, console, event_channel, grant_table, lguest, linux_if, ring, xs_wire
+from pvio.abi import (
+    blkif,
+    console,
+    event_channel,
+    grant_table,
+    lguest,
+    linux_if,
+    netif,
+    ring,
+    xs_wire,
+)
 from pvio.abi.layout import REGISTRY, Layout, layouts
 
 __all__ = [
@@ -20,6 +30,7 @@ __all__ = [
     "layouts",
     "lguest",
     "linux_if",
+    "netif",
     "ring",
     "xs_wire",
 ]

@@ -45,6 +45,10 @@ IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
 #: #define TUN_F_CSUM 0x01   (the reader takes packets whose checksum is left to it)
 TUN_F_CSUM = 0x01
+#: #define TUN_F_TSO4 0x02, TUN_F_TSO6 0x04: the kernel may hand the TAP TCP segments of up
+#: to 64 KiB (GSO), described by the virtio_net_hdr before each frame
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
 
 #   <linux/virtio_net.h>
 #   struct virtio_net_hdr {
@@ -69,3 +73,9 @@ VIRTIO_NET_HDR = Layout(
 )
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
+#: virtio_net_hdr.gso_type (linux/virtio_net.h)
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80

@@ -269,6 +269,22 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
     return TapInterface(netns, ifname, fd, mac, address, nocsum)
 
 
+def add_tap(netns: str, *, ifname: str, address: str, mac: bytes, mtu: int = 1500,
+            nocsum: bool = False) -> TapInterface:
+    """One more TAP `ifname` in existing namespace `netns` (a guest's second interface).
+    Close it with `close_device`: `close` would remove the namespace, which the guest's
+    first TAP owns."""
+    _check_link(ifname, mac)
+    fd = _open_tap_in(netns, ifname, nocsum)
+    try:
+        _configure(["-n", netns], ifname, mac, mtu, address)
+        os.set_blocking(fd, False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return TapInterface(netns, ifname, fd, mac, address, nocsum)
+
+
 def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
                     nocsum: bool = False) -> TapInterface:
     """TAP `ifname` in the host's own namespace, with `address` (CIDR) and `mac`: the
@@ -300,7 +316,8 @@ def _check_link(ifname: str, mac: bytes) -> None:
 def _configure(where: list[str], ifname: str, mac: bytes, mtu: int, address: str) -> None:
     """The TAP's MAC, MTU and address, and its link up (`where`: ``-n NETNS`` or none)."""
     _ip(*where, "link", "set", "dev", ifname, "address", mac.hex(":"), "mtu", str(mtu))
-    _ip(*where, "addr", "add", address, "dev", ifname)
+    if address:  # "": no address (a Xen vif's end, attached to a bridge)
+        _ip(*where, "addr", "add", address, "dev", ifname)
     _ip(*where, "link", "set", "dev", ifname, "up")
 
 

@@ -1,4 +1,4 @@
-"""The driver domain process: blkback for every vbd of this domain (role "driver").
+"""The driver domain process: blkback for every vbd and netback for every vif of this domain (role "driver").
 
 `main(spec)` connects to the hypervisor as `spec.domid` with `spec.transport`, opens
 the XenStore connection the toolstack handed over (fd `spec.xenstore_fd`, already bound
@@ -17,6 +17,8 @@ import contextlib
 from pvio.blk.xenbus_backend import BlkbackService
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DomainSpec
+from pvio.domains.xen_net import start_netback
+from pvio.net.xenbus_backend import NetbackService
 from pvio.xenstore.client import AsyncClient
 
 
@@ -24,17 +26,23 @@ async def main(spec: DomainSpec) -> None:
     dom = await become_domain(spec)
     xs: AsyncClient | None = None
     service: BlkbackService | None = None
+    netback: NetbackService | None = None
     try:
         xs = await open_xenstore(spec, dom)
         service = BlkbackService(dom, xs, max_in_flight=int(spec.extra.get("max_in_flight", 64)))
         await service.start()
         blkback = service
+        netback = vifs = await start_netback(dom, xs)  # backend/vif/*: pvio.domains.xen_net
         await report_status(spec, dom.domid, lambda: {
             "devices": sorted(blkback.devices),
-            "failed": blkback.failed,
-            "statistics": blkback.statistics(),
+            "failed": blkback.failed | vifs.failed,
+            "statistics": blkback.statistics() | vifs.statistics(),
+            "vifs": sorted(vifs.vifs),
         })
     finally:
+        with contextlib.suppress(Exception):
+            if netback is not None:
+                await netback.stop()
         with contextlib.suppress(Exception):
             if service is not None:
                 await service.stop()

@@ -24,6 +24,7 @@ from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
 from pvio.domains.xen_console import DEFAULT_SHELL, start_console
+from pvio.domains.xen_net import GuestNet, attach_guest_vifs, detach_guest_vifs
 from pvio.domains.xen_pages import open_ring_xenstore, uses_ring
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
@@ -100,6 +101,7 @@ async def main(spec: DomainSpec) -> None:
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
     console = None
+    nets: list[GuestNet] = []
     try:
         if uses_ring(spec):  # with its console, when the toolstack gave it one
             xs, _, page = await open_ring_xenstore(spec, dom)
@@ -113,9 +115,12 @@ async def main(spec: DomainSpec) -> None:
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
+        nets = await attach_guest_vifs(dom, xs, spec.name)  # device/vif/*: pvio.domains.xen_net
         # refreshed once a second: blkfront's counters for `pvio bench blk`
-        await report_status(spec, dom.domid, lambda: status(disks))
+        await report_status(spec, dom.domid, lambda: status(disks) | {"vifs": [n.status() for n in nets]})
     finally:
+        with contextlib.suppress(Exception):
+            await detach_guest_vifs(nets)
         for disk in disks:
             with contextlib.suppress(Exception):
                 await detach_disk(disk)

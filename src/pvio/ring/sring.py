@@ -478,16 +478,19 @@ class BackRing(_End):
     # stalls for ever.  A store-load fence between the two steps, on both sides, rules that
     # out: sharedmem's full_fence, a locked instruction from libatomic.
     # :T
-    def final_check_for_requests(self) -> bool:
+    def final_check_for_requests(self, need: int = 1) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: True if requests are pending (do not sleep).
 
         Otherwise req_event is set to ask for a notification on the very next request.
+        With `need` above 1 the question is "are `need` requests pending", and the
+        notification is asked for when the `need`-th arrives (xen-netback waiting for
+        enough receive buffers for a frame: req_event = req_cons + need).
         """
         self._check_usable()
-        if self._validated_requests(self._sidx.load_req_prod()):
+        if self._validated_requests(self._sidx.load_req_prod()) >= need:
             return True
-        prod = self._sidx.set_req_event_and_load_req_prod((self.req_cons + 1) & _M)
-        return self._validated_requests(prod) > 0
+        prod = self._sidx.set_req_event_and_load_req_prod((self.req_cons + need) & _M)
+        return self._validated_requests(prod) >= need
 
     def __repr__(self) -> str:
         return (f"<BackRing rsp_prod_pvt={self.rsp_prod_pvt:#x} req_cons={self.req_cons:#x} "

@@ -12,7 +12,7 @@ import click
 from pvio.domains.lguest_settings import EXPORT_NAME
 from pvio.domains.spec import pid_alive, read_status
 from pvio.nbd.cli import tcp_tls_context
-from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load
+from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load, xen_vifs
 from pvio.toolstack.paths import StatePaths, default_state_dir
 from pvio.toolstack.status import load_up_status
 from pvio.toolstack.up import Toolstack, run_up
@@ -35,6 +35,12 @@ class BadInput(click.ClickException):
     multiple=True,
     metavar="SPEC",
     help="A disk in xl's syntax, e.g. 'format=raw, vdev=xvda, access=rw, target=/path/disk.img' (repeatable).",
+)
+@click.option(
+    "--vif",
+    "vifs",
+    multiple=True,
+    help="A network interface in xl's syntax, e.g. 'mac=00:16:3e:00:00:01, bridge=pvbr0, ip=10.0.1.2/24' (repeatable).",
 )
 @click.option("--nbd-socket", type=click.Path(dir_okay=False), default=None, help="UNIX socket for the first disk's NBD export.")
 @click.option(
@@ -66,6 +72,7 @@ def up(
     config_file: Path | None,
     state_dir: Path | None,
     disks: tuple[str, ...],
+    vifs: tuple[str, ...],
     nbd_socket: str | None,
     nbd_tcp: int | None,
     nbd_tls_creds: str | None,
@@ -82,14 +89,15 @@ def up(
     root = (state_dir or default_state_dir()).resolve()
     tcp_tls_context(nbd_tcp is not None, nbd_tls_creds, nbd_tcp_insecure, "--nbd-tcp", "--nbd-tls-creds", "--nbd-tcp-insecure")
     try:
-        if config_file and disks:
-            raise ConfigError("give a CONFIG_FILE or --disk options, not both")
+        if config_file and (disks or vifs):
+            raise ConfigError("give a CONFIG_FILE or --disk/--vif options, not both")
         if config_file:
             config = load(config_file, root)
         elif disks:
-            config = from_disk_options(list(disks), root)
+            config = from_disk_options(list(disks), root, vifs=list(vifs))
         else:
             config = default_config(root)
+            config.domains[0].vifs = xen_vifs(list(vifs), "--vif")
     except ConfigError as e:
         raise BadInput(str(e)) from None
     if transport:
@@ -139,6 +147,9 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
                     devices.append(f"     {dev['nbd_tcp']}")
             elif dev["type"] == "lguest-block":
                 devices.append(f"{EXPORT_NAME} {dev['nbd']}")
+            elif dev["type"] == "vif":
+                devices.append(f"vif {dev['ifname']} {dev['mac']} {dev['ip'] or '-'} bridge {dev['bridge']} "
+                               f"netns {dev['netns']}")
             elif dev["type"] == "lguest-net":
                 devices.append(f"net {dev['address']} netns {dev['netns']}")
             elif dev["type"] == "console":

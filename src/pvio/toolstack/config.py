@@ -39,7 +39,7 @@ from typing import Any
 from pvio.domains.lguest_settings import MISBEHAVIOURS
 from pvio.domains.spec import parse_size as spec_parse_size
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU, MIN_MTU
-from pvio.toolstack import diskspec
+from pvio.toolstack import diskspec, vifspec
 
 DEFAULT_DISK_SIZE = 1 << 30
 DOMAIN_TYPES = ("xen", "lguest")
@@ -82,6 +82,7 @@ class DomainConfig:
     type: str
     memory: int = 16 << 20
     disks: list[XenDisk] = field(default_factory=list)
+    vifs: list[vifspec.VifSpec] = field(default_factory=list)  # xl vif specs
     # lguest devices
     lguest_disk: dict[str, Any] | None = None
     lguest_net: LguestNet | None = None
@@ -107,6 +108,8 @@ class Config:
     domains: list[DomainConfig]
     transport: str = "map"
     lans: dict[str, LanConfig] = field(default_factory=dict)
+    #: ``[bridge.<name>] host = CIDR``: the host's address on a vifs' bridge
+    bridges: dict[str, str] = field(default_factory=dict)
 
     def domain(self, name: str) -> DomainConfig:
         for d in self.domains:
@@ -149,16 +152,32 @@ def default_config(state_dir: Path) -> Config:
     return Config([DomainConfig("guest1", "xen", disks=[disk])])
 
 
-def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map") -> Config:
+def from_disk_options(disks: list[str], state_dir: Path, transport: str = "map",
+                      vifs: list[str] | None = None) -> Config:
     dom = DomainConfig("guest1", "xen", disks=[xen_disk(d, state_dir, i) for i, d in enumerate(disks)])
     _check_disks(dom)
+    dom.vifs = xen_vifs(vifs or [], "--vif")
     return Config([dom], transport=transport)
+
+
+def xen_vifs(specs: object, where: str) -> list[vifspec.VifSpec]:
+    """A domain's vifs from xl vif specifications (`--vif`, or `vifs = [...]` in TOML)."""
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"{where}: vifs must be a list of xl vif specs, "
+                          "e.g. vifs = [\"mac=00:16:3e:00:00:01, bridge=pvbr0, ip=10.0.1.2/24\"]")
+    out = []
+    for s in specs:
+        try:
+            out.append(vifspec.parse(s))
+        except vifspec.VifSpecError as e:
+            raise ConfigError(f"{where} {s!r}: {e}") from None
+    return out
 
 
 _PVIO_KEYS = {"transport"}
 #: Domain names pvio uses for its own processes.
 RESERVED_NAMES = frozenset({"driver", "hypervisor", "xenstored"})
-_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave", "on_crash"}
+_DOMAIN_KEYS = {"name", "type", "memory", "disks", "disk", "net", "console", "misbehave", "on_crash", "vifs"}
 #: xl's on_crash actions pvio has: start the domain again, or leave it dead.
 ON_CRASH = ("restart", "destroy")
 _NET_KEYS = {"lan", "address", "mac", "mtu"}
@@ -224,7 +243,7 @@ def load(path: Path, state_dir: Path) -> Config:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    unknown = set(raw) - {"pvio", "domain", "lan"}
+    unknown = set(raw) - {"pvio", "domain", "lan", "bridge"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
     settings = raw.get("pvio", {})
@@ -271,7 +290,10 @@ def load(path: Path, state_dir: Path) -> Config:
                                   "e.g. disks = [\"vdev=xvda, target=a.img\"]")
             dom.disks = [xen_disk(s, state_dir, j) for j, s in enumerate(specs)]
             _check_disks(dom)
+            dom.vifs = xen_vifs(d.get("vifs", []), f"{where} ({name})")
         else:
+            if "vifs" in d:
+                raise ConfigError(f"{where} ({name}): vifs are for xen domains (lguest takes `net`)")
             if "disks" in d:
                 raise ConfigError(f"{where} ({name}): lguest domains take one `disk` table")
             if "disk" in d:
@@ -305,7 +327,34 @@ def load(path: Path, state_dir: Path) -> Config:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"{path}: domain names used twice: {sorted(dupes)}")
-    return Config(domains, transport=transport, lans=_lans(raw.get("lan", {}), domains, path))
+    return Config(domains, transport=transport, lans=_lans(raw.get("lan", {}), domains, path),
+                  bridges=_bridges(raw.get("bridge", {}), domains, path))
+
+
+def _bridges(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, str]:
+    """The ``[bridge.<name>]`` tables: the host's address (``host = CIDR``) on a bridge
+    some vif is on, so the host reaches those guests."""
+    import ipaddress
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `bridge` must be tables [bridge.<name>]")
+    used = {v.bridge for d in domains for v in d.vifs}
+    out: dict[str, str] = {}
+    for name, table in raw.items():
+        where = f"{path}: [bridge.{name}]"
+        if not isinstance(table, dict) or set(table) - {"host"}:
+            raise ConfigError(f"{where}: a table with one key, host")
+        if name not in used:
+            raise ConfigError(f"{where}: no vif is on bridge {name!r}")
+        host = str(table.get("host", ""))
+        try:
+            iface = ipaddress.ip_interface(host)
+        except ValueError:
+            raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
+        if iface.network.prefixlen == iface.max_prefixlen:
+            raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+        out[name] = host
+    return out
 
 
 def _check_disks(dom: DomainConfig) -> None:

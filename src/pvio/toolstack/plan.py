@@ -85,6 +85,8 @@ def plan_domains(
                 )
                 tcp_port += 1 if tcp_port else 0
             add(dom, _spec(paths, dom.name, domid, "guest", nr_pages=dom.memory // 4096, disks=disks))
+            if dom.vifs:
+                domains[-1].spec.extra["vifs"] = [v.as_dict() for v in dom.vifs]
             domid += 1
         else:
             launcher = _spec(paths, f"{dom.name}-launcher", domid, "lguest-launcher")

@@ -39,6 +39,11 @@ def write_up_status(paths: StatePaths, domains: list[DomainRun], children: list[
                  "mode": "ro" if d.read_only else "rw", "nbd": nbd_uri_for_socket(d.nbd_socket, d.vdev),
                  "nbd_tcp": tcp_uri(d.nbd_tcp_port, d.vdev, d.nbd_tls_creds) if d.nbd_tcp_port else ""}
             )
+        for devid, v in enumerate(run.spec.extra.get("vifs", [])):
+            entry["devices"].append(
+                {"type": "vif", "devid": devid, "mac": v["mac"], "bridge": v["bridge"], "ip": v["ip"],
+                 "ifname": v["vifname"] or f"vif{run.spec.domid}.{devid}", "netns": netns_name(run.spec.name)}
+            )
         if run.spec.role == "lguest-guest":
             entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})
             if run.config and run.config.lguest_disk:

@@ -49,7 +49,7 @@ from typing import Any, TextIO
 from pvio.abi.xenbus import XenbusState
 from pvio.domains.spec import read_status
 from pvio.nbd.address import nbd_uri_for_socket
-from pvio.toolstack import preflight, xenpages, xslayout
+from pvio.toolstack import preflight, vifs, xenpages, xslayout
 from pvio.toolstack.children import Child, UpError, python_argv, tail, wait_socket
 from pvio.toolstack.config import Config
 from pvio.toolstack.handover import XenstoreHandover
@@ -106,6 +106,7 @@ class Toolstack:
         self.xenstore_transport = xenstore_transport
         self.handover = XenstoreHandover(self._attach, self._introduce_ring)
         self.qdisk = QdiskBackends(paths, self.say)  # QEMU for backendtype=qdisk disks
+        self._bridges_undo: list[tuple[str, str]] = []  # the vifs' bridges, as pvio up found them
 
     # -- output --------------------------------------------------------------------
 
@@ -230,6 +231,8 @@ class Toolstack:
                     await self.qdisk.add_disk(self.xs, self._transact, domid, run.spec.name, disk)
                     continue
                 await self._transact(xslayout.vbd_add(domid, disk.spec, disk.params or disk.spec.target))
+            if dom.vifs:
+                await self._transact(vifs.vif_ops(domid, dom))
 
     async def _attach(self, domid: int) -> socket.socket:
         """A XenStore connection bound to `domid`, for the domain process to inherit."""
@@ -320,6 +323,7 @@ class Toolstack:
 
     async def start_domains(self) -> None:
         prepare_images(self.config, self.say)
+        self._bridges_undo = await asyncio.to_thread(vifs.prepare_bridges, self.config)
         await self._start_format_servers()
         for run in self.domains:
             # A guest whose disk QEMU serves keeps the socket: its QEMU backend is started
@@ -468,6 +472,7 @@ class Toolstack:
         for c in reversed([c for c in self.children if c.name in ("hypervisor", "xenstored", "xenconsoled")]):
             await c.stop(5.0)
         await self._remove_namespaces()
+        await asyncio.to_thread(vifs.undo_bridges, self._bridges_undo, self.say)
         for path in (self.paths.hypervisor_socket, self.paths.xenstored_socket, self.paths.xenstored_control,
                      self.paths.xenstore_db):
             with contextlib.suppress(FileNotFoundError):
@@ -475,7 +480,8 @@ class Toolstack:
 
     async def _remove_namespaces(self) -> None:
         """A guest killed before its own cleanup leaves its netns pvio-<name>: remove it."""
-        names = [r.spec.name for r in self.domains if r.spec.role == "lguest-guest"]
+        names = [r.spec.name for r in self.domains
+                 if r.spec.role == "lguest-guest" or r.spec.extra.get("vifs")]
         if not names:
             return
         from pvio.domains.tap import TapError, netns_name, remove_namespace

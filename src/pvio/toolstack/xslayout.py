@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pvio.toolstack.diskspec import DiskSpec
+from pvio.toolstack.vifspec import VifSpec
 
 XENBUS_STATE_INITIALISING = "1"
 XENBUS_STATE_CLOSING = "5"
@@ -125,4 +126,44 @@ def domain_add(domid: int, name: str) -> list[XsOp]:
         ops += [XsOp("mkdir", f"{dom}/{sub}"), XsOp("set_perms", f"{dom}/{sub}", perms=ro)]
     for sub in ("data", "drivers", "feature", "attr", "error"):
         ops += [XsOp("mkdir", f"{dom}/{sub}"), XsOp("set_perms", f"{dom}/{sub}", perms=rw)]
+    return ops
+
+
+def vif_add(domid: int, devid: int, vif: VifSpec, backend_domid: int = 0) -> list[XsOp]:
+    """Operations that create a vif's three directories (libxl's nic device), for one
+    transaction: the same paths and permissions as a vbd's, with libxl's vif keys."""
+    fe = frontend_path(domid, devid, "vif")
+    be = backend_path(backend_domid, domid, devid, "vif")
+    lx = libxl_path(domid, devid, "vif")
+    fe_keys = {
+        "backend": be,
+        "backend-id": str(backend_domid),
+        "state": XENBUS_STATE_INITIALISING,
+        "handle": str(devid),
+        "mac": vif.mac,
+        "mtu": str(vif.mtu),
+    }
+    be_keys = {
+        "frontend": fe,
+        "frontend-id": str(domid),
+        "online": "1",
+        "state": XENBUS_STATE_INITIALISING,
+        "script": vif.script,
+        "mac": vif.mac,
+        "bridge": vif.bridge,
+        "handle": str(devid),
+        "type": vif.type,
+        "mtu": str(vif.mtu),
+    }
+    if vif.ip:
+        be_keys["ip"] = vif.ip
+    if vif.rate:
+        be_keys["rate"] = vif.rate
+    if vif.vifname:
+        be_keys["vifname"] = vif.vifname
+    ops = [XsOp("rm", fe), XsOp("mkdir", fe), XsOp("set_perms", fe, perms=(f"n{domid}", f"r{backend_domid}"))]
+    ops += [XsOp("write", f"{fe}/{k}", v) for k, v in fe_keys.items()]
+    ops += [XsOp("rm", be), XsOp("mkdir", be), XsOp("set_perms", be, perms=(f"n{backend_domid}", f"r{domid}"))]
+    ops += [XsOp("write", f"{be}/{k}", v) for k, v in be_keys.items()]
+    ops += [XsOp("write", f"{lx}/frontend", fe), XsOp("write", f"{lx}/backend", be)]
     return ops

@@ -32,6 +32,7 @@ LAYERS: dict[str, Layer] = {
     "xenstore": Layer("pvio.bench.xenstore", "XenStore latency vs a UNIX-socket echo."),
     "blk": Layer("pvio.bench.blk", "fio through pvio up (map, copy) vs qemu-nbd vs io_uring."),
     "nbd": Layer("pvio.bench.nbd"),
+    "net": Layer("pvio.bench.net", "TCP/ping between Xen guests' vifs on a bridge vs veth."),
     "lguest": Layer("pvio.bench.lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
 }
 

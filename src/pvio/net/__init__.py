@@ -1,0 +1,1 @@
+"""pvio.net: netfront and netback over io/netif.h (the Xen network device)."""

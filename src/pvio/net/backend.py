@@ -1,0 +1,498 @@
+"""netback's engine: one vif queue's two rings, from the guest's frames to the host and back.
+
+Theory of operation
+-------------------
+`NetbackQueue` serves one connected vif queue (one transmit ring, one receive ring, and
+one event channel for both, or one each with feature-split-event-channels; multi-queue
+is not offered).  Like blkback it
+never sees XenStore: the XenBus side (`pvio.net.xenbus_backend`) reads the frontend's
+keys with `pvio.net.keys` and hands it a `FrontendRings`.
+
+Transmit (guest → host), one turn:
+
+1. take every request the tx ring offers (each copied out of shared memory once) and
+   sort them into frames with `pvio.net.slots.parse_tx`, which makes xen-netback's checks;
+2. fetch every slot of every good frame with ONE batched GNTTABOP_copy into netback's
+   own pages (a grant the frontend did not give fails only its frame: NETIF_RSP_ERROR);
+3. answer every slot (extra-info slots NETIF_RSP_NULL), push with
+   RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, and hand each frame to `deliver`.
+
+Receive (host → guest): `transmit(frame)` queues a frame (bounded: a full queue drops,
+as Linux's rx_queue_max does).  A turn takes as many queued frames as the posted receive
+buffers can hold, lays them out with `plan_rx`, and moves them with ONE GNTTABOP_copy
+from netback's pages into the guest's buffers.  When the head frame needs more buffers
+than are posted, netback sets rx req_event = req_cons + needed (the final check, with a
+count) and sleeps until the frontend posts that many: notification avoidance on the
+receive ring's requests, as on the transmit ring's.  A frontend that leaves its receive
+ring empty for `rx_stall_timeout` seconds has its carrier turned off and its queue
+dropped (xenvif_rx_stalled); carrier comes back when buffers do.
+
+A frontend that breaks the protocol (a `NetifFatal` from the parser, an impossible
+index) disables this vif only: `disabled` names why, `on_broken` tells the XenBus side
+(dev_fatal), the loop stops, and every other vif of the driver domain carries on.
+
+Alternatives rejected: mapping the transmit grants (Linux maps all but the header; in
+Python a batched copy costs one round trip either way, and a copy leaves nothing mapped
+when a frontend misbehaves); one copy per frame (the batch is the unit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from pvio.abi import grant_table as gt
+from pvio.abi import netif as n
+from pvio.abi.ring import XEN_PAGE_SIZE
+from pvio.hypervisor.client import Domain, GrantMapping
+from pvio.hypervisor.errors import HypercallError
+from pvio.net.pages import GuestPages
+from pvio.net.slots import (
+    Gso,
+    NetifFatal,
+    TxFrame,
+    parse_tx,
+    plan_rx,
+    rx_gso_extra,
+    rx_response,
+    rx_slots_needed,
+)
+from pvio.ring import BackRing, RingBroken, SharedRing
+
+log = logging.getLogger(__name__)
+
+#: Frames queued for the guest before netback drops (Linux: rx_queue_max, in bytes)
+DEFAULT_RX_QUEUE_MAX = 512
+#: Seconds without receive buffers before the carrier goes off (Linux: rx_stall_timeout)
+DEFAULT_RX_STALL_TIMEOUT = 60.0
+
+
+@dataclass
+class NetbackStats:
+    """What the queue did, and what the batching and notification avoidance achieved."""
+
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_slots: int = 0
+    tx_gso: int = 0
+    tx_dropped: int = 0
+    tx_batches: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_slots: int = 0
+    rx_dropped: int = 0
+    rx_batches: int = 0
+    rx_stalls: int = 0
+    notify_sent: int = 0
+    notify_received: int = 0
+    grant_ops: int = 0
+
+    def as_keys(self) -> dict[str, str]:
+        keys = {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        frames = max(self.tx_frames + self.rx_frames, 1)
+        keys["notify_per_frame"] = f"{self.notify_sent / frames:.3f}"
+        keys["tx_frames_per_batch"] = f"{self.tx_frames / max(self.tx_batches, 1):.3f}"
+        return keys
+
+
+@dataclass(frozen=True)
+class FrontendRings:
+    """What netback needs to connect a queue: both rings' grants and the port."""
+
+    tx_ring_ref: int
+    rx_ring_ref: int
+    event_channel: int  # the only port, or the transmit ring's with split channels
+    #: feature-split-event-channels: the receive ring's own port (-1: one port for both)
+    event_channel_rx: int = -1
+    rx_notify: bool = True
+    sg: bool = False
+    gso_tcpv4: bool = False
+    gso_tcpv6: bool = False
+
+
+@dataclass
+class RxFrame:
+    """A frame waiting for the guest's receive buffers."""
+
+    data: bytes
+    gso: Gso | None = None
+    csum_blank: bool = False
+
+
+Deliver = Callable[[bytes, TxFrame], None]
+
+
+def tx_ring(pages: memoryview) -> SharedRing:
+    return SharedRing(pages, entry_size=n.TX_ENTRY_SIZE, req_size=n.TX_REQUEST.size,
+                      rsp_size=n.TX_RESPONSE.size)
+
+
+def rx_ring(pages: memoryview) -> SharedRing:
+    return SharedRing(pages, entry_size=n.RX_ENTRY_SIZE, req_size=n.RX_REQUEST.size,
+                      rsp_size=n.RX_RESPONSE.size)
+
+
+class NetbackQueue:
+    """netback for one connected vif queue (see the module notes)."""
+
+    def __init__(
+        self,
+        domain: Domain,
+        frontend_domid: int,
+        deliver: Deliver,
+        *,
+        on_broken: Callable[[BaseException], None] | None = None,
+        rx_queue_max: int = DEFAULT_RX_QUEUE_MAX,
+        rx_stall_timeout: float = DEFAULT_RX_STALL_TIMEOUT,
+        rate: tuple[int, float] | None = None,
+    ) -> None:
+        self.domain = domain
+        self.frontend_domid = frontend_domid
+        self.deliver = deliver
+        self.on_broken = on_broken
+        self.rx_queue_max = rx_queue_max
+        self.rx_stall_timeout = rx_stall_timeout
+        #: the credit scheduler: (bytes, per seconds) the guest may send (libxl's `rate`)
+        self.rate = rate
+        self._credit = float(rate[0]) if rate else 0.0
+        self._credit_at = 0.0
+        self.stats = NetbackStats()
+        #: why the vif is disabled (the frontend broke the protocol), or None
+        self.disabled: BaseException | None = None
+        #: carrier: off while the frontend leaves its receive ring empty too long
+        self.carrier = True
+        self.multicast: set[bytes] = set()
+        self.features = FrontendRings(0, 0, 0)
+        self.port = -1
+        #: the receive ring's port: `port` itself unless the event channels are split
+        self.rx_port = -1
+        self._tx: BackRing | None = None
+        self._rx: BackRing | None = None
+        self._maps: list[GrantMapping] = []
+        #: the frontend's data pages: kept mapped (map transport) or copied (GuestPages)
+        self.pages = GuestPages(domain, frontend_domid)
+        self._rxq: collections.deque[RxFrame] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # T:1010 netback attaches to a vif's two rings
+    # A vif has a transmit ring and a receive ring, each one page the frontend granted,
+    # and (without split event channels) one event channel for both.  netback maps both
+    # pages live with one batched map, binds the port, and runs one loop that serves
+    # both rings: the guest's frames out of the transmit ring, the host's frames into the
+    # receive ring's buffers.
+    # :T
+    async def connect(self, rings: FrontendRings) -> None:
+        refs = [rings.tx_ring_ref, rings.rx_ring_ref]
+        maps = await self.domain.map_grants(self.frontend_domid, refs, False)
+        if not all(m.live and m.view is not None for m in maps):
+            await self.domain.unmap_grants(maps)
+            raise ValueError("the ring pages are not shareable: they cannot be mapped live")
+        self._maps = maps
+        try:
+            assert maps[0].view is not None and maps[1].view is not None
+            self._tx = BackRing(tx_ring(maps[0].view))
+            self._rx = BackRing(rx_ring(maps[1].view))
+            self.port = await self.domain.bind_interdomain(self.frontend_domid, rings.event_channel)
+            self.rx_port = self.port
+            if rings.event_channel_rx >= 0:
+                self.rx_port = await self.domain.bind_interdomain(self.frontend_domid, rings.event_channel_rx)
+        except BaseException:
+            await self.domain.unmap_grants(maps)
+            self._maps = []
+            raise
+        self.features = rings
+        self.domain.set_handler(self.port, self._on_event)
+        if self.rx_port != self.port:
+            self.domain.set_handler(self.rx_port, self._on_event)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="netback")
+
+    def _on_event(self, port: int) -> None:
+        self.stats.notify_received += 1
+        self._wake.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # -- the host's frames, for the guest ------------------------------------------------
+
+    def transmit(self, data: bytes, gso: Gso | None = None, csum_blank: bool = False) -> bool:
+        """Queue a frame for the guest; False if it was dropped (queue full, vif down)."""
+        if not self.carrier and self.disabled is None and self._rx is not None:
+            try:
+                self.carrier = self._rx.unconsumed_requests() > 0  # buffers are back
+            except RingBroken as e:
+                self._disable(e)
+        if self.disabled is not None or not self.carrier or self._rx is None:
+            self.stats.rx_dropped += 1
+            return False
+        if len(self._rxq) >= self.rx_queue_max:
+            self.stats.rx_dropped += 1
+            return False
+        if gso is not None and not (self.features.gso_tcpv4 if gso.type == n.XEN_NETIF_GSO_TYPE_TCPV4
+                                    else self.features.gso_tcpv6):
+            self.stats.rx_dropped += 1  # the frontend cannot take it (the host's TAP offloads
+            return False  # follow the frontend's features, so only a misuse gets here)
+        if len(data) > XEN_PAGE_SIZE and not self.features.sg:
+            self.stats.rx_dropped += 1
+            return False
+        self._rxq.append(RxFrame(data, gso, csum_blank))
+        self._wake.set()
+        return True
+
+    # -- the loop ---------------------------------------------------------------------
+
+    # T:1050 One loop for both rings, and when it may sleep
+    # Each turn serves the transmit ring (everything published) and then the receive ring
+    # (as many queued frames as the posted buffers hold).  It sleeps only when both final
+    # checks say so: on the transmit ring req_event = req_cons + 1 ("wake me at the next
+    # frame"), on the receive ring req_event = req_cons + the head frame's slot count
+    # ("wake me when there is room for it") -- so a frontend posting buffers one at a time
+    # does not wake netback for each.
+    # :T
+    async def _run(self) -> None:
+        tx, rx = self._tx, self._rx
+        assert tx is not None and rx is not None
+        try:
+            while not self._stopping:
+                busy = False
+                raws = tx.take_requests()
+                if raws:
+                    await self._tx_batch(raws)
+                    busy = True
+                    if self.rate is not None:
+                        await self._spend_credit()
+                if self.disabled is not None:
+                    return
+                if self._rxq and await self._rx_batch():
+                    busy = True
+                if busy or tx.final_check_for_requests():
+                    continue
+                if self._rxq:
+                    need = rx_slots_needed(len(self._rxq[0].data), self._rxq[0].gso is not None)
+                    if rx.final_check_for_requests(need):
+                        continue
+                    await self._wait_for_buffers()
+                    continue
+                await self._wait()
+        except (RingBroken, NetifFatal) as e:
+            self._disable(e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # pragma: no cover - a bug: fail this vif, not the domain
+            log.exception("netback d%d: the engine failed", self.frontend_domid)
+            self._disable(e)
+
+    # T:1055 The credit scheduler: a vif's rate
+    # A vif may be given a rate (libxl's `rate=10Mb/s`, optionally `@50ms`): like Linux's
+    # netback, the guest earns `bytes` of credit every `seconds`, up to one window's worth,
+    # and every frame it sends spends its length.  A batch that leaves the credit below
+    # zero makes netback stop reading the transmit ring until the windows that follow
+    # have paid it back -- the frontend's ring fills and it stops sending, so the guest
+    # is slowed where it sends, not dropped further on.
+    # :T
+    async def _spend_credit(self) -> None:
+        assert self.rate is not None
+        size, window = self.rate
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._credit_at:
+            self._credit = min(float(size), self._credit + (now - self._credit_at) * size / window)
+        self._credit_at = now
+        if self._credit < 0:
+            await asyncio.sleep(-self._credit * window / size)
+
+    async def _wait(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._wake.clear()
+        return True
+
+    async def _wait_for_buffers(self) -> None:
+        """The head frame waits for receive buffers; too long, and the carrier goes off."""
+        if await self._wait(self.rx_stall_timeout if self.carrier else None):
+            return
+        if self.carrier:
+            log.warning("netback d%d: receive ring stalled: carrier off", self.frontend_domid)
+            self.stats.rx_stalls += 1
+            self.stats.rx_dropped += len(self._rxq)
+            self._rxq.clear()
+            self.carrier = False
+
+    def _disable(self, e: BaseException) -> None:
+        if self.disabled is None:
+            self.disabled = e
+            self.carrier = False
+            self.stats.rx_dropped += len(self._rxq)
+            self._rxq.clear()
+            log.warning("netback d%d: vif disabled: %s", self.frontend_domid, e)
+            if self.on_broken is not None:
+                self.on_broken(e)
+
+    # -- transmit ---------------------------------------------------------------------
+
+    async def _tx_batch(self, raws: list[bytes]) -> None:
+        st = self.stats
+        st.tx_batches += 1
+        batch = parse_tx(raws)
+        responses = list(batch.immediate)
+        st.tx_dropped += batch.dropped
+        good: list[tuple[TxFrame, bytes]] = []
+        data_frames = [f for f in batch.frames if f.slots]
+        for f in batch.frames:
+            if not f.slots:  # multicast control only
+                self._apply_mcast(f)
+                responses.extend(f.responses(True))
+        if data_frames:
+            fetched = await self.pages.fetch(data_frames)
+            self.stats.grant_ops = self.pages.grant_ops
+            for f, data in zip(data_frames, fetched, strict=True):
+                responses.extend(f.responses(data is not None))
+                if data is None:
+                    st.tx_dropped += 1
+                    continue
+                self._apply_mcast(f)
+                good.append((f, data))
+        if batch.fatal is not None:
+            # The frames before the fault are answered and delivered; then the vif stops.
+            self._respond_tx(responses)
+            self._deliver(good)
+            raise batch.fatal
+        self._respond_tx(responses)
+        self._deliver(good)
+
+    def _apply_mcast(self, f: TxFrame) -> None:
+        for op, addr in f.mcast:
+            if op == n.XEN_NETIF_EXTRA_TYPE_MCAST_ADD:
+                self.multicast.add(addr)
+            else:
+                self.multicast.discard(addr)
+
+    def _deliver(self, good: list[tuple[TxFrame, bytes]]) -> None:
+        st = self.stats
+        for f, data in good:
+            st.tx_frames += 1
+            st.tx_bytes += len(data)
+            self._credit -= len(data)
+            st.tx_slots += len(f.slots)
+            if f.gso is not None:
+                st.tx_gso += 1
+            try:
+                self.deliver(data, f)
+            except Exception:  # pragma: no cover - the host side's bug, not the guest's
+                log.exception("netback d%d: delivering a frame failed", self.frontend_domid)
+
+    def _respond_tx(self, responses: list[bytes]) -> None:
+        self._respond(self._tx, responses, self.port)
+
+    def _respond(self, ring: BackRing | None, responses: list[bytes], port: int) -> None:
+        if ring is None or not responses:
+            return
+        ring.put_responses(responses)
+        if ring.push_responses_and_check_notify():
+            self.stats.notify_sent += 1
+            try:
+                self.domain.notify(port)
+            except (OSError, HypercallError) as e:  # the frontend's port is gone
+                log.info("netback d%d: cannot notify: %s", self.frontend_domid, e)
+
+    # -- receive ----------------------------------------------------------------------
+
+    async def _rx_batch(self) -> bool:
+        """Move as many queued frames as the posted buffers hold; False if none fit."""
+        rx = self._rx
+        assert rx is not None
+        avail = rx.unconsumed_requests()
+        if avail and not self.carrier and self.disabled is None:
+            self.carrier = True  # buffers are back
+        take: list[RxFrame] = []
+        need = 0
+        while self._rxq:
+            f = self._rxq[0]
+            k = rx_slots_needed(len(f.data), f.gso is not None)
+            if need + k > avail:
+                break
+            take.append(self._rxq.popleft())
+            need += k
+        if not take:
+            return False
+        self.stats.rx_batches += 1
+        reqs = [n.RX_REQUEST.packer.unpack_from(r) for r in rx.take_requests(need)]
+        puts: list[tuple[int, memoryview]] = []  # (gref, bytes for it)
+        layout: list[tuple[RxFrame, list[tuple[int, int, int, int]]]] = []
+        k = 0  # request index
+        for f in take:
+            plan = plan_rx(len(f.data), gso=f.gso is not None, csum_blank=f.csum_blank)
+            data = memoryview(f.data)
+            slots = []
+            for j, piece in enumerate(plan):
+                req_id, _pad, gref = reqs[k]
+                puts.append((gref, data[piece.start : piece.start + piece.length]))
+                slots.append((req_id, piece.flags, piece.length, len(puts) - 1))
+                k += 1
+                if j == 0 and f.gso is not None:
+                    slots.append((reqs[k][0], -1, 0, -1))  # the extra-info slot
+                    k += 1
+            layout.append((f, slots))
+        statuses = await self.pages.put(puts)
+        self.stats.grant_ops = self.pages.grant_ops
+        responses = []
+        st = self.stats
+        for f, slots in layout:
+            ok = True
+            for req_id, flags, length, seg in slots:
+                if seg < 0:
+                    assert f.gso is not None
+                    responses.append(rx_gso_extra(f.gso))
+                    continue
+                if statuses[seg] != gt.GNTST_okay:
+                    ok = False
+                    responses.append(rx_response(req_id, flags, n.NETIF_RSP_ERROR))
+                else:
+                    responses.append(rx_response(req_id, flags, length))
+            st.rx_slots += len(slots)
+            if ok:
+                st.rx_frames += 1
+                st.rx_bytes += len(f.data)
+            else:
+                st.rx_dropped += 1
+        self._respond(rx, responses, self.rx_port)
+        return True
+
+    # -- teardown ---------------------------------------------------------------------
+
+    async def disconnect(self) -> None:
+        """Stop, unmap both rings, close the port; queued frames are dropped."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._tx = self._rx = None
+        self._rxq.clear()
+        await self.pages.unmap_all()
+        for port in {self.port, self.rx_port} - {-1}:
+            try:
+                await self.domain.close_port(port)
+            except (OSError, HypercallError):
+                pass
+        self.port = self.rx_port = -1
+        if self._maps:
+            try:
+                await self.domain.unmap_grants(self._maps)
+            except (OSError, HypercallError):
+                pass
+            self._maps = []
+
+
+__all__ = ["DEFAULT_RX_QUEUE_MAX", "FrontendRings", "NetbackQueue", "NetbackStats", "RxFrame"]

@@ -1,0 +1,294 @@
+"""netback's XenBus side: the driver domain's vif devices, from XenStore to the engine.
+
+Theory of operation
+-------------------
+`NetbackService` watches ``/local/domain/<own>/backend/vif``; every
+``<frontend-domid>/<devid>`` directory under it is one vif.  For each it reads the keys
+the toolstack wrote (`mac`, `bridge`, `script`, `handle`, `type`, `ip`, `rate`,
+`frontend`, `frontend-id`), asks `open_host` for the vif's host end (in a driver domain
+process: a TAP ``vif<domid>.<devid>`` on a bridge, `pvio.domains.xen_net`; in tests, a
+list), and runs a `pvio.xenbus.Backend` end whose driver is a `NetbackDevice`:
+
+- probe (with the switch to InitWait, one transaction): netback's feature keys
+  (`pvio.net.keys.BACKEND_FEATURES`) and ``hotplug-status = connected`` -- the host end
+  is attached before the probe, which is what Xen's hotplug script reports;
+- connect (with the switch to Connected): the frontend's ring keys, checked
+  (`parse_frontend_rings`), a `NetbackQueue` attached to the rings, its frames wired to
+  the host end both ways;
+- disconnect: the queue lets the rings go; the host end stays for a reconnection.
+
+A frontend that breaks the protocol has its vif disabled (`NetbackQueue.disabled`)
+and reported with dev_fatal on that device only.  Statistics are published under each
+backend directory's ``statistics/`` at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pvio.abi.xenbus import XenbusState
+from pvio.blk.keys import read_uint
+from pvio.blk.xenbus_backend import read_keys
+from pvio.hypervisor.client import Domain
+from pvio.net.backend import NetbackQueue
+from pvio.net.keys import BACKEND_FEATURES, FRONTEND_RING_KEYS, parse_frontend_rings, parse_rate
+from pvio.net.slots import TxFrame
+from pvio.xenbus import Backend, XenbusDevice
+from pvio.xenstore.client import AsyncClient, WatchStream
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL = 1.0
+VIF_KEYS = ("mac", "bridge", "script", "handle", "type", "ip", "rate", "mtu", "frontend", "frontend-id")
+
+
+@dataclass(frozen=True)
+class VifConfig:
+    """The backend directory's keys as the toolstack wrote them (libxl's names)."""
+
+    path: str
+    frontend: str
+    frontend_id: int
+    devid: int
+    mac: bytes
+    bridge: str = ""
+    script: str = ""
+    ip: str = ""
+    rate: str = ""
+    mtu: int = 1500
+    type: str = "vif"
+
+    @property
+    def ifname(self) -> str:
+        """Xen's name for the vif's end in the driver domain: vif<domid>.<devid>."""
+        return f"vif{self.frontend_id}.{self.devid}"
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.strip().split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"bad MAC {text!r}")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise ValueError(f"MAC {text} is a multicast address")
+    return mac
+
+
+async def read_vif_config(xs: AsyncClient, path: str) -> VifConfig:
+    v = await read_keys(xs, path, VIF_KEYS)
+    if "mac" not in v or "frontend-id" not in v:
+        raise OSError(errno.ENOENT, f"{path}: mac or frontend-id is missing")
+    return VifConfig(
+        path=path,
+        frontend=v.get("frontend", ""),
+        frontend_id=read_uint(v, "frontend-id", 0xFFFF),
+        devid=read_uint(v, "handle", 0xFFFF, default=int(path.rsplit("/", 1)[1])),
+        mac=parse_mac(v["mac"]),
+        bridge=v.get("bridge", ""),
+        script=v.get("script", ""),
+        ip=v.get("ip", ""),
+        rate=v.get("rate", ""),
+        mtu=read_uint(v, "mtu", 65535, default=1500),
+        type=v.get("type", "vif"),
+    )
+
+
+class VifHost(Protocol):
+    """A vif's end in the driver domain: frames from the guest go in, frames for the
+    guest come out through the queue `attach` was given."""
+
+    def deliver(self, data: bytes, frame: TxFrame) -> None: ...
+    def attach(self, queue: NetbackQueue | None) -> None: ...
+    async def close(self) -> None: ...
+
+
+OpenHost = Callable[[VifConfig], Awaitable[VifHost]]
+
+
+class NetbackDevice:
+    """The BackendDriver of one vif: probe, connect, disconnect (see the module notes)."""
+
+    def __init__(self, domain: Domain, config: VifConfig, host: VifHost) -> None:
+        self.domain = domain
+        self.config = config
+        self.host = host
+        self.queue: NetbackQueue | None = None
+        self._ring_keys: dict[str, str] | None = None
+        self._fatal: set[asyncio.Task[None]] = set()
+
+    async def probe(self, dev: XenbusDevice, tx: int) -> None:
+        for k, v in BACKEND_FEATURES.items():
+            await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
+        await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
+
+    async def connect(self, dev: XenbusDevice, tx: int) -> bool:
+        if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
+            return False
+        values = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
+        if self.queue is None or self._ring_keys != values:
+            await self._drop_queue()
+            rings = parse_frontend_rings(values)
+            queue = NetbackQueue(self.domain, self.config.frontend_id, self.host.deliver,
+                                 on_broken=lambda e: self._on_broken(dev, e),
+                                 rate=parse_rate(self.config.rate) if self.config.rate else None)
+            await queue.connect(rings)
+            self.queue, self._ring_keys = queue, values
+            self.host.attach(queue)
+        return True
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        await self._drop_queue()
+
+    async def _drop_queue(self) -> None:
+        if self.queue is not None:
+            self.host.attach(None)
+            await self.queue.disconnect()
+            self.queue = None
+            self._ring_keys = None
+
+    def _on_broken(self, dev: XenbusDevice, e: BaseException) -> None:
+        async def fatal() -> None:
+            with contextlib.suppress(Exception):
+                await dev.dev_fatal(errno.EPROTO, f"vif disabled: {e}")
+
+        task = asyncio.get_running_loop().create_task(fatal())
+        self._fatal.add(task)
+        task.add_done_callback(self._fatal.discard)
+
+
+@dataclass
+class _Vif:
+    path: str
+    end: Backend
+    driver: NetbackDevice
+    stats_task: asyncio.Task[None] | None = None
+
+
+class NetbackService:
+    """Every vif under /local/domain/<domid>/backend/vif, served by one driver domain."""
+
+    def __init__(self, domain: Domain, xs: AsyncClient, open_host: OpenHost) -> None:
+        self.domain = domain
+        self.xs = xs
+        self.open_host = open_host
+        self.root = f"/local/domain/{domain.domid}/backend/vif"
+        self.vifs: dict[str, _Vif] = {}
+        self.failed: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        stream = await self.xs.watch(self.root)
+        await self.scan()
+        self._task = asyncio.get_running_loop().create_task(self._watch(stream))
+
+    async def _watch(self, stream: WatchStream) -> None:
+        try:
+            async for _ in stream:
+                stream.drain()
+                await self.scan()
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _list(self, path: str) -> list[str]:
+        try:
+            return await self.xs.directory(path)
+        except Exception:  # ENOENT: nothing there (yet)
+            return []
+
+    async def scan(self) -> None:
+        async with self._lock:
+            present: set[str] = set()
+            for fe in await self._list(self.root):
+                for devid in await self._list(f"{self.root}/{fe}"):
+                    present.add(f"{self.root}/{fe}/{devid}")
+            for path in sorted(present - set(self.vifs) - set(self.failed)):
+                await self._add(path)
+            for path, v in list(self.vifs.items()):
+                if path not in present or v.end.done.is_set():
+                    await self._remove(path)
+            for path in list(self.failed):
+                if path not in present:
+                    del self.failed[path]
+
+    async def _add(self, path: str) -> None:
+        try:
+            config = await read_vif_config(self.xs, path)
+        except OSError:
+            return  # the toolstack has not finished writing: the next event retries
+        except ValueError as e:
+            self.failed[path] = str(e)
+            return
+        try:
+            host = await self.open_host(config)
+        except Exception as e:
+            self.failed[path] = str(e)
+            log.warning("netback: %s: %s", path, e)
+            dev = XenbusDevice(self.xs, path, config.frontend)
+            with contextlib.suppress(Exception):
+                await self.xs.write(f"{path}/hotplug-status", "error")
+                await dev.dev_fatal(errno.EIO, f"attaching {config.ifname}: {e}")
+            return
+        driver = NetbackDevice(self.domain, config, host)
+        end = Backend(self.xs, path, config.frontend, driver)
+        vif = _Vif(path, end, driver)
+        self.vifs[path] = vif
+        await end.start()
+        vif.stats_task = asyncio.get_running_loop().create_task(self._publish_stats(vif))
+        log.info("netback: serving %s as %s", path, config.ifname)
+
+    async def _remove(self, path: str) -> None:
+        vif = self.vifs.pop(path)
+        if vif.stats_task is not None:
+            vif.stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await vif.stats_task
+        await vif.end.stop()
+        await vif.driver.disconnect(vif.end.dev)
+        await vif.driver.host.close()
+        log.info("netback: %s removed", path)
+
+    async def _publish_stats(self, vif: _Vif) -> None:
+        last: dict[str, str] = {}
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            if vif.end.done.is_set():
+                await self.scan()
+                return
+            queue = vif.driver.queue
+            if queue is None:
+                continue
+            keys = queue.stats.as_keys()
+            if keys == last:
+                continue
+
+            async def write(tx: int, keys: dict[str, str] = keys) -> None:
+                for k, v in keys.items():
+                    await self.xs.write(f"{vif.path}/statistics/{k}", v, tx)
+
+            with contextlib.suppress(Exception):
+                await self.xs.transact(write)
+                last = keys
+
+    def statistics(self) -> dict[str, dict[str, str]]:
+        return {p: v.driver.queue.stats.as_keys() for p, v in self.vifs.items() if v.driver.queue is not None}
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for path in list(self.vifs):
+            with contextlib.suppress(Exception):
+                await self._remove(path)
+
+
+__all__ = ["NetbackDevice", "NetbackService", "OpenHost", "VifConfig", "VifHost", "parse_mac", "read_vif_config"]

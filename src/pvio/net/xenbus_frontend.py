@@ -1,0 +1,141 @@
+"""netfront's XenBus side: one vif's handshake, from the backend's features to the engine.
+
+`NetfrontDevice` is the FrontendDriver of a `pvio.xenbus.Frontend` end:
+
+- publish (with the switch to Initialised, one transaction): read the backend's
+  features (`parse_backend_features`: a backend that only flips pages is refused), set
+  up both rings (`NetFront.setup_rings`, once: a retried transaction writes the same
+  keys), and write tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy,
+  feature-rx-notify and the accepted features;
+- finalize (the backend is Connected): the interface may carry frames (`connected`);
+- disconnect (the backend closed): the rings are given up;
+- recovery (`NetfrontEnd`): a driver domain that restarted is met with new rings.
+
+The vif's MAC is read from the frontend directory's `mac` (written by the toolstack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from pvio.abi.xenbus import XenbusState as S
+from pvio.blk.xenbus_backend import read_keys
+from pvio.hypervisor.client import Domain
+from pvio.net.frontend import NetFront, RxMeta
+from pvio.net.keys import BACKEND_FEATURE_KEYS, parse_backend_features
+from pvio.xenbus import Frontend, XenbusDevice
+from pvio.xenstore.client import AsyncClient
+
+log = logging.getLogger(__name__)
+
+
+class NetfrontDevice:
+    """The FrontendDriver of one vif (see the module notes)."""
+
+    def __init__(self, front: NetFront) -> None:
+        self.front = front
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._keys: dict[str, str] | None = None
+
+    async def publish(self, dev: XenbusDevice, tx: int) -> None:
+        if self._keys is None:
+            features = parse_backend_features(await read_keys(dev.xs, dev.otherend, BACKEND_FEATURE_KEYS, tx))
+            self._keys = await self.front.setup_rings(features)
+        for k, v in self._keys.items():
+            await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
+
+    async def finalize(self, dev: XenbusDevice) -> None:
+        self.connections += 1
+        self.connected.set()
+        log.info("netfront %s: connected", dev.nodename)
+
+    async def resize(self, dev: XenbusDevice) -> None:
+        pass  # a vif has no size
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        self.connected.clear()
+        await self.front.close()
+        self._keys = None
+
+    async def suspend(self) -> None:
+        """The backend died (a new one is starting): give the rings up, publish anew."""
+        self.connected.clear()
+        await self.front.close()
+        self._keys = None
+
+
+class NetfrontEnd(Frontend):
+    """The frontend's handshake, plus recovery from a driver domain that restarted: as
+    blkfront's (`pvio.blk.xenbus_frontend.BlkfrontEnd`), a frontend Connected that sees
+    its backend in InitWait starts over (Initialising), and one Closed by a backend that
+    is back reconnects."""
+
+    driver: NetfrontDevice
+
+    def __init__(self, xs: AsyncClient, nodename: str, otherend: str, driver: NetfrontDevice) -> None:
+        super().__init__(xs, nodename, otherend, driver)
+        self.recoveries = 0
+
+    async def kick(self) -> None:
+        mine = await self.dev.read_state()
+        other = await self.dev.otherend_state()
+        if mine is S.Connected and other is S.InitWait:
+            log.warning("netfront %s: backend restarted, renegotiating", self.dev.nodename)
+            self.recoveries += 1
+            await self.driver.suspend()
+            await self.dev.switch_state(S.Initialising)
+        elif mine is S.Closed and other is S.InitWait and not self.done.is_set():
+            log.warning("netfront %s: a backend is back, reconnecting", self.dev.nodename)
+            self.recoveries += 1
+            await self.reconnect()
+        await super().kick()
+
+
+
+
+CONNECT_TIMEOUT = 30.0
+
+
+class GuestVif:
+    """A guest's vif through the handshake: the engine, its XenBus end, its MAC and MTU."""
+
+    def __init__(self, devid: int, front: NetFront, end: NetfrontEnd, driver: NetfrontDevice,
+                 mac: bytes, mtu: int) -> None:
+        self.devid = devid
+        self.front = front
+        self.end = end
+        self.driver = driver
+        self.mac = mac
+        self.mtu = mtu
+
+
+async def attach_vif(dom: Domain, xs: AsyncClient, devid: int,
+                     on_frame: Callable[[bytes, RxMeta], None]) -> GuestVif:
+    """Run netfront for /local/domain/<domid>/device/vif/<devid> until it is Connected."""
+    node = f"/local/domain/{dom.domid}/device/vif/{devid}"
+    backend = (await xs.read(f"{node}/backend")).decode()
+    backend_id = int((await xs.read(f"{node}/backend-id")).decode())
+    mac = bytes.fromhex((await xs.read(f"{node}/mac")).decode().replace(":", ""))
+    mtu = int((await xs.read_or(f"{node}/mtu", b"1500") or b"1500").decode())
+    front = NetFront(dom, backend_id, on_frame)
+    driver = NetfrontDevice(front)
+    end = NetfrontEnd(xs, node, backend, driver)
+    await end.start()
+    await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
+    return GuestVif(devid, front, end, driver, mac, mtu)
+
+
+async def detach_vif(vif: GuestVif, timeout: float = 10.0) -> None:
+    """Orderly close: Closing → Closed with the backend, the rings given up."""
+    with contextlib.suppress(Exception):
+        await vif.end.close()
+        await vif.end.wait_state(S.Closed, timeout=timeout)
+    await vif.end.stop()
+    await vif.front.close()
+
+
+__all__ = ["GuestVif", "NetfrontDevice", "NetfrontEnd", "attach_vif", "detach_vif"]
