@@ -1,7 +1,8 @@
 """A C frontend built from Xen's io/ring.h and io/blkif.h drives pvio's blkback.
 
 tests/c/blkfront.c shares a pvio guest domain's memory and grant table, lays out the
-ring and grants pages itself, and writes requests with the real macros; this harness
+ring and grants pages itself, and writes requests with the real macros and structs
+(BLKIF_OP_INDIRECT with struct blkif_request_indirect included); this harness
 does the domain and event-channel plumbing (XenStore is not needed to prove the ABI)
 and checks the disk image afterwards.  Native and 32-bit (gcc -m32, protocol
 x86_32-abi) builds.  The C ring lives in ordinary guest memory, which only a
@@ -18,7 +19,7 @@ import pytest
 from blk.pair import make_image
 from cprobe import build
 from pvio.abi.blkif import ABI_NATIVE, ABI_X86_32_BLKIF
-from pvio.blk.backend import BlkbackRing
+from pvio.blk.backend import MAX_INDIRECT_SEGMENTS, BlkbackRing
 from pvio.blk.keys import FrontendRing
 from pvio.hypervisor.inprocess import InProcessHypervisor
 from pvio.storage.rawfile import RawFile
@@ -57,11 +58,11 @@ def test_c_frontend_drives_blkback(exes: dict[bool, Path], tmp_path: Path, trans
         bdom = await hv.create_domain("driver", 1024, transport=transport)
         fdom = await hv.create_domain("c-guest", 256)
         disk = RawFile(img)
-        back = BlkbackRing(bdom, fdom.domid, disk)
+        back = BlkbackRing(bdom, fdom.domid, disk, max_indirect_segments=MAX_INDIRECT_SEGMENTS)
         try:
-            head = fdom.gnttab.alloc_grant_references(16)
-            refs = [fdom.gnttab.claim_grant_reference(head) for _ in range(16)]
-            frames = fdom.alloc_pages(16)
+            head = fdom.gnttab.alloc_grant_references(17)
+            refs = [fdom.gnttab.claim_grant_reference(head) for _ in range(17)]
+            frames = fdom.alloc_pages(17)
             port = await fdom.alloc_unbound(bdom.domid)
             common = [str(fdom.memory_fd), str(fdom.nr_pages), str(fdom.gnttab_fd), str(bdom.domid)]
             lists = [",".join(map(str, refs)), ",".join(map(str, frames))]
@@ -86,7 +87,7 @@ def test_c_frontend_drives_blkback(exes: dict[bool, Path], tmp_path: Path, trans
             evt = [str(st.tx_fd), str(st.rx_fd)]
             out = await _run(exes[m32], ["io", *common, *evt, *lists], [*fds, st.tx_fd, st.rx_fd])
             assert out == "ok"
-            assert back.stats.wr_req == 5 and back.stats.rd_req == 4 and back.stats.err_req == 1
+            assert back.stats.wr_req == 6 and back.stats.rd_req == 5 and back.stats.err_req == 2
             assert back.stats.f_req == 1 and back.broken is None
         finally:
             await back.disconnect()
@@ -105,3 +106,6 @@ def test_c_frontend_drives_blkback(exes: dict[bool, Path], tmp_path: Path, trans
         start = (100 + 6 * s) * 512
         assert data[start : start + 6 * 512] == bytes([0x40 + s]) * (6 * 512)
     assert data[(100 + 66) * 512 : (100 + 67) * 512] == bytes(512)
+    for s in range(40):  # the indirect write: 40 whole pages, pages 1..15 in turn
+        start = (512 + 8 * s) * 512
+        assert data[start : start + 4096] == bytes([0x60 + 1 + s % 15]) * 4096

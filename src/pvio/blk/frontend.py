@@ -13,8 +13,11 @@ backend's).  It does what Linux's xen-blkfront does:
   write in one transaction.
 - `connect(disk)` takes the backend's `BackendDisk` (sectors, info, features) and opens
   the queue.
-- Each I/O is split into requests of at most 11 segments; each segment is one page of
-  the guest's own memory, granted to the backend with one grant reference claimed in
+- Each I/O is split into requests of at most 11 segments — or, when the backend offers
+  indirect descriptors (feature-max-indirect-segments), of up to
+  `want_indirect_segments` (32, Linux's default) in one BLKIF_OP_INDIRECT whose
+  segments sit in indirect pages granted read-only; each segment is one page of the
+  guest's own memory, granted to the backend with one grant reference claimed in
   advance (read-only when the backend only reads it: a WRITE).  Segments never cross a
   page.  The request's exact bytes and its grants are kept in a shadow
   (`pvio.blk.shadow`) whose index is the request id.
@@ -36,10 +39,10 @@ backend's).  It does what Linux's xen-blkfront does:
 - Persistent grants (feature-persistent, offered by default): data pages stay granted
   read-write and are reused by later requests, so a backend that keeps their mappings
   needs no hypercall in the steady state.
-- `BlockBackend`: `read`/`write`/`flush`/`trim` of any offset and length, so the NBD
-  export serves the disk directly.
+- `BlockBackend` (`pvio.blk.front_io`): `read`/`write`/`flush`/`trim` of any offset
+  and length, so the NBD export serves the disk directly.
 
-Deliberately not here: indirect descriptors, multi-queue.
+Deliberately not here: multi-queue.
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
 directly; the data is copied once, between the caller's bytes and those pages).
 """
@@ -49,28 +52,34 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pvio.abi.blkif import (
     ABI_NATIVE,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
-    BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
     BlkifABI,
 )
+from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
 from pvio.blk.front_grants import FrontGrants
+from pvio.blk.front_io import FrontBlockIO
 from pvio.blk.keys import BackendDisk
-from pvio.blk.request import Segment, build_discard, build_request, parse_response
+from pvio.blk.request import (
+    Segment,
+    build_discard,
+    build_indirect,
+    build_request,
+    indirect_pages,
+    pack_segments,
+    parse_response,
+)
 from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
@@ -79,8 +88,11 @@ from pvio.storage.backend import BackendInfo
 
 log = logging.getLogger(__name__)
 
-#: Bytes one request can carry: 11 segments of a page each.
+#: Bytes one direct request can carry: 11 segments of a page each.
 MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
+#: Segments an indirect request carries at most unless told otherwise (Linux blkfront's
+#: max_indirect_segments default)
+DEFAULT_INDIRECT_SEGMENTS = 32
 
 
 @dataclass
@@ -106,7 +118,7 @@ class _Pending:
     data: bytes = b""
 
 
-class BlkFront:
+class BlkFront(FrontBlockIO):
     """The guest end of one vbd (see the module notes)."""
 
     def __init__(
@@ -117,6 +129,7 @@ class BlkFront:
         ring_order: int = 0,
         abi: BlkifABI = ABI_NATIVE,
         handle: int = 0,
+        want_indirect_segments: int = DEFAULT_INDIRECT_SEGMENTS,
     ) -> None:
         self.domain = domain
         self.backend_domid = backend_domid
@@ -143,6 +156,10 @@ class BlkFront:
         self.on_broken: Callable[[DeviceBroken], None] | None = None
         #: feature-persistent: data pages stay granted (read-write) and are reused
         self.persistent = False
+        #: segments of one indirect request: the smaller of ours and the backend's
+        #: feature-max-indirect-segments, 0 (direct requests only) when that is <= 11
+        self.want_indirect_segments = want_indirect_segments
+        self.max_indirect_segments = 0
         self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
 
     def set_ring_order(self, order: int) -> None:
@@ -169,7 +186,11 @@ class BlkFront:
     # :T
     async def setup_ring(self) -> dict[str, str]:
         """Allocate, initialise and grant the ring; allocate the port; return the keys."""
-        await self.domain.grow_grant_table(self.nr_ents * BLKIF_MAX_SEGMENTS_PER_REQUEST + (1 << self.ring_order))
+        per_request = max(BLKIF_MAX_SEGMENTS_PER_REQUEST, self.want_indirect_segments)
+        per_request += indirect_pages(self.want_indirect_segments)
+        gnttab = self.domain.gnttab  # as many as the table can hold: claims wait beyond that
+        room = gnttab.free_count + (gnttab.max_frames - gnttab.nr_frames) * GREFS_PER_GRANT_FRAME
+        await self.domain.grow_grant_table(min(room, self.nr_ents * per_request + (1 << self.ring_order)))
         frames = await self.domain.alloc_shareable_pages(1 << self.ring_order)
         pages = [self.domain.frame(f) for f in frames]
         front = FrontRing.init(SharedRing.for_blkif(pages, self.abi))
@@ -197,7 +218,16 @@ class BlkFront:
         if disk.sector_size != SECTOR_SIZE:
             log.info("blkfront: sector-size %d; requests stay in 512-byte units", disk.sector_size)
         self.disk = disk
+        self._negotiate(disk)
         self._running.set()
+
+    def _negotiate(self, disk: BackendDisk) -> None:
+        n = min(disk.max_indirect_segments, self.want_indirect_segments)
+        self.max_indirect_segments = n if n > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max(BLKIF_MAX_SEGMENTS_PER_REQUEST, self.max_indirect_segments) * PAGE_SIZE
 
     @property
     def info(self) -> BackendInfo:
@@ -205,7 +235,7 @@ class BlkFront:
         return BackendInfo(
             size=disk.size,
             read_only=disk.read_only,
-            min_block=SECTOR_SIZE,
+            min_block=self.unit,
             preferred_block=max(4096, disk.physical_sector_size),
             can_flush=disk.feature_flush_cache or disk.feature_barrier,
             can_fua=disk.feature_flush_cache or disk.feature_barrier,
@@ -238,34 +268,38 @@ class BlkFront:
         read_into: memoryview | None = None,
         want_bytes: bool = False,
     ) -> bytes:
-        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`;
-        returns the data of a READ made with `want_bytes`, else b""."""
+        """One request for `nbytes` (a multiple of 512, up to `max_request_bytes`) at
+        `sector`; returns the data of a READ made with `want_bytes`, else b""."""
         self._check_broken()
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
+        # More than 11 pages: one INDIRECT request, its segments in pages of their own.
+        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         await self._ids.acquire()
         pooled: list[tuple[int, int]] | None = None
         try:
             await self._wait_running()
             if self.persistent:
-                pooled = await self.grants.take_pooled(npages)
+                pooled = await self.grants.take_pooled(npages + nind)
                 grefs = [r for r, _ in pooled]
                 frames = [f for _, f in pooled]
             else:
-                grefs = await self.grants.claim(npages)
-                frames = self.domain.alloc_pages(npages)
+                grefs = await self.grants.claim(npages + nind)
+                frames = self.domain.alloc_pages(npages + nind)
         except BaseException:
             self._ids.release()
             raise
         readonly = operation != BLKIF_OP_READ
         segs: list[Segment] = []
         left = nbytes
-        for ref, frame in zip(grefs, frames, strict=True):
+        for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
             n = min(left, PAGE_SIZE)
             if pooled is None:
                 self.grants.grant(ref, frame, readonly)
             segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
             left -= n
+        if nind:
+            self._write_indirect(segs, grefs[npages:], frames[npages:], pooled is None)
         if payload is not None:
             mem = self.domain.memory
             pos = 0
@@ -275,12 +309,19 @@ class BlkFront:
                 mem[start : start + len(chunk)] = chunk
                 pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames, nbytes, read_into, pooled, want_bytes)
+        pending = _Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
         if operation == BLKIF_OP_DISCARD:
             shadow = self.shadows.alloc(
                 operation, sector,
                 lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
                 (), pending,
+            )
+        elif nind:
+            ind = grefs[npages:]
+            shadow = self.shadows.alloc(
+                operation, sector,
+                lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
+                tuple(grefs), pending,
             )
         else:
             shadow = self.shadows.alloc(
@@ -294,6 +335,16 @@ class BlkFront:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
         return pending.data
+
+    def _write_indirect(self, segs: list[Segment], refs: list[int], frames: list[int], grant: bool) -> None:
+        """Write the segments into the indirect pages; grant those read-only (not pooled)."""
+        raw = pack_segments(segs)
+        mem = self.domain.memory
+        for k, (ref, frame) in enumerate(zip(refs, frames, strict=True)):
+            chunk = raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            mem[frame * PAGE_SIZE : frame * PAGE_SIZE + len(chunk)] = chunk
+            if grant:
+                self.grants.grant(ref, frame, True)
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
@@ -454,6 +505,7 @@ class BlkFront:
         """After the backend reconnected: re-issue every request in flight; returns how many."""
         if disk is not None:
             self.disk = disk
+            self._negotiate(disk)
         self.unavailable = None
         front = self._front
         assert front is not None, "setup_ring() first"
@@ -464,103 +516,6 @@ class BlkFront:
         self._running.set()
         self._push()
         return len(shadows)
-
-    # -- BlockBackend ---------------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        if 0 < length <= MAX_REQUEST_BYTES and not (offset | length) % SECTOR_SIZE:
-            # The common case (one request): the data comes straight out of the pages.
-            disk = self._disk()
-            if offset + length > disk.size:
-                raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
-            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
-        buf = bytearray(length)
-        await self.read_into(offset, memoryview(buf))
-        return bytes(buf)
-
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        length = len(buf)
-        if length == 0:
-            return
-        start = offset - offset % SECTOR_SIZE
-        end = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
-        if start == offset and end == offset + length:
-            await self._rw_aligned(BLKIF_OP_READ, start, None, buf)
-            return
-        tmp = bytearray(end - start)
-        await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(tmp))
-        buf[:] = tmp[offset - start : offset - start + length]
-
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        length = len(data)
-        if length:
-            self._check_writable()
-            if offset % SECTOR_SIZE or length % SECTOR_SIZE:
-                await self._write_unaligned(offset, data)
-            else:
-                await self._rw_aligned(BLKIF_OP_WRITE, offset, memoryview(data), None)
-        if fua:
-            await self.flush()
-
-    async def _write_unaligned(self, offset: int, data: bytes | memoryview) -> None:
-        start = offset - offset % SECTOR_SIZE
-        end = -(-(offset + len(data)) // SECTOR_SIZE) * SECTOR_SIZE
-        async with self._rmw:  # read-modify-write of the partial sectors
-            buf = bytearray(end - start)
-            await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(buf))
-            buf[offset - start : offset - start + len(data)] = data
-            await self._rw_aligned(BLKIF_OP_WRITE, start, memoryview(buf), None)
-
-    async def _rw_aligned(
-        self, operation: int, offset: int, data: memoryview | None, into: memoryview | None
-    ) -> None:
-        length = len(data) if data is not None else len(into) if into is not None else 0
-        disk = self._disk()
-        if offset + length > disk.size:
-            raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
-        jobs = []
-        for pos in range(0, length, MAX_REQUEST_BYTES):
-            n = min(MAX_REQUEST_BYTES, length - pos)
-            sector = (offset + pos) // SECTOR_SIZE
-            if data is not None:
-                jobs.append(self._issue(operation, sector, data[pos : pos + n], n))
-            else:
-                assert into is not None
-                jobs.append(self._issue(operation, sector, None, n, into[pos : pos + n]))
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            await _gather_all(jobs)
-
-    def _check_writable(self) -> None:
-        if self._disk().read_only:
-            raise OSError(errno.EROFS, "blkfront: the disk is read-only")
-
-    async def flush(self) -> None:
-        disk = self._disk()
-        if disk.feature_flush_cache:
-            await self._issue(BLKIF_OP_FLUSH_DISKCACHE, 0, None, 0)
-        elif disk.feature_barrier:
-            await self._issue(BLKIF_OP_WRITE_BARRIER, 0, None, 0)
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        disk = self._disk()
-        if not disk.feature_discard:
-            raise OSError(errno.EOPNOTSUPP, "blkfront: the backend does not discard")
-        self._check_writable()
-        start = -(-offset // SECTOR_SIZE) * SECTOR_SIZE
-        end = (offset + length) // SECTOR_SIZE * SECTOR_SIZE
-        if end > start:
-            await self._issue(BLKIF_OP_DISCARD, start // SECTOR_SIZE, None, end - start)
-        if fua:
-            await self.flush()
-
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
-        step = MAX_REQUEST_BYTES * 8
-        for pos in range(0, length, step):
-            await self.write(offset + pos, bytes(min(step, length - pos)))
-        if fua:
-            await self.flush()
 
     # -- users and teardown ----------------------------------------------------------------
 
@@ -583,10 +538,3 @@ class BlkFront:
             self._running.set()
         self.grants.release_pool()
 
-
-async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
-    """Await every job; the first failure is raised after all have finished."""
-    results = await asyncio.gather(*jobs, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r

@@ -16,6 +16,12 @@ Backend → frontend (written by blkback under its backend directory)::
     feature-barrier         Values: 0/1          Default: 0
     feature-discard         Values: 0/1          Default: 0
     max-ring-page-order     Values: <uint32_t>   Default: 0; the largest ring the backend maps
+    feature-max-indirect-segments  Values: <uint32_t>  Default: 0; the most segments one
+                            BLKIF_OP_INDIRECT may carry (written at probe); absent: no
+                            indirect requests
+    feature-persistent      Values: 0/1          Default: 0; the backend keeps the frontend's
+                            persistent grants mapped.  Written with Connected (Linux
+                            blkback's connect()), so a frontend reads it then
 
 Frontend → backend (written by blkfront under its device directory)::
 
@@ -24,6 +30,8 @@ Frontend → backend (written by blkfront under its device directory)::
     event-channel           Values: <uint32_t>   the frontend's unbound port for the backend
     protocol                Values: "x86_32-abi" | "x86_64-abi" | "arm-abi"
                             Default: the backend's native ABI
+    feature-persistent      Values: 0/1          Default: 0; the frontend can reuse granted
+                            pages (it writes its capability; both must say 1)
 
 Toolstack → backend: params, mode ("r"/"w"), type, device-type ("disk"/"cdrom"),
 format, discard-enable.
@@ -113,6 +121,8 @@ class BackendDisk:
     feature_flush_cache: bool
     feature_barrier: bool
     feature_discard: bool
+    max_indirect_segments: int = 0
+    feature_persistent: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -146,6 +156,8 @@ def parse_backend_disk(values: Mapping[str, str]) -> BackendDisk:
         feature_flush_cache=read_bool(values, "feature-flush-cache"),
         feature_barrier=read_bool(values, "feature-barrier"),
         feature_discard=read_bool(values, "feature-discard"),
+        max_indirect_segments=read_uint(values, "feature-max-indirect-segments", U32_MAX, default=0),
+        feature_persistent=read_bool(values, "feature-persistent"),
     )
 
 

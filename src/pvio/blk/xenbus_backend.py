@@ -10,14 +10,16 @@ a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and 
 `pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
 
 - probe (with the switch to InitWait, one transaction): feature-flush-cache,
-  feature-barrier, max-ring-page-order, feature-persistent (map transport: mappings of
-  a frontend's persistent grants are kept, so the steady state needs no hypercall), and
-  feature-discard with its granularity when the disk can discard and the toolstack
-  allows it;
+  feature-barrier, max-ring-page-order, feature-max-indirect-segments (256, as Linux
+  writes it at probe), and feature-discard with its granularity when the disk can
+  discard and the toolstack allows it;
 - connect (with the switch to Connected, one transaction): read the frontend's
   ring-ref(s), event-channel and protocol (`pvio.blk.keys.parse_frontend_ring`), attach
   a `pvio.blk.backend.BlkbackRing`, and publish sectors, sector-size,
-  physical-sector-size and info (VDISK_READONLY / CDROM / REMOVABLE);
+  physical-sector-size, info (VDISK_READONLY / CDROM / REMOVABLE) and
+  feature-persistent (map transport: mappings of a frontend's persistent grants are
+  kept, so the steady state needs no hypercall) — Linux blkback writes
+  feature-persistent only here, so a frontend reads it when the backend is Connected;
 - disconnect: the engine drains and lets the ring go.
 
 The handshake table (`pvio.xenbus.handshake`) gives reconnection (Closed → the
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState
-from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, BlkbackRing
+from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, MAX_INDIRECT_SEGMENTS, BlkbackRing
 from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import is_nbd_uri
@@ -144,8 +146,7 @@ class BlkbackDevice:
             "feature-barrier": "1",
             "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
             "feature-discard": "1" if self.discard else "0",
-            # persistent grants: only a map-transport backend can keep mappings
-            "feature-persistent": "1" if self.domain.transport == "map" else "0",
+            "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
         }
         if self.discard:
             keys["discard-granularity"] = str(physical_sector_size(self.disk.info))
@@ -174,6 +175,7 @@ class BlkbackDevice:
                 self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
                 on_broken=lambda e: self._on_broken(dev, e),
                 persistent=values.get("feature-persistent") == "1",
+                max_indirect_segments=MAX_INDIRECT_SEGMENTS,
             )
             await ring.connect(ring_info)
             self.ring, self._ring_keys = ring, values
@@ -185,6 +187,8 @@ class BlkbackDevice:
             physical_sector_size=physical_sector_size(self.disk.info),
             discard=self.discard,
         )
+        # persistent grants: only a map-transport backend can keep mappings
+        keys["feature-persistent"] = "1" if self.domain.transport == "map" else "0"
         for k, v in keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
         return True

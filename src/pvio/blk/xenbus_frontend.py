@@ -55,6 +55,7 @@ RECONNECT_TIMEOUT = 30.0
 BACKEND_DISK_KEYS = (
     "sectors", "info", "sector-size", "physical-sector-size",
     "feature-flush-cache", "feature-barrier", "feature-discard",
+    "feature-max-indirect-segments", "feature-persistent",
 )
 
 
