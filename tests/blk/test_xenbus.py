@@ -234,3 +234,24 @@ async def test_toolstack_removal(tmp_path: Path) -> None:
         else:
             raise AssertionError("a removed disk still reads")
         await d.end.stop()
+
+
+@asynctest
+async def test_features_are_written_when_linux_writes_them(tmp_path: Path) -> None:
+    """feature-max-indirect-segments with InitWait (probe), feature-persistent only with
+    Connected; the frontend writes its own feature-persistent and uses both."""
+    img = make_image(tmp_path / "d.img", 4 << 20)
+    async with world(tmp_path, img) as w:
+        await w.until(f"{BE}/state", "2")
+        assert await w.read(f"{BE}/feature-max-indirect-segments") == "256"
+        assert await w.read(f"{BE}/feature-persistent") is None
+        d = await attach(w)
+        assert await w.read(f"{BE}/feature-persistent") == "1"
+        assert await w.read(f"{FE}/feature-persistent") == "1"
+        assert d.front.persistent and d.front.max_indirect_segments == 32
+        data = os.urandom(256 * 1024)
+        await d.front.write(0, data)
+        assert await d.front.read(0, len(data)) == data
+        ring = w.service.devices[BE].driver.ring
+        assert ring is not None and ring.persistent and ring.stats.wr_req == 2
+        await detach_disk(d)

@@ -9,6 +9,11 @@ with persistent grants (feature-persistent, map transport only) a good mapping i
 up to `limit`, and later batches find it there — in the steady state no hypercall at
 all.  What is not kept is `unmap`ped by the caller when its I/O is done.
 
+Kept mappings a frontend has stopped using are let go (`purge`, Linux blkback's
+purge_persistent_gnt with its xen_blkif_pgrant_timeout of 60 s): the engine calls it
+when no request is in flight, and the frontend, whose own purge revokes only grants
+no backend maps, can then take those pages back.
+
 `fetch` reads whole pages the frontend granted — an indirect request's segment pages —
 and returns a private copy of each (None where the grant is bad): through a read-only
 mapping (kept, when persistent) in the map transport, through one GNTTABOP_copy into
@@ -19,6 +24,7 @@ rewrites its indirect page while blkback works changes nothing blkback sees.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from pvio.abi import grant_table as gt
@@ -53,12 +59,16 @@ class BackGrants:
         self.limit = limit
         self.on_op = on_op  # one grant hypercall batch was made (counted in the statistics)
         self.kept: dict[Key, GrantMapping] = {}
+        self.last_used: dict[Key, float] = {}  # when a kept mapping last served a batch
 
     async def map(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping], list[GrantMapping]]:
         """Each key's mapping (kept or fresh), and the fresh ones not kept (to unmap)."""
         kept = self.kept
         missing = list(dict.fromkeys(k for k in keys if k not in kept))
         found = {k: kept[k] for k in keys if k in kept}
+        if self.persistent:
+            now = time.monotonic()
+            self.last_used.update(dict.fromkeys(keys, now))
         transient: list[GrantMapping] = []
         if missing:
             self.on_op()
@@ -149,8 +159,21 @@ class BackGrants:
                     out[k] = parse_indirect_segments(r, [p for p in mine if p is not None])
         return out
 
+    async def purge(self, older_than: float) -> int:
+        """Unmap kept mappings unused for `older_than` seconds (none may be in use now)."""
+        limit = time.monotonic() - older_than
+        stale = [k for k in self.kept if self.last_used.get(k, 0.0) <= limit]
+        if not stale:
+            return 0
+        maps = [self.kept.pop(k) for k in stale]
+        for k in stale:
+            self.last_used.pop(k, None)
+        await self.unmap(maps)
+        return len(maps)
+
     async def release(self) -> None:
         """Unmap every kept mapping (the ring is going away)."""
         if self.kept:
             kept, self.kept = list(self.kept.values()), {}
+            self.last_used.clear()
             await self.domain.unmap_grants(kept)

@@ -59,8 +59,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import (
@@ -97,6 +98,8 @@ DEFAULT_MAX_IN_FLIGHT = 64
 MAX_INDIRECT_SEGMENTS = 256
 #: copy transport: bounce pages one ring may hold at once (8 MiB)
 DEFAULT_BOUNCE_PAGES = 2048
+#: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
+PGRANT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -127,6 +130,7 @@ class BlkbackRing:
         max_indirect_segments: int = 0,
         sector_size: int = SECTOR_SIZE,
         bounce_pages: int = DEFAULT_BOUNCE_PAGES,
+        pgrant_timeout: float = PGRANT_TIMEOUT,
     ) -> None:
         self.domain = domain
         self.frontend_domid = frontend_domid
@@ -151,6 +155,8 @@ class BlkbackRing:
             domain, frontend_domid, persistent=persistent, limit=persistent_limit, on_op=self._count_op
         )
         self.persistent = self.grants.persistent
+        self.pgrant_timeout = pgrant_timeout
+        self._purge_timer: asyncio.TimerHandle | None = None
         #: copy transport: bounce pages free now (waiters wait on _bounce_free)
         self._bounce = max(min(bounce_pages, domain.nr_pages // 2), MAX_INDIRECT_SEGMENTS)
         self._bounce_free = asyncio.Condition()
@@ -188,7 +194,33 @@ class BlkbackRing:
             raise
         self.abi = ring.abi
         self.domain.set_handler(self.port, self._on_event)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="blkback")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="blkback")
+        if self.persistent:
+            self._purge_timer = loop.call_later(self.pgrant_timeout / 2, self._purge)
+
+    def _purge(self) -> None:
+        """Let go of persistent mappings unused for pgrant_timeout, when nothing is in flight."""
+        self._purge_timer = None
+        if self._stopping or self._ring is None:
+            return
+        if self._in_flight == 0 and not self._batches:
+            self._start_task(self._purge_grants())
+        self._purge_timer = asyncio.get_running_loop().call_later(self.pgrant_timeout / 2, self._purge)
+
+    async def _purge_grants(self) -> None:
+        try:
+            n = await self.grants.purge(self.pgrant_timeout)
+        except (OSError, HypercallError) as e:
+            log.info("blkback d%d: unmapping unused persistent grants: %s", self.frontend_domid, e)
+            return
+        if n:
+            log.debug("blkback d%d: %d unused persistent grants unmapped", self.frontend_domid, n)
+
+    def _start_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     def set_size(self, size: int) -> None:
         """The disk was resized: requests are checked against the new end from now on."""
@@ -291,9 +323,7 @@ class BlkbackRing:
 
     def _start(self, group: list[DiskIO]) -> None:
         self._in_flight += len(group)
-        task = asyncio.get_running_loop().create_task(self._run_group(group))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
+        self._start_task(self._run_group(group))
 
     async def _drain(self) -> None:
         while self._batches:
@@ -524,6 +554,9 @@ class BlkbackRing:
         """Stop taking requests, finish those in flight, unmap the ring, close the port."""
         self._stopping = True
         self._wake.set()
+        if self._purge_timer is not None:
+            self._purge_timer.cancel()
+            self._purge_timer = None
         if self._task is not None:
             try:
                 await self._task

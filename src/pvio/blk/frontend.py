@@ -36,9 +36,11 @@ backend's).  It does what Linux's xen-blkfront does:
   `resume()` puts every shadow still in flight back into the ring with its original
   bytes and grants.  Callers wait through this and see no error; a write whose
   response never came is simply written again.
-- Persistent grants (feature-persistent, offered by default): data pages stay granted
-  read-write and are reused by later requests, so a backend that keeps their mappings
-  needs no hypercall in the steady state.
+- Persistent grants (feature-persistent, when both ends say so — the backend says it
+  with Connected): data pages stay granted read-write and are reused by later requests,
+  so a backend that keeps their mappings needs no hypercall in the steady state; every
+  PURGE_INTERVAL seconds the pooled grants the backend no longer maps are revoked and
+  freed (Linux's purge_persistent_grants).
 - `BlockBackend` (`pvio.blk.front_io`): `read`/`write`/`flush`/`trim` of any offset
   and length, so the NBD export serves the disk directly.
 
@@ -68,7 +70,7 @@ from pvio.abi.blkif import (
 )
 from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
-from pvio.blk.front_grants import FrontGrants
+from pvio.blk.front_grants import PURGE_INTERVAL, FrontGrants
 from pvio.blk.front_io import FrontBlockIO
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import (
@@ -160,6 +162,7 @@ class BlkFront(FrontBlockIO):
         #: feature-max-indirect-segments, 0 (direct requests only) when that is <= 11
         self.want_indirect_segments = want_indirect_segments
         self.max_indirect_segments = 0
+        self._purger: asyncio.TimerHandle | None = None
         self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
 
     def set_ring_order(self, order: int) -> None:
@@ -203,8 +206,6 @@ class BlkFront(FrontBlockIO):
         self._ring_frames = frames
         self.ring_refs = refs
         keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
-        if self.persistent:
-            keys["feature-persistent"] = "1"
         if self.ring_order == 0:
             keys["ring-ref"] = str(refs[0])
         else:
@@ -224,6 +225,23 @@ class BlkFront(FrontBlockIO):
     def _negotiate(self, disk: BackendDisk) -> None:
         n = min(disk.max_indirect_segments, self.want_indirect_segments)
         self.max_indirect_segments = n if n > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        if self.persistent and self._purger is None:
+            self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
+
+    def set_persistent(self, on: bool) -> None:
+        """Use persistent grants from now on, or stop (the pool's grants end)."""
+        self.persistent = on
+        if not on:
+            self.grants.release_pool()
+
+    def _purge(self) -> None:
+        self._purger = None
+        if self.broken is not None or not self.persistent:
+            return
+        n = self.grants.purge()
+        if n:
+            log.debug("blkfront: %d unused persistent grants purged", n)
+        self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
 
     @property
     def max_request_bytes(self) -> int:
@@ -448,8 +466,10 @@ class BlkFront(FrontBlockIO):
                 n = min(PAGE_SIZE, pending.nbytes - pos)
                 out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
                 pos += n
-        if pending.pooled is not None:
+        if pending.pooled is not None and self.persistent:
             self.grants.give_back(pending.pooled)
+        elif pending.pooled is not None:  # persistence was given up meanwhile
+            self.grants.end(tuple(r for r, _ in pending.pooled))
         else:
             self.grants.end(shadow.grefs)
         if not pending.future.done():
@@ -536,5 +556,8 @@ class BlkFront(FrontBlockIO):
         if self.broken is None:  # from now on every call fails instead of waiting
             self.broken = DeviceBroken("the disk is closed")
             self._running.set()
+        if self._purger is not None:
+            self._purger.cancel()
+            self._purger = None
         self.grants.release_pool()
 

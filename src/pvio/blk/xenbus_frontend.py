@@ -9,12 +9,15 @@ the frontend's handshake table for it.
   client): `BlkFront.setup_ring()` — done once per connection even if the transaction
   is retried — and its keys: ring-ref(s) (+ ring-page-order), event-channel, protocol.
   The ring order is the smaller of what the guest wants and the backend's
-  max-ring-page-order; persistent grants (feature-persistent) are used when the backend
-  offers them: data pages stay granted and are reused, and the backend keeps them
-  mapped.
+  max-ring-page-order.  feature-persistent=1 says the frontend can use persistent
+  grants (Linux's talk_to_blkback writes its capability the same way).
 - finalize (the backend is Connected): the backend's keys, checked by
   `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
-  re-issue every request still in flight (`BlkFront.resume`).
+  re-issue every request still in flight (`BlkFront.resume`).  Persistent grants are
+  used when the backend's feature-persistent says so: Linux's blkback writes it only
+  with Connected, so it is read here, as blkfront_gather_backend_features does; data
+  pages then stay granted and are reused, and the backend keeps them mapped.  So are
+  feature-max-indirect-segments (written at probe) and the disk's properties.
 - resize (the backend rewrote Connected): the new size is read.
 - disconnect (the backend closed the device): the queue stops and the ring is given up.
   When the toolstack removed the device (`online` = 0 on the backend) the disk is
@@ -88,15 +91,16 @@ class BlkfrontDevice:
                 except ValueError:
                     back_max = 0
                 self.front.set_ring_order(min(self.want_ring_order, back_max))
-                persistent = await dev.xs.read_or(f"{dev.otherend}/feature-persistent", b"0", tx)
-                self.front.persistent = self.want_persistent and persistent == b"1"
             self._keys = await self.front.setup_ring()
+            if self.want_persistent:
+                self._keys["feature-persistent"] = "1"
         for k, v in self._keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
 
     async def finalize(self, dev: XenbusDevice) -> None:
         disk = parse_backend_disk(await read_keys(dev.xs, dev.otherend, BACKEND_DISK_KEYS))
         self._keys = None  # this ring is in use: the next publish makes a new one
+        self.front.set_persistent(self.want_persistent and disk.feature_persistent)
         if self.front.disk is None:
             self.front.connect(disk)
         else:
