@@ -68,6 +68,7 @@ async def blk_pair(
     persistent: bool = False,
     indirect: int = MAX_INDIRECT_SEGMENTS,
     want_indirect: int = DEFAULT_INDIRECT_SEGMENTS,
+    sector_size: int = 512,
 ) -> AsyncIterator[Pair]:
     hv = InProcessHypervisor()
     back_dom = await hv.create_domain("driver", 2048, transport=transport)
@@ -76,7 +77,7 @@ async def blk_pair(
         disk = RawFile(image, read_only=read_only)
     back = BlkbackRing(
         back_dom, front_dom.domid, disk, max_in_flight=max_in_flight, persistent=persistent,
-        max_indirect_segments=indirect,
+        max_indirect_segments=indirect, sector_size=sector_size,
     )
     front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi, want_indirect_segments=want_indirect)
     front.persistent = persistent
@@ -84,7 +85,10 @@ async def blk_pair(
     ring = parse_frontend_ring(keys)
     assert ring.abi == abi_for_protocol(abi.protocol)
     await back.connect(ring)
-    disk_keys = backend_disk_keys(disk.info.size // 512, read_only=disk.info.read_only, discard=disk.info.can_trim)
+    disk_keys = backend_disk_keys(
+        disk.info.size // 512, read_only=disk.info.read_only, discard=disk.info.can_trim,
+        sector_size=sector_size, physical_sector_size=max(512, sector_size),
+    )
     if indirect:
         disk_keys["feature-max-indirect-segments"] = str(indirect)
     front.connect(parse_backend_disk(disk_keys))

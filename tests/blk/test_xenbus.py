@@ -66,7 +66,9 @@ class World:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw") -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw", spec_extra: str = ""
+) -> AsyncIterator[World]:
     daemon = XenStoreDaemon(tmp_path / "xs.sock")
     await daemon.start()
     hv = InProcessHypervisor()
@@ -74,7 +76,7 @@ async def world(tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw
     await tool.introduce(1)
     w = World(tool, None, None, None)  # type: ignore[arg-type]
     await w.ops(xslayout.domain_add(0, "driver") + xslayout.domain_add(1, "guest"))
-    disk = diskspec.parse(f"format={fmt}, vdev=xvda, access={access}, target={image}")
+    disk = diskspec.parse(f"format={fmt}, vdev=xvda, access={access}, {spec_extra}target={image}")
     await w.ops(xslayout.vbd_add(1, disk, str(image)))
     ddom = await hv.create_domain("driver", 2048, domid=0)
     gdom = await hv.create_domain("guest", 4096, domid=1)

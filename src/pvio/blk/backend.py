@@ -137,7 +137,7 @@ class BlkbackRing:
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
-            sectors=disk.info.size // SECTOR_SIZE,
+            sectors=disk.info.size // sector_size * sector_size // SECTOR_SIZE,
             read_only=disk.info.read_only,
             feature_flush_cache=feature_flush_cache,
             feature_barrier=feature_barrier,
@@ -224,7 +224,8 @@ class BlkbackRing:
 
     def set_size(self, size: int) -> None:
         """The disk was resized: requests are checked against the new end from now on."""
-        self.info = replace(self.info, sectors=size // SECTOR_SIZE)
+        ss = self.info.sector_size
+        self.info = replace(self.info, sectors=size // ss * ss // SECTOR_SIZE)
 
     def _count_op(self) -> None:
         self.stats.grant_ops += 1

@@ -10,7 +10,12 @@ Backend → frontend (written by blkback under its backend directory)::
     sectors                 Values: <uint64_t>   Notes: size of the disk in 512-byte sectors
     info                    Values: <uint32_t> (bitmap)  VDISK_CDROM | VDISK_REMOVABLE |
                             VDISK_READONLY
-    sector-size             Values: <uint32_t>   logical sector size in bytes
+    sector-size             Values: <uint32_t>   logical sector size in bytes; `sectors` and
+                            every sector number in the ring stay in 512-byte units
+                            whatever it is (Xen 4.18's blkif.h, Linux), requests must be
+                            whole logical sectors.  feature-large-sector-size (the older
+                            header's switch to sector-size units) is deprecated: pvio
+                            neither writes nor reads it
     physical-sector-size    Values: <uint32_t>   Default: <"sector-size">
     feature-flush-cache     Values: 0/1          Default: 0
     feature-barrier         Values: 0/1          Default: 0

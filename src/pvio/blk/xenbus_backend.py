@@ -5,7 +5,8 @@ Theory of operation
 `BlkbackService` watches ``/local/domain/<own>/backend/vbd``; every
 ``<frontend-domid>/<devid>`` directory under it is one device.  For each it reads the
 keys the toolstack wrote (`params`, `mode`, `type`, `device-type`, `format`,
-`frontend`, `frontend-id`, `discard-enable`), opens the disk (`open_disk`:
+`frontend`, `frontend-id`, `discard-enable`, and pvio's `logical-block-size`: the
+disk's logical sector size, 512 unless `pvio up --disk` said `sector-size=4096`), opens the disk (`open_disk`:
 a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and runs a
 `pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
 
@@ -32,6 +33,15 @@ in Initialised.  A frontend still Connected when a (re)started blkback reaches I
 is the one whose previous backend died mid-flight: its old ring has requests the dead
 backend consumed and never answered, so attaching to it would lose or repeat slots.
 That frontend renegotiates (blkif_recover) and publishes a new ring; blkback waits.
+
+4 KiB logical sectors follow Xen's blkif.h as reconciled with its implementations
+(Xen 4.18, note 12): `sector-size` is 4096 while `sectors` and every sector number in
+the ring stay in 512-byte units — what Linux's blkfront and blkback do — and a request
+that is not whole logical sectors is refused (BLKIF_RSP_ERROR, Linux's "misaligned
+I/O").  `feature-large-sector-size`, the older header's switch to sector-size units,
+is deprecated there ("backends should not make any decisions based on it"): blkback
+neither reads it nor needs it, and blkfront does not write it.  The disk served is
+the image rounded down to whole logical sectors.
 
 Statistics (`BlkbackStats.as_keys()`) are published under the device's backend
 directory, ``statistics/<name>``, at most once a second when they changed.
@@ -78,6 +88,7 @@ class VbdConfig:
     frontend: str = ""
     frontend_id: int = 0
     discard_enable: bool = True
+    sector_size: int = 512  # logical-block-size
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -92,10 +103,14 @@ async def read_keys(xs: AsyncClient, path: str, names: tuple[str, ...], tx: int 
 
 
 async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
-    names = ("params", "mode", "device-type", "format", "type", "frontend", "frontend-id", "discard-enable")
+    names = ("params", "mode", "device-type", "format", "type", "frontend", "frontend-id", "discard-enable",
+             "logical-block-size")
     v = await read_keys(xs, path, names)
     if "params" not in v:
         raise OSError(errno.ENOENT, f"{path}/params is missing")
+    sector_size = read_uint(v, "logical-block-size", 4096, default=512)
+    if sector_size < 512 or sector_size & (sector_size - 1):
+        raise StorageError(errno.EINVAL, f"{path}/logical-block-size {sector_size} is not a power of two >= 512")
     mode = v.get("mode", "w")
     return VbdConfig(
         params=v["params"],
@@ -106,6 +121,7 @@ async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
         frontend=v.get("frontend", ""),
         frontend_id=read_uint(v, "frontend-id", 0xFFFF, default=0),
         discard_enable=v.get("discard-enable", "1") != "0",
+        sector_size=sector_size,
     )
 
 
@@ -137,6 +153,12 @@ class BlkbackDevice:
         self._fatal: set[asyncio.Task[None]] = set()
 
     @property
+    def sectors(self) -> int:
+        """The disk's size in 512-byte units, rounded down to whole logical sectors."""
+        ss = self.config.sector_size
+        return self.disk.info.size // ss * ss // 512
+
+    @property
     def discard(self) -> bool:
         return self.disk.info.can_trim and self.config.discard_enable and not self.config.read_only
 
@@ -149,7 +171,7 @@ class BlkbackDevice:
             "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
         }
         if self.discard:
-            keys["discard-granularity"] = str(physical_sector_size(self.disk.info))
+            keys["discard-granularity"] = str(max(self.config.sector_size, physical_sector_size(self.disk.info)))
             keys["discard-alignment"] = "0"
             keys["discard-secure"] = "0"
         for k, v in keys.items():
@@ -176,15 +198,17 @@ class BlkbackDevice:
                 on_broken=lambda e: self._on_broken(dev, e),
                 persistent=values.get("feature-persistent") == "1",
                 max_indirect_segments=MAX_INDIRECT_SEGMENTS,
+                sector_size=self.config.sector_size,
             )
             await ring.connect(ring_info)
             self.ring, self._ring_keys = ring, values
         keys = backend_disk_keys(
-            self.disk.info.size // 512,
+            self.sectors,
             read_only=self.config.read_only,
             cdrom=self.config.cdrom,
             removable=self.config.cdrom,
-            physical_sector_size=physical_sector_size(self.disk.info),
+            sector_size=self.config.sector_size,
+            physical_sector_size=max(self.config.sector_size, physical_sector_size(self.disk.info)),
             discard=self.discard,
         )
         # persistent grants: only a map-transport backend can keep mappings
@@ -346,8 +370,8 @@ class BlkbackService:
         if isinstance(disk, RawFile):
             disk.refresh_size()
         if device.driver.ring is not None:
-            device.driver.ring.set_size(disk.info.size)
-        await device.end.resize(disk.info.size // 512)
+            device.driver.ring.set_size(device.driver.sectors * 512)
+        await device.end.resize(device.driver.sectors)
 
     async def stop(self) -> None:
         """Stop watching; every device drains its ring and closes its disk."""
