@@ -26,6 +26,15 @@ class BlkbackStats:
     def requests(self) -> int:
         return self.rd_req + self.wr_req + self.f_req + self.ds_req + self.err_req
 
+    @classmethod
+    def total(cls, many: list[BlkbackStats]) -> BlkbackStats:
+        """Several rings' statistics added up (a multi-queue device's)."""
+        out = cls()
+        for st in many:
+            for f in fields(cls):
+                setattr(out, f.name, getattr(out, f.name) + getattr(st, f.name))
+        return out
+
     def as_keys(self) -> dict[str, str]:
         """statistics/<name> values, with the derived ratios (3 decimals)."""
         keys = {f.name: str(getattr(self, f.name)) for f in fields(self)}

@@ -6,11 +6,15 @@ Theory of operation
 `pvio.blk.xenbus_frontend`, writes the keys this engine produces and reads the
 backend's).  It does what Linux's xen-blkfront does:
 
-- `setup_ring()` allocates 2**order *shareable* pages for the ring (so a backend of
+- `setup_ring()` allocates 2**order *shareable* pages for each ring (so a backend of
   either transport maps them live), initialises them (SHARED_RING_INIT), grants them to
   the backend's domain and allocates an unbound event channel for it; it returns the
   XenStore keys (ring-ref / ring-refN + ring-page-order, event-channel, protocol) to
-  write in one transaction.
+  write in one transaction.  With multi-queue (`set_queues(n)`, n > 1: the smaller of
+  what the guest wants and the backend's multi-queue-max-queues) there are n rings
+  (`pvio.blk.front_queue`), their keys under queue-0/ … queue-<n-1>/ and
+  multi-queue-num-queues beside them; a request goes to the ring with the most free
+  slots.
 - `connect(disk)` takes the backend's `BackendDisk` (sectors, info, features) and opens
   the queue.
 - Each I/O is split into requests of at most 11 segments — or, when the backend offers
@@ -44,7 +48,6 @@ backend's).  It does what Linux's xen-blkfront does:
 - `BlockBackend` (`pvio.blk.front_io`): `read`/`write`/`flush`/`trim` of any offset
   and length, so the NBD export serves the disk directly.
 
-Deliberately not here: multi-queue.
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
 directly; the data is copied once, between the caller's bytes and those pages).
 """
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +76,7 @@ from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
 from pvio.blk.front_grants import PURGE_INTERVAL, FrontGrants
 from pvio.blk.front_io import FrontBlockIO
+from pvio.blk.front_queue import FrontQueue
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import (
     Segment,
@@ -82,10 +87,10 @@ from pvio.blk.request import (
     pack_segments,
     parse_response,
 )
-from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
+from pvio.blk.shadow import BackendProtocolError, Shadow
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
-from pvio.ring import FrontRing, RingBroken, SharedRing
+from pvio.ring import RingBroken
 from pvio.storage.backend import BackendInfo
 
 log = logging.getLogger(__name__)
@@ -139,7 +144,7 @@ class BlkFront(FrontBlockIO):
         self.abi = abi
         self.handle = handle
         self.nr_ents = abi.ring_size(ring_order)
-        self.shadows = ShadowTable(self.nr_ents)
+        self.queues = [FrontQueue(0, self.nr_ents)]
         self.stats = BlkfrontStats()
         self.disk: BackendDisk | None = None
         self.broken: DeviceBroken | None = None
@@ -147,13 +152,7 @@ class BlkFront(FrontBlockIO):
         #: time): requests fail with EIO at once instead of waiting, until one connects
         self.unavailable: str | None = None
         self.users = 0
-        self.port = -1
-        self.ring_refs: list[int] = []
-        self._ring_frames: list[int] = []
-        self._front: FrontRing | None = None
-        self._ids = asyncio.Semaphore(self.nr_ents)
         self._running = asyncio.Event()  # set while requests may be put into the ring
-        self._push_scheduled = False
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
         #: feature-persistent: data pages stay granted (read-write) and are reused
@@ -165,14 +164,24 @@ class BlkFront(FrontBlockIO):
         self._purger: asyncio.TimerHandle | None = None
         self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
 
-    def set_ring_order(self, order: int) -> None:
-        """Choose the ring's size before the first `setup_ring` (no request yet)."""
-        if self.shadows.in_flight() or self._front is not None:
-            raise RuntimeError("the ring order is fixed once the ring exists")
+    def set_ring_order(self, order: int, queues: int | None = None) -> None:
+        """Choose the rings' size (and number) before the first `setup_ring`."""
+        if self.in_flight() or any(q.ring is not None for q in self.queues):
+            raise RuntimeError("the ring geometry is fixed once the rings exist")
         self.ring_order = order
         self.nr_ents = self.abi.ring_size(order)
-        self.shadows = ShadowTable(self.nr_ents)
-        self._ids = asyncio.Semaphore(self.nr_ents)
+        n = len(self.queues) if queues is None else queues
+        if n < 1:
+            raise ValueError("a vbd has at least one queue")
+        self.queues = [FrontQueue(i, self.nr_ents) for i in range(n)]
+
+    def in_flight(self) -> list[Shadow]:
+        return [s for q in self.queues for s in q.shadows.in_flight()]
+
+    @property
+    def port(self) -> int:
+        """The first ring's event channel (the only one without multi-queue)."""
+        return self.queues[0].port
 
     # T:610 blkfront sets up its ring and says where it is
     # The frontend owns the ring: 2**order pages of its own memory, allocated shareable so
@@ -193,25 +202,19 @@ class BlkFront(FrontBlockIO):
         per_request += indirect_pages(self.want_indirect_segments)
         gnttab = self.domain.gnttab  # as many as the table can hold: claims wait beyond that
         room = gnttab.free_count + (gnttab.max_frames - gnttab.nr_frames) * GREFS_PER_GRANT_FRAME
-        await self.domain.grow_grant_table(min(room, self.nr_ents * per_request + (1 << self.ring_order)))
-        frames = await self.domain.alloc_shareable_pages(1 << self.ring_order)
-        pages = [self.domain.frame(f) for f in frames]
-        front = FrontRing.init(SharedRing.for_blkif(pages, self.abi))
-        if front.nr_ents != self.nr_ents:  # pragma: no cover - geometry is fixed by abi/order
-            raise ValueError("ring geometry mismatch")
-        refs = await self.domain.grant_access(self.backend_domid, frames)
-        self.port = await self.domain.alloc_unbound(self.backend_domid)
-        self.domain.set_handler(self.port, self._on_event)
-        self._front = front
-        self._ring_frames = frames
-        self.ring_refs = refs
-        keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
-        if self.ring_order == 0:
-            keys["ring-ref"] = str(refs[0])
-        else:
+        n = len(self.queues)
+        want = n * (self.nr_ents * per_request + (1 << self.ring_order))
+        await self.domain.grow_grant_table(min(room, want))
+        keys = {"protocol": self.abi.protocol}
+        if self.ring_order:
             keys["ring-page-order"] = str(self.ring_order)
-            for i, ref in enumerate(refs):
-                keys[f"ring-ref{i}"] = str(ref)
+        if n > 1:
+            keys["multi-queue-num-queues"] = str(n)
+        for q in self.queues:
+            mine = await q.setup(
+                self.domain, self.backend_domid, self.abi, self.ring_order, functools.partial(self._on_event, q)
+            )
+            keys.update((f"queue-{q.index}/{k}" if n > 1 else k, v) for k, v in mine.items())
         return keys
 
     def connect(self, disk: BackendDisk) -> None:
@@ -293,7 +296,9 @@ class BlkFront(FrontBlockIO):
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
         # More than 11 pages: one INDIRECT request, its segments in pages of their own.
         nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
-        await self._ids.acquire()
+        queues = self.queues
+        q = queues[0] if len(queues) == 1 else self._pick(queues)
+        await q.ids.acquire()
         pooled: list[tuple[int, int]] | None = None
         try:
             await self._wait_running()
@@ -305,7 +310,7 @@ class BlkFront(FrontBlockIO):
                 grefs = await self.grants.claim(npages + nind)
                 frames = self.domain.alloc_pages(npages + nind)
         except BaseException:
-            self._ids.release()
+            q.ids.release()
             raise
         readonly = operation != BLKIF_OP_READ
         segs: list[Segment] = []
@@ -329,30 +334,39 @@ class BlkFront(FrontBlockIO):
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         pending = _Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
         if operation == BLKIF_OP_DISCARD:
-            shadow = self.shadows.alloc(
+            shadow = q.shadows.alloc(
                 operation, sector,
                 lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
                 (), pending,
             )
         elif nind:
             ind = grefs[npages:]
-            shadow = self.shadows.alloc(
+            shadow = q.shadows.alloc(
                 operation, sector,
                 lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
                 tuple(grefs), pending,
             )
         else:
-            shadow = self.shadows.alloc(
+            shadow = q.shadows.alloc(
                 operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
                 tuple(grefs), pending,
             )
         self.stats.requests += 1
-        self._put(shadow)
+        self._put(q, shadow)
         status = await fut
         if status != BLKIF_RSP_OKAY:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
         return pending.data
+
+    @staticmethod
+    def _pick(queues: list[FrontQueue]) -> FrontQueue:
+        """The first ring with a free slot (so a batch stays on one ring and one kick),
+        or the one with the most free slots."""
+        for q in queues:
+            if q.shadows.free:
+                return q
+        return max(queues, key=lambda q: q.shadows.free)
 
     def _write_indirect(self, segs: list[Segment], refs: list[int], frames: list[int], grant: bool) -> None:
         """Write the segments into the indirect pages; grant those read-only (not pooled)."""
@@ -379,37 +393,37 @@ class BlkFront(FrontBlockIO):
         if self.unavailable is None:
             log.warning("blkfront: failing requests: %s", reason)
         self.unavailable = reason
-        shadows = self.shadows.in_flight()
-        for shadow in shadows:
-            self._complete(shadow.id, shadow.operation, BLKIF_RSP_ERROR)
+        failed = 0
+        for q in self.queues:
+            for shadow in q.shadows.in_flight():
+                self._complete(q, shadow.id, shadow.operation, BLKIF_RSP_ERROR)
+                failed += 1
         self._running.set()  # wake the waiters: they fail now
-        return len(shadows)
+        return failed
 
     def _grant_wait(self) -> None:
         self.stats.grant_waits += 1
 
-    def _put(self, shadow: Shadow) -> None:
-        front = self._front
-        assert front is not None
+    def _put(self, q: FrontQueue, shadow: Shadow) -> None:
+        ring = q.ring
+        assert ring is not None
         try:
-            front.put_request(shadow.request)
+            ring.put_request(shadow.request)
         except RingBroken as e:
             self._break(str(e))
             return
-        if not self._push_scheduled:
-            self._push_scheduled = True
-            asyncio.get_running_loop().call_soon(self._push)
+        if not q.push_scheduled:
+            q.push_scheduled = True
+            asyncio.get_running_loop().call_soon(self._push, q)
 
-    def _push(self) -> None:
-        self._push_scheduled = False
-        front = self._front
-        if front is None or self.broken is not None or not self._running.is_set():
+    def _push(self, q: FrontQueue) -> None:
+        if self.broken is not None or not self._running.is_set():
+            q.push_scheduled = False
             return
         try:
             self.stats.pushes += 1
-            if front.push_requests_and_check_notify():
+            if q.push(self.domain):
                 self.stats.notify_sent += 1
-                self.domain.notify(self.port)
         except RingBroken as e:
             self._break(str(e))
         except OSError as e:  # pragma: no cover - the port is gone: recovery will follow
@@ -425,28 +439,28 @@ class BlkFront(FrontBlockIO):
     # is copied out of the pages, then the grants end; a page goes back to the allocator
     # only when its grant is really free (a backend may still have it mapped).
     # :T
-    def _on_event(self, port: int) -> None:
+    def _on_event(self, q: FrontQueue, port: int) -> None:
         self.stats.notify_received += 1
-        self.poll()
+        self._poll(q)
 
     def poll(self) -> None:
-        """Consume every available response (the interrupt handler)."""
-        front = self._front
-        if front is None or self.broken is not None:
+        """Consume every available response of every ring (the interrupt handler)."""
+        for q in self.queues:
+            self._poll(q)
+
+    def _poll(self, q: FrontQueue) -> None:
+        if self.broken is not None:
             return
         try:
-            while True:
-                for raw in front.take_responses():
-                    self._complete(*parse_response(self.abi, raw))
-                if not front.final_check_for_responses():
-                    break
+            for raw in q.responses():
+                self._complete(q, *parse_response(self.abi, raw))
         except (RingBroken, BackendProtocolError) as e:
             self._break(str(e))
 
-    def _complete(self, req_id: int, operation: int, status: int) -> None:
-        shadow = self.shadows.complete(req_id, operation)
+    def _complete(self, q: FrontQueue, req_id: int, operation: int, status: int) -> None:
+        shadow = q.shadows.complete(req_id, operation)
         pending: _Pending = shadow.cookie
-        self._ids.release()
+        q.ids.release()
         if pending.want_bytes and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
             n = pending.nbytes
@@ -485,10 +499,11 @@ class BlkFront(FrontBlockIO):
         log.warning("blkfront: device broken: %s", reason)
         self.broken = DeviceBroken(reason)
         self._running.set()  # wake waiters so they see the error
-        for shadow in self.shadows.reset():
-            pending: _Pending = shadow.cookie
-            if not pending.future.done():
-                pending.future.set_exception(DeviceBroken(reason))
+        for q in self.queues:
+            for shadow in q.shadows.reset():
+                pending: _Pending = shadow.cookie
+                if not pending.future.done():
+                    pending.future.set_exception(DeviceBroken(reason))
         if self.on_broken is not None:
             self.on_broken(self.broken)
 
@@ -507,19 +522,9 @@ class BlkFront(FrontBlockIO):
     async def suspend(self) -> None:
         """Stop the queue and drop the ring (blkfront_resume's first half)."""
         self._running.clear()
-        if self._front is not None:
-            self.poll()  # whatever the old backend completed still counts
-        self._front = None
-        if self.port >= 0:
-            try:
-                await self.domain.close_port(self.port)
-            except Exception as e:
-                log.info("blkfront: closing port %d: %s", self.port, e)
-            self.port = -1
-        if self.ring_refs:
-            self.domain.end_access(self.ring_refs)
-            self.ring_refs = []
-        self._ring_frames = []
+        self.poll()  # whatever the old backend completed still counts
+        for q in self.queues:
+            await q.teardown(self.domain)
 
     def resume(self, disk: BackendDisk | None = None) -> int:
         """After the backend reconnected: re-issue every request in flight; returns how many."""
@@ -527,15 +532,18 @@ class BlkFront(FrontBlockIO):
             self.disk = disk
             self._negotiate(disk)
         self.unavailable = None
-        front = self._front
-        assert front is not None, "setup_ring() first"
-        shadows = self.shadows.in_flight()
-        if shadows:
-            front.put_requests([s.request for s in shadows])
-            self.stats.reissued += len(shadows)
+        reissued = 0
+        for q in self.queues:
+            assert q.ring is not None, "setup_ring() first"
+            shadows = q.shadows.in_flight()
+            if shadows:
+                q.ring.put_requests([s.request for s in shadows])
+                reissued += len(shadows)
+        self.stats.reissued += reissued
         self._running.set()
-        self._push()
-        return len(shadows)
+        for q in self.queues:
+            self._push(q)
+        return reissued
 
     # -- users and teardown ----------------------------------------------------------------
 
@@ -550,7 +558,7 @@ class BlkFront(FrontBlockIO):
         """Give the ring up and end its grants; refused while the disk has users."""
         if self.users > 0 and not force:
             raise DeviceBusy(self.users)
-        if self.shadows.in_flight() and self.broken is None:
+        if self.in_flight() and self.broken is None:
             self._break("closed with requests in flight")
         await self.suspend()
         if self.broken is None:  # from now on every call fails instead of waiting

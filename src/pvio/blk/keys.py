@@ -21,6 +21,7 @@ Backend → frontend (written by blkback under its backend directory)::
     feature-barrier         Values: 0/1          Default: 0
     feature-discard         Values: 0/1          Default: 0
     max-ring-page-order     Values: <uint32_t>   Default: 0; the largest ring the backend maps
+    multi-queue-max-queues  Values: <uint32_t>   Default: 1; the most rings the backend serves
     feature-max-indirect-segments  Values: <uint32_t>  Default: 0; the most segments one
                             BLKIF_OP_INDIRECT may carry (written at probe); absent: no
                             indirect requests
@@ -35,6 +36,11 @@ Frontend → backend (written by blkfront under its device directory)::
     event-channel           Values: <uint32_t>   the frontend's unbound port for the backend
     protocol                Values: "x86_32-abi" | "x86_64-abi" | "arm-abi"
                             Default: the backend's native ABI
+    multi-queue-num-queues  Values: <uint32_t>   Default: 1; 1..multi-queue-max-queues, else
+                            the backend refuses (Linux: "guest requested N queues,
+                            exceeding the maximum of M").  With more than one, each ring's
+                            ring-ref(s) and event-channel are under queue-0/ ..
+                            queue-<N-1>/; ring-page-order and protocol stay here
     feature-persistent      Values: 0/1          Default: 0; the frontend can reuse granted
                             pages (it writes its capability; both must say 1)
 
@@ -113,6 +119,22 @@ def parse_frontend_ring(
     except ValueError as e:
         raise KeyValueError("protocol", str(e)) from None
     return FrontendRing(refs, order, port, abi)
+
+
+def parse_num_queues(values: Mapping[str, str], max_queues: int) -> int:
+    """multi-queue-num-queues, refused as Linux blkback's connect_ring refuses it."""
+    n = read_uint(values, "multi-queue-num-queues", U32_MAX, default=1)
+    if n == 0 or n > max_queues:
+        raise KeyValueError("multi-queue-num-queues", f"guest requested {n} queues, exceeding the maximum of {max_queues}")
+    return n
+
+
+def parse_frontend_queue(
+    top: Mapping[str, str], queue: Mapping[str, str], max_ring_page_order: int = MAX_RING_PAGE_ORDER
+) -> FrontendRing:
+    """One ring of a multi-queue frontend: its own refs and port, the device's order and ABI."""
+    shared = {k: top[k] for k in ("ring-page-order", "protocol") if k in top}
+    return parse_frontend_ring({**queue, **shared}, max_ring_page_order)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and 
 
 - probe (with the switch to InitWait, one transaction): feature-flush-cache,
   feature-barrier, max-ring-page-order, feature-max-indirect-segments (256, as Linux
-  writes it at probe), and feature-discard with its granularity when the disk can
+  writes it at probe), multi-queue-max-queues, and feature-discard with its granularity when the disk can
   discard and the toolstack allows it;
 - connect (with the switch to Connected, one transaction): read the frontend's
   ring-ref(s), event-channel and protocol (`pvio.blk.keys.parse_frontend_ring`), attach
-  a `pvio.blk.backend.BlkbackRing`, and publish sectors, sector-size,
+  a `pvio.blk.backend.BlkbackRing` — one per queue when the frontend asked for several
+  (multi-queue-num-queues, refused with dev_fatal when 0 or above
+  multi-queue-max-queues, as Linux does; each queue's keys under queue-<i>/) — and
+  publish sectors, sector-size,
   physical-sector-size, info (VDISK_READONLY / CDROM / REMOVABLE) and
   feature-persistent (map transport: mappings of a frontend's persistent grants are
   kept, so the steady state needs no hypercall) — Linux blkback writes
@@ -57,8 +60,9 @@ from dataclasses import dataclass, field
 
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState
+from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, MAX_INDIRECT_SEGMENTS, BlkbackRing
-from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
+from pvio.blk.keys import backend_disk_keys, parse_frontend_queue, parse_num_queues, read_uint
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import is_nbd_uri
 from pvio.storage.backend import FlatVectored, StorageError, VectoredBackend, physical_sector_size
@@ -68,11 +72,14 @@ from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
+#: Keys of a ring's directory (the frontend's, or its queue-<i>/) blkback reads to connect.
+QUEUE_KEYS = ("ring-ref", "event-channel", *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)))
 #: Keys of the frontend's directory blkback reads to connect.
-FRONTEND_RING_KEYS = (
-    "ring-ref", "ring-page-order", "event-channel", "protocol", "feature-persistent",
-    *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)),
-)
+FRONTEND_RING_KEYS = (*QUEUE_KEYS, "ring-page-order", "protocol", "feature-persistent", "multi-queue-num-queues")
+#: multi-queue-max-queues: rings one vbd may have.  They are served by one event loop
+#: (the driver domain's), as tasks: more queues give more requests in flight, not more
+#: CPUs (see docs/blk.md for what that measured).
+DEFAULT_MAX_QUEUES = 4
 STATS_INTERVAL = 1.0
 
 
@@ -142,15 +149,28 @@ async def open_disk(params: str, *, read_only: bool, workers: int = 4) -> Vector
 class BlkbackDevice:
     """The BackendDriver of one vbd: probe, connect, disconnect (see the module notes)."""
 
-    def __init__(self, domain: Domain, config: VbdConfig, disk: VectoredBackend, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+    def __init__(
+        self, domain: Domain, config: VbdConfig, disk: VectoredBackend, *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, max_queues: int = DEFAULT_MAX_QUEUES,
+    ):
         self.domain = domain
         self.config = config
         self.disk = disk
         self.max_in_flight = max_in_flight
-        self.ring: BlkbackRing | None = None
+        self.max_queues = max_queues
+        self.rings: list[BlkbackRing] = []
         self.end: Backend | None = None
-        self._ring_keys: dict[str, str] | None = None
+        self._ring_keys: list[dict[str, str]] | None = None
         self._fatal: set[asyncio.Task[None]] = set()
+
+    @property
+    def ring(self) -> BlkbackRing | None:
+        """The first ring (the only one without multi-queue)."""
+        return self.rings[0] if self.rings else None
+
+    def stats(self) -> BlkbackStats | None:
+        """The device's statistics: every ring's, added up."""
+        return BlkbackStats.total([r.stats for r in self.rings]) if self.rings else None
 
     @property
     def sectors(self) -> int:
@@ -169,6 +189,7 @@ class BlkbackDevice:
             "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
             "feature-discard": "1" if self.discard else "0",
             "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
+            "multi-queue-max-queues": str(self.max_queues),
         }
         if self.discard:
             keys["discard-granularity"] = str(max(self.config.sector_size, physical_sector_size(self.disk.info)))
@@ -187,21 +208,30 @@ class BlkbackDevice:
     async def connect(self, dev: XenbusDevice, tx: int) -> bool:
         if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
             return False  # a frontend still Connected to a dead backend's ring: wait
-        values = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
-        if self.ring is None or self._ring_keys != values:
-            if self.ring is not None:
-                await self.ring.disconnect()
-                self.ring = None
-            ring_info = parse_frontend_ring(values)
-            ring = BlkbackRing(
-                self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
-                on_broken=lambda e: self._on_broken(dev, e),
-                persistent=values.get("feature-persistent") == "1",
-                max_indirect_segments=MAX_INDIRECT_SEGMENTS,
-                sector_size=self.config.sector_size,
-            )
-            await ring.connect(ring_info)
-            self.ring, self._ring_keys = ring, values
+        top = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
+        n = parse_num_queues(top, self.max_queues)
+        queues = [top] if n == 1 else [
+            await read_keys(dev.xs, f"{dev.otherend}/queue-{i}", QUEUE_KEYS, tx) for i in range(n)
+        ]
+        values = [top, *queues]
+        if not self.rings or self._ring_keys != values:
+            await self._disconnect_rings()
+            infos = [parse_frontend_queue(top, q) for q in queues]
+            for info in infos:
+                ring = BlkbackRing(
+                    self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
+                    on_broken=lambda e: self._on_broken(dev, e),
+                    persistent=top.get("feature-persistent") == "1",
+                    max_indirect_segments=MAX_INDIRECT_SEGMENTS,
+                    sector_size=self.config.sector_size,
+                )
+                try:
+                    await ring.connect(info)
+                except BaseException:
+                    await self._disconnect_rings()
+                    raise
+                self.rings.append(ring)
+            self._ring_keys = values
         keys = backend_disk_keys(
             self.sectors,
             read_only=self.config.read_only,
@@ -218,10 +248,12 @@ class BlkbackDevice:
         return True
 
     async def disconnect(self, dev: XenbusDevice) -> None:
-        if self.ring is not None:
-            await self.ring.disconnect()
-            self.ring = None
-            self._ring_keys = None
+        await self._disconnect_rings()
+
+    async def _disconnect_rings(self) -> None:
+        rings, self.rings, self._ring_keys = self.rings, [], None
+        for ring in rings:
+            await ring.disconnect()
 
     def _on_broken(self, dev: XenbusDevice, e: BaseException) -> None:
         async def fatal() -> None:
@@ -246,10 +278,14 @@ class _Device:
 class BlkbackService:
     """Every vbd under /local/domain/<domid>/backend/vbd, served by one driver domain."""
 
-    def __init__(self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_queues: int = DEFAULT_MAX_QUEUES,
+    ) -> None:
         self.domain = domain
         self.xs = xs
         self.max_in_flight = max_in_flight
+        self.max_queues = max_queues
         self.root = f"/local/domain/{domain.domid}/backend/vbd"
         self.devices: dict[str, _Device] = {}
         self.failed: dict[str, str] = {}
@@ -317,7 +353,9 @@ class BlkbackService:
             with contextlib.suppress(Exception):
                 await dev.dev_fatal(e.errno or errno.EIO, f"opening {config.params}: {e.strerror or e}")
             return
-        driver = BlkbackDevice(self.domain, config, disk, max_in_flight=self.max_in_flight)
+        driver = BlkbackDevice(
+            self.domain, config, disk, max_in_flight=self.max_in_flight, max_queues=self.max_queues
+        )
         end = Backend(self.xs, path, config.frontend, driver)
         driver.end = end
         device = _Device(path, end, driver)
@@ -344,10 +382,10 @@ class BlkbackService:
             if device.end.done.is_set():
                 await self.scan()  # unregistered: drop it
                 return
-            ring = device.driver.ring
-            if ring is None:
+            stats = device.driver.stats()
+            if stats is None:
                 continue
-            keys = ring.stats.as_keys()
+            keys = stats.as_keys()
             if keys == last:
                 continue
 
@@ -361,7 +399,12 @@ class BlkbackService:
 
     def statistics(self) -> dict[str, dict[str, str]]:
         """Every connected device's statistics (for the status file)."""
-        return {p: d.driver.ring.stats.as_keys() for p, d in self.devices.items() if d.driver.ring is not None}
+        out = {}
+        for p, d in self.devices.items():
+            stats = d.driver.stats()
+            if stats is not None:
+                out[p] = stats.as_keys()
+        return out
 
     async def resize(self, path: str) -> None:
         """Publish the disk's current size to a connected frontend (online resize)."""
@@ -369,8 +412,8 @@ class BlkbackService:
         disk = device.driver.disk
         if isinstance(disk, RawFile):
             disk.refresh_size()
-        if device.driver.ring is not None:
-            device.driver.ring.set_size(device.driver.sectors * 512)
+        for ring in device.driver.rings:
+            ring.set_size(device.driver.sectors * 512)
         await device.end.resize(device.driver.sectors)
 
     async def stop(self) -> None:

@@ -9,7 +9,8 @@ the frontend's handshake table for it.
   client): `BlkFront.setup_ring()` — done once per connection even if the transaction
   is retried — and its keys: ring-ref(s) (+ ring-page-order), event-channel, protocol.
   The ring order is the smaller of what the guest wants and the backend's
-  max-ring-page-order.  feature-persistent=1 says the frontend can use persistent
+  max-ring-page-order, and so is the number of rings (`want_queues` and
+  multi-queue-max-queues, read as Linux's blkfront reads it: absent or bad means 1).  feature-persistent=1 says the frontend can use persistent
   grants (Linux's talk_to_blkback writes its capability the same way).
 - finalize (the backend is Connected): the backend's keys, checked by
   `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
@@ -65,9 +66,12 @@ BACKEND_DISK_KEYS = (
 class BlkfrontDevice:
     """The FrontendDriver of one vbd (see the module notes)."""
 
-    def __init__(self, front: BlkFront, *, want_ring_order: int = 0, want_persistent: bool = True) -> None:
+    def __init__(
+        self, front: BlkFront, *, want_ring_order: int = 0, want_persistent: bool = True, want_queues: int = 1
+    ) -> None:
         self.front = front
         self.want_ring_order = want_ring_order
+        self.want_queues = want_queues
         self.want_persistent = want_persistent
         self._keys: dict[str, str] | None = None
         self.connected = asyncio.Event()
@@ -90,7 +94,12 @@ class BlkfrontDevice:
                     back_max = read_uint({"o": (raw or b"0").decode()}, "o", MAX_RING_PAGE_ORDER)
                 except ValueError:
                     back_max = 0
-                self.front.set_ring_order(min(self.want_ring_order, back_max))
+                raw = await dev.xs.read_or(f"{dev.otherend}/multi-queue-max-queues", b"1", tx)
+                try:
+                    back_queues = max(1, read_uint({"q": (raw or b"1").decode()}, "q", 0xFFFF_FFFF))
+                except ValueError:
+                    back_queues = 1
+                self.front.set_ring_order(min(self.want_ring_order, back_max), min(self.want_queues, back_queues))
             self._keys = await self.front.setup_ring()
             if self.want_persistent:
                 self._keys["feature-persistent"] = "1"

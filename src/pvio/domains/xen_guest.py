@@ -50,14 +50,15 @@ class GuestDisk:
 
 
 async def attach_disk(
-    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 0, persistent: bool = True
+    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 0, persistent: bool = True,
+    queues: int = 1,
 ) -> GuestDisk:
     """Run blkfront for /local/domain/<domid>/device/vbd/<devid> until it is Connected."""
     node = f"/local/domain/{dom.domid}/device/vbd/{devid}"
     backend = (await xs.read(f"{node}/backend")).decode()
     backend_id = int((await xs.read(f"{node}/backend-id")).decode())
     front = BlkFront(dom, backend_id)
-    driver = BlkfrontDevice(front, want_ring_order=ring_order, want_persistent=persistent)
+    driver = BlkfrontDevice(front, want_ring_order=ring_order, want_persistent=persistent, want_queues=queues)
     end = BlkfrontEnd(xs, node, backend, driver)
     await end.start()
     await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
@@ -102,7 +103,10 @@ async def main(spec: DomainSpec) -> None:
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
         persistent = bool(spec.extra.get("persistent_grants", True))
         for d in spec.disks:
-            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent)
+            disk = await attach_disk(
+                dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent,
+                queues=int(spec.extra.get("queues", 1)),
+            )
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
