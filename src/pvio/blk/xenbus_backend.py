@@ -28,7 +28,10 @@ a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and 
 
 The handshake table (`pvio.xenbus.handshake`) gives reconnection (Closed → the
 frontend is Initialising → InitWait), orderly close, and toolstack removal (`online` =
-0 and Closing → Closed → the device is dropped).  `resize()` publishes a new size.
+0 and Closing → Closed → the device is dropped).  `resize()` publishes a new size; a
+raw image that grew is noticed within a second (its size is checked with the
+statistics, as Linux's blkback checks its device's size on every turn of its loop), so
+`pvio block-resize` only has to grow the file.
 
 A ring the frontend breaks (an impossible index) is reported with dev_fatal on that
 device only.  One refinement over the plain table: blkback connects only to a frontend
@@ -382,6 +385,13 @@ class BlkbackService:
             if device.end.done.is_set():
                 await self.scan()  # unregistered: drop it
                 return
+            disk = device.driver.disk
+            if isinstance(disk, RawFile) and device.driver.rings:
+                size = disk.info.size
+                if disk.refresh_size() != size:
+                    log.info("blkback: %s grew to %d bytes", device.path, disk.info.size)
+                    with contextlib.suppress(Exception):
+                        await self.resize(device.path)
             stats = device.driver.stats()
             if stats is None:
                 continue

@@ -19,13 +19,19 @@ the frontend's handshake table for it.
   with Connected, so it is read here, as blkfront_gather_backend_features does; data
   pages then stay granted and are reused, and the backend keeps them mapped.  So are
   feature-max-indirect-segments (written at probe) and the disk's properties.
-- resize (the backend rewrote Connected): the new size is read.
+- resize (the backend rewrote Connected): the new size is read, and `on_resize` tells
+  whoever serves the disk (the guest's NBD export).
 - disconnect (the backend closed the device): the queue stops and the ring is given up.
   When the toolstack removed the device (`online` = 0 on the backend) the disk is
   closed; otherwise the backend cannot serve it (blkback could not open the image, say,
   and said so with dev_fatal): the requests in flight fail with EIO, and new ones at
   once, until a backend connects again.  Either way no caller waits for a backend that
   said it will not answer.
+- removal while in use: when the toolstack asks the backend to close (`online` = 0,
+  Closing) and the disk is in use (`in_use()`: the guest's NBD export has clients),
+  the frontend refuses as Linux's blkfront does — `error` "16 Device in use; refusing
+  to close" (xenbus_dev_error) and no state change — and the toolstack undoes its
+  request.
 
 Recovery: a backend whose domain died leaves its `state` at Connected; the new backend
 probes and writes InitWait.  `BlkfrontEnd` sees (Connected, InitWait) — a pair the
@@ -40,7 +46,9 @@ and Closed with the live backend, then starts over the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+from collections.abc import Callable
 
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState as S
@@ -77,6 +85,10 @@ class BlkfrontDevice:
         self.connected = asyncio.Event()
         self.connections = 0
         self._backstop: asyncio.TimerHandle | None = None
+        #: the disk has users that a removal would cut off (refuse it while > 0)
+        self.in_use: Callable[[], int] = lambda: 0
+        #: the backend published a new size
+        self.on_resize: Callable[[], None] | None = None
 
     # The handshake: keys in one transaction, the disk's properties on Connected.
     # blkfront publishes its ring the moment the backend is in InitWait: the ring is set
@@ -124,6 +136,8 @@ class BlkfrontDevice:
         if self.front.disk is not None and disk.sectors != self.front.disk.sectors:
             log.info("blkfront %s: resized to %d sectors", dev.nodename, disk.sectors)
             self.front.disk = disk
+            if self.on_resize is not None:
+                self.on_resize()
 
     async def disconnect(self, dev: XenbusDevice) -> None:
         self.connected.clear()
@@ -166,6 +180,8 @@ class BlkfrontEnd(Frontend):
     async def kick(self) -> None:
         mine = await self.dev.read_state()
         other = await self.dev.otherend_state()
+        if mine is S.Connected and other is S.Closing and await self._refuse_removal():
+            return
         if mine is S.Connected and other is S.InitWait:
             # A new backend: the old one died with our requests.  Start over.
             log.warning("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
@@ -180,6 +196,17 @@ class BlkfrontEnd(Frontend):
             self.recoveries += 1
             await self.reconnect()
         await super().kick()
+
+    async def _refuse_removal(self) -> bool:
+        """blkback_changed's Closing case: a removal of a disk in use is refused."""
+        if await self.dev.xs.read_or(f"{self.dev.otherend}/online", b"1") != b"0":
+            return False
+        users = self.driver.in_use()
+        if not users:
+            return False
+        log.warning("blkfront %s: removal refused, %d users", self.dev.nodename, users)
+        await self.dev.dev_error(errno.EBUSY, "Device in use; refusing to close")
+        return True
 
     async def renegotiate(self, timeout: float = 30.0) -> None:
         """Explicit suspend/resume with a live backend: Closing, Closed, then start over."""

@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to an lguest guest's console."),
     "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
+    "block-attach": ("pvio.toolstack.block_cli:block_attach", "Attach a disk (xl disk spec) to a running Xen guest."),
+    "block-detach": ("pvio.toolstack.block_cli:block_detach", "Detach a disk from a running Xen guest."),
+    "block-list": ("pvio.toolstack.block_cli:block_list", "List the disks of running Xen guests."),
+    "block-resize": ("pvio.toolstack.block_cli:block_resize", "Grow a running Xen guest's disk."),
 }
 
 

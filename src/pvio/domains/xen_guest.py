@@ -98,6 +98,7 @@ async def main(spec: DomainSpec) -> None:
     dom = await become_domain(spec)
     xs: AsyncClient | None = None
     disks: list[GuestDisk] = []
+    watcher = None
     try:
         xs = await open_xenstore(spec)
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
@@ -110,9 +111,17 @@ async def main(spec: DomainSpec) -> None:
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
+        # vbds the toolstack adds later (pvio block-attach) are attached and exported too
+        from pvio.domains.xen_hotplug import VbdWatcher
+
+        watcher = VbdWatcher(dom, xs, disks, state_dir=spec.state_dir, name=spec.name, ring_order=ring_order,
+                             persistent=persistent, queues=int(spec.extra.get("queues", 1)))
+        await watcher.start()
         # refreshed once a second: blkfront's counters for `pvio bench blk`
         await report_status(spec, dom.domid, lambda: status(disks))
     finally:
+        if watcher is not None:
+            await watcher.stop()
         for disk in disks:
             with contextlib.suppress(Exception):
                 await detach_disk(disk)
