@@ -4,10 +4,14 @@ Theory of operation
 -------------------
 `BackGrants` is the part of blkback that holds grant mappings.  `map` maps every
 (ref, read-only) key of a batch that is not mapped yet with ONE GNTTABOP_map_grant_ref
-(`strict=False`: a bad grant fails only its own key) and returns each key's mapping;
-with persistent grants (feature-persistent, map transport only) a good mapping is kept,
-up to `limit`, and later batches find it there — in the steady state no hypercall at
-all.  What is not kept is `unmap`ped by the caller when its I/O is done.
+(`strict=False`: a bad grant fails only its own key) and returns each key's mapping
+(None where it failed).  With persistent grants (feature-persistent, map transport
+only) each reference is mapped once, read-write, whatever the request — as Linux's
+blkback maps persistent grants — so one mapping serves the page as a READ's target, a
+WRITE's source and an indirect page alike; a reference the frontend granted read-only
+gets a read-only mapping (a second batch, only then), which serves no READ.  A good
+mapping is kept, up to `limit`, and later batches find it there — in the steady state
+no hypercall at all.  What is not kept is `unmap`ped by the caller when its I/O is done.
 
 Kept mappings a frontend has stopped using are let go (`purge`, Linux blkback's
 purge_persistent_gnt with its xen_blkif_pgrant_timeout of 60 s): the engine calls it
@@ -61,27 +65,55 @@ class BackGrants:
         self.kept: dict[Key, GrantMapping] = {}
         self.last_used: dict[Key, float] = {}  # when a kept mapping last served a batch
 
-    async def map(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping], list[GrantMapping]]:
-        """Each key's mapping (kept or fresh), and the fresh ones not kept (to unmap)."""
-        kept = self.kept
-        missing = list(dict.fromkeys(k for k in keys if k not in kept))
-        found = {k: kept[k] for k in keys if k in kept}
+    async def map(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping | None], list[GrantMapping]]:
+        """Each key's mapping (kept or fresh; None if it failed), and the fresh ones not
+        kept (to unmap)."""
         if self.persistent:
-            now = time.monotonic()
-            self.last_used.update(dict.fromkeys(keys, now))
+            return await self._map_persistent(keys)
+        missing = list(dict.fromkeys(keys))
+        self.on_op()
+        maps = await self.domain.map_grants(
+            self.frontend_domid, [r for r, _ in missing], [ro for _, ro in missing], strict=False
+        )
+        found: dict[Key, GrantMapping | None] = {}
         transient: list[GrantMapping] = []
+        for key, m in zip(missing, maps, strict=True):
+            found[key] = m if m.status == gt.GNTST_okay and m.view is not None else None
+            transient.append(m)
+        return found, transient
+
+    async def _map_persistent(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping | None], list[GrantMapping]]:
+        kept = self.kept
+        refs = list(dict.fromkeys(r for r, _ in keys))
+        now = time.monotonic()
+        self.last_used.update(((r, False), now) for r in refs)
+        by_ref = {r: kept[(r, False)] for r in refs if (r, False) in kept}
+        transient: list[GrantMapping] = []
+        missing = [r for r in refs if r not in by_ref]
         if missing:
             self.on_op()
-            maps = await self.domain.map_grants(
-                self.frontend_domid, [r for r, _ in missing], [ro for _, ro in missing], strict=False
-            )
-            for key, m in zip(missing, maps, strict=True):
-                found[key] = m
-                if self.persistent and m.status == gt.GNTST_okay and len(kept) < self.limit:
-                    kept[key] = m
+            maps = await self.domain.map_grants(self.frontend_domid, missing, False, strict=False)
+            denied = []
+            for r, m in zip(missing, maps, strict=True):
+                if m.status != gt.GNTST_okay or m.view is None:
+                    denied.append(r)  # granted read-only (or not at all)
+                elif len(kept) < self.limit:
+                    kept[(r, False)] = by_ref[r] = m
                 else:
+                    by_ref[r] = m
                     transient.append(m)
-        return found, transient
+            if denied:
+                self.on_op()
+                ro = await self.domain.map_grants(self.frontend_domid, denied, True, strict=False)
+                for r, m in zip(denied, ro, strict=True):
+                    by_ref[r] = m
+                    transient.append(m)
+        found: dict[Key, GrantMapping | None] = {}
+        for r, readonly in keys:
+            got = by_ref.get(r)
+            usable = got is not None and got.status == gt.GNTST_okay and got.view is not None
+            found[(r, readonly)] = got if usable and got is not None and (readonly or not got.readonly) else None
+        return found, [m for m in transient if m.status == gt.GNTST_okay]
 
     async def unmap(self, transient: list[GrantMapping]) -> None:
         if transient:
@@ -99,7 +131,7 @@ class BackGrants:
             out: list[bytes | None] = []
             for r in refs:
                 m = found[(r, True)]
-                out.append(bytes(m.view[:PAGE_SIZE]) if m.status == gt.GNTST_okay and m.view is not None else None)
+                out.append(bytes(m.view[:PAGE_SIZE]) if m is not None and m.view is not None else None)
             return out
         finally:
             await self.unmap(transient)

@@ -65,7 +65,6 @@ from typing import Any
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import (
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_INDIRECT,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
@@ -100,6 +99,9 @@ MAX_INDIRECT_SEGMENTS = 256
 DEFAULT_BOUNCE_PAGES = 2048
 #: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
 PGRANT_TIMEOUT = 60.0
+#: persistent mappings one ring keeps (Linux's xen_blkif_max_pgrants: a 32-slot ring of
+#: 32-segment indirect requests and their indirect pages, 32 × 33)
+MAX_PGRANTS = 1056
 
 
 @dataclass
@@ -126,7 +128,7 @@ class BlkbackRing:
         feature_flush_cache: bool = True,
         on_broken: Callable[[BaseException], None] | None = None,
         persistent: bool = False,
-        persistent_limit: int = DEFAULT_MAX_IN_FLIGHT * BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        persistent_limit: int = MAX_PGRANTS,
         max_indirect_segments: int = 0,
         sector_size: int = SECTOR_SIZE,
         bounce_pages: int = DEFAULT_BOUNCE_PAGES,
@@ -385,13 +387,11 @@ class BlkbackRing:
             for w in works:
                 mine = [found[k] for k in keys[i : i + len(w.io.segments)]]
                 i += len(w.io.segments)
-                if any(m.status != gt.GNTST_okay or m.view is None for m in mine):
+                views = [m.view for m in mine if m is not None and m.view is not None]
+                if len(views) != len(mine):
                     w.status = BLKIF_RSP_ERROR
                     continue
-                w.buffers = [
-                    m.view[seg.offset : seg.offset + seg.length]  # type: ignore[index]
-                    for m, seg in zip(mine, w.io.segments, strict=True)
-                ]
+                w.buffers = [v[seg.offset : seg.offset + seg.length] for v, seg in zip(views, w.io.segments, strict=True)]
             await asyncio.gather(*(self._disk_io(w) for w in works if w.status == BLKIF_RSP_OKAY))
         finally:
             for w in works:
