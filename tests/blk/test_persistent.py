@@ -44,3 +44,21 @@ async def test_persistence_given_up_at_reconnection(tmp_path: Path) -> None:
         assert not p.front.grants.pool and not p.back.persistent
         assert await p.front.read(0, 65536) == b"\x22" * 65536
 
+
+
+@asynctest
+async def test_one_read_write_mapping_per_persistent_grant(tmp_path: Path) -> None:
+    """Reads, writes and indirect pages share one mapping per reference (Linux maps
+    persistent grants read-write): after the first pass no grant hypercall is made."""
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    data = os.urandom(MiB)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, data)
+        assert await p.front.read(0, MiB) == data
+        refs = {r for r, _ in p.front.grants.pool}
+        assert {r for r, _ in p.back.grants.kept} <= refs and all(not ro for _, ro in p.back.grants.kept)
+        ops = p.back.stats.grant_ops
+        for _ in range(3):
+            await p.front.write(0, data)
+            assert await p.front.read(0, MiB) == data
+        assert p.back.stats.grant_ops == ops
