@@ -13,7 +13,9 @@
  * 16 the indirect page.)
  * `init` lays out and grants the ring and prints "ring <ref> <RING_SIZE>"; the harness
  * then connects pvio's blkback to it and runs `io` (with the event channel's eventfds),
- * which does the I/O and prints "ok" or the first failure.
+ * which does the I/O and prints "ok" or the first failure.  BLKFRONT_BASE (environment) moves
+ * every sector by that many, so that one program per queue of a multi-queue device
+ * writes its own part of the disk.
  */
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
 #include <errno.h>
@@ -43,6 +45,7 @@ static unsigned refs[MAXP], frames[MAXP];
 static int nrefs, nframes, txfd, rxfd;
 static domid_t backend;
 static blkif_front_ring_t fr;
+static blkif_sector_t base; /* added to every sector number */
 
 static void grant(unsigned ref, unsigned frame, int readonly) {
     grant_entry_v1_t *e = &gnttab[ref];
@@ -104,7 +107,7 @@ static blkif_request_t *next_req(uint64_t id, uint8_t op, blkif_sector_t sector,
     req->nr_segments = nseg;
     req->handle = 0;
     req->id = id;
-    req->sector_number = sector;
+    req->sector_number = base + sector;
     return req;
 }
 
@@ -119,6 +122,7 @@ static int parse_list(const char *s, unsigned *out) {
 
 int main(int argc, char **argv) {
     if (argc != 10) { fprintf(stderr, "usage\n"); return 2; }
+    if (getenv("BLKFRONT_BASE")) base = strtoull(getenv("BLKFRONT_BASE"), 0, 0);
     int init = !strcmp(argv[1], "init");
     argv++;
     int memfd = atoi(argv[1]);
@@ -213,7 +217,7 @@ int main(int argc, char **argv) {
     ind->indirect_op = BLKIF_OP_WRITE;
     ind->nr_segments = 40;
     ind->id = 20;
-    ind->sector_number = 512;
+    ind->sector_number = base + 512;
     ind->handle = 0;
     ind->indirect_grefs[0] = refs[16];
     ind = (blkif_request_indirect_t *)next_req(21, BLKIF_OP_INDIRECT, 0, 0);
@@ -233,7 +237,7 @@ int main(int argc, char **argv) {
     ind->indirect_op = BLKIF_OP_READ;
     ind->nr_segments = 12;
     ind->id = 22;
-    ind->sector_number = 512;
+    ind->sector_number = base + 512;
     ind->indirect_grefs[0] = refs[16];
     kick();
     if (collect(1, st)) return 6;
