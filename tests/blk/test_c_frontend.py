@@ -6,8 +6,9 @@ ring and grants pages itself, and writes requests with the real macros and struc
 does the domain and event-channel plumbing (XenStore is not needed to prove the ABI)
 and checks the disk image afterwards.  Native and 32-bit (gcc -m32, protocol
 x86_32-abi) builds; and two programs at once, each on its own ring of one disk (the
-rings of a multi-queue device, each served by its own blkback engine).  The C ring lives in ordinary guest memory, which only a
-map-transport backend can map live: a copy-transport backend must refuse it.
+rings of a multi-queue device, each served by its own blkback engine).  The C ring
+lives in ordinary guest memory, which only a map-transport backend can map live: a
+copy-transport backend must refuse it.
 """
 
 from __future__ import annotations
