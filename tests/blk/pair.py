@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, ParamSpec
 
 from pvio.abi.blkif import ABI_NATIVE, BlkifABI, abi_for_protocol
-from pvio.blk.backend import BlkbackRing
-from pvio.blk.frontend import BlkFront
+from pvio.blk.backend import MAX_INDIRECT_SEGMENTS, BlkbackRing
+from pvio.blk.frontend import DEFAULT_INDIRECT_SEGMENTS, BlkFront
 from pvio.blk.keys import backend_disk_keys, parse_backend_disk, parse_frontend_ring
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
@@ -38,7 +38,10 @@ class Pair:
         await self.back.disconnect()
         await self.front.suspend()
         keys = await self.front.setup_ring()
-        self.back = BlkbackRing(self.back_dom, self.front_dom.domid, self.disk, persistent=self.front.persistent)
+        self.back = BlkbackRing(
+            self.back_dom, self.front_dom.domid, self.disk, persistent=self.front.persistent,
+            max_indirect_segments=self.front.max_indirect_segments,
+        )
         await self.back.connect(parse_frontend_ring(keys))
         self.front.resume()
 
@@ -63,24 +66,32 @@ async def blk_pair(
     disk: VectoredBackend | None = None,
     max_in_flight: int = 64,
     persistent: bool = False,
+    indirect: int = MAX_INDIRECT_SEGMENTS,
+    want_indirect: int = DEFAULT_INDIRECT_SEGMENTS,
+    sector_size: int = 512,
 ) -> AsyncIterator[Pair]:
     hv = InProcessHypervisor()
     back_dom = await hv.create_domain("driver", 2048, transport=transport)
     front_dom = await hv.create_domain("guest", 4096)
     if disk is None:
         disk = RawFile(image, read_only=read_only)
-    back = BlkbackRing(back_dom, front_dom.domid, disk, max_in_flight=max_in_flight, persistent=persistent)
-    front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi)
+    back = BlkbackRing(
+        back_dom, front_dom.domid, disk, max_in_flight=max_in_flight, persistent=persistent,
+        max_indirect_segments=indirect, sector_size=sector_size,
+    )
+    front = BlkFront(front_dom, back_dom.domid, ring_order=ring_order, abi=abi, want_indirect_segments=want_indirect)
     front.persistent = persistent
     keys = await front.setup_ring()
     ring = parse_frontend_ring(keys)
     assert ring.abi == abi_for_protocol(abi.protocol)
     await back.connect(ring)
-    front.connect(
-        parse_backend_disk(
-            backend_disk_keys(disk.info.size // 512, read_only=disk.info.read_only, discard=disk.info.can_trim)
-        )
+    disk_keys = backend_disk_keys(
+        disk.info.size // 512, read_only=disk.info.read_only, discard=disk.info.can_trim,
+        sector_size=sector_size, physical_sector_size=max(512, sector_size),
     )
+    if indirect:
+        disk_keys["feature-max-indirect-segments"] = str(indirect)
+    front.connect(parse_backend_disk(disk_keys))
     pair = Pair(hv, back_dom, front_dom, back, front, disk, image)
     try:
         yield pair

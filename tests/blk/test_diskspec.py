@@ -49,3 +49,11 @@ def test_default_vdev() -> None:
 def test_errors_name_the_problem(spec: str, needle: str) -> None:
     with pytest.raises(DiskSpecError, match=needle):
         parse(spec)
+
+
+def test_sector_size_is_pvios_addition() -> None:
+    assert parse("vdev=xvda, target=/x.img").sector_size == 512
+    assert parse("vdev=xvda, sector-size=4096, target=/x.img").sector_size == 4096
+    for bad in ("1000", "8192", "4k", ""):
+        with pytest.raises(DiskSpecError, match="sector-size"):
+            parse(f"vdev=xvda, sector-size={bad}, target=/x.img")

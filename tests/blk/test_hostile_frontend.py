@@ -77,7 +77,8 @@ class RawFront:
 
 @asynccontextmanager
 async def raw_front(
-    image: Path, *, read_only: bool = False, transport: str = "map", persistent: bool = False
+    image: Path, *, read_only: bool = False, transport: str = "map", persistent: bool = False,
+    indirect: int = 0, sector_size: int = 512,
 ) -> AsyncIterator[RawFront]:
     hv = InProcessHypervisor()
     bdom = await hv.create_domain("driver", 1024, transport=transport)
@@ -88,7 +89,9 @@ async def raw_front(
     front = FrontRing.init(SharedRing.for_blkif([fdom.frame(frames[0])], ABI_NATIVE))
     refs = await fdom.grant_access(bdom.domid, frames)
     port = await fdom.alloc_unbound(bdom.domid)
-    back = BlkbackRing(bdom, fdom.domid, disk, persistent=persistent)
+    back = BlkbackRing(
+        bdom, fdom.domid, disk, persistent=persistent, max_indirect_segments=indirect, sector_size=sector_size
+    )
     await back.connect(parse_frontend_ring({"ring-ref": str(refs[0]), "event-channel": str(port)}))
     (page,) = fdom.alloc_pages(1)
     try:

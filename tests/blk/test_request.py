@@ -25,8 +25,12 @@ from pvio.blk.request import (
     DiskInfo,
     Segment,
     build_discard,
+    build_indirect,
     build_request,
     build_response,
+    check_indirect,
+    pack_segments,
+    parse_indirect_segments,
     parse_request,
     parse_response,
     validate,
@@ -162,3 +166,45 @@ def test_arbitrary_bytes_never_crash(abi: BlkifABI, raw: bytes) -> None:
         return
     assert io.offset >= 0 and io.offset + io.length <= 4096 * 512
     assert sum(s.length for s in io.segments) == (io.length if io.kind in ("read", "write") else 0)
+
+
+@pytest.mark.parametrize("abi", ABIS, ids=lambda a: a.name)
+def test_indirect_round_trip(abi: BlkifABI) -> None:
+    raw = build_indirect(abi, BLKIF_OP_WRITE, 0x1122334455667788, 64, 600, [70, 71], handle=51712)
+    assert len(raw) == abi.request.size
+    req = parse_request(abi, raw)
+    assert (req.operation, req.indirect_op, req.nr_segments, req.id, req.sector_number, req.handle) == (
+        BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, 600, 0x1122334455667788, 64, 51712)
+    assert req.indirect_grefs == (70, 71) and req.response_op == BLKIF_OP_WRITE
+    disk = DiskInfo(sectors=8192, max_indirect_segments=1024)
+    check_indirect(req, disk)
+    segs = [Segment(1000 + i, 0, 0) for i in range(600)]
+    page = pack_segments(segs)
+    full = parse_indirect_segments(req, [page[:4096], page[4096:] + bytes(8192 - len(page))])
+    io = validate(full, disk)
+    assert (io.kind, io.offset, io.length, io.segments[599].gref) == ("write", 64 * 512, 600 * 512, 1599)
+    with pytest.raises(BlkifRequestError, match="nr_segments"):
+        check_indirect(req, DiskInfo(sectors=8192, max_indirect_segments=256))
+    with pytest.raises(BlkifRequestError) as e:
+        check_indirect(req, DiskInfo(sectors=8192))
+    assert e.value.status == BLKIF_RSP_EOPNOTSUPP
+
+
+@pytest.mark.parametrize(
+    ("sector", "segs", "ok"),
+    [(8, [(1, 0, 7)], True), (9, [(1, 0, 7)], False), (8, [(1, 0, 3)], False), (8, [(1, 4, 7)], False),
+     (0, [(1, 0, 7), (2, 0, 7)], True)],
+)
+def test_4k_logical_sectors_refuse_partial_sectors(sector: int, segs: list[tuple[int, int, int]], ok: bool) -> None:
+    disk = DiskInfo(sectors=2048, sector_size=4096)
+    req = parse_request(ABI_NATIVE, build_request(ABI_NATIVE, BLKIF_OP_READ, 1, sector, [Segment(*s) for s in segs]))
+    if ok:
+        assert validate(req, disk).length == 4096 * len(segs)
+    else:
+        with pytest.raises(BlkifRequestError) as e:
+            validate(req, disk)
+        assert e.value.status == BLKIF_RSP_ERROR
+    d = parse_request(ABI_NATIVE, build_discard(ABI_NATIVE, 2, sector, 8 * len(segs)))
+    if sector % 8:
+        with pytest.raises(BlkifRequestError):
+            validate(d, DiskInfo(sectors=2048, sector_size=4096, feature_discard=True))

@@ -66,7 +66,9 @@ class World:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw") -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw", spec_extra: str = ""
+) -> AsyncIterator[World]:
     daemon = XenStoreDaemon(tmp_path / "xs.sock")
     await daemon.start()
     hv = InProcessHypervisor()
@@ -74,7 +76,7 @@ async def world(tmp_path: Path, image: Path, access: str = "rw", fmt: str = "raw
     await tool.introduce(1)
     w = World(tool, None, None, None)  # type: ignore[arg-type]
     await w.ops(xslayout.domain_add(0, "driver") + xslayout.domain_add(1, "guest"))
-    disk = diskspec.parse(f"format={fmt}, vdev=xvda, access={access}, target={image}")
+    disk = diskspec.parse(f"format={fmt}, vdev=xvda, access={access}, {spec_extra}target={image}")
     await w.ops(xslayout.vbd_add(1, disk, str(image)))
     ddom = await hv.create_domain("driver", 2048, domid=0)
     gdom = await hv.create_domain("guest", 4096, domid=1)
@@ -234,3 +236,24 @@ async def test_toolstack_removal(tmp_path: Path) -> None:
         else:
             raise AssertionError("a removed disk still reads")
         await d.end.stop()
+
+
+@asynctest
+async def test_features_are_written_when_linux_writes_them(tmp_path: Path) -> None:
+    """feature-max-indirect-segments with InitWait (probe), feature-persistent only with
+    Connected; the frontend writes its own feature-persistent and uses both."""
+    img = make_image(tmp_path / "d.img", 4 << 20)
+    async with world(tmp_path, img) as w:
+        await w.until(f"{BE}/state", "2")
+        assert await w.read(f"{BE}/feature-max-indirect-segments") == "256"
+        assert await w.read(f"{BE}/feature-persistent") is None
+        d = await attach(w)
+        assert await w.read(f"{BE}/feature-persistent") == "1"
+        assert await w.read(f"{FE}/feature-persistent") == "1"
+        assert d.front.persistent and d.front.max_indirect_segments == 32
+        data = os.urandom(256 * 1024)
+        await d.front.write(0, data)
+        assert await d.front.read(0, len(data)) == data
+        ring = w.service.devices[BE].driver.ring
+        assert ring is not None and ring.persistent and ring.stats.wr_req == 2
+        await detach_disk(d)

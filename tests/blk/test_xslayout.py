@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pvio.toolstack.config import from_disk_options
 from pvio.toolstack.diskspec import parse
 from pvio.toolstack.xslayout import vbd_add, vbd_destroy, vbd_remove_request
 
@@ -29,3 +32,13 @@ def test_remove_and_destroy() -> None:
         (f"{be}/online", "0"), (f"{be}/state", "5")]
     assert {o.path for o in vbd_destroy(3, 51728)} == {
         "/local/domain/3/device/vbd/51728", be, "/libxl/3/device/vbd/51728"}
+
+
+def test_pvio_up_disk_option_takes_sector_size(tmp_path: Path) -> None:
+    cfg = from_disk_options(["format=raw, vdev=xvda, sector-size=4096, size=64M, target=a.img"], tmp_path)
+    (disk,) = cfg.domains[0].disks
+    assert disk.spec.sector_size == 4096 and disk.size == 64 << 20
+    ops = {op.path.rsplit("/", 1)[-1]: op.value for op in vbd_add(1, disk.spec, "a.img") if op.op == "write"}
+    assert ops["logical-block-size"] == "4096"
+    plain = from_disk_options(["format=raw, vdev=xvda, target=a.img"], tmp_path).domains[0].disks[0]
+    assert "logical-block-size" not in {op.path.rsplit("/", 1)[-1] for op in vbd_add(1, plain.spec, "a")}

@@ -3,15 +3,19 @@
  * It shares a pvio domain's memory and grant table (memfds passed by the Python harness),
  * lays out the shared ring with SHARED_RING_INIT/FRONT_RING_INIT, grants pages by
  * writing grant_entry_v1 entries (frame and domid, then the flags with a release store),
- * writes requests with RING_GET_REQUEST, publishes them with
+ * writes requests with RING_GET_REQUEST (BLKIF_OP_INDIRECT ones too, their segments in
+ * an indirect page, struct blkif_request_indirect), publishes them with
  * RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (kicking the event channel's eventfd only when
  * told to), and consumes responses with RING_FINAL_CHECK_FOR_RESPONSES.
  *
  * usage: blkfront init|io MEMFD NR_PAGES GNTFD BACKEND_DOMID TXFD RXFD REFS FRAMES
- * (REFS and FRAMES comma lists; REFS[0]/FRAMES[0] are the ring, the rest data pages.)
+ * (REFS and FRAMES comma lists of 17; REFS[0]/FRAMES[0] are the ring, 1..15 data pages,
+ * 16 the indirect page.)
  * `init` lays out and grants the ring and prints "ring <ref> <RING_SIZE>"; the harness
  * then connects pvio's blkback to it and runs `io` (with the event channel's eventfds),
- * which does the I/O and prints "ok" or the first failure.
+ * which does the I/O and prints "ok" or the first failure.  BLKFRONT_BASE (environment) moves
+ * every sector by that many, so that one program per queue of a multi-queue device
+ * writes its own part of the disk.
  */
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
 #include <errno.h>
@@ -41,6 +45,7 @@ static unsigned refs[MAXP], frames[MAXP];
 static int nrefs, nframes, txfd, rxfd;
 static domid_t backend;
 static blkif_front_ring_t fr;
+static blkif_sector_t base; /* added to every sector number */
 
 static void grant(unsigned ref, unsigned frame, int readonly) {
     grant_entry_v1_t *e = &gnttab[ref];
@@ -68,6 +73,8 @@ static void kick(void) {
 }
 
 /* Wait for `count` responses; statuses by id into st[]. */
+static uint8_t ops[MAXP];
+
 static int collect(int count, int16_t *st) {
     int got = 0;
     while (got < count) {
@@ -77,6 +84,7 @@ static int collect(int count, int16_t *st) {
             blkif_response_t *r = RING_GET_RESPONSE(&fr, i);
             if (r->id >= MAXP) { printf("bad id %llu\n", (unsigned long long)r->id); return -1; }
             st[r->id] = r->status;
+            ops[r->id] = r->operation;
             got++;
         }
         fr.rsp_cons = rp;
@@ -99,7 +107,7 @@ static blkif_request_t *next_req(uint64_t id, uint8_t op, blkif_sector_t sector,
     req->nr_segments = nseg;
     req->handle = 0;
     req->id = id;
-    req->sector_number = sector;
+    req->sector_number = base + sector;
     return req;
 }
 
@@ -114,6 +122,7 @@ static int parse_list(const char *s, unsigned *out) {
 
 int main(int argc, char **argv) {
     if (argc != 10) { fprintf(stderr, "usage\n"); return 2; }
+    if (getenv("BLKFRONT_BASE")) base = strtoull(getenv("BLKFRONT_BASE"), 0, 0);
     int init = !strcmp(argv[1], "init");
     argv++;
     int memfd = atoi(argv[1]);
@@ -124,7 +133,7 @@ int main(int argc, char **argv) {
     rxfd = atoi(argv[6]);
     nrefs = parse_list(argv[7], refs);
     nframes = parse_list(argv[8], frames);
-    if (nrefs != nframes || nrefs < 16) { fprintf(stderr, "need 16 refs and frames\n"); return 2; }
+    if (nrefs != nframes || nrefs < 17) { fprintf(stderr, "need 17 refs and frames\n"); return 2; }
     mem = mmap(0, nr_pages * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     gnttab = mmap(0, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, gntfd, 0);
     if (mem == MAP_FAILED || gnttab == MAP_FAILED) { perror("mmap"); return 3; }
@@ -189,6 +198,55 @@ int main(int argc, char **argv) {
             if (mem[(size_t)frames[i] * PAGE + b] != 0x10 + i) { printf("read %d: byte %d wrong\n", i, b); return 0; }
         end_access(refs[i]);
     }
+
+    /* 3. Indirect: one WRITE of 40 segments (pages 1..15 in turn, whole pages) at sector
+     * 512, its segments in the indirect page (granted read-only); a bad one with 0
+     * segments; then an indirect READ of 12 segments back into pages 1..12. */
+    struct blkif_request_segment *segs = (struct blkif_request_segment *)(mem + (size_t)frames[16] * PAGE);
+    for (int p = 1; p <= 15; p++) {
+        memset(mem + (size_t)frames[p] * PAGE, 0x60 + p, PAGE);
+        grant(refs[p], frames[p], 1);
+    }
+    for (int s = 0; s < 40; s++) {
+        segs[s].gref = refs[1 + s % 15];
+        segs[s].first_sect = 0;
+        segs[s].last_sect = 7;
+    }
+    grant(refs[16], frames[16], 1);
+    blkif_request_indirect_t *ind = (blkif_request_indirect_t *)next_req(20, BLKIF_OP_INDIRECT, 0, 0);
+    ind->indirect_op = BLKIF_OP_WRITE;
+    ind->nr_segments = 40;
+    ind->id = 20;
+    ind->sector_number = base + 512;
+    ind->handle = 0;
+    ind->indirect_grefs[0] = refs[16];
+    ind = (blkif_request_indirect_t *)next_req(21, BLKIF_OP_INDIRECT, 0, 0);
+    ind->indirect_op = BLKIF_OP_WRITE;
+    ind->nr_segments = 0;
+    ind->id = 21;
+    ind->indirect_grefs[0] = refs[16];
+    kick();
+    if (collect(2, st)) return 6;
+    if (st[20] != BLKIF_RSP_OKAY || ops[20] != BLKIF_OP_WRITE) { printf("indirect write: status %d op %d\n", st[20], ops[20]); return 0; }
+    if (st[21] != BLKIF_RSP_ERROR) { printf("indirect with 0 segments answered %d\n", st[21]); return 0; }
+    for (int p = 1; p <= 12; p++) {
+        memset(mem + (size_t)frames[p] * PAGE, 0, PAGE);
+        grant(refs[p], frames[p], 0);
+    }
+    ind = (blkif_request_indirect_t *)next_req(22, BLKIF_OP_INDIRECT, 0, 0);
+    ind->indirect_op = BLKIF_OP_READ;
+    ind->nr_segments = 12;
+    ind->id = 22;
+    ind->sector_number = base + 512;
+    ind->indirect_grefs[0] = refs[16];
+    kick();
+    if (collect(1, st)) return 6;
+    if (st[22] != BLKIF_RSP_OKAY || ops[22] != BLKIF_OP_READ) { printf("indirect read: status %d op %d\n", st[22], ops[22]); return 0; }
+    for (int p = 1; p <= 12; p++)
+        for (int b = 0; b < PAGE; b++)
+            if (mem[(size_t)frames[p] * PAGE + b] != 0x60 + p) { printf("indirect read %d: byte %d wrong\n", p, b); return 0; }
+    for (int p = 1; p <= 16; p++)
+        if (!end_access(refs[p])) { printf("ref %u still mapped after its response\n", refs[p]); return 0; }
     printf("ok\n");
     return 0;
 }

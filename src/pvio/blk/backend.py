@@ -41,11 +41,18 @@ wr_sect) plus what the notification avoidance and batching achieve (notification
 and received, batches, grant operations): `BlkbackStats.as_keys()` is what the XenBus
 side publishes under the backend directory's ``statistics/``.
 
+Indirect descriptors (`max_indirect_segments`, advertised as
+feature-max-indirect-segments): an INDIRECT request's header is checked first
+(`check_indirect`), then the indirect pages of every such request of the batch are
+fetched together — one map (or copy) — and their segments parsed from the copies
+(`pvio.blk.back_grants.BackGrants.fetch`); from there it is a READ or WRITE like any
+other.  In the copy transport bounce pages are bounded (`bounce_pages`): a batch whose
+segments need more is moved in pieces that fit.
+
 Alternatives rejected: mapping per request (a round trip each: the batch is the unit);
 a response per request pushed at once (the point of io/ring.h is batching).  Persistent
 grants are honoured in the map transport (a frontend's persistent grants stay mapped, up
-to `persistent_limit`); indirect descriptors are not offered (11 segments per request, as
-the base protocol).
+to `persistent_limit`).
 """
 
 from __future__ import annotations
@@ -53,19 +60,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import (
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_INDIRECT,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
     BlkifABI,
 )
+from pvio.blk.back_grants import BackGrants
+from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
 from pvio.blk.request import (
+    BlkifRequest,
     BlkifRequestError,
     DiskInfo,
     DiskIO,
@@ -84,37 +95,15 @@ log = logging.getLogger(__name__)
 
 #: Requests a device may have in flight at once (blkback's pending requests).
 DEFAULT_MAX_IN_FLIGHT = 64
-
-
-@dataclass
-class BlkbackStats:
-    """Linux blkback's statistics, plus pvio's batching and notification counters."""
-
-    oo_req: int = 0  # times the loop found the in-flight bound reached
-    rd_req: int = 0
-    wr_req: int = 0
-    f_req: int = 0  # flushes and barriers
-    ds_req: int = 0  # discards
-    rd_sect: int = 0
-    wr_sect: int = 0
-    err_req: int = 0  # answered with an error status
-    batches: int = 0  # batches taken off the ring
-    notify_sent: int = 0  # kicks to the frontend
-    notify_received: int = 0  # kicks from the frontend
-    grant_ops: int = 0  # map/unmap/copy hypercall batches
-
-    @property
-    def requests(self) -> int:
-        return self.rd_req + self.wr_req + self.f_req + self.ds_req + self.err_req
-
-    def as_keys(self) -> dict[str, str]:
-        """statistics/<name> values, with the derived ratios (3 decimals)."""
-        keys = {f.name: str(getattr(self, f.name)) for f in fields(self)}
-        n = max(self.requests, 1)
-        keys["notify_per_req"] = f"{self.notify_sent / n:.3f}"
-        keys["req_per_batch"] = f"{self.requests / max(self.batches, 1):.3f}"
-        keys["grant_ops_per_req"] = f"{self.grant_ops / n:.3f}"
-        return keys
+#: feature-max-indirect-segments: Linux blkback's MAX_INDIRECT_SEGMENTS (one indirect page)
+MAX_INDIRECT_SEGMENTS = 256
+#: copy transport: bounce pages one ring may hold at once (8 MiB)
+DEFAULT_BOUNCE_PAGES = 2048
+#: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
+PGRANT_TIMEOUT = 60.0
+#: persistent mappings one ring keeps (Linux's xen_blkif_max_pgrants: a 32-slot ring of
+#: 32-segment indirect requests and their indirect pages, 32 × 33)
+MAX_PGRANTS = 1056
 
 
 @dataclass
@@ -141,7 +130,11 @@ class BlkbackRing:
         feature_flush_cache: bool = True,
         on_broken: Callable[[BaseException], None] | None = None,
         persistent: bool = False,
-        persistent_limit: int = DEFAULT_MAX_IN_FLIGHT * BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        persistent_limit: int = MAX_PGRANTS,
+        max_indirect_segments: int = 0,
+        sector_size: int = SECTOR_SIZE,
+        bounce_pages: int = DEFAULT_BOUNCE_PAGES,
+        pgrant_timeout: float = PGRANT_TIMEOUT,
     ) -> None:
         self.domain = domain
         self.frontend_domid = frontend_domid
@@ -149,11 +142,13 @@ class BlkbackRing:
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
-            sectors=disk.info.size // SECTOR_SIZE,
+            sectors=disk.info.size // sector_size * sector_size // SECTOR_SIZE,
             read_only=disk.info.read_only,
             feature_flush_cache=feature_flush_cache,
             feature_barrier=feature_barrier,
             feature_discard=disk.info.can_trim,
+            max_indirect_segments=max_indirect_segments,
+            sector_size=sector_size,
         )
         self.on_broken = on_broken
         self.stats = BlkbackStats()
@@ -161,9 +156,15 @@ class BlkbackRing:
         self.abi: BlkifABI | None = None
         self.port = -1
         #: feature-persistent: keep data mappings (map transport only), up to the limit
-        self.persistent = persistent and domain.transport == "map"
-        self.persistent_limit = persistent_limit
-        self._persistent: dict[tuple[int, bool], GrantMapping] = {}
+        self.grants = BackGrants(
+            domain, frontend_domid, persistent=persistent, limit=persistent_limit, on_op=self._count_op
+        )
+        self.persistent = self.grants.persistent
+        self.pgrant_timeout = pgrant_timeout
+        self._purge_timer: asyncio.TimerHandle | None = None
+        #: copy transport: bounce pages free now (waiters wait on _bounce_free)
+        self._bounce = max(min(bounce_pages, domain.nr_pages // 2), MAX_INDIRECT_SEGMENTS)
+        self._bounce_free = asyncio.Condition()
         self._ring: BackRing | None = None
         self._ring_maps: list[GrantMapping] = []
         self._wake = asyncio.Event()
@@ -198,11 +199,41 @@ class BlkbackRing:
             raise
         self.abi = ring.abi
         self.domain.set_handler(self.port, self._on_event)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="blkback")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="blkback")
+        if self.persistent:
+            self._purge_timer = loop.call_later(self.pgrant_timeout / 2, self._purge)
+
+    def _purge(self) -> None:
+        """Let go of persistent mappings unused for pgrant_timeout, when nothing is in flight."""
+        self._purge_timer = None
+        if self._stopping or self._ring is None:
+            return
+        if self._in_flight == 0 and not self._batches:
+            self._start_task(self._purge_grants())
+        self._purge_timer = asyncio.get_running_loop().call_later(self.pgrant_timeout / 2, self._purge)
+
+    async def _purge_grants(self) -> None:
+        try:
+            n = await self.grants.purge(self.pgrant_timeout)
+        except (OSError, HypercallError) as e:
+            log.info("blkback d%d: unmapping unused persistent grants: %s", self.frontend_domid, e)
+            return
+        if n:
+            log.debug("blkback d%d: %d unused persistent grants unmapped", self.frontend_domid, n)
+
+    def _start_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     def set_size(self, size: int) -> None:
         """The disk was resized: requests are checked against the new end from now on."""
-        self.info = replace(self.info, sectors=size // SECTOR_SIZE)
+        ss = self.info.sector_size
+        self.info = replace(self.info, sectors=size // ss * ss // SECTOR_SIZE)
+
+    def _count_op(self) -> None:
+        self.stats.grant_ops += 1
 
     def _on_event(self, port: int) -> None:
         self.stats.notify_received += 1
@@ -266,14 +297,18 @@ class BlkbackRing:
         self.stats.batches += 1
         refused: list[bytes] = []
         group: list[DiskIO] = []
-        for raw in raws:
-            req = parse_request(self.abi, raw)
+        reqs: list[BlkifRequest | BlkifRequestError] = [parse_request(self.abi, raw) for raw in raws]
+        if any(isinstance(r, BlkifRequest) and r.operation == BLKIF_OP_INDIRECT for r in reqs):
+            reqs = await self.grants.read_indirect(reqs, self.info)
+        for req in reqs:
             try:
+                if isinstance(req, BlkifRequestError):
+                    raise req
                 io = validate(req, self.info)
             except BlkifRequestError as e:
                 log.debug("blkback d%d: refused: %s", self.frontend_domid, e)
                 self.stats.err_req += 1
-                refused.append(build_response(self.abi, req.id, req.operation, e.status))
+                refused.append(build_response(self.abi, e.request.id, e.request.response_op, e.status))
                 continue
             if TRACE.on:
                 self._taken[req.id] = time.monotonic_ns()
@@ -296,9 +331,7 @@ class BlkbackRing:
 
     def _start(self, group: list[DiskIO]) -> None:
         self._in_flight += len(group)
-        task = asyncio.get_running_loop().create_task(self._run_group(group))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
+        self._start_task(self._run_group(group))
 
     async def _drain(self) -> None:
         while self._batches:
@@ -353,52 +386,51 @@ class BlkbackRing:
         for w in works:
             write = w.io.kind == "write"
             keys.extend((seg.gref, write) for seg in w.io.segments)
-        cache = self._persistent
-        missing = list(dict.fromkeys(k for k in keys if k not in cache))
-        transient: list[GrantMapping] = []
-        fresh: dict[tuple[int, bool], GrantMapping] = {}
-        if missing:
-            self.stats.grant_ops += 1
-            maps = await self.domain.map_grants(
-                self.frontend_domid, [r for r, _ in missing], [ro for _, ro in missing], strict=False
-            )
-            for key, m in zip(missing, maps, strict=True):
-                fresh[key] = m
-                if (
-                    self.persistent
-                    and m.status == gt.GNTST_okay
-                    and key not in cache
-                    and len(cache) < self.persistent_limit
-                ):
-                    cache[key] = m
-                else:
-                    transient.append(m)
+        found, transient = await self.grants.map(keys)
         try:
             i = 0
             for w in works:
-                mine = [fresh.get(k) or cache[k] for k in keys[i : i + len(w.io.segments)]]
+                mine = [found[k] for k in keys[i : i + len(w.io.segments)]]
                 i += len(w.io.segments)
-                if any(m.status != gt.GNTST_okay or m.view is None for m in mine):
+                views = [m.view for m in mine if m is not None and m.view is not None]
+                if len(views) != len(mine):
                     w.status = BLKIF_RSP_ERROR
                     continue
-                w.buffers = [
-                    m.view[seg.offset : seg.offset + seg.length]  # type: ignore[index]
-                    for m, seg in zip(mine, w.io.segments, strict=True)
-                ]
+                w.buffers = [v[seg.offset : seg.offset + seg.length] for v, seg in zip(views, w.io.segments, strict=True)]
             await asyncio.gather(*(self._disk_io(w) for w in works if w.status == BLKIF_RSP_OKAY))
         finally:
             for w in works:
                 for b in w.buffers or ():
                     b.release()
                 w.buffers = None
-            if transient:
-                self.stats.grant_ops += 1
-                await self.domain.unmap_grants(transient)
+            await self.grants.unmap(transient)
 
     async def _data_by_copy(self, works: list[_Work]) -> None:
-        if not works:
-            return
-        nframes = sum(len(w.io.segments) for w in works)
+        """Move the works' data through bounce pages, in pieces that fit the bound."""
+        piece: list[_Work] = []
+        size = 0
+        for w in works:
+            n = len(w.io.segments)
+            if piece and size + n > self._bounce:
+                await self._copy_piece(piece, size)
+                piece, size = [], 0
+            piece.append(w)
+            size += n
+        if piece:
+            await self._copy_piece(piece, size)
+
+    async def _copy_piece(self, works: list[_Work], nframes: int) -> None:
+        async with self._bounce_free:
+            await self._bounce_free.wait_for(lambda: self._bounce >= nframes)
+            self._bounce -= nframes
+        try:
+            await self._copy_through(works, nframes)
+        finally:
+            async with self._bounce_free:
+                self._bounce += nframes
+                self._bounce_free.notify_all()
+
+    async def _copy_through(self, works: list[_Work], nframes: int) -> None:
         frames = self.domain.alloc_pages(nframes)
         try:
             pos = 0
@@ -505,7 +537,7 @@ class BlkbackRing:
                 st.f_req += 1
             elif io.kind == "discard":
                 st.ds_req += 1
-            out.append(build_response(self.abi, io.request.id, io.request.operation, w.status))
+            out.append(build_response(self.abi, io.request.id, io.request.response_op, w.status))
             if TRACE.on and (taken := self._taken.pop(io.request.id, 0)):
                 TRACE.span(f"blkback {io.kind}", "blk", taken,
                            args={"sector": io.request.sector_number, "bytes": io.length, "status": w.status},
@@ -532,6 +564,9 @@ class BlkbackRing:
         """Stop taking requests, finish those in flight, unmap the ring, close the port."""
         self._stopping = True
         self._wake.set()
+        if self._purge_timer is not None:
+            self._purge_timer.cancel()
+            self._purge_timer = None
         if self._task is not None:
             try:
                 await self._task
@@ -546,12 +581,10 @@ class BlkbackRing:
             except (OSError, HypercallError):
                 pass
             self.port = -1
-        if self._persistent:
-            kept, self._persistent = list(self._persistent.values()), {}
-            try:
-                await self.domain.unmap_grants(kept)
-            except (OSError, HypercallError):
-                pass
+        try:
+            await self.grants.release()
+        except (OSError, HypercallError):
+            pass
         if self._ring_maps:
             try:
                 await self.domain.unmap_grants(self._ring_maps)
@@ -560,4 +593,4 @@ class BlkbackRing:
             self._ring_maps = []
 
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "BlkbackRing", "BlkbackStats"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "MAX_INDIRECT_SEGMENTS", "BlkbackRing", "BlkbackStats"]

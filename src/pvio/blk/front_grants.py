@@ -10,6 +10,12 @@ a write or read-write for a read (`grant`), and ends access when the response ar
 freed then.  With persistent grants the pages stay granted read-write in a pool
 (`take_pooled`, `give_back`) and the backend may keep them mapped; `release_pool` ends
 them all when the ring is given up.
+
+`purge` is Linux blkfront's purge_persistent_grants (run every PURGE_INTERVAL seconds,
+as blkfront_delay_work does): a pooled grant not in use whose backend no longer maps it
+(a backend purges its own least-used mappings) is revoked — gnttab_try_end_foreign_access
+— and its reference and page are freed; one still mapped stays in the pool.  So a pool
+grown by a burst shrinks back once the backend lets go of the pages.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from collections.abc import Callable
 
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.granting import NoSpace
+
+#: seconds between purges of unused persistent grants (Linux blkfront: HZ * 10)
+PURGE_INTERVAL = 10.0
 
 
 class FrontGrants:
@@ -80,6 +89,23 @@ class FrontGrants:
     def give_back(self, pooled: list[tuple[int, int]]) -> None:
         """Persistent pages a request is done with: still granted, the next one reuses them."""
         self.pool.extend(pooled)
+
+    def purge(self) -> int:
+        """Revoke and free every pooled grant the backend does not map; returns how many."""
+        gnttab = self.domain.gnttab
+        kept: list[tuple[int, int]] = []
+        freed: list[int] = []
+        for ref, frame in self.pool:
+            if gnttab.end_foreign_access_ref(ref):  # fails while the backend maps it
+                freed.append(ref)
+            else:
+                kept.append((ref, frame))
+        self.pool = kept
+        for ref in freed:
+            gnttab.free_grant_reference(ref)
+            self._ref_freed(ref)
+        self.pool_size -= len(freed)
+        return len(freed)
 
     def end(self, grefs: tuple[int, ...]) -> None:
         """End the backend's access through `grefs`; each page is freed once it is let go."""

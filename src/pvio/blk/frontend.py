@@ -6,15 +6,22 @@ Theory of operation
 `pvio.blk.xenbus_frontend`, writes the keys this engine produces and reads the
 backend's).  It does what Linux's xen-blkfront does:
 
-- `setup_ring()` allocates 2**order *shareable* pages for the ring (so a backend of
+- `setup_ring()` allocates 2**order *shareable* pages for each ring (so a backend of
   either transport maps them live), initialises them (SHARED_RING_INIT), grants them to
   the backend's domain and allocates an unbound event channel for it; it returns the
   XenStore keys (ring-ref / ring-refN + ring-page-order, event-channel, protocol) to
-  write in one transaction.
+  write in one transaction.  With multi-queue (`set_queues(n)`, n > 1: the smaller of
+  what the guest wants and the backend's multi-queue-max-queues) there are n rings
+  (`pvio.blk.front_queue`), their keys under queue-0/ … queue-<n-1>/ and
+  multi-queue-num-queues beside them; a request goes to the ring with the most free
+  slots.
 - `connect(disk)` takes the backend's `BackendDisk` (sectors, info, features) and opens
   the queue.
-- Each I/O is split into requests of at most 11 segments; each segment is one page of
-  the guest's own memory, granted to the backend with one grant reference claimed in
+- Each I/O is split into requests of at most 11 segments — or, when the backend offers
+  indirect descriptors (feature-max-indirect-segments), of up to
+  `want_indirect_segments` (32, Linux's default) in one BLKIF_OP_INDIRECT whose
+  segments sit in indirect pages granted read-only; each segment is one page of the
+  guest's own memory, granted to the backend with one grant reference claimed in
   advance (read-only when the backend only reads it: a WRITE).  Segments never cross a
   page.  The request's exact bytes and its grants are kept in a shadow
   (`pvio.blk.shadow`) whose index is the request id.
@@ -33,13 +40,14 @@ backend's).  It does what Linux's xen-blkfront does:
   `resume()` puts every shadow still in flight back into the ring with its original
   bytes and grants.  Callers wait through this and see no error; a write whose
   response never came is simply written again.
-- Persistent grants (feature-persistent, offered by default): data pages stay granted
-  read-write and are reused by later requests, so a backend that keeps their mappings
-  needs no hypercall in the steady state.
-- `BlockBackend`: `read`/`write`/`flush`/`trim` of any offset and length, so the NBD
-  export serves the disk directly.
+- Persistent grants (feature-persistent, when both ends say so — the backend says it
+  with Connected): data pages stay granted read-write and are reused by later requests,
+  so a backend that keeps their mappings needs no hypercall in the steady state; every
+  PURGE_INTERVAL seconds the pooled grants the backend no longer maps are revoked and
+  freed (Linux's purge_persistent_grants).
+- `BlockBackend` (`pvio.blk.front_io`): `read`/`write`/`flush`/`trim` of any offset
+  and length, so the NBD export serves the disk directly.
 
-Deliberately not here: indirect descriptors, multi-queue.
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
 directly; the data is copied once, between the caller's bytes and those pages).
 """
@@ -48,42 +56,53 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pvio.abi.blkif import (
     ABI_NATIVE,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_NAMES,
     BLKIF_OP_READ,
-    BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
     BlkifABI,
 )
+from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
-from pvio.blk.front_grants import FrontGrants
+from pvio.blk.front_grants import PURGE_INTERVAL, FrontGrants
+from pvio.blk.front_io import FrontBlockIO
+from pvio.blk.front_queue import FrontQueue
 from pvio.blk.keys import BackendDisk
-from pvio.blk.request import Segment, build_discard, build_request, parse_response
-from pvio.blk.shadow import BackendProtocolError, Shadow, ShadowTable
+from pvio.blk.request import (
+    Segment,
+    build_discard,
+    build_indirect,
+    build_request,
+    indirect_pages,
+    pack_segments,
+    parse_response,
+)
+from pvio.blk.shadow import BackendProtocolError, Shadow
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
-from pvio.ring import FrontRing, RingBroken, SharedRing
+from pvio.ring import RingBroken
 from pvio.storage.backend import BackendInfo
 from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 log = logging.getLogger(__name__)
 
-#: Bytes one request can carry: 11 segments of a page each.
+#: Bytes one direct request can carry: 11 segments of a page each.
 MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
+#: Segments an indirect request carries at most unless told otherwise (Linux blkfront's
+#: max_indirect_segments default)
+DEFAULT_INDIRECT_SEGMENTS = 32
 
 
 @dataclass
@@ -109,7 +128,7 @@ class _Pending:
     data: bytes = b""
 
 
-class BlkFront:
+class BlkFront(FrontBlockIO):
     """The guest end of one vbd (see the module notes)."""
 
     def __init__(
@@ -120,6 +139,7 @@ class BlkFront:
         ring_order: int = 0,
         abi: BlkifABI = ABI_NATIVE,
         handle: int = 0,
+        want_indirect_segments: int = DEFAULT_INDIRECT_SEGMENTS,
     ) -> None:
         self.domain = domain
         self.backend_domid = backend_domid
@@ -127,7 +147,7 @@ class BlkFront:
         self.abi = abi
         self.handle = handle
         self.nr_ents = abi.ring_size(ring_order)
-        self.shadows = ShadowTable(self.nr_ents)
+        self.queues = [FrontQueue(0, self.nr_ents)]
         self.stats = BlkfrontStats()
         self.disk: BackendDisk | None = None
         self.broken: DeviceBroken | None = None
@@ -135,27 +155,36 @@ class BlkFront:
         #: time): requests fail with EIO at once instead of waiting, until one connects
         self.unavailable: str | None = None
         self.users = 0
-        self.port = -1
-        self.ring_refs: list[int] = []
-        self._ring_frames: list[int] = []
-        self._front: FrontRing | None = None
-        self._ids = asyncio.Semaphore(self.nr_ents)
         self._running = asyncio.Event()  # set while requests may be put into the ring
-        self._push_scheduled = False
         self._rmw = asyncio.Lock()
         self.on_broken: Callable[[DeviceBroken], None] | None = None
         #: feature-persistent: data pages stay granted (read-write) and are reused
         self.persistent = False
+        #: segments of one indirect request: the smaller of ours and the backend's
+        #: feature-max-indirect-segments, 0 (direct requests only) when that is <= 11
+        self.want_indirect_segments = want_indirect_segments
+        self.max_indirect_segments = 0
+        self._purger: asyncio.TimerHandle | None = None
         self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
 
-    def set_ring_order(self, order: int) -> None:
-        """Choose the ring's size before the first `setup_ring` (no request yet)."""
-        if self.shadows.in_flight() or self._front is not None:
-            raise RuntimeError("the ring order is fixed once the ring exists")
+    def set_ring_order(self, order: int, queues: int | None = None) -> None:
+        """Choose the rings' size (and number) before the first `setup_ring`."""
+        if self.in_flight() or any(q.ring is not None for q in self.queues):
+            raise RuntimeError("the ring geometry is fixed once the rings exist")
         self.ring_order = order
         self.nr_ents = self.abi.ring_size(order)
-        self.shadows = ShadowTable(self.nr_ents)
-        self._ids = asyncio.Semaphore(self.nr_ents)
+        n = len(self.queues) if queues is None else queues
+        if n < 1:
+            raise ValueError("a vbd has at least one queue")
+        self.queues = [FrontQueue(i, self.nr_ents) for i in range(n)]
+
+    def in_flight(self) -> list[Shadow]:
+        return [s for q in self.queues for s in q.shadows.in_flight()]
+
+    @property
+    def port(self) -> int:
+        """The first ring's event channel (the only one without multi-queue)."""
+        return self.queues[0].port
 
     # T:610 blkfront sets up its ring and says where it is
     # The frontend owns the ring: 2**order pages of its own memory, allocated shareable so
@@ -172,27 +201,23 @@ class BlkFront:
     # :T
     async def setup_ring(self) -> dict[str, str]:
         """Allocate, initialise and grant the ring; allocate the port; return the keys."""
-        await self.domain.grow_grant_table(self.nr_ents * BLKIF_MAX_SEGMENTS_PER_REQUEST + (1 << self.ring_order))
-        frames = await self.domain.alloc_shareable_pages(1 << self.ring_order)
-        pages = [self.domain.frame(f) for f in frames]
-        front = FrontRing.init(SharedRing.for_blkif(pages, self.abi))
-        if front.nr_ents != self.nr_ents:  # pragma: no cover - geometry is fixed by abi/order
-            raise ValueError("ring geometry mismatch")
-        refs = await self.domain.grant_access(self.backend_domid, frames)
-        self.port = await self.domain.alloc_unbound(self.backend_domid)
-        self.domain.set_handler(self.port, self._on_event)
-        self._front = front
-        self._ring_frames = frames
-        self.ring_refs = refs
-        keys = {"event-channel": str(self.port), "protocol": self.abi.protocol}
-        if self.persistent:
-            keys["feature-persistent"] = "1"
-        if self.ring_order == 0:
-            keys["ring-ref"] = str(refs[0])
-        else:
+        per_request = max(BLKIF_MAX_SEGMENTS_PER_REQUEST, self.want_indirect_segments)
+        per_request += indirect_pages(self.want_indirect_segments)
+        gnttab = self.domain.gnttab  # as many as the table can hold: claims wait beyond that
+        room = gnttab.free_count + (gnttab.max_frames - gnttab.nr_frames) * GREFS_PER_GRANT_FRAME
+        n = len(self.queues)
+        want = n * (self.nr_ents * per_request + (1 << self.ring_order))
+        await self.domain.grow_grant_table(min(room, want))
+        keys = {"protocol": self.abi.protocol}
+        if self.ring_order:
             keys["ring-page-order"] = str(self.ring_order)
-            for i, ref in enumerate(refs):
-                keys[f"ring-ref{i}"] = str(ref)
+        if n > 1:
+            keys["multi-queue-num-queues"] = str(n)
+        for q in self.queues:
+            mine = await q.setup(
+                self.domain, self.backend_domid, self.abi, self.ring_order, functools.partial(self._on_event, q)
+            )
+            keys.update((f"queue-{q.index}/{k}" if n > 1 else k, v) for k, v in mine.items())
         return keys
 
     def connect(self, disk: BackendDisk) -> None:
@@ -200,7 +225,33 @@ class BlkFront:
         if disk.sector_size != SECTOR_SIZE:
             log.info("blkfront: sector-size %d; requests stay in 512-byte units", disk.sector_size)
         self.disk = disk
+        self._negotiate(disk)
         self._running.set()
+
+    def _negotiate(self, disk: BackendDisk) -> None:
+        n = min(disk.max_indirect_segments, self.want_indirect_segments)
+        self.max_indirect_segments = n if n > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        if self.persistent and self._purger is None:
+            self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
+
+    def set_persistent(self, on: bool) -> None:
+        """Use persistent grants from now on, or stop (the pool's grants end)."""
+        self.persistent = on
+        if not on:
+            self.grants.release_pool()
+
+    def _purge(self) -> None:
+        self._purger = None
+        if self.broken is not None or not self.persistent:
+            return
+        n = self.grants.purge()
+        if n:
+            log.debug("blkfront: %d unused persistent grants purged", n)
+        self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max(BLKIF_MAX_SEGMENTS_PER_REQUEST, self.max_indirect_segments) * PAGE_SIZE
 
     @property
     def info(self) -> BackendInfo:
@@ -208,7 +259,7 @@ class BlkFront:
         return BackendInfo(
             size=disk.size,
             read_only=disk.read_only,
-            min_block=SECTOR_SIZE,
+            min_block=self.unit,
             preferred_block=max(4096, disk.physical_sector_size),
             can_flush=disk.feature_flush_cache or disk.feature_barrier,
             can_fua=disk.feature_flush_cache or disk.feature_barrier,
@@ -241,34 +292,40 @@ class BlkFront:
         read_into: memoryview | None = None,
         want_bytes: bool = False,
     ) -> bytes:
-        """One request for `nbytes` (a multiple of 512, up to 11 pages) at `sector`;
-        returns the data of a READ made with `want_bytes`, else b""."""
+        """One request for `nbytes` (a multiple of 512, up to `max_request_bytes`) at
+        `sector`; returns the data of a READ made with `want_bytes`, else b""."""
         self._check_broken()
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
-        await self._ids.acquire()
+        # More than 11 pages: one INDIRECT request, its segments in pages of their own.
+        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        queues = self.queues
+        q = queues[0] if len(queues) == 1 else self._pick(queues)
+        await q.ids.acquire()
         pooled: list[tuple[int, int]] | None = None
         try:
             await self._wait_running()
             if self.persistent:
-                pooled = await self.grants.take_pooled(npages)
+                pooled = await self.grants.take_pooled(npages + nind)
                 grefs = [r for r, _ in pooled]
                 frames = [f for _, f in pooled]
             else:
-                grefs = await self.grants.claim(npages)
-                frames = self.domain.alloc_pages(npages)
+                grefs = await self.grants.claim(npages + nind)
+                frames = self.domain.alloc_pages(npages + nind)
         except BaseException:
-            self._ids.release()
+            q.ids.release()
             raise
         readonly = operation != BLKIF_OP_READ
         segs: list[Segment] = []
         left = nbytes
-        for ref, frame in zip(grefs, frames, strict=True):
+        for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
             n = min(left, PAGE_SIZE)
             if pooled is None:
                 self.grants.grant(ref, frame, readonly)
             segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
             left -= n
+        if nind:
+            self._write_indirect(segs, grefs[npages:], frames[npages:], pooled is None)
         if payload is not None:
             mem = self.domain.memory
             pos = 0
@@ -278,21 +335,28 @@ class BlkFront:
                 mem[start : start + len(chunk)] = chunk
                 pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames, nbytes, read_into, pooled, want_bytes)
+        pending = _Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
         if operation == BLKIF_OP_DISCARD:
-            shadow = self.shadows.alloc(
+            shadow = q.shadows.alloc(
                 operation, sector,
                 lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
                 (), pending,
             )
+        elif nind:
+            ind = grefs[npages:]
+            shadow = q.shadows.alloc(
+                operation, sector,
+                lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
+                tuple(grefs), pending,
+            )
         else:
-            shadow = self.shadows.alloc(
+            shadow = q.shadows.alloc(
                 operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
                 tuple(grefs), pending,
             )
         self.stats.requests += 1
         t0 = time.monotonic_ns() if TRACE.on else 0
-        self._put(shadow)
+        self._put(q, shadow)
         status = await fut
         if TRACE.on and t0:  # the request's hop in this domain; blkback names it alike
             CURRENT_FLOW.set(flow := flow_id(self.domain.domid, shadow.id, sector))
@@ -302,6 +366,25 @@ class BlkFront:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
         return pending.data
+
+    @staticmethod
+    def _pick(queues: list[FrontQueue]) -> FrontQueue:
+        """The first ring with a free slot (so a batch stays on one ring and one kick),
+        or the one with the most free slots."""
+        for q in queues:
+            if q.shadows.free:
+                return q
+        return max(queues, key=lambda q: q.shadows.free)
+
+    def _write_indirect(self, segs: list[Segment], refs: list[int], frames: list[int], grant: bool) -> None:
+        """Write the segments into the indirect pages; grant those read-only (not pooled)."""
+        raw = pack_segments(segs)
+        mem = self.domain.memory
+        for k, (ref, frame) in enumerate(zip(refs, frames, strict=True)):
+            chunk = raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            mem[frame * PAGE_SIZE : frame * PAGE_SIZE + len(chunk)] = chunk
+            if grant:
+                self.grants.grant(ref, frame, True)
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
@@ -318,37 +401,37 @@ class BlkFront:
         if self.unavailable is None:
             log.warning("blkfront: failing requests: %s", reason)
         self.unavailable = reason
-        shadows = self.shadows.in_flight()
-        for shadow in shadows:
-            self._complete(shadow.id, shadow.operation, BLKIF_RSP_ERROR)
+        failed = 0
+        for q in self.queues:
+            for shadow in q.shadows.in_flight():
+                self._complete(q, shadow.id, shadow.operation, BLKIF_RSP_ERROR)
+                failed += 1
         self._running.set()  # wake the waiters: they fail now
-        return len(shadows)
+        return failed
 
     def _grant_wait(self) -> None:
         self.stats.grant_waits += 1
 
-    def _put(self, shadow: Shadow) -> None:
-        front = self._front
-        assert front is not None
+    def _put(self, q: FrontQueue, shadow: Shadow) -> None:
+        ring = q.ring
+        assert ring is not None
         try:
-            front.put_request(shadow.request)
+            ring.put_request(shadow.request)
         except RingBroken as e:
             self._break(str(e))
             return
-        if not self._push_scheduled:
-            self._push_scheduled = True
-            asyncio.get_running_loop().call_soon(self._push)
+        if not q.push_scheduled:
+            q.push_scheduled = True
+            asyncio.get_running_loop().call_soon(self._push, q)
 
-    def _push(self) -> None:
-        self._push_scheduled = False
-        front = self._front
-        if front is None or self.broken is not None or not self._running.is_set():
+    def _push(self, q: FrontQueue) -> None:
+        if self.broken is not None or not self._running.is_set():
+            q.push_scheduled = False
             return
         try:
             self.stats.pushes += 1
-            if front.push_requests_and_check_notify():
+            if q.push(self.domain):
                 self.stats.notify_sent += 1
-                self.domain.notify(self.port)
         except RingBroken as e:
             self._break(str(e))
         except OSError as e:  # pragma: no cover - the port is gone: recovery will follow
@@ -364,28 +447,28 @@ class BlkFront:
     # is copied out of the pages, then the grants end; a page goes back to the allocator
     # only when its grant is really free (a backend may still have it mapped).
     # :T
-    def _on_event(self, port: int) -> None:
+    def _on_event(self, q: FrontQueue, port: int) -> None:
         self.stats.notify_received += 1
-        self.poll()
+        self._poll(q)
 
     def poll(self) -> None:
-        """Consume every available response (the interrupt handler)."""
-        front = self._front
-        if front is None or self.broken is not None:
+        """Consume every available response of every ring (the interrupt handler)."""
+        for q in self.queues:
+            self._poll(q)
+
+    def _poll(self, q: FrontQueue) -> None:
+        if self.broken is not None:
             return
         try:
-            while True:
-                for raw in front.take_responses():
-                    self._complete(*parse_response(self.abi, raw))
-                if not front.final_check_for_responses():
-                    break
+            for raw in q.responses():
+                self._complete(q, *parse_response(self.abi, raw))
         except (RingBroken, BackendProtocolError) as e:
             self._break(str(e))
 
-    def _complete(self, req_id: int, operation: int, status: int) -> None:
-        shadow = self.shadows.complete(req_id, operation)
+    def _complete(self, q: FrontQueue, req_id: int, operation: int, status: int) -> None:
+        shadow = q.shadows.complete(req_id, operation)
         pending: _Pending = shadow.cookie
-        self._ids.release()
+        q.ids.release()
         if pending.want_bytes and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
             n = pending.nbytes
@@ -405,8 +488,10 @@ class BlkFront:
                 n = min(PAGE_SIZE, pending.nbytes - pos)
                 out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
                 pos += n
-        if pending.pooled is not None:
+        if pending.pooled is not None and self.persistent:
             self.grants.give_back(pending.pooled)
+        elif pending.pooled is not None:  # persistence was given up meanwhile
+            self.grants.end(tuple(r for r, _ in pending.pooled))
         else:
             self.grants.end(shadow.grefs)
         if not pending.future.done():
@@ -422,10 +507,11 @@ class BlkFront:
         log.warning("blkfront: device broken: %s", reason)
         self.broken = DeviceBroken(reason)
         self._running.set()  # wake waiters so they see the error
-        for shadow in self.shadows.reset():
-            pending: _Pending = shadow.cookie
-            if not pending.future.done():
-                pending.future.set_exception(DeviceBroken(reason))
+        for q in self.queues:
+            for shadow in q.shadows.reset():
+                pending: _Pending = shadow.cookie
+                if not pending.future.done():
+                    pending.future.set_exception(DeviceBroken(reason))
         if self.on_broken is not None:
             self.on_broken(self.broken)
 
@@ -444,131 +530,28 @@ class BlkFront:
     async def suspend(self) -> None:
         """Stop the queue and drop the ring (blkfront_resume's first half)."""
         self._running.clear()
-        if self._front is not None:
-            self.poll()  # whatever the old backend completed still counts
-        self._front = None
-        if self.port >= 0:
-            try:
-                await self.domain.close_port(self.port)
-            except Exception as e:
-                log.info("blkfront: closing port %d: %s", self.port, e)
-            self.port = -1
-        if self.ring_refs:
-            self.domain.end_access(self.ring_refs)
-            self.ring_refs = []
-        self._ring_frames = []
+        self.poll()  # whatever the old backend completed still counts
+        for q in self.queues:
+            await q.teardown(self.domain)
 
     def resume(self, disk: BackendDisk | None = None) -> int:
         """After the backend reconnected: re-issue every request in flight; returns how many."""
         if disk is not None:
             self.disk = disk
+            self._negotiate(disk)
         self.unavailable = None
-        front = self._front
-        assert front is not None, "setup_ring() first"
-        shadows = self.shadows.in_flight()
-        if shadows:
-            front.put_requests([s.request for s in shadows])
-            self.stats.reissued += len(shadows)
+        reissued = 0
+        for q in self.queues:
+            assert q.ring is not None, "setup_ring() first"
+            shadows = q.shadows.in_flight()
+            if shadows:
+                q.ring.put_requests([s.request for s in shadows])
+                reissued += len(shadows)
+        self.stats.reissued += reissued
         self._running.set()
-        self._push()
-        return len(shadows)
-
-    # -- BlockBackend ---------------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        if 0 < length <= MAX_REQUEST_BYTES and not (offset | length) % SECTOR_SIZE:
-            # The common case (one request): the data comes straight out of the pages.
-            disk = self._disk()
-            if offset + length > disk.size:
-                raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
-            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
-        buf = bytearray(length)
-        await self.read_into(offset, memoryview(buf))
-        return bytes(buf)
-
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        length = len(buf)
-        if length == 0:
-            return
-        start = offset - offset % SECTOR_SIZE
-        end = -(-(offset + length) // SECTOR_SIZE) * SECTOR_SIZE
-        if start == offset and end == offset + length:
-            await self._rw_aligned(BLKIF_OP_READ, start, None, buf)
-            return
-        tmp = bytearray(end - start)
-        await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(tmp))
-        buf[:] = tmp[offset - start : offset - start + length]
-
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        length = len(data)
-        if length:
-            self._check_writable()
-            if offset % SECTOR_SIZE or length % SECTOR_SIZE:
-                await self._write_unaligned(offset, data)
-            else:
-                await self._rw_aligned(BLKIF_OP_WRITE, offset, memoryview(data), None)
-        if fua:
-            await self.flush()
-
-    async def _write_unaligned(self, offset: int, data: bytes | memoryview) -> None:
-        start = offset - offset % SECTOR_SIZE
-        end = -(-(offset + len(data)) // SECTOR_SIZE) * SECTOR_SIZE
-        async with self._rmw:  # read-modify-write of the partial sectors
-            buf = bytearray(end - start)
-            await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(buf))
-            buf[offset - start : offset - start + len(data)] = data
-            await self._rw_aligned(BLKIF_OP_WRITE, start, memoryview(buf), None)
-
-    async def _rw_aligned(
-        self, operation: int, offset: int, data: memoryview | None, into: memoryview | None
-    ) -> None:
-        length = len(data) if data is not None else len(into) if into is not None else 0
-        disk = self._disk()
-        if offset + length > disk.size:
-            raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
-        jobs = []
-        for pos in range(0, length, MAX_REQUEST_BYTES):
-            n = min(MAX_REQUEST_BYTES, length - pos)
-            sector = (offset + pos) // SECTOR_SIZE
-            if data is not None:
-                jobs.append(self._issue(operation, sector, data[pos : pos + n], n))
-            else:
-                assert into is not None
-                jobs.append(self._issue(operation, sector, None, n, into[pos : pos + n]))
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            await _gather_all(jobs)
-
-    def _check_writable(self) -> None:
-        if self._disk().read_only:
-            raise OSError(errno.EROFS, "blkfront: the disk is read-only")
-
-    async def flush(self) -> None:
-        disk = self._disk()
-        if disk.feature_flush_cache:
-            await self._issue(BLKIF_OP_FLUSH_DISKCACHE, 0, None, 0)
-        elif disk.feature_barrier:
-            await self._issue(BLKIF_OP_WRITE_BARRIER, 0, None, 0)
-
-    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        disk = self._disk()
-        if not disk.feature_discard:
-            raise OSError(errno.EOPNOTSUPP, "blkfront: the backend does not discard")
-        self._check_writable()
-        start = -(-offset // SECTOR_SIZE) * SECTOR_SIZE
-        end = (offset + length) // SECTOR_SIZE * SECTOR_SIZE
-        if end > start:
-            await self._issue(BLKIF_OP_DISCARD, start // SECTOR_SIZE, None, end - start)
-        if fua:
-            await self.flush()
-
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
-        step = MAX_REQUEST_BYTES * 8
-        for pos in range(0, length, step):
-            await self.write(offset + pos, bytes(min(step, length - pos)))
-        if fua:
-            await self.flush()
+        for q in self.queues:
+            self._push(q)
+        return reissued
 
     # -- users and teardown ----------------------------------------------------------------
 
@@ -583,18 +566,14 @@ class BlkFront:
         """Give the ring up and end its grants; refused while the disk has users."""
         if self.users > 0 and not force:
             raise DeviceBusy(self.users)
-        if self.shadows.in_flight() and self.broken is None:
+        if self.in_flight() and self.broken is None:
             self._break("closed with requests in flight")
         await self.suspend()
         if self.broken is None:  # from now on every call fails instead of waiting
             self.broken = DeviceBroken("the disk is closed")
             self._running.set()
+        if self._purger is not None:
+            self._purger.cancel()
+            self._purger = None
         self.grants.release_pool()
 
-
-async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
-    """Await every job; the first failure is raised after all have finished."""
-    results = await asyncio.gather(*jobs, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r

@@ -10,12 +10,24 @@ Backend → frontend (written by blkback under its backend directory)::
     sectors                 Values: <uint64_t>   Notes: size of the disk in 512-byte sectors
     info                    Values: <uint32_t> (bitmap)  VDISK_CDROM | VDISK_REMOVABLE |
                             VDISK_READONLY
-    sector-size             Values: <uint32_t>   logical sector size in bytes
+    sector-size             Values: <uint32_t>   logical sector size in bytes; `sectors` and
+                            every sector number in the ring stay in 512-byte units
+                            whatever it is (Xen 4.18's blkif.h, Linux), requests must be
+                            whole logical sectors.  feature-large-sector-size (the older
+                            header's switch to sector-size units) is deprecated: pvio
+                            neither writes nor reads it
     physical-sector-size    Values: <uint32_t>   Default: <"sector-size">
     feature-flush-cache     Values: 0/1          Default: 0
     feature-barrier         Values: 0/1          Default: 0
     feature-discard         Values: 0/1          Default: 0
     max-ring-page-order     Values: <uint32_t>   Default: 0; the largest ring the backend maps
+    multi-queue-max-queues  Values: <uint32_t>   Default: 1; the most rings the backend serves
+    feature-max-indirect-segments  Values: <uint32_t>  Default: 0; the most segments one
+                            BLKIF_OP_INDIRECT may carry (written at probe); absent: no
+                            indirect requests
+    feature-persistent      Values: 0/1          Default: 0; the backend keeps the frontend's
+                            persistent grants mapped.  Written with Connected (Linux
+                            blkback's connect()), so a frontend reads it then
 
 Frontend → backend (written by blkfront under its device directory)::
 
@@ -24,6 +36,13 @@ Frontend → backend (written by blkfront under its device directory)::
     event-channel           Values: <uint32_t>   the frontend's unbound port for the backend
     protocol                Values: "x86_32-abi" | "x86_64-abi" | "arm-abi"
                             Default: the backend's native ABI
+    multi-queue-num-queues  Values: <uint32_t>   Default: 1; 1..multi-queue-max-queues, else
+                            the backend refuses (Linux: "guest requested N queues,
+                            exceeding the maximum of M").  With more than one, each ring's
+                            ring-ref(s) and event-channel are under queue-0/ ..
+                            queue-<N-1>/; ring-page-order and protocol stay here
+    feature-persistent      Values: 0/1          Default: 0; the frontend can reuse granted
+                            pages (it writes its capability; both must say 1)
 
 Toolstack → backend: params, mode ("r"/"w"), type, device-type ("disk"/"cdrom"),
 format, discard-enable.
@@ -102,6 +121,22 @@ def parse_frontend_ring(
     return FrontendRing(refs, order, port, abi)
 
 
+def parse_num_queues(values: Mapping[str, str], max_queues: int) -> int:
+    """multi-queue-num-queues, refused as Linux blkback's connect_ring refuses it."""
+    n = read_uint(values, "multi-queue-num-queues", U32_MAX, default=1)
+    if n == 0 or n > max_queues:
+        raise KeyValueError("multi-queue-num-queues", f"guest requested {n} queues, exceeding the maximum of {max_queues}")
+    return n
+
+
+def parse_frontend_queue(
+    top: Mapping[str, str], queue: Mapping[str, str], max_ring_page_order: int = MAX_RING_PAGE_ORDER
+) -> FrontendRing:
+    """One ring of a multi-queue frontend: its own refs and port, the device's order and ABI."""
+    shared = {k: top[k] for k in ("ring-page-order", "protocol") if k in top}
+    return parse_frontend_ring({**queue, **shared}, max_ring_page_order)
+
+
 @dataclass(frozen=True)
 class BackendDisk:
     """What blkfront learns about its disk when the backend is Connected."""
@@ -113,6 +148,8 @@ class BackendDisk:
     feature_flush_cache: bool
     feature_barrier: bool
     feature_discard: bool
+    max_indirect_segments: int = 0
+    feature_persistent: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -146,6 +183,8 @@ def parse_backend_disk(values: Mapping[str, str]) -> BackendDisk:
         feature_flush_cache=read_bool(values, "feature-flush-cache"),
         feature_barrier=read_bool(values, "feature-barrier"),
         feature_discard=read_bool(values, "feature-discard"),
+        max_indirect_segments=read_uint(values, "feature-max-indirect-segments", U32_MAX, default=0),
+        feature_persistent=read_bool(values, "feature-persistent"),
     )
 
 

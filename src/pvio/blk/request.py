@@ -12,26 +12,38 @@ grants, files or rings: the engine that maps grants and does the I/O consumes `D
 Checks, and where they come from (Linux blkback `dispatch_rw_block_io`, QEMU xen-block
 `xen_block_parse_request`):
 
-- an operation pvio does not serve (unknown, RESERVED_1, INDIRECT, DISCARD without
-  `feature-discard`, FLUSH/BARRIER without their feature) → BLKIF_RSP_EOPNOTSUPP;
+- an operation pvio does not serve (unknown, RESERVED_1, INDIRECT when
+  `feature-max-indirect-segments` is not offered, DISCARD without `feature-discard`,
+  FLUSH/BARRIER without their feature) → BLKIF_RSP_EOPNOTSUPP;
 - READ/WRITE with 0 segments, or any request with more than 11 → BLKIF_RSP_ERROR;
+- INDIRECT (`check_indirect`, before its pages are fetched): an `indirect_op` that is
+  not READ or WRITE, 0 segments, or more than the backend advertised →
+  BLKIF_RSP_ERROR; then (`parse_indirect_segments`) the segments are read from the
+  copied pages and checked like a direct request's;
 - a segment whose last_sect is past the page or before first_sect → BLKIF_RSP_ERROR;
+- a transfer whose start or any segment is not a whole number of the disk's logical
+  sectors (`sector-size` 4096: 8 blkif sectors) → BLKIF_RSP_ERROR, as Linux blkback's
+  "misaligned I/O";
 - an access that ends past the end of the disk → BLKIF_RSP_ERROR;
 - a write (WRITE, BARRIER or FLUSH with data, DISCARD) to a read-only disk →
   BLKIF_RSP_ERROR.
 
-The grant checks (missing, for another domain, read-only for a READ) belong to the
-hypervisor's map/copy and are answered the same way by the engine.
+The grant checks (missing, for another domain, read-only for a READ; an indirect page
+that cannot be mapped) belong to the hypervisor's map/copy and are answered the same way
+by the engine.  A response to an INDIRECT request carries its `indirect_op` (READ or
+WRITE) as its operation, as Linux blkback answers and blkfront expects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pvio.abi.blkif import (
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
     BLKIF_OP_NAMES,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
@@ -40,6 +52,8 @@ from pvio.abi.blkif import (
     BLKIF_RSP_ERROR,
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
+    SEGMENT,
+    SEGMENTS_PER_INDIRECT_FRAME,
     BlkifABI,
 )
 
@@ -82,7 +96,9 @@ class BlkifRequest:
     """A request as the frontend sent it, not yet validated.
 
     For BLKIF_OP_DISCARD, `segments` is empty and `nr_sectors`/`flag` are set from the
-    struct blkif_request_discard view of the same bytes.
+    struct blkif_request_discard view of the same bytes.  For BLKIF_OP_INDIRECT,
+    `indirect_op` and the `indirect_grefs` the segment count needs are set, and
+    `segments` stays empty until `parse_indirect_segments` reads them from the pages.
     """
 
     operation: int
@@ -93,10 +109,17 @@ class BlkifRequest:
     segments: tuple[Segment, ...]
     nr_sectors: int = 0
     flag: int = 0
+    indirect_op: int = 0
+    indirect_grefs: tuple[int, ...] = ()
 
     @property
     def op_name(self) -> str:
         return BLKIF_OP_NAMES.get(self.operation, f"unknown operation {self.operation}")
+
+    @property
+    def response_op(self) -> int:
+        """The operation the response carries: an INDIRECT request's is its indirect_op."""
+        return self.indirect_op if self.operation == BLKIF_OP_INDIRECT else self.operation
 
 
 class BlkifRequestError(Exception):
@@ -119,6 +142,10 @@ class DiskInfo:
     feature_flush_cache: bool = True
     feature_barrier: bool = True
     feature_discard: bool = False
+    #: feature-max-indirect-segments as advertised; 0: BLKIF_OP_INDIRECT is not served
+    max_indirect_segments: int = 0
+    #: the disk's logical sector size (`sector-size`): every transfer is whole sectors
+    sector_size: int = SECTOR_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +170,11 @@ class DiskIO:
         return self.length // SECTOR_SIZE
 
 
+def indirect_pages(nr_segments: int) -> int:
+    """INDIRECT_PAGES(n): the indirect pages `nr_segments` segments fill (512 a page)."""
+    return -(-nr_segments // SEGMENTS_PER_INDIRECT_FRAME)
+
+
 def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
     """Parse a request slot already copied out of the ring (at least `abi.request.size`)."""
     values = abi.request_flat.unpack_from(raw)
@@ -151,6 +183,14 @@ def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
         d = abi.request_discard.packer.unpack_from(raw)
         # blkif_request_discard: operation, flag, handle, id, sector_number, nr_sectors
         return BlkifRequest(operation, 0, d[2], d[3], d[4], (), nr_sectors=d[5], flag=d[1])
+    if operation == BLKIF_OP_INDIRECT:
+        v = abi.request_indirect.packer.unpack_from(raw)
+        # blkif_request_indirect: operation, indirect_op, nr_segments, id, sector_number,
+        # handle, indirect_grefs[8] (, pad on x86_32).  Only the grefs the count needs
+        # are taken, as Linux's blkif_get_x86_*_req copies them.
+        nseg = v[2]
+        grefs = tuple(v[6 : 6 + min(BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, indirect_pages(nseg))])
+        return BlkifRequest(operation, nseg, v[5], v[3], v[4], (), indirect_op=v[1], indirect_grefs=grefs)
     count = min(nr_segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
     segs = tuple(
         Segment(values[5 + 3 * i], values[6 + 3 * i], values[7 + 3 * i]) for i in range(count)
@@ -158,11 +198,49 @@ def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
     return BlkifRequest(operation, nr_segments, handle, req_id, sector_number, segs)
 
 
+_SEGMENT = SEGMENT.packer  # struct blkif_request_segment: the same bytes in every ABI
+
+
+def check_indirect(request: BlkifRequest, disk: DiskInfo) -> None:
+    """What Linux blkback checks of an INDIRECT request before it maps its pages."""
+    if disk.max_indirect_segments == 0:
+        raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "indirect not offered")
+    if request.indirect_op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        raise BlkifRequestError(
+            request, BLKIF_RSP_ERROR, "indirect_op", f"{request.indirect_op} is not READ or WRITE"
+        )
+    n = request.nr_segments
+    if n == 0 or n > disk.max_indirect_segments:
+        raise BlkifRequestError(
+            request, BLKIF_RSP_ERROR, "nr_segments", f"{n} not in 1..{disk.max_indirect_segments}"
+        )
+
+
+def parse_indirect_segments(request: BlkifRequest, pages: list[bytes]) -> BlkifRequest:
+    """The request with its segments read from copies of its indirect pages (in order).
+
+    Segment bounds are checked by `validate`, as for a direct request."""
+    need = request.nr_segments * _SEGMENT.size
+    data = b"".join(pages)
+    if len(data) < need:
+        raise ValueError(f"{len(pages)} indirect pages hold fewer than {request.nr_segments} segments")
+    segs = tuple(Segment(*v) for v in _SEGMENT.iter_unpack(data[:need]))
+    return replace(request, segments=segs)
+
+
 def validate(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
-    """Check `request` against `disk`; return the I/O to do or raise BlkifRequestError."""
+    """Check `request` against `disk`; return the I/O to do or raise BlkifRequestError.
+
+    An INDIRECT request must have been through `check_indirect` and
+    `parse_indirect_segments` (its segments read from its pages)."""
     op = request.operation
     if op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
         return _validate_rw(request, disk, op == BLKIF_OP_WRITE, False, False)
+    if op == BLKIF_OP_INDIRECT:
+        check_indirect(request, disk)
+        if len(request.segments) != request.nr_segments:
+            raise ValueError("an indirect request's segments are read before it is validated")
+        return _validate_rw(request, disk, request.indirect_op == BLKIF_OP_WRITE, False, False)
     if op == BLKIF_OP_WRITE_BARRIER:
         if not disk.feature_barrier:
             raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "no barriers")
@@ -186,10 +264,11 @@ def _validate_rw(
     request: BlkifRequest, disk: DiskInfo, write: bool, preflush: bool, postflush: bool
 ) -> DiskIO:
     n = request.nr_segments
-    if n == 0 or n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+    if request.operation != BLKIF_OP_INDIRECT and (n == 0 or n > BLKIF_MAX_SEGMENTS_PER_REQUEST):
         raise BlkifRequestError(
             request, BLKIF_RSP_ERROR, "nr_segments", f"{n} not in 1..{BLKIF_MAX_SEGMENTS_PER_REQUEST}"
         )
+    align = disk.sector_size // SECTOR_SIZE - 1  # 0 for 512-byte sectors
     total = 0
     for i, seg in enumerate(request.segments):
         if seg.last_sect >= SECTORS_PER_PAGE or seg.first_sect > seg.last_sect:
@@ -199,7 +278,15 @@ def _validate_rw(
                 f"seg[{i}]",
                 f"sectors {seg.first_sect}..{seg.last_sect} are not inside one page",
             )
+        if (seg.first_sect | seg.nsect) & align:
+            raise BlkifRequestError(
+                request, BLKIF_RSP_ERROR, f"seg[{i}]", f"not whole {disk.sector_size}-byte sectors"
+            )
         total += seg.nsect
+    if request.sector_number & align:
+        raise BlkifRequestError(
+            request, BLKIF_RSP_ERROR, "sector_number", f"not on a {disk.sector_size}-byte sector"
+        )
     if write and disk.read_only:
         raise BlkifRequestError(request, BLKIF_RSP_ERROR, "operation", "disk is read-only")
     _check_range(request, disk, request.sector_number, total)
@@ -219,6 +306,10 @@ def _validate_discard(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
         raise BlkifRequestError(request, BLKIF_RSP_EOPNOTSUPP, "operation", "no discard")
     if disk.read_only:
         raise BlkifRequestError(request, BLKIF_RSP_ERROR, "operation", "disk is read-only")
+    if (request.sector_number | request.nr_sectors) & (disk.sector_size // SECTOR_SIZE - 1):
+        raise BlkifRequestError(
+            request, BLKIF_RSP_ERROR, "sector_number", f"not whole {disk.sector_size}-byte sectors"
+        )
     _check_range(request, disk, request.sector_number, request.nr_sectors)
     return DiskIO(
         request, "discard", request.sector_number * SECTOR_SIZE, request.nr_sectors * SECTOR_SIZE, ()
@@ -265,6 +356,35 @@ def build_discard(
         nr_sectors=nr_sectors,
     )
     return raw + bytes(abi.request.size - len(raw))
+
+
+def build_indirect(
+    abi: BlkifABI,
+    indirect_op: int,
+    req_id: int,
+    sector_number: int,
+    nr_segments: int,
+    indirect_grefs: tuple[int, ...] | list[int],
+    handle: int = 0,
+) -> bytes:
+    """The bytes of a BLKIF_OP_INDIRECT slot (its segments are in the indirect pages)."""
+    if len(indirect_grefs) > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
+        raise ValueError(f"{len(indirect_grefs)} indirect pages > {BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST}")
+    raw = abi.request_indirect.pack(
+        operation=BLKIF_OP_INDIRECT,
+        indirect_op=indirect_op,
+        nr_segments=nr_segments,
+        id=req_id,
+        sector_number=sector_number,
+        handle=handle,
+        indirect_grefs=tuple(indirect_grefs),
+    )
+    return raw + bytes(abi.request.size - len(raw))
+
+
+def pack_segments(segments: list[Segment] | tuple[Segment, ...]) -> bytes:
+    """The bytes of struct blkif_request_segment[], as written into indirect pages."""
+    return b"".join(_SEGMENT.pack(s.gref, s.first_sect, s.last_sect) for s in segments)
 
 
 def build_response(abi: BlkifABI, req_id: int, operation: int, status: int) -> bytes:

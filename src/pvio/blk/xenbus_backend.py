@@ -5,24 +5,33 @@ Theory of operation
 `BlkbackService` watches ``/local/domain/<own>/backend/vbd``; every
 ``<frontend-domid>/<devid>`` directory under it is one device.  For each it reads the
 keys the toolstack wrote (`params`, `mode`, `type`, `device-type`, `format`,
-`frontend`, `frontend-id`, `discard-enable`), opens the disk (`open_disk`:
+`frontend`, `frontend-id`, `discard-enable`, and pvio's `logical-block-size`: the
+disk's logical sector size, 512 unless `pvio up --disk` said `sector-size=4096`), opens the disk (`open_disk`:
 a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and runs a
 `pvio.xenbus.Backend` end whose driver is a `BlkbackDevice`:
 
 - probe (with the switch to InitWait, one transaction): feature-flush-cache,
-  feature-barrier, max-ring-page-order, feature-persistent (map transport: mappings of
-  a frontend's persistent grants are kept, so the steady state needs no hypercall), and
-  feature-discard with its granularity when the disk can discard and the toolstack
-  allows it;
+  feature-barrier, max-ring-page-order, feature-max-indirect-segments (256, as Linux
+  writes it at probe), multi-queue-max-queues, and feature-discard with its granularity when the disk can
+  discard and the toolstack allows it;
 - connect (with the switch to Connected, one transaction): read the frontend's
   ring-ref(s), event-channel and protocol (`pvio.blk.keys.parse_frontend_ring`), attach
-  a `pvio.blk.backend.BlkbackRing`, and publish sectors, sector-size,
-  physical-sector-size and info (VDISK_READONLY / CDROM / REMOVABLE);
+  a `pvio.blk.backend.BlkbackRing` — one per queue when the frontend asked for several
+  (multi-queue-num-queues, refused with dev_fatal when 0 or above
+  multi-queue-max-queues, as Linux does; each queue's keys under queue-<i>/) — and
+  publish sectors, sector-size,
+  physical-sector-size, info (VDISK_READONLY / CDROM / REMOVABLE) and
+  feature-persistent (map transport: mappings of a frontend's persistent grants are
+  kept, so the steady state needs no hypercall) — Linux blkback writes
+  feature-persistent only here, so a frontend reads it when the backend is Connected;
 - disconnect: the engine drains and lets the ring go.
 
 The handshake table (`pvio.xenbus.handshake`) gives reconnection (Closed → the
 frontend is Initialising → InitWait), orderly close, and toolstack removal (`online` =
-0 and Closing → Closed → the device is dropped).  `resize()` publishes a new size.
+0 and Closing → Closed → the device is dropped).  `resize()` publishes a new size; a
+raw image that grew is noticed within a second (its size is checked with the
+statistics, as Linux's blkback checks its device's size on every turn of its loop), so
+`pvio block-resize` only has to grow the file.
 
 A ring the frontend breaks (an impossible index) is reported with dev_fatal on that
 device only.  One refinement over the plain table: blkback connects only to a frontend
@@ -30,6 +39,15 @@ in Initialised.  A frontend still Connected when a (re)started blkback reaches I
 is the one whose previous backend died mid-flight: its old ring has requests the dead
 backend consumed and never answered, so attaching to it would lose or repeat slots.
 That frontend renegotiates (blkif_recover) and publishes a new ring; blkback waits.
+
+4 KiB logical sectors follow Xen's blkif.h as reconciled with its implementations
+(Xen 4.18, note 12): `sector-size` is 4096 while `sectors` and every sector number in
+the ring stay in 512-byte units — what Linux's blkfront and blkback do — and a request
+that is not whole logical sectors is refused (BLKIF_RSP_ERROR, Linux's "misaligned
+I/O").  `feature-large-sector-size`, the older header's switch to sector-size units,
+is deprecated there ("backends should not make any decisions based on it"): blkback
+neither reads it nor needs it, and blkfront does not write it.  The disk served is
+the image rounded down to whole logical sectors.
 
 Statistics (`BlkbackStats.as_keys()`) are published under the device's backend
 directory, ``statistics/<name>``, at most once a second when they changed.
@@ -45,8 +63,9 @@ from dataclasses import dataclass, field
 
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState
-from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, BlkbackRing
-from pvio.blk.keys import backend_disk_keys, parse_frontend_ring, read_uint
+from pvio.blk.back_stats import BlkbackStats
+from pvio.blk.backend import DEFAULT_MAX_IN_FLIGHT, MAX_INDIRECT_SEGMENTS, BlkbackRing
+from pvio.blk.keys import backend_disk_keys, parse_frontend_queue, parse_num_queues, read_uint
 from pvio.hypervisor.client import Domain
 from pvio.nbd.address import is_nbd_uri
 from pvio.storage.backend import FlatVectored, StorageError, VectoredBackend, physical_sector_size
@@ -56,11 +75,14 @@ from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
+#: Keys of a ring's directory (the frontend's, or its queue-<i>/) blkback reads to connect.
+QUEUE_KEYS = ("ring-ref", "event-channel", *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)))
 #: Keys of the frontend's directory blkback reads to connect.
-FRONTEND_RING_KEYS = (
-    "ring-ref", "ring-page-order", "event-channel", "protocol", "feature-persistent",
-    *(f"ring-ref{i}" for i in range(1 << MAX_RING_PAGE_ORDER)),
-)
+FRONTEND_RING_KEYS = (*QUEUE_KEYS, "ring-page-order", "protocol", "feature-persistent", "multi-queue-num-queues")
+#: multi-queue-max-queues: rings one vbd may have.  They are served by one event loop
+#: (the driver domain's), as tasks: more queues give more requests in flight, not more
+#: CPUs (see docs/blk.md for what that measured).
+DEFAULT_MAX_QUEUES = 4
 STATS_INTERVAL = 1.0
 
 
@@ -76,6 +98,7 @@ class VbdConfig:
     frontend: str = ""
     frontend_id: int = 0
     discard_enable: bool = True
+    sector_size: int = 512  # logical-block-size
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -90,10 +113,14 @@ async def read_keys(xs: AsyncClient, path: str, names: tuple[str, ...], tx: int 
 
 
 async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
-    names = ("params", "mode", "device-type", "format", "type", "frontend", "frontend-id", "discard-enable")
+    names = ("params", "mode", "device-type", "format", "type", "frontend", "frontend-id", "discard-enable",
+             "logical-block-size")
     v = await read_keys(xs, path, names)
     if "params" not in v:
         raise OSError(errno.ENOENT, f"{path}/params is missing")
+    sector_size = read_uint(v, "logical-block-size", 4096, default=512)
+    if sector_size < 512 or sector_size & (sector_size - 1):
+        raise StorageError(errno.EINVAL, f"{path}/logical-block-size {sector_size} is not a power of two >= 512")
     mode = v.get("mode", "w")
     return VbdConfig(
         params=v["params"],
@@ -104,6 +131,7 @@ async def read_vbd_config(xs: AsyncClient, path: str) -> VbdConfig:
         frontend=v.get("frontend", ""),
         frontend_id=read_uint(v, "frontend-id", 0xFFFF, default=0),
         discard_enable=v.get("discard-enable", "1") != "0",
+        sector_size=sector_size,
     )
 
 
@@ -124,15 +152,34 @@ async def open_disk(params: str, *, read_only: bool, workers: int = 4) -> Vector
 class BlkbackDevice:
     """The BackendDriver of one vbd: probe, connect, disconnect (see the module notes)."""
 
-    def __init__(self, domain: Domain, config: VbdConfig, disk: VectoredBackend, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+    def __init__(
+        self, domain: Domain, config: VbdConfig, disk: VectoredBackend, *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, max_queues: int = DEFAULT_MAX_QUEUES,
+    ):
         self.domain = domain
         self.config = config
         self.disk = disk
         self.max_in_flight = max_in_flight
-        self.ring: BlkbackRing | None = None
+        self.max_queues = max_queues
+        self.rings: list[BlkbackRing] = []
         self.end: Backend | None = None
-        self._ring_keys: dict[str, str] | None = None
+        self._ring_keys: list[dict[str, str]] | None = None
         self._fatal: set[asyncio.Task[None]] = set()
+
+    @property
+    def ring(self) -> BlkbackRing | None:
+        """The first ring (the only one without multi-queue)."""
+        return self.rings[0] if self.rings else None
+
+    def stats(self) -> BlkbackStats | None:
+        """The device's statistics: every ring's, added up."""
+        return BlkbackStats.total([r.stats for r in self.rings]) if self.rings else None
+
+    @property
+    def sectors(self) -> int:
+        """The disk's size in 512-byte units, rounded down to whole logical sectors."""
+        ss = self.config.sector_size
+        return self.disk.info.size // ss * ss // 512
 
     @property
     def discard(self) -> bool:
@@ -144,11 +191,11 @@ class BlkbackDevice:
             "feature-barrier": "1",
             "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
             "feature-discard": "1" if self.discard else "0",
-            # persistent grants: only a map-transport backend can keep mappings
-            "feature-persistent": "1" if self.domain.transport == "map" else "0",
+            "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
+            "multi-queue-max-queues": str(self.max_queues),
         }
         if self.discard:
-            keys["discard-granularity"] = str(physical_sector_size(self.disk.info))
+            keys["discard-granularity"] = str(max(self.config.sector_size, physical_sector_size(self.disk.info)))
             keys["discard-alignment"] = "0"
             keys["discard-secure"] = "0"
         for k, v in keys.items():
@@ -164,36 +211,52 @@ class BlkbackDevice:
     async def connect(self, dev: XenbusDevice, tx: int) -> bool:
         if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
             return False  # a frontend still Connected to a dead backend's ring: wait
-        values = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
-        if self.ring is None or self._ring_keys != values:
-            if self.ring is not None:
-                await self.ring.disconnect()
-                self.ring = None
-            ring_info = parse_frontend_ring(values)
-            ring = BlkbackRing(
-                self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
-                on_broken=lambda e: self._on_broken(dev, e),
-                persistent=values.get("feature-persistent") == "1",
-            )
-            await ring.connect(ring_info)
-            self.ring, self._ring_keys = ring, values
+        top = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
+        n = parse_num_queues(top, self.max_queues)
+        queues = [top] if n == 1 else [
+            await read_keys(dev.xs, f"{dev.otherend}/queue-{i}", QUEUE_KEYS, tx) for i in range(n)
+        ]
+        values = [top, *queues]
+        if not self.rings or self._ring_keys != values:
+            await self._disconnect_rings()
+            infos = [parse_frontend_queue(top, q) for q in queues]
+            for info in infos:
+                ring = BlkbackRing(
+                    self.domain, self.config.frontend_id, self.disk, max_in_flight=self.max_in_flight,
+                    on_broken=lambda e: self._on_broken(dev, e),
+                    persistent=top.get("feature-persistent") == "1",
+                    max_indirect_segments=MAX_INDIRECT_SEGMENTS,
+                    sector_size=self.config.sector_size,
+                )
+                try:
+                    await ring.connect(info)
+                except BaseException:
+                    await self._disconnect_rings()
+                    raise
+                self.rings.append(ring)
+            self._ring_keys = values
         keys = backend_disk_keys(
-            self.disk.info.size // 512,
+            self.sectors,
             read_only=self.config.read_only,
             cdrom=self.config.cdrom,
             removable=self.config.cdrom,
-            physical_sector_size=physical_sector_size(self.disk.info),
+            sector_size=self.config.sector_size,
+            physical_sector_size=max(self.config.sector_size, physical_sector_size(self.disk.info)),
             discard=self.discard,
         )
+        # persistent grants: only a map-transport backend can keep mappings
+        keys["feature-persistent"] = "1" if self.domain.transport == "map" else "0"
         for k, v in keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
         return True
 
     async def disconnect(self, dev: XenbusDevice) -> None:
-        if self.ring is not None:
-            await self.ring.disconnect()
-            self.ring = None
-            self._ring_keys = None
+        await self._disconnect_rings()
+
+    async def _disconnect_rings(self) -> None:
+        rings, self.rings, self._ring_keys = self.rings, [], None
+        for ring in rings:
+            await ring.disconnect()
 
     def _on_broken(self, dev: XenbusDevice, e: BaseException) -> None:
         async def fatal() -> None:
@@ -218,10 +281,14 @@ class _Device:
 class BlkbackService:
     """Every vbd under /local/domain/<domid>/backend/vbd, served by one driver domain."""
 
-    def __init__(self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_queues: int = DEFAULT_MAX_QUEUES,
+    ) -> None:
         self.domain = domain
         self.xs = xs
         self.max_in_flight = max_in_flight
+        self.max_queues = max_queues
         self.root = f"/local/domain/{domain.domid}/backend/vbd"
         self.devices: dict[str, _Device] = {}
         self.failed: dict[str, str] = {}
@@ -289,7 +356,9 @@ class BlkbackService:
             with contextlib.suppress(Exception):
                 await dev.dev_fatal(e.errno or errno.EIO, f"opening {config.params}: {e.strerror or e}")
             return
-        driver = BlkbackDevice(self.domain, config, disk, max_in_flight=self.max_in_flight)
+        driver = BlkbackDevice(
+            self.domain, config, disk, max_in_flight=self.max_in_flight, max_queues=self.max_queues
+        )
         end = Backend(self.xs, path, config.frontend, driver)
         driver.end = end
         device = _Device(path, end, driver)
@@ -316,10 +385,17 @@ class BlkbackService:
             if device.end.done.is_set():
                 await self.scan()  # unregistered: drop it
                 return
-            ring = device.driver.ring
-            if ring is None:
+            disk = device.driver.disk
+            if isinstance(disk, RawFile) and device.driver.rings:
+                size = disk.info.size
+                if disk.refresh_size() != size:
+                    log.info("blkback: %s grew to %d bytes", device.path, disk.info.size)
+                    with contextlib.suppress(Exception):
+                        await self.resize(device.path)
+            stats = device.driver.stats()
+            if stats is None:
                 continue
-            keys = ring.stats.as_keys()
+            keys = stats.as_keys()
             if keys == last:
                 continue
 
@@ -333,7 +409,12 @@ class BlkbackService:
 
     def statistics(self) -> dict[str, dict[str, str]]:
         """Every connected device's statistics (for the status file)."""
-        return {p: d.driver.ring.stats.as_keys() for p, d in self.devices.items() if d.driver.ring is not None}
+        out = {}
+        for p, d in self.devices.items():
+            stats = d.driver.stats()
+            if stats is not None:
+                out[p] = stats.as_keys()
+        return out
 
     async def resize(self, path: str) -> None:
         """Publish the disk's current size to a connected frontend (online resize)."""
@@ -341,9 +422,9 @@ class BlkbackService:
         disk = device.driver.disk
         if isinstance(disk, RawFile):
             disk.refresh_size()
-        if device.driver.ring is not None:
-            device.driver.ring.set_size(disk.info.size)
-        await device.end.resize(disk.info.size // 512)
+        for ring in device.driver.rings:
+            ring.set_size(device.driver.sectors * 512)
+        await device.end.resize(device.driver.sectors)
 
     async def stop(self) -> None:
         """Stop watching; every device drains its ring and closes its disk."""

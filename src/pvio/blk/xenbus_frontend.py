@@ -9,19 +9,29 @@ the frontend's handshake table for it.
   client): `BlkFront.setup_ring()` — done once per connection even if the transaction
   is retried — and its keys: ring-ref(s) (+ ring-page-order), event-channel, protocol.
   The ring order is the smaller of what the guest wants and the backend's
-  max-ring-page-order; persistent grants (feature-persistent) are used when the backend
-  offers them: data pages stay granted and are reused, and the backend keeps them
-  mapped.
+  max-ring-page-order, and so is the number of rings (`want_queues` and
+  multi-queue-max-queues, read as Linux's blkfront reads it: absent or bad means 1).  feature-persistent=1 says the frontend can use persistent
+  grants (Linux's talk_to_blkback writes its capability the same way).
 - finalize (the backend is Connected): the backend's keys, checked by
   `pvio.blk.keys.parse_backend_disk`, open the queue — or, after a reconnection,
-  re-issue every request still in flight (`BlkFront.resume`).
-- resize (the backend rewrote Connected): the new size is read.
+  re-issue every request still in flight (`BlkFront.resume`).  Persistent grants are
+  used when the backend's feature-persistent says so: Linux's blkback writes it only
+  with Connected, so it is read here, as blkfront_gather_backend_features does; data
+  pages then stay granted and are reused, and the backend keeps them mapped.  So are
+  feature-max-indirect-segments (written at probe) and the disk's properties.
+- resize (the backend rewrote Connected): the new size is read, and `on_resize` tells
+  whoever serves the disk (the guest's NBD export).
 - disconnect (the backend closed the device): the queue stops and the ring is given up.
   When the toolstack removed the device (`online` = 0 on the backend) the disk is
   closed; otherwise the backend cannot serve it (blkback could not open the image, say,
   and said so with dev_fatal): the requests in flight fail with EIO, and new ones at
   once, until a backend connects again.  Either way no caller waits for a backend that
   said it will not answer.
+- removal while in use: when the toolstack asks the backend to close (`online` = 0,
+  Closing) and the disk is in use (`in_use()`: the guest's NBD export has clients),
+  the frontend refuses as Linux's blkfront does — `error` "16 Device in use; refusing
+  to close" (xenbus_dev_error) and no state change — and the toolstack undoes its
+  request.
 
 Recovery: a backend whose domain died leaves its `state` at Connected; the new backend
 probes and writes InitWait.  `BlkfrontEnd` sees (Connected, InitWait) — a pair the
@@ -36,7 +46,9 @@ and Closed with the live backend, then starts over the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+from collections.abc import Callable
 
 from pvio.abi.ring import MAX_RING_PAGE_ORDER
 from pvio.abi.xenbus import XenbusState as S
@@ -55,20 +67,28 @@ RECONNECT_TIMEOUT = 30.0
 BACKEND_DISK_KEYS = (
     "sectors", "info", "sector-size", "physical-sector-size",
     "feature-flush-cache", "feature-barrier", "feature-discard",
+    "feature-max-indirect-segments", "feature-persistent",
 )
 
 
 class BlkfrontDevice:
     """The FrontendDriver of one vbd (see the module notes)."""
 
-    def __init__(self, front: BlkFront, *, want_ring_order: int = 0, want_persistent: bool = True) -> None:
+    def __init__(
+        self, front: BlkFront, *, want_ring_order: int = 0, want_persistent: bool = True, want_queues: int = 1
+    ) -> None:
         self.front = front
         self.want_ring_order = want_ring_order
+        self.want_queues = want_queues
         self.want_persistent = want_persistent
         self._keys: dict[str, str] | None = None
         self.connected = asyncio.Event()
         self.connections = 0
         self._backstop: asyncio.TimerHandle | None = None
+        #: the disk has users that a removal would cut off (refuse it while > 0)
+        self.in_use: Callable[[], int] = lambda: 0
+        #: the backend published a new size
+        self.on_resize: Callable[[], None] | None = None
 
     # The handshake: keys in one transaction, the disk's properties on Connected.
     # blkfront publishes its ring the moment the backend is in InitWait: the ring is set
@@ -86,16 +106,22 @@ class BlkfrontDevice:
                     back_max = read_uint({"o": (raw or b"0").decode()}, "o", MAX_RING_PAGE_ORDER)
                 except ValueError:
                     back_max = 0
-                self.front.set_ring_order(min(self.want_ring_order, back_max))
-                persistent = await dev.xs.read_or(f"{dev.otherend}/feature-persistent", b"0", tx)
-                self.front.persistent = self.want_persistent and persistent == b"1"
+                raw = await dev.xs.read_or(f"{dev.otherend}/multi-queue-max-queues", b"1", tx)
+                try:
+                    back_queues = max(1, read_uint({"q": (raw or b"1").decode()}, "q", 0xFFFF_FFFF))
+                except ValueError:
+                    back_queues = 1
+                self.front.set_ring_order(min(self.want_ring_order, back_max), min(self.want_queues, back_queues))
             self._keys = await self.front.setup_ring()
+            if self.want_persistent:
+                self._keys["feature-persistent"] = "1"
         for k, v in self._keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
 
     async def finalize(self, dev: XenbusDevice) -> None:
         disk = parse_backend_disk(await read_keys(dev.xs, dev.otherend, BACKEND_DISK_KEYS))
         self._keys = None  # this ring is in use: the next publish makes a new one
+        self.front.set_persistent(self.want_persistent and disk.feature_persistent)
         if self.front.disk is None:
             self.front.connect(disk)
         else:
@@ -110,6 +136,8 @@ class BlkfrontDevice:
         if self.front.disk is not None and disk.sectors != self.front.disk.sectors:
             log.info("blkfront %s: resized to %d sectors", dev.nodename, disk.sectors)
             self.front.disk = disk
+            if self.on_resize is not None:
+                self.on_resize()
 
     async def disconnect(self, dev: XenbusDevice) -> None:
         self.connected.clear()
@@ -152,6 +180,8 @@ class BlkfrontEnd(Frontend):
     async def kick(self) -> None:
         mine = await self.dev.read_state()
         other = await self.dev.otherend_state()
+        if mine is S.Connected and other is S.Closing and await self._refuse_removal():
+            return
         if mine is S.Connected and other is S.InitWait:
             # A new backend: the old one died with our requests.  Start over.
             log.warning("blkfront %s: backend restarted, renegotiating", self.dev.nodename)
@@ -166,6 +196,17 @@ class BlkfrontEnd(Frontend):
             self.recoveries += 1
             await self.reconnect()
         await super().kick()
+
+    async def _refuse_removal(self) -> bool:
+        """blkback_changed's Closing case: a removal of a disk in use is refused."""
+        if await self.dev.xs.read_or(f"{self.dev.otherend}/online", b"1") != b"0":
+            return False
+        users = self.driver.in_use()
+        if not users:
+            return False
+        log.warning("blkfront %s: removal refused, %d users", self.dev.nodename, users)
+        await self.dev.dev_error(errno.EBUSY, "Device in use; refusing to close")
+        return True
 
     async def renegotiate(self, timeout: float = 30.0) -> None:
         """Explicit suspend/resume with a live backend: Closing, Closed, then start over."""

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pvio.toolstack.run_cli:run", "Run a program built on Xen's libraries as a domain of a running pvio up."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
     "xenconsoled": ("pvio.domains.xenconsoled:xenconsoled", "Serve Xen-style guests' consoles on ptys."),
+    "block-attach": ("pvio.toolstack.block_cli:block_attach", "Attach a disk (xl disk spec) to a running Xen guest."),
+    "block-detach": ("pvio.toolstack.block_cli:block_detach", "Detach a disk from a running Xen guest."),
+    "block-list": ("pvio.toolstack.block_cli:block_list", "List the disks of running Xen guests."),
+    "block-resize": ("pvio.toolstack.block_cli:block_resize", "Grow a running Xen guest's disk."),
 }
 
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 from pvio.abi.xenbus import XenbusState as S
-from pvio.blk.frontend import BlkFront
+from pvio.blk.frontend import DEFAULT_INDIRECT_SEGMENTS, BlkFront
 from pvio.blk.xenbus_frontend import BlkfrontDevice, BlkfrontEnd
 from pvio.domains.role import become_domain, open_xenstore, report_status
 from pvio.domains.spec import DiskSpecJSON, DomainSpec
@@ -53,14 +53,15 @@ class GuestDisk:
 
 
 async def attach_disk(
-    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 0, persistent: bool = True
+    dom: Domain, xs: AsyncClient, vdev: str, devid: int, *, ring_order: int = 0, persistent: bool = True,
+    queues: int = 1, indirect_segments: int = DEFAULT_INDIRECT_SEGMENTS,
 ) -> GuestDisk:
     """Run blkfront for /local/domain/<domid>/device/vbd/<devid> until it is Connected."""
     node = f"/local/domain/{dom.domid}/device/vbd/{devid}"
     backend = (await xs.read(f"{node}/backend")).decode()
     backend_id = int((await xs.read(f"{node}/backend-id")).decode())
-    front = BlkFront(dom, backend_id)
-    driver = BlkfrontDevice(front, want_ring_order=ring_order, want_persistent=persistent)
+    front = BlkFront(dom, backend_id, want_indirect_segments=indirect_segments)
+    driver = BlkfrontDevice(front, want_ring_order=ring_order, want_persistent=persistent, want_queues=queues)
     end = BlkfrontEnd(xs, node, backend, driver)
     await end.start()
     await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
@@ -102,6 +103,7 @@ async def main(spec: DomainSpec) -> None:
     disks: list[GuestDisk] = []
     console = None
     nets: list[GuestNet] = []
+    watcher = None
     try:
         if uses_ring(spec):  # with its console, when the toolstack gave it one
             xs, _, page = await open_ring_xenstore(spec, dom)
@@ -110,17 +112,27 @@ async def main(spec: DomainSpec) -> None:
             xs = await open_xenstore(spec, dom)
         ring_order = int(spec.extra.get("ring_order", 0))  # Linux blkfront's default
         persistent = bool(spec.extra.get("persistent_grants", True))
+        more = {"queues": int(spec.extra.get("queues", 1)),
+                "indirect_segments": int(spec.extra.get("indirect_segments", DEFAULT_INDIRECT_SEGMENTS))}
         for d in spec.disks:
-            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent)
+            disk = await attach_disk(dom, xs, d.vdev, d.devid, ring_order=ring_order, persistent=persistent, **more)
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
         nets = await attach_guest_vifs(dom, xs, spec.name)  # device/vif/*: pvio.domains.xen_net
+        # vbds the toolstack adds later (pvio block-attach) are attached and exported too
+        from pvio.domains.xen_hotplug import VbdWatcher
+
+        watcher = VbdWatcher(dom, xs, disks, state_dir=spec.state_dir, name=spec.name, ring_order=ring_order,
+                             persistent=persistent, **more)
+        await watcher.start()
         # refreshed once a second: blkfront's counters for `pvio bench blk`
         await report_status(spec, dom.domid, lambda: status(disks) | {"vifs": [n.status() for n in nets]})
     finally:
         with contextlib.suppress(Exception):
             await detach_guest_vifs(nets)
+        if watcher is not None:
+            await watcher.stop()
         for disk in disks:
             with contextlib.suppress(Exception):
                 await detach_disk(disk)

@@ -79,6 +79,8 @@ def vbd_add(domid: int, disk: DiskSpec, params: str, backend_domid: int = 0, bac
         "format": disk.format,
         "discard-enable": "1" if disk.discard else "0",
     }
+    if disk.sector_size != 512:  # pvio's key (QEMU's logical-block-size): 4 KiB sectors
+        be_keys["logical-block-size"] = str(disk.sector_size)
     ops = [
         XsOp("rm", fe),
         XsOp("mkdir", fe),

@@ -1,0 +1,170 @@
+"""blkfront's `BlockBackend` calls: any offset and length, as requests the ring carries.
+
+Theory of operation
+-------------------
+`FrontBlockIO` is the half of `pvio.blk.frontend.BlkFront` that an export calls:
+`read`/`read_into`/`write`/`flush`/`trim`/`write_zeroes` of any offset and length.  A
+transfer is cut into requests of at most `max_request_bytes` (11 pages, or the
+indirect segments negotiated: 32 pages by default, as Linux's blkfront), issued
+together, each waiting for its own response.  Ranges that are not whole logical
+sectors (`unit`: 512 bytes, or the disk's `sector-size`) are read whole and, for a
+write, modified and written back under a lock (read-modify-write), so a backend never
+sees a request that is not whole sectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Coroutine
+from typing import Any
+
+from pvio.abi.blkif import (
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    SECTOR_SIZE,
+)
+from pvio.blk.keys import BackendDisk
+
+
+class FrontBlockIO:
+    """BlockBackend's calls over `_issue` (see the module notes)."""
+
+    _rmw: asyncio.Lock
+
+    # -- what BlkFront provides ------------------------------------------------------
+
+    @property
+    def max_request_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _disk(self) -> BackendDisk:
+        raise NotImplementedError
+
+    async def _issue(
+        self,
+        operation: int,
+        sector: int,
+        payload: bytes | memoryview | None,
+        nbytes: int,
+        read_into: memoryview | None = None,
+        want_bytes: bool = False,
+    ) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def unit(self) -> int:
+        """The smallest transfer: the disk's logical sector (`sector-size`)."""
+        return max(SECTOR_SIZE, self._disk().sector_size)
+
+    # -- BlockBackend ------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if 0 < length <= self.max_request_bytes and not (offset | length) % self.unit:
+            # The common case (one request): the data comes straight out of the pages.
+            disk = self._disk()
+            if offset + length > disk.size:
+                raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
+            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
+        buf = bytearray(length)
+        await self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        length = len(buf)
+        if length == 0:
+            return
+        unit = self.unit
+        start = offset - offset % unit
+        end = -(-(offset + length) // unit) * unit
+        if start == offset and end == offset + length:
+            await self._rw_aligned(BLKIF_OP_READ, start, None, buf)
+            return
+        tmp = bytearray(end - start)
+        await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(tmp))
+        buf[:] = tmp[offset - start : offset - start + length]
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        length = len(data)
+        if length:
+            self._check_writable()
+            if offset % self.unit or length % self.unit:
+                await self._write_unaligned(offset, data)
+            else:
+                await self._rw_aligned(BLKIF_OP_WRITE, offset, memoryview(data), None)
+        if fua:
+            await self.flush()
+
+    async def _write_unaligned(self, offset: int, data: bytes | memoryview) -> None:
+        unit = self.unit
+        start = offset - offset % unit
+        end = -(-(offset + len(data)) // unit) * unit
+        async with self._rmw:  # read-modify-write of the partial sectors
+            buf = bytearray(end - start)
+            await self._rw_aligned(BLKIF_OP_READ, start, None, memoryview(buf))
+            buf[offset - start : offset - start + len(data)] = data
+            await self._rw_aligned(BLKIF_OP_WRITE, start, memoryview(buf), None)
+
+    async def _rw_aligned(
+        self, operation: int, offset: int, data: memoryview | None, into: memoryview | None
+    ) -> None:
+        length = len(data) if data is not None else len(into) if into is not None else 0
+        disk = self._disk()
+        if offset + length > disk.size:
+            raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
+        step = self.max_request_bytes
+        jobs = []
+        for pos in range(0, length, step):
+            n = min(step, length - pos)
+            sector = (offset + pos) // SECTOR_SIZE
+            if data is not None:
+                jobs.append(self._issue(operation, sector, data[pos : pos + n], n))
+            else:
+                assert into is not None
+                jobs.append(self._issue(operation, sector, None, n, into[pos : pos + n]))
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await _gather_all(jobs)
+
+    def _check_writable(self) -> None:
+        if self._disk().read_only:
+            raise OSError(errno.EROFS, "blkfront: the disk is read-only")
+
+    async def flush(self) -> None:
+        disk = self._disk()
+        if disk.feature_flush_cache:
+            await self._issue(BLKIF_OP_FLUSH_DISKCACHE, 0, None, 0)
+        elif disk.feature_barrier:
+            await self._issue(BLKIF_OP_WRITE_BARRIER, 0, None, 0)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        disk = self._disk()
+        if not disk.feature_discard:
+            raise OSError(errno.EOPNOTSUPP, "blkfront: the backend does not discard")
+        self._check_writable()
+        unit = self.unit
+        start = -(-offset // unit) * unit
+        end = (offset + length) // unit * unit
+        if end > start:
+            await self._issue(BLKIF_OP_DISCARD, start // SECTOR_SIZE, None, end - start)
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False, may_trim: bool = True) -> None:
+        step = self.max_request_bytes * 8
+        for pos in range(0, length, step):
+            await self.write(offset + pos, bytes(min(step, length - pos)))
+        if fua:
+            await self.flush()
+
+
+async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
+    """Await every job; the first failure is raised after all have finished."""
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

@@ -1,0 +1,93 @@
+"""One ring of a blkfront: its pages, event channel, shadows and request ids.
+
+Theory of operation
+-------------------
+A vbd has one ring, or — with multi-queue (`multi-queue-num-queues`) — several, each
+a complete io/ring.h ring with its own event channel and its own request ids, as Linux's
+blkfront keeps one `blkfront_ring_info` per hardware queue.  `FrontQueue` is that ring:
+`setup` allocates its shareable pages, initialises and grants them and allocates the
+port; `put` writes a request into a free slot and `push` publishes what was put
+(RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, a kick only when the backend asked);
+`responses` drains what the backend answered, with the final check; `teardown` gives
+the ring up.  What a request means — its pages, its caller — is `pvio.blk.frontend`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+
+from pvio.abi.blkif import BlkifABI
+from pvio.blk.shadow import ShadowTable
+from pvio.hypervisor.client import Domain
+from pvio.ring import FrontRing, SharedRing
+
+log = logging.getLogger(__name__)
+
+
+class FrontQueue:
+    """One ring of a blkfront (see the module notes)."""
+
+    def __init__(self, index: int, nr_ents: int) -> None:
+        self.index = index
+        self.nr_ents = nr_ents
+        self.shadows = ShadowTable(nr_ents)
+        self.ids = asyncio.Semaphore(nr_ents)  # one per free shadow, so per free slot
+        self.ring: FrontRing | None = None
+        self.port = -1
+        self.ring_refs: list[int] = []
+        self.push_scheduled = False
+
+    async def setup(
+        self, domain: Domain, backend_domid: int, abi: BlkifABI, order: int, on_event: Callable[[int], None]
+    ) -> dict[str, str]:
+        """Allocate, initialise and grant the ring, allocate its port; its keys."""
+        frames = await domain.alloc_shareable_pages(1 << order)
+        ring = FrontRing.init(SharedRing.for_blkif([domain.frame(f) for f in frames], abi))
+        if ring.nr_ents != self.nr_ents:  # pragma: no cover - geometry is fixed by abi/order
+            raise ValueError("ring geometry mismatch")
+        refs = await domain.grant_access(backend_domid, frames)
+        self.port = await domain.alloc_unbound(backend_domid)
+        domain.set_handler(self.port, on_event)
+        self.ring, self.ring_refs = ring, refs
+        keys = {"event-channel": str(self.port)}
+        if order == 0:
+            keys["ring-ref"] = str(refs[0])
+        else:
+            keys.update((f"ring-ref{i}", str(ref)) for i, ref in enumerate(refs))
+        return keys
+
+    def responses(self) -> Iterator[bytes]:
+        """Every response published, then RING_FINAL_CHECK_FOR_RESPONSES (raises RingBroken)."""
+        ring = self.ring
+        if ring is None:
+            return
+        while True:
+            yield from ring.take_responses()
+            if not ring.final_check_for_responses():
+                return
+
+    def push(self, domain: Domain) -> bool:
+        """Publish what was put; True when the backend was kicked (raises RingBroken)."""
+        self.push_scheduled = False
+        ring = self.ring
+        if ring is None:
+            return False
+        if ring.push_requests_and_check_notify():
+            domain.notify(self.port)
+            return True
+        return False
+
+    async def teardown(self, domain: Domain) -> None:
+        """Close the port and end the ring's grants (the backend's mappings go with it)."""
+        self.ring = None
+        if self.port >= 0:
+            try:
+                await domain.close_port(self.port)
+            except Exception as e:
+                log.info("blkfront: closing port %d: %s", self.port, e)
+            self.port = -1
+        if self.ring_refs:
+            domain.end_access(self.ring_refs)
+            self.ring_refs = []

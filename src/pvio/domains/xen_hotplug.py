@@ -1,0 +1,135 @@
+"""A guest's disks at run time: vbds the toolstack adds or removes while the guest runs.
+
+Theory of operation
+-------------------
+`xl block-attach` writes a vbd's frontend and backend directories into XenStore while
+the guest runs; the guest's xenbus sees a new directory under its ``device/vbd`` and
+probes a blkfront for it.  `VbdWatcher` is that for a pvio guest: it watches
+``/local/domain/<domid>/device/vbd``, and for every device directory it does not serve
+yet it runs a blkfront through the handshake (`pvio.domains.xen_guest.attach_disk`)
+and exports it over NBD on ``<state_dir>/<name>-<vdev>.sock`` (export name = vdev
+name, read from the backend's `dev` key).  The status file lists it from then on.
+
+A disk is in use while its NBD export has clients: a toolstack removal (`online` = 0,
+Closing) is then refused by the frontend (`BlkfrontDevice.in_use`).  Otherwise the
+frontend closes with the backend; when the device's directory is gone, the watcher
+stops the export and forgets the disk.  A backend that grew the disk (online resize)
+makes the export advertise the new size to every new NBD connection (NBD has no way to
+tell a connected client).
+
+Deliberately not here: writing XenStore for the toolstack (`pvio block-attach` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+
+from pvio.abi.xenbus import XenbusState as S
+from pvio.domains.xen_guest import GuestDisk, attach_disk, export_disk
+from pvio.hypervisor.client import Domain
+from pvio.nbd.server_asyncio import NbdServer
+from pvio.xenstore.client import AsyncClient, WatchStream
+
+log = logging.getLogger(__name__)
+
+
+def serve_resizes(disk: GuestDisk) -> None:
+    """Whoever connects to the export after an online resize is told the new size."""
+
+    def refresh() -> None:
+        server = disk.server
+        if server is not None and disk.vdev in server.exports:
+            server.exports[disk.vdev] = dataclasses.replace(server.exports[disk.vdev], info=disk.front.info)
+
+    disk.driver.on_resize = refresh
+    disk.driver.in_use = lambda: disk.server.connections if disk.server is not None else 0
+
+
+class VbdWatcher:
+    """Attach and export the vbds that appear under the guest's device/vbd (module notes)."""
+
+    def __init__(
+        self, dom: Domain, xs: AsyncClient, disks: list[GuestDisk], *, state_dir: str, name: str,
+        **attach_kw: object,
+    ) -> None:
+        self.dom = dom
+        self.xs = xs
+        self.disks = disks  # shared with the status file's writer
+        self.state_dir = state_dir
+        self.name = name
+        self.attach_kw = attach_kw
+        self.root = f"/local/domain/{dom.domid}/device/vbd"
+        self.failed: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for d in self.disks:
+            serve_resizes(d)
+        stream = await self.xs.watch(self.root)
+        self._task = asyncio.get_running_loop().create_task(self._run(stream))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, stream: WatchStream) -> None:
+        try:
+            async for _ in stream:
+                stream.drain()
+                try:
+                    await self.scan()
+                except Exception:
+                    log.exception("guest %s: scanning %s", self.name, self.root)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def scan(self) -> None:
+        try:
+            present = {int(d) for d in await self.xs.directory(self.root) if d.isdigit()}
+        except Exception:
+            present = set()
+        for disk in [d for d in self.disks if d.devid not in present]:
+            await self._forget(disk)  # the toolstack removed the directories
+        served = {d.devid for d in self.disks}
+        for devid in sorted(present - served - self.failed):
+            await self._attach(devid)
+
+    async def _attach(self, devid: int) -> None:
+        node = f"{self.root}/{devid}"
+        state = await self.xs.read_or(f"{node}/state", None)
+        backend = await self.xs.read_or(f"{node}/backend", None)
+        if state != str(int(S.Initialising)).encode() or backend is None:
+            return  # not written completely yet, or not a new device: the next event
+        vdev = (await self.xs.read_or(f"{backend.decode()}/dev", b"") or b"").decode() or f"d{devid}"
+        try:
+            disk = await attach_disk(self.dom, self.xs, vdev, devid, **self.attach_kw)  # type: ignore[arg-type]
+            sock = os.path.join(self.state_dir, f"{self.name}-{vdev}.sock")
+            await export_disk(disk, sock)
+        except Exception as e:
+            log.warning("guest %s: attaching vbd %d: %s", self.name, devid, e)
+            self.failed.add(devid)
+            return
+        serve_resizes(disk)
+        self.disks.append(disk)
+        log.info("guest %s: %s attached, exported at %s", self.name, vdev, disk.nbd_uri)
+
+    async def _forget(self, disk: GuestDisk) -> None:
+        self.disks.remove(disk)
+        server: NbdServer | None = disk.server
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.close()
+            disk.server = None
+        with contextlib.suppress(Exception):
+            await disk.end.stop()
+        with contextlib.suppress(Exception):
+            await disk.front.close(force=True)
+        log.info("guest %s: %s removed", self.name, disk.vdev)
