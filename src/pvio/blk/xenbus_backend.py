@@ -71,6 +71,7 @@ from pvio.nbd.address import is_nbd_uri
 from pvio.storage.backend import FlatVectored, StorageError, VectoredBackend, physical_sector_size
 from pvio.storage.rawfile import RawFile
 from pvio.xenbus import Backend, XenbusDevice
+from pvio.xenbus.service import BackendService, Served
 from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,6 @@ FRONTEND_RING_KEYS = (*QUEUE_KEYS, "ring-page-order", "protocol", "feature-persi
 #: (the driver domain's), as tasks: more queues give more requests in flight, not more
 #: CPUs (see docs/blk.md for what that measured).
 DEFAULT_MAX_QUEUES = 4
-STATS_INTERVAL = 1.0
 
 
 @dataclass
@@ -268,71 +268,17 @@ class BlkbackDevice:
         task.add_done_callback(self._fatal.discard)
 
 
-class _Device:
-    """A vbd being served: its XenBus end, its driver, its statistics task."""
-
-    def __init__(self, path: str, end: Backend, driver: BlkbackDevice) -> None:
-        self.path = path
-        self.end = end
-        self.driver = driver
-        self.stats_task: asyncio.Task[None] | None = None
-
-
-class BlkbackService:
+class BlkbackService(BackendService[BlkbackDevice]):
     """Every vbd under /local/domain/<domid>/backend/vbd, served by one driver domain."""
 
     def __init__(
         self, domain: Domain, xs: AsyncClient, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_queues: int = DEFAULT_MAX_QUEUES,
     ) -> None:
+        super().__init__(xs, f"/local/domain/{domain.domid}/backend/vbd")
         self.domain = domain
-        self.xs = xs
         self.max_in_flight = max_in_flight
         self.max_queues = max_queues
-        self.root = f"/local/domain/{domain.domid}/backend/vbd"
-        self.devices: dict[str, _Device] = {}
-        self.failed: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        stream = await self.xs.watch(self.root)
-        await self.scan()
-        self._task = asyncio.get_running_loop().create_task(self._watch(stream))
-
-    async def _watch(self, stream: object) -> None:
-        from pvio.xenstore.client import WatchStream
-
-        assert isinstance(stream, WatchStream)
-        try:
-            async for _ in stream:
-                stream.drain()
-                await self.scan()
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.close()
-
-    async def _list(self, path: str) -> list[str]:
-        try:
-            return await self.xs.directory(path)
-        except Exception:  # ENOENT: nothing there (yet)
-            return []
-
-    async def scan(self) -> None:
-        """Start a device for every new directory; drop those that went away or unregistered."""
-        async with self._lock:
-            present: set[str] = set()
-            for fe in await self._list(self.root):
-                for devid in await self._list(f"{self.root}/{fe}"):
-                    present.add(f"{self.root}/{fe}/{devid}")
-            for path in sorted(present - set(self.devices) - set(self.failed)):
-                await self._add(path)
-            for path, d in list(self.devices.items()):
-                if path not in present or d.end.done.is_set():
-                    await self._remove(path)
-            for path in list(self.failed):
-                if path not in present:
-                    del self.failed[path]
 
     async def _add(self, path: str) -> None:
         try:
@@ -361,60 +307,26 @@ class BlkbackService:
         )
         end = Backend(self.xs, path, config.frontend, driver)
         driver.end = end
-        device = _Device(path, end, driver)
-        self.devices[path] = device
-        await end.start()
-        device.stats_task = asyncio.get_running_loop().create_task(self._publish_stats(device))
+        await self._serve(Served(path, end, driver))
         log.info("blkback: serving %s (%s)", path, config.params)
 
-    async def _remove(self, path: str) -> None:
-        device = self.devices.pop(path)
-        if device.stats_task is not None:
-            device.stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await device.stats_task
-        await device.end.stop()
+    async def _close(self, device: Served[BlkbackDevice]) -> None:
         await device.driver.disconnect(device.end.dev)
         await device.driver.disk.close()
-        log.info("blkback: %s removed", path)
+        log.info("blkback: %s removed", device.path)
 
-    async def _publish_stats(self, device: _Device) -> None:
-        last: dict[str, str] = {}
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            if device.end.done.is_set():
-                await self.scan()  # unregistered: drop it
-                return
-            disk = device.driver.disk
-            if isinstance(disk, RawFile) and device.driver.rings:
-                size = disk.info.size
-                if disk.refresh_size() != size:
-                    log.info("blkback: %s grew to %d bytes", device.path, disk.info.size)
-                    with contextlib.suppress(Exception):
-                        await self.resize(device.path)
-            stats = device.driver.stats()
-            if stats is None:
-                continue
-            keys = stats.as_keys()
-            if keys == last:
-                continue
+    async def _tick(self, device: Served[BlkbackDevice]) -> None:
+        disk = device.driver.disk
+        if isinstance(disk, RawFile) and device.driver.rings:  # a raw image grown: online resize
+            size = disk.info.size
+            if disk.refresh_size() != size:
+                log.info("blkback: %s grew to %d bytes", device.path, disk.info.size)
+                with contextlib.suppress(Exception):
+                    await self.resize(device.path)
 
-            async def write(tx: int, keys: dict[str, str] = keys) -> None:
-                for k, v in keys.items():
-                    await self.xs.write(f"{device.path}/statistics/{k}", v, tx)
-
-            with contextlib.suppress(Exception):
-                await self.xs.transact(write)
-                last = keys
-
-    def statistics(self) -> dict[str, dict[str, str]]:
-        """Every connected device's statistics (for the status file)."""
-        out = {}
-        for p, d in self.devices.items():
-            stats = d.driver.stats()
-            if stats is not None:
-                out[p] = stats.as_keys()
-        return out
+    def _stats_keys(self, device: Served[BlkbackDevice]) -> dict[str, str] | None:
+        stats = device.driver.stats()
+        return None if stats is None else stats.as_keys()
 
     async def resize(self, path: str) -> None:
         """Publish the disk's current size to a connected frontend (online resize)."""
@@ -425,13 +337,3 @@ class BlkbackService:
         for ring in device.driver.rings:
             ring.set_size(device.driver.sectors * 512)
         await device.end.resize(device.driver.sectors)
-
-    async def stop(self) -> None:
-        """Stop watching; every device drains its ring and closes its disk."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for path in list(self.devices):
-            await self._remove(path)

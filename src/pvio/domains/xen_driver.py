@@ -37,7 +37,7 @@ async def main(spec: DomainSpec) -> None:
             "devices": sorted(blkback.devices),
             "failed": blkback.failed | vifs.failed,
             "statistics": blkback.statistics() | vifs.statistics(),
-            "vifs": sorted(vifs.vifs),
+            "vifs": sorted(vifs.devices),
         })
     finally:
         with contextlib.suppress(Exception):

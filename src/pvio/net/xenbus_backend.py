@@ -40,11 +40,11 @@ from pvio.net.backend import NetbackQueue
 from pvio.net.keys import BACKEND_FEATURES, FRONTEND_RING_KEYS, parse_frontend_rings, parse_rate
 from pvio.net.slots import TxFrame
 from pvio.xenbus import Backend, XenbusDevice
-from pvio.xenstore.client import AsyncClient, WatchStream
+from pvio.xenbus.service import BackendService, Served
+from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL = 1.0
 VIF_KEYS = ("mac", "bridge", "script", "handle", "type", "ip", "rate", "mtu", "frontend", "frontend-id")
 
 
@@ -162,61 +162,13 @@ class NetbackDevice:
         task.add_done_callback(self._fatal.discard)
 
 
-@dataclass
-class _Vif:
-    path: str
-    end: Backend
-    driver: NetbackDevice
-    stats_task: asyncio.Task[None] | None = None
-
-
-class NetbackService:
+class NetbackService(BackendService[NetbackDevice]):
     """Every vif under /local/domain/<domid>/backend/vif, served by one driver domain."""
 
     def __init__(self, domain: Domain, xs: AsyncClient, open_host: OpenHost) -> None:
+        super().__init__(xs, f"/local/domain/{domain.domid}/backend/vif")
         self.domain = domain
-        self.xs = xs
         self.open_host = open_host
-        self.root = f"/local/domain/{domain.domid}/backend/vif"
-        self.vifs: dict[str, _Vif] = {}
-        self.failed: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        stream = await self.xs.watch(self.root)
-        await self.scan()
-        self._task = asyncio.get_running_loop().create_task(self._watch(stream))
-
-    async def _watch(self, stream: WatchStream) -> None:
-        try:
-            async for _ in stream:
-                stream.drain()
-                await self.scan()
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.close()
-
-    async def _list(self, path: str) -> list[str]:
-        try:
-            return await self.xs.directory(path)
-        except Exception:  # ENOENT: nothing there (yet)
-            return []
-
-    async def scan(self) -> None:
-        async with self._lock:
-            present: set[str] = set()
-            for fe in await self._list(self.root):
-                for devid in await self._list(f"{self.root}/{fe}"):
-                    present.add(f"{self.root}/{fe}/{devid}")
-            for path in sorted(present - set(self.vifs) - set(self.failed)):
-                await self._add(path)
-            for path, v in list(self.vifs.items()):
-                if path not in present or v.end.done.is_set():
-                    await self._remove(path)
-            for path in list(self.failed):
-                if path not in present:
-                    del self.failed[path]
 
     async def _add(self, path: str) -> None:
         try:
@@ -238,57 +190,17 @@ class NetbackService:
             return
         driver = NetbackDevice(self.domain, config, host)
         end = Backend(self.xs, path, config.frontend, driver)
-        vif = _Vif(path, end, driver)
-        self.vifs[path] = vif
-        await end.start()
-        vif.stats_task = asyncio.get_running_loop().create_task(self._publish_stats(vif))
+        await self._serve(Served(path, end, driver))
         log.info("netback: serving %s as %s", path, config.ifname)
 
-    async def _remove(self, path: str) -> None:
-        vif = self.vifs.pop(path)
-        if vif.stats_task is not None:
-            vif.stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await vif.stats_task
-        await vif.end.stop()
+    async def _close(self, vif: Served[NetbackDevice]) -> None:
         await vif.driver.disconnect(vif.end.dev)
         await vif.driver.host.close()
-        log.info("netback: %s removed", path)
+        log.info("netback: %s removed", vif.path)
 
-    async def _publish_stats(self, vif: _Vif) -> None:
-        last: dict[str, str] = {}
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            if vif.end.done.is_set():
-                await self.scan()
-                return
-            queue = vif.driver.queue
-            if queue is None:
-                continue
-            keys = queue.stats.as_keys()
-            if keys == last:
-                continue
-
-            async def write(tx: int, keys: dict[str, str] = keys) -> None:
-                for k, v in keys.items():
-                    await self.xs.write(f"{vif.path}/statistics/{k}", v, tx)
-
-            with contextlib.suppress(Exception):
-                await self.xs.transact(write)
-                last = keys
-
-    def statistics(self) -> dict[str, dict[str, str]]:
-        return {p: v.driver.queue.stats.as_keys() for p, v in self.vifs.items() if v.driver.queue is not None}
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for path in list(self.vifs):
-            with contextlib.suppress(Exception):
-                await self._remove(path)
+    def _stats_keys(self, vif: Served[NetbackDevice]) -> dict[str, str] | None:
+        queue = vif.driver.queue
+        return None if queue is None else queue.stats.as_keys()
 
 
 __all__ = ["NetbackDevice", "NetbackService", "OpenHost", "VifConfig", "VifHost", "parse_mac", "read_vif_config"]
