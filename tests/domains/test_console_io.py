@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from pvio.domains.console import GuestShell
+from pvio.domains.console import PtyShell
 from pvio.domains.tap import netns_name, remove_namespace
 from pvio.lguest.console import CONSOLE_BUFFER
 from pvio.testing.lguest_world import LguestWorld, build_guest
@@ -27,7 +27,7 @@ async def _session(argv: Sequence[str], script: bytes, want: re.Pattern[bytes],
     assert rig.console is not None and rig.console_device is not None
     device = rig.console_device
     loop = asyncio.get_running_loop()
-    shell = GuestShell(rig.console, argv)
+    console = rig.console
     pending = bytearray(script)
     got = bytearray()
 
@@ -38,9 +38,13 @@ async def _session(argv: Sequence[str], script: bytes, want: re.Pattern[bytes],
                 break  # the guest's buffer is busy: again once it has read it
             del pending[:n]
             rig.run_interrupts()  # the console driver reads its buffer and frees it
-            shell.feed()
+            shell.write(console.take_input())  # what the guest received, to its shell
 
-    shell.on_output = lambda: got.extend(device.take_output())
+    def output(data: bytes) -> None:  # the shell's output: sent by the guest's driver
+        console.put_chars(data)
+        got.extend(device.take_output())
+
+    shell = PtyShell(argv, output)
     try:
         shell.start(loop)
         deadline = loop.time() + timeout

@@ -1,51 +1,44 @@
-"""The lguest console's end in the guest: a shell.
+"""A console's shell: a program on a pseudo-terminal, in a guest domain.
 
 Theory of operation
 -------------------
-`GuestShell` is the guest's end: a shell on a pseudo-terminal — run inside the guest's
-network namespace by the caller's argv (``ip netns exec pvio-g1 sh``) — whose output
-the guest's `ConsoleDriver` sends with put_chars and whose input is what the driver
-received.
+Both console devices end in a shell inside the guest: lguest's console (its
+`ConsoleDriver` sends the shell's output with put_chars) and the Xen-style console page
+(`pvio.domains.xen_console`).  `PtyShell` is that shell: a program on a pty — run inside
+the guest's network namespace by the caller's argv (``ip netns exec pvio-g1 sh -i``) —
+whose output goes to an `on_output` callback and to which `write` types what the
+console received.  It is an asyncio adapter around the pty; the protocols stay in
+`pvio.lguest.console` and `pvio.ring.bytering`.
 
-It is an asyncio adapter around a pty; the protocol stays in `pvio.lguest.console`.  It
-does not know how interrupts reach the guest: the caller passes an `on_output` callback.
 The user's end is `pvio console` (`pvio.toolstack.console_cli`): raw mode as lguest's
-Launcher set it, three ^C within a second to quit, over the Launcher's console socket.
+Launcher set it, three ^C within a second to quit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
-from pvio.lguest.console import ConsoleDriver
 
 
-def _nothing() -> None:
-    return None
+class PtyShell:
+    """A program on a pty: its output to `on_output`, `write` to its input."""
 
-
-@dataclass
-class GuestShell:
-    """The guest's console end: a shell on a pty, fed by and feeding a `ConsoleDriver`."""
-
-    driver: ConsoleDriver
-    argv: Sequence[str]
-    on_output: Callable[[], None] = _nothing  # the driver sent output: the host may read it
-    process: subprocess.Popen[bytes] | None = None
-    master: int = -1
-    _loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, argv: Sequence[str], on_output: Callable[[bytes], object]) -> None:
+        self.argv = list(argv)
+        self.on_output = on_output
+        self.process: subprocess.Popen[bytes] | None = None
+        self.master = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         master, slave = os.openpty()
         try:
             self.process = subprocess.Popen(
-                list(self.argv), stdin=slave, stdout=slave, stderr=slave,
-                start_new_session=True, close_fds=True)
+                self.argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True)
         finally:
             os.close(slave)
         self.master = master
@@ -63,14 +56,13 @@ class GuestShell:
         if not data:
             self._stop_reading()
             return
-        self.driver.put_chars(data)
-        self.on_output()
+        self.on_output(data)
 
-    def feed(self) -> None:
-        """Pass what the guest's console received to the shell."""
-        data = self.driver.take_input()
+    def write(self, data: bytes) -> None:
+        """Type `data` into the shell (dropped once it is gone)."""
         if data and self.master >= 0:
-            os.write(self.master, data)
+            with contextlib.suppress(OSError):
+                os.write(self.master, data)
 
     def _stop_reading(self) -> None:
         if self._loop is not None and self.master >= 0:
@@ -91,3 +83,6 @@ class GuestShell:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 self.process.kill()
             self.process.wait()
+
+
+__all__ = ["PtyShell"]

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import struct
 import time
 from typing import Any
@@ -233,36 +232,20 @@ class Guest:
         if fut.cancelled() or fut.exception() is not None:
             return
         _, typed = fut.result()
-        if typed and self.shell is not None and self.shell.master >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.shell.master, typed)
+        if typed and self.shell is not None:
+            self.shell.write(typed)
 
     def _start_shell(self) -> None:
-        from pvio.domains.console import GuestShell
+        from pvio.domains.console import PtyShell
         from pvio.domains.tap import netns_name
 
         assert self.console is not None
         argv = ["sh", "-i"]
         if self.net is not None:
             argv = ["ip", "netns", "exec", netns_name(self.s.guest_name), *argv]
-        guest = self
-
-        class _Shell(GuestShell):
-            def _readable(self) -> None:
-                try:
-                    data = os.read(self.master, 4096)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
-                if not data:
-                    self._stop_reading()
-                    return
-                _submit(guest.thread, guest._put_chars, data)
-
-        self.shell = _Shell(self.console, argv)
-        env_shell = self.shell
-        env_shell.start(asyncio.get_running_loop())
+        # the shell's output leaves by SEND_DMA, from the guest's hypercall thread
+        self.shell = PtyShell(argv, lambda data: _submit(self.thread, self._put_chars, data))
+        self.shell.start(asyncio.get_running_loop())
 
     def _put_chars(self, data: bytes) -> None:
         """Console output, 256 bytes per SEND_DMA, retried while the Launcher is busy."""

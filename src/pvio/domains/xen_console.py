@@ -23,13 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pvio.abi.grant_table import GNTTAB_RESERVED_CONSOLE
+from pvio.domains.console import PtyShell
 from pvio.hypervisor.client import Domain
 from pvio.ring.bytering import ByteRingPair, console_guest
 from pvio.ring.errors import RingBroken
@@ -125,59 +123,6 @@ class ConsoleLog(logging.Handler):
             self.console.write(self.format(record).encode(errors="replace") + b"\r\n")
 
 
-class ConsoleShell:
-    """A shell on a pty: its output to the console, the console's input to it."""
-
-    def __init__(self, console: GuestConsole, argv: Sequence[str]) -> None:
-        self.console = console
-        self.argv = list(argv)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.master = -1
-
-    def start(self) -> None:
-        master, slave = os.openpty()
-        try:
-            self.process = subprocess.Popen(self.argv, stdin=slave, stdout=slave, stderr=slave,
-                                            start_new_session=True, close_fds=True)
-        finally:
-            os.close(slave)
-        self.master = master
-        os.set_blocking(master, False)
-        self.console.on_input = self._typed
-        asyncio.get_running_loop().add_reader(master, self._readable)
-
-    def _typed(self, data: bytes) -> None:
-        if self.master >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.master, data)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.master, 4096)
-        except BlockingIOError:
-            return
-        except OSError:  # EIO: the shell is gone
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self.master)
-            return
-        self.console.write(data)
-
-    def stop(self) -> None:
-        if self.master >= 0:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.master)
-            os.close(self.master)
-            self.master = -1
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGHUP)
-                self.process.wait(2)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                self.process.kill()
-            self.process.wait()
-
-
 #: The shell a Xen-style guest runs behind its console (spec ``extra["console_shell"]``;
 #: an empty list: none).
 DEFAULT_SHELL = ("sh", "-i")
@@ -189,7 +134,7 @@ class RunningConsole:
 
     console: GuestConsole
     log: ConsoleLog
-    shell: ConsoleShell | None
+    shell: PtyShell | None
 
     def stop(self) -> None:
         logging.getLogger().removeHandler(self.log)
@@ -205,8 +150,9 @@ def start_console(dom: Domain, page: ConsolePage | None, shell: Sequence[str]) -
     console = GuestConsole(dom, page)
     handler = ConsoleLog(console)
     logging.getLogger().addHandler(handler)
-    sh = ConsoleShell(console, shell) if shell else None
+    sh = PtyShell(shell, console.write) if shell else None
     if sh is not None:
-        sh.start()
+        console.on_input = sh.write
+        sh.start(asyncio.get_running_loop())
     console.write(f"pvio guest domain {dom.domid} ({dom.name}): console ready\r\n".encode())
     return RunningConsole(console, handler, sh)
