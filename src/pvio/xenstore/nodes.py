@@ -254,10 +254,15 @@ class NodeOps:
             perms = node.perms
         else:
             perms = self._create(conn, acc, path, value)
+        self._written(tx, acc, who, path, perms)
+        return OK
+
+    def _written(self, tx: Transaction | None, acc: Access, who: Who, path: str, perms: Perms) -> None:
+        """A WRITE or MKDIR done: the transaction's size checked, the change recorded
+        with the node's and its parent's permissions (for the watches that may see it)."""
         check_transaction_size(self.quotas, who, tx)
         parent = acc.node(paths.parent(path))
         self._changed(tx, Change(path, False, (perms, parent.perms if parent else perms)))
-        return OK
 
     def mkdir(self, conn: Requester, pkt: Packet, tx: Transaction | None) -> bytes:
         path, _ = self.path(conn, one_arg(pkt.payload))
@@ -270,9 +275,7 @@ class NodeOps:
                 raise XsError("EACCES", path, field="path")
             return OK
         perms = self._create(conn, acc, path, b"")
-        check_transaction_size(self.quotas, who, tx)
-        parent = acc.node(paths.parent(path))
-        self._changed(tx, Change(path, False, (perms, parent.perms if parent else perms)))
+        self._written(tx, acc, who, path, perms)
         return OK
 
     def rm(self, conn: Requester, pkt: Packet, tx: Transaction | None) -> bytes:
