@@ -37,14 +37,12 @@ import json
 import mmap
 import os
 import random
-import re
 import secrets
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ import click
 
 from pvio.bench.harness.benchmark import Benchmark, Context
 from pvio.bench.harness.figures import Figure, compare
+from pvio.bench.netbase import Row, VethPair, iperf_received, ping_average_us
 from pvio.domains.netpath import NetPath
 from pvio.domains.tap import TapInterface, create_tap, netns_name, remove_namespace
 from pvio.lguest.net import ETH_DATA_LEN, MAX_MTU
@@ -62,15 +61,6 @@ from pvio.testing.up import LanGuest, UpProcess, lguest_config
 TARGET_TCP_RATIO = 0.25
 #: The LAN MTU of the second TCP row: the largest a LAN may have.
 JUMBO_MTU = MAX_MTU
-
-
-@dataclass
-class Row:
-    scenario: str
-    unit: str
-    pvio: float
-    baseline: float
-    ratio: float
 
 
 async def _run(*cmd: str, timeout: float) -> str:
@@ -110,12 +100,10 @@ async def _iperf(client_ns: str, server_ns: str, seconds: float) -> float:
                     raise
                 last = "iperf3 stalled"
                 continue
-            report = json.loads(out)
-            if "error" in report or "sum_received" not in report.get("end", {}):
-                last = report.get("error", out[-300:])
+            bps, last = iperf_received(out)
+            if bps is None:
                 await asyncio.sleep(0.2)
                 continue
-            bps: float = report["end"]["sum_received"]["bits_per_second"]
             return bps
         raise click.ClickException(f"iperf3 never connected: {last}")
     finally:
@@ -128,32 +116,7 @@ async def _ping(ns: str, count: int) -> float:
     """Average round trip in microseconds."""
     out = await _run("ip", "netns", "exec", ns, "ping", "-q", "-c", str(count), "-i", "0.01",
                      "-W", "2", "10.0.0.2", timeout=60)
-    m = re.search(r"= [\d.]+/([\d.]+)/", out)
-    if m is None:
-        raise click.ClickException(f"cannot parse ping output:\n{out}")
-    return float(m.group(1)) * 1000
-
-
-class _Veth:
-    def __init__(self, tag: str) -> None:
-        self.ns = [netns_name(f"bv1-{tag}"), netns_name(f"bv2-{tag}")]
-
-    def __enter__(self) -> list[str]:
-        for ns in self.ns:
-            remove_namespace(ns)
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "link", "add", "vb0", "netns", self.ns[0], "type", "veth",
-                        "peer", "name", "vb0", "netns", self.ns[1]], check=True)
-        for i, ns in enumerate(self.ns):
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"10.0.0.{i + 1}/24", "dev", "vb0"],
-                           check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", "vb0", "up"], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        return self.ns
-
-    def __exit__(self, *exc: object) -> None:
-        for ns in self.ns:
-            remove_namespace(ns)
+    return ping_average_us(out)
 
 
 class _LguestLan:
@@ -192,7 +155,7 @@ async def _network(seconds: float, runs: int) -> list[Row]:
     tcp: dict[str, list[float]] = {"pvio": [], "veth": []}
     rtt: dict[str, list[float]] = {"pvio": [], "veth": []}
     for _ in range(runs):
-        with _Veth(tag) as ns:
+        with VethPair((f"bv1-{tag}", f"bv2-{tag}"), "vb0", "10.0.0") as ns:
             tcp["veth"].append(await _iperf(ns[0], ns[1], seconds))
             rtt["veth"].append(await _ping(ns[0], 20))
         with _LguestLan(tag) as ns:
@@ -247,7 +210,7 @@ async def _processes(seconds: float, runs: int) -> list[Row]:
     base: dict[str, list[float]] = {k: [] for k in keys}
     size = 16 << 20
     for _ in range(runs):
-        with _Veth(tag) as ns:
+        with VethPair((f"bv1-{tag}", f"bv2-{tag}"), "vb0", "10.0.0") as ns:
             veth = await _iperf(ns[0], ns[1], seconds)
             base["tcp"].append(veth)
             base["tcp_jumbo"].append(veth)

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +37,13 @@ import click
 
 from pvio.bench.harness.benchmark import Benchmark, Context
 from pvio.bench.harness.figures import Figure, compare
-from pvio.domains.tap import netns_name, remove_namespace
+from pvio.bench.netbase import Row, VethPair, iperf_received, ping_average_us
+from pvio.domains.tap import netns_name
 from pvio.testing.up import UpProcess
 
 #: The issue's target: at least this share of the veth pair's TCP throughput.
 TARGET_TCP_RATIO = 0.25
 NET = "10.0.77"
-
-
-@dataclass
-class Row:
-    scenario: str
-    unit: str
-    pvio: float
-    baseline: float
-    ratio: float
 
 
 def _run(cmd: list[str], timeout: float) -> str:
@@ -75,14 +66,10 @@ def _iperf(client_ns: str, server_ns: str, address: str, seconds: float, port: i
         for _ in range(20):
             r = subprocess.run([*_in(client_ns), "iperf3", "-c", address, "-p", str(port), "-t", str(seconds),
                                 "-J"], capture_output=True, text=True, timeout=seconds + 30)
-            try:
-                report = json.loads(r.stdout)
-            except ValueError:
-                report = {"error": r.stdout[-300:] + r.stderr[-300:]}
-            if r.returncode == 0 and "sum_received" in report.get("end", {}):
-                bps: float = report["end"]["sum_received"]["bits_per_second"]
+            bps, why = iperf_received(r.stdout)
+            if r.returncode == 0 and bps is not None:
                 return bps
-            last = str(report.get("error", ""))
+            last = why + r.stderr[-300:]
             time.sleep(0.2)  # the server was not listening yet
         raise click.ClickException(f"iperf3 never connected: {last}")
     finally:
@@ -93,31 +80,7 @@ def _iperf(client_ns: str, server_ns: str, address: str, seconds: float, port: i
 def _ping(ns: str, address: str, count: int = 20) -> float:
     """Average round trip in microseconds."""
     out = _run([*_in(ns), "ping", "-q", "-c", str(count), "-i", "0.01", "-W", "2", address], 60)
-    m = re.search(r"= [\d.]+/([\d.]+)/", out)
-    if m is None:
-        raise click.ClickException(f"cannot parse ping output:\n{out}")
-    return float(m.group(1)) * 1000
-
-
-class _Veth:
-    def __init__(self, tag: str) -> None:
-        self.ns = [netns_name(f"nv1-{tag}"), netns_name(f"nv2-{tag}")]
-
-    def __enter__(self) -> list[str]:
-        for ns in self.ns:
-            remove_namespace(ns)
-            _run(["ip", "netns", "add", ns], 30)
-        _run(["ip", "link", "add", "nv0", "netns", self.ns[0], "type", "veth", "peer", "name", "nv0",
-              "netns", self.ns[1]], 30)
-        for i, ns in enumerate(self.ns):
-            _run(["ip", "-n", ns, "addr", "add", f"{NET}.{i + 1}/24", "dev", "nv0"], 30)
-            _run(["ip", "-n", ns, "link", "set", "nv0", "up"], 30)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"], 30)
-        return self.ns
-
-    def __exit__(self, *exc: object) -> None:
-        for ns in self.ns:
-            remove_namespace(ns)
+    return ping_average_us(out)
 
 
 def _config(tag: str) -> tuple[str, list[str], str]:
@@ -159,7 +122,7 @@ def _measure(seconds: float, runs: int) -> list[Row]:
             g1, g2 = (netns_name(n) for n in names)
             _ping(g1, f"{NET}.2", 3)  # ARP settled before measuring
             for _ in range(runs):
-                with _Veth(tag) as ns:
+                with VethPair((f"nv1-{tag}", f"nv2-{tag}"), "nv0", NET) as ns:
                     veth_tcp = _iperf(ns[0], ns[1], f"{NET}.2", seconds)
                     veth_rtt = _ping(ns[0], f"{NET}.2")
                 before = _netback_counters(up)
