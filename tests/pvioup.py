@@ -7,12 +7,23 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pvio.testing.up import UpProcess
 
 
 class PvioUp(UpProcess):
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[PvioUp]:
+        """Started, and at the end stopped: `pvio up` must have exited cleanly (0)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            code = self.stop()
+            self.kill()
+            assert code == 0, self.output()
+
     def nbd_uri(self, domain: str = "guest1", vdev: str = "xvda") -> str:
         return str(self.device(domain, vdev=vdev)["nbd"])
 

@@ -31,13 +31,8 @@ def pvio(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[PvioUp]:
     p = PvioUp(tmp_path / "state", "--disk", f"format=raw, vdev=xvda, access=rw, size=16M, target={tmp_path / 'a.img'}")
-    p.start()
-    try:
+    with p.serving():
         yield p
-    finally:
-        code = p.stop()
-        p.kill()
-        assert code == 0, p.output()
 
 
 def test_attach_resize_detach(up: PvioUp, tmp_path: Path) -> None:

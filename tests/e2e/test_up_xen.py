@@ -64,15 +64,10 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PvioUp]:
         "--disk", f"format=raw, vdev=xvdb, access=ro, target={ro}",
         "--nbd-tcp", str(_free_port_pair()), "--nbd-tls-creds", str(make_creds(root / "tls")),
     )  # fmt: skip
-    p.start()
-    try:
+    with p.serving():
         yield p
-    finally:
-        code = p.stop()
-        p.kill()
-        assert code == 0, p.output()
-        assert not (root / "state" / "xenstored.sock").exists()
-        assert not (root / "state" / "hypervisor.sock").exists()
+    assert not (root / "state" / "xenstored.sock").exists()
+    assert not (root / "state" / "hypervisor.sock").exists()
 
 
 def test_banner_and_list(up: PvioUp) -> None:
@@ -214,13 +209,8 @@ def test_kernel_ext4_through_nbdfuse_and_loop(up: PvioUp, tmp_path: Path) -> Non
 @pytest.fixture
 def up_one(tmp_path: Path) -> Iterator[PvioUp]:
     p = PvioUp(tmp_path / "state", "--disk", f"vdev=xvda, size=128M, target={tmp_path / 'a.img'}")
-    p.start()
-    try:
+    with p.serving():
         yield p
-    finally:
-        code = p.stop()
-        p.kill()
-        assert code == 0, p.output()
 
 
 def _kill_driver(up: PvioUp) -> int:

@@ -50,13 +50,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PvioUp]:
         "--disk", f"format=raw, vdev=xvda, access=rw, size=256M, backendtype=qdisk, target={root / 'xvda.img'}",
         "--disk", f"format=qcow2, vdev=xvdc, access=rw, backendtype=qdisk, target={qcow}",
     )  # fmt: skip
-    p.start()
-    try:
+    with p.serving():
         yield p
-    finally:
-        code = p.stop()
-        p.kill()
-        assert code == 0, p.output()
 
 
 def qemu_pid(up: PvioUp) -> int:
