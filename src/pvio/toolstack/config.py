@@ -192,9 +192,20 @@ def _mtu(value: object, where: str) -> int:
 _LAN_KEYS = {"host", "host_mac"}
 
 
+def _check_host_cidr(where: str, host: str) -> None:
+    """A host address on a LAN or bridge: an address with a prefix that covers the guests."""
+    import ipaddress
+
+    try:
+        iface = ipaddress.ip_interface(host)
+    except ValueError:
+        raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
+    if iface.network.prefixlen == iface.max_prefixlen:
+        raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+
+
 def _lans(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, LanConfig]:
     """The ``[lan.<name>]`` tables: each names a LAN some lguest guest is on."""
-    import ipaddress
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: `lan` must be tables [lan.<name>]")
@@ -214,12 +225,7 @@ def _lans(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, Lan
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         host = str(table.get("host", ""))
         if host:
-            try:
-                iface = ipaddress.ip_interface(host)
-            except ValueError:
-                raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
-            if iface.network.prefixlen == iface.max_prefixlen:
-                raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+            _check_host_cidr(where, host)
         out[name] = LanConfig(name, host, str(table.get("host_mac", "")))
     return out
 
@@ -334,7 +340,6 @@ def load(path: Path, state_dir: Path) -> Config:
 def _bridges(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, str]:
     """The ``[bridge.<name>]`` tables: the host's address (``host = CIDR``) on a bridge
     some vif is on, so the host reaches those guests."""
-    import ipaddress
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: `bridge` must be tables [bridge.<name>]")
@@ -347,12 +352,7 @@ def _bridges(raw: object, domains: list[DomainConfig], path: Path) -> dict[str, 
         if name not in used:
             raise ConfigError(f"{where}: no vif is on bridge {name!r}")
         host = str(table.get("host", ""))
-        try:
-            iface = ipaddress.ip_interface(host)
-        except ValueError:
-            raise ConfigError(f"{where}: host {host!r} is not an address with a prefix (CIDR)") from None
-        if iface.network.prefixlen == iface.max_prefixlen:
-            raise ConfigError(f"{where}: host {host!r} needs a prefix that covers the guests (e.g. /24)")
+        _check_host_cidr(where, host)
         out[name] = host
     return out
 
