@@ -16,6 +16,8 @@ struct pvio_memory_fd { uint16_t domid; uint16_t pad; uint32_t nr_pages; };
 struct pvio_shareable { uint32_t nr_frames; uint32_t first_frame; };
 struct pvio_page_fd { uint16_t domid; int16_t status; uint32_t ref; };
 struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32_t remote_port; };
+struct pvio_push_domain { uint16_t domid; uint16_t pad; };
+struct pvio_domaininfo { uint16_t domid; uint16_t flags; uint32_t nr_pages; };
 
 #define PVIO_HC_MAGIC 0x43485650u
 #define FRAME_REQUEST 1
@@ -34,10 +36,15 @@ struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32
 #define PVIO_DOMCTL_memory_fd 2
 #define PVIO_DOMCTL_alloc_shareable 3
 #define PVIO_DOMCTL_page_fd 4
+#define PVIO_DOMCTL_getdomaininfo 5
 #define PVIO_PUSH_port_bound 1
 #define PVIO_PUSH_port_unbound 2
+#define PVIO_PUSH_domain_dead 4
 #define PVIO_PUSH_port_alloc 5
 #define PVIO_CDF_copy_transport 1
+#define PVIO_CDF_xs_domain 2
+#define PVIO_DOMINF_dying 1
+#define PVIO_DOMINF_xs_domain 2
 
 #define SHAREABLE_FRAME_BASE (1u << 24)
 #define MAX_SHAREABLE_FRAMES 256

@@ -34,6 +34,7 @@ PVIO_LAYOUTS = [
     wire.PVIO_PUSH_PORT,
     wire.PVIO_PUSH_IRQ,
     wire.PVIO_PUSH_DOMAIN,
+    wire.PVIO_DOMAININFO,
 ]
 
 

@@ -61,6 +61,7 @@ from pvio.hypervisor.domain import (
     Platform,
     Region,
 )
+from pvio.hypervisor.dominfo import getdomaininfo
 from pvio.hypervisor.errors import HypercallError
 from pvio.hypervisor.event_channel import EventChannels
 from pvio.hypervisor.grant_table import GrantTables
@@ -377,6 +378,8 @@ class Hypervisor:
             return self._alloc_shareable(d, op)
         if op.cmd == wire.PVIO_DOMCTL_page_fd:
             return self._page_fd(d, op)
+        if op.cmd == wire.PVIO_DOMCTL_getdomaininfo:
+            return Reply(*getdomaininfo(d, self.domains, self.zombies, op.count, op.args))
         if op.cmd != wire.PVIO_DOMCTL_memory_fd:
             return Reply(-errno.ENOSYS, op.args)
         lay = wire.PVIO_MEMORY_FD

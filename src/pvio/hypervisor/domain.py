@@ -153,6 +153,8 @@ class DomainRecord:
     max_grant_frames: int
     gnttab_atomic: AtomicWords | None = None
     transport: str = "map"
+    #: created with PVIO_CDF_xs_domain (Xen's XenStore domain)
+    xs_domain: bool = False
     nr_grant_frames: int = 1
     dying: bool = False
     #: ref -> pins on this domain's grant entries

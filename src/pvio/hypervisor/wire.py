@@ -43,6 +43,8 @@ PVIO_DOMCTL_createdomain = 1
 PVIO_DOMCTL_memory_fd = 2
 PVIO_DOMCTL_alloc_shareable = 3
 PVIO_DOMCTL_page_fd = 4
+#: Xen's XEN_DOMCTL_getdomaininfo: the first domain whose id is at least the one asked.
+PVIO_DOMCTL_getdomaininfo = 5
 PVIO_LGUEST_region_create = 1
 PVIO_LGUEST_region_attach = 2
 #: The region's creator lets domain `peer` attach it.  A region nobody was ever
@@ -61,6 +63,12 @@ PVIO_PUSH_domain_dead = 4
 PVIO_PUSH_port_alloc = 5
 
 PVIO_CDF_copy_transport = 1 << 0
+#: Xen's XEN_DOMCTL_CDF_xs_domain: the XenStore domain, which may ask about other
+#: domains (getdomaininfo, as Xen's XSM_XS_PRIV allows it the control domain and it).
+PVIO_CDF_xs_domain = 1 << 1
+#: PVIO_DOMAININFO.flags
+PVIO_DOMINF_dying = 1 << 0
+PVIO_DOMINF_xs_domain = 1 << 1
 
 PVIO_HC_MAGIC = 0x43485650  # "PVHC"
 FRAME_REQUEST = 1
@@ -86,6 +94,7 @@ struct pvio_lguest_frames { uint32_t region_id; uint32_t min_len; uint32_t max_l
 struct pvio_push_port { uint32_t port; uint16_t remote_dom; uint16_t pad; uint32_t remote_port; };
 struct pvio_push_irq { uint32_t irq; };
 struct pvio_push_domain { uint16_t domid; uint16_t pad; };
+struct pvio_domaininfo { uint16_t domid; uint16_t flags; uint32_t nr_pages; };
 """
 
 # T:310 The hypercall frame
@@ -162,6 +171,18 @@ PVIO_PAGE_FD = Layout(
     "pvio_page_fd",
     (("domid", "H"), ("status", "h"), ("ref", "I")),
     c_type="struct pvio_page_fd",
+    c_prologue=C_PROLOGUE,
+)
+
+#   struct pvio_domaininfo {  /* PVIO_DOMCTL_getdomaininfo */
+#       uint16_t domid;     /* IN: the first domid to look at; OUT: the domain found */
+#       uint16_t flags;     /* OUT: PVIO_DOMINF_* */
+#       uint32_t nr_pages;  /* OUT: its memory */
+#   };
+PVIO_DOMAININFO = Layout(
+    "pvio_domaininfo",
+    (("domid", "H"), ("flags", "H"), ("nr_pages", "I")),
+    c_type="struct pvio_domaininfo",
     c_prologue=C_PROLOGUE,
 )
 
