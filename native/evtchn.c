@@ -20,14 +20,21 @@
  * by a PORT_BOUND push for a port we allocated), else it is EVTCHNOP_send.
  *
  * VIRQs: a VIRQ port is a port number reserved from the hypervisor (an unbound port
- * for ourselves) that never fires.  Xen sends global VIRQs (VIRQ_DOM_EXC, ...) to the
- * control domain only, and a program run as a pvio domain is never that.
+ * for ourselves).  VIRQ_DOM_EXC fires when the hypervisor tells us a domain died: it
+ * tells the control domain and every domain that maps the dead one's grants, which is
+ * where Xen's C xenstored needs it (it maps every domain's XenStore page, and on the
+ * VIRQ asks the hypervisor which domains are gone, privcmd.c).  A daemon sleeping in
+ * poll() on this device must wake for it, so binding VIRQ_DOM_EXC starts a thread that
+ * waits on the hypervisor connection and handles pushes as they come.  The other VIRQs
+ * never fire.
  */
 #define _GNU_SOURCE
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
 #include <errno.h>
 #include <stdint.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -58,6 +65,8 @@ struct evtchn {
 
 static struct port *ports[NR_PORTS];
 static uint32_t virqs_bound; /* bit per VIRQ bound in this domain */
+static struct port *virq_ports[NR_VIRQS];
+static pid_t push_watcher; /* the process whose push thread runs, or 0 */
 
 int evtchn_open(struct dev *d)
 {
@@ -92,8 +101,10 @@ static void drop_port(struct port *p)
     }
     if (p->tx_fd >= 0)
         real.close(p->tx_fd);
-    if (p->virq >= 0)
+    if (p->virq >= 0) {
         virqs_bound &= ~(1u << p->virq);
+        virq_ports[p->virq] = NULL;
+    }
     ports[p->port] = NULL;
     free(p);
 }
@@ -109,8 +120,10 @@ static int add_port(struct evtchn *e, uint32_t port, int rx_fd, int tx_fd, int v
         ports[port] = p;
         rc = arm(p, EPOLL_CTL_ADD);
         if (!rc) {
-            if (virq >= 0)
+            if (virq >= 0) {
                 virqs_bound |= 1u << virq;
+                virq_ports[virq] = p;
+            }
             return (int)port;
         }
         ports[port] = NULL;
@@ -217,6 +230,61 @@ static void reset(struct evtchn *e)
         }
 }
 
+/* The push thread: pushes are otherwise handled only when a call meets them, and a
+ * daemon idle in poll() makes no call.  A reply in flight wakes it too; it then waits
+ * for the lock, which the caller holds until it has read its reply, and finds nothing. */
+static void *watch_pushes(void *unused)
+{
+    (void)unused;
+    int sock = pvio_dom.sock;
+    for (;;) {
+        struct pollfd pfd = { .fd = sock, .events = POLLIN };
+        if (poll(&pfd, 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pfd.revents & (POLLHUP | POLLERR | POLLNVAL))
+            break;
+        pthread_mutex_lock(&pvio_lock);
+        int same = pvio_dom.sock == sock;
+        if (same)
+            pvio_poll_pushes();
+        pthread_mutex_unlock(&pvio_lock);
+        if (!same)
+            break;
+    }
+    return NULL;
+}
+
+static int start_push_watcher(void)
+{
+    if (push_watcher == getpid())
+        return 0;
+    pthread_t t;
+    pthread_attr_t attr;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the program's signals stay its threads' */
+    int rc = pthread_create(&t, &attr, watch_pushes, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc)
+        return -rc;
+    push_watcher = getpid();
+    return 0;
+}
+
+void evtchn_domain_dead(uint16_t domid)
+{
+    (void)domid; /* VIRQ_DOM_EXC says only "some domain": the daemon asks which */
+    struct port *p = virq_ports[VIRQ_DOM_EXC];
+    uint64_t one = 1;
+    if (p && real.write(p->rx_fd, &one, sizeof one) < 0) { /* the counter is full: pending anyway */ }
+}
+
 int evtchn_ioctl(struct dev *d, unsigned long req, void *arg)
 {
     struct evtchn *e = d->priv;
@@ -231,6 +299,8 @@ int evtchn_ioctl(struct dev *d, unsigned long req, void *arg)
             return -EINVAL;
         if (virqs_bound & (1u << a->virq))
             return -EEXIST;
+        if (a->virq == VIRQ_DOM_EXC && (rc = start_push_watcher()))
+            return rc;
         return alloc_unbound(e, DOMID_SELF, (int)a->virq);
     }
     case IOCTL_EVTCHN_BIND_INTERDOMAIN: {

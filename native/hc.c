@@ -4,12 +4,13 @@
  * request is a header and ops, each an op header and Xen's own structs; the reply
  * repeats the ops with OUT fields and rc filled, and descriptors come by SCM_RIGHTS in
  * op order.  A push (seq 0) may arrive between a request and its reply, or at any
- * time: it is handled where it is met (evtchn_push) and never lost.
+ * time: it is handled where it is met (evtchn_push, evtchn_domain_dead) and never lost.
  *
  * The first device open connects and sends, in one frame, PVIO_DOMCTL_createdomain
  * (the domid from PVIO_DOMID; a small memory whose frames bounce GRANT_COPY data) and
  * GNTTABOP_setup_table (our whole grant table at once).  The reply brings the memory
- * and the grant table as memfds, which are mapped here.
+ * and the grant table as memfds, which are mapped here.  PVIO_XS_DOMAIN=1 makes the
+ * domain Xen's XenStore domain (PVIO_CDF_xs_domain: it may ask about other domains).
  *
  * Our grant table is shared memory the hypervisor reads: an entry is granted by
  * writing frame and domid, then the flags (x86-64 keeps stores in order; the compiler
@@ -167,6 +168,12 @@ static int parse_frame(ssize_t got, int *fds, int nr_fds, struct hc_op *ops, int
                 (h.cmd == PVIO_PUSH_port_bound || h.cmd == PVIO_PUSH_port_unbound)) {
                 memcpy(&p, frame_buf + off, sizeof p);
                 evtchn_push(h.cmd, &p, opfds, h.nr_fds);
+            } else if (h.hypercall == PVIO_HYPERVISOR_push && h.cmd == PVIO_PUSH_domain_dead &&
+                       h.length == sizeof(struct pvio_push_domain)) {
+                struct pvio_push_domain dd;
+                memcpy(&dd, frame_buf + off, sizeof dd);
+                close_all(opfds, h.nr_fds);
+                evtchn_domain_dead(dd.domid);
             } else {
                 close_all(opfds, h.nr_fds);
             }
@@ -300,7 +307,9 @@ int pvio_connect(void)
     pvio_dom.sock = s;
     pvio_dom.domid = (uint16_t)domid;
 
-    struct pvio_createdomain cd = { .domid = (uint16_t)domid, .flags = copy ? PVIO_CDF_copy_transport : 0,
+    const char *xs = getenv("PVIO_XS_DOMAIN");
+    uint16_t flags = (copy ? PVIO_CDF_copy_transport : 0) | (xs && !strcmp(xs, "1") ? PVIO_CDF_xs_domain : 0);
+    struct pvio_createdomain cd = { .domid = (uint16_t)domid, .flags = flags,
                                     .nr_pages = NR_PAGES, .max_grant_frames = MAX_GRANT_FRAMES };
     const char *name = getenv("PVIO_NAME");
     snprintf(cd.name, sizeof cd.name, "%s", name && *name ? name : "pvio-run");

@@ -4,7 +4,7 @@
  * device (after connecting to the hypervisor: a failure there is the open's errno);
  * any other /dev/xen or /proc/xen path is ENOENT, as on a host without Xen
  * (/dev/xen/hypercall, /dev/xen/xenbus, /proc/xen/privcmd: the libraries fall back
- * or go on).  Without PVIO_HYPERVISOR_SOCKET in the environment nothing is faked.
+ * or go on), but for the XenStore domain's /proc/xen/xsd_{port,kva} (xsd.c).  Without PVIO_HYPERVISOR_SOCKET in the environment nothing is faked.
  *
  * ioctl/read/write/close on a device fd go to its part; on any other fd straight to
  * libc, after one table lookup.  mmap on a gntdev or gntalloc fd is theirs; munmap
@@ -126,8 +126,16 @@ static int kind_of(const char *path)
     return 0;
 }
 
-static int open_dev(int kind, int flags)
+static int open_dev(const char *path, int kind, int flags)
 {
+    if (kind < 0 && xsd_is_file(path)) {
+        pvio_resolve();
+        int fd = xsd_open(path, flags);
+        if (fd >= 0)
+            return fd;
+        errno = -fd;
+        return -1;
+    }
     if (kind < 0) {
         errno = ENOENT;
         return -1;
@@ -182,7 +190,7 @@ EXPORT int open(const char *path, int flags, ...)
 {
     int kind = kind_of(path);
     if (kind)
-        return open_dev(kind, flags);
+        return open_dev(path, kind, flags);
     va_list ap;
     va_start(ap, flags);
     mode_t mode = mode_arg(flags, ap);
@@ -217,7 +225,7 @@ EXPORT int openat(int dirfd, const char *path, int flags, ...)
     mode_t mode = mode_arg(flags, ap);
     va_end(ap);
     if (path[0] == '/' && kind_of(path))
-        return open_dev(kind_of(path), flags);
+        return open_dev(path, kind_of(path), flags);
     static int (*real_openat)(int, const char *, int, ...);
     if (!real_openat)
         real_openat = dlsym(RTLD_NEXT, "openat");

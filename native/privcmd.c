@@ -9,9 +9,12 @@
  *
  * HYPERCALL is decoded from its argument buffer, which is the caller's memory:
  *   - __HYPERVISOR_domctl: a wrong interface_version is EACCES (Xen's check comes
- *     first); XEN_DOMCTL_getdomaininfo, and every other domctl, is EPERM, which is what
- *     Xen answers a domain that is neither the control domain nor the XenStore domain
- *     (dummy XSM: XSM_XS_PRIV and XSM_PRIV);
+ *     first); XEN_DOMCTL_getdomaininfo goes to the hypervisor (PVIO_DOMCTL_getdomaininfo:
+ *     the first domain at or above the domid asked, as Xen answers it; EPERM unless we
+ *     are domain 0 or the XenStore domain, Xen's XSM_XS_PRIV; ESRCH past the last
+ *     domain); every other domctl is EPERM, which is what Xen answers a domain that is
+ *     not the control domain;
+ *   - __HYPERVISOR_event_channel_op EVTCHNOP_status: the hypervisor's answer;
  *   - anything else: ENOSYS.
  */
 #define _GNU_SOURCE
@@ -23,10 +26,37 @@
 #include <sys/ioctl.h>
 #include <xen/xen.h>
 #include <xen/domctl.h>
+#include <xen/event_channel.h>
 #include <linux/types.h>
 #include <xen/sys/privcmd.h>
 
 #include "pvio_xen.h"
+
+static int getdomaininfo(struct xen_domctl *dc)
+{
+    struct pvio_domaininfo di = { .domid = dc->domain };
+    struct hc_op op = { PVIO_HYPERVISOR_domctl, PVIO_DOMCTL_getdomaininfo, 1, &di, sizeof di, 0, NULL, 0, 0 };
+    int rc = pvio_call(&op, 1);
+    if (rc)
+        return rc;
+    if (op.rc)
+        return op.rc;
+    struct xen_domctl_getdomaininfo *info = &dc->u.getdomaininfo;
+    memset(info, 0, sizeof *info);
+    dc->domain = info->domain = di.domid;
+    info->flags = (di.flags & PVIO_DOMINF_dying ? XEN_DOMINF_dying : XEN_DOMINF_running) |
+                  (di.flags & PVIO_DOMINF_xs_domain ? XEN_DOMINF_xs_domain : 0);
+    info->tot_pages = info->max_pages = di.nr_pages;
+    info->nr_online_vcpus = 1;
+    return 0;
+}
+
+static int evtchn_status(evtchn_status_t *st)
+{
+    struct hc_op op = { HYPERVISOR_event_channel_op, EVTCHNOP_status, 1, st, sizeof *st, 0, NULL, 0, 0 };
+    int rc = pvio_call(&op, 1);
+    return rc ? rc : op.rc;
+}
 
 int privcmd_ioctl(struct dev *d, unsigned long req, void *arg)
 {
@@ -36,10 +66,23 @@ int privcmd_ioctl(struct dev *d, unsigned long req, void *arg)
     privcmd_hypercall_t *h = arg;
     if (h->op == __HYPERVISOR_domctl) {
         struct xen_domctl dc;
-        memcpy(&dc, (void *)(uintptr_t)h->arg[0], offsetof(struct xen_domctl, u));
+        memcpy(&dc, (void *)(uintptr_t)h->arg[0], sizeof dc);
         if (dc.interface_version != XEN_DOMCTL_INTERFACE_VERSION)
             return -EACCES;
-        return -EPERM;
+        if (dc.cmd != XEN_DOMCTL_getdomaininfo)
+            return -EPERM;
+        int rc = getdomaininfo(&dc);
+        if (!rc)
+            memcpy((void *)(uintptr_t)h->arg[0], &dc, sizeof dc);
+        return rc;
+    }
+    if (h->op == __HYPERVISOR_event_channel_op && h->arg[0] == EVTCHNOP_status) {
+        evtchn_status_t st;
+        memcpy(&st, (void *)(uintptr_t)h->arg[1], sizeof st);
+        int rc = evtchn_status(&st);
+        if (!rc)
+            memcpy((void *)(uintptr_t)h->arg[1], &st, sizeof st);
+        return rc;
     }
     return -ENOSYS;
 }

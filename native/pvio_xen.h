@@ -11,7 +11,8 @@
  *
  * Parts: preload.c (the interposed libc calls and the table of device fds), hc.c (the
  * connection, frames, pushes, the domain's own memory and grant table), evtchn.c,
- * gntdev.c, gntalloc.c, privcmd.c (one device each).
+ * gntdev.c, gntalloc.c, privcmd.c (one device each), xsd.c (the XenStore domain's
+ * /proc/xen files).
  *
  * Locking: one mutex, `pvio_lock`, guards every table and the connection.  Nothing
  * blocks while holding it except a hypervisor round trip (short: the hypervisor never
@@ -112,6 +113,8 @@ ssize_t evtchn_read(struct dev *d, void *buf, size_t count);
 ssize_t evtchn_write(struct dev *d, const void *buf, size_t count);
 void evtchn_close(struct dev *d);
 void evtchn_push(uint16_t cmd, const struct pvio_push_port *a, int *fds, int nr_fds);
+/* The hypervisor told us `domid` died: VIRQ_DOM_EXC fires if it is bound. */
+void evtchn_domain_dead(uint16_t domid);
 /* Notify `port` if one of our evtchn devices has it bound (the unmap notifications). */
 int evtchn_notify_port(uint32_t port);
 int evtchn_port_bound(uint32_t port);
@@ -130,6 +133,10 @@ void gntdev_exit_notify(void);
 void gntalloc_exit_notify(void);
 
 int privcmd_ioctl(struct dev *d, unsigned long req, void *arg);
+
+/* xsd.c: /proc/xen/xsd_{port,kva} for the XenStore domain; the fd or -errno. */
+int xsd_is_file(const char *path);
+int xsd_open(const char *path, int flags);
 
 /* -- mappings the layer made, for munmap ------------------------------------------------ */
 
