@@ -15,9 +15,10 @@ VENV="${PVIO_VENV:-$PWD/.venv}"
 # mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN;
 # make: builds native/, the /dev/xen device layer Xen's own programs run on (libxen-dev's
 # libraries and libxenvchan are its test peers); qemu-system-xen: QEMU's qdisk backend,
-# which pvio up runs for backendtype=qdisk disks.
+# which pvio up runs for backendtype=qdisk disks; xen-utils-4.17: Xen's C xenstored and
+# xenconsoled (`pvio up --xenstored xen`).
 DEBIAN_PACKAGES=(
-  gcc gcc-multilib libc6-dev libxen-dev python3-venv make qemu-system-xen
+  gcc gcc-multilib libc6-dev libxen-dev python3-venv make qemu-system-xen xen-utils-4.17
   libatomic1
   xenstore-utils python3-pyxs
   # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which

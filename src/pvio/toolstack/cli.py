@@ -68,6 +68,9 @@ class BadInput(click.ClickException):
 )
 @click.option("--xenstore-transport", type=click.Choice(["ring", "socket"]), default="ring", show_default=True,
               help="How Xen-style domains reach XenStore: their shared page and event channel, or a socket.")
+@click.option("--xenstored", type=click.Choice(["pvio", "xen"]), default="pvio", show_default=True,
+              help="Which XenStore daemon: pvio's, or Xen's own C xenstored (xen-utils-4.17) as the XenStore "
+              "domain, through the /dev/xen device layer (Xen-style domains only).")
 def up(
     config_file: Path | None,
     state_dir: Path | None,
@@ -79,6 +82,7 @@ def up(
     nbd_tcp_insecure: bool,
     transport: str | None,
     xenstore_transport: str,
+    xenstored: str,
 ) -> None:
     """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
 
@@ -104,7 +108,7 @@ def up(
         config.transport = transport
     tls_creds = str(Path(nbd_tls_creds).resolve()) if nbd_tls_creds else ""
     toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0, nbd_tls_creds=tls_creds,
-                          xenstore_transport=xenstore_transport)
+                          xenstore_transport=xenstore_transport, xenstored=xenstored)
     sys.exit(asyncio.run(run_up(toolstack)))
 
 

@@ -58,6 +58,7 @@ from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
 from pvio.toolstack.qdisk import QdiskBackends, wants_qemu
 from pvio.toolstack.restart import device_name, reset_lguest_devices, stop_its_guests
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
+from pvio.toolstack.xen_daemons import check_xen_xenstored, xen_xenstored_argv
 
 READY_TIMEOUT = 30.0
 #: A domain that dies more than MAX_CRASHES times in CRASH_WINDOW seconds is left dead.
@@ -89,6 +90,7 @@ class Toolstack:
         nbd_tls_creds: str = "",
         out: TextIO = sys.stdout,
         xenstore_transport: str = "ring",
+        xenstored: str = "pvio",
     ) -> None:
         self.config = config
         self.paths = paths
@@ -104,6 +106,7 @@ class Toolstack:
         self._backend_failures: dict[str, str] = {}  # backend path -> the cause said
         #: "ring": Xen-style domains reach XenStore over their page (`xenpages`)
         self.xenstore_transport = xenstore_transport
+        self.xenstored = xenstored  # "pvio", or "xen": Xen's C xenstored (`xen_daemons`)
         self.handover = XenstoreHandover(self._attach, self._introduce_ring)
         self.qdisk = QdiskBackends(paths, self.say)  # QEMU for backendtype=qdisk disks
         self._bridges_undo: list[tuple[str, str]] = []  # the vifs' bridges, as pvio up found them
@@ -168,32 +171,27 @@ class Toolstack:
             )
         )
         await wait_socket(self.paths.hypervisor_socket, hv, socket.SOCK_SEQPACKET)
-        xs = await self._start_child(
-            Child(
-                "xenstored",
-                python_argv(
-                    "pvio",
-                    "xenstored",
-                    "--socket",
-                    str(self.paths.xenstored_socket),
-                    "--control",
-                    str(self.paths.xenstored_control),
-                    "--db",  # durable: a restarted xenstored has the whole tree back
-                    str(self.paths.xenstore_db),
-                    "--status",  # for pvio top
-                    str(self.paths.status("xenstored")),
-                    *xenpages.xenstored_args(self.xenstore_transport, self.paths.hypervisor_socket),
-                ),
-                self.paths.log("xenstored"),
-            )
-        )
+        xs_argv = xen_xenstored_argv(self.paths) if self.xenstored == "xen" else python_argv(
+            "pvio", "xenstored", "--socket", str(self.paths.xenstored_socket),
+            "--control", str(self.paths.xenstored_control),
+            "--db", str(self.paths.xenstore_db),  # durable: a restarted xenstored has the whole tree back
+            "--status", str(self.paths.status("xenstored")),  # for pvio top
+            *xenpages.xenstored_args(self.xenstore_transport, self.paths.hypervisor_socket))
+        xs = await self._start_child(Child("xenstored", xs_argv, self.paths.log("xenstored")))
         await wait_socket(self.paths.xenstored_socket, xs)
-        if (argv := xenpages.xenconsoled_argv(self.xenstore_transport, self.paths)) is not None:
-            await self._start_child(Child("xenconsoled", python_argv("pvio", *argv), self.paths.log("xenconsoled")))
+        if self.xenstored != "xen":  # Xen's waits for domain 0 (`_start_xenconsoled`)
+            await self._start_xenconsoled()
         from pvio.xenstore.client import AsyncClient
 
         self.xs = await AsyncClient.open(str(self.paths.xenstored_socket), reconnect=True)
         self.handover.xenstored_up.set()
+
+    async def _start_xenconsoled(self) -> None:
+        """pvio's console daemon, when consoles come with rings.  Xen's xenstored refuses
+        a socket connection's requests until domain 0 exists (the driver domain here; on
+        Xen, dom0 always does), so with it the daemon starts once the driver domain runs."""
+        if (argv := xenpages.xenconsoled_argv(self.xenstore_transport, self.paths)) is not None:
+            await self._start_child(Child("xenconsoled", python_argv("pvio", *argv), self.paths.log("xenconsoled")))
 
     async def _transact(self, ops: list[xslayout.XsOp]) -> None:
         xs = self.xs
@@ -274,9 +272,12 @@ class Toolstack:
     async def _restart_xenstored(self, child: Child) -> None:
         """xenstored died: start it again from its database (the whole tree, the domains
         introduced); each domain's client asks for a new connection and carries on."""
+        code = child.proc.returncode if child.proc else None
+        if self.xenstored == "xen":
+            raise UpError(f"Xen's xenstored exited (status {code}); it keeps the tree in memory only, so "
+                          f"there is nothing to restart it from; see {child.log_path}")
         self.handover.xenstored_up.clear()
         child.restarts += 1
-        code = child.proc.returncode if child.proc else None
         self.say(f"pvio up: xenstored exited (status {code}); restarting it from its database "
                  f"(restart #{child.restarts}; log {child.log_path})")
         for path in (self.paths.xenstored_socket, self.paths.xenstored_control):
@@ -338,6 +339,8 @@ class Toolstack:
             await self._spawn_domain(run, await self._xenstore_for(run))
             if run.spec.role in ("driver", "lguest-launcher"):
                 await self._wait_ready(run)
+            if run.spec.role == "driver" and self.xenstored == "xen":
+                await self._start_xenconsoled()
         for run in self.domains:
             await self._wait_ready(run)
 
@@ -383,6 +386,9 @@ class Toolstack:
         """A domain died: restart it (xl's on_crash = "restart", the default: the driver
         domain always) or leave it dead ("destroy"); a domain that keeps dying is left."""
         code = run.child.proc.returncode if run.child.proc else None
+        if run.spec.role == "driver" and self.xenstored == "xen":
+            raise UpError(f"the driver domain exited (status {code}); Xen's xenstored removed what it owned (its "
+                          f"backend directories), so it is not restarted; see {run.child.log_path}")
         what = "driver domain" if run.spec.role == "driver" else f"domain {run.spec.name}"
         on_crash = "restart" if run.config is None else run.config.on_crash
         now = time.monotonic()
@@ -553,6 +559,8 @@ async def run_up(toolstack: Toolstack) -> int:
     code = 0
     try:
         preflight.check(toolstack.config)
+        if toolstack.xenstored == "xen":
+            check_xen_xenstored(toolstack.config, toolstack.xenstore_transport)
         toolstack.plan()
         await toolstack.start_services()
         toolstack.write_up_status(False)
