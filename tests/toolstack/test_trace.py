@@ -16,28 +16,7 @@ import pytest
 
 from pvio.testing.up import UpProcess
 from pvio.trace import SESSION_FILE, TRACE, chrome_trace, flow_id, follow
-
-REQUIRED = {"ph", "name", "pid", "tid"}
-
-
-def valid(trace: dict[str, object]) -> list[dict[str, object]]:
-    """The trace-event format's required fields, and flows that pair up."""
-    events = trace["traceEvents"]
-    assert isinstance(events, list) and events
-    open_flows: dict[object, int] = {}
-    for e in sorted((e for e in events if e["ph"] != "M"), key=lambda e: e["ts"]):
-        assert set(e) >= REQUIRED and isinstance(e["ts"], float | int), e
-        if e["ph"] == "X":
-            assert e["dur"] >= 0, e
-        if e["ph"] == "s":
-            open_flows[e["id"]] = open_flows.get(e["id"], 0) + 1
-        elif e["ph"] == "f":
-            assert open_flows.get(e["id"], 0) > 0, f"flow {e['id']} finished before it started"
-            open_flows[e["id"]] -= 1
-    for e in events:
-        if e["ph"] == "M":
-            assert e["name"] == "process_name" and e["args"]["name"], e
-    return events
+from trace_check import valid
 
 
 def test_follow_switches_on_and_off_and_writes_the_events(tmp_path: Path) -> None:

@@ -139,6 +139,7 @@ class BlkbackRing:
         self.domain = domain
         self.frontend_domid = frontend_domid
         self._taken: dict[int, int] = {}  # request id -> when it was taken (while tracing)
+        self._ring_ref = 0  # the ring's first grant reference: names the ring in trace flows
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
@@ -198,6 +199,7 @@ class BlkbackRing:
             self._ring_maps = []
             raise
         self.abi = ring.abi
+        self._ring_ref = ring.ring_refs[0]
         self.domain.set_handler(self.port, self._on_event)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="blkback")
@@ -541,7 +543,8 @@ class BlkbackRing:
             if TRACE.on and (taken := self._taken.pop(io.request.id, 0)):
                 TRACE.span(f"blkback {io.kind}", "blk", taken,
                            args={"sector": io.request.sector_number, "bytes": io.length, "status": w.status},
-                           flow=flow_id(self.frontend_domid, io.request.id, io.request.sector_number))
+                           flow=flow_id(self.frontend_domid, self._ring_ref, io.request.id,
+                                        io.request.sector_number))
         self._respond(out)
 
     def _respond(self, responses: list[bytes]) -> None:
