@@ -245,6 +245,14 @@ class BlkbackRing:
     def connected(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def occupancy(self) -> tuple[int, int]:
+        """(slots in use, nr_ents) of the ring now: what `pvio top` shows; (0, 0)
+        before it is connected or once it is broken."""
+        ring = self._ring
+        if ring is None or ring.broken is not None:
+            return 0, 0
+        return ring.occupancy(), ring.nr_ents
+
     async def wait_stopped(self) -> None:
         if self._task is not None:
             await asyncio.shield(self._task)
