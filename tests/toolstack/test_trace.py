@@ -16,7 +16,7 @@ import pytest
 
 from pvio.testing.up import UpProcess
 from pvio.trace import SESSION_FILE, TRACE, chrome_trace, flow_id, follow
-from trace_check import valid
+from trace_check import unpaired_steps, valid
 
 
 def test_follow_switches_on_and_off_and_writes_the_events(tmp_path: Path) -> None:
@@ -44,19 +44,29 @@ def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
     up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=32M, target={tmp_path / 'a.img'}").start()
     try:
         uri = up.device("guest1", vdev="xvda")["nbd"]
-        fio = subprocess.Popen(["fio", "--name=trace", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-                                "--bs=4k", "--iodepth=2", "--time_based", "--runtime=30", "--size=16m"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # 4 KiB random writes, and 1 MiB writes beside them (each several indirect requests)
+        fio = subprocess.Popen(["fio", "--ioengine=nbd", f"--uri={uri}", "--time_based", "--runtime=30",
+                                "--name=small", "--rw=randwrite", "--bs=4k", "--iodepth=2", "--size=8m",
+                                "--name=large", "--rw=write", "--bs=1M", "--iodepth=2", "--size=8m",
+                                "--offset=16m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             r = subprocess.run([sys.executable, "-m", "pvio", "trace", "--state-dir", str(up.state_dir),
-                                "--seconds", "1", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
+                                "--seconds", "2", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
                                capture_output=True, text=True, timeout=60)
         finally:
             fio.kill()
             fio.wait()
         assert r.returncode == 0, r.stdout + r.stderr
         assert "no events from" not in r.stdout, r.stdout  # every process took part
-        events = valid(json.loads((tmp_path / "t.json").read_text()))
+        trace = json.loads((tmp_path / "t.json").read_text())
+        events = valid(trace)
+        lost, checked = unpaired_steps(trace)  # every hop on the flow its NBD command started
+        assert checked > 20 and not lost, (checked, lost[:5])
+        large = [e for e in events if e["ph"] == "X" and e["name"] == "nbd NBD_CMD_WRITE"
+                 and e["args"]["length"] == 1 << 20]
+        starts = {(e["pid"], e["ts"]) for e in events if e["ph"] == "s"}
+        assert large and all((e["pid"], e["ts"]) in starts for e in large)
+        assert any(e["args"]["bytes"] > 44 << 10 for e in events if e["name"] == "blkback write")  # indirect
         names = {e["name"] for e in events if e["ph"] == "X"}
         assert {"nbd NBD_CMD_WRITE", "blkfront BLKIF_OP_WRITE", "blkback write"} <= names, names
         tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}

@@ -67,15 +67,15 @@ def render(view: dict[str, Any], sort: str = "name", reverse: bool = False, widt
         lines.append(row([_cell(k, d.get(k)) for _, k, _ in _DOMAIN_COLUMNS]))
     disks = [v for v in view["devices"] if v["kind"] in DISK_KINDS]
     if disks:
-        lines += ["", f"{'DEVICE':<18} {'KIND':<10} {'REQ/s':>9} " + " ".join(f"{t:>10}" for t, _ in _DISK_COLUMNS)
+        lines += ["", f"{'DEVICE':<18} {'KIND':<10} {'REQ/s':>8} " + " ".join(f"{t:>9}" for t, _ in _DISK_COLUMNS)
                   + f" {'REQ/BATCH':>9} {'NOTIFY/REQ':>10} {'RING':>9}"]
         for v in disks:
             ps = v["per_second"]
             cells = [ps.get(k, 0.0) if v["kind"] != "blkfront" else None for _, k in _DISK_COLUMNS]
             batch = v.get("requests_per_batch")
             ring = f"{v['ring_in_use']}/{v['ring_slots']}" if "ring_slots" in v else "-"
-            lines.append(f"{v['domain'] + ' ' + v['device']:<18} {v['kind']:<10} {v.get('requests', 0.0):>9.1f} "
-                         + " ".join(f"{_cell('', x):>10}" for x in cells)
+            lines.append(f"{v['domain'] + ' ' + v['device']:<18} {v['kind']:<10} {v.get('requests', 0.0):>8.1f} "
+                         + " ".join(f"{_cell('', x):>9}" for x in cells)
                          + f" {'-' if batch is None else f'{batch:.2f}':>9} {v.get('notify_per_request', 0.0):>10.3f}"
                          + f" {ring:>9}")
     nets = [v for v in view["devices"] if v["kind"] not in DISK_KINDS]
