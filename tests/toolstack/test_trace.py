@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from pvio.testing.up import UpProcess
-from pvio.trace import SESSION_FILE, TRACE, chrome_trace, flow_id, follow
+from pvio.toolstack.paths import StatePaths
+from pvio.toolstack.trace_cli import end
+from pvio.trace import SESSION_FILE, TRACE, TRACE_DIR, chrome_trace, flow_id, follow
 from trace_check import unpaired_steps, valid
 
 
@@ -77,3 +79,13 @@ def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
         assert not (up.state_dir / "trace" / SESSION_FILE).exists()
     finally:
         assert up.stop() == 0, up.output()
+
+
+def test_the_gathering_skips_a_dump_still_being_written(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    out = tmp_path / TRACE_DIR / "s1"
+    out.mkdir(parents=True)
+    (out / ".me-7.json").write_text('{"name": "me", "pid": 7, "events": [[')  # renamed when whole
+    (out / "me-7.json").write_text(json.dumps({"name": "me", "pid": 7, "events": []}))
+    dumps, missing = end(paths, "s1", {"domains": [{"name": "me", "state": "running"}], "services": []})
+    assert [d["name"] for d in dumps] == ["me"] and not missing

@@ -55,11 +55,19 @@ def end(paths: StatePaths, session: str, up: dict[str, Any]) -> tuple[list[dict[
     out = trace_dir / session
     deadline = time.monotonic() + GATHER_TIMEOUT
     while True:
-        dumps = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out.is_dir() else []
+        dumps = _dumps(out)
         missing = want - {d["name"] for d in dumps}
         if not missing or time.monotonic() > deadline:
             return dumps, missing
         time.sleep(0.1)
+
+
+def _dumps(out: Path) -> list[dict[str, Any]]:
+    """The dumps written so far: not the hidden files a process is still writing (it
+    renames each into place when it is whole)."""
+    if not out.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.startswith(".")]
 
 
 def record(paths: StatePaths, seconds: float) -> tuple[list[dict[str, Any]], set[str]]:
