@@ -21,9 +21,15 @@ off and writes its events to ``<trace dir>/<session>/<name>-<pid>.json``, which
 
 A request's hops are joined by flow events (Chrome's ``s``/``t``/``f`` phases with one id):
 `flow_id` derives the id from what both ends of a ring know of a request (the
-frontend's domid, the request's id and its first sector), so blkfront and blkback, in
-different processes, name the same request the same way; within a process the id rides
-in `CURRENT_FLOW` from blkfront to the NBD command that caused it.
+frontend's domid, the ring's first grant reference, the request's id and its first
+sector; for lguest's block device, the guest's domid and the sector), so blkfront and
+blkback, in different processes, name the same request the same way.  Within a process
+the ids ride back to the NBD command that caused them in `CURRENT_FLOW`: the command
+puts a list there, and every ring request made on its behalf appends its id -- also
+from the tasks a large I/O is split into, which share the list (a task copies its
+parent's context, and the copy holds the same list).  The command then starts each
+flow (``s``) and finishes each (``f``) with its reply: one NBD command of 1 MiB is
+eight blkif requests, eight flows.
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ SESSION_FILE = "session.json"
 #: Where a stack's processes look for the session: ``<state dir>/trace``.
 TRACE_DIR = "trace"
 
-#: The flow the current task's request belongs to (set by blkfront, read by its caller).
-CURRENT_FLOW: contextvars.ContextVar[int] = contextvars.ContextVar("pvio_trace_flow", default=0)
+#: The flows the current NBD command's ring requests started (a list the command puts
+#: here while tracing; blkfront and the lguest disk append to it).
+CURRENT_FLOW: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("pvio_trace_flow", default=None)
 
-#: ph, name, cat, ts_ns, dur_ns, args, flow id, flow phase
-Event = tuple[str, str, str, int, int, dict[str, Any] | None, int, str]
+#: A flow id, or several (a slice on the path of several requests); 0: none.
+Flow = int | list[int]
+#: ph, name, cat, ts_ns, dur_ns, args, flow id(s), flow phase
+Event = tuple[str, str, str, int, int, dict[str, Any] | None, Flow, str]
 
 
 def flow_id(*key: object) -> int:
@@ -75,12 +84,12 @@ class Tracer:
         return events
 
     def span(self, name: str, cat: str, start_ns: int, end_ns: int | None = None,
-             args: dict[str, Any] | None = None, flow: int = 0, flow_phase: str = "t") -> None:
+             args: dict[str, Any] | None = None, flow: Flow = 0, flow_phase: str = "t") -> None:
         """A slice from `start_ns` to `end_ns` (now if None), optionally on a flow."""
         end = time.monotonic_ns() if end_ns is None else end_ns
         self.events.append(("X", name, cat, start_ns, max(0, end - start_ns), args, flow, flow_phase))
 
-    def instant(self, name: str, cat: str, args: dict[str, Any] | None = None, flow: int = 0,
+    def instant(self, name: str, cat: str, args: dict[str, Any] | None = None, flow: Flow = 0,
                 flow_phase: str = "t") -> None:
         self.events.append(("i", name, cat, time.monotonic_ns(), 0, args, flow, flow_phase))
 
@@ -130,8 +139,8 @@ def chrome_trace(dumps: list[dict[str, Any]]) -> dict[str, Any]:
             if args:
                 event["args"] = args
             events.append(event)
-            if flow:
-                f = {"ph": flow_phase, "name": "request", "cat": "flow", "id": flow, "pid": pid, "tid": 0, "ts": us}
+            for fid in flow if isinstance(flow, list) else (flow,) if flow else ():
+                f = {"ph": flow_phase, "name": "request", "cat": "flow", "id": fid, "pid": pid, "tid": 0, "ts": us}
                 if flow_phase == "f":
                     f["bp"] = "e"  # bind to the enclosing slice
                 events.append(f)

@@ -15,29 +15,10 @@ from pathlib import Path
 import pytest
 
 from pvio.testing.up import UpProcess
-from pvio.trace import SESSION_FILE, TRACE, chrome_trace, flow_id, follow
-
-REQUIRED = {"ph", "name", "pid", "tid"}
-
-
-def valid(trace: dict[str, object]) -> list[dict[str, object]]:
-    """The trace-event format's required fields, and flows that pair up."""
-    events = trace["traceEvents"]
-    assert isinstance(events, list) and events
-    open_flows: dict[object, int] = {}
-    for e in sorted((e for e in events if e["ph"] != "M"), key=lambda e: e["ts"]):
-        assert set(e) >= REQUIRED and isinstance(e["ts"], float | int), e
-        if e["ph"] == "X":
-            assert e["dur"] >= 0, e
-        if e["ph"] == "s":
-            open_flows[e["id"]] = open_flows.get(e["id"], 0) + 1
-        elif e["ph"] == "f":
-            assert open_flows.get(e["id"], 0) > 0, f"flow {e['id']} finished before it started"
-            open_flows[e["id"]] -= 1
-    for e in events:
-        if e["ph"] == "M":
-            assert e["name"] == "process_name" and e["args"]["name"], e
-    return events
+from pvio.toolstack.paths import StatePaths
+from pvio.toolstack.trace_cli import end
+from pvio.trace import SESSION_FILE, TRACE, TRACE_DIR, chrome_trace, flow_id, follow
+from trace_check import unpaired_steps, valid
 
 
 def test_follow_switches_on_and_off_and_writes_the_events(tmp_path: Path) -> None:
@@ -65,19 +46,29 @@ def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
     up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=32M, target={tmp_path / 'a.img'}").start()
     try:
         uri = up.device("guest1", vdev="xvda")["nbd"]
-        fio = subprocess.Popen(["fio", "--name=trace", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-                                "--bs=4k", "--iodepth=2", "--time_based", "--runtime=30", "--size=16m"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # 4 KiB random writes, and 1 MiB writes beside them (each several indirect requests)
+        fio = subprocess.Popen(["fio", "--ioengine=nbd", f"--uri={uri}", "--time_based", "--runtime=30",
+                                "--name=small", "--rw=randwrite", "--bs=4k", "--iodepth=2", "--size=8m",
+                                "--name=large", "--rw=write", "--bs=1M", "--iodepth=2", "--size=8m",
+                                "--offset=16m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             r = subprocess.run([sys.executable, "-m", "pvio", "trace", "--state-dir", str(up.state_dir),
-                                "--seconds", "1", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
+                                "--seconds", "2", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
                                capture_output=True, text=True, timeout=60)
         finally:
             fio.kill()
             fio.wait()
         assert r.returncode == 0, r.stdout + r.stderr
         assert "no events from" not in r.stdout, r.stdout  # every process took part
-        events = valid(json.loads((tmp_path / "t.json").read_text()))
+        trace = json.loads((tmp_path / "t.json").read_text())
+        events = valid(trace)
+        lost, checked = unpaired_steps(trace)  # every hop on the flow its NBD command started
+        assert checked > 20 and not lost, (checked, lost[:5])
+        large = [e for e in events if e["ph"] == "X" and e["name"] == "nbd NBD_CMD_WRITE"
+                 and e["args"]["length"] == 1 << 20]
+        starts = {(e["pid"], e["ts"]) for e in events if e["ph"] == "s"}
+        assert large and all((e["pid"], e["ts"]) in starts for e in large)
+        assert any(e["args"]["bytes"] > 44 << 10 for e in events if e["name"] == "blkback write")  # indirect
         names = {e["name"] for e in events if e["ph"] == "X"}
         assert {"nbd NBD_CMD_WRITE", "blkfront BLKIF_OP_WRITE", "blkback write"} <= names, names
         tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
@@ -88,3 +79,13 @@ def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
         assert not (up.state_dir / "trace" / SESSION_FILE).exists()
     finally:
         assert up.stop() == 0, up.output()
+
+
+def test_the_gathering_skips_a_dump_still_being_written(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    out = tmp_path / TRACE_DIR / "s1"
+    out.mkdir(parents=True)
+    (out / ".me-7.json").write_text('{"name": "me", "pid": 7, "events": [[')  # renamed when whole
+    (out / "me-7.json").write_text(json.dumps({"name": "me", "pid": 7, "events": []}))
+    dumps, missing = end(paths, "s1", {"domains": [{"name": "me", "state": "running"}], "services": []})
+    assert [d["name"] for d in dumps] == ["me"] and not missing

@@ -65,13 +65,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pvio.abi import grant_table as gt
-from pvio.abi.blkif import (
-    BLKIF_OP_INDIRECT,
-    BLKIF_RSP_ERROR,
-    BLKIF_RSP_OKAY,
-    SECTOR_SIZE,
-    BlkifABI,
-)
+from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, BlkifABI
 from pvio.blk.back_grants import BackGrants
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
@@ -139,6 +133,7 @@ class BlkbackRing:
         self.domain = domain
         self.frontend_domid = frontend_domid
         self._taken: dict[int, int] = {}  # request id -> when it was taken (while tracing)
+        self._ring_ref = 0
         self.disk = disk
         self.max_in_flight = max_in_flight
         self.info = DiskInfo(
@@ -198,6 +193,7 @@ class BlkbackRing:
             self._ring_maps = []
             raise
         self.abi = ring.abi
+        self._ring_ref = ring.ring_refs[0]  # the first ref names the ring in trace flows
         self.domain.set_handler(self.port, self._on_event)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="blkback")
@@ -242,6 +238,11 @@ class BlkbackRing:
     @property
     def connected(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def occupancy(self) -> tuple[int, int]:
+        """(slots in use, nr_ents) of the ring now, for `pvio top`; (0, 0) unconnected or broken."""
+        ring = self._ring
+        return (0, 0) if ring is None or ring.broken is not None else (ring.occupancy(), ring.nr_ents)
 
     async def wait_stopped(self) -> None:
         if self._task is not None:
@@ -541,7 +542,7 @@ class BlkbackRing:
             if TRACE.on and (taken := self._taken.pop(io.request.id, 0)):
                 TRACE.span(f"blkback {io.kind}", "blk", taken,
                            args={"sector": io.request.sector_number, "bytes": io.length, "status": w.status},
-                           flow=flow_id(self.frontend_domid, io.request.id, io.request.sector_number))
+                           flow=flow_id(self.frontend_domid, self._ring_ref, io.request.id, io.request.sector_number))
         self._respond(out)
 
     def _respond(self, responses: list[bytes]) -> None:

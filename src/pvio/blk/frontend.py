@@ -359,9 +359,11 @@ class BlkFront(FrontBlockIO):
         self._put(q, shadow)
         status = await fut
         if TRACE.on and t0:  # the request's hop in this domain; blkback names it alike
-            CURRENT_FLOW.set(flow := flow_id(self.domain.domid, shadow.id, sector))
+            flow = flow_id(self.domain.domid, q.ring_refs[0] if q.ring_refs else 0, shadow.id, sector)
+            if (flows := CURRENT_FLOW.get()) is not None:
+                flows.append(flow)
             TRACE.span(f"blkfront {BLKIF_OP_NAMES.get(shadow.operation)}", "blk", t0,
-                       args={"sector": sector, "bytes": nbytes, "status": status}, flow=flow)
+                       args={"sector": sector, "bytes": nbytes, "status": status, "queue": q.index}, flow=flow)
         if status != BLKIF_RSP_OKAY:
             code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
             raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")

@@ -175,6 +175,10 @@ class BlkbackDevice:
         """The device's statistics: every ring's, added up."""
         return BlkbackStats.total([r.stats for r in self.rings]) if self.rings else None
 
+    def occupancy(self) -> list[tuple[int, int]]:
+        """Each ring's (slots in use, nr_ents) now (`BlkbackRing.occupancy`)."""
+        return [r.occupancy() for r in self.rings]
+
     @property
     def sectors(self) -> int:
         """The disk's size in 512-byte units, rounded down to whole logical sectors."""
@@ -279,6 +283,15 @@ class BlkbackService(BackendService[BlkbackDevice]):
         self.domain = domain
         self.max_in_flight = max_in_flight
         self.max_queues = max_queues
+
+    def rings(self) -> dict[str, dict[str, list[int]]]:
+        """Every connected vbd's rings now: slots in use and slots, one entry per ring
+        (a gauge for `pvio top`, not a counter: not published in XenStore)."""
+        out = {}
+        for path, served in self.devices.items():
+            if rings := served.driver.occupancy():
+                out[path] = {"in_use": [u for u, _ in rings], "slots": [n for _, n in rings]}
+        return out
 
     async def _add(self, path: str) -> None:
         try:

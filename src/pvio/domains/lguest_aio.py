@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -40,6 +41,7 @@ from pvio.abi.fault import Fault
 from pvio.abi.lguest import LGUEST_SECTOR_SIZE
 from pvio.lguest.block import MAX_REQUEST_BYTES, BlockCompletion, BlockDriver
 from pvio.lguest.dma import DmaError, LguestError
+from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 T = TypeVar("T")
 
@@ -151,25 +153,35 @@ class LguestDisk:
     lguest's block protocol: the Launcher has written each piece by the time it
     answers, so `flush` only waits for nothing to be in flight."""
 
-    def __init__(self, driver: BlockDriver, client: AsyncSender) -> None:
+    def __init__(self, driver: BlockDriver, client: AsyncSender, domid: int = 0) -> None:
         self.driver = driver
         self.client = client
+        self.domid = domid  # the guest's: it names a request's flow in `pvio trace`
         self.size = driver.num_sectors * LGUEST_SECTOR_SIZE
         self._lock = asyncio.Lock()
         self._waiting: asyncio.Future[BlockCompletion] | None = None
 
-    async def _one(self, stage: Callable[..., tuple[int, int]], *args: Any) -> BlockCompletion:
+    async def _one(self, write: bool, sector: int, arg: Any) -> BlockCompletion:
+        """One protocol request (a write of `arg` bytes, or a read of `arg` bytes)."""
         self._waiting = asyncio.get_running_loop().create_future()
+        t0 = time.monotonic_ns() if TRACE.on else 0
         try:
-            key, dma = stage(*args)
+            key, dma = (self.driver.stage_write if write else self.driver.stage_read)(sector, arg)
             try:
                 await self.client.send_dma(key, dma)
             except Exception as exc:
                 self.driver.refused()
                 raise OSError(errno.EIO, f"lguest request refused: {exc}") from exc
-            return await self._waiting
+            done = await self._waiting
         finally:
             self._waiting = None
+        if TRACE.on and t0:  # the request's hop in the guest; the Launcher names it alike
+            flow = flow_id("lguest-block", self.domid, sector)
+            if (flows := CURRENT_FLOW.get()) is not None:
+                flows.append(flow)
+            TRACE.span(f"lguest block {'write' if write else 'read'}", "lguest",
+                       t0, args={"sector": sector, "bytes": done.nbytes, "ok": done.ok}, flow=flow)
+        return done
 
     def completed(self) -> None:
         """The block device's interrupt has been handled: hand over its completion."""
@@ -189,7 +201,7 @@ class LguestDisk:
         async with self._lock:
             for start in range(offset, offset + length, MAX_REQUEST_BYTES):
                 n = min(MAX_REQUEST_BYTES, offset + length - start)
-                done = await self._one(self.driver.stage_read, start // LGUEST_SECTOR_SIZE, n)
+                done = await self._one(False, start // LGUEST_SECTOR_SIZE, n)
                 if not done.ok:
                     raise OSError(errno.EIO, f"lguest read at {start} failed")
                 out += done.data
@@ -202,7 +214,7 @@ class LguestDisk:
             for pos in range(0, len(view), MAX_REQUEST_BYTES):
                 piece = bytes(view[pos : pos + MAX_REQUEST_BYTES])
                 sector = (offset + pos) // LGUEST_SECTOR_SIZE
-                done = await self._one(self.driver.stage_write, sector, piece)
+                done = await self._one(True, sector, piece)
                 if not done.ok:
                     raise OSError(errno.EIO, f"lguest write at {offset + pos} failed")
 

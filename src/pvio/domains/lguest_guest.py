@@ -146,7 +146,7 @@ class Guest:
         if self.net is not None:
             await self._start_net()
         if self.block is not None:
-            self.disk = LguestDisk(self.block, self.dom)
+            self.disk = LguestDisk(self.block, self.dom, self.dom.domid)
             if s.nbd_socket:
                 from pvio.nbd.server_asyncio import NbdServer
 

@@ -29,6 +29,7 @@ from pvio.abi.lguest import (
     LGUEST_DEVICE_T_BLOCK,
     LGUEST_DEVICE_T_CONSOLE,
     LGUEST_DEVICE_T_NET,
+    LGUEST_SECTOR_SIZE,
     VIOLATION_IRQ_BASE,
 )
 from pvio.domains.lguest_aio import GuestThread, ThreadedDmaPort
@@ -63,6 +64,7 @@ from pvio.lguest.net import (
     lan_frame_rule,
 )
 from pvio.storage.rawfile import RawFile, create_sparse_image
+from pvio.trace import TRACE, flow_id
 
 log = logging.getLogger("pvio.domains.lguest")
 
@@ -103,6 +105,7 @@ class Launcher:
         self.host_path: NetPath | None = None  # the host's peer on the LAN (T:896)
         self.slots: dict[str, DeviceSlot] = {}  # "console", "block", "net" -> descriptor slot
         self._control: asyncio.AbstractServer | None = None
+        self.block_in_flight = 0  # a block request taken and not yet answered (0 or 1)
 
     # T:895 The Launcher as a domain: device pages shared, requests served by DMA
     # The Launcher is a domain with a little memory of its own.  It asks the hypervisor
@@ -335,12 +338,22 @@ class Launcher:
         io = device.request(self.lport, served.slot.addr, data)
         if io is None:
             return
-        payload = device.finish(self.lport, io, await self._move(io))
-        buf, dma = self.block_tx
-        n = await self.dom.send_dma(*self.lport.stage(served.slot.addr, payload, buf, dma))
-        if payload and n == 0:
-            device.no_reply_buffer(self.lport)
-            await self.dom.send_dma(*self.lport.stage(served.slot.addr, b"", buf, dma))  # the interrupt
+        self.block_in_flight += 1
+        t0 = time.monotonic_ns() if TRACE.on else 0
+        try:
+            payload = device.finish(self.lport, io, await self._move(io))
+            buf, dma = self.block_tx
+            n = await self.dom.send_dma(*self.lport.stage(served.slot.addr, payload, buf, dma))
+            if payload and n == 0:
+                device.no_reply_buffer(self.lport)
+                await self.dom.send_dma(*self.lport.stage(served.slot.addr, b"", buf, dma))  # the interrupt
+        finally:
+            self.block_in_flight -= 1
+        if TRACE.on and t0:  # the request's hop here; the guest's block driver names it alike
+            sector = io.offset // LGUEST_SECTOR_SIZE
+            TRACE.span(f"launcher block {'write' if io.write else 'read'}", "lguest", t0,
+                       args={"sector": sector, "bytes": io.length},
+                       flow=flow_id("lguest-block", self.s.guest_domid, sector))
 
     async def _move(self, io: BlockIO) -> bytes | int | None:
         """Move one request's bytes between the image and memory, off the event loop
@@ -456,10 +469,18 @@ class Launcher:
             "console_output_dropped": self.output_dropped,
             "removed": self.removed(),
             "devices": {str(sv.slot.index): vars(sv.device.stats).copy() for sv in self.served.values()},
+            **({"disk": {**vars(disk.stats), "in_flight": self.block_in_flight}}
+               if (disk := self._block_device()) is not None else {}),
             **({"host_peer": {"interface": self.host_path.tap.ifname, "address": self.host_path.tap.address,
                               "net": vars(self.host_path.net.stats).copy()}}
                if self.host_path is not None else {}),
         }
+
+    def _block_device(self) -> BlockDevice | None:
+        for sv in self.served.values():
+            if isinstance(sv.device, BlockDevice) and not sv.removed:
+                return sv.device
+        return None
 
     async def stop(self) -> None:
         if self._control is not None:

@@ -6,7 +6,8 @@ to the domid), serves every ``/local/domain/<domid>/backend/vbd/*/*`` with a
 `pvio.blk.xenbus_backend.BlkbackService`, and writes the status file: ``ready``, the
 pid, and per device its backend path and statistics (refreshed every second, the
 place `pvio bench blk` and `pvio list` read them; the same counters are in XenStore
-under each backend directory's ``statistics/``).  Cancelled (SIGTERM), it drains every
+under each backend directory's ``statistics/``), and per vbd its rings' occupancy at
+that moment (``rings``: slots in use and slots per ring, which `pvio top` shows).  Cancelled (SIGTERM), it drains every
 ring, closes the disks, and leaves: the hypervisor tears the domain down.
 """
 
@@ -37,6 +38,7 @@ async def main(spec: DomainSpec) -> None:
             "devices": sorted(blkback.devices),
             "failed": blkback.failed | vifs.failed,
             "statistics": blkback.statistics() | vifs.statistics(),
+            "rings": blkback.rings(),
             "vifs": sorted(vifs.devices),
         })
     finally:

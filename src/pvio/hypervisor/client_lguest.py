@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from pvio.hypervisor.client_channel import Hypercalls
 from pvio.hypervisor.client_memory import MemoryClient, close_mmap
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.hypervisor.wire import Op
+from pvio.trace import TRACE
 
 
 @dataclass
@@ -107,8 +109,12 @@ class LguestClient:
 
     async def _lhcall(self, cmd: int, a1: int, a2: int, a3: int = 0) -> int:
         args = wire.PVIO_LHCALL.pack(arg1=a1, arg2=a2, arg3=a3)
+        t0 = time.monotonic_ns() if TRACE.on else 0
         reply = await self._calls.one(Op(wire.PVIO_HYPERVISOR_lguest, cmd, 1, args), f"LHCALL {cmd}")
         ret: int = wire.PVIO_LHCALL.unpack(reply.args)["ret"]
+        if t0:  # the round trip, as this domain sees it (the hypervisor traces its batch)
+            TRACE.span("lguest SEND_DMA" if cmd == LHCALL_SEND_DMA else "lguest BIND_DMA", "lguest", t0,
+                       args={"key": a1, "dma": a2, "ret": ret})
         return ret
 
     async def bind_dma(self, key: int, dmas: int, count: int, irq: int) -> None:
@@ -130,9 +136,12 @@ class LguestClient:
             Op(wire.PVIO_HYPERVISOR_lguest, LHCALL_SEND_DMA, 1, wire.PVIO_LHCALL.pack(arg1=k, arg2=d))
             for k, d in sends
         ]
+        t0 = time.monotonic_ns() if TRACE.on else 0
         out: list[int] = []
         for reply in await self._calls.batch(ops):
             out.append(reply.rc if reply.rc else int(wire.PVIO_LHCALL.unpack(reply.args)["ret"]))
+        if t0:
+            TRACE.span("lguest SEND_DMA batch", "lguest", t0, args={"sends": len(ops), "bytes": sum(max(n, 0) for n in out)})
         return out
 
     # -- interrupts ------------------------------------------------------------------------
@@ -149,6 +158,8 @@ class LguestClient:
 
     def on_irq(self, irq: int) -> None:
         """A PVIO_PUSH_irq: tell the handler and the waiters, and keep nothing."""
+        if TRACE.on:
+            TRACE.instant("lguest irq", "lguest", args={"irq": irq})
         if self._irq_handler is not None:
             self._irq_handler(irq)
         waiters, self._irq_waiters = self._irq_waiters, []

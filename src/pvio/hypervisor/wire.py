@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from pvio.abi import grant_table as gt
 from pvio.abi.layout import Layout
+from pvio.abi.lguest import LHCALL_BIND_DMA, LHCALL_SEND_DMA
 from pvio.hypervisor.errors import ProtocolError
 
 #: xen.h hypercall numbers that pvio serves.
@@ -302,10 +303,15 @@ def decode_frame(buf: bytes | memoryview) -> Frame:
 _HYPERCALL_NAMES = {HYPERVISOR_grant_table_op: "grant_table_op", HYPERVISOR_event_channel_op:
                     "event_channel_op", PVIO_HYPERVISOR_domctl: "domctl", PVIO_HYPERVISOR_lguest: "lguest"}
 _GNTTAB_NAMES = {gt.GNTTABOP_map_grant_ref: "map", gt.GNTTABOP_unmap_grant_ref: "unmap", gt.GNTTABOP_copy: "copy"}
+_LGUEST_NAMES = {LHCALL_BIND_DMA: "BIND_DMA", LHCALL_SEND_DMA: "SEND_DMA", PVIO_LGUEST_region_create: "region",
+                 PVIO_LGUEST_region_attach: "region", PVIO_LGUEST_region_permit: "region",
+                 PVIO_LGUEST_region_frames: "region"}
 
 
 def op_name(op: Op) -> str:
-    """A hypercall's name for a trace ("grant copy", "event_channel_op")."""
+    """A hypercall's name for a trace ("grant copy", "event_channel_op", "lguest SEND_DMA")."""
     if op.hypercall == HYPERVISOR_grant_table_op and op.cmd in _GNTTAB_NAMES:
         return f"grant {_GNTTAB_NAMES[op.cmd]}"
+    if op.hypercall == PVIO_HYPERVISOR_lguest and op.cmd in _LGUEST_NAMES:
+        return f"lguest {_LGUEST_NAMES[op.cmd]}"
     return _HYPERCALL_NAMES.get(op.hypercall, str(op.hypercall))

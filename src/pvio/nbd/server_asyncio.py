@@ -311,6 +311,9 @@ class _Connection(asyncio.Protocol):
         data: bytes | bytearray | memoryview = b""
         error = 0
         t0 = time.monotonic_ns() if TRACE.on else 0
+        if t0:  # the ring requests made for this command put their flows here (this task's own)
+            flows: list[int] = []
+            CURRENT_FLOW.set(flows)
         try:
             if cmd.type == w.NBD_CMD_READ:
                 data = await backend.read(cmd.offset, cmd.length)
@@ -334,11 +337,10 @@ class _Connection(asyncio.Protocol):
         parts = self.core.reply(cmd, error, data)
         if not self.lost and self.transport is not None and not self.transport.is_closing():
             self._queue_reply(parts)
-        if TRACE.on and t0:  # the command's life here; its flow runs on into blkfront
-            flow = CURRENT_FLOW.get()
+        if TRACE.on and t0:  # the command's life here; its flows run on into blkfront
             TRACE.span(f"nbd {cmd.name}", "nbd", t0, args={"offset": cmd.offset, "length": cmd.length,
-                                                             "error": error}, flow=flow, flow_phase="s")
-            TRACE.instant("nbd reply", "nbd", flow=flow, flow_phase="f")
+                                                             "error": error}, flow=flows, flow_phase="s")
+            TRACE.instant("nbd reply", "nbd", flow=flows, flow_phase="f")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

@@ -428,6 +428,13 @@ class BackRing(_End):
         """Requests consumed but not yet answered (req_cons - rsp_prod_pvt)."""
         return (self.req_cons - self.rsp_prod_pvt) & _M
 
+    def occupancy(self) -> int:
+        """Slots in use now: requests the front published that have no response yet
+        (req_prod - rsp_prod_pvt), for statistics.  A look, not a consumption: an
+        impossible req_prod is not judged here (the next take does that) but clamped to
+        nr_ents."""
+        return min((self._sidx.load_req_prod() - self.rsp_prod_pvt) & _M, self.nr_ents)
+
     def put_response(self, response: bytes) -> None:
         """Write one response at rsp_prod_pvt and advance it (not yet visible: push)."""
         self._check_usable()

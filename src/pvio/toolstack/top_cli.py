@@ -1,5 +1,8 @@
 """`pvio top`: xentop's job for a running `pvio up` — every domain and device, live.
 
+A disk's RING column is its ring occupancy at the refresh: slots holding a request that
+has no response yet, of the ring's slots (all rings of a multi-queue disk together).
+
 Interactive on a terminal: the screen is redrawn every `--delay` seconds; ``q`` quits,
 ``s`` sorts by the next column, ``r`` reverses the order (xentop's keys are letters too).
 `--batch` prints each refresh as lines, as ``xentop -b`` does, `--iterations N` stops
@@ -34,7 +37,9 @@ _DOMAIN_COLUMNS = (("NAME", "name", -14), ("ID", "domid", 4), ("ROLE", "role", -
 _DISK_COLUMNS = (("RD_REQ/s", "rd_req"), ("WR_REQ/s", "wr_req"), ("RD_SECT/s", "rd_sect"),
                  ("WR_SECT/s", "wr_sect"), ("ERR/s", "err_req"))
 _NET_COLUMNS = (("RX_PKT/s", "rx_packets"), ("TX_PKT/s", "tx_packets"), ("RX_B/s", "rx_bytes"),
-                ("TX_B/s", "tx_bytes"), ("DROP/s", "tx_dropped"))
+                ("TX_B/s", "tx_bytes"), ("DROP/s", "dropped"))
+#: The kinds of device shown in the disks' table (the others, but XenStore's, are networks).
+DISK_KINDS = ("vbd", "blkfront", "lguest-blk")
 
 
 def _cell(key: str, value: Any) -> str:
@@ -60,18 +65,20 @@ def render(view: dict[str, Any], sort: str = "name", reverse: bool = False, widt
     lines.append(row([t for t, _, _ in _DOMAIN_COLUMNS]))
     for d in domains:
         lines.append(row([_cell(k, d.get(k)) for _, k, _ in _DOMAIN_COLUMNS]))
-    disks = [v for v in view["devices"] if v["kind"] in ("vbd", "blkfront")]
+    disks = [v for v in view["devices"] if v["kind"] in DISK_KINDS]
     if disks:
-        lines += ["", f"{'DEVICE':<18} {'KIND':<8} {'REQ/s':>9} " + " ".join(f"{t:>10}" for t, _ in _DISK_COLUMNS)
-                  + f" {'REQ/BATCH':>9} {'NOTIFY/REQ':>10}"]
+        lines += ["", f"{'DEVICE':<18} {'KIND':<10} {'REQ/s':>8} " + " ".join(f"{t:>9}" for t, _ in _DISK_COLUMNS)
+                  + f" {'REQ/BATCH':>9} {'NOTIFY/REQ':>10} {'RING':>9}"]
         for v in disks:
             ps = v["per_second"]
-            cells = [ps.get(k, 0.0) if v["kind"] == "vbd" else None for _, k in _DISK_COLUMNS]
+            cells = [ps.get(k, 0.0) if v["kind"] != "blkfront" else None for _, k in _DISK_COLUMNS]
             batch = v.get("requests_per_batch")
-            lines.append(f"{v['domain'] + ' ' + v['device']:<18} {v['kind']:<8} {v.get('requests', 0.0):>9.1f} "
-                         + " ".join(f"{_cell('', x):>10}" for x in cells)
-                         + f" {'-' if batch is None else f'{batch:.2f}':>9} {v.get('notify_per_request', 0.0):>10.3f}")
-    nets = [v for v in view["devices"] if v["kind"].endswith("net")]
+            ring = f"{v['ring_in_use']}/{v['ring_slots']}" if "ring_slots" in v else "-"
+            lines.append(f"{v['domain'] + ' ' + v['device']:<18} {v['kind']:<10} {v.get('requests', 0.0):>8.1f} "
+                         + " ".join(f"{_cell('', x):>9}" for x in cells)
+                         + f" {'-' if batch is None else f'{batch:.2f}':>9} {v.get('notify_per_request', 0.0):>10.3f}"
+                         + f" {ring:>9}")
+    nets = [v for v in view["devices"] if v["kind"] not in DISK_KINDS]
     if nets:
         lines += ["", f"{'DEVICE':<18} {'KIND':<10} " + " ".join(f"{t:>10}" for t, _ in _NET_COLUMNS)]
         for v in nets:

@@ -26,6 +26,8 @@ from pvio.trace import SESSION_FILE, TRACE_DIR, chrome_trace
 
 #: How long processes may take to notice the session's end and write their events.
 GATHER_TIMEOUT = 10.0
+#: How long a process may take to notice a session (its status interval, a second).
+NOTICE = 1.0
 
 
 def expected(up: dict[str, Any]) -> set[str]:
@@ -34,27 +36,49 @@ def expected(up: dict[str, Any]) -> set[str]:
     return names | {s["name"] for s in up.get("services", []) if s["name"] in ("hypervisor", "xenstored")}
 
 
-def record(paths: StatePaths, seconds: float) -> tuple[list[dict[str, Any]], set[str]]:
-    """Run one session; the processes' dumps, and the names that never wrote one."""
+def begin(paths: StatePaths) -> tuple[str, dict[str, Any]]:
+    """Open a session on the stack at `paths`: its name, and the stack's status then.
+    Each process switches on within its status interval (`NOTICE`)."""
     up = read_json(paths.up_status)
     if up is None:
         raise click.ClickException(f"no pvio up is running with state directory {paths.root}")
+    session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    write_json(paths.root / TRACE_DIR / SESSION_FILE, {"session": session})
+    return session, up
+
+
+def end(paths: StatePaths, session: str, up: dict[str, Any]) -> tuple[list[dict[str, Any]], set[str]]:
+    """Close the session: the processes' dumps, and the names that never wrote one."""
     trace_dir = paths.root / TRACE_DIR
-    session = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    write_json(trace_dir / SESSION_FILE, {"session": session})
-    try:
-        time.sleep(seconds + 1.0)  # + the second each process may take to notice
-    finally:
-        (trace_dir / SESSION_FILE).unlink(missing_ok=True)
+    (trace_dir / SESSION_FILE).unlink(missing_ok=True)
     want = expected(up)
     out = trace_dir / session
     deadline = time.monotonic() + GATHER_TIMEOUT
     while True:
-        dumps = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))] if out.is_dir() else []
+        dumps = _dumps(out)
         missing = want - {d["name"] for d in dumps}
         if not missing or time.monotonic() > deadline:
             return dumps, missing
         time.sleep(0.1)
+
+
+def _dumps(out: Path) -> list[dict[str, Any]]:
+    """The dumps written so far: not the hidden files a process is still writing (it
+    renames each into place when it is whole)."""
+    if not out.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.startswith(".")]
+
+
+def record(paths: StatePaths, seconds: float) -> tuple[list[dict[str, Any]], set[str]]:
+    """Run one session; the processes' dumps, and the names that never wrote one."""
+    session, up = begin(paths)
+    try:
+        time.sleep(seconds + NOTICE)  # + the time each process may take to notice
+    except BaseException:
+        (paths.root / TRACE_DIR / SESSION_FILE).unlink(missing_ok=True)  # off, without waiting
+        raise
+    return end(paths, session, up)
 
 
 def summary(trace: dict[str, Any]) -> list[str]:

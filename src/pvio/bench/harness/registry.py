@@ -34,6 +34,7 @@ LAYERS: dict[str, Layer] = {
     "nbd": Layer("pvio.bench.nbd"),
     "net": Layer("pvio.bench.net", "TCP/ping between Xen guests' vifs on a bridge vs veth."),
     "lguest": Layer("pvio.bench.lguest", "TCP/ping across the lguest LAN vs veth; block IOPS."),
+    "trace": Layer("pvio.bench.trace", "fio IOPS through pvio up, tracing never on / off / on."),
 }
 
 MATRIX: tuple[str, ...] = tuple(LAYERS)
