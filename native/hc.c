@@ -10,7 +10,8 @@
  * (the domid from PVIO_DOMID; a small memory whose frames bounce GRANT_COPY data) and
  * GNTTABOP_setup_table (our whole grant table at once).  The reply brings the memory
  * and the grant table as memfds, which are mapped here.  PVIO_XS_DOMAIN=1 makes the
- * domain Xen's XenStore domain (PVIO_CDF_xs_domain: it may ask about other domains).
+ * domain Xen's XenStore domain (PVIO_CDF_xs_domain), PVIO_CONTROL=1 a daemon with the
+ * control domain's trust (PVIO_CDF_control): either may ask about other domains.
  *
  * Our grant table is shared memory the hypervisor reads: an entry is granted by
  * writing frame and domid, then the flags (x86-64 keeps stores in order; the compiler
@@ -307,8 +308,9 @@ int pvio_connect(void)
     pvio_dom.sock = s;
     pvio_dom.domid = (uint16_t)domid;
 
-    const char *xs = getenv("PVIO_XS_DOMAIN");
-    uint16_t flags = (copy ? PVIO_CDF_copy_transport : 0) | (xs && !strcmp(xs, "1") ? PVIO_CDF_xs_domain : 0);
+    const char *xs = getenv("PVIO_XS_DOMAIN"), *control = getenv("PVIO_CONTROL");
+    uint16_t flags = (copy ? PVIO_CDF_copy_transport : 0) | (xs && !strcmp(xs, "1") ? PVIO_CDF_xs_domain : 0) |
+                     (control && !strcmp(control, "1") ? PVIO_CDF_control : 0);
     struct pvio_createdomain cd = { .domid = (uint16_t)domid, .flags = flags,
                                     .nr_pages = NR_PAGES, .max_grant_frames = MAX_GRANT_FRAMES };
     const char *name = getenv("PVIO_NAME");

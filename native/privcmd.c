@@ -11,8 +11,8 @@
  *   - __HYPERVISOR_domctl: a wrong interface_version is EACCES (Xen's check comes
  *     first); XEN_DOMCTL_getdomaininfo goes to the hypervisor (PVIO_DOMCTL_getdomaininfo:
  *     the first domain at or above the domid asked, as Xen answers it; EPERM unless we
- *     are domain 0 or the XenStore domain, Xen's XSM_XS_PRIV; ESRCH past the last
- *     domain); every other domctl is EPERM, which is what Xen answers a domain that is
+ *     are domain 0, the XenStore domain (Xen's XSM_XS_PRIV) or a daemon with the control
+ *     domain's trust (PVIO_CONTROL=1, hc.c); ESRCH past the last domain); every other domctl is EPERM, which is what Xen answers a domain that is
  *     not the control domain;
  *   - __HYPERVISOR_event_channel_op EVTCHNOP_status: the hypervisor's answer;
  *   - anything else: ENOSYS.

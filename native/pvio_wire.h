@@ -43,6 +43,7 @@ struct pvio_domaininfo { uint16_t domid; uint16_t flags; uint32_t nr_pages; };
 #define PVIO_PUSH_port_alloc 5
 #define PVIO_CDF_copy_transport 1
 #define PVIO_CDF_xs_domain 2
+#define PVIO_CDF_control 4
 #define PVIO_DOMINF_dying 1
 #define PVIO_DOMINF_xs_domain 2
 

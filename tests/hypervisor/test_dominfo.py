@@ -41,6 +41,9 @@ def test_only_domain_0_and_the_xenstore_domain_may_ask() -> None:
     xs.xs_domain = True
     rc, info = ask(hv, 0x7FEF, 6)
     assert (rc, info["domid"], info["flags"]) == (0, 0x7FEF, wire.PVIO_DOMINF_xs_domain)
+    xs.xs_domain = False
+    xs.control = True  # xenconsoled's trust, as a dom0 daemon
+    assert ask(hv, 0x7FEF, 0)[0] == 0
     bad = Op(wire.PVIO_HYPERVISOR_domctl, wire.PVIO_DOMCTL_getdomaininfo, 2, INFO.pack(domid=0, flags=0, nr_pages=0))
     assert hv.execute(0x7FEF, [bad])[0].rc == -errno.EINVAL
 

@@ -155,6 +155,8 @@ class DomainRecord:
     transport: str = "map"
     #: created with PVIO_CDF_xs_domain (Xen's XenStore domain)
     xs_domain: bool = False
+    #: created with PVIO_CDF_control (a daemon with the control domain's trust)
+    control: bool = False
     nr_grant_frames: int = 1
     dying: bool = False
     #: ref -> pins on this domain's grant entries

@@ -11,8 +11,9 @@ domain being torn down (a pvio zombie: dead, but others still map its pages) is
 answered with XEN_DOMINF_dying, as Xen answers a dying domain.
 
 Who may ask: Xen's dummy XSM allows getdomaininfo (XSM_XS_PRIV) to the control domain
-and the XenStore domain; in pvio domain 0 and a domain created with PVIO_CDF_xs_domain.
-Anyone else gets -EPERM, as on Xen.
+and the XenStore domain; in pvio domain 0, a domain created with PVIO_CDF_xs_domain, and
+one created with PVIO_CDF_control (a dom0 daemon such as xenconsoled, which pvio runs as
+a domain of its own).  Anyone else gets -EPERM, as on Xen.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def getdomaininfo(
     lay = wire.PVIO_DOMAININFO
     if count != 1 or len(args) != lay.size:
         return -errno.EINVAL, args
-    if caller.domid != 0 and not caller.xs_domain:
+    if caller.domid != 0 and not caller.xs_domain and not caller.control:
         return -errno.EPERM, args
     a = lay.unpack(args)
     found = [d for d in (*domains.values(), *zombies.values()) if d.domid >= a["domid"]]

@@ -93,6 +93,7 @@ class Session:
             rc = exc.rc if isinstance(exc, HypercallError) else -(exc.errno or errno.EIO)
             return Op(op.hypercall, op.cmd, op.count, op.args, rc=rc)
         d.xs_domain = bool(a["flags"] & wire.PVIO_CDF_xs_domain)
+        d.control = bool(a["flags"] & wire.PVIO_CDF_control)
         self.domid = d.domid
         a["domid"] = d.domid
         return Op(op.hypercall, op.cmd, 1, lay.pack(**a), nr_fds=2, fds=fds)

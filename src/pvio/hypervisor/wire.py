@@ -67,6 +67,9 @@ PVIO_CDF_copy_transport = 1 << 0
 #: Xen's XEN_DOMCTL_CDF_xs_domain: the XenStore domain, which may ask about other
 #: domains (getdomaininfo, as Xen's XSM_XS_PRIV allows it the control domain and it).
 PVIO_CDF_xs_domain = 1 << 1
+#: A daemon of the control domain run as a domain of its own (Xen runs xenconsoled in
+#: dom0): it may ask about other domains as domain 0 may.
+PVIO_CDF_control = 1 << 2
 #: PVIO_DOMAININFO.flags
 PVIO_DOMINF_dying = 1 << 0
 PVIO_DOMINF_xs_domain = 1 << 1

@@ -71,6 +71,9 @@ class BadInput(click.ClickException):
 @click.option("--xenstored", type=click.Choice(["pvio", "xen"]), default="pvio", show_default=True,
               help="Which XenStore daemon: pvio's, or Xen's own C xenstored (xen-utils-4.17) as the XenStore "
               "domain, through the /dev/xen device layer (Xen-style domains only).")
+@click.option("--console-daemon", type=click.Choice(["pvio", "xen"]), default="pvio", show_default=True,
+              help="Which daemon serves Xen-style guests' consoles: pvio's, or Xen's own xenconsoled "
+              "(xen-utils-4.17), through the /dev/xen device layer.")
 def up(
     config_file: Path | None,
     state_dir: Path | None,
@@ -83,6 +86,7 @@ def up(
     transport: str | None,
     xenstore_transport: str,
     xenstored: str,
+    console_daemon: str,
 ) -> None:
     """Run the hypervisor, XenStore, a driver domain and guests; export guest disks over NBD.
 
@@ -108,7 +112,8 @@ def up(
         config.transport = transport
     tls_creds = str(Path(nbd_tls_creds).resolve()) if nbd_tls_creds else ""
     toolstack = Toolstack(config, StatePaths(root), nbd_socket=nbd_socket, nbd_tcp=nbd_tcp or 0, nbd_tls_creds=tls_creds,
-                          xenstore_transport=xenstore_transport, xenstored=xenstored)
+                          xenstore_transport=xenstore_transport, xenstored=xenstored,
+                          console_daemon=console_daemon)
     sys.exit(asyncio.run(run_up(toolstack)))
 
 

@@ -58,7 +58,7 @@ from pvio.toolstack.plan import DomainRun, plan_domains, prepare_images
 from pvio.toolstack.qdisk import QdiskBackends, wants_qemu
 from pvio.toolstack.restart import device_name, reset_lguest_devices, stop_its_guests
 from pvio.toolstack.status import banner, load_up_status, stale_processes, write_up_status
-from pvio.toolstack.xen_daemons import check_xen_xenstored, xen_xenstored_argv
+from pvio.toolstack.xen_daemons import check_xen_daemons, xen_xenconsoled_argv, xen_xenstored_argv
 
 READY_TIMEOUT = 30.0
 #: A domain that dies more than MAX_CRASHES times in CRASH_WINDOW seconds is left dead.
@@ -91,6 +91,7 @@ class Toolstack:
         out: TextIO = sys.stdout,
         xenstore_transport: str = "ring",
         xenstored: str = "pvio",
+        console_daemon: str = "pvio",
     ) -> None:
         self.config = config
         self.paths = paths
@@ -107,6 +108,7 @@ class Toolstack:
         #: "ring": Xen-style domains reach XenStore over their page (`xenpages`)
         self.xenstore_transport = xenstore_transport
         self.xenstored = xenstored  # "pvio", or "xen": Xen's C xenstored (`xen_daemons`)
+        self.console_daemon = console_daemon  # "pvio", or "xen": Xen's xenconsoled
         self.handover = XenstoreHandover(self._attach, self._introduce_ring)
         self.qdisk = QdiskBackends(paths, self.say)  # QEMU for backendtype=qdisk disks
         self._bridges_undo: list[tuple[str, str]] = []  # the vifs' bridges, as pvio up found them
@@ -191,7 +193,8 @@ class Toolstack:
         a socket connection's requests until domain 0 exists (the driver domain here; on
         Xen, dom0 always does), so with it the daemon starts once the driver domain runs."""
         if (argv := xenpages.xenconsoled_argv(self.xenstore_transport, self.paths)) is not None:
-            await self._start_child(Child("xenconsoled", python_argv("pvio", *argv), self.paths.log("xenconsoled")))
+            argv = xen_xenconsoled_argv(self.paths) if self.console_daemon == "xen" else python_argv("pvio", *argv)
+            await self._start_child(Child("xenconsoled", argv, self.paths.log("xenconsoled")))
 
     async def _transact(self, ops: list[xslayout.XsOp]) -> None:
         xs = self.xs
@@ -559,8 +562,7 @@ async def run_up(toolstack: Toolstack) -> int:
     code = 0
     try:
         preflight.check(toolstack.config)
-        if toolstack.xenstored == "xen":
-            check_xen_xenstored(toolstack.config, toolstack.xenstore_transport)
+        check_xen_daemons(toolstack.config, toolstack.xenstore_transport, toolstack.xenstored, toolstack.console_daemon)
         toolstack.plan()
         await toolstack.start_services()
         toolstack.write_up_status(False)

@@ -1,4 +1,4 @@
-"""Xen's own C xenstored as pvio's XenStore: `pvio up --xenstored xen`.
+"""Xen's own C daemons serving pvio: `pvio up --xenstored xen` and `--console-daemon xen`.
 
 Theory of operation
 -------------------
@@ -28,22 +28,29 @@ connections bound to a domain over a socket (the control socket's ``attach``: lg
 domains, the ``socket`` transport, QEMU's qdisk backends, `pvio run`), a database that
 survives a restart (a crashed Xen xenstored ends the run), and the census `pvio top`
 reads.
+
+Debian's unmodified ``xenconsoled`` serves the Xen-style guests' consoles the same way
+(``--console-daemon xen``, with either xenstored): it is domain `XENCONSOLED_DOMID`, the
+domid each guest grants its console page to (GNTTAB_RESERVED_CONSOLE), created with
+PVIO_CDF_control (``PVIO_CONTROL=1``: on Xen it runs in dom0, and it walks the domains
+with getdomaininfo); it reaches XenStore over the socket, maps each console page
+through gntdev, binds its port, gives it a pty (``console/tty``, which `pvio console`
+opens) and logs it, timestamped, to ``logs/consoles/guest-NAME.log``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from pvio.toolstack.children import UpError
 from pvio.toolstack.config import Config
 from pvio.toolstack.paths import StatePaths
 from pvio.toolstack.qdisk import wants_qemu
-from pvio.toolstack.xenpages import XENSTORED_DOMID
+from pvio.toolstack.xenpages import XENCONSOLED_DOMID, XENSTORED_DOMID
 
-#: Which XenStore daemon serves `pvio up`: pvio's own, or Xen's C xenstored.
-XENSTORED_DAEMONS = ("pvio", "xen")
+#: Which XenStore and console daemons serve `pvio up`: pvio's own, or Xen's.
+XEN_DAEMON_CHOICES = ("pvio", "xen")
 #: Where Debian's xen-utils-4.17 puts the daemons.
 XEN_BIN = Path("/usr/lib/xen-4.17/bin")
 
@@ -57,8 +64,13 @@ def xen_binary(name: str) -> Path:
     return path
 
 
-def check_xen_xenstored(config: Config, transport: str) -> None:
-    """Refuse what only pvio's xenstored can serve, before anything starts."""
+def check_xen_daemons(config: Config, transport: str, xenstored: str, console_daemon: str) -> None:
+    """Refuse what Xen's daemons cannot serve here, before anything starts."""
+    if console_daemon == "xen" and transport != "ring":
+        raise UpError("--console-daemon xen serves the consoles Xen-style guests get with their XenStore rings: "
+                      "it cannot be combined with --xenstore-transport socket")
+    if xenstored != "xen":
+        return
     if transport != "ring":
         raise UpError("--xenstored xen serves domains over their XenStore rings: "
                       "it cannot be combined with --xenstore-transport socket")
@@ -72,23 +84,32 @@ def check_xen_xenstored(config: Config, transport: str) -> None:
                               "reaches XenStore through pvio's xenstored; drop --xenstored xen")
 
 
-def xen_xenstored_argv(paths: StatePaths) -> list[str]:
-    """The command line that runs Xen's xenstored as pvio's XenStore domain."""
+def _domain_argv(paths: StatePaths, domid: int, name: str, env: dict[str, str], argv: list[str]) -> list[str]:
+    """`env` + `argv` run as pvio domain `domid` on the /dev/xen device layer."""
     from pvio.toolstack.run_cli import domain_environment, preload_library
 
-    binary = xen_binary("xenstored")
+    binary = xen_binary(name)
     try:
         lib = preload_library()
     except Exception as e:  # click's message, said as pvio up says things
         raise UpError(str(getattr(e, "message", e))) from None
+    env = domain_environment({}, paths, domid, "copy", name, lib, str(paths.xenstored_socket)) | env
+    return ["env", *(f"{k}={v}" for k, v in env.items()), str(binary), *argv]
+
+
+def xen_xenstored_argv(paths: StatePaths) -> list[str]:
+    """The command line that runs Xen's xenstored as pvio's XenStore domain."""
     rundir = paths.root / "xenstored-run"
     rundir.mkdir(exist_ok=True)
-    env = domain_environment({}, paths, XENSTORED_DOMID, "copy", "xenstored", lib, str(paths.xenstored_socket))
-    env |= {"PVIO_XS_DOMAIN": "1", "XENSTORED_RUNDIR": str(rundir), "XENSTORED_ROOTDIR": str(rundir)}
-    return ["env", *(f"{k}={v}" for k, v in env.items()), str(binary),
-            "--no-fork", "--master-domid", str(XENSTORED_DOMID)]
+    env = {"PVIO_XS_DOMAIN": "1", "XENSTORED_RUNDIR": str(rundir), "XENSTORED_ROOTDIR": str(rundir)}
+    return _domain_argv(paths, XENSTORED_DOMID, "xenstored", env,
+                        ["--no-fork", "--master-domid", str(XENSTORED_DOMID)])
 
 
-def have_xen_daemons() -> bool:
-    """Whether xen-utils-4.17's daemons are here (tests skip without them)."""
-    return shutil.which("xenstored", path=str(Path(os.environ.get("PVIO_XEN_BIN") or XEN_BIN))) is not None
+def xen_xenconsoled_argv(paths: StatePaths) -> list[str]:
+    """The command line that runs Xen's xenconsoled as pvio's console daemon."""
+    log_dir = paths.logs / "consoles"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return _domain_argv(paths, XENCONSOLED_DOMID, "xenconsoled", {"PVIO_CONTROL": "1"},
+                        ["--interactive", "--log=guest", f"--log-dir={log_dir}", "--timestamp=guest"])
+
