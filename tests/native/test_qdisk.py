@@ -154,3 +154,17 @@ def test_qemu_killed_during_fio_verify(up: PvioUp) -> None:
     assert fio.returncode == 0, err
     job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["read"]["total_ios"] == job["write"]["total_ios"] > 0
+
+
+def test_a_restarted_guest_gets_a_new_qemu(up: PvioUp) -> None:
+    """The guest dies: pvio up makes it again with a new QEMU (libxl makes a new device
+    model when it recreates a domain), both disks are served, and what was written
+    before is there."""
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x6b 150000000 65536", "-c", "flush", up.nbd_uri())
+    qemu, guest = qemu_pid(up), up.domain("guest1")["pid"]
+    os.kill(guest, signal.SIGKILL)
+    up.wait_for(lambda: "domain guest1 is back" in up.output(), timeout=90, what="guest1 to come back")
+    assert qemu_pid(up) != qemu
+    proc = sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x6b 150000000 65536", up.nbd_uri())
+    assert "Pattern verification failed" not in proc.stdout
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x1e 0 64k", "-c", "read -P 0x1e 0 64k", up.nbd_uri(vdev="xvdc"))

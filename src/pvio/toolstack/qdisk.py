@@ -30,9 +30,11 @@ start over and renegotiates, re-issuing what was in flight, as it does when the 
 domain restarts).  At shutdown the guests close their vbds first (QEMU goes
 Closed with them), then each QEMU is stopped and its domain released.
 
-Deliberately not here: QEMU as domain 0 (the driver domain is), a guest restart with
-qdisk disks (its QEMU would have to follow it: not done), and read-only qdisks, which
-Debian's QEMU 7.2 cannot realize (pvio up refuses them with the reason).
+A guest that dies and is restarted gets a new QEMU with it, as libxl makes a new device
+model when it recreates a domain (`stop_guest`, `start_guest`).
+
+Deliberately not here: QEMU as domain 0 (the driver domain is), and read-only qdisks,
+which Debian's QEMU 7.2 cannot realize (pvio up refuses them with the reason).
 """
 
 from __future__ import annotations
@@ -195,6 +197,25 @@ class QdiskBackends:
             else:
                 self.say(f"pvio up: QEMU for {be.guest_name} is back")
         return restarted
+
+    async def stop_guest(self, xs: AsyncClient, guest: int) -> None:
+        """The guest died and is being made again (libxl destroys and recreates its
+        devices, and a new device model with them): its QEMU stops -- which lets go of
+        the dead guest's pages -- and its backend directories go; `add_disk` writes them
+        again and `start_guest` starts a new QEMU.  Its XenStore domain stays."""
+        be = self.backends.get(guest)
+        if be is None:
+            return
+        await self._stop_process(be)
+        with contextlib.suppress(Exception):
+            await xs.rm(f"{be.device_model}/state")
+        with contextlib.suppress(Exception):
+            await xs.rm(f"/local/domain/{be.domid}/backend/qdisk/{guest}")
+        be.disks.clear()
+
+    async def start_guest(self, xs: AsyncClient, guest: int) -> None:
+        if (be := self.backends.get(guest)) is not None:
+            await self._start(xs, be)
 
     async def _release(self, xs: AsyncClient, be: QemuBackend) -> None:
         await self._stop_process(be)

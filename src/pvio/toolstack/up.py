@@ -430,6 +430,7 @@ class Toolstack:
         the dead domain), its devices and XenStore directory are removed, xenstored
         forgets it, and then it is introduced and its devices written again."""
         await self._close_backends([run])
+        await self.qdisk.stop_guest(self.xs, run.spec.domid)  # its QEMU goes, and comes back below
         ops: list[xslayout.XsOp] = []
         for d in run.spec.disks:
             ops += xslayout.vbd_destroy(run.spec.domid, d.devid)
@@ -441,6 +442,7 @@ class Toolstack:
             await self.xs.rm(f"/local/domain/{run.spec.domid}")
         if not xenpages.uses_ring(run.spec):
             await self._make_domain(run)
+            await self.qdisk.start_guest(self.xs, run.spec.domid)
 
     def _report_backend_failures(self, run: DomainRun) -> None:
         """Say once each device the driver domain cannot serve, with the cause (its
