@@ -66,9 +66,11 @@ def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
         calls.append((tmp, iterations, runs, idle))
         return {"echo": [10_000, 11_000], "read": [20_000, 22_000], "write": [30_000, 30_000],
                 "transaction": [90_000, 100_000], "read_idle": [21_000, 21_000],
-                "echo_idle": [10_500, 10_500], "ring_read": [40_000, 44_000],
-                "ring_socket_read": [50_000, 50_000], "ring_transaction": [200_000, 200_000],
-                "ring_socket_transaction": [250_000, 250_000]}
+                "echo_idle": [10_500, 10_500], "pvio_ring_read": [40_000, 44_000],
+                "pvio_socket_read": [50_000, 50_000], "pvio_ring_transaction": [200_000, 200_000],
+                "pvio_socket_transaction": [250_000, 250_000], "xen_ring_read": [20_000, 20_000],
+                "xen_socket_read": [16_000, 16_000], "xen_ring_transaction": [80_000, 80_000],
+                "xen_socket_transaction": [100_000, 100_000]}
 
     from pvio.bench import xenstore as xs
 
@@ -84,8 +86,13 @@ def test_xenstore_suite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert read.baselines[0].ratio == pytest.approx(21.0 / 10.5)
     assert figures["read, 7 idle connections"].baselines[0].stats.median == 10.5
     assert ctx.commands[0] == ["pvio", "xenstored", "--socket", str(short / "xs.sock")]
-    ring = figures["a domain's read: its ring vs a socket"]
-    assert ring.stats.median == 42.0 and ring.baselines[0].ratio == pytest.approx(42.0 / 50.0)
+    ring = figures["a domain's read: ring and socket"]
+    assert ring.subject == "pvio ring" and ring.stats.median == 42.0
+    assert [(b.subject, b.ratio) for b in ring.baselines] == [
+        ("pvio socket", pytest.approx(42.0 / 50.0)), ("C xenstored ring", pytest.approx(42.0 / 20.0)),
+        ("C xenstored socket", pytest.approx(42.0 / 16.0))]
+    tx = figures["a domain's transaction: ring and socket"]
+    assert [b.stats.median for b in tx.baselines] == [250.0, 80.0, 100.0]
 
 
 def test_direct_io_uring_command() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -196,3 +197,19 @@ def test_a_dead_driver_domain_ends_the_run_with_xen_xenstored(tmp_path: Path) ->
         up.kill()
     assert code == 1 and "it is not restarted" in up.output(), up.output()
     assert not up.paths.xenstored_socket.exists()
+
+
+def test_bench_xenstore_measures_xen_xenstored(tmp_path: Path) -> None:
+    """`pvio bench xenstore`, tiny: a domain's ring and socket requests to pvio's
+    xenstored and, in the same run, to Xen's serving the same kind of ring."""
+    need_xenstored()
+    build_layer()
+    out = tmp_path / "xs.json"
+    proc = subprocess.run([sys.executable, "-m", "pvio", "bench", "xenstore", "--iterations", "50", "--runs", "2",
+                           "--idle", "10", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("C xenstored, ring", "C xenstored, socket", "pvio ring / C xenstored ring: read x"):
+        assert line in proc.stdout, proc.stdout
+    ns = json.loads(out.read_text())["ns"]
+    assert all(len(ns[f"{d}_{t}_{r}"]) == 2 for d in ("pvio", "xen") for t in ("ring", "socket")
+               for r in ("read", "transaction")), ns.keys()
