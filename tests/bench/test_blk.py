@@ -42,7 +42,8 @@ def test_counters_from_a_driver_domains_statistics() -> None:
                    "notify_to_frontend_per_request": 0.03,
                    "notify_from_frontend_per_request": 0.02,
                    "frontend_kicks_exact": 0,
-                   "requests_per_batch": 10.0, "grant_hypercalls_per_request": 0.2}
+                   "requests_per_batch": 10.0, "grant_hypercalls_per_request": 0.2,
+                   "backend_round_trips_per_request": 0.0}
     assert Counters().per_request()["notifications_per_request"] == 0  # no division by zero
 
 
@@ -93,7 +94,11 @@ def test_pvio_up_counters_read_the_driver_status_file(tmp_path: Path) -> None:
     assert up.counters() is None  # no driver domain known yet
     up.driver_status = tmp_path / "driver.status"
     up.driver_status.write_text(json.dumps({"ready": True, "statistics": STATUS_STATS}))
-    assert up.counters(newer_than=0).requests == 1000  # type: ignore[union-attr]
+    up.paths.make()
+    census = {"domains": [{"domid": 0, "hypercall_frames": 250}, {"domid": 1, "hypercall_frames": 9}]}
+    up.paths.status("hypervisor").write_text(json.dumps(census))
+    got = up.counters(newer_than=0)
+    assert got is not None and (got.requests, got.backend_round_trips) == (1000, 250)  # the driver domain's
     t0 = time.monotonic()
     assert up.counters(newer_than=time.time() + 60) is None  # never refreshed: gives up
     assert time.monotonic() - t0 < blk.STATS_TIMEOUT + 1
@@ -120,6 +125,15 @@ def test_frontend_kicks_are_blkfronts_own_count() -> None:
     assert per["notifications_per_request"] == (30 + 50) / 1010 and per["frontend_kicks_exact"] == 1
     only_back = back.per_request()
     assert only_back["notify_from_frontend_per_request"] == 20 / 1010 and only_back["frontend_kicks_exact"] == 0
+
+
+def test_qemus_round_trips_are_over_blkfronts_requests() -> None:
+    """QEMU has no blkback counters: its domain's hypervisor round trips are counted
+    per request blkfront sent."""
+    qemu = Counters(backend_round_trips=1010) + Counters(frontend_requests=1010, frontend_notify_sent=101)
+    per = qemu.per_request()
+    assert per["backend_round_trips_per_request"] == 1.0 and per["requests"] == 0
+    assert per["notify_from_frontend_per_request"] == 0.1
 
 
 def test_the_subcommand_passes_its_options_and_resolves_out(

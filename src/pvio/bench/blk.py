@@ -67,13 +67,14 @@ from pvio.bench.harness.benchmark import Benchmark, Context, Params
 from pvio.bench.harness.figures import Figure, Stats
 from pvio.jsonfile import read_json
 from pvio.testing.up import UpFailed, UpProcess
-from pvio.toolstack.qdisk import QEMU_BINARY
+from pvio.toolstack.qdisk import QDISK_DOMID_BASE, QEMU_BINARY
 
 #: pvio's subjects: label -> `pvio up --transport`.
 TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
 #: QEMU's qdisk (Debian's qemu-system-xen) serving the guest's disk on the /dev/xen device
 #: layer (`backendtype=qdisk`; GRANT_COPY, one hypervisor round trip per request):
-#: measured when QEMU is installed.  blkback's counters are not QEMU's: none for it.
+#: measured when QEMU is installed.  blkback's counters are not QEMU's: for it, blkfront's
+#: and the hypervisor's round trips of QEMU's domain.
 QDISK = "qemu qdisk"
 
 #: How long `pvio up` may take to say ready, and to stop after SIGINT.
@@ -101,6 +102,9 @@ class Counters:
     #: where blkback's `notify_received` sees only the wake-ups they coalesce into
     frontend_requests: int = 0
     frontend_notify_sent: int = 0
+    #: hypervisor round trips (request frames) of the backend's domain: blkback's driver
+    #: domain, or QEMU's (the hypervisor's census)
+    backend_round_trips: int = 0
 
     #: The statistics keys that make up `requests` (BlkbackStats.requests).
     REQUEST_KEYS = ("rd_req", "wr_req", "f_req", "ds_req", "err_req")
@@ -144,7 +148,7 @@ class Counters:
         """Per blkif request.  The frontend's kicks are blkfront's own count when the
         guest published it, else blkback's wake-ups (a lower bound: kicks sent while
         blkback is busy coalesce into one wake-up)."""
-        n = max(self.requests, 1)
+        n = max(self.requests or self.frontend_requests, 1)  # QEMU has no blkback counters
         kicks = self.frontend_notify_sent if self.frontend_requests else self.notify_received
         return {
             "requests": self.requests,
@@ -155,6 +159,7 @@ class Counters:
             "frontend_kicks_exact": 1 if self.frontend_requests else 0,
             "requests_per_batch": self.requests / max(self.batches, 1),
             "grant_hypercalls_per_request": self.grant_ops / n,
+            "backend_round_trips_per_request": self.backend_round_trips / n,
         }
 
 
@@ -172,9 +177,10 @@ class PvioUp(UpProcess):
         super().__init__(state_dir, "--disk",
                          f"format=raw, vdev={VDEV}, access=rw, backendtype={backendtype}, target={image}",
                          "--nbd-socket", str(sock), "--transport", transport)
-        self.image, self.sock, self.transport = image, sock, transport
+        self.image, self.sock, self.transport, self.backendtype = image, sock, transport, backendtype
         self.driver_status: Path | None = None
         self.guest_status: Path | None = None
+        self.backend_domid = 0  # blkback's driver domain, or the guest's QEMU
 
     def serve(self) -> str:
         """Start it and wait until ready; returns the guest's NBD URI for xvda."""
@@ -188,6 +194,8 @@ class PvioUp(UpProcess):
                 self.driver_status = self.paths.status(dom["name"])
             if dom.get("role") == "guest":
                 self.guest_status = self.paths.status(dom["name"])
+                if self.backendtype == "qdisk":
+                    self.backend_domid = QDISK_DOMID_BASE + int(dom["domid"])
             for dev in dom.get("devices", []):
                 if dev.get("type") == "vbd" and dev.get("vdev") == VDEV and dev.get("nbd"):
                     uri = str(dev["nbd"])
@@ -196,22 +204,30 @@ class PvioUp(UpProcess):
         return uri
 
     def counters(self, newer_than: float = 0.0) -> Counters | None:
-        """blkback's counters from the driver domain's status file, once it has been
-        rewritten after `newer_than` (time.time()); None if it has no statistics."""
+        """blkback's counters from the driver domain's status file (none for QEMU) and
+        the backend domain's round trips from the hypervisor's, once both have been
+        rewritten after `newer_than` (time.time()); None if they never are."""
         if self.driver_status is None:
             return None
         deadline = time.monotonic() + STATS_TIMEOUT
-        backend: Counters | None = None
+        backend: Counters | None = Counters() if self.backendtype == "qdisk" else None
+        trips: Counters | None = None
         while True:
             with contextlib.suppress(OSError):
                 if backend is None and self.driver_status.stat().st_mtime > newer_than:
                     status = read_json(self.driver_status)
                     if status is not None and status.get("statistics"):
                         backend = Counters.from_statistics(status["statistics"])
-            if backend is not None:
+                hv_status = self.paths.status("hypervisor")
+                if trips is None and hv_status.stat().st_mtime > newer_than:
+                    census = read_json(hv_status) or {}
+                    trips = Counters(backend_round_trips=sum(
+                        int(d.get("hypercall_frames", 0)) for d in census.get("domains", [])
+                        if d.get("domid") == self.backend_domid))
+            if backend is not None and trips is not None:
                 front = self._guest_counters(newer_than)
                 if front is not None or time.monotonic() > deadline:
-                    return backend + (front or Counters())
+                    return backend + trips + (front or Counters())
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
@@ -309,8 +325,7 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
             ctx.progress(f"starting pvio up --transport {transport}")
             try:
                 uri = up.serve()
-                if backendtype == "phy":
-                    log.serving(subject, up)
+                log.serving(subject, up)
                 yield uri
             finally:
                 code = up.close()
@@ -334,6 +349,7 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
         "notify_from_frontend_per_request": "blkfront -> blkback kicks that woke blkback",
         "requests_per_batch": "requests taken off the ring per batch",
         "grant_hypercalls_per_request": "GNTTABOP map/unmap/copy hypercalls (batches)",
+        "backend_round_trips_per_request": "hypervisor round trips (request frames) of the backend's domain",
     }
     if log.missing:
         ctx.extra["counters_missing"] = log.missing

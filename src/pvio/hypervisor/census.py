@@ -50,5 +50,7 @@ def census(hv: Hypervisor) -> dict[str, Any]:
             "event_channels": len(d.ports),
             "dma_bindings": len(d.dma),
             "fds_held": d.fds_held,
+            "hypercall_frames": d.hypercall_frames,  # round trips
+            "hypercall_ops": d.hypercall_ops,
         })
     return {"domains": domains}

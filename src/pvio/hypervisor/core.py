@@ -312,6 +312,8 @@ class Hypervisor:
         d = self.domains.get(domid)
         if d is None:
             return [Reply(-errno.ESRCH, b"") for _ in ops]
+        d.hypercall_frames += 1
+        d.hypercall_ops += len(ops)
         t0 = time.monotonic_ns() if TRACE.on else 0  # a batch, as `pvio trace` shows it
         replies = [self._execute_one(d, op) for op in ops]
         if t0:

@@ -157,6 +157,9 @@ class DomainRecord:
     xs_domain: bool = False
     #: created with PVIO_CDF_control (a daemon with the control domain's trust)
     control: bool = False
+    #: request frames (hypervisor round trips) and the ops in them, for pvio top and bench
+    hypercall_frames: int = 0
+    hypercall_ops: int = 0
     nr_grant_frames: int = 1
     dying: bool = False
     #: ref -> pins on this domain's grant entries
