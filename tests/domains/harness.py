@@ -72,22 +72,7 @@ class Harness:
     def run_ops(self, ops: list[XsOp]) -> None:
         assert self.xs is not None
         xs = self.xs
-
-        def apply(tx: int) -> None:
-            for op in ops:
-                if op.op == "rm":
-                    try:
-                        xs.rm(op.path, tx)
-                    except Exception:  # absent is fine
-                        pass
-                elif op.op == "mkdir":
-                    xs.mkdir(op.path, tx)
-                elif op.op == "write":
-                    xs.write(op.path, op.value, tx)
-                elif op.op == "set_perms":
-                    xs.set_perms(op.path, list(op.perms), tx)
-
-        xs.transact(apply)
+        xs.transact(lambda tx: apply_ops(xs, tx, ops))
 
     def introduce(self, domid: int, name: str) -> None:
         assert self.xs is not None
@@ -192,3 +177,20 @@ def connect_unix(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     return s
+
+
+def apply_ops(xs: Any, tx: int, ops: list[XsOp]) -> None:
+    """The toolstack's XenStore operations (`pvio.toolstack.xslayout`) in transaction `tx`
+    of a blocking client; removing what is absent is fine."""
+    for op in ops:
+        if op.op == "rm":
+            try:
+                xs.rm(op.path, tx)
+            except Exception:  # absent is fine
+                pass
+        elif op.op == "mkdir":
+            xs.mkdir(op.path, tx)
+        elif op.op == "write":
+            xs.write(op.path, op.value, tx)
+        elif op.op == "set_perms":
+            xs.set_perms(op.path, list(op.perms), tx)

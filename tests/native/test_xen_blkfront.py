@@ -7,7 +7,6 @@ connects, writes, reads back, flushes and closes.  Nothing pvio-specific is in t
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from domains.harness import apply_ops
 from native.devlayer import build_layer
 from pvio.toolstack import xslayout
 from pvio.toolstack.diskspec import parse
 from pvio.xenstore.client import Client
-from pvio.xenstore.errors import XsError
 from pvioup import PvioUp
 
 pytestmark = pytest.mark.slow
@@ -53,29 +52,16 @@ def test_a_frontend_on_xens_libraries_gets_a_disk_from_blkback(up: PvioUp, tmp_p
             # `pvio run` introduces the domain; then the toolstack writes its vbd (libxl's order)
             up.wait_for(lambda: xs.read(f"/local/domain/{DOMID}/name"), what=f"domain {DOMID}")
             with xs.transaction() as tx:
-                for op in xslayout.vbd_add(DOMID, spec, str(image)):
-                    _apply(xs, tx, op)
+                apply_ops(xs, tx, xslayout.vbd_add(DOMID, spec, str(image)))
             out, err = front.communicate(timeout=60)
             assert front.returncode == 0 and out.startswith("ok sectors=2048"), out + err
             assert image.read_bytes()[:4096] == PATTERN  # it reached the image, through blkback
             be = xslayout.backend_path(0, DOMID, spec.vdev.number)
             up.wait_for(lambda: xs.read(f"{be}/state") == b"6", what="blkback Closed")
             with xs.transaction() as tx:
-                for op in xslayout.vbd_destroy(DOMID, spec.vdev.number):
-                    _apply(xs, tx, op)
+                apply_ops(xs, tx, xslayout.vbd_destroy(DOMID, spec.vdev.number))
     finally:
         if front.poll() is None:
             front.kill()
             front.wait()
 
-
-def _apply(xs: Client, tx: int, op: xslayout.XsOp) -> None:
-    if op.op == "rm":
-        with contextlib.suppress(XsError):  # removing what is not there
-            xs.rm(op.path, tx)
-    elif op.op == "mkdir":
-        xs.mkdir(op.path, tx)
-    elif op.op == "write":
-        xs.write(op.path, op.value, tx)
-    elif op.op == "set_perms":
-        xs.set_perms(op.path, list(op.perms), tx)
