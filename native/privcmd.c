@@ -16,6 +16,8 @@
  *     not the control domain;
  *   - __HYPERVISOR_event_channel_op EVTCHNOP_status: the hypervisor's answer;
  *   - anything else: ENOSYS.
+ * The buffers are copied in and out with process_vm_readv/writev on ourselves, so a bad
+ * pointer is EFAULT, as the kernel's copy_from_user makes it, never a crash.
  */
 #define _GNU_SOURCE
 #define __XEN_TOOLS__ 1
@@ -24,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <xen/xen.h>
 #include <xen/domctl.h>
 #include <xen/event_channel.h>
@@ -58,6 +62,15 @@ static int evtchn_status(evtchn_status_t *st)
     return rc ? rc : op.rc;
 }
 
+/* copy_from_user / copy_to_user: 0, or -EFAULT for memory we cannot read or write. */
+static int copy_user(void *ours, uint64_t theirs, size_t len, int to_user)
+{
+    struct iovec local = { ours, len }, remote = { (void *)(uintptr_t)theirs, len };
+    ssize_t n = to_user ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+                        : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+    return n == (ssize_t)len ? 0 : -EFAULT;
+}
+
 int privcmd_ioctl(struct dev *d, unsigned long req, void *arg)
 {
     (void)d;
@@ -66,23 +79,21 @@ int privcmd_ioctl(struct dev *d, unsigned long req, void *arg)
     privcmd_hypercall_t *h = arg;
     if (h->op == __HYPERVISOR_domctl) {
         struct xen_domctl dc;
-        memcpy(&dc, (void *)(uintptr_t)h->arg[0], sizeof dc);
+        if (copy_user(&dc, h->arg[0], sizeof dc, 0))
+            return -EFAULT;
         if (dc.interface_version != XEN_DOMCTL_INTERFACE_VERSION)
             return -EACCES;
         if (dc.cmd != XEN_DOMCTL_getdomaininfo)
             return -EPERM;
         int rc = getdomaininfo(&dc);
-        if (!rc)
-            memcpy((void *)(uintptr_t)h->arg[0], &dc, sizeof dc);
-        return rc;
+        return rc ? rc : copy_user(&dc, h->arg[0], sizeof dc, 1);
     }
     if (h->op == __HYPERVISOR_event_channel_op && h->arg[0] == EVTCHNOP_status) {
         evtchn_status_t st;
-        memcpy(&st, (void *)(uintptr_t)h->arg[1], sizeof st);
+        if (copy_user(&st, h->arg[1], sizeof st, 0))
+            return -EFAULT;
         int rc = evtchn_status(&st);
-        if (!rc)
-            memcpy((void *)(uintptr_t)h->arg[1], &st, sizeof st);
-        return rc;
+        return rc ? rc : copy_user(&st, h->arg[1], sizeof st, 1);
     }
     return -ENOSYS;
 }

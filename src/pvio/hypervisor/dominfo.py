@@ -13,7 +13,10 @@ answered with XEN_DOMINF_dying, as Xen answers a dying domain.
 Who may ask: Xen's dummy XSM allows getdomaininfo (XSM_XS_PRIV) to the control domain
 and the XenStore domain; in pvio domain 0, a domain created with PVIO_CDF_xs_domain, and
 one created with PVIO_CDF_control (a dom0 daemon such as xenconsoled, which pvio runs as
-a domain of its own).  Anyone else gets -EPERM, as on Xen.
+a domain of its own).  Anyone else gets -EPERM, as on Xen.  Like a requested domid, the
+flags are the creator's claim: the trust boundary is the hypervisor socket, which only
+the toolstack's processes reach, and what the privilege gives is another domain's
+existence, state and size, never its memory.
 """
 
 from __future__ import annotations
