@@ -160,3 +160,34 @@ def test_advance() -> None:
     assert [bytes(b) for b in _advance(bufs, 3)] == [b"defg", b"h"]
     assert [bytes(b) for b in _advance(bufs, 5)] == [b"fg", b"h"]
     assert _advance(bufs, 8) == []
+
+
+def test_transfer_now_moves_hot_data_at_once_and_says_when_it_cannot(image: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        s = RawFile(image)
+        await s.writev(0, [memoryview(bytearray(16384))])  # blocks allocated (a hole may block)
+        data = memoryview(bytearray(os.urandom(8192)))
+        # Buffered NOWAIT writes are the file system's to offer (ext4 on Linux 6.18 does
+        # not): where it refuses, the write waits for writev, and that is remembered.
+        if not s.transfer_now(4096, [data[:4096], data[4096:]], True):
+            assert not s._nowait_write
+            await s.writev(4096, [data])
+        nowait = s.nowait
+        out = [memoryview(bytearray(4096)) for _ in range(2)]
+        assert s.transfer_now(4096, out, False)  # the page cache has it
+        assert b"".join(bytes(o) for o in out) == bytes(data) and s.nowait == nowait + 1
+        with pytest.raises(StorageError):
+            s.transfer_now((1 << 20) - 512, [memoryview(bytearray(4096))], False)  # past the end
+        await s.close()
+        # Without NOWAIT (or where the file system refuses it) nothing moves: the caller
+        # takes readv/writev, which may block in the pool.
+        slow = RawFile(image, nowait=False)
+        assert not slow.transfer_now(0, [memoryview(bytearray(4096))], False)
+        await slow.close()
+        ro = RawFile(image, read_only=True)
+        with pytest.raises(StorageError) as info:
+            ro.transfer_now(0, [memoryview(bytearray(512))], True)
+        assert info.value.errno == errno.EROFS
+        await ro.close()
+
+    run(main())

@@ -68,6 +68,7 @@ from pvio.bench.harness.figures import Figure, Stats
 from pvio.jsonfile import read_json
 from pvio.testing.up import UpFailed, UpProcess
 from pvio.toolstack.qdisk import QDISK_DOMID_BASE, QEMU_BINARY
+from pvio.toolstack.top import proc_times
 
 #: pvio's subjects: label -> `pvio up --transport`.
 TRANSPORTS: dict[str, str] = {"pvio map": "map", "pvio copy": "copy"}
@@ -105,6 +106,12 @@ class Counters:
     #: hypervisor round trips (request frames) of the backend's domain: blkback's driver
     #: domain, or QEMU's (the hypervisor's census)
     backend_round_trips: int = 0
+    #: CPU time (user + system, clock ticks of /proc/<pid>/stat) of the guest process
+    #: (NBD export + blkfront), the backend (blkback's driver domain, or QEMU) and the
+    #: hypervisor process
+    guest_cpu_ticks: int = 0
+    backend_cpu_ticks: int = 0
+    hypervisor_cpu_ticks: int = 0
 
     #: The statistics keys that make up `requests` (BlkbackStats.requests).
     REQUEST_KEYS = ("rd_req", "wr_req", "f_req", "ds_req", "err_req")
@@ -160,7 +167,19 @@ class Counters:
             "requests_per_batch": self.requests / max(self.batches, 1),
             "grant_hypercalls_per_request": self.grant_ops / n,
             "backend_round_trips_per_request": self.backend_round_trips / n,
+            "guest_cpu_us_per_request": self.guest_cpu_ticks * _US_PER_TICK / n,
+            "backend_cpu_us_per_request": self.backend_cpu_ticks * _US_PER_TICK / n,
+            "hypervisor_cpu_us_per_request": self.hypervisor_cpu_ticks * _US_PER_TICK / n,
         }
+
+
+_US_PER_TICK = 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """CPU ticks (user + system) a process has used; 0 if it is gone."""
+    times = proc_times(pid) if pid else None
+    return times[0] if times is not None else 0
 
 
 def _values(c: Counters) -> tuple[int, ...]:
@@ -181,6 +200,7 @@ class PvioUp(UpProcess):
         self.driver_status: Path | None = None
         self.guest_status: Path | None = None
         self.backend_domid = 0  # blkback's driver domain, or the guest's QEMU
+        self.pids = {"guest": 0, "backend": 0, "hypervisor": 0}
 
     def serve(self) -> str:
         """Start it and wait until ready; returns the guest's NBD URI for xvda."""
@@ -192,13 +212,19 @@ class PvioUp(UpProcess):
         for dom in self.status.get("domains", []):
             if dom.get("role") == "driver":
                 self.driver_status = self.paths.status(dom["name"])
+                self.pids["backend"] = int(dom.get("pid") or 0)
             if dom.get("role") == "guest":
                 self.guest_status = self.paths.status(dom["name"])
+                self.pids["guest"] = int(dom.get("pid") or 0)
                 if self.backendtype == "qdisk":
                     self.backend_domid = QDISK_DOMID_BASE + int(dom["domid"])
             for dev in dom.get("devices", []):
                 if dev.get("type") == "vbd" and dev.get("vdev") == VDEV and dev.get("nbd"):
                     uri = str(dev["nbd"])
+        for svc in self.status.get("services", []):
+            if svc.get("name") == "hypervisor" or (
+                    self.backendtype == "qdisk" and str(svc.get("name", "")).startswith("qdisk-")):
+                self.pids["hypervisor" if svc["name"] == "hypervisor" else "backend"] = int(svc.get("pid") or 0)
         if uri is None:
             raise RuntimeError(f"pvio up's status names no NBD export of {VDEV}: {self.status}")
         return uri
@@ -227,7 +253,8 @@ class PvioUp(UpProcess):
             if backend is not None and trips is not None:
                 front = self._guest_counters(newer_than)
                 if front is not None or time.monotonic() > deadline:
-                    return backend + trips + (front or Counters())
+                    cpu = Counters(**{f"{k}_cpu_ticks": _cpu_ticks(pid) for k, pid in self.pids.items()})
+                    return backend + trips + (front or Counters()) + cpu
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
@@ -350,6 +377,9 @@ def _measure(params: Params, ctx: Context, stack: contextlib.ExitStack) -> list[
         "requests_per_batch": "requests taken off the ring per batch",
         "grant_hypercalls_per_request": "GNTTABOP map/unmap/copy hypercalls (batches)",
         "backend_round_trips_per_request": "hypervisor round trips (request frames) of the backend's domain",
+        "guest_cpu_us_per_request": "CPU µs (user + system) of the guest process (NBD export + blkfront)",
+        "backend_cpu_us_per_request": "CPU µs of blkback's driver domain (or QEMU for qdisk)",
+        "hypervisor_cpu_us_per_request": "CPU µs of the hypervisor process",
     }
     if log.missing:
         ctx.extra["counters_missing"] = log.missing

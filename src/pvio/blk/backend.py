@@ -61,12 +61,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, BlkifABI
 from pvio.blk.back_grants import BackGrants
+from pvio.blk.back_io import Work, disk_io, disk_io_now
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
 from pvio.blk.request import (
@@ -98,16 +99,6 @@ PGRANT_TIMEOUT = 60.0
 #: persistent mappings one ring keeps (Linux's xen_blkif_max_pgrants: a 32-slot ring of
 #: 32-segment indirect requests and their indirect pages, 32 × 33)
 MAX_PGRANTS = 1056
-
-
-@dataclass
-class _Work:
-    """A validated data request and where its bytes are while it runs."""
-
-    io: DiskIO
-    status: int = BLKIF_RSP_OKAY
-    buffers: list[memoryview] | None = None
-    frames: list[int] | None = None  # copy transport: local bounce pages
 
 
 class BlkbackRing:
@@ -340,7 +331,7 @@ class BlkbackRing:
 
     async def _run_group(self, group: list[DiskIO]) -> None:
         try:
-            works = [_Work(io) for io in group]
+            works = [Work(io) for io in group]
             try:
                 await self._do_data(works)
             except (OSError, HypercallError, GrantError, NoSpace) as e:
@@ -366,7 +357,7 @@ class BlkbackRing:
     # thread pool, all requests of the batch at once.  Then ONE unmap.  In the copy transport the same
     # shape uses GNTTABOP_copy batches and local bounce pages instead of maps.
     # :T
-    async def _do_data(self, works: list[_Work]) -> None:
+    async def _do_data(self, works: list[Work]) -> None:
         data = [w for w in works if w.io.segments]
         if self.domain.transport == "copy":
             await self._data_by_copy(data)
@@ -376,7 +367,7 @@ class BlkbackRing:
         if others:
             await asyncio.gather(*(self._disk_io(w) for w in others))
 
-    async def _data_by_map(self, works: list[_Work]) -> None:
+    async def _data_by_map(self, works: list[Work]) -> None:
         """Map what is not mapped yet (ONE batch), do the I/O, unmap what is not kept.
 
         With persistent grants (feature-persistent) a mapping is kept, keyed by (ref,
@@ -398,7 +389,11 @@ class BlkbackRing:
                     w.status = BLKIF_RSP_ERROR
                     continue
                 w.buffers = [v[seg.offset : seg.offset + seg.length] for v, seg in zip(views, w.io.segments, strict=True)]
-            await asyncio.gather(*(self._disk_io(w) for w in works if w.status == BLKIF_RSP_OKAY))
+            now = getattr(self.disk, "transfer_now", None)
+            waiting = [w for w in works if w.status == BLKIF_RSP_OKAY
+                       and not (now is not None and disk_io_now(now, w, self.frontend_domid))]
+            if waiting:
+                await asyncio.gather(*(self._disk_io(w) for w in waiting))
         finally:
             for w in works:
                 for b in w.buffers or ():
@@ -406,9 +401,9 @@ class BlkbackRing:
                 w.buffers = None
             await self.grants.unmap(transient)
 
-    async def _data_by_copy(self, works: list[_Work]) -> None:
+    async def _data_by_copy(self, works: list[Work]) -> None:
         """Move the works' data through bounce pages, in pieces that fit the bound."""
-        piece: list[_Work] = []
+        piece: list[Work] = []
         size = 0
         for w in works:
             n = len(w.io.segments)
@@ -420,7 +415,7 @@ class BlkbackRing:
         if piece:
             await self._copy_piece(piece, size)
 
-    async def _copy_piece(self, works: list[_Work], nframes: int) -> None:
+    async def _copy_piece(self, works: list[Work], nframes: int) -> None:
         async with self._bounce_free:
             await self._bounce_free.wait_for(lambda: self._bounce >= nframes)
             self._bounce -= nframes
@@ -431,7 +426,7 @@ class BlkbackRing:
                 self._bounce += nframes
                 self._bounce_free.notify_all()
 
-    async def _copy_through(self, works: list[_Work], nframes: int) -> None:
+    async def _copy_through(self, works: list[Work], nframes: int) -> None:
         frames = self.domain.alloc_pages(nframes)
         try:
             pos = 0
@@ -445,7 +440,11 @@ class BlkbackRing:
             writes = [w for w in works if w.io.kind == "write"]
             if writes:
                 await self._copy(writes, inbound=True)
-            await asyncio.gather(*(self._disk_io(w) for w in works if w.status == BLKIF_RSP_OKAY))
+            now = getattr(self.disk, "transfer_now", None)
+            waiting = [w for w in works if w.status == BLKIF_RSP_OKAY
+                       and not (now is not None and disk_io_now(now, w, self.frontend_domid))]
+            if waiting:
+                await asyncio.gather(*(self._disk_io(w) for w in waiting))
             reads = [w for w in works if w.io.kind == "read" and w.status == BLKIF_RSP_OKAY]
             if reads:
                 await self._copy(reads, inbound=False)
@@ -456,10 +455,10 @@ class BlkbackRing:
                 w.buffers = None
             self.domain.free_pages(frames)
 
-    async def _copy(self, works: list[_Work], *, inbound: bool) -> None:
+    async def _copy(self, works: list[Work], *, inbound: bool) -> None:
         """One GNTTABOP_copy for every segment of `works` (into or out of the guest)."""
         segs: list[CopySeg] = []
-        owners: list[_Work] = []
+        owners: list[Work] = []
         dom = self.frontend_domid
         for w in works:
             assert w.frames is not None
@@ -475,28 +474,12 @@ class BlkbackRing:
             if status != gt.GNTST_okay:
                 w.status = BLKIF_RSP_ERROR
 
-    async def _disk_io(self, w: _Work) -> None:
-        io = w.io
-        try:
-            if io.kind == "read":
-                assert w.buffers is not None
-                await self.disk.readv(io.offset, w.buffers)
-            elif io.kind == "write":
-                assert w.buffers is not None
-                await self.disk.writev(io.offset, w.buffers)
-                if io.postflush:
-                    await self.disk.flush()
-            elif io.kind == "flush":
-                await self.disk.flush()
-            elif io.kind == "discard":
-                await self.disk.trim(io.offset, io.length)
-        except OSError as e:
-            log.warning("blkback d%d: %s failed: %s", self.frontend_domid, io.request.op_name, e)
-            w.status = BLKIF_RSP_ERROR
+    async def _disk_io(self, w: Work) -> None:
+        await disk_io(self.disk, w, self.frontend_domid)
 
-    async def _barrier(self, io: DiskIO) -> list[_Work]:
+    async def _barrier(self, io: DiskIO) -> list[Work]:
         """WRITE_BARRIER / FLUSH_DISKCACHE: flush, the write (if any), flush."""
-        w = _Work(io)
+        w = Work(io)
         try:
             await self.disk.flush()
         except OSError:
@@ -518,7 +501,7 @@ class BlkbackRing:
     # is the event channel kicked.  A frontend that keeps many requests in flight and
     # drains responses in a loop therefore hears far less than one kick per request.
     # :T
-    def _finish(self, works: Sequence[_Work]) -> None:
+    def _finish(self, works: Sequence[Work]) -> None:
         assert self.abi is not None
         out = []
         st = self.stats

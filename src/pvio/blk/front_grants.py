@@ -86,6 +86,12 @@ class FrontGrants:
             self.pool_size += more
         return take
 
+    def take_from_pool(self, n: int) -> list[tuple[int, int]]:
+        """`n` pooled pages, which the pool must have (`len(pool) >= n`)."""
+        take = self.pool[-n:]
+        del self.pool[len(self.pool) - n :]
+        return take
+
     def give_back(self, pooled: list[tuple[int, int]]) -> None:
         """Persistent pages a request is done with: still granted, the next one reuses them."""
         self.pool.extend(pooled)

@@ -28,6 +28,7 @@ from pvio.abi.blkif import (
     SECTOR_SIZE,
 )
 from pvio.blk.keys import BackendDisk
+from pvio.blk.shadow import Submitted
 
 
 class FrontBlockIO:
@@ -55,6 +56,10 @@ class FrontBlockIO:
     ) -> bytes:
         raise NotImplementedError
 
+    def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
+                done: Submitted) -> bool:
+        raise NotImplementedError
+
     @property
     def unit(self) -> int:
         """The smallest transfer: the disk's logical sector (`sector-size`)."""
@@ -72,6 +77,31 @@ class FrontBlockIO:
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
         return bytes(buf)
+
+    # -- the short way (`pvio.storage.backend.Submitting`) -----------------------------
+
+    def submit_read(self, offset: int, length: int, done: Submitted) -> bool:
+        """Put one READ of whole sectors in the ring now, `done` called with its data; False
+        when it cannot go without waiting (then `read` it)."""
+        if not 0 < length <= self.max_request_bytes or (offset | length) % self.unit:
+            return False
+        disk = self.disk_if_connected()
+        if disk is None or offset + length > disk.size:
+            return False
+        return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done)
+
+    def submit_write(self, offset: int, data: bytes | memoryview, done: Submitted) -> bool:
+        """Put one WRITE (not FUA) of whole sectors in the ring now; False: `write` it."""
+        length = len(data)
+        if not 0 < length <= self.max_request_bytes or (offset | length) % self.unit:
+            return False
+        disk = self.disk_if_connected()
+        if disk is None or disk.read_only or offset + length > disk.size:
+            return False
+        return self._submit(BLKIF_OP_WRITE, offset // SECTOR_SIZE, data, length, done)
+
+    def disk_if_connected(self) -> BackendDisk | None:
+        raise NotImplementedError
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         length = len(buf)

@@ -19,11 +19,25 @@ import logging
 from collections.abc import Callable, Iterator
 
 from pvio.abi.blkif import BlkifABI
+from pvio.blk.front_grants import FrontGrants
+from pvio.blk.request import Segment, pack_segments
 from pvio.blk.shadow import ShadowTable
 from pvio.hypervisor.client import Domain
+from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import FrontRing, SharedRing
 
 log = logging.getLogger(__name__)
+
+
+class RequestIds(asyncio.Semaphore):
+    """One per free shadow, so per free ring slot; `try_acquire` takes one without
+    waiting, and only when no one is waiting already (first come, first served)."""
+
+    def try_acquire(self) -> bool:
+        if self.locked():  # none free, or others wait for one
+            return False
+        self._value -= 1  # what acquire() does when nothing is waited for
+        return True
 
 
 class FrontQueue:
@@ -33,7 +47,7 @@ class FrontQueue:
         self.index = index
         self.nr_ents = nr_ents
         self.shadows = ShadowTable(nr_ents)
-        self.ids = asyncio.Semaphore(nr_ents)  # one per free shadow, so per free slot
+        self.ids = RequestIds(nr_ents)
         self.ring: FrontRing | None = None
         self.port = -1
         self.ring_refs: list[int] = []
@@ -91,3 +105,25 @@ class FrontQueue:
         if self.ring_refs:
             domain.end_access(self.ring_refs)
             self.ring_refs = []
+
+
+def pick(queues: list[FrontQueue]) -> FrontQueue:
+    """The first ring with a free slot (so a batch stays on one ring and one kick), or
+    the one with the most free slots."""
+    for q in queues:
+        if q.shadows.free:
+            return q
+    return max(queues, key=lambda q: q.shadows.free)
+
+
+def write_indirect(
+    domain: Domain, grants: FrontGrants, segs: list[Segment], refs: list[int], frames: list[int], grant: bool,
+) -> None:
+    """Write the segments into the indirect pages; grant those read-only (not pooled)."""
+    raw = pack_segments(segs)
+    mem = domain.memory
+    for k, (ref, frame) in enumerate(zip(refs, frames, strict=True)):
+        chunk = raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+        mem[frame * PAGE_SIZE : frame * PAGE_SIZE + len(chunk)] = chunk
+        if grant:
+            grants.grant(ref, frame, True)

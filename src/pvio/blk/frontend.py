@@ -68,7 +68,6 @@ from pvio.abi.blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_NAMES,
     BLKIF_OP_READ,
-    BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SIZE,
@@ -78,7 +77,7 @@ from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
 from pvio.blk.front_grants import PURGE_INTERVAL, FrontGrants
 from pvio.blk.front_io import FrontBlockIO
-from pvio.blk.front_queue import FrontQueue
+from pvio.blk.front_queue import FrontQueue, pick, write_indirect
 from pvio.blk.keys import BackendDisk
 from pvio.blk.request import (
     Segment,
@@ -86,10 +85,9 @@ from pvio.blk.request import (
     build_indirect,
     build_request,
     indirect_pages,
-    pack_segments,
     parse_response,
 )
-from pvio.blk.shadow import BackendProtocolError, Shadow
+from pvio.blk.shadow import BackendProtocolError, Pending, Shadow, Submitted, status_error
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import RingBroken
@@ -97,6 +95,7 @@ from pvio.storage.backend import BackendInfo
 from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 log = logging.getLogger(__name__)
+
 
 #: Bytes one direct request can carry: 11 segments of a page each.
 MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
@@ -113,19 +112,6 @@ class BlkfrontStats:
     pushes: int = 0
     reissued: int = 0
     grant_waits: int = 0
-
-
-@dataclass
-class _Pending:
-    """What a shadow's cookie holds: the caller's future and the data pages."""
-
-    future: asyncio.Future[int]
-    frames: list[int]
-    nbytes: int  # payload bytes, in pages from the first
-    read_into: memoryview | None = None
-    pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
-    want_bytes: bool = False  # a READ whose data the caller takes as bytes
-    data: bytes = b""
 
 
 class BlkFront(FrontBlockIO):
@@ -266,6 +252,9 @@ class BlkFront(FrontBlockIO):
             can_trim=disk.feature_discard and not disk.read_only,
         )
 
+    def disk_if_connected(self) -> BackendDisk | None:
+        return self.disk
+
     def _disk(self) -> BackendDisk:
         if self.disk is None:
             raise OSError(errno.ENXIO, "blkfront: not connected")
@@ -300,7 +289,7 @@ class BlkFront(FrontBlockIO):
         # More than 11 pages: one INDIRECT request, its segments in pages of their own.
         nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         queues = self.queues
-        q = queues[0] if len(queues) == 1 else self._pick(queues)
+        q = queues[0] if len(queues) == 1 else pick(queues)
         await q.ids.acquire()
         pooled: list[tuple[int, int]] | None = None
         try:
@@ -315,45 +304,9 @@ class BlkFront(FrontBlockIO):
         except BaseException:
             q.ids.release()
             raise
-        readonly = operation != BLKIF_OP_READ
-        segs: list[Segment] = []
-        left = nbytes
-        for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
-            n = min(left, PAGE_SIZE)
-            if pooled is None:
-                self.grants.grant(ref, frame, readonly)
-            segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
-            left -= n
-        if nind:
-            self._write_indirect(segs, grefs[npages:], frames[npages:], pooled is None)
-        if payload is not None:
-            mem = self.domain.memory
-            pos = 0
-            for frame in frames:
-                chunk = payload[pos : pos + PAGE_SIZE]
-                start = frame * PAGE_SIZE
-                mem[start : start + len(chunk)] = chunk
-                pos += PAGE_SIZE
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
-        if operation == BLKIF_OP_DISCARD:
-            shadow = q.shadows.alloc(
-                operation, sector,
-                lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
-                (), pending,
-            )
-        elif nind:
-            ind = grefs[npages:]
-            shadow = q.shadows.alloc(
-                operation, sector,
-                lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
-                tuple(grefs), pending,
-            )
-        else:
-            shadow = q.shadows.alloc(
-                operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
-                tuple(grefs), pending,
-            )
+        pending = Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
+        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         t0 = time.monotonic_ns() if TRACE.on else 0
         self._put(q, shadow)
@@ -365,28 +318,80 @@ class BlkFront(FrontBlockIO):
             TRACE.span(f"blkfront {BLKIF_OP_NAMES.get(shadow.operation)}", "blk", t0,
                        args={"sector": sector, "bytes": nbytes, "status": status, "queue": q.index}, flow=flow)
         if status != BLKIF_RSP_OKAY:
-            code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
-            raise OSError(code, f"blkfront: {shadow.operation} at sector {sector} failed ({status})")
+            raise status_error(shadow, status)
         return pending.data
 
-    @staticmethod
-    def _pick(queues: list[FrontQueue]) -> FrontQueue:
-        """The first ring with a free slot (so a batch stays on one ring and one kick),
-        or the one with the most free slots."""
-        for q in queues:
-            if q.shadows.free:
-                return q
-        return max(queues, key=lambda q: q.shadows.free)
+    def _shadow(
+        self, q: FrontQueue, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
+        npages: int, nind: int, grefs: list[int], frames: list[int], pending: Pending,
+    ) -> Shadow:
+        """Grant the pages (unless pooled), write the payload and indirect pages, and
+        build the request into a shadow of `q`."""
+        readonly = operation != BLKIF_OP_READ
+        segs: list[Segment] = []
+        left = nbytes
+        for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
+            n = min(left, PAGE_SIZE)
+            if pending.pooled is None:
+                self.grants.grant(ref, frame, readonly)
+            segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
+            left -= n
+        if nind:
+            write_indirect(self.domain, self.grants, segs, grefs[npages:], frames[npages:], pending.pooled is None)
+        if payload is not None:
+            mem = self.domain.memory
+            pos = 0
+            for frame in frames:
+                chunk = payload[pos : pos + PAGE_SIZE]
+                start = frame * PAGE_SIZE
+                mem[start : start + len(chunk)] = chunk
+                pos += PAGE_SIZE
+        if operation == BLKIF_OP_DISCARD:
+            return q.shadows.alloc(
+                operation, sector,
+                lambda i: build_discard(self.abi, i, sector, nbytes // SECTOR_SIZE, handle=self.handle),
+                (), pending,
+            )
+        if nind:
+            ind = grefs[npages:]
+            return q.shadows.alloc(
+                operation, sector,
+                lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
+                tuple(grefs), pending,
+            )
+        return q.shadows.alloc(
+            operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
+            tuple(grefs), pending,
+        )
 
-    def _write_indirect(self, segs: list[Segment], refs: list[int], frames: list[int], grant: bool) -> None:
-        """Write the segments into the indirect pages; grant those read-only (not pooled)."""
-        raw = pack_segments(segs)
-        mem = self.domain.memory
-        for k, (ref, frame) in enumerate(zip(refs, frames, strict=True)):
-            chunk = raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
-            mem[frame * PAGE_SIZE : frame * PAGE_SIZE + len(chunk)] = chunk
-            if grant:
-                self.grants.grant(ref, frame, True)
+    # T:635 The short way: a request put in the caller's own turn of the loop
+    # An NBD READ or WRITE that needs no waiting -- a free id, enough persistent pages
+    # in the pool, the ring running, tracing off -- is put into the ring by `submit`
+    # at once, and its response calls the caller back from the event handler: no task,
+    # no future, no coroutine per request.  Anything else (the first requests, before
+    # the pool has pages; a full ring; a device not running) says False, and the
+    # caller takes the awaiting way, `_issue`, which waits for what is missing.
+    # :T
+    def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
+                done: Submitted) -> bool:
+        if self.broken is not None or self.unavailable is not None or not self.persistent \
+                or not self._running.is_set() or TRACE.on:
+            return False
+        npages = -(-nbytes // PAGE_SIZE)
+        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST or len(self.grants.pool) < npages:
+            return False
+        queues = self.queues
+        q = queues[0] if len(queues) == 1 else pick(queues)
+        if not q.ids.try_acquire():
+            return False
+        pooled = self.grants.take_from_pool(npages)
+        frames = [f for _, f in pooled]
+        pending = Pending(None, frames, nbytes, None, pooled, operation == BLKIF_OP_READ, done=done)
+        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, 0, [r for r, _ in pooled], frames,
+                              pending)
+        self.stats.requests += 1
+        self._put(q, shadow)
+        return True
 
     async def _wait_running(self) -> None:
         while not self._running.is_set():
@@ -469,7 +474,7 @@ class BlkFront(FrontBlockIO):
 
     def _complete(self, q: FrontQueue, req_id: int, operation: int, status: int) -> None:
         shadow = q.shadows.complete(req_id, operation)
-        pending: _Pending = shadow.cookie
+        pending: Pending = shadow.cookie
         q.ids.release()
         if pending.want_bytes and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
@@ -496,7 +501,9 @@ class BlkFront(FrontBlockIO):
             self.grants.end(tuple(r for r, _ in pending.pooled))
         else:
             self.grants.end(shadow.grefs)
-        if not pending.future.done():
+        if pending.done is not None:
+            pending.done(None if status == BLKIF_RSP_OKAY else status_error(shadow, status), pending.data)
+        elif pending.future is not None and not pending.future.done():
             pending.future.set_result(status)
 
     def _check_broken(self) -> None:
@@ -511,8 +518,10 @@ class BlkFront(FrontBlockIO):
         self._running.set()  # wake waiters so they see the error
         for q in self.queues:
             for shadow in q.shadows.reset():
-                pending: _Pending = shadow.cookie
-                if not pending.future.done():
+                pending: Pending = shadow.cookie
+                if pending.done is not None:
+                    pending.done(DeviceBroken(reason), b"")
+                elif pending.future is not None and not pending.future.done():
                     pending.future.set_exception(DeviceBroken(reason))
         if self.on_broken is not None:
             self.on_broken(self.broken)

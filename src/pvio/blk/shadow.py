@@ -16,8 +16,17 @@ failure raises `BackendProtocolError`, on which blkfront marks the device broken
 
 from __future__ import annotations
 
+import asyncio
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pvio.abi.blkif import BLKIF_RSP_EOPNOTSUPP
+
+#: A submitted request's completion: (None, data) on success -- data is a READ's bytes,
+#: b"" for a WRITE -- or (the error, b"").
+Submitted = Callable[[BaseException | None, bytes], None]
 
 
 class BackendProtocolError(Exception):
@@ -101,3 +110,24 @@ class ShadowTable:
         self._slots = [None] * self.size
         self._free = list(range(self.size - 1, -1, -1))
         return pending
+
+
+@dataclass
+class Pending:
+    """What a shadow's cookie holds: the caller's future (or, for a request `submit`ted,
+    its `done` callback) and the data pages."""
+
+    future: asyncio.Future[int] | None
+    frames: list[int]
+    nbytes: int  # payload bytes, in pages from the first
+    read_into: memoryview | None = None
+    pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
+    want_bytes: bool = False  # a READ whose data the caller takes as bytes
+    data: bytes = b""
+    done: Submitted | None = None
+
+
+def status_error(shadow: Shadow, status: int) -> OSError:
+    """The error a caller sees for a response whose status is not BLKIF_RSP_OKAY."""
+    code = errno.EOPNOTSUPP if status == BLKIF_RSP_EOPNOTSUPP else errno.EIO
+    return OSError(code, f"blkfront: {shadow.operation} at sector {shadow.sector_number} failed ({status})")

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -127,6 +127,21 @@ class BlockBackend(Protocol):
     ) -> None:
         """Only called when `info.can_write_zeroes`; the range reads back as zeroes."""
         ...
+
+
+@runtime_checkable
+class Submitting(Protocol):
+    """A backend with a short way for a READ or WRITE that need not wait (blkfront has
+    one, `pvio.blk.front_io`): the request is started in the caller's own turn of the
+    event loop and `done(error, data)` is called when it completes -- (None, a READ's
+    bytes or b"") or (the exception, b"").  False means it was not started: the caller
+    uses the awaitable `read`/`write` instead, which wait for whatever was missing."""
+
+    def submit_read(self, offset: int, length: int,
+                    done: Callable[[BaseException | None, bytes], None]) -> bool: ...
+
+    def submit_write(self, offset: int, data: bytes | memoryview,
+                     done: Callable[[BaseException | None, bytes], None]) -> bool: ...
 
 
 @runtime_checkable

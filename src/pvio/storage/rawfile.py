@@ -181,6 +181,35 @@ class RawFile:
 
     # --- read ---------------------------------------------------------------------------------
 
+    def transfer_now(self, offset: int, buffers: Sequence[memoryview], write: bool) -> bool:
+        """The transfer of `readv`/`writev` (not FUA) made at once if it cannot block
+        (RWF_NOWAIT): True when done, False when it would block (use those then).  For
+        callers that would otherwise make a task per transfer only to find it done."""
+        total = sum(len(b) for b in buffers)
+        self._check(offset, total)
+        if write and self._info.read_only:
+            raise StorageError(errno.EROFS, f"{self.path} is read-only")
+        if not total or not (self._nowait_write if write else self._nowait_read):
+            return not total
+        try:
+            if write:
+                done = os.pwritev(self.fd, buffers, offset, _RWF_NOWAIT) == total
+            else:
+                done = os.preadv(self.fd, buffers, offset, _RWF_NOWAIT) == total
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NOT_SUPPORTED:
+                raise
+            if write:
+                self._nowait_write = False
+            else:
+                self._nowait_read = False
+            return False
+        if done:
+            self.nowait += 1
+        return done  # a short transfer: the awaiting way does it whole
+
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         total = sum(len(b) for b in buffers)
         self._check(offset, total)

@@ -1,0 +1,68 @@
+"""blkback's disk work: one validated request's bytes between the guest's pages and the disk.
+
+`disk_io` awaits the disk (`VectoredBackend`: readv/writev/flush/trim).  `disk_io_now` is
+the short way for a READ or a WRITE (not FUA) when the disk offers ``transfer_now``
+(`pvio.storage.rawfile.RawFile` does): the transfer is made at once when it cannot
+block -- the page cache holds the data, or takes the write -- with no task and no
+future, and the request goes the awaiting way only when it would block.  A failure
+answers that request with BLKIF_RSP_ERROR; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pvio.abi.blkif import BLKIF_RSP_ERROR, BLKIF_RSP_OKAY
+from pvio.blk.request import DiskIO
+from pvio.storage.backend import VectoredBackend
+
+log = logging.getLogger("pvio.blk.backend")
+
+#: `RawFile.transfer_now(offset, buffers, write)`: True when done, False when it would block.
+TransferNow = Callable[[int, Sequence[memoryview], bool], bool]
+
+
+@dataclass
+class Work:
+    """A validated data request and where its bytes are while it runs."""
+
+    io: DiskIO
+    status: int = BLKIF_RSP_OKAY
+    buffers: list[memoryview] | None = None
+    frames: list[int] | None = None  # copy transport: local bounce pages
+
+
+async def disk_io(disk: VectoredBackend, w: Work, frontend_domid: int) -> None:
+    io = w.io
+    try:
+        if io.kind == "read":
+            assert w.buffers is not None
+            await disk.readv(io.offset, w.buffers)
+        elif io.kind == "write":
+            assert w.buffers is not None
+            await disk.writev(io.offset, w.buffers)
+            if io.postflush:
+                await disk.flush()
+        elif io.kind == "flush":
+            await disk.flush()
+        elif io.kind == "discard":
+            await disk.trim(io.offset, io.length)
+    except OSError as e:
+        log.warning("blkback d%d: %s failed: %s", frontend_domid, io.request.op_name, e)
+        w.status = BLKIF_RSP_ERROR
+
+
+def disk_io_now(now: TransferNow, w: Work, frontend_domid: int) -> bool:
+    """Do `w` at once if it is a READ or plain WRITE that will not block; True if done
+    (successfully or answered in error), False if it must take `disk_io`."""
+    io = w.io
+    if w.buffers is None or io.kind not in ("read", "write") or io.postflush:
+        return False
+    try:
+        return now(io.offset, w.buffers, io.kind == "write")
+    except OSError as e:
+        log.warning("blkback d%d: %s failed: %s", frontend_domid, io.request.op_name, e)
+        w.status = BLKIF_RSP_ERROR
+        return True

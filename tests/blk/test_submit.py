@@ -1,0 +1,100 @@
+"""blkfront's short way (`submit_read`/`submit_write`): a request put into the ring in
+the caller's own turn of the loop, its completion a callback; and what makes it say no."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from blk.pair import asynctest, blk_pair, make_image
+from pvio.blk.errors import DeviceBroken
+
+MiB = 1 << 20
+
+
+class Done:
+    """A `done` callback that remembers what it was called with."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.exc: BaseException | None = None
+        self.data = b""
+
+    def __call__(self, exc: BaseException | None, data: bytes) -> None:
+        assert not self.event.is_set(), "called twice"
+        self.exc, self.data = exc, data
+        self.event.set()
+
+    async def wait(self) -> None:
+        await asyncio.wait_for(self.event.wait(), 10)
+
+
+@asynctest
+async def test_submitted_reads_and_writes_complete_through_the_callback(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    data = os.urandom(8192)
+    async with blk_pair(img, persistent=True) as p:
+        # No pooled pages yet: the short way says no, the awaiting way grows the pool.
+        assert not p.front.grants.pool
+        assert not p.front.submit_read(0, 4096, Done())
+        await p.front.write(0, bytes(64 * 1024))
+        assert len(p.front.grants.pool) >= 2
+        wrote, requests = Done(), p.front.stats.requests
+        assert p.front.submit_write(4096, data, wrote)
+        assert p.front.stats.requests == requests + 1  # in the ring before anything awaited
+        await wrote.wait()
+        assert wrote.exc is None and wrote.data == b""
+        read = Done()
+        assert p.front.submit_read(4096, 8192, read)
+        await read.wait()
+        assert read.exc is None and read.data == data
+        assert await p.front.read(4096, 8192) == data  # the awaiting way agrees
+
+
+@asynctest
+async def test_submit_says_no_to_what_must_wait_or_cannot_be_one_request(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, bytes(MiB))  # a pool bigger than the ring
+        nr_ents = p.front.queues[0].nr_ents
+        assert len(p.front.grants.pool) > nr_ents
+        assert not p.front.submit_read(100, 4096, Done())  # not whole sectors
+        assert not p.front.submit_read(0, p.front.max_request_bytes + 4096, Done())  # two requests
+        assert not p.front.submit_read(4 * MiB - 512, 4096, Done())  # past the end
+        assert not p.front.submit_write(0, b"", Done())
+        # A slot per request: the ring's worth goes in at once, the next one must wait.
+        dones = [Done() for _ in range(nr_ents)]
+        assert all(p.front.submit_read(i * 4096, 4096, d) for i, d in enumerate(dones))
+        assert not p.front.submit_read(0, 4096, Done())
+        for d in dones:
+            await d.wait()
+            assert d.exc is None and len(d.data) == 4096
+        assert p.front.submit_read(0, 4096, Done())  # slots free again
+
+
+@asynctest
+async def test_submit_refuses_a_write_to_a_read_only_disk(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=True)
+    async with blk_pair(img, persistent=True, read_only=True) as p:
+        await p.front.read(0, 64 * 1024)
+        assert p.front.grants.pool
+        assert p.front.submit_read(0, 4096, Done())
+        assert not p.front.submit_write(0, bytes(4096), Done())
+
+
+@asynctest
+async def test_submitted_requests_fail_when_the_device_breaks(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, bytes(64 * 1024))
+        first = Done()
+        assert p.front.submit_read(0, 4096, first)  # completes: the pair works
+        await first.wait()
+        assert first.exc is None
+        broken = Done()
+        assert p.front.submit_read(0, 4096, broken)
+        p.front._break("a test breaks it before the backend sees the request")
+        await broken.wait()
+        assert isinstance(broken.exc, DeviceBroken)
+        assert not p.front.submit_read(0, 4096, Done())  # and says no from now on
