@@ -98,3 +98,22 @@ async def test_submitted_requests_fail_when_the_device_breaks(tmp_path: Path) ->
         await broken.wait()
         assert isinstance(broken.exc, DeviceBroken)
         assert not p.front.submit_read(0, 4096, Done())  # and says no from now on
+
+
+@asynctest
+async def test_without_persistent_grants_submit_grants_pages_of_its_own(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    data = os.urandom(4096)
+    async with blk_pair(img, persistent=False, transport="copy") as p:
+        free = p.front.domain.gnttab.free_count
+        wrote = Done()
+        assert p.front.submit_write(0, data, wrote)
+        assert p.front.domain.gnttab.free_count == free - 1
+        await wrote.wait()
+        read = Done()
+        assert p.front.submit_read(0, 4096, read)
+        await read.wait()
+        assert wrote.exc is None and read.exc is None and read.data == data
+        assert not p.front.grants.pool
+        # The grants end with the response: the references come back.
+        assert p.front.domain.gnttab.free_count == free

@@ -67,6 +67,24 @@ class FrontGrants:
                     gnttab.cancel_free_callback(wake)
                 self.check()
 
+    def claim_now(self, n: int) -> tuple[list[int], list[int]] | None:
+        """`n` free references and `n` free pages if there are and no one waits for
+        references already; else None."""
+        gnttab = self.domain.gnttab
+        if gnttab.waiters:
+            return None
+        try:
+            head = gnttab.alloc_grant_references(n)
+        except NoSpace:
+            return None
+        refs = [gnttab.claim_grant_reference(head) for _ in range(n)]
+        try:
+            return refs, self.domain.alloc_pages(n)
+        except NoSpace:
+            for ref in refs:
+                gnttab.free_grant_reference(ref)
+            return None
+
     def grant(self, ref: int, frame: int, readonly: bool) -> None:
         """Grant `frame` to the backend through `ref`; the page is freed when `ref` is."""
         self.domain.gnttab.grant_foreign_access_ref(ref, self.backend_domid, frame, readonly)

@@ -366,7 +366,8 @@ class BlkFront(FrontBlockIO):
 
     # T:635 The short way: a request put in the caller's own turn of the loop
     # An NBD READ or WRITE that needs no waiting -- a free id, enough persistent pages
-    # in the pool, the ring running, tracing off -- is put into the ring by `submit`
+    # in the pool (or free grant references and pages), the ring running, tracing
+    # off -- is put into the ring by `submit`
     # at once, and its response calls the caller back from the event handler: no task,
     # no future, no coroutine per request.  Anything else (the first requests, before
     # the pool has pages; a full ring; a device not running) says False, and the
@@ -374,21 +375,27 @@ class BlkFront(FrontBlockIO):
     # :T
     def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
                 done: Submitted) -> bool:
-        if self.broken is not None or self.unavailable is not None or not self.persistent \
-                or not self._running.is_set() or TRACE.on:
+        if self.broken is not None or self.unavailable is not None or not self._running.is_set() or TRACE.on:
             return False
         npages = -(-nbytes // PAGE_SIZE)
-        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST or len(self.grants.pool) < npages:
+        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST or (self.persistent and len(self.grants.pool) < npages):
             return False
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
         if not q.ids.try_acquire():
             return False
-        pooled = self.grants.take_from_pool(npages)
-        frames = [f for _, f in pooled]
+        pooled: list[tuple[int, int]] | None = None
+        if self.persistent:
+            pooled = self.grants.take_from_pool(npages)
+            grefs, frames = [r for r, _ in pooled], [f for _, f in pooled]
+        else:
+            got = self.grants.claim_now(npages)
+            if got is None:
+                q.ids.release()
+                return False
+            grefs, frames = got
         pending = Pending(None, frames, nbytes, None, pooled, operation == BLKIF_OP_READ, done=done)
-        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, 0, [r for r, _ in pooled], frames,
-                              pending)
+        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, 0, grefs, frames, pending)
         self.stats.requests += 1
         self._put(q, shadow)
         return True

@@ -170,6 +170,11 @@ class GrantRefs:
         self._put(ref)
         self._check_free_callbacks()
 
+    @property
+    def waiters(self) -> int:
+        """Free callbacks waiting for references (whoever takes some now jumps their queue)."""
+        return len(self._callbacks)
+
     def request_free_callback(self, callback: Callable[[], None], count: int) -> None:
         """Call `callback` once, when at least `count` references are free."""
         self._callbacks.append((count, callback))
