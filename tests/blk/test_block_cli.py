@@ -9,9 +9,11 @@ uses it, and goes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,14 @@ MiB = 1 << 20
 def pvio(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pvio", *args, "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=60)
+
+
+def listed_vbds(state: Path) -> dict[str, str | None]:
+    """vdev -> how it came (None: with pvio up) of the guest's vbds in `pvio list --json`."""
+    r = pvio(state, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    guest = next(d for d in json.loads(r.stdout)["domains"] if d["name"] == "guest1")
+    return {dev["vdev"]: dev.get("attached") for dev in guest["devices"] if dev["type"] == "vbd"}
 
 
 @pytest.fixture
@@ -49,6 +59,8 @@ def test_attach_resize_detach(up: PvioUp, tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[1]: line for line in listed.stdout.splitlines()[1:]}
     assert set(rows) == {"xvda", "xvdb"} and " 4096 " in rows["xvdb"] and uri in rows["xvdb"]
+    assert listed_vbds(state) == {"xvda": None, "xvdb": "run time"}  # pvio list shows it too
+    assert uri in pvio(state, "list").stdout
 
     data = os.urandom(3 * MiB)
 
@@ -77,6 +89,10 @@ def test_attach_resize_detach(up: PvioUp, tmp_path: Path) -> None:
     assert gone.returncode == 0, gone.stderr + up.output()
     listed = pvio(state, "block-list")
     assert "xvdb" not in listed.stdout and "xvda" in listed.stdout
+    deadline = time.monotonic() + 10  # the guest's status file is rewritten once a second
+    while "xvdb" in listed_vbds(state):
+        assert time.monotonic() < deadline, "pvio list still shows the detached disk"
+        time.sleep(0.1)
     assert pvio(state, "block-detach", "guest1", "xvdb").returncode != 0
     raw = img.read_bytes()
     assert len(raw) == 16 * MiB and raw[MiB + 4096 : MiB + 4096 + len(data)] == data

@@ -153,6 +153,7 @@ def status(disks: list[GuestDisk]) -> dict[str, object]:
                 "nbd_uri": d.nbd_uri,
                 "nbd_tcp_uri": d.nbd_tcp_uri,
                 "sectors": d.front.disk.sectors if d.front.disk else 0,
+                "mode": "ro" if d.front.disk and d.front.disk.read_only else "rw",
                 "statistics": dataclasses.asdict(d.front.stats),
             }
             for d in disks

@@ -14,7 +14,7 @@ from pvio.domains.spec import pid_alive, read_status
 from pvio.nbd.cli import tcp_tls_context
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load, xen_vifs
 from pvio.toolstack.paths import StatePaths, default_state_dir
-from pvio.toolstack.status import load_up_status
+from pvio.toolstack.status import load_up_status, merge_guest_disks
 from pvio.toolstack.up import Toolstack, run_up
 
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
@@ -133,6 +133,7 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
     for d in status["domains"]:
         if d.get("state") == "running" and not pid_alive(d.get("pid")):
             d["state"] = "dead"
+        merge_guest_disks(paths, d)  # a Xen guest's disks attached or detached since
         if d.get("role") == "lguest-guest":  # what was unplugged since, as its Launcher says
             launcher = read_status(paths.status(f"{d['name']}-launcher")) or {}
             gone = set(launcher.get("stats", {}).get("removed", []))
@@ -151,7 +152,8 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
         devices = []
         for dev in d["devices"]:
             if dev["type"] == "vbd":
-                devices.append(f"{dev['vdev']} {dev['mode']} {dev['nbd']}")
+                devices.append(f"{dev['vdev']} {dev['mode']} {dev['nbd']}"
+                               + (" (attached at run time)" if dev.get("attached") else ""))
                 if dev.get("nbd_tcp"):
                     devices.append(f"     {dev['nbd_tcp']}")
             elif dev["type"] == "lguest-block":

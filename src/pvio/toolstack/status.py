@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pvio.domains.lguest_settings import EXPORT_NAME
-from pvio.domains.spec import write_status
+from pvio.domains.spec import read_status, write_status
 from pvio.domains.tap import lan_interface, netns_name
 from pvio.nbd.address import nbd_uri_for_socket, tcp_uri
 from pvio.toolstack.children import Child
@@ -121,6 +121,27 @@ def load_up_status(paths: StatePaths) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def merge_guest_disks(paths: StatePaths, domain: dict[str, Any]) -> None:
+    """A Xen guest's vbds as its own status file has them now: the disks attached at run
+    time (`pvio block-attach`) added, marked ``"attached": "run time"``, and those
+    detached (`pvio block-detach`) dropped.  Without a guest status listing disks (not
+    started yet, or dead) the entry stays what `pvio up` started."""
+    if domain.get("role") != "guest":
+        return
+    disks = (read_status(paths.status(domain["name"])) or {}).get("disks")
+    if not isinstance(disks, list):
+        return
+    serving = {int(d["devid"]): d for d in disks if isinstance(d, dict) and "devid" in d}
+    devices = [dev for dev in domain["devices"] if dev.get("type") != "vbd" or dev.get("devid") in serving]
+    known = {dev.get("devid") for dev in devices if dev.get("type") == "vbd"}
+    for devid, d in sorted(serving.items()):
+        if devid not in known:
+            devices.append({"type": "vbd", "vdev": d.get("vdev", "?"), "devid": devid, "mode": d.get("mode", "?"),
+                            "nbd": d.get("nbd_uri", ""), "nbd_tcp": d.get("nbd_tcp_uri", ""),
+                            "attached": "run time"})
+    domain["devices"] = devices
 
 
 def stale_processes(status: dict[str, Any]) -> list[int]:
