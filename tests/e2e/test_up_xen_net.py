@@ -197,6 +197,8 @@ def test_a_vif_with_two_queues(tmp_path: Path) -> None:
             server.wait()
         up.wait_for(lambda: up.domain_status("driver")["statistics"][be].get("queues") == "2",
                     timeout=10, what="netback's two queues")
+        # GSO crossed on the queues too: adding a TAP queue kept the device's offloads
+        assert int(up.domain_status("driver")["statistics"][be]["tx_gso"]) > 0
         up.wait_for(lambda: sum(v["statistics"]["tx_frames"] for v in up.domain_status("xmq1")["vifs"]) > 1000,
                     timeout=10, what="the guest's counters after iperf3")
         guest = next(v for v in up.domain_status("xmq1")["vifs"] if v["devid"] == 0)

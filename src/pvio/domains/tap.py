@@ -154,15 +154,16 @@ def stale_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
         return []
 
 
-def _open_tap(ifname: str, nocsum: bool, multi_queue: bool = False) -> int:
+def _open_tap(ifname: str, nocsum: bool, multi_queue: bool = False, first: bool = True) -> int:
     """/dev/net/tun as TAP `ifname` in the calling thread's namespace (with
-    `multi_queue`, a TAP that exists already gets one more queue: this fd)."""
+    `multi_queue`, a TAP that exists already gets one more queue: this fd, not `first`,
+    which leaves the device's offloads as they are: TUNSETOFFLOAD is the device's)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
         ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=flags)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
-        if nocsum:
+        if nocsum and first:
             fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
     except BaseException:
         os.close(fd)
@@ -170,7 +171,8 @@ def _open_tap(ifname: str, nocsum: bool, multi_queue: bool = False) -> int:
     return fd
 
 
-def _open_tap_in(netns: str, ifname: str, nocsum: bool = False, multi_queue: bool = False) -> int:
+def _open_tap_in(netns: str, ifname: str, nocsum: bool = False, multi_queue: bool = False,
+                 first: bool = True) -> int:
     """Open a TAP named `ifname` from inside `netns`, in a thread of its own."""
     result: list[int] = []
     failure: list[BaseException] = []
@@ -182,7 +184,7 @@ def _open_tap_in(netns: str, ifname: str, nocsum: bool = False, multi_queue: boo
                 setns(ns_fd, CLONE_NEWNET)  # this thread only; it ends right after
             finally:
                 os.close(ns_fd)
-            result.append(_open_tap(ifname, nocsum, multi_queue))
+            result.append(_open_tap(ifname, nocsum, multi_queue, first))
         except BaseException as exc:
             failure.append(exc)
 
@@ -320,9 +322,9 @@ def open_queue(tap: TapInterface) -> TapInterface:
         raise TapError(f"{tap.ifname} was not opened with IFF_MULTI_QUEUE")
     try:
         if tap.netns:
-            fd = _open_tap_in(tap.netns, tap.ifname, tap.nocsum, True)
+            fd = _open_tap_in(tap.netns, tap.ifname, tap.nocsum, True, first=False)
         else:
-            fd = _open_tap(tap.ifname, tap.nocsum, True)
+            fd = _open_tap(tap.ifname, tap.nocsum, True, first=False)
     except OSError as exc:
         raise TapError(f"adding a queue to TAP {tap.ifname}: {exc}") from exc
     os.set_blocking(fd, False)
