@@ -34,6 +34,8 @@ Which queue a frame takes:
   picks with skb_get_hash() % num_queues.  One flow stays on one queue, so its frames
   are never reordered.
 
+A vif's `rate` limits each queue, as Linux's netback gives every queue the vif's credit.
+
 What queues buy in pvio: all the rings of a domain process are served by that process's
 one asyncio loop, so more queues do not add CPUs the way Linux's per-queue kthreads and
 interrupts do; they add ring slots and receive buffers in flight.  `pvio bench net
