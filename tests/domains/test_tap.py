@@ -22,6 +22,7 @@ import pytest
 
 from cprobe import build, run
 from pvio.abi.linux_if import (
+    IFF_MULTI_QUEUE,
     IFF_NO_PI,
     IFF_TAP,
     IFF_VNET_HDR,
@@ -78,15 +79,16 @@ def test_tun_constants_and_ifreq_match_the_headers(tmp_path: Path) -> None:
 int main(void) {
     printf("%lu %d %d %zu %zu\\n", (unsigned long)TUNSETIFF, IFF_TAP, IFF_NO_PI,
            sizeof(struct ifreq), offsetof(struct ifreq, ifr_flags));
-    printf("%d %lu %d %d\\n", IFF_VNET_HDR, (unsigned long)TUNSETOFFLOAD, TUN_F_CSUM,
-           VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    printf("%d %lu %d %d %d\\n", IFF_VNET_HDR, (unsigned long)TUNSETOFFLOAD, TUN_F_CSUM,
+           VIRTIO_NET_HDR_F_NEEDS_CSUM, IFF_MULTI_QUEUE);
     return 0;
 }
 """
     out = run(build(src, tmp_path, "tunprobe")).split()
     assert [int(x) for x in out] == [TUNSETIFF, IFF_TAP, IFF_NO_PI, IFREQ_FLAGS.size,
                                      IFREQ_FLAGS.offset("ifr_flags"),
-                                     IFF_VNET_HDR, TUNSETOFFLOAD, TUN_F_CSUM, VIRTIO_NET_HDR_F_NEEDS_CSUM]
+                                     IFF_VNET_HDR, TUNSETOFFLOAD, TUN_F_CSUM, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                     IFF_MULTI_QUEUE]
 
 
 def test_create_and_remove_a_tap(names: list[str]) -> None:

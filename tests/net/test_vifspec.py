@@ -16,10 +16,12 @@ def test_parse_xl_vif() -> None:
     assert vifspec.parse("bridge=b").mac.startswith("00:16:3e:")
     assert vifspec.parse("ip=10.0.0.5").ip == "10.0.0.5/24"
     assert vifspec.parse("").bridge == "xenbr0"
+    assert vifspec.parse("").queues == 1 and vifspec.parse("queues=4").queues == 4
 
 
 @pytest.mark.parametrize("bad", ["mac=01:00:5e:00:00:01", "mac=zz", "bogus=1", "bridge=a b", "ip=10.0.0.300",
-                                 "mtu=10", "mac=00:16:3e:00:00:01,mac=00:16:3e:00:00:02", "bridge"])
+                                 "mtu=10", "mac=00:16:3e:00:00:01,mac=00:16:3e:00:00:02", "bridge",
+                                 "queues=0", "queues=17", "queues=two"])
 def test_refused(bad: str) -> None:
     with pytest.raises(vifspec.VifSpecError):
         vifspec.parse(bad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from net.pair import wait_for
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
 from pvio.net.backend import NetbackQueue
+from pvio.net.multiqueue import select_queue
 from pvio.net.slots import TxFrame
 from pvio.net.xenbus_backend import NetbackService, VifConfig
 from pvio.net.xenbus_frontend import GuestVif, attach_vif, detach_vif
@@ -33,21 +34,25 @@ FE1 = "/local/domain/1/device/vif/0"
 
 @dataclass
 class ListHost:
-    """A vif's host end that is a list, and a switch: frames go to the other vifs' queues."""
+    """A vif's host end that is a list, and a switch: frames go to the other vifs, on the
+    queue of their flow (`select_queue`: no kernel picks one here)."""
 
     config: VifConfig
     hosts: dict[str, ListHost]
     got: list[bytes] = field(default_factory=list)
-    queue: NetbackQueue | None = None
+    #: the queue each frame in `got` came on
+    got_queue: list[int] = field(default_factory=list)
+    queues: list[NetbackQueue] = field(default_factory=list)
 
-    def deliver(self, data: bytes, frame: TxFrame) -> None:
+    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None:
         self.got.append(data)
+        self.got_queue.append(queue)
         for other in self.hosts.values():
-            if other is not self and other.queue is not None:
-                other.queue.transmit(data)
+            if other is not self and other.queues:
+                other.queues[select_queue(data, len(other.queues))].transmit(data)
 
-    def attach(self, queue: NetbackQueue | None) -> None:
-        self.queue = queue
+    def attach(self, queues: Sequence[NetbackQueue]) -> None:
+        self.queues = list(queues)
 
     async def close(self) -> None:
         self.hosts.pop(self.config.ifname, None)
@@ -123,9 +128,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await daemon.close()
 
 
-async def attach(w: World, domid: int, got: list[bytes]) -> GuestVif:
+async def attach(w: World, domid: int, got: list[bytes], queues: int = 1) -> GuestVif:
     dom, xs = w.guests[domid]
-    return await attach_vif(dom, xs, 0, lambda d, m: got.append(d))
+    return await attach_vif(dom, xs, 0, lambda d, m: got.append(d), queues=queues)
 
 
 @asynctest
@@ -138,9 +143,10 @@ async def test_handshake_frames_between_guests_and_close(tmp_path: Path) -> None
         assert await w.read(f"{BE1}/state") == "4" and await w.read(f"{FE1}/state") == "4"
         for key, value in [("feature-sg", "1"), ("feature-gso-tcpv4", "1"), ("feature-rx-copy", "1"),
                            ("feature-rx-flip", "0"), ("feature-split-event-channels", "1"),
-                           ("multi-queue-max-queues", "1"), ("hotplug-status", "connected")]:
+                           ("multi-queue-max-queues", "4"), ("hotplug-status", "connected")]:
             assert await w.read(f"{BE1}/{key}") == value, key
         assert await w.read(f"{FE1}/request-rx-copy") == "1"
+        assert await w.read(f"{FE1}/multi-queue-num-queues") is None  # one queue: the top-level keys
         assert await w.read(f"{FE1}/event-channel-rx") is not None  # split, as offered
         assert v1.front.rx_port != v1.front.port
         assert v1.mac == bytes.fromhex("00163e000001") and v1.mtu == 1500
@@ -165,7 +171,7 @@ async def test_handshake_frames_between_guests_and_close(tmp_path: Path) -> None
 async def test_a_frontend_asking_for_more_queues_is_refused(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
         _dom, xs = w.guests[1]
-        await xs.write(f"{FE1}/multi-queue-num-queues", "4")  # one was offered: netback refuses
+        await xs.write(f"{FE1}/multi-queue-num-queues", "5")  # four were offered: netback refuses
         got: list[bytes] = []
         task = asyncio.create_task(attach(w, 1, got))
         for _ in range(500):

@@ -41,6 +41,9 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 #: #define IFF_VNET_HDR 0x4000   (a struct virtio_net_hdr before each frame)
 IFF_VNET_HDR = 0x4000
+#: #define IFF_MULTI_QUEUE 0x0100   (each TUNSETIFF of the same name adds a queue: one fd
+#: each, and the kernel spreads the flows it sends over them)
+IFF_MULTI_QUEUE = 0x0100
 #: #define TUNSETOFFLOAD _IOW('T', 208, unsigned int)
 TUNSETOFFLOAD = 0x400454D0
 #: #define TUN_F_CSUM 0x01   (the reader takes packets whose checksum is left to it)

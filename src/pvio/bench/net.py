@@ -13,7 +13,10 @@ pair between two namespaces:
   and notifications per frame, which say what GSO and the event-index protocol achieve.
 
 The ratio is pvio / veth (for ping: veth rtt / pvio rtt, so higher is better in every
-row).  What bounds TCP: each 62 KB GSO frame still costs a TAP read, fifteen page-sized
+row).  ``--queues 1,2`` runs the whole set once per queue count (each vif asks for that
+many queues, ``queues=N`` in its spec, its own `pvio up`, the veth pair measured again
+beside it), and ``--streams P`` runs P parallel TCP streams (iperf3 -P): one stream is
+one flow, and one flow always takes one queue.  What bounds TCP: each 62 KB GSO frame still costs a TAP read, fifteen page-sized
 slots written and copied by GNTTABOP_copy (a hypervisor round trip per batch), a TAP
 write, on each side of the bridge, in Python, on two cores that also run both TCP stacks
 and iperf3; the veth pair hands the same segment over by pointer.
@@ -57,15 +60,16 @@ def _in(ns: str) -> list[str]:
     return ["ip", "netns", "exec", ns] if ns else []
 
 
-def _iperf(client_ns: str, server_ns: str, address: str, seconds: float, port: int = 5311) -> float:
-    """Bits per second, client -> server (iperf3 as real processes)."""
+def _iperf(client_ns: str, server_ns: str, address: str, seconds: float, port: int = 5311,
+           streams: int = 1) -> float:
+    """Bits per second, client -> server (iperf3 as real processes, `streams` in parallel)."""
     server = subprocess.Popen([*_in(server_ns), "iperf3", "-s", "-1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = ""
     try:
         for _ in range(20):
             r = subprocess.run([*_in(client_ns), "iperf3", "-c", address, "-p", str(port), "-t", str(seconds),
-                                "-J"], capture_output=True, text=True, timeout=seconds + 30)
+                                "-P", str(streams), "-J"], capture_output=True, text=True, timeout=seconds + 30)
             bps, why = iperf_received(r.stdout)
             if r.returncode == 0 and bps is not None:
                 return bps
@@ -83,12 +87,12 @@ def _ping(ns: str, address: str, count: int = 20) -> float:
     return ping_average_us(out)
 
 
-def _config(tag: str) -> tuple[str, list[str], str]:
+def _config(tag: str, queues: int = 1) -> tuple[str, list[str], str]:
     bridge = f"pvbn{tag}"
     names = [f"bn1-{tag}", f"bn2-{tag}"]
     text = "".join(
         f'[[domain]]\nname = "{n}"\nvifs = ["mac=00:16:3e:77:00:0{i + 1}, bridge={bridge}, '
-        f'ip={NET}.{i + 1}/24"]\n\n'
+        f'ip={NET}.{i + 1}/24, queues={queues}"]\n\n'
         for i, n in enumerate(names)) + f'[bridge.{bridge}]\nhost = "{NET}.254/24"\n'
     return text, names, bridge
 
@@ -103,16 +107,17 @@ def _netback_counters(up: UpProcess) -> dict[str, int]:
     return total
 
 
-def _measure(seconds: float, runs: int) -> list[Row]:
+def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> list[Row]:
     tag = secrets.token_hex(2)
     samples: dict[str, dict[str, list[float]]] = {}
+    suffix = "" if queues == 1 and streams == 1 else f" q={queues} P={streams}"
 
     def add(name: str, pvio: float, base: float) -> None:
-        per = samples.setdefault(name, {"pvio": [], "base": []})
+        per = samples.setdefault(name + suffix, {"pvio": [], "base": []})
         per["pvio"].append(pvio)
         per["base"].append(base)
 
-    text, names, _bridge = _config(tag)
+    text, names, _bridge = _config(tag, queues)
     per_frame: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pvio-bench-net-") as tmp:
         cfg = Path(tmp) / "net.toml"
@@ -123,11 +128,13 @@ def _measure(seconds: float, runs: int) -> list[Row]:
             _ping(g1, f"{NET}.2", 3)  # ARP settled before measuring
             for _ in range(runs):
                 with VethPair((f"nv1-{tag}", f"nv2-{tag}"), "nv0", NET) as ns:
-                    veth_tcp = _iperf(ns[0], ns[1], f"{NET}.2", seconds)
+                    veth_tcp = _iperf(ns[0], ns[1], f"{NET}.2", seconds, streams=streams)
                     veth_rtt = _ping(ns[0], f"{NET}.2")
                 before = _netback_counters(up)
-                add("TCP guest->guest (iperf3)", _iperf(g1, g2, f"{NET}.2", seconds) / 1e6, veth_tcp / 1e6)
-                add("TCP guest->host (iperf3)", _iperf(g1, "", f"{NET}.254", seconds) / 1e6, veth_tcp / 1e6)
+                add("TCP guest->guest (iperf3)", _iperf(g1, g2, f"{NET}.2", seconds, streams=streams) / 1e6,
+                    veth_tcp / 1e6)
+                add("TCP guest->host (iperf3)", _iperf(g1, "", f"{NET}.254", seconds, streams=streams) / 1e6,
+                    veth_tcp / 1e6)
                 pvio_rtt = _ping(g1, f"{NET}.2")
                 add("ping guest->guest", pvio_rtt, veth_rtt)
                 time.sleep(1.2)  # the driver's counters, once a second
@@ -148,27 +155,35 @@ def _measure(seconds: float, runs: int) -> list[Row]:
         else:
             rows.append(Row(name, "Mbit/s", p, b, p / b))
     for name, value in per_frame.items():
-        rows.append(Row(f"netback: {name}", "count", value, float("nan"), float("nan")))
+        rows.append(Row(f"netback: {name}{suffix}", "count", value, float("nan"), float("nan")))
     return rows
 
 
 def _table(rows: list[Row]) -> str:
-    lines = [f"{'scenario':34} {'unit':7} {'pvio':>10} {'veth':>10} {'ratio':>7}"]
+    lines = [f"{'scenario':46} {'unit':7} {'pvio':>10} {'veth':>10} {'ratio':>7}"]
     for r in rows:
-        lines.append(f"{r.scenario:34} {r.unit:7} {r.pvio:10.2f} {r.baseline:10.1f} {r.ratio:7.3f}")
+        lines.append(f"{r.scenario:46} {r.unit:7} {r.pvio:10.2f} {r.baseline:10.1f} {r.ratio:7.3f}")
     return "\n".join(lines)
 
 
 @click.command()
 @click.option("--seconds", default=3.0, show_default=True, help="Length of each measurement.")
 @click.option("--runs", default=3, show_default=True, help="Runs per scenario (median shown).")
+@click.option("--queues", default="1", show_default=True,
+              help="Queues per vif (queues=N); a comma-separated list runs the set once for each.")
+@click.option("--streams", default=1, show_default=True, type=click.IntRange(1, 128),
+              help="Parallel TCP streams (iperf3 -P), the flows the queues can share out.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows as JSON here.")
-def net(seconds: float, runs: int, json_path: str | None) -> None:
+def net(seconds: float, runs: int, queues: str, streams: int, json_path: str | None) -> None:
     """TCP and ping between Xen guests' vifs on a bridge vs a veth pair, in one run."""
     if os.geteuid() != 0:
         raise click.ClickException("the network benchmark needs root (namespaces, TAP, bridge)")
-    rows = _measure(seconds, runs)
+    try:
+        counts = [int(q) for q in queues.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{queues!r}: expected numbers such as 1,2,4", param_hint="--queues") from None
+    rows = [r for q in counts for r in _measure(seconds, runs, q, streams)]
     click.echo(_table(rows))
     click.echo("baseline: a veth pair between two namespaces, same run. "
                "ratio = pvio / veth (for ping: veth rtt / pvio rtt).")

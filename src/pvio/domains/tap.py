@@ -13,7 +13,9 @@ written back into the TAP.
 (Python 3.11 has no os.setns, so through libc by ctypes) and issues TUNSETIFF with
 IFF_TAP | IFF_NO_PI, so the interface is born in the namespace and the process's other
 threads never change namespace.  The address, netmask, MAC and link state are set with
-``ip -n``.  The fd is non-blocking, for asyncio (`TapLink`).
+``ip -n``.  The fd is non-blocking, for asyncio (`TapLink`).  A TAP opened with
+IFF_MULTI_QUEUE (a Xen vif of several queues) gets more queues with `open_queue`: one
+more fd each, over which the kernel spreads the flows it sends.
 
 Cleanup is by name and idempotent: the interface is not persistent, so it vanishes when
 its fd is closed (also when the process dies); the namespace is a bind mount that
@@ -29,6 +31,7 @@ pyroute2 package (iproute2 is already a dependency of the tests and simpler to r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import os
@@ -41,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pvio.abi.linux_if import (
+    IFF_MULTI_QUEUE,
     IFF_NO_PI,
     IFF_TAP,
     IFF_VNET_HDR,
@@ -150,14 +154,16 @@ def stale_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
         return []
 
 
-def _open_tap(ifname: str, nocsum: bool) -> int:
-    """/dev/net/tun as TAP `ifname` in the calling thread's namespace."""
+def _open_tap(ifname: str, nocsum: bool, multi_queue: bool = False, first: bool = True) -> int:
+    """/dev/net/tun as TAP `ifname` in the calling thread's namespace (with
+    `multi_queue`, a TAP that exists already gets one more queue: this fd, not `first`,
+    which leaves the device's offloads as they are: TUNSETOFFLOAD is the device's)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if nocsum else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
         ifr = IFREQ_FLAGS.pack(ifr_name=ifname.encode(), ifr_flags=flags)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
-        if nocsum:
+        if nocsum and first:
             fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
     except BaseException:
         os.close(fd)
@@ -165,7 +171,8 @@ def _open_tap(ifname: str, nocsum: bool) -> int:
     return fd
 
 
-def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
+def _open_tap_in(netns: str, ifname: str, nocsum: bool = False, multi_queue: bool = False,
+                 first: bool = True) -> int:
     """Open a TAP named `ifname` from inside `netns`, in a thread of its own."""
     result: list[int] = []
     failure: list[BaseException] = []
@@ -177,7 +184,7 @@ def _open_tap_in(netns: str, ifname: str, nocsum: bool = False) -> int:
                 setns(ns_fd, CLONE_NEWNET)  # this thread only; it ends right after
             finally:
                 os.close(ns_fd)
-            result.append(_open_tap(ifname, nocsum))
+            result.append(_open_tap(ifname, nocsum, multi_queue, first))
         except BaseException as exc:
             failure.append(exc)
 
@@ -199,6 +206,7 @@ class TapInterface:
     mac: bytes
     address: str
     nocsum: bool = False  # frames carry a virtio_net_hdr; checksums are left undone
+    multi_queue: bool = False  # IFF_MULTI_QUEUE: `open_queue` adds queues (fds)
 
     def read_frame(self) -> Frame | None:
         """One frame, or None when none is waiting."""
@@ -249,7 +257,7 @@ class TapInterface:
 # would outlive a crash, is removed by name, idempotently.
 # :T
 def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
-               mtu: int = 1500, nocsum: bool = False) -> TapInterface:
+               mtu: int = 1500, nocsum: bool = False, multi_queue: bool = False) -> TapInterface:
     """Namespace ``pvio-<name>`` holding TAP `ifname` with `address` (CIDR) and `mac`."""
     netns = netns_name(name)
     _check_link(ifname, mac)
@@ -257,7 +265,7 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
     _ip("netns", "add", netns)
     fd = -1
     try:
-        fd = _open_tap_in(netns, ifname, nocsum)
+        fd = _open_tap_in(netns, ifname, nocsum, multi_queue)
         _configure(["-n", netns], ifname, mac, mtu, address)
         _ip("-n", netns, "link", "set", "dev", "lo", "up")
         os.set_blocking(fd, False)
@@ -266,27 +274,27 @@ def create_tap(name: str, *, address: str, mac: bytes, ifname: str = "eth0",
             os.close(fd)
         remove_namespace(netns)
         raise
-    return TapInterface(netns, ifname, fd, mac, address, nocsum)
+    return TapInterface(netns, ifname, fd, mac, address, nocsum, multi_queue)
 
 
 def add_tap(netns: str, *, ifname: str, address: str, mac: bytes, mtu: int = 1500,
-            nocsum: bool = False) -> TapInterface:
+            nocsum: bool = False, multi_queue: bool = False) -> TapInterface:
     """One more TAP `ifname` in existing namespace `netns` (a guest's second interface).
     Close it with `close_device`: `close` would remove the namespace, which the guest's
     first TAP owns."""
     _check_link(ifname, mac)
-    fd = _open_tap_in(netns, ifname, nocsum)
+    fd = _open_tap_in(netns, ifname, nocsum, multi_queue)
     try:
         _configure(["-n", netns], ifname, mac, mtu, address)
         os.set_blocking(fd, False)
     except BaseException:
         os.close(fd)
         raise
-    return TapInterface(netns, ifname, fd, mac, address, nocsum)
+    return TapInterface(netns, ifname, fd, mac, address, nocsum, multi_queue)
 
 
 def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
-                    nocsum: bool = False) -> TapInterface:
+                    nocsum: bool = False, multi_queue: bool = False) -> TapInterface:
     """TAP `ifname` in the host's own namespace, with `address` (CIDR) and `mac`: the
     host's end of a LAN (lguest's ``--tunnet``).  It vanishes when closed; `netns` is ""
     and `close()` removes no namespace."""
@@ -294,7 +302,7 @@ def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
     if os.path.exists(f"/sys/class/net/{ifname}"):
         raise TapError(f"interface {ifname} exists already (another pvio up on this LAN?)")
     try:
-        fd = _open_tap(ifname, nocsum)
+        fd = _open_tap(ifname, nocsum, multi_queue)
     except OSError as exc:
         raise TapError(f"opening TAP {ifname}: {exc}") from exc
     try:
@@ -303,7 +311,24 @@ def create_host_tap(ifname: str, *, address: str, mac: bytes, mtu: int = 1500,
     except BaseException:
         os.close(fd)
         raise
-    return TapInterface("", ifname, fd, mac, address, nocsum)
+    return TapInterface("", ifname, fd, mac, address, nocsum, multi_queue)
+
+
+def open_queue(tap: TapInterface) -> TapInterface:
+    """One more queue of multi-queue TAP `tap`: the same interface through a new fd,
+    which gets the flows the kernel steers to it.  Close it with `close_device` (the
+    interface goes only when its last queue does)."""
+    if not tap.multi_queue:
+        raise TapError(f"{tap.ifname} was not opened with IFF_MULTI_QUEUE")
+    try:
+        if tap.netns:
+            fd = _open_tap_in(tap.netns, tap.ifname, tap.nocsum, True, first=False)
+        else:
+            fd = _open_tap(tap.ifname, tap.nocsum, True, first=False)
+    except OSError as exc:
+        raise TapError(f"adding a queue to TAP {tap.ifname}: {exc}") from exc
+    os.set_blocking(fd, False)
+    return dataclasses.replace(tap, fd=fd)
 
 
 def _check_link(ifname: str, mac: bytes) -> None:

@@ -119,7 +119,8 @@ async def main(spec: DomainSpec) -> None:
             disks.append(disk)
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
-        nets = await attach_guest_vifs(dom, xs, spec.name)  # device/vif/*: pvio.domains.xen_net
+        vif_queues = {devid: int(v.get("queues", 1)) for devid, v in enumerate(spec.extra.get("vifs", []))}
+        nets = await attach_guest_vifs(dom, xs, spec.name, vif_queues)  # device/vif/*: pvio.domains.xen_net
         # vbds the toolstack adds later (pvio block-attach) are attached and exported too
         from pvio.domains.xen_hotplug import VbdWatcher
 

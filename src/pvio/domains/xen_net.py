@@ -26,6 +26,13 @@ both ends take GSO) TCP segments of up to GSO_MAX_SIZE bytes.  A segment travels
 netif frame with its GSO extra-info -- one request per 64 KiB, not per 1514 bytes --
 and `pvio.net.offload` turns netif's flags into the virtio_net_hdr and back.
 
+Multi-queue (`pvio.net.multiqueue`): the driver domain's TAP is always opened with
+IFF_MULTI_QUEUE and gets one fd per netback queue when the frontend connects
+(`open_queue`); the guest's TAP is multi-queue when its vif got several queues (the
+vif spec's ``queues=N``, pvio's own key).  On both sides the kernel's tun driver spreads
+the flows it sends over the fds, and the frames read from fd i take queue i's ring;
+frames a ring carries are written through its own fd.
+
 What this does not do yet: run Xen's own vif-bridge script.
 """
 
@@ -38,6 +45,7 @@ import fcntl
 import logging
 import os
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 
 from pvio.abi import linux_if as lif
 from pvio.abi import netif as n
@@ -49,6 +57,7 @@ from pvio.domains.tap import (
     add_tap,
     create_host_tap,
     create_tap,
+    open_queue,
 )
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
@@ -87,7 +96,7 @@ class VnetTap(TapInterface):
 
 
 def vnet_tap(tap: TapInterface) -> VnetTap:
-    return VnetTap(tap.netns, tap.ifname, tap.fd, tap.mac, tap.address, tap.nocsum)
+    return VnetTap(tap.netns, tap.ifname, tap.fd, tap.mac, tap.address, tap.nocsum, tap.multi_queue)
 
 
 def set_offload(tap: TapInterface, *, tso4: bool, tso6: bool) -> None:
@@ -119,17 +128,30 @@ def ensure_bridge(name: str) -> bool:
 
 
 class TapVifHost:
-    """A vif's end in the driver domain: TAP vif<domid>.<devid> on the vif's bridge."""
+    """A vif's end in the driver domain: TAP vif<domid>.<devid> on the vif's bridge, one
+    TAP queue (fd) per netback queue."""
 
     def __init__(self, config: VifConfig, tap: TapInterface) -> None:
         self.config = config
-        self.tap = tap
-        self.queue: NetbackQueue | None = None
+        self.tap = tap  # the first queue's fd: the interface lives as long as it does
+        self.queues: list[NetbackQueue] = []
         self.dropped = 0
-        self.link = TapLink(tap, self._from_tap)
+        #: one per TAP queue, the first on `tap`; frames read from links[i] go to queues[i]
+        self.links = [TapLink(tap, self._reader(0))]
 
-    def _from_tap(self, raw: Frame) -> None:
-        queue = self.queue
+    @property
+    def link(self) -> TapLink:
+        return self.links[0]
+
+    def _reader(self, index: int) -> Callable[[Frame], None]:
+        def from_tap(raw: Frame) -> None:
+            self._from_tap(raw, index)
+
+        return from_tap
+
+    def _from_tap(self, raw: Frame, index: int) -> None:
+        queues = self.queues
+        queue = queues[index] if index < len(queues) else None
         try:
             gso, csum_blank = parse_vnet_header(raw)
         except ValueError:
@@ -137,21 +159,40 @@ class TapVifHost:
         if queue is None or not queue.transmit(bytes(raw[VNET_HDR_SIZE:]), gso, csum_blank):
             self.dropped += 1
 
-    def deliver(self, data: bytes, frame: TxFrame) -> None:
+    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None:
         hdr = vnet_header(data, frame.gso, frame.csum_blank, bool(frame.flags & n.NETTXF_data_validated))
         if hdr is None:  # a blank checksum nobody can finish (xen-netback drops it too)
             self.dropped += 1
             return
-        self.link.send(hdr + data)
+        # Written through the fd of the queue that carried it: tun's flow steering then
+        # sends the flow's replies out of that fd, into the same queue's receive ring.
+        links = self.links
+        (links[queue] if queue < len(links) else links[0]).send(hdr + data)
 
-    def attach(self, queue: NetbackQueue | None) -> None:
-        self.queue = queue
-        if queue is not None:
-            f = queue.features
+    def attach(self, queues: Sequence[NetbackQueue]) -> None:
+        self.queues = list(queues)
+        self._tap_queues(max(1, len(queues)))
+        if queues:
+            f = queues[0].features
             set_offload(self.tap, tso4=f.sg and f.gso_tcpv4, tso6=f.sg and f.gso_tcpv6)
 
+    def _tap_queues(self, count: int) -> None:
+        """As many TAP queues as netback queues: more fds opened, or the extra closed (a
+        queue nobody reads would swallow the flows the kernel steers to it)."""
+        while len(self.links) > count:
+            link = self.links.pop()
+            link.stop()
+            link.tap.close_device()
+        while len(self.links) < count:
+            link = TapLink(open_queue(self.tap), self._reader(len(self.links)))
+            link.start(asyncio.get_running_loop())
+            self.links.append(link)
+
     async def close(self) -> None:
-        self.link.stop()
+        for link in self.links[1:]:
+            link.stop()
+            link.tap.close_device()
+        self.links[0].stop()
         self.tap.close()
 
 
@@ -161,7 +202,7 @@ async def open_vif_host(config: VifConfig) -> TapVifHost:
         bridge = config.bridge or "xenbr0"
         ensure_bridge(bridge)
         tap = vnet_tap(create_host_tap(config.ifname, address="", mac=BACKEND_MAC, mtu=config.mtu,
-                                       nocsum=True))
+                                       nocsum=True, multi_queue=True))
         try:
             _ip("link", "set", "dev", config.ifname, "master", bridge)
         except BaseException:
@@ -191,6 +232,12 @@ class GuestNet:
     address: str
     dropped: int = 0
     owns_netns: bool = True  # the guest's first TAP made pvio-<name>; the others are added
+    #: with multi-queue, the links of the TAP's other queues (queue i is more[i - 1])
+    more: list[TapLink] = dataclasses.field(default_factory=list)
+
+    @property
+    def links(self) -> list[TapLink]:
+        return [self.link, *self.more]
 
     def status(self) -> dict[str, object]:
         return {
@@ -200,14 +247,27 @@ class GuestNet:
             "address": self.address,
             "netns": self.tap.netns,
             "ifname": self.tap.ifname,
+            "queues": len(self.vif.fronts),
+            "queue_frames": [[f.stats.tx_frames, f.stats.rx_frames] for f in self.vif.fronts],
             "dropped": self.dropped,
-            "statistics": dataclasses.asdict(self.vif.front.stats),
+            "statistics": _total_front_stats(self.vif),
         }
 
 
-async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str) -> list[GuestNet]:
+def _total_front_stats(vif: GuestVif) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for front in vif.fronts:
+        for k, v in dataclasses.asdict(front.stats).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
+                            queues: Mapping[int, int] | None = None) -> list[GuestNet]:
     """netfront for every device/vif of this guest, each ending in a TAP eth<devid> in
-    pvio-<name> (the first makes the namespace, the others are added to it)."""
+    pvio-<name> (the first makes the namespace, the others are added to it).  `queues`
+    says how many queues a vif asks for, by devid (default 1); a vif that got several
+    has a multi-queue TAP, one fd per queue."""
     try:
         devids = sorted(int(d) for d in await xs.directory(f"/local/domain/{dom.domid}/device/vif"))
     except Exception:
@@ -219,47 +279,63 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str) -> list[Gue
         def to_tap(data: bytes, meta: RxMeta, holder: list[GuestNet] = holder) -> None:
             if not holder:
                 return
+            net = holder[0]
             hdr = vnet_header(data, meta.gso, meta.csum_blank, bool(meta.flags & n.NETRXF_data_validated))
             if hdr is None:
-                holder[0].dropped += 1
-            else:
-                holder[0].link.send(hdr + data)
+                net.dropped += 1
+            else:  # into the TAP queue of the ring it came on
+                (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send(hdr + data)
 
-        vif = await attach_vif(dom, xs, devid, to_tap)
+        vif = await attach_vif(dom, xs, devid, to_tap, queues=(queues or {}).get(devid, 1))
         backend = (await xs.read(f"/local/domain/{dom.domid}/device/vif/{devid}/backend")).decode()
         address = (await xs.read_or(f"{backend}/ip", b"") or b"").decode()
+        mq = len(vif.fronts) > 1
         if out:
             tap = vnet_tap(await asyncio.to_thread(add_tap, out[0].tap.netns, address=address, mac=vif.mac,
-                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True))
+                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True,
+                                                   multi_queue=mq))
         else:
             tap = vnet_tap(await asyncio.to_thread(create_tap, name, address=address, mac=vif.mac,
-                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True))
+                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True,
+                                                   multi_queue=mq))
         features: BackendFeatures = vif.front.features
         await asyncio.to_thread(set_offload, tap, tso4=features.sg and features.gso_tcpv4,
                                 tso6=features.sg and features.gso_tcpv6)
         net = GuestNet(vif, tap, TapLink(tap, lambda f: None), address, owns_netns=not out)
+        for _ in vif.fronts[1:]:
+            net.more.append(TapLink(await asyncio.to_thread(open_queue, tap), lambda f: None))
 
-        def from_tap(raw: Frame, net: GuestNet = net) -> None:
-            try:
-                gso, csum_blank = parse_vnet_header(raw)
-                if not net.vif.front.send(raw[VNET_HDR_SIZE:], gso, csum_blank):
+        def reader(index: int, net: GuestNet = net) -> Callable[[Frame], None]:
+            def from_tap(raw: Frame) -> None:
+                try:
+                    gso, csum_blank = parse_vnet_header(raw)
+                    fronts = net.vif.fronts  # the kernel picked the queue: its fd's ring
+                    front = fronts[index] if index < len(fronts) else fronts[0]
+                    if not front.send(raw[VNET_HDR_SIZE:], gso, csum_blank):
+                        net.dropped += 1
+                except Exception:  # a broken device, a frame netif cannot carry: dropped
                     net.dropped += 1
-            except Exception:  # a broken device, a frame netif cannot carry: dropped
-                net.dropped += 1
 
-        net.link.on_frame = from_tap
-        net.link.start(asyncio.get_running_loop())
+            return from_tap
+
+        for i, link in enumerate(net.links):
+            link.on_frame = reader(i)
+            link.start(asyncio.get_running_loop())
         holder.append(net)
         out.append(net)
-        log.info("netfront: vif %d up in %s as %s (%s)", devid, tap.netns, tap.ifname, address)
+        log.info("netfront: vif %d up in %s as %s (%s), %d queue(s)", devid, tap.netns, tap.ifname, address,
+                 len(vif.fronts))
     return out
 
 
 async def detach_guest_vifs(nets: list[GuestNet]) -> None:
     for net in reversed(nets):  # the namespace's owner last
-        net.link.stop()
+        for link in net.links:
+            link.stop()
         with contextlib.suppress(Exception):
             await detach_vif(net.vif)
+        for link in net.more:
+            link.tap.close_device()
         if net.owns_netns:
             net.tap.close()
         else:

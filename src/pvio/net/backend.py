@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 `NetbackQueue` serves one connected vif queue (one transmit ring, one receive ring, and
-one event channel for both, or one each with feature-split-event-channels; multi-queue
-is not offered).  Like blkback it
+one event channel for both, or one each with feature-split-event-channels); a vif of
+several queues has one `NetbackQueue` each (`pvio.net.multiqueue`).  Like blkback it
 never sees XenStore: the XenBus side (`pvio.net.xenbus_backend`) reads the frontend's
 keys with `pvio.net.keys` and hands it a `FrontendRings`.
 
@@ -29,7 +29,8 @@ dropped (xenvif_rx_stalled); carrier comes back when buffers do.
 
 A frontend that breaks the protocol (a `NetifFatal` from the parser, an impossible
 index) disables this vif only: `disabled` names why, `on_broken` tells the XenBus side
-(dev_fatal), the loop stops, and every other vif of the driver domain carries on.
+(dev_fatal, and `disable` for the vif's other queues, as Linux disables the whole vif),
+the loop stops, and every other vif of the driver domain carries on.
 
 Alternatives rejected: mapping the transmit grants (Linux maps all but the header; in
 Python a batched copy costs one round trip either way, and a copy leaves nothing mapped
@@ -325,6 +326,11 @@ class NetbackQueue:
             self.stats.rx_dropped += len(self._rxq)
             self._rxq.clear()
             self.carrier = False
+
+    def disable(self, e: BaseException) -> None:
+        """Disable this queue from outside: another queue of its vif broke the protocol."""
+        self._disable(e)
+        self._wake.set()
 
     def _disable(self, e: BaseException) -> None:
         if self.disabled is None:

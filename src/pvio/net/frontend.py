@@ -36,7 +36,10 @@ Recovery: when the driver domain restarts, the XenBus side (`NetfrontEnd`) close
 rings and calls `setup_rings` again for the new backend; frames in flight are lost, as
 on a real wire, and TCP sends them again.
 
-Deliberately not here: multi-queue.
+Multi-queue: a `NetFront` is one queue.  A vif of several queues is several of them,
+each with its own rings, pages and ports (`queue_id` says which; a received frame's
+`RxMeta.queue` names the queue it came on); the XenBus side lays their keys out under
+queue-<i>/ (`pvio.net.multiqueue`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class BackendFeatures:
     rx_copy: bool = True
     multicast_control: bool = False
     split_event_channels: bool = False
+    #: multi-queue-max-queues: the most queues the backend serves
+    max_queues: int = 1
 
 
 @dataclass
@@ -97,6 +102,8 @@ class RxMeta:
 
     flags: int = 0
     gso: Gso | None = None
+    #: the queue (ring pair) the frame came on
+    queue: int = 0
 
     @property
     def csum_blank(self) -> bool:
@@ -121,10 +128,12 @@ class NetFront:
     """The guest end of one vif queue (see the module notes)."""
 
     def __init__(self, domain: Domain, backend_domid: int,
-                 on_frame: Callable[[bytes, RxMeta], None]) -> None:
+                 on_frame: Callable[[bytes, RxMeta], None], *, queue_id: int = 0) -> None:
         self.domain = domain
         self.backend_domid = backend_domid
         self.on_frame = on_frame
+        #: which queue of its vif this is (0 without multi-queue)
+        self.queue_id = queue_id
         self.stats = NetfrontStats()
         self.features = BackendFeatures()
         self.broken: NetfrontBroken | None = None
@@ -405,6 +414,7 @@ class NetFront:
             self.stats.rx_errors += 1
             return
         data = b"".join(p.pieces)
+        p.meta.queue = self.queue_id
         self.stats.rx_frames += 1
         self.stats.rx_bytes += len(data)
         try:

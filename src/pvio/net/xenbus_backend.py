@@ -12,14 +12,18 @@ list), and runs a `pvio.xenbus.Backend` end whose driver is a `NetbackDevice`:
 - probe (with the switch to InitWait, one transaction): netback's feature keys
   (`pvio.net.keys.BACKEND_FEATURES`) and ``hotplug-status = connected`` -- the host end
   is attached before the probe, which is what Xen's hotplug script reports;
-- connect (with the switch to Connected): the frontend's ring keys, checked
-  (`parse_frontend_rings`), a `NetbackQueue` attached to the rings, its frames wired to
-  the host end both ways;
-- disconnect: the queue lets the rings go; the host end stays for a reconnection.
+- connect (with the switch to Connected): the number of queues
+  (`parse_num_queues`: 0 or more than multi-queue-max-queues is refused with
+  dev_fatal, as Linux's xen-netback refuses it), each queue's ring keys -- at the top
+  for one queue, under ``queue-<i>/`` for several -- checked (`parse_frontend_rings`),
+  one `NetbackQueue` per queue attached to its rings, and all of them handed to the
+  host end (`VifHost.attach`), which wires each queue's frames both ways;
+- disconnect: the queues let the rings go; the host end stays for a reconnection.
 
-A frontend that breaks the protocol has its vif disabled (`NetbackQueue.disabled`)
-and reported with dev_fatal on that device only.  Statistics are published under each
-backend directory's ``statistics/`` at most once a second.
+A frontend that breaks the protocol on any queue has its whole vif disabled (every
+queue's `NetbackQueue.disabled`, as Linux's xenvif_fatal_tx_err disables the vif) and
+reported with dev_fatal on that device only.  Statistics, every queue's added up, are
+published under each backend directory's ``statistics/`` at most once a second.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,7 +41,15 @@ from pvio.blk.keys import read_uint
 from pvio.blk.xenbus_backend import read_keys
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
-from pvio.net.keys import BACKEND_FEATURES, FRONTEND_RING_KEYS, parse_frontend_rings, parse_rate
+from pvio.net.keys import (
+    BACKEND_FEATURES,
+    FRONTEND_RING_KEYS,
+    QUEUE_RING_KEYS,
+    parse_frontend_rings,
+    parse_num_queues,
+    parse_rate,
+)
+from pvio.net.multiqueue import total_stats
 from pvio.net.slots import TxFrame
 from pvio.xenbus import Backend, XenbusDevice
 from pvio.xenbus.service import BackendService, Served
@@ -100,11 +112,12 @@ async def read_vif_config(xs: AsyncClient, path: str) -> VifConfig:
 
 
 class VifHost(Protocol):
-    """A vif's end in the driver domain: frames from the guest go in, frames for the
-    guest come out through the queue `attach` was given."""
+    """A vif's end in the driver domain: frames from the guest go in (`deliver`, with the
+    index of the queue that carried them), frames for the guest come out through the
+    queues `attach` was given (none: the frontend is not connected)."""
 
-    def deliver(self, data: bytes, frame: TxFrame) -> None: ...
-    def attach(self, queue: NetbackQueue | None) -> None: ...
+    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None: ...
+    def attach(self, queues: Sequence[NetbackQueue]) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -118,41 +131,82 @@ class NetbackDevice:
         self.domain = domain
         self.config = config
         self.host = host
-        self.queue: NetbackQueue | None = None
-        self._ring_keys: dict[str, str] | None = None
+        #: one per queue the frontend connected (none while it is not connected)
+        self.queues: list[NetbackQueue] = []
+        self._ring_keys: list[dict[str, str]] | None = None
         self._fatal: set[asyncio.Task[None]] = set()
+
+    @property
+    def queue(self) -> NetbackQueue | None:
+        """The first queue (the only one without multi-queue)."""
+        return self.queues[0] if self.queues else None
 
     async def probe(self, dev: XenbusDevice, tx: int) -> None:
         for k, v in BACKEND_FEATURES.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
         await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
 
+    # T:1080 netback connects a vif of several queues
+    # A frontend that asked for n > 1 queues wrote multi-queue-num-queues and, for each
+    # queue, its ring grants and ports under queue-<i>/; one queue keeps them at the top.
+    # netback refuses 0 or more than it offered (the frontend's fault: dev_fatal, this vif
+    # only), then attaches one NetbackQueue per ring pair -- the same engine as a
+    # single-queue vif's -- and hands them all to the host end, whose multi-queue TAP
+    # gives each queue the flows the kernel steers to that queue's fd.
+    # :T
     async def connect(self, dev: XenbusDevice, tx: int) -> bool:
         if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
             return False
-        values = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
-        if self.queue is None or self._ring_keys != values:
-            await self._drop_queue()
-            rings = parse_frontend_rings(values)
-            queue = NetbackQueue(self.domain, self.config.frontend_id, self.host.deliver,
-                                 on_broken=lambda e: self._on_broken(dev, e),
-                                 rate=parse_rate(self.config.rate) if self.config.rate else None)
-            await queue.connect(rings)
-            self.queue, self._ring_keys = queue, values
-            self.host.attach(queue)
+        top = await read_keys(dev.xs, dev.otherend, FRONTEND_RING_KEYS, tx)
+        n = parse_num_queues(top, int(BACKEND_FEATURES["multi-queue-max-queues"]))
+        dirs = [top] if n == 1 else [
+            await read_keys(dev.xs, f"{dev.otherend}/queue-{i}", QUEUE_RING_KEYS, tx) for i in range(n)
+        ]
+        values = [top, *dirs]
+        if not self.queues or self._ring_keys != values:
+            await self._drop_queues()
+            rings = [parse_frontend_rings(top, None if n == 1 else d) for d in dirs]
+            rate = parse_rate(self.config.rate) if self.config.rate else None
+            queues: list[NetbackQueue] = []
+            try:
+                for i, r in enumerate(rings):
+                    queue = NetbackQueue(self.domain, self.config.frontend_id, self._deliver_from(i),
+                                         on_broken=lambda e: self._on_broken(dev, e), rate=rate)
+                    await queue.connect(r)
+                    queues.append(queue)
+            except BaseException:
+                for queue in queues:
+                    await queue.disconnect()
+                raise
+            self.queues, self._ring_keys = queues, values
+            self.host.attach(queues)
         return True
 
-    async def disconnect(self, dev: XenbusDevice) -> None:
-        await self._drop_queue()
+    def _deliver_from(self, index: int) -> Callable[[bytes, TxFrame], None]:
+        host = self.host
 
-    async def _drop_queue(self) -> None:
-        if self.queue is not None:
-            self.host.attach(None)
-            await self.queue.disconnect()
-            self.queue = None
-            self._ring_keys = None
+        def deliver(data: bytes, frame: TxFrame) -> None:
+            host.deliver(data, frame, index)
+
+        return deliver
+
+    async def disconnect(self, dev: XenbusDevice) -> None:
+        await self._drop_queues()
+
+    async def _drop_queues(self) -> None:
+        queues, self.queues, self._ring_keys = self.queues, [], None
+        if queues:
+            self.host.attach([])
+            for queue in queues:
+                await queue.disconnect()
 
     def _on_broken(self, dev: XenbusDevice, e: BaseException) -> None:
+        for queue in self.queues:  # the whole vif is disabled, not one queue of it
+            if queue.disabled is None:
+                queue.disable(e)
+        if self._fatal:
+            return  # reported already, by the queue that broke first
+
         async def fatal() -> None:
             with contextlib.suppress(Exception):
                 await dev.dev_fatal(errno.EPROTO, f"vif disabled: {e}")
@@ -199,8 +253,10 @@ class NetbackService(BackendService[NetbackDevice]):
         log.info("netback: %s removed", vif.path)
 
     def _stats_keys(self, vif: Served[NetbackDevice]) -> dict[str, str] | None:
-        queue = vif.driver.queue
-        return None if queue is None else queue.stats.as_keys()
+        queues = vif.driver.queues
+        if not queues:
+            return None
+        return total_stats([q.stats for q in queues]).as_keys() | {"queues": str(len(queues))}
 
 
 __all__ = ["NetbackDevice", "NetbackService", "OpenHost", "VifConfig", "VifHost", "parse_mac", "read_vif_config"]

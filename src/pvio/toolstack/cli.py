@@ -159,8 +159,9 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             elif dev["type"] == "lguest-block":
                 devices.append(f"{EXPORT_NAME} {dev['nbd']}")
             elif dev["type"] == "vif":
+                queues = f" queues {dev['queues']}" if dev.get("queues", 1) > 1 else ""
                 devices.append(f"vif {dev['ifname']} {dev['mac']} {dev['ip'] or '-'} bridge {dev['bridge']} "
-                               f"netns {dev['netns']}")
+                               f"netns {dev['netns']}{queues}")
             elif dev["type"] == "lguest-net":
                 devices.append(f"net {dev['address']} netns {dev['netns']}")
             elif dev["type"] == "console":

@@ -42,7 +42,8 @@ def write_up_status(paths: StatePaths, domains: list[DomainRun], children: list[
         for devid, v in enumerate(run.spec.extra.get("vifs", [])):
             entry["devices"].append(
                 {"type": "vif", "devid": devid, "mac": v["mac"], "bridge": v["bridge"], "ip": v["ip"],
-                 "ifname": v["vifname"] or f"vif{run.spec.domid}.{devid}", "netns": netns_name(run.spec.name)}
+                 "ifname": v["vifname"] or f"vif{run.spec.domid}.{devid}", "netns": netns_name(run.spec.name),
+                 "queues": v.get("queues", 1)}
             )
         if run.spec.role == "lguest-guest":
             entry["devices"].append({"type": "console", "socket": run.spec.extra.get("console_socket")})

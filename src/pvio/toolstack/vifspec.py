@@ -10,6 +10,13 @@ CIDR form: pvio configures it on the guest's interface), `mtu` (default 1500), `
 bridge attach runs), `type` (``vif``), `vifname` (the driver domain's interface name;
 default ``vif<domid>.<devid>``), `backend` (the driver domain).  Unknown keys are errors
 with the key named.
+
+One key is pvio's own, not xl's: `queues=N` (1..16, default 1), how many queues (ring
+pairs) the guest's netfront asks for.  xl has no such key -- a Linux guest decides with
+its xen_netfront.max_queues module parameter -- and pvio's guests are processes the
+toolstack starts, so the vif spec is where the guest's choice is made.  The guest gets
+the smaller of N and netback's multi-queue-max-queues (4); nothing is written to
+XenStore for it but the keys netfront itself publishes.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from dataclasses import dataclass
 
 from pvio.net.keys import parse_rate
 
-_KEYS = ("mac", "bridge", "ip", "mtu", "rate", "script", "type", "vifname", "backend", "model")
+_KEYS = ("mac", "bridge", "ip", "mtu", "rate", "script", "type", "vifname", "backend", "model", "queues")
+#: The most queues a vif spec may ask for (Linux's netfront asks for at most 8 by default)
+MAX_QUEUES = 16
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 DEFAULT_BRIDGE = "xenbr0"
@@ -43,6 +52,7 @@ class VifSpec:
     type: str = "vif"
     vifname: str = ""
     backend: str = "0"
+    queues: int = 1
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -96,12 +106,18 @@ def parse(spec: str) -> VifSpec:
             parse_rate(values["rate"])
         except ValueError as e:
             raise VifSpecError(str(e)) from None
+    try:
+        queues = int(values.get("queues", "1"))
+    except ValueError:
+        raise VifSpecError(f"queues={values['queues']!r}: not a number") from None
+    if not 1 <= queues <= MAX_QUEUES:
+        raise VifSpecError(f"queues={queues}: outside 1..{MAX_QUEUES}")
     vtype = values.get("type", "vif")
     if vtype not in ("vif", "vif_ioemu", "ioemu"):
         raise VifSpecError(f"type={vtype!r}: expected vif")
     return VifSpec(mac=mac.lower(), bridge=bridge, ip=ip, mtu=mtu, rate=values.get("rate", ""),
                    script=values.get("script", ""), type="vif", vifname=vifname,
-                   backend=values.get("backend", "0"))
+                   backend=values.get("backend", "0"), queues=queues)
 
 
 __all__ = ["DEFAULT_BRIDGE", "VifSpec", "VifSpecError", "parse", "random_mac"]
