@@ -26,6 +26,7 @@ Frontend → backend (written by netfront under its device directory)::
     feature-rx-notify               Values: 0/1  the frontend kicks when it posts buffers
     feature-sg, feature-gso-tcpv4, feature-gso-tcpv6   what the frontend accepts on rx
     multi-queue-num-queues          (absent or 1)
+    request-multicast-control       Values: 0/1  Default: 0  only listed groups are received
 
 Toolstack → both: mac, bridge, script, handle, type, ip, rate (libxl's names).
 """
@@ -58,7 +59,7 @@ BACKEND_FEATURES = {
 FRONTEND_RING_KEYS = (
     "tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel-tx", "event-channel-rx",
     "request-rx-copy", "feature-rx-notify", "feature-sg", "feature-gso-tcpv4",
-    "feature-gso-tcpv6", "multi-queue-num-queues",
+    "feature-gso-tcpv6", "multi-queue-num-queues", "request-multicast-control",
 )
 #: Keys of the backend's directory netfront reads before it publishes.
 BACKEND_FEATURE_KEYS = tuple(BACKEND_FEATURES)
@@ -83,6 +84,7 @@ def parse_frontend_rings(values: Mapping[str, str]) -> FrontendRings:
         sg=read_bool(values, "feature-sg"),
         gso_tcpv4=read_bool(values, "feature-gso-tcpv4"),
         gso_tcpv6=read_bool(values, "feature-gso-tcpv6"),
+        multicast_control=read_bool(values, "request-multicast-control"),
     )
 
 
