@@ -11,11 +11,15 @@ list), and runs a `pvio.xenbus.Backend` end whose driver is a `NetbackDevice`:
 
 - probe (with the switch to InitWait, one transaction): netback's feature keys
   (`pvio.net.keys.BACKEND_FEATURES`) and ``hotplug-status = connected`` -- the host end
-  is attached before the probe, which is what Xen's hotplug script reports;
+  is attached before the probe, which is what Xen's hotplug script reports (a vif with
+  a `script` had it written by the script, `pvio.domains.xen_vif_script`);
 - connect (with the switch to Connected): the frontend's ring keys, checked
   (`parse_frontend_rings`), a `NetbackQueue` attached to the rings, its frames wired to
   the host end both ways;
-- disconnect: the queue lets the rings go; the host end stays for a reconnection.
+- disconnect: the queue lets the rings go; the host end stays for a reconnection;
+- removal (the directory went, or the end unregistered: Closed with ``online`` = 0):
+  the host end is closed (its script run ``offline``) and ``hotplug-status`` removed,
+  as Linux's netback_remove does -- what `pvio unplug` waits for.
 
 A frontend that breaks the protocol has its vif disabled (`NetbackQueue.disabled`)
 and reported with dev_fatal on that device only.  Statistics are published under each
@@ -125,7 +129,8 @@ class NetbackDevice:
     async def probe(self, dev: XenbusDevice, tx: int) -> None:
         for k, v in BACKEND_FEATURES.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
-        await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
+        if not self.config.script:  # a hotplug script wrote it itself
+            await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
 
     async def connect(self, dev: XenbusDevice, tx: int) -> bool:
         if await dev.read_state(dev.otherend, tx) is not XenbusState.Initialised:
@@ -196,6 +201,8 @@ class NetbackService(BackendService[NetbackDevice]):
     async def _close(self, vif: Served[NetbackDevice]) -> None:
         await vif.driver.disconnect(vif.end.dev)
         await vif.driver.host.close()
+        with contextlib.suppress(Exception):  # as Linux's netback_remove: nothing is attached now
+            await self.xs.rm(f"{vif.path}/hotplug-status")
         log.info("netback: %s removed", vif.path)
 
     def _stats_keys(self, vif: Served[NetbackDevice]) -> dict[str, str] | None:
