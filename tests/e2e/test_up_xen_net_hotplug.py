@@ -3,13 +3,15 @@
 built-in attach; guests reach each other and the host across the script's bridge; a
 missing and a failing script fail their vif only; `pvio unplug` takes vifs away as
 `xl network-detach` does (the script run offline, both TAPs gone, the directories
-removed, `pvio list` without them); then SIGINT and nothing left behind."""
+removed, `pvio list` without them); a driver domain that dies runs the script again when
+it is back; then SIGINT and nothing left behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +133,14 @@ def test_vif_bridge_attaches_and_unplug_takes_vifs_away(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr + up.output()
         assert not os.path.exists("/sys/class/net/vif1.1") and not namespace_exists("pvio-xhp1")
         assert _ping([], "10.0.14.2").returncode == 0
+        # the driver domain dies (its TAPs with it): started again, it runs the script again
+        driver = up.domain("driver")["pid"]
+        os.kill(driver, signal.SIGKILL)
+        up.wait_for(lambda: up.domain("driver")["pid"] != driver and _ping([], "10.0.14.2").returncode == 0,
+                    timeout=60, what="the scripted vif back after the driver domain restarted")
+        assert calls.read_text().splitlines()[-1] == \
+            "online type_if=vif XENBUS_TYPE=vif XENBUS_PATH=backend/vif/2/1 vif=vif2.1"
+        assert _xs(up, "/local/domain/0/backend/vif/2/1/hotplug-status") == "connected"
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
@@ -185,6 +195,8 @@ host = "10.0.15.254/24"
         r = _pvio(state, "unplug", "xhf1", "1")
         assert r.returncode == 0, r.stdout + r.stderr + up.output()
         assert _xs(up, f"{be}/1") is None
+        up.wait_for(lambda: set(_listed(state, "xhf1")["failed"]) == {"vif0"}, timeout=10,  # type: ignore[arg-type]
+                    what="pvio list to forget the vif unplugged")
     finally:
         rc = up.stop()
     assert rc == 0, up.output()

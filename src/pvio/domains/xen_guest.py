@@ -130,7 +130,7 @@ async def main(spec: DomainSpec) -> None:
         watcher = VbdWatcher(dom, xs, disks, state_dir=spec.state_dir, name=spec.name, ring_order=ring_order,
                              persistent=persistent, **more)
         await watcher.start()
-        vif_watcher = VifWatcher(dom, xs, nets, name=spec.name)
+        vif_watcher = VifWatcher(dom, xs, nets, name=spec.name, failures=vif_failures)
         await vif_watcher.start()
         # refreshed once a second: blkfront's counters for `pvio bench blk`
         await report_status(spec, dom.domid, lambda: status(disks) | {

@@ -167,12 +167,16 @@ class VbdWatcher(_DeviceWatcher):
 class VifWatcher(_DeviceWatcher):
     """Forget the vifs whose device directory the toolstack removed (module notes)."""
 
-    def __init__(self, dom: Domain, xs: AsyncClient, nets: list[GuestNet], *, name: str) -> None:
+    def __init__(self, dom: Domain, xs: AsyncClient, nets: list[GuestNet], *, name: str,
+                 failures: dict[int, str] | None = None) -> None:
         super().__init__(dom, xs, "vif", name)
         self.nets = nets  # shared with the status file's writer
+        self.failures = failures if failures is not None else {}  # vifs never attached, and why
 
     async def scan(self) -> None:
         present = await self.present()
+        for devid in set(self.failures) - present:
+            del self.failures[devid]
         for net in [n for n in self.nets if n.vif.devid not in present]:
             await forget_vif(self.nets, net)
             log.info("guest %s: vif %d removed (%s)", self.name, net.vif.devid, net.tap.ifname)

@@ -128,11 +128,12 @@ class ScriptedVifHost(TapVifHost):
         # offline needs the backend's keys: after `pvio unplug` they are there until the
         # driver domain is done; a directory already gone (a forced removal) is not
         # given to the script, which would write hotplug-error back into it.
-        if await self.xs.read_or(f"{self.config.path}/frontend-id", None) is not None:
-            try:
+        try:
+            there = await self.xs.read_or(f"{self.config.path}/frontend-id", None) is not None
+            if there:
                 await run_script(self.config, "offline", self.xenstored_path)
-            except HotplugError as e:
-                log.warning("netback: %s: %s", self.config.ifname, e)
+        except Exception as e:  # the removal goes on: closing the TAP detaches it anyway
+            log.warning("netback: %s: offline: %s", self.config.ifname, e)
         await super().close()
 
 
@@ -143,6 +144,9 @@ async def open_scripted_vif(config: VifConfig, xs: AsyncClient, xenstored_path: 
         subprocess.run(["ip", "link", "set", "dev", config.ifname, "down"], capture_output=True, timeout=30)
         return tap
 
+    for key in ("hotplug-status", "hotplug-error"):  # a previous life's (the driver domain restarted)
+        with contextlib.suppress(Exception):
+            await xs.rm(f"{config.path}/{key}")
     tap = await asyncio.to_thread(make)
     host = ScriptedVifHost(config, tap, xs, xenstored_path)
     try:
