@@ -76,9 +76,10 @@ def request(sock_path: str, message: dict[str, object], timeout: float) -> dict[
 # -- a Xen guest's vif ----------------------------------------------------------------------
 
 
-def is_xen_guest(state_dir: Path, name: str) -> bool:
+def role_of(state_dir: Path, name: str) -> str | None:
+    """Domain NAME's role in the `pvio up` of `state_dir` ("guest": a Xen guest), or None."""
     status = load_up_status(StatePaths(state_dir)) or {}
-    return any(d.get("name") == name and d.get("role") == "guest" for d in status.get("domains", []))
+    return next((str(d.get("role")) for d in status.get("domains", []) if d.get("name") == name), None)
 
 
 def vif_devid(r: Running, domid: int, device: str) -> int:
@@ -141,7 +142,8 @@ def unplug(name: str, device: str, state_dir: Path | None) -> None:
     from pvio.toolstack.paths import default_state_dir
 
     root = state_dir or default_state_dir()
-    if is_xen_guest(root, name):
+    role = role_of(root, name)
+    if role == "guest":
         r = Running(root)
         try:
             devid = unplug_vif(r, name, device)
@@ -149,6 +151,8 @@ def unplug(name: str, device: str, state_dir: Path | None) -> None:
             r.xs.close()
         click.echo(f"{name}: vif {devid} removed")
         return
+    if role is None and device not in DEVICES:
+        raise click.ClickException(f"no guest {name!r} in {root} (is pvio up running there?)")
     if device not in DEVICES:
         raise click.BadParameter(f"{device!r}: an lguest guest's devices are {', '.join(DEVICES)}",
                                  param_hint="DEVICE")
