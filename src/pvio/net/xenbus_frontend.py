@@ -12,6 +12,8 @@
 - recovery (`NetfrontEnd`): a driver domain that restarted is met with new rings.
 
 The vif's MAC is read from the frontend directory's `mac` (written by the toolstack).
+`attach_vif` gives up as soon as the backend closes instead of connecting (its hotplug
+failed: ``hotplug-error`` says why), not only after CONNECT_TIMEOUT.
 """
 
 from __future__ import annotations
