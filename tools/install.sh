@@ -16,9 +16,11 @@ VENV="${PVIO_VENV:-$PWD/.venv}"
 # make: builds native/, the /dev/xen device layer Xen's own programs run on (libxen-dev's
 # libraries and libxenvchan are its test peers); qemu-system-xen: QEMU's qdisk backend,
 # which pvio up runs for backendtype=qdisk disks; xen-utils-4.17: Xen's C xenstored and
-# xenconsoled (`pvio up --xenstored xen`).
+# xenconsoled (`pvio up --xenstored xen`); xen-utils-common: Xen's hotplug scripts
+# (/etc/xen/scripts/vif-bridge, which the driver domain runs for script=vif-bridge vifs).
 DEBIAN_PACKAGES=(
   gcc gcc-multilib libc6-dev libxen-dev python3-venv make qemu-system-xen xen-utils-4.17
+  xen-utils-common
   libatomic1
   xenstore-utils python3-pyxs
   # nbdfuse ships in libnbd-bin: Debian 12 has it only as a virtual package, which

@@ -39,6 +39,16 @@ def test_libxl_layout_and_permissions() -> None:
     assert writes[f"{be}/frontend-id"] == "3" and writes[f"{be}/handle"] == "0"
     assert writes["/local/domain/3/device/vif/0/backend"] == be
     assert writes["/libxl/3/device/vif/0/frontend"] == "/local/domain/3/device/vif/0"
+    assert writes[f"{be}/script"] == ""  # no script: the driver domain's built-in attach
+
+
+def test_a_script_is_written_absolute_as_libxl_writes_it() -> None:
+    def script(spec: str) -> str:
+        ops = xslayout.vif_add(3, 1, vifspec.parse(spec))
+        return next(o.value for o in ops if o.path == "/local/domain/0/backend/vif/3/1/script")
+
+    assert script("bridge=b, script=vif-bridge") == "/etc/xen/scripts/vif-bridge"
+    assert script("bridge=b, script=/opt/x/vif-mine") == "/opt/x/vif-mine"
 
 
 def test_vifs_in_toml_and_options(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@
 the toolstack handed over, and for each `spec.disks` entry reads the frontend directory
 (`backend`, `backend-id`), runs a blkfront through the XenBus handshake until Connected,
 and serves it with an `NbdServer` on the disk's `nbd_socket`, export name = the vdev
-name.  The status file then says ``ready`` with each disk's NBD URI.  Cancelled
+name; every vif gets a netfront and a TAP in ``pvio-<name>`` (`pvio.domains.xen_net`).
+The status file then says ``ready`` with each disk's NBD URI, each vif, and the vifs
+whose backend refused them (``vif_failures``).  Cancelled
 (SIGTERM): the NBD servers drain and close, every vbd goes Closing → Closed with its
 backend, the grants end, and the domain leaves.
 """
@@ -103,7 +105,7 @@ async def main(spec: DomainSpec) -> None:
     disks: list[GuestDisk] = []
     console = None
     nets: list[GuestNet] = []
-    watcher = None
+    watcher = vif_watcher = None
     try:
         if uses_ring(spec):  # with its console, when the toolstack gave it one
             xs, _, page = await open_ring_xenstore(spec, dom)
@@ -120,16 +122,26 @@ async def main(spec: DomainSpec) -> None:
             sock = d.nbd_socket or os.path.join(spec.state_dir, f"{spec.name}-{d.vdev}.sock")
             await export_disk(disk, sock, d.nbd_tcp_port, d.nbd_tls_creds)
         vif_queues = {devid: int(v.get("queues", 1)) for devid, v in enumerate(spec.extra.get("vifs", []))}
-        nets = await attach_guest_vifs(dom, xs, spec.name, vif_queues)  # device/vif/*: pvio.domains.xen_net
-        # vbds the toolstack adds later (pvio block-attach) are attached and exported too
-        from pvio.domains.xen_hotplug import VbdWatcher
+        vif_failures: dict[int, str] = {}
+        nets = await attach_guest_vifs(dom, xs, spec.name, vif_queues,  # device/vif/*: pvio.domains.xen_net
+                                       failed=vif_failures)
+        # vbds the toolstack adds later (pvio block-attach) are attached and exported too,
+        # and vifs it removes (pvio unplug) go
+        from pvio.domains.xen_hotplug import VbdWatcher, VifWatcher
 
         watcher = VbdWatcher(dom, xs, disks, state_dir=spec.state_dir, name=spec.name, ring_order=ring_order,
                              persistent=persistent, **more)
         await watcher.start()
+        vif_watcher = VifWatcher(dom, xs, nets, name=spec.name, failures=vif_failures)
+        await vif_watcher.start()
         # refreshed once a second: blkfront's counters for `pvio bench blk`
-        await report_status(spec, dom.domid, lambda: status(disks) | {"vifs": [n.status() for n in nets]})
+        await report_status(spec, dom.domid, lambda: status(disks) | {
+            "vifs": [n.status() for n in nets],
+            "vif_failures": {str(k): v for k, v in vif_failures.items()},
+        })
     finally:
+        if vif_watcher is not None:
+            await vif_watcher.stop()
         with contextlib.suppress(Exception):
             await detach_guest_vifs(nets)
         if watcher is not None:

@@ -1,4 +1,4 @@
-"""A guest's disks at run time: vbds the toolstack adds or removes while the guest runs.
+"""A guest's devices at run time: vbds the toolstack adds or removes, vifs it removes.
 
 Theory of operation
 -------------------
@@ -17,7 +17,14 @@ stops the export and forgets the disk.  A backend that grew the disk (online res
 makes the export advertise the new size to every new NBD connection (NBD has no way to
 tell a connected client).
 
-Deliberately not here: writing XenStore for the toolstack (`pvio block-attach` does).
+A vif goes as Linux's netfront goes (`VifWatcher`): the toolstack's removal closes
+both ends (the backend Closing with `online` = 0, netfront Closed), and once the
+toolstack has removed the device's directory the netfront stops and its TAP in
+``pvio-<name>`` is removed -- with the namespace when it was the guest's last vif
+(another vif inherits the namespace otherwise).  The status file stops listing it.
+
+Deliberately not here: writing XenStore for the toolstack (`pvio block-attach` and
+`pvio unplug` do).
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import os
 
 from pvio.abi.xenbus import XenbusState as S
 from pvio.domains.xen_guest import GuestDisk, attach_disk, export_disk
+from pvio.domains.xen_net import GuestNet
 from pvio.hypervisor.client import Domain
 from pvio.nbd.server_asyncio import NbdServer
 from pvio.xenstore.client import AsyncClient, WatchStream
+from pvio.xenstore.errors import XsError
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +58,30 @@ def serve_resizes(disk: GuestDisk) -> None:
     disk.driver.in_use = lambda: disk.server.connections if disk.server is not None else 0
 
 
-class VbdWatcher:
-    """Attach and export the vbds that appear under the guest's device/vbd (module notes)."""
+class _DeviceWatcher:
+    """Watch the guest's device/<kind> and `scan` it on every change."""
 
-    def __init__(
-        self, dom: Domain, xs: AsyncClient, disks: list[GuestDisk], *, state_dir: str, name: str,
-        **attach_kw: object,
-    ) -> None:
+    def __init__(self, dom: Domain, xs: AsyncClient, kind: str, name: str) -> None:
         self.dom = dom
         self.xs = xs
-        self.disks = disks  # shared with the status file's writer
-        self.state_dir = state_dir
         self.name = name
-        self.attach_kw = attach_kw
-        self.root = f"/local/domain/{dom.domid}/device/vbd"
-        self.failed: set[int] = set()
+        self.root = f"/local/domain/{dom.domid}/device/{kind}"
         self._task: asyncio.Task[None] | None = None
 
+    async def scan(self) -> None:
+        raise NotImplementedError
+
+    async def present(self) -> set[int]:
+        """The devids under device/<kind>; none when the directory itself is gone.  Any
+        other failure (xenstored restarting) raises: no device is forgotten for it."""
+        try:
+            return {int(d) for d in await self.xs.directory(self.root) if d.isdigit()}
+        except XsError as e:
+            if e.errno != "ENOENT":
+                raise
+            return set()
+
     async def start(self) -> None:
-        for d in self.disks:
-            serve_resizes(d)
         stream = await self.xs.watch(self.root)
         self._task = asyncio.get_running_loop().create_task(self._run(stream))
 
@@ -91,11 +104,27 @@ class VbdWatcher:
             with contextlib.suppress(Exception):
                 await stream.close()
 
+
+class VbdWatcher(_DeviceWatcher):
+    """Attach and export the vbds that appear under the guest's device/vbd (module notes)."""
+
+    def __init__(
+        self, dom: Domain, xs: AsyncClient, disks: list[GuestDisk], *, state_dir: str, name: str,
+        **attach_kw: object,
+    ) -> None:
+        super().__init__(dom, xs, "vbd", name)
+        self.disks = disks  # shared with the status file's writer
+        self.state_dir = state_dir
+        self.attach_kw = attach_kw
+        self.failed: set[int] = set()
+
+    async def start(self) -> None:
+        for d in self.disks:
+            serve_resizes(d)
+        await super().start()
+
     async def scan(self) -> None:
-        try:
-            present = {int(d) for d in await self.xs.directory(self.root) if d.isdigit()}
-        except Exception:
-            present = set()
+        present = await self.present()
         for disk in [d for d in self.disks if d.devid not in present]:
             await self._forget(disk)  # the toolstack removed the directories
         served = {d.devid for d in self.disks}
@@ -133,3 +162,38 @@ class VbdWatcher:
         with contextlib.suppress(Exception):
             await disk.front.close(force=True)
         log.info("guest %s: %s removed", self.name, disk.vdev)
+
+
+class VifWatcher(_DeviceWatcher):
+    """Forget the vifs whose device directory the toolstack removed (module notes)."""
+
+    def __init__(self, dom: Domain, xs: AsyncClient, nets: list[GuestNet], *, name: str,
+                 failures: dict[int, str] | None = None) -> None:
+        super().__init__(dom, xs, "vif", name)
+        self.nets = nets  # shared with the status file's writer
+        self.failures = failures if failures is not None else {}  # vifs never attached, and why
+
+    async def scan(self) -> None:
+        present = await self.present()
+        for devid in set(self.failures) - present:
+            del self.failures[devid]
+        for net in [n for n in self.nets if n.vif.devid not in present]:
+            await forget_vif(self.nets, net)
+            log.info("guest %s: vif %d removed (%s)", self.name, net.vif.devid, net.tap.ifname)
+
+
+async def forget_vif(nets: list[GuestNet], net: GuestNet) -> None:
+    """netfront_remove: the vif's netfront stops and its TAP goes; the namespace goes
+    with the guest's last vif, or passes to one that stays."""
+    nets.remove(net)
+    net.link.stop()
+    with contextlib.suppress(Exception):
+        await net.vif.end.stop()
+    with contextlib.suppress(Exception):
+        await net.vif.front.close()
+    if net.owns_netns and not nets:
+        await asyncio.to_thread(net.tap.close)
+        return
+    net.tap.close_device()
+    if net.owns_netns:
+        nets[0].owns_netns = True

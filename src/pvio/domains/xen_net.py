@@ -3,17 +3,20 @@ the driver domain, and a TAP in the guest's namespace.
 
 Theory of operation
 -------------------
-Driver domain (`start_netback`): a `pvio.net.xenbus_backend.NetbackService` whose host
-end for each vif is `TapVifHost`: a TAP named as Xen names it, ``vif<domid>.<devid>``,
+Driver domain: a `pvio.net.xenbus_backend.NetbackService` whose host end for each vif
+is `TapVifHost`: a TAP named as Xen names it, ``vif<domid>.<devid>``,
 in the driver domain's network namespace (the host's), with Xen's backend MAC
 fe:ff:ff:ff:ff:ff (so the bridge never takes the guest's address for itself) and the
 vif's MTU, attached to the vif's `bridge` -- created if missing, as Xen's vif-bridge
-script expects it to exist (here the built-in attach stands in for that script; the
-`script` key is kept but not run).  Frames the guest transmits are written into the
-TAP; frames the TAP gives are queued for the guest (`NetbackQueue.transmit`).
+script expects it to exist.  That is the built-in attach, for a vif with no `script`;
+one that names a script has it run as Xen runs it (`pvio.domains.xen_vif_script`).
+Frames the guest transmits are written into the TAP; frames the TAP gives are queued
+for the guest (`NetbackQueue.transmit`).
 
 Guest (`attach_guest_vifs`): for each ``device/vif/<devid>`` of the guest, netfront runs
-through the handshake (`pvio.net.xenbus_frontend.attach_vif`), and its end is a TAP
+through the handshake (`pvio.net.xenbus_frontend.attach_vif`; a vif whose backend
+refuses it -- its hotplug script failed -- is recorded and the others carry on; one the
+toolstack removes later goes with `pvio.domains.xen_hotplug.VifWatcher`), and its end is a TAP
 ``eth<devid>`` in the guest's namespace ``pvio-<name>`` (`pvio.domains.tap.create_tap`)
 with the vif's MAC, MTU and the address the toolstack wrote as the backend's `ip`.
 Frames the namespace's stack sends are netfront's transmits; frames netfront receives
@@ -32,8 +35,6 @@ IFF_MULTI_QUEUE and gets one fd per netback queue when the frontend connects
 vif spec's ``queues=N``, pvio's own key).  On both sides the kernel's tun driver spreads
 the flows it sends over the fds, and the frames read from fd i take queue i's ring;
 frames a ring carries are written through its own fd.
-
-What this does not do yet: run Xen's own vif-bridge script.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from pvio.net.backend import NetbackQueue
 from pvio.net.frontend import BackendFeatures, RxMeta
 from pvio.net.offload import VNET_HDR_SIZE, parse_vnet_header, vnet_header
 from pvio.net.slots import TxFrame
-from pvio.net.xenbus_backend import NetbackService, VifConfig
+from pvio.net.xenbus_backend import VifConfig
 from pvio.net.xenbus_frontend import GuestVif, attach_vif, detach_vif
 from pvio.xenstore.client import AsyncClient
 
@@ -216,12 +217,6 @@ async def open_vif_host(config: VifConfig) -> TapVifHost:
     return host
 
 
-async def start_netback(dom: Domain, xs: AsyncClient) -> NetbackService:
-    service = NetbackService(dom, xs, open_vif_host)
-    await service.start()
-    return service
-
-
 @dataclasses.dataclass
 class GuestNet:
     """One vif in the guest: netfront and its TAP in the guest's namespace."""
@@ -263,11 +258,13 @@ def _total_front_stats(vif: GuestVif) -> dict[str, int]:
 
 
 async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
-                            queues: Mapping[int, int] | None = None) -> list[GuestNet]:
+                            queues: Mapping[int, int] | None = None,
+                            failed: dict[int, str] | None = None) -> list[GuestNet]:
     """netfront for every device/vif of this guest, each ending in a TAP eth<devid> in
     pvio-<name> (the first makes the namespace, the others are added to it).  `queues`
     says how many queues a vif asks for, by devid (default 1); a vif that got several
-    has a multi-queue TAP, one fd per queue."""
+    has a multi-queue TAP, one fd per queue.  A vif that cannot connect is left out,
+    with why in `failed`."""
     try:
         devids = sorted(int(d) for d in await xs.directory(f"/local/domain/{dom.domid}/device/vif"))
     except Exception:
@@ -286,7 +283,13 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
             else:  # into the TAP queue of the ring it came on
                 (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send(hdr + data)
 
-        vif = await attach_vif(dom, xs, devid, to_tap, queues=(queues or {}).get(devid, 1))
+        try:
+            vif = await attach_vif(dom, xs, devid, to_tap, queues=(queues or {}).get(devid, 1))
+        except Exception as e:
+            log.warning("netfront: vif %d not attached: %s", devid, e)
+            if failed is not None:
+                failed[devid] = str(e)
+            continue
         backend = (await xs.read(f"/local/domain/{dom.domid}/device/vif/{devid}/backend")).decode()
         address = (await xs.read_or(f"{backend}/ip", b"") or b"").decode()
         mq = len(vif.fronts) > 1
@@ -350,5 +353,4 @@ __all__ = [
     "detach_guest_vifs",
     "ensure_bridge",
     "open_vif_host",
-    "start_netback",
 ]

@@ -27,6 +27,12 @@ receive ring's requests, as on the transmit ring's.  A frontend that leaves its 
 ring empty for `rx_stall_timeout` seconds has its carrier turned off and its queue
 dropped (xenvif_rx_stalled); carrier comes back when buffers do.
 
+Multicast control (``request-multicast-control``, as Linux's xen-netback): the
+frontend's MCAST_ADD/DEL extra-info requests keep a list of the groups it wants (at most
+XEN_NETBK_MCAST_MAX; an ADD past it is answered NETIF_RSP_ERROR), and once it asked for
+control `transmit` drops a multicast frame for a group not on the list -- broadcast
+always passes (xenvif_start_xmit filters only PACKET_MULTICAST).
+
 A frontend that breaks the protocol (a `NetifFatal` from the parser, an impossible
 index) disables this vif only: `disabled` names why, `on_broken` tells the XenBus side
 (dev_fatal, and `disable` for the vif's other queues, as Linux disables the whole vif),
@@ -69,6 +75,9 @@ log = logging.getLogger(__name__)
 DEFAULT_RX_QUEUE_MAX = 512
 #: Seconds without receive buffers before the carrier goes off (Linux: rx_stall_timeout)
 DEFAULT_RX_STALL_TIMEOUT = 60.0
+#: The multicast groups a frontend may list (Linux: XEN_NETBK_MCAST_MAX)
+XEN_NETBK_MCAST_MAX = 64
+BROADCAST = b"\xff" * 6
 
 
 @dataclass
@@ -112,6 +121,8 @@ class FrontendRings:
     sg: bool = False
     gso_tcpv4: bool = False
     gso_tcpv6: bool = False
+    #: request-multicast-control: only the groups the frontend listed reach it
+    multicast_control: bool = False
 
 
 @dataclass
@@ -165,7 +176,8 @@ class NetbackQueue:
         self.disabled: BaseException | None = None
         #: carrier: off while the frontend leaves its receive ring empty too long
         self.carrier = True
-        self.multicast: set[bytes] = set()
+        #: the groups the frontend asked for, in order, duplicates kept (fe_mcast_addr)
+        self.multicast: list[bytes] = []
         self.features = FrontendRings(0, 0, 0)
         self.port = -1
         #: the receive ring's port: `port` itself unless the event channels are split
@@ -232,7 +244,7 @@ class NetbackQueue:
         if self.disabled is not None or not self.carrier or self._rx is None:
             self.stats.rx_dropped += 1
             return False
-        if len(self._rxq) >= self.rx_queue_max:
+        if len(self._rxq) >= self.rx_queue_max or not self._mcast_wanted(data):
             self.stats.rx_dropped += 1
             return False
         if gso is not None and not (self.features.gso_tcpv4 if gso.type == n.XEN_NETIF_GSO_TYPE_TCPV4
@@ -245,6 +257,14 @@ class NetbackQueue:
         self._rxq.append(RxFrame(data, gso, csum_blank))
         self._wake.set()
         return True
+
+    def _mcast_wanted(self, data: bytes) -> bool:
+        """xenvif_mcast_match: with multicast control on, a multicast (not broadcast)
+        destination must be one of the frontend's groups."""
+        dest = bytes(data[:6])
+        if not self.features.multicast_control or not dest[:1] or not dest[0] & 1 or dest == BROADCAST:
+            return True
+        return dest in self.multicast
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -354,8 +374,7 @@ class NetbackQueue:
         data_frames = [f for f in batch.frames if f.slots]
         for f in batch.frames:
             if not f.slots:  # multicast control only
-                self._apply_mcast(f)
-                responses.extend(f.responses(True))
+                responses.extend(f.responses(self._apply_mcast(f)))
         if data_frames:
             fetched = await self.pages.fetch(data_frames)
             self.stats.grant_ops = self.pages.grant_ops
@@ -374,12 +393,19 @@ class NetbackQueue:
         self._respond_tx(responses)
         self._deliver(good)
 
-    def _apply_mcast(self, f: TxFrame) -> None:
+    def _apply_mcast(self, f: TxFrame) -> bool:
+        """xenvif_mcast_add/del; False when an ADD found the list full (-ENOSPC)."""
+        ok = True
         for op, addr in f.mcast:
             if op == n.XEN_NETIF_EXTRA_TYPE_MCAST_ADD:
-                self.multicast.add(addr)
-            else:
-                self.multicast.discard(addr)
+                if len(self.multicast) >= XEN_NETBK_MCAST_MAX:
+                    log.warning("netback d%d: too many multicast addresses", self.frontend_domid)
+                    ok = False
+                else:
+                    self.multicast.append(addr)
+            elif addr in self.multicast:
+                self.multicast.remove(addr)  # the first match only, as Linux
+        return ok
 
     def _deliver(self, good: list[tuple[TxFrame, bytes]]) -> None:
         st = self.stats
@@ -486,6 +512,7 @@ class NetbackQueue:
             self._task = None
         self._tx = self._rx = None
         self._rxq.clear()
+        self.multicast.clear()  # xenvif_mcast_addr_list_free
         await self.pages.unmap_all()
         for port in {self.port, self.rx_port} - {-1}:
             try:
@@ -501,4 +528,4 @@ class NetbackQueue:
             self._maps = []
 
 
-__all__ = ["DEFAULT_RX_QUEUE_MAX", "FrontendRings", "NetbackQueue", "NetbackStats", "RxFrame"]
+__all__ = ["DEFAULT_RX_QUEUE_MAX", "XEN_NETBK_MCAST_MAX", "FrontendRings", "NetbackQueue", "NetbackStats", "RxFrame"]

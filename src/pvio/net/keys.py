@@ -33,6 +33,7 @@ Frontend → backend (written by netfront under its device directory)::
                                     one, each queue's tx-ring-ref, rx-ring-ref and
                                     event-channel(-tx/-rx) are under queue-0/ ..
                                     queue-<N-1>/; the features stay here
+    request-multicast-control       Values: 0/1  Default: 0  only listed groups are received
 
 Toolstack → both: mac, bridge, script, handle, type, ip, rate (libxl's names).
 """
@@ -67,7 +68,7 @@ QUEUE_RING_KEYS = ("tx-ring-ref", "rx-ring-ref", "event-channel", "event-channel
 #: Keys of the frontend's directory netback reads to connect.
 FRONTEND_RING_KEYS = (
     *QUEUE_RING_KEYS, "request-rx-copy", "feature-rx-notify", "feature-sg", "feature-gso-tcpv4",
-    "feature-gso-tcpv6", "multi-queue-num-queues",
+    "feature-gso-tcpv6", "multi-queue-num-queues", "request-multicast-control",
 )
 #: Keys of the backend's directory netfront reads before it publishes.
 BACKEND_FEATURE_KEYS = tuple(BACKEND_FEATURES)
@@ -101,6 +102,7 @@ def parse_frontend_rings(values: Mapping[str, str], queue: Mapping[str, str] | N
         sg=read_bool(values, "feature-sg"),
         gso_tcpv4=read_bool(values, "feature-gso-tcpv4"),
         gso_tcpv6=read_bool(values, "feature-gso-tcpv6"),
+        multicast_control=read_bool(values, "request-multicast-control"),
     )
 
 

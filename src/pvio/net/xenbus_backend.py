@@ -11,14 +11,18 @@ list), and runs a `pvio.xenbus.Backend` end whose driver is a `NetbackDevice`:
 
 - probe (with the switch to InitWait, one transaction): netback's feature keys
   (`pvio.net.keys.BACKEND_FEATURES`) and ``hotplug-status = connected`` -- the host end
-  is attached before the probe, which is what Xen's hotplug script reports;
+  is attached before the probe, which is what Xen's hotplug script reports (a vif with
+  a `script` had it written by the script, `pvio.domains.xen_vif_script`);
 - connect (with the switch to Connected): the number of queues
   (`parse_num_queues`: 0 or more than multi-queue-max-queues is refused with
   dev_fatal, as Linux's xen-netback refuses it), each queue's ring keys -- at the top
   for one queue, under ``queue-<i>/`` for several -- checked (`parse_frontend_rings`),
   one `NetbackQueue` per queue attached to its rings, and all of them handed to the
   host end (`VifHost.attach`), which wires each queue's frames both ways;
-- disconnect: the queues let the rings go; the host end stays for a reconnection.
+- disconnect: the queues let the rings go; the host end stays for a reconnection;
+- removal (the directory went, or the end unregistered: Closed with ``online`` = 0):
+  the host end is closed (its script run ``offline``) and ``hotplug-status`` removed,
+  as Linux's netback_remove does -- what `pvio unplug` waits for.
 
 A frontend that breaks the protocol on any queue has its whole vif disabled (every
 queue's `NetbackQueue.disabled`, as Linux's xenvif_fatal_tx_err disables the vif) and
@@ -144,7 +148,8 @@ class NetbackDevice:
     async def probe(self, dev: XenbusDevice, tx: int) -> None:
         for k, v in BACKEND_FEATURES.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
-        await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
+        if not self.config.script:  # a hotplug script wrote it itself
+            await dev.xs.write(f"{dev.nodename}/hotplug-status", "connected", tx)
 
     # T:1080 netback connects a vif of several queues
     # A frontend that asked for n > 1 queues wrote multi-queue-num-queues and, for each
@@ -250,6 +255,8 @@ class NetbackService(BackendService[NetbackDevice]):
     async def _close(self, vif: Served[NetbackDevice]) -> None:
         await vif.driver.disconnect(vif.end.dev)
         await vif.driver.host.close()
+        with contextlib.suppress(Exception):  # as Linux's netback_remove: nothing is attached now
+            await self.xs.rm(f"{vif.path}/hotplug-status")
         log.info("netback: %s removed", vif.path)
 
     def _stats_keys(self, vif: Served[NetbackDevice]) -> dict[str, str] | None:

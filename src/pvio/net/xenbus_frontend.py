@@ -15,6 +15,8 @@
 - recovery (`NetfrontEnd`): a driver domain that restarted is met with new rings.
 
 The vif's MAC is read from the frontend directory's `mac` (written by the toolstack).
+`attach_vif` gives up as soon as the backend closes instead of connecting (its hotplug
+failed: ``hotplug-error`` says why), not only after CONNECT_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -162,8 +164,31 @@ async def attach_vif(dom: Domain, xs: AsyncClient, devid: int,
     driver = NetfrontDevice(front, want_queues=queues)
     end = NetfrontEnd(xs, node, backend, driver)
     await end.start()
-    await asyncio.wait_for(driver.connected.wait(), CONNECT_TIMEOUT)
+    try:
+        await _until_connected(end, driver, backend)
+    except BaseException:
+        await end.stop()
+        await front.close()
+        raise
     return GuestVif(devid, front, end, driver, mac, mtu)
+
+
+async def _until_connected(end: NetfrontEnd, driver: NetfrontDevice, backend: str) -> None:
+    """Connected, or OSError as soon as the backend refuses the vif (it closes: its
+    hotplug failed, say) -- not only after CONNECT_TIMEOUT."""
+    waits = [asyncio.ensure_future(driver.connected.wait()),
+             asyncio.ensure_future(end.wait_state(S.Closed, timeout=2 * CONNECT_TIMEOUT))]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if waits[0] in done:
+        return
+    if not done:
+        raise TimeoutError(f"{end.dev.nodename}: not connected after {CONNECT_TIMEOUT:.0f} s")
+    why = await end.dev.xs.read_or(f"{backend}/hotplug-error", None)
+    raise OSError(f"{end.dev.nodename}: the backend refused it" + (f" ({why.decode(errors='replace')})" if why else ""))
 
 
 async def detach_vif(vif: GuestVif, timeout: float = 10.0) -> None:

@@ -91,9 +91,9 @@ class Running:
         except Exception:
             return None
 
-    def devids(self, domid: int) -> list[int]:
+    def devids(self, domid: int, kind: str = "vbd") -> list[int]:
         try:
-            names = self.xs.directory(xslayout.frontend_path(domid, 0).rsplit("/", 1)[0])
+            names = self.xs.directory(xslayout.frontend_path(domid, 0, kind).rsplit("/", 1)[0])
         except Exception:
             return []
         return sorted(int(n) for n in names if n.isdigit())
@@ -178,12 +178,25 @@ def attach(r: Running, guest: str, spec_text: str) -> dict[str, Any]:
 
 def detach(r: Running, guest: str, vdev: str) -> None:
     domid = r.domid(guest)
-    devid = devid_of(r, domid, vdev)
-    fe = xslayout.frontend_path(domid, devid)
-    be = xslayout.backend_path(DRIVER_DOMID, domid, devid)
-    error = f"/local/domain/{domid}/error/device/vbd/{devid}/error"
+    remove_device(r, guest, domid, devid_of(r, domid, vdev), "vbd", vdev)
+
+
+def remove_device(r: Running, guest: str, domid: int, devid: int, kind: str, label: str, *,
+                  refusable: bool = True, served: bool = True,
+                  after_close: Callable[[], None] | None = None) -> None:
+    """libxl's device removal: `online` = 0 and the backend Closing; the frontend closes
+    (or refuses, in its error node); then the backend; `after_close` (a vif: the driver
+    domain's hotplug offline); then the three directories go.
+
+    A refusal or a frontend that does not close undoes the request when `refusable` (a
+    disk in use goes on); otherwise the removal is forced after TIMEOUT, as libxl forces
+    it.  A backend the driver domain never `served` (its hotplug failed) is not waited for.
+    """
+    fe = xslayout.frontend_path(domid, devid, kind)
+    be = xslayout.backend_path(DRIVER_DOMID, domid, devid, kind)
+    error = f"/local/domain/{domid}/error/device/{kind}/{devid}/error"
     r.run([xslayout.XsOp("rm", error)])
-    r.run(xslayout.vbd_remove_request(domid, devid, DRIVER_DOMID))
+    r.run(xslayout.remove_request(domid, devid, DRIVER_DOMID, kind))
 
     def outcome() -> str | None:
         if r.read(f"{fe}/state") in (None, str(int(S.Closed))):
@@ -192,16 +205,19 @@ def detach(r: Running, guest: str, vdev: str) -> None:
         return f"refused: {err}" if err else None
 
     try:
-        result = wait_until(outcome, f"{guest} to close {vdev}")
+        result = wait_until(outcome, f"{guest} to close {label}")
     except BlockError:
         result = "refused: the guest did not close it"
-    if result != "closed":
-        # Undo the request: the disk goes on as before.
+    if result != "closed" and refusable:
+        # Undo the request: the device goes on as before.
         r.run([xslayout.XsOp("write", f"{be}/online", "1"),
                xslayout.XsOp("write", f"{be}/state", str(int(S.Connected))), xslayout.XsOp("rm", error)])
-        raise BlockError(f"{guest}: {vdev} not detached, {result}")
-    wait_until(lambda: r.read(f"{be}/state") in (None, str(int(S.Closed))), f"the backend of {vdev} to close")
-    r.run(xslayout.vbd_destroy(domid, devid, DRIVER_DOMID))
+        raise BlockError(f"{guest}: {label} not detached, {result}")
+    if served and result == "closed":
+        wait_until(lambda: r.read(f"{be}/state") in (None, str(int(S.Closed))), f"the backend of {label} to close")
+        if after_close is not None:
+            after_close()
+    r.run(xslayout.destroy(domid, devid, DRIVER_DOMID, kind))
 
 
 def list_disks(r: Running, guest: str | None = None) -> list[dict[str, Any]]:

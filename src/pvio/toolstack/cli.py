@@ -139,6 +139,16 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             gone = set(launcher.get("stats", {}).get("removed", []))
             d["devices"] = [dev for dev in d["devices"] if kinds.get(dev["type"]) not in gone]
             d["unplugged"] = sorted(gone)
+        elif d.get("role") == "guest":  # the vifs it serves now, as its status file says
+            guest = read_status(paths.status(d["name"])) or {}
+            if "vifs" in guest:
+                serving = {v.get("devid") for v in guest["vifs"]}
+                failed = guest.get("vif_failures") or {}
+                vifs = [dev for dev in d["devices"] if dev["type"] == "vif"]
+                d["devices"] = [dev for dev in d["devices"] if dev["type"] != "vif" or dev["devid"] in serving]
+                d["unplugged"] = [f"vif{v['devid']}" for v in vifs
+                                  if v["devid"] not in serving and str(v["devid"]) not in failed]
+                d["failed"] = {f"vif{k}": why for k, why in failed.items()}
     if as_json:
         click.echo(json.dumps({"running": True} | status, indent=2))
         return
@@ -167,6 +177,7 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             elif dev["type"] == "console":
                 devices.append("console")
         devices += [f"({kind} unplugged)" for kind in d.get("unplugged", [])]
+        devices += [f"({kind} failed: {why})" for kind, why in d.get("failed", {}).items()]
         table.add_row(d["name"], str(d["domid"]), str(d["pid"]), d["role"], d["state"], "\n".join(devices))
     from pvio.toolstack.qdisk import table_rows
 

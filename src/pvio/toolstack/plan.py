@@ -60,6 +60,7 @@ def plan_domains(
 
     if any(dom.type == "xen" for dom in config.domains):
         driver = _spec(paths, "driver", 0, "driver", transport=config.transport)
+        driver.extra["xenstored_path"] = str(paths.xenstored_socket)  # for vifs' hotplug scripts
         add(None, driver)
     domid = 1
     tcp_port = nbd_tcp

@@ -6,8 +6,9 @@
 Keys are comma-separated `key=value`: `mac` (default: a random Xen OUI address,
 00:16:3e:xx:xx:xx), `bridge` (default ``xenbr0``, as xl), `ip` (the guest's address in
 CIDR form: pvio configures it on the guest's interface), `mtu` (default 1500), `rate`
-(libxl's ``10Mb/s[@50ms]``: netback's credit scheduler limits what the guest sends), `script` (kept; the built-in
-bridge attach runs), `type` (``vif``), `vifname` (the driver domain's interface name;
+(libxl's ``10Mb/s[@50ms]``: netback's credit scheduler limits what the guest sends),
+`script` (the vif's hotplug script, e.g. ``vif-bridge`` from /etc/xen/scripts, run by the
+driver domain as Xen runs it; default: its built-in bridge attach), `type` (``vif``), `vifname` (the driver domain's interface name;
 default ``vif<domid>.<devid>``), `backend` (the driver domain).  Unknown keys are errors
 with the key named.
 

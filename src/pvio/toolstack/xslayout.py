@@ -1,8 +1,9 @@
-"""The XenStore directories a toolstack writes for a vbd, as libxl writes them.
+"""The XenStore directories a toolstack writes for a vbd or a vif, as libxl writes them.
 
-Pure data: `vbd_add` returns the operations (in order, for one transaction) that create
-a disk's frontend and backend directories, and `vbd_remove_request` the ones that ask
-the backend to disconnect.  The XenStore client runs them; nothing here does I/O.
+Pure data: `vbd_add` and `vif_add` return the operations (in order, for one transaction)
+that create a device's frontend and backend directories, `remove_request` the ones that
+ask the backend to disconnect, and `destroy` the ones that remove the directories.  The
+XenStore client runs them; nothing here does I/O.
 
 Paths and permissions (libxl `libxl__device_generic_add`)::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pvio.domains.xen_vif_script import script_path
 from pvio.toolstack.diskspec import DiskSpec
 from pvio.toolstack.vifspec import VifSpec
 
@@ -97,19 +99,27 @@ def vbd_add(domid: int, disk: DiskSpec, params: str, backend_domid: int = 0, bac
     return ops
 
 
-def vbd_remove_request(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
+def remove_request(domid: int, devid: int, backend_domid: int = 0, kind: str = "vbd") -> list[XsOp]:
     """libxl__initiate_device_generic_remove: online=0 and backend state=Closing."""
-    be = backend_path(backend_domid, domid, devid)
+    be = backend_path(backend_domid, domid, devid, kind)
     return [XsOp("write", f"{be}/online", "0"), XsOp("write", f"{be}/state", XENBUS_STATE_CLOSING)]
 
 
-def vbd_destroy(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
-    """After both ends are Closed: remove the three directories."""
+def destroy(domid: int, devid: int, backend_domid: int = 0, kind: str = "vbd") -> list[XsOp]:
+    """After both ends are Closed: remove the three directories (libxl__device_destroy)."""
     return [
-        XsOp("rm", frontend_path(domid, devid)),
-        XsOp("rm", backend_path(backend_domid, domid, devid)),
-        XsOp("rm", libxl_path(domid, devid)),
+        XsOp("rm", frontend_path(domid, devid, kind)),
+        XsOp("rm", backend_path(backend_domid, domid, devid, kind)),
+        XsOp("rm", libxl_path(domid, devid, kind)),
     ]
+
+
+def vbd_remove_request(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
+    return remove_request(domid, devid, backend_domid, "vbd")
+
+
+def vbd_destroy(domid: int, devid: int, backend_domid: int = 0) -> list[XsOp]:
+    return destroy(domid, devid, backend_domid, "vbd")
 
 
 def domain_add(domid: int, name: str) -> list[XsOp]:
@@ -150,7 +160,7 @@ def vif_add(domid: int, devid: int, vif: VifSpec, backend_domid: int = 0) -> lis
         "frontend-id": str(domid),
         "online": "1",
         "state": XENBUS_STATE_INITIALISING,
-        "script": vif.script,
+        "script": script_path(vif.script) if vif.script else "",  # libxl writes it absolute
         "mac": vif.mac,
         "bridge": vif.bridge,
         "handle": str(devid),

@@ -4,7 +4,9 @@ A Xen backend (blkback's vbds, netback's vifs) watches
 ``/local/domain/<domid>/backend/<kind>/<frontend-domid>/<devid>``: a directory that
 appears is a device to serve, one that goes away (or whose XenBus end finished) is
 stopped, and while served its driver's counters are published under ``statistics/``
-once a second, as Linux's backends show them in sysfs.  `BackendService` is that loop,
+once a second, as Linux's backends show them in sysfs.  A device the toolstack is
+removing (``online`` = 0) is not served again once its end unregistered, while the
+toolstack finishes the removal.  `BackendService` is that loop,
 once; each device kind says how a device is opened (`_add`), closed (`_close`) and
 counted (`_stats_keys`).
 """
@@ -92,6 +94,8 @@ class BackendService(Generic[D]):
                 for devid in await self._list(f"{self.root}/{fe}"):
                     present.add(f"{self.root}/{fe}/{devid}")
             for path in sorted(present - set(self.devices) - set(self.failed)):
+                if await self.xs.read_or(f"{path}/online", None) == b"0":
+                    continue  # being removed (unregistered, its directory not gone yet): not again
                 await self._add(path)
             for path, d in list(self.devices.items()):
                 if path not in present or d.end.done.is_set():
