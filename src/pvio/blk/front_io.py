@@ -67,7 +67,7 @@ class FrontBlockIO:
 
     # -- BlockBackend ------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         if 0 < length <= self.max_request_bytes and not (offset | length) % self.unit:
             # The common case (one request): the data comes straight out of the pages.
             disk = self._disk()
@@ -76,7 +76,7 @@ class FrontBlockIO:
             return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
-        return bytes(buf)
+        return buf  # handed to the NBD reply as it is: no second copy of a large read
 
     # -- the short way (`pvio.storage.backend.Submitting`) -----------------------------
 
