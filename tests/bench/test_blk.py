@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -43,8 +44,23 @@ def test_counters_from_a_driver_domains_statistics() -> None:
                    "notify_from_frontend_per_request": 0.02,
                    "frontend_kicks_exact": 0,
                    "requests_per_batch": 10.0, "grant_hypercalls_per_request": 0.2,
-                   "backend_round_trips_per_request": 0.0}
+                   "backend_round_trips_per_request": 0.0, "guest_cpu_us_per_request": 0.0,
+                   "backend_cpu_us_per_request": 0.0, "hypervisor_cpu_us_per_request": 0.0}
     assert Counters().per_request()["notifications_per_request"] == 0  # no division by zero
+    ticks = 1e6 / os.sysconf("SC_CLK_TCK")  # CPU time: clock ticks of /proc/<pid>/stat
+    cpu = Counters(requests=100, guest_cpu_ticks=3, backend_cpu_ticks=2, hypervisor_cpu_ticks=1).per_request()
+    assert cpu["guest_cpu_us_per_request"] == pytest.approx(3 * ticks / 100)
+    assert cpu["backend_cpu_us_per_request"] == pytest.approx(2 * ticks / 100)
+    assert cpu["hypervisor_cpu_us_per_request"] == pytest.approx(ticks / 100)
+
+
+def test_cpu_ticks_of_a_process_and_of_none() -> None:
+    assert blk._cpu_ticks(os.getpid()) >= 0 and blk._cpu_ticks(0) == 0
+    start = blk._cpu_ticks(os.getpid())
+    deadline = time.monotonic() + 10
+    while blk._cpu_ticks(os.getpid()) == start:  # burn CPU until a tick is counted
+        assert time.monotonic() < deadline
+        sum(range(10000))
 
 
 class FakeUp:
