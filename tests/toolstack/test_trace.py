@@ -41,6 +41,15 @@ def test_follow_switches_on_and_off_and_writes_the_events(tmp_path: Path) -> Non
     assert flow_id(1, 2, 3) == flow_id(1, 2, 3) != flow_id(1, 2, 4)  # both ends compute alike
 
 
+def guest_requests(up: UpProcess) -> int:
+    """blkfront's requests so far, from the guest's status file (0 before it has one)."""
+    try:
+        status = json.loads(up.paths.status("guest1").read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(int((d.get("statistics") or {}).get("requests", 0)) for d in status.get("disks", []))
+
+
 @pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
 def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
     up = UpProcess(tmp_path / "s", "--disk", f"vdev=xvda, size=32M, target={tmp_path / 'a.img'}").start()
@@ -52,6 +61,11 @@ def test_a_session_on_a_running_stack(tmp_path: Path) -> None:
                                 "--name=large", "--rw=write", "--bs=1M", "--iodepth=2", "--size=8m",
                                 "--offset=16m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
+            # fio is doing I/O before the session starts (the guest counts its requests)
+            deadline = time.monotonic() + 30
+            while guest_requests(up) < 100:
+                assert fio.poll() is None and time.monotonic() < deadline, "fio did no I/O"
+                time.sleep(0.05)
             r = subprocess.run([sys.executable, "-m", "pvio", "trace", "--state-dir", str(up.state_dir),
                                 "--seconds", "2", "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")],
                                capture_output=True, text=True, timeout=60)
