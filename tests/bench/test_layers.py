@@ -101,7 +101,8 @@ def test_direct_io_uring_command() -> None:
     assert argv == ["fio", "--ioengine=io_uring", "--filename=/img", "--name=4k-randread-qd32",
                     "--rw=randread", "--bs=4k", "--iodepth=32", "--size=256m",
                     "--output-format=json", "--runtime=5.0", "--time_based",
-                    "--ramp_time=0.5"]
+                    "--ramp_time=1.0"]
+    assert fio.ramp_time(2.0) == 0.5 and fio.ramp_time(0.5) == 0.5  # short runs, a short ramp
     assert {w.name for w in fio.STANDARD_JOBS} >= set(nbd.QUICK_WORKLOADS)
     assert load_benchmark("nbd") is nbd.SUITE
 
