@@ -19,7 +19,7 @@ and reports medians with min and max and the ratios pvio / qemu-nbd and pvio / d
 
 Per-request counters come from blkback's own statistics (`pvio.blk.backend.BlkbackStats`),
 which the driver domain writes into its status file every second, and from blkfront's
-(`pvio.blk.frontend.BlkfrontStats`), which the guest writes into its own: after each fio
+(`pvio.blk.front_queue.BlkfrontStats`), which the guest writes into its own: after each fio
 run the benchmark waits for the next refresh and takes the difference from the previous
 one, so each run's counters are exactly that run's (plus the handful of requests of
 fio's NBD connection set-up).  Reported per subject and workload (``extra.counters``),

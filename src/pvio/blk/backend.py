@@ -70,6 +70,7 @@ from pvio.blk.back_grants import BackGrants
 from pvio.blk.back_io import Work, disk_io, disk_io_now
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
+from pvio.blk.polling import POLL_WINDOW_US, poll_for
 from pvio.blk.request import (
     BlkifRequest,
     BlkifRequestError,
@@ -118,6 +119,7 @@ class BlkbackRing:
         persistent_limit: int = MAX_PGRANTS,
         max_indirect_segments: int = 0,
         sector_size: int = SECTOR_SIZE,
+        poll_window_us: int = POLL_WINDOW_US,
         bounce_pages: int = DEFAULT_BOUNCE_PAGES,
         pgrant_timeout: float = PGRANT_TIMEOUT,
     ) -> None:
@@ -127,6 +129,7 @@ class BlkbackRing:
         self._ring_ref = 0
         self.disk = disk
         self.max_in_flight = max_in_flight
+        self.poll_window_us = poll_window_us
         self.info = DiskInfo(
             sectors=disk.info.size // sector_size * sector_size // SECTOR_SIZE,
             read_only=disk.info.read_only,
@@ -242,9 +245,11 @@ class BlkbackRing:
     # T:640 The loop: batches, a bound, and the final check
     # The loop takes every request the ring offers, up to the in-flight bound, as one
     # batch, starts that batch's work as a task and comes straight back for more: disk
-    # I/O of one batch overlaps the next batch's mapping.  When nothing is left it asks
-    # for a kick with RING_FINAL_CHECK_FOR_REQUESTS (req_event = req_cons + 1, a full
-    # fence, req_prod read again) and sleeps only if that still finds nothing.  At the
+    # I/O of one batch overlaps the next batch's mapping.  When nothing is left it keeps
+    # looking for a short window (`pvio.blk.polling`: what comes meanwhile needed no
+    # kick), then asks for a kick with RING_FINAL_CHECK_FOR_REQUESTS (req_event =
+    # req_cons + 1, a full fence, req_prod read again) and sleeps only if that still
+    # finds nothing.  At the
     # bound it counts oo_req (Linux's "out of requests") and waits for a batch to finish.
     # :T
     async def _run(self) -> None:
@@ -261,6 +266,8 @@ class BlkbackRing:
                 if raws:
                     await self._take_batch(raws)
                     continue
+                if await poll_for(lambda: self._stopping or bool(ring.unconsumed_requests()), self.poll_window_us):
+                    continue  # came while we looked: no kick was needed (pvio.blk.polling)
                 if ring.final_check_for_requests():
                     continue
                 await self._wait()

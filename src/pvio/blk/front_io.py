@@ -29,6 +29,7 @@ from pvio.abi.blkif import (
 )
 from pvio.blk.keys import BackendDisk
 from pvio.blk.shadow import Submitted
+from pvio.storage.backend import BackendInfo
 
 
 class FrontBlockIO:
@@ -59,6 +60,19 @@ class FrontBlockIO:
     def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
                 done: Submitted) -> bool:
         raise NotImplementedError
+
+    @property
+    def info(self) -> BackendInfo:
+        disk = self._disk()
+        return BackendInfo(
+            size=disk.size,
+            read_only=disk.read_only,
+            min_block=self.unit,
+            preferred_block=max(4096, disk.physical_sector_size),
+            can_flush=disk.feature_flush_cache or disk.feature_barrier,
+            can_fua=disk.feature_flush_cache or disk.feature_barrier,
+            can_trim=disk.feature_discard and not disk.read_only,
+        )
 
     @property
     def unit(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from pvio.abi.blkif import BlkifABI
 from pvio.blk.front_grants import FrontGrants
@@ -27,6 +28,16 @@ from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import FrontRing, SharedRing
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlkfrontStats:
+    requests: int = 0
+    notify_sent: int = 0
+    notify_received: int = 0
+    pushes: int = 0
+    reissued: int = 0
+    grant_waits: int = 0
 
 
 class RequestIds(asyncio.Semaphore):

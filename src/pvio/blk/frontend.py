@@ -60,7 +60,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pvio.abi.blkif import (
     ABI_NATIVE,
@@ -77,8 +76,9 @@ from pvio.abi.grant_table import GREFS_PER_GRANT_FRAME
 from pvio.blk.errors import DeviceBroken, DeviceBusy
 from pvio.blk.front_grants import PURGE_INTERVAL, FrontGrants
 from pvio.blk.front_io import FrontBlockIO
-from pvio.blk.front_queue import FrontQueue, pick, write_indirect
+from pvio.blk.front_queue import BlkfrontStats, FrontQueue, pick, write_indirect
 from pvio.blk.keys import BackendDisk
+from pvio.blk.polling import PollWindow
 from pvio.blk.request import (
     Segment,
     build_discard,
@@ -91,7 +91,6 @@ from pvio.blk.shadow import BackendProtocolError, Pending, Shadow, Submitted, st
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import RingBroken
-from pvio.storage.backend import BackendInfo
 from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 log = logging.getLogger(__name__)
@@ -102,16 +101,6 @@ MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
 #: Segments an indirect request carries at most unless told otherwise (Linux blkfront's
 #: max_indirect_segments default)
 DEFAULT_INDIRECT_SEGMENTS = 32
-
-
-@dataclass
-class BlkfrontStats:
-    requests: int = 0
-    notify_sent: int = 0
-    notify_received: int = 0
-    pushes: int = 0
-    reissued: int = 0
-    grant_waits: int = 0
 
 
 class BlkFront(FrontBlockIO):
@@ -152,6 +141,9 @@ class BlkFront(FrontBlockIO):
         self.max_indirect_segments = 0
         self._purger: asyncio.TimerHandle | None = None
         self.grants = FrontGrants(domain, backend_domid, on_wait=self._grant_wait, check=self._check_broken)
+        #: before the response handler sleeps, it polls (`pvio.blk.polling`)
+        self._window = PollWindow(lambda: any([self._poll(q, arm=False) for q in self.queues]),
+                                  self._outstanding, self.poll)
 
     def set_ring_order(self, order: int, queues: int | None = None) -> None:
         """Choose the rings' size (and number) before the first `setup_ring`."""
@@ -238,19 +230,6 @@ class BlkFront(FrontBlockIO):
     @property
     def max_request_bytes(self) -> int:
         return max(BLKIF_MAX_SEGMENTS_PER_REQUEST, self.max_indirect_segments) * PAGE_SIZE
-
-    @property
-    def info(self) -> BackendInfo:
-        disk = self._disk()
-        return BackendInfo(
-            size=disk.size,
-            read_only=disk.read_only,
-            min_block=self.unit,
-            preferred_block=max(4096, disk.physical_sector_size),
-            can_flush=disk.feature_flush_cache or disk.feature_barrier,
-            can_fua=disk.feature_flush_cache or disk.feature_barrier,
-            can_trim=disk.feature_discard and not disk.read_only,
-        )
 
     def disk_if_connected(self) -> BackendDisk | None:
         return self.disk
@@ -446,6 +425,7 @@ class BlkFront(FrontBlockIO):
             self.stats.pushes += 1
             if q.push(self.domain):
                 self.stats.notify_sent += 1
+            self._settle(q)
         except RingBroken as e:
             self._break(str(e))
         except OSError as e:  # pragma: no cover - the port is gone: recovery will follow
@@ -461,23 +441,40 @@ class BlkFront(FrontBlockIO):
     # is copied out of the pages, then the grants end; a page goes back to the allocator
     # only when its grant is really free (a backend may still have it mapped).
     # :T
+    def _outstanding(self) -> int:
+        return sum(q.nr_ents - q.shadows.free for q in self.queues)
+
     def _on_event(self, q: FrontQueue, port: int) -> None:
         self.stats.notify_received += 1
-        self._poll(q)
+        self._poll(q, arm=False)
+        self._settle(q)
+
+    def _settle(self, q: FrontQueue) -> None:
+        """Requests in flight and no window looking: poll for a while (a shallow queue)
+        or arm the event (the final check) -- nothing is left unwatched."""
+        if self._window.active or not self._outstanding():
+            return
+        self._window.start()
+        if not self._window.active:
+            self._poll(q)
 
     def poll(self) -> None:
         """Consume every available response of every ring (the interrupt handler)."""
         for q in self.queues:
             self._poll(q)
 
-    def _poll(self, q: FrontQueue) -> None:
-        if self.broken is not None:
-            return
+    def _poll(self, q: FrontQueue, arm: bool = True) -> bool:
+        """Consume q's responses, then (`arm`) the final check; True if there were any."""
+        if self.broken is not None or q.ring is None:
+            return False
+        got = False
         try:
-            for raw in q.responses():
+            for raw in q.responses() if arm else q.ring.take_responses():
+                got = True
                 self._complete(q, *parse_response(self.abi, raw))
         except (RingBroken, BackendProtocolError) as e:
             self._break(str(e))
+        return got
 
     def _complete(self, q: FrontQueue, req_id: int, operation: int, status: int) -> None:
         shadow = q.shadows.complete(req_id, operation)
