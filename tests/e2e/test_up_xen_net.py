@@ -24,19 +24,34 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 (namespaces, TAP, bridge)"
 )
 
+def two_guests(names: tuple[str, str], bridge: str, subnet: int, first: str = "", second: str = "") -> str:
+    """Two guests with a vif each on `bridge`, 10.0.<subnet>.1 and .2, the host at .254;
+    `first`/`second`: more vif keys for each."""
+    return "".join(
+        f'[[domain]]\nname = "{name}"\nvifs = ["mac=00:16:3e:00:{subnet:02x}:0{i + 1}, bridge={bridge}, '
+        f'ip=10.0.{subnet}.{i + 1}/24{more}"]\n\n'
+        for i, (name, more) in enumerate(zip(names, (first, second), strict=True))
+    ) + f'[bridge.{bridge}]\nhost = "10.0.{subnet}.254/24"\n'
+
+
+def iperf_bytes(client: list[str], server: list[str], address: str, port: int, *more: str) -> int:
+    """Bytes one second of iperf3 from `client` to a server in `server` delivered."""
+    assert shutil.which("iperf3"), "iperf3 is not installed (bash tools/install.sh installs it)"
+    listening = subprocess.Popen([*server, "iperf3", "-s", "-1", "-p", str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        r = subprocess.run([*client, "iperf3", "-c", address, "-p", str(port), "-t", "1", *more, "-J"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        return int(json.loads(r.stdout)["end"]["sum_received"]["bytes"])
+    finally:
+        listening.kill()
+        listening.wait()
+
+
 BRIDGE = "pvbrtest0"
-CONFIG = f"""
-[[domain]]
-name = "xnet1"
-vifs = ["mac=00:16:3e:00:0a:01, bridge={BRIDGE}, ip=10.0.10.1/24"]
-
-[[domain]]
-name = "xnet2"
-vifs = ["mac=00:16:3e:00:0a:02, bridge={BRIDGE}, ip=10.0.10.2/24"]
-
-[bridge.{BRIDGE}]
-host = "10.0.10.254/24"
-"""
+CONFIG = two_guests(("xnet1", "xnet2"), BRIDGE, 10)
 
 
 def _ping(where: list[str], address: str) -> subprocess.CompletedProcess[str]:
@@ -62,30 +77,9 @@ def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         r = _ping([], "10.0.10.1")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert shutil.which("iperf3"), "iperf3 is not installed (bash tools/install.sh installs it)"
-        server = subprocess.Popen([*in2, "iperf3", "-s", "-1", "-p", "5298"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            r = subprocess.run([*in1, "iperf3", "-c", "10.0.10.2", "-p", "5298", "-t", "1", "-J"],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-        finally:
-            server.kill()
-            server.wait()
+        assert iperf_bytes(in1, in2, "10.0.10.2", 5298) > 1_000_000
         # TCP guest -> host, into iperf3 in the host's namespace
-        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5299"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            r = subprocess.run([*in1, "iperf3", "-c", "10.0.10.254", "-p", "5299", "-t", "1", "-J"],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-        finally:
-            server.kill()
-            server.wait()
+        assert iperf_bytes(in1, [], "10.0.10.254", 5299) > 1_000_000
         # the segments crossed whole: GSO frames of up to 64 KiB on the rings, at MTU 1500
         up.wait_for(lambda: int(up.domain_status("driver")["statistics"]["/local/domain/0/backend/vif/1/0"]
                                 ["tx_gso"]) > 0, timeout=10, what="GSO frames counted by netback")
@@ -147,18 +141,7 @@ def test_a_xen_guest_with_a_disk_and_two_vifs_next_to_lguest_guests(tmp_path: Pa
 
 
 MQ_BRIDGE = "pvbrmq0"
-MULTI_QUEUE = f"""
-[[domain]]
-name = "xmq1"
-vifs = ["mac=00:16:3e:00:0d:01, bridge={MQ_BRIDGE}, ip=10.0.13.1/24, queues=2"]
-
-[[domain]]
-name = "xmq2"
-vifs = ["mac=00:16:3e:00:0d:02, bridge={MQ_BRIDGE}, ip=10.0.13.2/24"]
-
-[bridge.{MQ_BRIDGE}]
-host = "10.0.13.254/24"
-"""
+MULTI_QUEUE = two_guests(("xmq1", "xmq2"), MQ_BRIDGE, 13, first=", queues=2")
 
 
 def _tap_queues(where: list[str], ifname: str) -> int:
@@ -184,17 +167,8 @@ def test_a_vif_with_two_queues(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr + up.output()
         r = _ping(in1, "10.0.13.254")
         assert r.returncode == 0, r.stdout + r.stderr
-        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", "5297"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)  # several parallel streams: flows the kernels spread over both queues
-            r = subprocess.run([*in1, "iperf3", "-c", "10.0.13.254", "-p", "5297", "-t", "1", "-P", "16", "-J"],
-                               capture_output=True, text=True, timeout=30)
-            assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-            assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
-        finally:
-            server.kill()
-            server.wait()
+        # several parallel streams: flows the kernels spread over both queues
+        assert iperf_bytes(in1, [], "10.0.13.254", 5297, "-P", "16") > 1_000_000
         up.wait_for(lambda: up.domain_status("driver")["statistics"][be].get("queues") == "2",
                     timeout=10, what="netback's two queues")
         # GSO crossed on the queues too: adding a TAP queue kept the device's offloads
