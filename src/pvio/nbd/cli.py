@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from pvio.hypervisor.aio import run
 from pvio.nbd.address import NbdAddress
 from pvio.nbd.client_asyncio import NbdClient
 from pvio.nbd.server_asyncio import DEFAULT_IDLE_TIMEOUT, NbdServer
@@ -65,7 +66,9 @@ def serve(
     if len(set(export_names)) != len(export_names):
         raise click.UsageError("export names must be unique")
     tls = tcp_tls_context(tcp_port is not None, tls_creds, tcp_insecure, "--tcp", "--tls-creds", "--tcp-insecure")
-    asyncio.run(_serve(images, export_names, socket_path, tcp_port, tls, idle_timeout or None, read_only))
+    # on uvloop, as pvio's domains run (`pvio.hypervisor.aio.run`): 4 KiB writes at QD32
+    # came 1.12-1.17x the standard loop's IOPS
+    run(_serve(images, export_names, socket_path, tcp_port, tls, idle_timeout or None, read_only))
 
 
 def tcp_tls_context(
