@@ -362,15 +362,16 @@ class _Connection(asyncio.Protocol):
     # command takes the task above.
     # :T
     def _submit(self, fast: Submitting, cmd: Command) -> bool:
+        if cmd.type != w.NBD_CMD_READ and (cmd.type != w.NBD_CMD_WRITE or cmd.fua):
+            return False
         done = functools.partial(self._fast_done, cmd)
+        self.fast_in_flight += 1  # before: a backend may call `done` before it returns
         if cmd.type == w.NBD_CMD_READ:
             started = fast.submit_read(cmd.offset, cmd.length, done)
-        elif cmd.type == w.NBD_CMD_WRITE and not cmd.fua:
-            started = fast.submit_write(cmd.offset, cmd.data, done)
         else:
-            return False
-        if started:
-            self.fast_in_flight += 1
+            started = fast.submit_write(cmd.offset, cmd.data, done)
+        if not started:
+            self.fast_in_flight -= 1
         return started
 
     def _fast_done(self, cmd: Command, exc: BaseException | None, data: bytes) -> None:
