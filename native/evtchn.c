@@ -146,11 +146,9 @@ static int alloc_unbound(struct evtchn *e, uint16_t remote, int virq)
     evtchn_alloc_unbound_t a = { .dom = DOMID_SELF, .remote_dom = remote };
     int fds[1] = { -1 };
     struct hc_op op = { HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, 1, &a, sizeof a, 0, fds, 1, 0 };
-    int rc = pvio_call(&op, 1);
+    int rc = pvio_call1(&op);
     if (rc)
         return rc;
-    if (op.rc)
-        return op.rc;
     if (op.nr_fds != 1)
         return -EPROTO;
     return add_port(e, a.port, fds[0], -1, virq);
@@ -163,11 +161,9 @@ static int bind_interdomain(struct evtchn *e, uint32_t remote_dom, uint32_t remo
     evtchn_bind_interdomain_t b = { .remote_dom = (domid_t)remote_dom, .remote_port = remote_port };
     int fds[2] = { -1, -1 };
     struct hc_op op = { HYPERVISOR_event_channel_op, EVTCHNOP_bind_interdomain, 1, &b, sizeof b, 0, fds, 2, 0 };
-    int rc = pvio_call(&op, 1);
+    int rc = pvio_call1(&op);
     if (rc)
         return rc;
-    if (op.rc)
-        return op.rc;
     if (op.nr_fds != 2) {
         for (int i = 0; i < op.nr_fds; i++)
             real.close(fds[i]);

@@ -85,11 +85,9 @@ static int get_frames(uint32_t n)
     struct pvio_shareable s = { .nr_frames = want };
     int fds[MAX_SHAREABLE_FRAMES];
     struct hc_op op = { PVIO_HYPERVISOR_domctl, PVIO_DOMCTL_alloc_shareable, 1, &s, sizeof s, 0, fds, (int)want, 0 };
-    int rc = pvio_call(&op, 1);
+    int rc = pvio_call1(&op);
     if (rc)
         return rc;
-    if (op.rc)
-        return op.rc == -ENOSPC ? -ENOSPC : op.rc;
     for (int i = 0; i < op.nr_fds; i++) {
         uint8_t *page = real.mmap(NULL, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[i], 0);
         frames_made++;

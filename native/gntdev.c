@@ -177,7 +177,7 @@ static int map_pages(struct gmap *m, uint8_t *base, int prot)
         mo[i].dom = (domid_t)m->refs[i].domid;
     }
     struct hc_op op = { HYPERVISOR_grant_table_op, GNTTABOP_map_grant_ref, n, mo, n * (uint32_t)sizeof *mo, 0, NULL, 0, 0 };
-    if ((rc = pvio_call(&op, 1)) || (rc = op.rc))
+    if ((rc = pvio_call1(&op)))
         goto out;
     rc = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -329,9 +329,7 @@ static int copy_flush(struct copy_batch *b)
             memcpy(pvio_dom.mem + (size_t)i * PAGE_SIZE + o->source.offset, b->virt[i], o->len);
         }
     struct hc_op op = { HYPERVISOR_grant_table_op, GNTTABOP_copy, b->n, b->ops, b->n * (uint32_t)sizeof b->ops[0], 0, NULL, 0, 0 };
-    int rc = pvio_call(&op, 1);
-    if (!rc)
-        rc = op.rc;
+    int rc = pvio_call1(&op);
     for (uint32_t i = 0; !rc && i < b->n; i++) {
         gnttab_copy_t *o = &b->ops[i];
         if (o->status != GNTST_okay) {

@@ -402,3 +402,9 @@ int pvio_gref_end(uint32_t ref)
             return 1;
     }
 }
+
+int pvio_call1(struct hc_op *op)
+{
+    int rc = pvio_call(op, 1);
+    return rc ? rc : op->rc;
+}

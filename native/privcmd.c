@@ -40,11 +40,9 @@ static int getdomaininfo(struct xen_domctl *dc)
 {
     struct pvio_domaininfo di = { .domid = dc->domain };
     struct hc_op op = { PVIO_HYPERVISOR_domctl, PVIO_DOMCTL_getdomaininfo, 1, &di, sizeof di, 0, NULL, 0, 0 };
-    int rc = pvio_call(&op, 1);
+    int rc = pvio_call1(&op);
     if (rc)
         return rc;
-    if (op.rc)
-        return op.rc;
     struct xen_domctl_getdomaininfo *info = &dc->u.getdomaininfo;
     memset(info, 0, sizeof *info);
     dc->domain = info->domain = di.domid;
@@ -58,8 +56,7 @@ static int getdomaininfo(struct xen_domctl *dc)
 static int evtchn_status(evtchn_status_t *st)
 {
     struct hc_op op = { HYPERVISOR_event_channel_op, EVTCHNOP_status, 1, st, sizeof *st, 0, NULL, 0, 0 };
-    int rc = pvio_call(&op, 1);
-    return rc ? rc : op.rc;
+    return pvio_call1(&op);
 }
 
 /* copy_from_user / copy_to_user: 0, or -EFAULT for memory we cannot read or write. */

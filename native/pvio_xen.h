@@ -94,6 +94,8 @@ extern struct pvio_domain pvio_dom;
 int pvio_connect(void);
 /* Run a batch: 0 (each op's rc in op->rc) or -errno if the connection failed. */
 int pvio_call(struct hc_op *ops, int n);
+/* Run one op: 0, the connection's -errno, or the op's own rc (a negative errno). */
+int pvio_call1(struct hc_op *op);
 /* Handle pushes that already arrived, without waiting. */
 void pvio_poll_pushes(void);
 /* After fork, in the child: forget the parent's domain. */

@@ -39,9 +39,7 @@ static int port_text(int fd)
     evtchn_alloc_unbound_t a = { .dom = DOMID_SELF, .remote_dom = pvio_dom.domid };
     int fds[1] = { -1 };
     struct hc_op op = { HYPERVISOR_event_channel_op, EVTCHNOP_alloc_unbound, 1, &a, sizeof a, 0, fds, 1, 0 };
-    int rc = pvio_call(&op, 1);
-    if (!rc && op.rc)
-        rc = op.rc;
+    int rc = pvio_call1(&op);
     for (int i = 0; i < op.nr_fds; i++)
         real.close(fds[i]); /* the loopback's far end: nobody listens there */
     if (rc)
