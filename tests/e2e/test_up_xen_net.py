@@ -59,12 +59,18 @@ def _ping(where: list[str], address: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
-def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
-    assert not os.path.exists(f"/sys/class/net/{BRIDGE}"), f"{BRIDGE} is left from an earlier run"
+def start_up(tmp_path: Path, config: str, bridge: str) -> PvioUp:
+    """`pvio up` with `config`, once `bridge` is proven not left over from an earlier run."""
+    assert not os.path.exists(f"/sys/class/net/{bridge}"), f"{bridge} is left from an earlier run"
     cfg = tmp_path / "net.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(config)
     up = PvioUp(tmp_path / "state", str(cfg))
     up.start()
+    return up
+
+
+def test_two_xen_guests_on_a_bridge(tmp_path: Path) -> None:
+    up = start_up(tmp_path, CONFIG, BRIDGE)
     in1 = ["ip", "netns", "exec", "pvio-xnet1"]
     in2 = ["ip", "netns", "exec", "pvio-xnet2"]
     try:
@@ -151,11 +157,7 @@ def _tap_queues(where: list[str], ifname: str) -> int:
 
 
 def test_a_vif_with_two_queues(tmp_path: Path) -> None:
-    assert not os.path.exists(f"/sys/class/net/{MQ_BRIDGE}"), f"{MQ_BRIDGE} is left from an earlier run"
-    cfg = tmp_path / "mq.toml"
-    cfg.write_text(MULTI_QUEUE)
-    up = PvioUp(tmp_path / "state", str(cfg))
-    up.start()
+    up = start_up(tmp_path, MULTI_QUEUE, MQ_BRIDGE)
     in1 = ["ip", "netns", "exec", "pvio-xmq1"]
     be = "/local/domain/0/backend/vif/1/0"
     try:
