@@ -48,9 +48,9 @@ async def net_pair(
     front_dom = await hv.create_domain("guest", 4096)
     to_host: list[tuple[bytes, TxFrame]] = []
     to_guest: list[tuple[bytes, RxMeta]] = []
-    back = NetbackQueue(back_dom, front_dom.domid, lambda d, f: to_host.append((d, f)),
+    back = NetbackQueue(back_dom, front_dom.domid, lambda d, f: to_host.append((b"".join(d), f)),
                         rx_stall_timeout=rx_stall_timeout, rx_queue_max=rx_queue_max, rate=rate)
-    front = NetFront(front_dom, back_dom.domid, lambda d, m: to_guest.append((d, m)))
+    front = NetFront(front_dom, back_dom.domid, lambda d, m: to_guest.append((b"".join(d), m)))
     feats = features or BackendFeatures(sg=True, gso_tcpv4=True, gso_tcpv6=True)
     keys = await front.setup_rings(feats)
     rings: FrontendRings = parse_frontend_rings(keys)

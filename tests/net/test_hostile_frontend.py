@@ -53,7 +53,7 @@ async def neighbour(pair: NetPair) -> AsyncIterator[tuple[NetbackQueue, NetFront
     """A second vif served by the same driver domain."""
     dom = await pair.hv.create_domain("neighbour", 2048)
     got: list[bytes] = []
-    back = NetbackQueue(pair.back_dom, dom.domid, lambda d, f: got.append(d))
+    back = NetbackQueue(pair.back_dom, dom.domid, lambda d, f: got.append(b"".join(d)))
     front = NetFront(dom, pair.back_dom.domid, lambda d, m: None)
     await back.connect(parse_frontend_rings(await front.setup_rings(BackendFeatures(sg=True))))
     try:

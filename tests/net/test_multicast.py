@@ -40,8 +40,8 @@ async def controlled_pair() -> AsyncIterator[NetPair]:
     front_dom = await hv.create_domain("guest", 4096)
     to_host: list[tuple[bytes, TxFrame]] = []
     to_guest: list[tuple[bytes, RxMeta]] = []
-    back = NetbackQueue(back_dom, front_dom.domid, lambda d, f: to_host.append((d, f)))
-    front = NetFront(front_dom, back_dom.domid, lambda d, m: to_guest.append((d, m)))
+    back = NetbackQueue(back_dom, front_dom.domid, lambda d, f: to_host.append((b"".join(d), f)))
+    front = NetFront(front_dom, back_dom.domid, lambda d, m: to_guest.append((b"".join(d), m)))
     keys = await front.setup_rings(BackendFeatures(sg=True, multicast_control=True))
     rings = parse_frontend_rings(keys | {"request-multicast-control": "1"})
     assert rings.multicast_control

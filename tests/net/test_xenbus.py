@@ -21,7 +21,7 @@ from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
 from pvio.net.backend import NetbackQueue
 from pvio.net.multiqueue import select_queue
-from pvio.net.slots import TxFrame
+from pvio.net.slots import FrameParts, TxFrame
 from pvio.net.xenbus_backend import NetbackService, VifConfig
 from pvio.net.xenbus_frontend import GuestVif, attach_vif, detach_vif
 from pvio.toolstack import vifspec, xslayout
@@ -44,7 +44,8 @@ class ListHost:
     got_queue: list[int] = field(default_factory=list)
     queues: list[NetbackQueue] = field(default_factory=list)
 
-    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None:
+    def deliver(self, parts: FrameParts, frame: TxFrame, queue: int) -> None:
+        data = b"".join(parts)
         self.got.append(data)
         self.got_queue.append(queue)
         for other in self.hosts.values():
@@ -130,7 +131,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 async def attach(w: World, domid: int, got: list[bytes], queues: int = 1) -> GuestVif:
     dom, xs = w.guests[domid]
-    return await attach_vif(dom, xs, 0, lambda d, m: got.append(d), queues=queues)
+    return await attach_vif(dom, xs, 0, lambda d, m: got.append(b"".join(d)), queues=queues)
 
 
 @asynctest

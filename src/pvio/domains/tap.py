@@ -40,7 +40,7 @@ import struct
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pvio.abi.linux_if import (
@@ -227,6 +227,10 @@ class TapInterface:
             return False
         return True
 
+    def write_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bool:
+        """Write one frame given in pieces; False if the TAP would block."""
+        return self.write_frame(b"".join(parts))
+
     def close(self) -> None:
         self.close_device()
         if self.netns:
@@ -397,6 +401,9 @@ class TapLink:
         if not self._queue and self.tap.write_frame(frame):
             self.stats.tx_frames += 1
             return
+        self._enqueue(frame)
+
+    def _enqueue(self, frame: Frame) -> None:
         if len(self._queue) >= self.queue_limit:
             self.stats.tx_dropped += 1
             return
@@ -404,6 +411,14 @@ class TapLink:
         if self._loop is not None and not self._writing:
             self._writing = True
             self._loop.add_writer(self.tap.fd, self._writable)
+
+    def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """`send` for a frame in pieces, which may be views valid only during the call:
+        written at once, or copied into the queue."""
+        if not self._queue and self.tap.write_parts(parts):
+            self.stats.tx_frames += 1
+            return
+        self._enqueue(b"".join(parts))
 
     def _writable(self) -> None:
         while self._queue:

@@ -63,8 +63,8 @@ from pvio.domains.tap import (
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
 from pvio.net.frontend import BackendFeatures, RxMeta
-from pvio.net.offload import VNET_HDR_SIZE, parse_vnet_header, vnet_header
-from pvio.net.slots import TxFrame
+from pvio.net.offload import VNET_HDR_SIZE, parse_vnet_header, vnet_parts
+from pvio.net.slots import FrameParts, TxFrame
 from pvio.net.xenbus_backend import VifConfig
 from pvio.net.xenbus_frontend import GuestVif, attach_vif, detach_vif
 from pvio.xenstore.client import AsyncClient
@@ -91,6 +91,13 @@ class VnetTap(TapInterface):
     def write_frame(self, frame: Frame) -> bool:
         try:
             os.write(self.fd, frame)
+        except BlockingIOError:
+            return False
+        return True
+
+    def write_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bool:
+        try:
+            os.writev(self.fd, parts)
         except BlockingIOError:
             return False
         return True
@@ -157,18 +164,18 @@ class TapVifHost:
             gso, csum_blank = parse_vnet_header(raw)
         except ValueError:
             gso, csum_blank, queue = None, False, None
-        if queue is None or not queue.transmit(bytes(raw[VNET_HDR_SIZE:]), gso, csum_blank):
+        if queue is None or not queue.transmit(memoryview(raw)[VNET_HDR_SIZE:], gso, csum_blank):
             self.dropped += 1
 
-    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None:
-        hdr = vnet_header(data, frame.gso, frame.csum_blank, bool(frame.flags & n.NETTXF_data_validated))
-        if hdr is None:  # a blank checksum nobody can finish (xen-netback drops it too)
+    def deliver(self, data: FrameParts, frame: TxFrame, queue: int) -> None:
+        parts = vnet_parts(data, frame.gso, frame.csum_blank, bool(frame.flags & n.NETTXF_data_validated))
+        if parts is None:  # a blank checksum nobody can finish (xen-netback drops it too)
             self.dropped += 1
             return
         # Written through the fd of the queue that carried it: tun's flow steering then
         # sends the flow's replies out of that fd, into the same queue's receive ring.
         links = self.links
-        (links[queue] if queue < len(links) else links[0]).send(hdr + data)
+        (links[queue] if queue < len(links) else links[0]).send_parts(parts)
 
     def attach(self, queues: Sequence[NetbackQueue]) -> None:
         self.queues = list(queues)
@@ -273,15 +280,15 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
     for devid in devids:
         holder: list[GuestNet] = []
 
-        def to_tap(data: bytes, meta: RxMeta, holder: list[GuestNet] = holder) -> None:
+        def to_tap(data: FrameParts, meta: RxMeta, holder: list[GuestNet] = holder) -> None:
             if not holder:
                 return
             net = holder[0]
-            hdr = vnet_header(data, meta.gso, meta.csum_blank, bool(meta.flags & n.NETRXF_data_validated))
-            if hdr is None:
+            parts = vnet_parts(data, meta.gso, meta.csum_blank, bool(meta.flags & n.NETRXF_data_validated))
+            if parts is None:
                 net.dropped += 1
             else:  # into the TAP queue of the ring it came on
-                (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send(hdr + data)
+                (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send_parts(parts)
 
         try:
             vif = await attach_vif(dom, xs, devid, to_tap, queues=(queues or {}).get(devid, 1))
@@ -314,7 +321,7 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
                     gso, csum_blank = parse_vnet_header(raw)
                     fronts = net.vif.fronts  # the kernel picked the queue: its fd's ring
                     front = fronts[index] if index < len(fronts) else fronts[0]
-                    if not front.send(raw[VNET_HDR_SIZE:], gso, csum_blank):
+                    if not front.send(memoryview(raw)[VNET_HDR_SIZE:], gso, csum_blank):
                         net.dropped += 1
                 except Exception:  # a broken device, a frame netif cannot carry: dropped
                     net.dropped += 1

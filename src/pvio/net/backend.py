@@ -12,10 +12,13 @@ Transmit (guest → host), one turn:
 
 1. take every request the tx ring offers (each copied out of shared memory once) and
    sort them into frames with `pvio.net.slots.parse_tx`, which makes xen-netback's checks;
-2. fetch every slot of every good frame with ONE batched GNTTABOP_copy into netback's
-   own pages (a grant the frontend did not give fails only its frame: NETIF_RSP_ERROR);
-3. answer every slot (extra-info slots NETIF_RSP_NULL), push with
-   RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, and hand each frame to `deliver`.
+2. fetch every slot of every good frame: through the pages kept mapped (map transport)
+   or with ONE batched GNTTABOP_copy into netback's own pages (a grant the frontend did
+   not give fails only its frame: NETIF_RSP_ERROR);
+3. hand each frame to `deliver` in pieces -- in the map transport the live views of its
+   slots, so the host end writes them to the TAP with no copy by Python -- and only then
+   answer every slot (extra-info slots NETIF_RSP_NULL) and push with
+   RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: once answered, the frontend reuses the pages.
 
 Receive (host → guest): `transmit(frame)` queues a frame (bounded: a full queue drops,
 as Linux's rx_queue_max does).  A turn takes as many queued frames as the posted receive
@@ -58,6 +61,7 @@ from pvio.hypervisor.client import Domain, GrantMapping
 from pvio.hypervisor.errors import HypercallError
 from pvio.net.pages import GuestPages
 from pvio.net.slots import (
+    FrameParts,
     Gso,
     NetifFatal,
     TxFrame,
@@ -129,12 +133,13 @@ class FrontendRings:
 class RxFrame:
     """A frame waiting for the guest's receive buffers."""
 
-    data: bytes
+    data: bytes | memoryview
     gso: Gso | None = None
     csum_blank: bool = False
 
 
-Deliver = Callable[[bytes, TxFrame], None]
+#: The host end of a queue: a frame from the guest, in pieces valid during the call only
+Deliver = Callable[[FrameParts, TxFrame], None]
 
 
 def tx_ring(pages: memoryview) -> SharedRing:
@@ -234,7 +239,7 @@ class NetbackQueue:
 
     # -- the host's frames, for the guest ------------------------------------------------
 
-    def transmit(self, data: bytes, gso: Gso | None = None, csum_blank: bool = False) -> bool:
+    def transmit(self, data: bytes | memoryview, gso: Gso | None = None, csum_blank: bool = False) -> bool:
         """Queue a frame for the guest; False if it was dropped (queue full, vif down)."""
         if not self.carrier and self.disabled is None and self._rx is not None:
             try:
@@ -258,7 +263,7 @@ class NetbackQueue:
         self._wake.set()
         return True
 
-    def _mcast_wanted(self, data: bytes) -> bool:
+    def _mcast_wanted(self, data: bytes | memoryview) -> bool:
         """xenvif_mcast_match: with multicast control on, a multicast (not broadcast)
         destination must be one of the frontend's groups."""
         dest = bytes(data[:6])
@@ -370,7 +375,7 @@ class NetbackQueue:
         batch = parse_tx(raws)
         responses = list(batch.immediate)
         st.tx_dropped += batch.dropped
-        good: list[tuple[TxFrame, bytes]] = []
+        good: list[tuple[TxFrame, FrameParts]] = []
         data_frames = [f for f in batch.frames if f.slots]
         for f in batch.frames:
             if not f.slots:  # multicast control only
@@ -385,13 +390,11 @@ class NetbackQueue:
                     continue
                 self._apply_mcast(f)
                 good.append((f, data))
-        if batch.fatal is not None:
-            # The frames before the fault are answered and delivered; then the vif stops.
-            self._respond_tx(responses)
-            self._deliver(good)
-            raise batch.fatal
-        self._respond_tx(responses)
+        # Delivered before answered: a frame's pieces may be views of its slots' pages.
         self._deliver(good)
+        self._respond_tx(responses)
+        if batch.fatal is not None:
+            raise batch.fatal  # the frames before the fault went through; the vif stops
 
     def _apply_mcast(self, f: TxFrame) -> bool:
         """xenvif_mcast_add/del; False when an ADD found the list full (-ENOSPC)."""
@@ -407,12 +410,13 @@ class NetbackQueue:
                 self.multicast.remove(addr)  # the first match only, as Linux
         return ok
 
-    def _deliver(self, good: list[tuple[TxFrame, bytes]]) -> None:
+    def _deliver(self, good: list[tuple[TxFrame, FrameParts]]) -> None:
         st = self.stats
         for f, data in good:
+            length = f.length
             st.tx_frames += 1
-            st.tx_bytes += len(data)
-            self._credit -= len(data)
+            st.tx_bytes += length
+            self._credit -= length
             st.tx_slots += len(f.slots)
             if f.gso is not None:
                 st.tx_gso += 1

@@ -15,8 +15,8 @@ difference in how grants live:
   it accepts (only those the backend offered).
 - Each ring id owns one page of the guest's memory, granted once when the rings are
   set up and kept for the connection: transmit pages read-only, receive pages
-  writable.  netback copies (GNTTABOP_copy), it never keeps a mapping, so a page whose
-  response came back is free to reuse at once.  Linux grants and revokes per slot; here
+  writable.  netback copies (GNTTABOP_copy) or, trusted with the map transport, keeps
+  them mapped; either way a page whose response came back is free to reuse at once.  Linux grants and revokes per slot; here
   a frame costs no grant-table operation at all on the guest's side.
 - `send(frame, gso, csum_blank)` cuts a frame into page-sized slots (more_data on all
   but the last, the GSO extra-info after the first when the backend accepts GSO), copies
@@ -27,8 +27,9 @@ difference in how grants live:
   id is its ring index (as Linux's netfront), reposted as soon as its response is consumed, and netback is kicked only if it asked
   (feature-rx-notify: it asks for as many buffers as its next frame needs).
 - The event channel's handler drains both rings' responses, then makes both final
-  checks.  Received slots are joined into frames (more_data, the GSO extra) and handed
-  to `on_frame`.  A backend that answers an id not in flight, says a piece lies outside
+  checks.  Received slots are gathered into frames (more_data, the GSO extra) and
+  handed to `on_frame` in pieces: views of the receive pages, valid during the call
+  (the buffers are posted again after it), so the guest's TAP writes them with no copy.  A backend that answers an id not in flight, says a piece lies outside
   its page, or publishes an impossible rsp_prod breaks the device (`broken`), and
   nothing crashes.
 
@@ -53,7 +54,7 @@ from pvio.abi import netif as n
 from pvio.abi.ring import XEN_PAGE_SIZE
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import rx_ring, tx_ring
-from pvio.net.slots import Gso
+from pvio.net.slots import FrameParts, Gso
 from pvio.ring import FrontRing, RingBroken
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class NetfrontBroken(Exception):
 
 @dataclass
 class _RxPartial:
-    pieces: list[bytes] = field(default_factory=list)
+    pieces: list[bytes | memoryview] = field(default_factory=list)
     meta: RxMeta = field(default_factory=RxMeta)
     error: bool = False
     want_extra: bool = False
@@ -128,7 +129,7 @@ class NetFront:
     """The guest end of one vif queue (see the module notes)."""
 
     def __init__(self, domain: Domain, backend_domid: int,
-                 on_frame: Callable[[bytes, RxMeta], None], *, queue_id: int = 0) -> None:
+                 on_frame: Callable[[FrameParts, RxMeta], None], *, queue_id: int = 0) -> None:
         self.domain = domain
         self.backend_domid = backend_domid
         self.on_frame = on_frame
@@ -235,6 +236,7 @@ class NetFront:
         tx = self._tx
         if tx is None:
             return False
+        frame = memoryview(frame)  # its pages are sliced, not copied
         length = len(frame)
         if not 0 < length <= MAX_FRAME:
             raise ValueError(f"a frame is 1..{MAX_FRAME} bytes, not {length}")
@@ -399,7 +401,7 @@ class NetFront:
                     if offset + status > XEN_PAGE_SIZE:
                         raise NetfrontBroken(f"rx response id {i}: {offset}+{status} is outside its page")
                     base = self._rx_pages[i] * XEN_PAGE_SIZE + offset
-                    p.pieces.append(bytes(mem[base : base + status]))
+                    p.pieces.append(mem[base : base + status])
                 p.more = bool(flags & n.NETRXF_more_data)
             # A frame ends with its last data piece, and its extras read (a one-piece GSO
             # frame's extra comes after its only data response).
@@ -408,17 +410,18 @@ class NetFront:
             self._partial = _RxPartial()
             self._deliver(p)
             p = self._partial
+        if p.pieces:  # a frame not finished in this batch: its buffers are posted again
+            p.pieces = [bytes(piece) for piece in p.pieces]
 
     def _deliver(self, p: _RxPartial) -> None:
         if p.error:
             self.stats.rx_errors += 1
             return
-        data = b"".join(p.pieces)
         p.meta.queue = self.queue_id
         self.stats.rx_frames += 1
-        self.stats.rx_bytes += len(data)
+        self.stats.rx_bytes += sum(len(piece) for piece in p.pieces)
         try:
-            self.on_frame(data, p.meta)
+            self.on_frame(p.pieces, p.meta)
         except Exception:  # pragma: no cover - the guest side's bug
             log.exception("netfront: delivering a frame failed")
 

@@ -11,6 +11,12 @@ them by parsing the frame's IP and TCP/UDP headers (xenvif's checksum_setup); so
 anything else cannot be finished by anyone: `vnet_header` says so (None) and the frame
 is dropped, as xen-netback drops it.
 
+`vnet_parts` does the same for a frame in pieces (the slots of a ring, written to the TAP
+with one `writev`): it copies the frame's first HEAD_COPY bytes and reads the offsets
+from that copy, so the header the kernel gets always describes the bytes it gets, however
+the other end changes its pages meanwhile -- Linux's netback likewise copies the first
+XEN_NETBACK_TX_COPY_LEN (128) bytes and leaves the rest in the granted pages.
+
 `parse_vnet_header` reads the other way: a TAP's frame becomes netif's gso/csum_blank.
 """
 
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 from pvio.abi import linux_if as lif
 from pvio.abi import netif as n
-from pvio.net.slots import Gso
+from pvio.net.slots import FrameParts, Gso
 
 VNET_HDR_SIZE = lif.VIRTIO_NET_HDR.size
 _HDR = lif.VIRTIO_NET_HDR.packer
@@ -28,9 +34,11 @@ _TO_VIRTIO = {n.XEN_NETIF_GSO_TYPE_TCPV4: lif.VIRTIO_NET_HDR_GSO_TCPV4,
               n.XEN_NETIF_GSO_TYPE_TCPV6: lif.VIRTIO_NET_HDR_GSO_TCPV6}
 _TO_XEN = {v: k for k, v in _TO_VIRTIO.items()}
 _TCP, _UDP = 6, 17
+#: The bytes of a frame's head copied before its headers are read (XEN_NETBACK_TX_COPY_LEN)
+HEAD_COPY = 128
 
 
-def l4_offsets(frame: bytes | memoryview) -> tuple[int, int, int] | None:
+def l4_offsets(frame: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
     """(csum_start, csum_offset, transport header length) of a TCP or UDP frame over
     IPv4 or IPv6 (no extension headers), or None."""
     if len(frame) < 34:
@@ -52,7 +60,7 @@ def l4_offsets(frame: bytes | memoryview) -> tuple[int, int, int] | None:
     return None
 
 
-def vnet_header(frame: bytes | memoryview, gso: Gso | None, csum_blank: bool,
+def vnet_header(frame: bytes | bytearray | memoryview, gso: Gso | None, csum_blank: bool,
                 data_validated: bool = False) -> bytes | None:
     """The virtio_net_hdr that writes `frame` to a TAP, or None if its blank checksum
     cannot be located (the frame must be dropped)."""
@@ -68,6 +76,30 @@ def vnet_header(frame: bytes | memoryview, gso: Gso | None, csum_blank: bool,
     if gso_type is None or offset != 16:  # GSO is TCP only
         return None
     return _HDR.pack(lif.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, start + l4len, gso.size, start, offset)
+
+
+def vnet_parts(parts: FrameParts, gso: Gso | None, csum_blank: bool,
+               data_validated: bool = False) -> list[bytes | bytearray | memoryview] | None:
+    """The buffers of one `writev` of a frame in pieces to a TAP: its virtio_net_hdr, then
+    the frame, its head copied (see the module notes); None if its blank checksum cannot
+    be located (the frame must be dropped)."""
+    if not csum_blank and gso is None:  # nothing is read from the frame: no copy
+        return [_VALID if data_validated else _PLAIN, *parts]
+    head = bytearray()
+    rest: list[bytes | bytearray | memoryview] = []
+    for part in parts:
+        need = HEAD_COPY - len(head)
+        if need <= 0:
+            rest.append(part)
+            continue
+        view = memoryview(part)
+        head += view[:need]
+        if len(view) > need:
+            rest.append(view[need:])
+    hdr = vnet_header(head, gso, csum_blank, data_validated)
+    if hdr is None:
+        return None
+    return [hdr, head, *rest]
 
 
 def parse_vnet_header(raw: bytes | memoryview) -> tuple[Gso | None, bool]:
@@ -86,4 +118,4 @@ def parse_vnet_header(raw: bytes | memoryview) -> tuple[Gso | None, bool]:
     return Gso(gso_size, xen), True
 
 
-__all__ = ["VNET_HDR_SIZE", "l4_offsets", "parse_vnet_header", "vnet_header"]
+__all__ = ["HEAD_COPY", "VNET_HDR_SIZE", "l4_offsets", "parse_vnet_header", "vnet_header", "vnet_parts"]

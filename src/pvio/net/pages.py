@@ -22,7 +22,7 @@ from pvio.abi import netif as n
 from pvio.abi.ring import XEN_PAGE_SIZE
 from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
 from pvio.hypervisor.errors import GrantError, HypercallError
-from pvio.net.slots import TxFrame
+from pvio.net.slots import FrameParts, TxFrame
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class GuestPages:
         """Live views of the frontend's pages (gref, read-only), mapped once and kept;
         None where the frontend did not grant the page so."""
         cache = self.mapped
+        try:  # the steady state: every page already mapped
+            return [cache[k].view for k in keys]
+        except KeyError:
+            pass
         missing = list(dict.fromkeys(k for k in keys if k not in cache))
         if missing:
             if len(cache) + len(missing) > PERSISTENT_LIMIT:
@@ -74,12 +78,13 @@ class GuestPages:
             except (OSError, HypercallError):
                 pass
 
-    async def fetch(self, frames: list[TxFrame]) -> list[bytes | None]:
+    async def fetch(self, frames: list[TxFrame]) -> list[FrameParts | None]:
         """Every slot of `frames`, by persistent mappings or ONE GNTTABOP_copy; None
-        where a grant failed."""
+        where a grant failed.  With persistent mappings a frame is its slots' live views
+        (no copy: valid until the slots are answered); copied, one bytes object."""
         if self.persistent:
             views = await self.views([(s.gref, True) for f in frames for s in f.slots])
-            out: list[bytes | None] = []
+            out: list[FrameParts | None] = []
             k = 0
             for f in frames:
                 mine = views[k : k + len(f.slots)]
@@ -87,8 +92,8 @@ class GuestPages:
                 if any(v is None for v in mine):
                     out.append(None)
                 else:
-                    out.append(b"".join(v[s.offset : s.offset + s.size]  # type: ignore[index]
-                                        for v, s in zip(mine, f.slots, strict=True)))
+                    out.append([v[s.offset : s.offset + s.size]  # type: ignore[index]
+                                for v, s in zip(mine, f.slots, strict=True)])
             return out
         nslots = sum(len(f.slots) for f in frames)
         pages = self.domain.alloc_pages(nslots)
@@ -113,8 +118,8 @@ class GuestPages:
                 if any(st != gt.GNTST_okay for st in got):
                     out.append(None)
                 else:
-                    out.append(b"".join(self.domain.frame(pages[k + j])[: s.size]
-                                        for j, s in enumerate(f.slots)))
+                    out.append([b"".join(self.domain.frame(pages[k + j])[: s.size]
+                                         for j, s in enumerate(f.slots))])
                 k += len(f.slots)
             return out
         finally:

@@ -54,7 +54,7 @@ from pvio.net.keys import (
     parse_rate,
 )
 from pvio.net.multiqueue import total_stats
-from pvio.net.slots import TxFrame
+from pvio.net.slots import FrameParts, TxFrame
 from pvio.xenbus import Backend, XenbusDevice
 from pvio.xenbus.service import BackendService, Served
 from pvio.xenstore.client import AsyncClient
@@ -120,7 +120,7 @@ class VifHost(Protocol):
     index of the queue that carried them), frames for the guest come out through the
     queues `attach` was given (none: the frontend is not connected)."""
 
-    def deliver(self, data: bytes, frame: TxFrame, queue: int) -> None: ...
+    def deliver(self, data: FrameParts, frame: TxFrame, queue: int) -> None: ...
     def attach(self, queues: Sequence[NetbackQueue]) -> None: ...
     async def close(self) -> None: ...
 
@@ -187,10 +187,10 @@ class NetbackDevice:
             self.host.attach(queues)
         return True
 
-    def _deliver_from(self, index: int) -> Callable[[bytes, TxFrame], None]:
+    def _deliver_from(self, index: int) -> Callable[[FrameParts, TxFrame], None]:
         host = self.host
 
-        def deliver(data: bytes, frame: TxFrame) -> None:
+        def deliver(data: FrameParts, frame: TxFrame) -> None:
             host.deliver(data, frame, index)
 
         return deliver

@@ -32,7 +32,7 @@ from pvio.hypervisor.client import Domain
 from pvio.net.frontend import NetFront, RxMeta
 from pvio.net.keys import BACKEND_FEATURE_KEYS, frontend_keys, parse_backend_features
 from pvio.net.multiqueue import select_queue
-from pvio.net.slots import Gso
+from pvio.net.slots import FrameParts, Gso
 from pvio.xenbus import Frontend, XenbusDevice
 from pvio.xenstore.client import AsyncClient
 
@@ -152,7 +152,7 @@ class GuestVif:
 
 
 async def attach_vif(dom: Domain, xs: AsyncClient, devid: int,
-                     on_frame: Callable[[bytes, RxMeta], None], *, queues: int = 1) -> GuestVif:
+                     on_frame: Callable[[FrameParts, RxMeta], None], *, queues: int = 1) -> GuestVif:
     """Run netfront for /local/domain/<domid>/device/vif/<devid> until it is Connected,
     with up to `queues` queues (Linux: the xen_netfront.max_queues parameter)."""
     node = f"/local/domain/{dom.domid}/device/vif/{devid}"
