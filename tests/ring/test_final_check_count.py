@@ -1,4 +1,4 @@
-"""RING_FINAL_CHECK_FOR_REQUESTS with a count: a back end waiting for N requests at once."""
+"""RING_FINAL_CHECK_FOR_REQUESTS/RESPONSES with a count: an end waiting for N at once."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def test_need_across_the_index_wrap() -> None:
     assert front.push_requests_and_check_notify()
     assert back.final_check_for_requests(4)
     assert back.final_check_for_requests()  # the default is one
+
+
+def test_need_sets_rsp_event_that_far_ahead() -> None:
+    front, back, sring = _pair()
+    front.put_requests([bytes(8)] * 4)
+    front.push_requests_and_check_notify()
+    back.take_requests()
+    assert not front.final_check_for_responses(3)
+    assert sring.snapshot()[3] == 3  # rsp_event = rsp_cons + 3
+    back.put_responses([bytes(8)] * 2)
+    assert not back.push_responses_and_check_notify()  # two are not enough: no kick
+    assert not front.final_check_for_responses(3)
+    back.put_response(bytes(8))
+    assert back.push_responses_and_check_notify()  # the third is: kick
+    assert front.final_check_for_responses(3)
+    assert front.final_check_for_responses()  # the default is one

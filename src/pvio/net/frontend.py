@@ -336,16 +336,25 @@ class NetFront:
         self.stats.notify_received += 1
         self.poll()
 
+    # T:1075 netfront asks for transmit completions by the half
+    # A transmit response only gives a slot back, and nothing waits for one slot: netfront
+    # asks to be woken when half of the requests in flight are answered (rsp_event that
+    # far ahead, as Linux's netfront long did), and takes whatever answers are there
+    # whenever it wakes for anything else, such as the receive ring.  A sender blocked
+    # on a full ring is woken when half of it is free.
+    # :T
     def poll(self) -> None:
         """Consume both rings' responses (the interrupt handler)."""
-        if self.broken is not None or self._tx is None or self._rx is None:
+        tx, rx = self._tx, self._rx
+        if self.broken is not None or tx is None or rx is None:
             return
         try:
             while True:
-                self._tx_done(self._tx.take_responses())
-                self._rx_done(self._rx.take_responses())
+                self._tx_done(tx.take_responses())
+                self._rx_done(rx.take_responses())
                 self._post_rx()
-                if not (self._tx.final_check_for_responses() | self._rx.final_check_for_responses()):
+                half = max(1, ((tx.req_prod_pvt - tx.rsp_cons) & 0xFFFF_FFFF) // 2)
+                if not (tx.final_check_for_responses(half) | rx.final_check_for_responses()):
                     break
         except (RingBroken, NetfrontBroken) as e:
             self._break(str(e))

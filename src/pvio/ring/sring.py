@@ -337,16 +337,20 @@ class FrontRing(_End):
         self.rsp_cons = (cons + avail) & _M
         return out
 
-    def final_check_for_responses(self) -> bool:
+    def final_check_for_responses(self, need: int = 1) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: True if responses are pending (do not sleep).
 
         Otherwise rsp_event is set to ask for a notification on the very next response.
+        With `need` above 1 the question is "are `need` responses pending", and the
+        notification is asked for when the `need`-th arrives (a netfront reclaiming its
+        transmit slots when half of those in flight are done, as Linux's did:
+        rsp_event = prod + ((req_prod - prod) >> 1) + 1).
         """
         self._check_usable()
-        if self._validated_responses(self._sidx.load_rsp_prod()):
+        if self._validated_responses(self._sidx.load_rsp_prod()) >= need:
             return True
-        prod = self._sidx.set_rsp_event_and_load_rsp_prod((self.rsp_cons + 1) & _M)
-        return self._validated_responses(prod) > 0
+        prod = self._sidx.set_rsp_event_and_load_rsp_prod((self.rsp_cons + need) & _M)
+        return self._validated_responses(prod) >= need
 
     def __repr__(self) -> str:
         return (f"<FrontRing req_prod_pvt={self.req_prod_pvt:#x} rsp_cons={self.rsp_cons:#x} "
