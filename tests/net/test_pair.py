@@ -119,6 +119,28 @@ def test_many_frames_are_batched_with_few_notifications() -> None:
     run(body())
 
 
+def test_transmit_completions_wake_netfront_by_the_half() -> None:
+    """netfront's rsp_event on the transmit ring lies half the requests in flight ahead,
+    and a ring filled to the last slot is still woken and drained."""
+    async def body() -> None:
+        async with net_pair() as pair:
+            tx = pair.front._tx
+            assert tx is not None
+            frames = [_frame(60) for _ in range(n.NET_TX_RING_SIZE)]
+            for f in frames:  # fill the ring while netback is held back
+                assert pair.front.send(f)
+            assert not pair.front.send(_frame(60))  # full: this is what the wake-up is for
+            await wait_for(lambda: len(pair.to_host) == len(frames))
+            await wait_for(lambda: pair.front.tx_room() == n.NET_TX_RING_SIZE)  # woken, drained
+            # Now idle: poll sets rsp_event; with 10 in flight it is 5 ahead, not 1.
+            for f in frames[:10]:
+                assert pair.front.send(f)
+            pair.front.poll()
+            assert (tx.sring.snapshot()[3] - tx.rsp_cons) & 0xFFFF_FFFF == 5
+
+    run(body())
+
+
 def test_rx_ring_never_refilled_stalls_then_drops_and_nothing_crashes() -> None:
     async def body() -> None:
         async with net_pair(rx_stall_timeout=0.2, rx_queue_max=1000) as pair:
