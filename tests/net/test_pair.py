@@ -119,6 +119,25 @@ def test_many_frames_are_batched_with_few_notifications() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("transport", ["map", "copy"])
+def test_a_frame_is_delivered_before_its_slots_are_answered(transport: str) -> None:
+    """The pieces netback delivers may be views of the guest's pages, which the guest
+    reuses once answered: the delivery sees them unanswered, and whole."""
+    async def body() -> None:
+        async with net_pair(transport=transport) as pair:
+            tx = pair.front._tx
+            assert tx is not None
+            seen: list[tuple[int, bytes]] = []
+            pair.back.deliver = lambda parts, f: seen.append((tx.sring.snapshot()[2], b"".join(parts)))
+            frame = _frame(9000)
+            assert pair.front.send(frame)
+            await wait_for(lambda: bool(seen))
+            assert seen == [(0, frame)]  # rsp_prod still 0 while the frame was delivered
+            await wait_for(lambda: tx.sring.snapshot()[2] == 3)  # then its three slots answered
+
+    run(body())
+
+
 def test_transmit_completions_wake_netfront_by_the_half() -> None:
     """netfront's rsp_event on the transmit ring lies half the requests in flight ahead,
     and a ring filled to the last slot is still woken and drained."""
