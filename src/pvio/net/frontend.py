@@ -16,7 +16,8 @@ difference in how grants live:
 - Each ring id owns one page of the guest's memory, granted once when the rings are
   set up and kept for the connection: transmit pages read-only, receive pages
   writable.  netback copies (GNTTABOP_copy) or, trusted with the map transport, keeps
-  them mapped; either way a page whose response came back is free to reuse at once.  Linux grants and revokes per slot; here
+  them mapped; either way a page whose response came back is free to reuse at once.
+  Linux grants and revokes per slot; here
   a frame costs no grant-table operation at all on the guest's side.
 - `send(frame, gso, csum_blank)` cuts a frame into page-sized slots (more_data on all
   but the last, the GSO extra-info after the first when the backend accepts GSO), copies
@@ -24,12 +25,14 @@ difference in how grants live:
   RING_PUSH_REQUESTS_AND_CHECK_NOTIFY.  No free ids: `send` returns False, and
   `wait_tx_room` waits (back-pressure for the TAP reader).
 - Receive buffers are posted ahead: every free slot of the rx ring holds a request whose
-  id is its ring index (as Linux's netfront), reposted as soon as its response is consumed, and netback is kicked only if it asked
-  (feature-rx-notify: it asks for as many buffers as its next frame needs).
+  id is its ring index (as Linux's netfront), reposted as soon as its response is
+  consumed, and netback is kicked only if it asked (feature-rx-notify: it asks for as
+  many buffers as its next frame needs).
 - The event channel's handler drains both rings' responses, then makes both final
   checks.  Received slots are gathered into frames (more_data, the GSO extra) and
   handed to `on_frame` in pieces: views of the receive pages, valid during the call
-  (the buffers are posted again after it), so the guest's TAP writes them with no copy.  A backend that answers an id not in flight, says a piece lies outside
+  (the buffers are posted again after it), so the guest's TAP writes them with no copy.
+  A backend that answers an id not in flight, says a piece lies outside
   its page, or publishes an impossible rsp_prod breaks the device (`broken`), and
   nothing crashes.
 
@@ -353,7 +356,7 @@ class NetFront:
                 self._tx_done(tx.take_responses())
                 self._rx_done(rx.take_responses())
                 self._post_rx()
-                half = max(1, ((tx.req_prod_pvt - tx.rsp_cons) & 0xFFFF_FFFF) // 2)
+                half = max(1, (tx.nr_ents - tx.free_requests()) // 2)  # of those in flight
                 if not (tx.final_check_for_responses(half) | rx.final_check_for_responses()):
                     break
         except (RingBroken, NetfrontBroken) as e:

@@ -75,8 +75,9 @@ def write_gate() -> WriteGate:
 # is one system call and done; otherwise the kernel says EAGAIN at once and the read goes
 # to a small thread pool.  Writes do the same with `pwritev` where the file system allows
 # it; where it does not (ext4), a write of whole pages is made inline while the kernel's
-# dirty pages are far from the level where it throttles writers (`WriteGate`).  FUA writes use RWF_DSYNC, FLUSH is fdatasync, TRIM punches a hole and WRITE_ZEROES
-# zeroes a range with fallocate(2) — all in the pool, so a slow disk stalls only the
+# dirty pages are far from the level where it throttles writers (`WriteGate`).  FUA
+# writes use RWF_DSYNC, FLUSH is fdatasync, TRIM punches a hole and WRITE_ZEROES zeroes
+# a range with fallocate(2) — all in the pool, so a slow disk stalls only the
 # requests waiting for it.  blkback, the NBD server and the lguest Launcher share this file.
 # :T
 
