@@ -326,6 +326,42 @@ def test_bad_write_payload_is_drained_in_pieces() -> None:
     assert len(conn._in) == 0  # drained, not buffered
 
 
+def test_a_write_payload_can_be_read_straight_into_its_buffer() -> None:
+    conn = connected()
+    payload = bytes(range(256)) * 64  # 16 KiB
+    assert conn.payload_view() is None  # no write under way
+    assert conn.receive_data(request(w.NBD_CMD_WRITE, 8192, len(payload), cookie=7) + payload[:100]) == []
+    # What came with the header went into the payload; the rest is read into its view.
+    view = conn.payload_view()
+    assert view is not None and len(view) == len(payload) - 100
+    view[:1000] = payload[100:1100]
+    assert conn.payload_received(1000) == []
+    view = conn.payload_view()
+    assert view is not None and len(view) == len(payload) - 1100
+    view[:] = payload[1100:]
+    (cmd,) = conn.payload_received(len(view))
+    assert isinstance(cmd, Command) and (cmd.cookie, cmd.offset, cmd.length) == (7, 8192, len(payload))
+    assert bytes(cmd.data) == payload
+    assert conn.payload_view() is None and conn.buffered == 0
+    # Header and payload through receive_data alone give the same command.
+    (again,) = conn.receive_data(request(w.NBD_CMD_WRITE, 8192, len(payload), cookie=8) + payload)
+    assert isinstance(again, Command) and bytes(again.data) == payload
+
+
+def test_payload_view_only_while_the_next_bytes_are_all_payload() -> None:
+    conn = connected("ro")  # a rejected write's payload is drained, never viewed
+    conn.receive_data(request(w.NBD_CMD_WRITE, 0, 4096, cookie=1))
+    assert conn.payload_view() is None
+    conn = connected()
+    with pytest.raises(LocalProtocolError):
+        conn.payload_received(1)  # no view was given
+    conn.receive_data(request(w.NBD_CMD_WRITE, 0, 4096, cookie=1))
+    with pytest.raises(LocalProtocolError):
+        conn.payload_received(4097)  # more than the view holds
+    conn.output_blocked = True  # parsing held: read into the adapter's own buffer instead
+    assert conn.payload_view() is None
+
+
 def test_monstrous_write_is_a_violation() -> None:
     conn = connected()
     events = conn.receive_data(request(w.NBD_CMD_WRITE, 0, 0xFFFFFFFF, cookie=3))

@@ -85,7 +85,7 @@ class Command:
     flags: int
     offset: int
     length: int
-    data: bytes = b""  # the payload of NBD_CMD_WRITE
+    data: bytes | memoryview = b""  # the payload of NBD_CMD_WRITE (a view of its own buffer)
 
     @property
     def fua(self) -> bool:

@@ -1,9 +1,13 @@
 """What an NBD client asks, checked before anything acts on it: transmission requests
 against the export (`validate_request`) and the data of NBD_OPT_INFO/NBD_OPT_GO
-(`parse_info_request`).  Pure functions of bytes and numbers, used by `pvio.nbd.server`.
+(`parse_info_request`), and what the server answers: the NBD_REP_INFO data
+(`info_replies`) and the wire error for a backend failure (`nbd_error_for`).  Pure
+functions of bytes and numbers, used by `pvio.nbd.server` and its adapter.
 """
 
 from __future__ import annotations
+
+import errno
 
 from pvio.abi.fault import Fault
 from pvio.nbd import wire as w
@@ -93,3 +97,45 @@ def parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | str:
         return f"{count} info requests in {len(rest)} bytes"
     requests = frozenset(int.from_bytes(rest[i : i + 2], "big") for i in range(0, len(rest), 2))
     return name, requests
+
+
+def info_replies(export: Export, requests: frozenset[int]) -> list[bytes]:
+    """The data of the NBD_REP_INFO replies NBD_OPT_INFO and NBD_OPT_GO send for `export`:
+    NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE (whether asked for or not, as the protocol
+    allows), then the name and description if asked for."""
+    info = export.info
+    out = [
+        w.INFO_EXPORT.pack(info=w.NBD_INFO_EXPORT, exportsize=info.size, eflags=export.transmission_flags),
+        w.INFO_BLOCK_SIZE.pack(
+            info=w.NBD_INFO_BLOCK_SIZE,
+            minimum=info.min_block,
+            preferred=info.preferred_block,
+            maximum=info.max_block,
+        ),
+    ]
+    if w.NBD_INFO_NAME in requests:
+        out.append(w.INFO_NAME_OR_DESC.pack(info=w.NBD_INFO_NAME) + export.name.encode())
+    if w.NBD_INFO_DESCRIPTION in requests and export.description:
+        out.append(w.INFO_NAME_OR_DESC.pack(info=w.NBD_INFO_DESCRIPTION) + export.description.encode())
+    return out
+
+
+# OSError errno -> NBD error.  "SHOULD map EDQUOT and EFBIG to ENOSPC"; anything else is EIO.
+_ERRNO_TO_NBD = {
+    errno.ENOSPC: w.NBD_ENOSPC,
+    errno.EDQUOT: w.NBD_ENOSPC,
+    errno.EFBIG: w.NBD_ENOSPC,
+    errno.EPERM: w.NBD_EPERM,
+    errno.EROFS: w.NBD_EPERM,
+    errno.EACCES: w.NBD_EPERM,
+    errno.ENOMEM: w.NBD_ENOMEM,
+    errno.EINVAL: w.NBD_EINVAL,
+    errno.EOPNOTSUPP: w.NBD_ENOTSUP,
+}
+
+
+def nbd_error_for(exc: BaseException) -> int:
+    """The wire error for a backend failure."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_TO_NBD.get(exc.errno, w.NBD_EIO)
+    return w.NBD_EIO

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 `NbdServerConnection` is one client connection's protocol state and nothing else.  The
 adapter (`pvio.nbd.server_asyncio`) writes `data_to_send()` to the socket, passes what it
-reads to `receive_data()`, and acts on the events that come back:
+reads to `receive_data()` (or, while a write's payload is due, reads into
+`payload_view()` and calls `payload_received()`), and acts on the events that come back:
 
 * `ExportChosen` — the handshake is over (NBD_OPT_GO or NBD_OPT_EXPORT_NAME); commands
   for that export follow.
@@ -79,7 +80,7 @@ from pvio.nbd.events import (
     OptionRejected,
     StartTls,
 )
-from pvio.nbd.requests import data_bytes, parse_info_request, validate_request
+from pvio.nbd.requests import data_bytes, info_replies, parse_info_request, validate_request
 
 #: Option data larger than this is streamed past and answered NBD_REP_ERR_TOO_BIG: the
 #: largest legal option (NBD_OPT_GO: a 4096-byte name and a few info requests) is far less.
@@ -123,6 +124,17 @@ class _Draining:
     then: Callable[[], None] | None = None
 
 
+@dataclass
+class _Payload:
+    """A valid write's payload being received: straight into `buf`, its own buffer."""
+
+    cookie: int
+    flags: int
+    offset: int
+    buf: bytearray
+    filled: int = 0
+
+
 # T:720 The handshake, as a table
 # A connection starts with the server's greeting (NBDMAGIC, IHAVEOPT, and the handshake
 # flags FIXED_NEWSTYLE and NO_ZEROES); the client answers with its own flags, and any flag
@@ -162,7 +174,7 @@ class NbdServerConnection:
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._option: _PendingOption | None = None
-        self._write_header: tuple[int, int, int, int] | None = None  # cookie, flags, off, len
+        self._payload: _Payload | None = None
         self._draining: _Draining | None = None
         self._next_tag = 0
         self._in_flight: dict[int, Command] = {}
@@ -233,6 +245,22 @@ class NbdServerConnection:
         events, self._events = self._events, []
         return events
 
+    def payload_view(self) -> memoryview | None:
+        """The unfilled end of a write's payload buffer if the next bytes all belong there,
+        for the adapter to read into (then `payload_received`); else None: `receive_data`."""
+        p = self._payload
+        if p is None or self._in or not self.reading_wanted:
+            return None
+        return memoryview(p.buf)[p.filled :]
+
+    def payload_received(self, n: int) -> list[Event]:
+        """`n` bytes were read into the `payload_view()`; returns the events they complete."""
+        p = self._payload
+        if p is None or self._in or n > len(p.buf) - p.filled:
+            raise LocalProtocolError(f"payload_received({n}) without a payload_view of that size")
+        p.filled += n
+        return self.receive_data(b"")
+
     def tls_started(self) -> None:
         """The TLS handshake that followed `StartTls` is done: haggling goes on over TLS."""
         if not self._starttls_pending:
@@ -277,16 +305,14 @@ class NbdServerConnection:
         bytes are needed.  A unit that consumes 0 bytes always changes state, so the
         parsing loop always ends."""
         if self._draining is not None:
-            return self._drain(pos)
+            return self._drain(self._draining, pos)
         if self.state is State.CLIENT_FLAGS:
             return self._client_flags(pos)
         if self.state is State.OPTIONS:
             return self._option_step(pos)
         return self._transmission_step(pos)
 
-    def _drain(self, pos: int) -> int | None:
-        d = self._draining
-        assert d is not None
+    def _drain(self, d: _Draining, pos: int) -> int | None:
         n = min(d.remaining, self._avail(pos))
         d.remaining -= n
         if d.remaining == 0:
@@ -458,34 +484,8 @@ class NbdServerConnection:
         if refusal is not None:
             self._option_error(option, w.NBD_REP_ERR_POLICY, "export", refusal)
             return
-        self._option_reply(
-            option,
-            w.NBD_REP_INFO,
-            w.INFO_EXPORT.pack(
-                info=w.NBD_INFO_EXPORT, exportsize=info.size, eflags=export.transmission_flags
-            ),
-        )
-        # Block sizes go out whether asked for or not, as the protocol allows.
-        self._option_reply(
-            option,
-            w.NBD_REP_INFO,
-            w.INFO_BLOCK_SIZE.pack(
-                info=w.NBD_INFO_BLOCK_SIZE,
-                minimum=info.min_block,
-                preferred=info.preferred_block,
-                maximum=info.max_block,
-            ),
-        )
-        if w.NBD_INFO_NAME in requests:
-            self._option_reply(
-                option, w.NBD_REP_INFO, w.INFO_NAME_OR_DESC.pack(info=w.NBD_INFO_NAME) + export.name.encode()
-            )
-        if w.NBD_INFO_DESCRIPTION in requests and export.description:
-            self._option_reply(
-                option,
-                w.NBD_REP_INFO,
-                w.INFO_NAME_OR_DESC.pack(info=w.NBD_INFO_DESCRIPTION) + export.description.encode(),
-            )
+        for info_data in info_replies(export, requests):
+            self._option_reply(option, w.NBD_REP_INFO, info_data)
         self._option_reply(option, w.NBD_REP_ACK)
         if option == w.NBD_OPT_GO:
             self._enter_transmission(export, option)
@@ -510,14 +510,18 @@ class NbdServerConnection:
     # --- transmission ---------------------------------------------------------------------------
 
     def _transmission_step(self, pos: int) -> int | None:
-        if self._write_header is not None:
-            cookie, flags, offset, length = self._write_header
-            if self._avail(pos) < length:
-                return None
-            self._write_header = None
-            data = bytes(self._in[pos : pos + length])
-            self._issue(cookie, w.NBD_CMD_WRITE, flags, offset, length, data)
-            return length
+        p = self._payload
+        if p is not None:
+            n = min(len(p.buf) - p.filled, self._avail(pos))
+            if n:
+                with memoryview(self._in) as view:
+                    p.buf[p.filled : p.filled + n] = view[pos : pos + n]
+                p.filled += n
+            if p.filled < len(p.buf):
+                return n or None
+            self._payload = None
+            self._issue(p.cookie, w.NBD_CMD_WRITE, p.flags, p.offset, len(p.buf), memoryview(p.buf))
+            return n
         if self._avail(pos) < w.REQUEST.size:
             return None
         magic, flags, cmd, cookie, offset, length = w.REQUEST.packer.unpack_from(self._in, pos)
@@ -544,7 +548,7 @@ class NbdServerConnection:
                 # Keep in step: stream the payload past, then answer.
                 self._draining = _Draining(length, lambda: self._reject(cookie, cmd, error))
             else:
-                self._write_header = (cookie, flags, offset, length)
+                self._payload = _Payload(cookie, flags, offset, bytearray(length))
             return w.REQUEST.size
         if error is not None:
             self._reject(cookie, cmd, error)
@@ -576,7 +580,9 @@ class NbdServerConnection:
         )
         self._events.append(CommandRejected(cookie, cmd, error))
 
-    def _issue(self, cookie: int, cmd: int, flags: int, offset: int, length: int, data: bytes) -> None:
+    def _issue(
+        self, cookie: int, cmd: int, flags: int, offset: int, length: int, data: bytes | memoryview
+    ) -> None:
         tag = self._next_tag
         self._next_tag += 1
         command = Command(tag, cookie, cmd, flags, offset, length, data)

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-One `asyncio.Protocol` per connection feeds received bytes to its sans-IO
-`NbdServerConnection` and acts on the events: each validated `Command` becomes a task that
+One `asyncio.BufferedProtocol` per connection feeds received bytes to its sans-IO
+`NbdServerConnection` and acts on the events (a large write's payload is read straight
+into its own buffer, `payload_view`, not copied through a read buffer twice): each validated `Command` becomes a task that
 awaits the export's `BlockBackend` and writes the reply the moment it completes, so a
 connection has many requests in flight and replies leave in completion order (the cookie
 pairs them up on the client's side).  Rejected requests were already answered by the
@@ -66,35 +67,15 @@ from pvio.nbd.events import (
     OptionRejected,
     StartTls,
 )
+from pvio.nbd.requests import nbd_error_for
 from pvio.nbd.server import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, NbdServerConnection
 from pvio.storage.backend import BlockBackend, Submitting
 from pvio.trace import CURRENT_FLOW, TRACE
 
 log = logging.getLogger("pvio.nbd")
 
-# OSError errno -> NBD error.  "SHOULD map EDQUOT and EFBIG to ENOSPC"; anything else is EIO.
-_ERRNO_TO_NBD = {
-    errno.ENOSPC: w.NBD_ENOSPC,
-    errno.EDQUOT: w.NBD_ENOSPC,
-    errno.EFBIG: w.NBD_ENOSPC,
-    errno.EPERM: w.NBD_EPERM,
-    errno.EROFS: w.NBD_EPERM,
-    errno.EACCES: w.NBD_EPERM,
-    errno.ENOMEM: w.NBD_ENOMEM,
-    errno.EINVAL: w.NBD_EINVAL,
-    errno.EOPNOTSUPP: w.NBD_ENOTSUP,
-}
-
-
-def nbd_error_for(exc: BaseException) -> int:
-    """The wire error for a backend failure."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_TO_NBD.get(exc.errno, w.NBD_EIO)
-    return w.NBD_EIO
-
-
 # T:740 Many requests in flight, replies in any order
-# The adapter is an `asyncio.Protocol`: received bytes go into the sans-IO core and each
+# The adapter is an `asyncio.BufferedProtocol`: received bytes go into the sans-IO core and each
 # `Command` it returns becomes a task awaiting the export's backend.  A task writes its
 # reply the moment it completes; replies therefore leave in completion order and the
 # client pairs them up by cookie.  Replies completed in the same turn of the event loop
@@ -118,11 +99,15 @@ DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: The send buffer asked for on every connection (the kernel may grant less).
 SOCKET_SEND_BUFFER = 4 << 20
+#: Reads go into a buffer this large, unless a write's payload is due...
+_READ_CHUNK = 256 << 10
+#: ...with at least this much left to come: then straight into the payload's buffer.
+_PAYLOAD_DIRECT = 64 << 10
 #: Reply pieces at least this large are written on their own rather than joined.
 _JOIN_LIMIT = 64 << 10
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
         self.server = server
         self.tls = tls
@@ -152,8 +137,10 @@ class _Connection(asyncio.Protocol):
         self.last_command = 0.0
         self.tls_task: asyncio.Task[None] | None = None
         self.tls_early = b""
+        self.scratch = memoryview(bytearray(_READ_CHUNK))  # what `get_buffer` reads into
+        self.into: memoryview | None = None  # or a write's payload, from `payload_view`
 
-    # --- asyncio.Protocol ----------------------------------------------------------------------
+    # --- asyncio.BufferedProtocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
@@ -184,7 +171,25 @@ class _Connection(asyncio.Protocol):
             self.core.start_shutdown()
         self._send()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # A large write's payload is read straight into its own buffer (no copy through
+        # the transport's bytes and the core's); everything else into `scratch`.
+        view = self.core.payload_view() if self.tls_task is None or self.tls_task.done() else None
+        if view is not None and len(view) >= _PAYLOAD_DIRECT:
+            self.into = view
+            return view
+        self.into = None
+        return self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.into is not None:
+            self.into = None
+            if not (self.lost or self.transport is None):
+                self._handle(self.core.payload_received(nbytes))
+                self._send()
+                self._flow()
+            return
+        data = self.scratch[:nbytes]
         if self.tls_task is not None and not self.tls_task.done():
             # TLS is up and the client has spoken over it, but `_start_tls` has not
             # resumed yet: keep these bytes for it (at most one read: it resumes first).
@@ -192,7 +197,7 @@ class _Connection(asyncio.Protocol):
             return
         self._feed(data)
 
-    def _feed(self, data: bytes = b"") -> None:
+    def _feed(self, data: bytes | memoryview = b"") -> None:
         """Parse `data` and whatever the core holds buffered, up to its bounds."""
         if self.lost or self.transport is None:
             return
