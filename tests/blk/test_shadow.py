@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pvio.blk.shadow import BackendProtocolError, ShadowTable
+from pvio.blk.shadow import BackendProtocolError, ShadowTable, page_runs
+from pvio.hypervisor.domain import PAGE_SIZE
 
 
 def test_ids_are_reused_and_bounded() -> None:
@@ -51,3 +52,14 @@ def test_reset_returns_in_flight_in_id_order() -> None:
     t.complete(1, 0)
     assert [s.id for s in t.reset()] == [0, 2, 3, 4]
     assert len(t) == 0
+
+
+def test_page_runs_join_consecutive_frames() -> None:
+    P = PAGE_SIZE
+    # 5 pages' worth less 100 bytes in frames 5, 6, 7, 9, 10: two runs, the last one short.
+    assert page_runs([5, 6, 7, 9, 10], 5 * P - 100) == [[0, 5 * P, 3 * P], [3 * P, 9 * P, 2 * P - 100]]
+    assert page_runs([3, 2, 1], 3 * P) == [[0, 3 * P, P], [P, 2 * P, P], [2 * P, P, P]]  # descending: no run
+    assert page_runs([8], 512) == [[0, 8 * P, 512]]
+    # Frames past the data (an indirect request's own pages) are not part of it.
+    assert page_runs([1, 2, 3, 4], 2 * P) == [[0, P, 2 * P]]
+    assert page_runs([], 0) == []

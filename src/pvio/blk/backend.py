@@ -384,7 +384,7 @@ class BlkbackRing:
         keys: list[tuple[int, bool]] = []
         for w in works:
             write = w.io.kind == "write"
-            keys.extend((seg.gref, write) for seg in w.io.segments)
+            keys.extend([(seg.gref, write) for seg in w.io.segments])
         found, transient = await self.grants.map(keys)
         try:
             i = 0
@@ -395,7 +395,8 @@ class BlkbackRing:
                 if len(views) != len(mine):
                     w.status = BLKIF_RSP_ERROR
                     continue
-                w.buffers = [v[seg.offset : seg.offset + seg.length] for v, seg in zip(views, w.io.segments, strict=True)]
+                w.buffers = [v[first * SECTOR_SIZE : (last + 1) * SECTOR_SIZE]
+                             for v, (_, first, last) in zip(views, w.io.segments, strict=True)]
             now = getattr(self.disk, "transfer_now", None)
             waiting = [w for w in works if w.status == BLKIF_RSP_OKAY
                        and not (now is not None and disk_io_now(now, w, self.frontend_domid))]

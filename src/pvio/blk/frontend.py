@@ -87,7 +87,14 @@ from pvio.blk.request import (
     indirect_pages,
     parse_response,
 )
-from pvio.blk.shadow import BackendProtocolError, Pending, Shadow, Submitted, status_error
+from pvio.blk.shadow import (
+    BackendProtocolError,
+    Pending,
+    Shadow,
+    Submitted,
+    page_runs,
+    status_error,
+)
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import RingBroken
@@ -319,12 +326,8 @@ class BlkFront(FrontBlockIO):
             write_indirect(self.domain, self.grants, segs, grefs[npages:], frames[npages:], pending.pooled is None)
         if payload is not None:
             mem = self.domain.memory
-            pos = 0
-            for frame in frames:
-                chunk = payload[pos : pos + PAGE_SIZE]
-                start = frame * PAGE_SIZE
-                mem[start : start + len(chunk)] = chunk
-                pos += PAGE_SIZE
+            for pos, start, n in page_runs(frames[:npages], nbytes):
+                mem[start : start + n] = payload[pos : pos + n]
         if operation == BLKIF_OP_DISCARD:
             return q.shadows.alloc(
                 operation, sector,
@@ -480,25 +483,19 @@ class BlkFront(FrontBlockIO):
         shadow = q.shadows.complete(req_id, operation)
         pending: Pending = shadow.cookie
         q.ids.release()
-        if pending.want_bytes and status == BLKIF_RSP_OKAY:
+        if (pending.want_bytes or pending.read_into is not None) and status == BLKIF_RSP_OKAY:
             mem = self.domain.memory
-            n = pending.nbytes
-            if len(pending.frames) == 1:
-                start = pending.frames[0] * PAGE_SIZE
+            runs = page_runs(pending.frames, pending.nbytes)
+            if not pending.want_bytes:
+                out = pending.read_into
+                assert out is not None
+                for pos, start, n in runs:
+                    out[pos : pos + n] = mem[start : start + n]
+            elif len(runs) == 1:
+                _, start, n = runs[0]
                 pending.data = mem[start : start + n].tobytes()
             else:
-                pending.data = b"".join(
-                    mem[f * PAGE_SIZE : f * PAGE_SIZE + min(PAGE_SIZE, n - i * PAGE_SIZE)]
-                    for i, f in enumerate(pending.frames)
-                )
-        elif pending.read_into is not None and status == BLKIF_RSP_OKAY:
-            mem = self.domain.memory
-            out = pending.read_into
-            pos = 0
-            for frame in pending.frames:
-                n = min(PAGE_SIZE, pending.nbytes - pos)
-                out[pos : pos + n] = mem[frame * PAGE_SIZE : frame * PAGE_SIZE + n]
-                pos += n
+                pending.data = b"".join([mem[start : start + n] for _, start, n in runs])
         if pending.pooled is not None and self.persistent:
             self.grants.give_back(pending.pooled)
         elif pending.pooled is not None:  # persistence was given up meanwhile

@@ -37,6 +37,8 @@ WRITE) as its operation, as Linux blkback answers and blkfront expects.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import starmap
+from typing import NamedTuple
 
 from pvio.abi.blkif import (
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
@@ -69,9 +71,11 @@ from pvio.abi.blkif import (
 # :T
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """struct blkif_request_segment, copied out: one granted page and the sectors used."""
+class Segment(NamedTuple):
+    """struct blkif_request_segment, copied out: one granted page and the sectors used.
+
+    A named tuple, not a dataclass: blkback makes one per page of every request (256 a
+    MiB), and a tuple is built straight from `struct.iter_unpack`'s."""
 
     gref: int
     first_sect: int
@@ -224,7 +228,7 @@ def parse_indirect_segments(request: BlkifRequest, pages: list[bytes]) -> BlkifR
     data = b"".join(pages)
     if len(data) < need:
         raise ValueError(f"{len(pages)} indirect pages hold fewer than {request.nr_segments} segments")
-    segs = tuple(Segment(*v) for v in _SEGMENT.iter_unpack(data[:need]))
+    segs = tuple(map(Segment._make, _SEGMENT.iter_unpack(data[:need])))
     return replace(request, segments=segs)
 
 
@@ -270,19 +274,16 @@ def _validate_rw(
         )
     align = disk.sector_size // SECTOR_SIZE - 1  # 0 for 512-byte sectors
     total = 0
-    for i, seg in enumerate(request.segments):
-        if seg.last_sect >= SECTORS_PER_PAGE or seg.first_sect > seg.last_sect:
+    for i, (_, first, last) in enumerate(request.segments):
+        if last >= SECTORS_PER_PAGE or first > last:
             raise BlkifRequestError(
-                request,
-                BLKIF_RSP_ERROR,
-                f"seg[{i}]",
-                f"sectors {seg.first_sect}..{seg.last_sect} are not inside one page",
+                request, BLKIF_RSP_ERROR, f"seg[{i}]", f"sectors {first}..{last} are not inside one page"
             )
-        if (seg.first_sect | seg.nsect) & align:
+        if (first | (last - first + 1)) & align:
             raise BlkifRequestError(
                 request, BLKIF_RSP_ERROR, f"seg[{i}]", f"not whole {disk.sector_size}-byte sectors"
             )
-        total += seg.nsect
+        total += last - first + 1
     if request.sector_number & align:
         raise BlkifRequestError(
             request, BLKIF_RSP_ERROR, "sector_number", f"not on a {disk.sector_size}-byte sector"
@@ -384,7 +385,7 @@ def build_indirect(
 
 def pack_segments(segments: list[Segment] | tuple[Segment, ...]) -> bytes:
     """The bytes of struct blkif_request_segment[], as written into indirect pages."""
-    return b"".join(_SEGMENT.pack(s.gref, s.first_sect, s.last_sect) for s in segments)
+    return b"".join(starmap(_SEGMENT.pack, segments))
 
 
 def build_response(abi: BlkifABI, req_id: int, operation: int, status: int) -> bytes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pvio.abi.blkif import BLKIF_RSP_EOPNOTSUPP
+from pvio.hypervisor.domain import PAGE_SIZE
 
 #: A submitted request's completion: (None, data) on success -- data is a READ's bytes,
 #: b"" for a WRITE -- or (the error, b"").
@@ -125,6 +126,28 @@ class Pending:
     want_bytes: bool = False  # a READ whose data the caller takes as bytes
     data: bytes = b""
     done: Submitted | None = None
+
+
+def page_runs(frames: list[int], nbytes: int) -> list[list[int]]:
+    """Where `nbytes` of data in `frames` (a page each, the first first) lie, as runs of
+    consecutive frames: [offset in the data, offset in the domain's memory, length].
+
+    Pooled pages are taken and given back a request's worth at a time, so a request's
+    pages are mostly one run: its data is copied in one piece, not a page at a time."""
+    runs: list[list[int]] = []
+    pos = 0
+    prev = -2
+    for frame in frames:
+        if pos >= nbytes:
+            break
+        n = min(PAGE_SIZE, nbytes - pos)
+        if frame == prev + 1:
+            runs[-1][2] += n
+        else:
+            runs.append([pos, frame * PAGE_SIZE, n])
+        prev = frame
+        pos += n
+    return runs
 
 
 def status_error(shadow: Shadow, status: int) -> OSError:
