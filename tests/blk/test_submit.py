@@ -53,6 +53,25 @@ async def test_submitted_reads_and_writes_complete_through_the_callback(tmp_path
 
 
 @asynctest
+async def test_an_indirect_request_takes_the_short_way(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    data = os.urandom(64 * 1024)  # 16 pages: one BLKIF_OP_INDIRECT
+    for persistent in (True, False):
+        async with blk_pair(img, persistent=persistent) as p:
+            await p.front.write(0, bytes(MiB))  # fills the pool
+            assert p.front.max_indirect_segments >= 16
+            wrote, requests = Done(), p.front.stats.requests
+            assert p.front.submit_write(MiB, data, wrote)
+            assert p.front.stats.requests == requests + 1
+            await wrote.wait()
+            read = Done()
+            assert p.front.submit_read(MiB, len(data), read)
+            await read.wait()
+            assert wrote.exc is None and read.exc is None and read.data == data
+            assert p.back.stats.err_req == 0
+
+
+@asynctest
 async def test_submit_says_no_to_what_must_wait_or_cannot_be_one_request(tmp_path: Path) -> None:
     img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
     async with blk_pair(img, persistent=True) as p:

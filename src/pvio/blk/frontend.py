@@ -347,10 +347,10 @@ class BlkFront(FrontBlockIO):
         )
 
     # T:635 The short way: a request put in the caller's own turn of the loop
-    # An NBD READ or WRITE that needs no waiting -- a free id, enough persistent pages
-    # in the pool (or free grant references and pages), the ring running, tracing
-    # off -- is put into the ring by `submit`
-    # at once, and its response calls the caller back from the event handler: no task,
+    # An NBD READ or WRITE that fits one request (an INDIRECT one too: 64 KiB is 16
+    # pages) and needs no waiting -- a free id, enough persistent pages in the pool (or
+    # free grant references and pages), the ring running, tracing off -- is put into
+    # the ring by `submit` at once, and its response calls the caller back from the event handler: no task,
     # no future, no coroutine per request.  Anything else (the first requests, before
     # the pool has pages; a full ring; a device not running) says False, and the
     # caller takes the awaiting way, `_issue`, which waits for what is missing.
@@ -360,7 +360,9 @@ class BlkFront(FrontBlockIO):
         if self.broken is not None or self.unavailable is not None or not self._running.is_set() or TRACE.on:
             return False
         npages = -(-nbytes // PAGE_SIZE)
-        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST or (self.persistent and len(self.grants.pool) < npages):
+        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        if (nind and npages > self.max_indirect_segments) or (
+                self.persistent and len(self.grants.pool) < npages + nind):
             return False
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
@@ -368,16 +370,16 @@ class BlkFront(FrontBlockIO):
             return False
         pooled: list[tuple[int, int]] | None = None
         if self.persistent:
-            pooled = self.grants.take_from_pool(npages)
+            pooled = self.grants.take_from_pool(npages + nind)
             grefs, frames = [r for r, _ in pooled], [f for _, f in pooled]
         else:
-            got = self.grants.claim_now(npages)
+            got = self.grants.claim_now(npages + nind)
             if got is None:
                 q.ids.release()
                 return False
             grefs, frames = got
-        pending = Pending(None, frames, nbytes, None, pooled, operation == BLKIF_OP_READ, done=done)
-        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, 0, grefs, frames, pending)
+        pending = Pending(None, frames[:npages], nbytes, None, pooled, operation == BLKIF_OP_READ, done=done)
+        shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         self._put(q, shadow)
         return True
