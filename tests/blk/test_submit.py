@@ -9,6 +9,7 @@ from pathlib import Path
 
 from blk.pair import asynctest, blk_pair, make_image
 from pvio.blk.errors import DeviceBroken
+from pvio.storage.backend import MemoryBackend
 
 MiB = 1 << 20
 
@@ -72,6 +73,47 @@ async def test_an_indirect_request_takes_the_short_way(tmp_path: Path) -> None:
 
 
 @asynctest
+async def test_a_transfer_of_several_requests_goes_whole_or_not_at_all(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    data = os.urandom(MiB)  # 8 requests of 32 segments
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, bytes(2 * MiB))  # a pool for two such transfers
+        step = p.front.max_request_bytes
+        assert len(data) // step == 8
+        wrote, requests = Done(), p.front.stats.requests
+        assert p.front.submit_write(MiB, data, wrote)
+        assert p.front.stats.requests == requests + 8  # all in the ring at once
+        await wrote.wait()
+        read = Done()
+        assert p.front.submit_read(MiB, MiB, read)
+        await read.wait()
+        assert wrote.exc is None and read.exc is None and read.data == data
+        # With fewer free slots than parts, none goes: the caller takes the awaiting way.
+        nr_ents = p.front.queues[0].nr_ents
+        singles = [Done() for _ in range(nr_ents - 4)]
+        assert all(p.front.submit_read(i * 4096, 4096, d) for i, d in enumerate(singles))
+        requests = p.front.stats.requests
+        assert not p.front.submit_read(MiB, MiB, Done())
+        assert p.front.stats.requests == requests
+        for d in singles:
+            await d.wait()
+        assert await p.front.read(MiB, MiB) == data
+
+
+@asynctest
+async def test_a_failing_part_fails_the_transfer_once(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    disk = MemoryBackend(4 * MiB, fail_at=MiB + 300 * 1024)  # inside the third part
+    async with blk_pair(img, persistent=True, disk=disk) as p:
+        await p.front.write(0, bytes(MiB))
+        read = Done()  # called once (Done asserts it), after every part is answered
+        assert p.front.submit_read(MiB, MiB, read)
+        await read.wait()
+        assert isinstance(read.exc, OSError) and read.data == b""
+        assert p.front.queues[0].shadows.free == p.front.queues[0].nr_ents
+
+
+@asynctest
 async def test_submit_says_no_to_what_must_wait_or_cannot_be_one_request(tmp_path: Path) -> None:
     img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
     async with blk_pair(img, persistent=True) as p:
@@ -79,7 +121,6 @@ async def test_submit_says_no_to_what_must_wait_or_cannot_be_one_request(tmp_pat
         nr_ents = p.front.queues[0].nr_ents
         assert len(p.front.grants.pool) > nr_ents
         assert not p.front.submit_read(100, 4096, Done())  # not whole sectors
-        assert not p.front.submit_read(0, p.front.max_request_bytes + 4096, Done())  # two requests
         assert not p.front.submit_read(4 * MiB - 512, 4096, Done())  # past the end
         assert not p.front.submit_write(0, b"", Done())
         # A slot per request: the ring's worth goes in at once, the next one must wait.

@@ -29,6 +29,7 @@ from pvio.abi.blkif import (
 )
 from pvio.blk.keys import BackendDisk
 from pvio.blk.shadow import Submitted
+from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.storage.backend import BackendInfo
 
 
@@ -58,7 +59,10 @@ class FrontBlockIO:
         raise NotImplementedError
 
     def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
-                done: Submitted) -> bool:
+                done: Submitted, read_into: memoryview | None = None) -> bool:
+        raise NotImplementedError
+
+    def room(self, requests: int, npages: int) -> bool:
         raise NotImplementedError
 
     @property
@@ -95,24 +99,57 @@ class FrontBlockIO:
     # -- the short way (`pvio.storage.backend.Submitting`) -----------------------------
 
     def submit_read(self, offset: int, length: int, done: Submitted) -> bool:
-        """Put one READ of whole sectors in the ring now, `done` called with its data; False
+        """Put a READ of whole sectors in the ring now, `done` called with its data; False
         when it cannot go without waiting (then `read` it)."""
-        if not 0 < length <= self.max_request_bytes or (offset | length) % self.unit:
+        if length <= 0 or (offset | length) % self.unit:
             return False
         disk = self.disk_if_connected()
         if disk is None or offset + length > disk.size:
             return False
+        if length > self.max_request_bytes:
+            return self._submit_parts(BLKIF_OP_READ, offset, length, None, done)
         return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done)
 
     def submit_write(self, offset: int, data: bytes | memoryview, done: Submitted) -> bool:
-        """Put one WRITE (not FUA) of whole sectors in the ring now; False: `write` it."""
+        """Put a WRITE (not FUA) of whole sectors in the ring now; False: `write` it."""
         length = len(data)
-        if not 0 < length <= self.max_request_bytes or (offset | length) % self.unit:
+        if length <= 0 or (offset | length) % self.unit:
             return False
         disk = self.disk_if_connected()
         if disk is None or disk.read_only or offset + length > disk.size:
             return False
+        if length > self.max_request_bytes:
+            return self._submit_parts(BLKIF_OP_WRITE, offset, length, memoryview(data), done)
         return self._submit(BLKIF_OP_WRITE, offset // SECTOR_SIZE, data, length, done)
+
+    def _submit_parts(
+        self, operation: int, offset: int, length: int, data: memoryview | None, done: Submitted
+    ) -> bool:
+        """A transfer of several requests, all put into the ring now or none: a READ into
+        one buffer, `done` called once, when the last is answered (the first error, if any)."""
+        step = self.max_request_bytes
+        parts = -(-length // step)
+        if not self.room(parts, step // PAGE_SIZE):
+            return False
+        buf = bytearray(length) if data is None else None
+        into = memoryview(buf) if buf is not None else None
+        left, failed = [parts], [None]  # type: list[int], list[BaseException | None]
+
+        def part_done(exc: BaseException | None, _: bytes | bytearray) -> None:
+            if exc is not None and failed[0] is None:
+                failed[0] = exc
+            left[0] -= 1
+            if left[0] == 0:
+                done(failed[0], b"" if failed[0] is not None or buf is None else buf)
+
+        for pos in range(0, length, step):
+            n = min(step, length - pos)
+            sector = (offset + pos) // SECTOR_SIZE
+            piece = data[pos : pos + n] if data is not None else None
+            if not self._submit(operation, sector, piece, n, part_done, into[pos : pos + n] if into else None):
+                # `room` said all would go: a part that does not fails, the others complete
+                part_done(OSError(errno.EIO, "blkfront: a request could not be put into the ring"), b"")
+        return True
 
     def disk_if_connected(self) -> BackendDisk | None:
         raise NotImplementedError

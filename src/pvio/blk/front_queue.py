@@ -50,6 +50,10 @@ class RequestIds(asyncio.Semaphore):
         self._value -= 1  # what acquire() does when nothing is waited for
         return True
 
+    def free_now(self) -> int:
+        """How many `try_acquire` would get now."""
+        return 0 if self.locked() else self._value
+
 
 class FrontQueue:
     """One ring of a blkfront (see the module notes)."""

@@ -49,8 +49,7 @@ backend's).  It does what Linux's xen-blkfront does:
   and length, so the NBD export serves the disk directly.
 
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
-directly; the data is copied once, between the caller's bytes and those pages).
-"""
+directly; the data is copied once, between the caller's bytes and those pages)."""
 
 from __future__ import annotations
 
@@ -103,8 +102,6 @@ from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 log = logging.getLogger(__name__)
 
 
-#: Bytes one direct request can carry: 11 segments of a page each.
-MAX_REQUEST_BYTES = BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
 #: Segments an indirect request carries at most unless told otherwise (Linux blkfront's
 #: max_indirect_segments default)
 DEFAULT_INDIRECT_SEGMENTS = 32
@@ -355,15 +352,23 @@ class BlkFront(FrontBlockIO):
     # the pool has pages; a full ring; a device not running) says False, and the
     # caller takes the awaiting way, `_issue`, which waits for what is missing.
     # :T
-    def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
-                done: Submitted) -> bool:
+    def room(self, requests: int, npages: int) -> bool:
+        """Whether `requests` requests of `npages` pages each surely go into the ring now."""
         if self.broken is not None or self.unavailable is not None or not self._running.is_set() or TRACE.on:
             return False
-        npages = -(-nbytes // PAGE_SIZE)
         nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         if (nind and npages > self.max_indirect_segments) or (
-                self.persistent and len(self.grants.pool) < npages + nind):
+                self.persistent and len(self.grants.pool) < (npages + nind) * requests):
             return False
+        return requests == 1 or (self.persistent and len(self.queues) == 1
+                                 and self.queues[0].ids.free_now() >= requests)
+
+    def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
+                done: Submitted, read_into: memoryview | None = None) -> bool:
+        npages = -(-nbytes // PAGE_SIZE)
+        if not self.room(1, npages):
+            return False
+        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
         if not q.ids.try_acquire():
@@ -378,7 +383,8 @@ class BlkFront(FrontBlockIO):
                 q.ids.release()
                 return False
             grefs, frames = got
-        pending = Pending(None, frames[:npages], nbytes, None, pooled, operation == BLKIF_OP_READ, done=done)
+        want_bytes = operation == BLKIF_OP_READ and read_into is None
+        pending = Pending(None, frames[:npages], nbytes, read_into, pooled, want_bytes, done=done)
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         self._put(q, shadow)

@@ -27,7 +27,7 @@ from pvio.hypervisor.domain import PAGE_SIZE
 
 #: A submitted request's completion: (None, data) on success -- data is a READ's bytes,
 #: b"" for a WRITE -- or (the error, b"").
-Submitted = Callable[[BaseException | None, bytes], None]
+Submitted = Callable[[BaseException | None, bytes | bytearray], None]
 
 
 class BackendProtocolError(Exception):

@@ -379,7 +379,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.fast_in_flight -= 1
         return started
 
-    def _fast_done(self, cmd: Command, exc: BaseException | None, data: bytes) -> None:
+    def _fast_done(self, cmd: Command, exc: BaseException | None, data: bytes | bytearray) -> None:
         self.fast_in_flight -= 1
         error = 0
         if exc is not None:
