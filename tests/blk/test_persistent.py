@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 from blk.pair import asynctest, blk_pair, make_image
+from pvio.blk.request import Segment
+from pvio.hypervisor.domain import PAGE_SIZE
 
 MiB = 1 << 20
 
@@ -62,3 +64,22 @@ async def test_one_read_write_mapping_per_persistent_grant(tmp_path: Path) -> No
             await p.front.write(0, data)
             assert await p.front.read(0, MiB) == data
         assert p.back.stats.grant_ops == ops
+
+
+@asynctest
+async def test_kept_views_are_the_guest_pages_or_nothing(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB, fill=False)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, os.urandom(64 * 1024))
+        kept = p.back.grants.kept
+        ref, frame = next((r, f) for r, f in p.front.grants.pool if (r, False) in kept)
+        views = p.back.grants.kept_views((Segment(ref, 1, 2),), 5.0)
+        assert views is not None and len(views[0]) == 1024  # sectors 1..2 of the page
+        base = frame * PAGE_SIZE
+        p.front.domain.memory[base + 512 : base + 1536] = b"x" * 1024
+        assert bytes(views[0]) == b"x" * 1024  # the guest's page itself, not a copy
+        assert p.back.grants.last_used[(ref, False)] == 5.0
+        views[0].release()
+        # One page not kept: no views at all (the caller maps the batch instead).
+        unknown = max(r for r, _ in kept) + 1000
+        assert p.back.grants.kept_views((Segment(ref, 0, 7), Segment(unknown, 0, 7)), 6.0) is None

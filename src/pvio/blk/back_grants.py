@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable
 
 from pvio.abi import grant_table as gt
-from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR
+from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, SECTOR_SIZE
 from pvio.blk.request import (
     BlkifRequest,
     BlkifRequestError,
     DiskInfo,
+    Segment,
     check_indirect,
     parse_indirect_segments,
 )
@@ -64,6 +65,22 @@ class BackGrants:
         self.on_op = on_op  # one grant hypercall batch was made (counted in the statistics)
         self.kept: dict[Key, GrantMapping] = {}
         self.last_used: dict[Key, float] = {}  # when a kept mapping last served a batch
+
+    def kept_views(self, segments: tuple[Segment, ...], now: float) -> list[memoryview] | None:
+        """Each segment's bytes in a kept mapping, when every one is kept -- the steady
+        state of persistent grants, found in one pass -- else None (then `map`)."""
+        kept = self.kept
+        if not kept:
+            return None
+        last_used = self.last_used
+        views = []
+        for gref, first, last in segments:
+            m = kept.get((gref, False))
+            if m is None or m.view is None:
+                return None
+            views.append(m.view[first * SECTOR_SIZE : (last + 1) * SECTOR_SIZE])
+            last_used[(gref, False)] = now
+        return views
 
     async def map(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping | None], list[GrantMapping]]:
         """Each key's mapping (kept or fresh; None if it failed), and the fresh ones not
