@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,11 @@ def test_the_gate_samples_at_most_every_sample_s_and_a_slow_write_shuts_it() -> 
     state[0] = DirtyState(0, 100, 200)
     clock.now += dirty.SAMPLE_S + 1e-6
     assert gate.open(0, 4096)
-    gate.took(dirty.SLOW_S / 2)
+    gate.took(dirty.SLOW_S / 2, lambda: pytest.fail("asked of a quick write"))
     assert gate.open(0, 4096)  # a quick write changes nothing
-    gate.took(dirty.SLOW_S * 2)
+    gate.took(dirty.SLOW_S * 2, lambda: False)
+    assert gate.open(0, 4096) and gate.preempted_writes == 1  # slow, but never slept
+    gate.took(dirty.SLOW_S * 2, lambda: True)
     assert not gate.open(0, 4096) and gate.slow_writes == 1
     clock.now += dirty.PENALTY_S + 1e-6
     assert gate.open(0, 4096)
@@ -120,3 +123,11 @@ def test_rawfile_writes_inline_only_through_an_open_gate(tmp_path: Path, calm: b
         assert raw[65536 : 65536 + 4096] == (data[0] if calm else bytes(4096))
 
     asyncio.run(main())
+
+
+def test_voluntary_switches_count_sleeps_not_work() -> None:
+    before = dirty.voluntary_switches()
+    sum(range(10000))  # work: no sleep
+    busy = dirty.voluntary_switches()
+    time.sleep(0.01)  # a sleep is a voluntary switch
+    assert dirty.voluntary_switches() > busy >= before

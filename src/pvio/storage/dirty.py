@@ -20,8 +20,10 @@ written system near background_thresh, well under the ceiling.
 * in a cgroup v2 with a memory limit, the same holds for the cgroup's own dirty pages
   against its own limits (the kernel throttles per cgroup there too); with a byte-valued
   limit (vm.dirty_bytes) in such a cgroup the gate stays shut;
-* no inline write in the last PENALTY_S took longer than SLOW_S: anything else that can
-  stall a write -- the journal, memory reclaim -- shuts the gate for a while.
+* no inline write in the last PENALTY_S took longer than SLOW_S and slept in the kernel
+  (a voluntary context switch, `getrusage(RUSAGE_THREAD)`): anything else that can
+  stall a write -- the journal, memory reclaim -- shuts the gate for a while, while a
+  write slow only because its thread was preempted does not.
 
 Everything else goes to the thread pool as before.  The decisions are sans-IO: the gate
 is given functions that read the kernel's numbers and a clock, so tests drive it with
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,8 +143,9 @@ class WriteGate:
         self._sampled_at = -SAMPLE_S
         self._calm = False
         self._shut_until = 0.0
-        #: times the gate was shut by a slow write
+        #: times the gate was shut by a slow write; slow writes that did not sleep
         self.slow_writes = 0
+        self.preempted_writes = 0
 
     def open(self, offset: int, length: int) -> bool:
         if offset % PAGE or length % PAGE or not length:
@@ -157,11 +161,23 @@ class WriteGate:
                 self._calm = False  # cannot tell: the pool
         return self._calm
 
-    def took(self, seconds: float) -> None:
-        """How long an inline write took; a slow one shuts the gate for PENALTY_S."""
+    def took(self, seconds: float, slept: Callable[[], bool] = lambda: True) -> None:
+        """How long an inline write took; a slow one shuts the gate for PENALTY_S if the
+        writer slept in it (`slept`, asked only then).  One that was slow only because
+        the writer was preempted -- two busy cores -- says nothing of the kernel."""
         if seconds > SLOW_S:
+            if not slept():
+                self.preempted_writes += 1
+                return
             self.slow_writes += 1
             self._shut_until = self._clock() + PENALTY_S
 
 
-__all__ = ["PAGE", "DirtyState", "WriteGate", "parse_cgroup_memory", "parse_vmstat", "system_states"]
+def voluntary_switches() -> int:
+    """The calling thread's voluntary context switches: a write that slept (on a page,
+    the journal, balance_dirty_pages) adds one; a writer merely preempted does not."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+__all__ = ["PAGE", "DirtyState", "WriteGate", "parse_cgroup_memory", "parse_vmstat", "system_states",
+           "voluntary_switches"]

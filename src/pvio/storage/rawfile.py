@@ -54,7 +54,7 @@ from pvio.abi.native import (
     fallocate,
 )
 from pvio.storage.backend import DEFAULT_MAX_BLOCK, BackendInfo, StorageError
-from pvio.storage.dirty import WriteGate
+from pvio.storage.dirty import WriteGate, voluntary_switches
 from pvio.storage.lock import lock_image
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -242,8 +242,9 @@ class RawFile:
         if gate is None or not gate.open(offset, total):
             return False
         start = time.perf_counter()
+        before = voluntary_switches()
         done = os.pwritev(self.fd, buffers, offset) == total
-        gate.took(time.perf_counter() - start)
+        gate.took(time.perf_counter() - start, lambda: voluntary_switches() != before)
         if done:
             self.gated += 1
         return done  # a short write: the pool writes the same bytes again, whole
