@@ -6,7 +6,11 @@ Theory of operation
 `read`/`read_into`/`write`/`flush`/`trim`/`write_zeroes` of any offset and length.  A
 transfer is cut into requests of at most `max_request_bytes` (11 pages, or the
 indirect segments negotiated: 32 pages by default, as Linux's blkfront), issued
-together, each waiting for its own response.  Ranges that are not whole logical
+together, each waiting for its own response.  The short way (`submit_read`,
+`submit_write`) puts a transfer into the ring in the caller's turn of the loop, with a
+callback for its completion -- one request, or all the requests of a larger one at
+once (`room` says whether they surely fit) -- and says False when anything would have
+to wait.  Ranges that are not whole logical
 sectors (`unit`: 512 bytes, or the disk's `sector-size`) are read whole and, for a
 write, modified and written back under a lock (read-modify-write), so a backend never
 sees a request that is not whole sectors.
@@ -133,20 +137,23 @@ class FrontBlockIO:
             return False
         buf = bytearray(length) if data is None else None
         into = memoryview(buf) if buf is not None else None
-        left, failed = [parts], [None]  # type: list[int], list[BaseException | None]
+        left = parts
+        failed: BaseException | None = None
 
         def part_done(exc: BaseException | None, _: bytes | bytearray) -> None:
-            if exc is not None and failed[0] is None:
-                failed[0] = exc
-            left[0] -= 1
-            if left[0] == 0:
-                done(failed[0], b"" if failed[0] is not None or buf is None else buf)
+            nonlocal left, failed
+            if exc is not None and failed is None:
+                failed = exc
+            left -= 1
+            if left == 0:
+                done(failed, b"" if failed is not None or buf is None else buf)
 
         for pos in range(0, length, step):
             n = min(step, length - pos)
             sector = (offset + pos) // SECTOR_SIZE
             piece = data[pos : pos + n] if data is not None else None
-            if not self._submit(operation, sector, piece, n, part_done, into[pos : pos + n] if into else None):
+            target = into[pos : pos + n] if into is not None else None
+            if not self._submit(operation, sector, piece, n, part_done, target):
                 # `room` said all would go: a part that does not fails, the others complete
                 part_done(OSError(errno.EIO, "blkfront: a request could not be put into the ring"), b"")
         return True
