@@ -56,7 +56,7 @@ class UpProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UpFailed(f"pvio up exited {self.proc.returncode}:\n{self.output()}")
+                raise UpFailed(f"pvio up exited {self.proc.returncode}: {self.last_line()}\n{self.output()}")
             status = read_status(self.paths.up_status)
             if status and status.get("ready") and status.get("pid") == self.proc.pid:  # not an earlier one's
                 self.status = status
@@ -64,6 +64,12 @@ class UpProcess:
             time.sleep(0.1)
         self.kill()
         raise UpFailed(f"pvio up was not ready within {timeout:.0f}s:\n{self.output()}")
+
+    def last_line(self) -> str:
+        """The last line pvio up printed (its error, when it exits): for one-line reports."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "(no output)"
 
     def output(self) -> str:
         """pvio up's output and the last lines of each domain's log."""
