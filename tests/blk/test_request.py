@@ -29,6 +29,7 @@ from pvio.blk.request import (
     build_request,
     build_response,
     check_indirect,
+    indirect_pages_for,
     pack_segments,
     parse_indirect_segments,
     parse_request,
@@ -208,3 +209,8 @@ def test_4k_logical_sectors_refuse_partial_sectors(sector: int, segs: list[tuple
     if sector % 8:
         with pytest.raises(BlkifRequestError):
             validate(d, DiskInfo(sectors=2048, sector_size=4096, feature_discard=True))
+
+
+def test_indirect_pages_for_a_request() -> None:
+    # Up to 11 pages fit a direct request; beyond, 512 segments fill an indirect page.
+    assert [indirect_pages_for(n) for n in (0, 1, 11, 12, 32, 512, 513)] == [0, 0, 0, 1, 1, 1, 2]

@@ -84,6 +84,7 @@ from pvio.blk.request import (
     build_indirect,
     build_request,
     indirect_pages,
+    indirect_pages_for,
     parse_response,
 )
 from pvio.blk.shadow import (
@@ -270,7 +271,7 @@ class BlkFront(FrontBlockIO):
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
         # More than 11 pages: one INDIRECT request, its segments in pages of their own.
-        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        nind = indirect_pages_for(npages)
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
         await q.ids.acquire()
@@ -347,8 +348,8 @@ class BlkFront(FrontBlockIO):
     # An NBD READ or WRITE that fits one request (an INDIRECT one too: 64 KiB is 16
     # pages) and needs no waiting -- a free id, enough persistent pages in the pool (or
     # free grant references and pages), the ring running, tracing off -- is put into
-    # the ring by `submit` at once, and its response calls the caller back from the event handler: no task,
-    # no future, no coroutine per request.  Anything else (the first requests, before
+    # the ring by `submit` at once, and its response calls the caller back from the
+    # event handler: no task, no future, no coroutine per request.  Anything else (the first requests, before
     # the pool has pages; a full ring; a device not running) says False, and the
     # caller takes the awaiting way, `_issue`, which waits for what is missing.
     # :T
@@ -356,7 +357,7 @@ class BlkFront(FrontBlockIO):
         """Whether `requests` requests of `npages` pages each surely go into the ring now."""
         if self.broken is not None or self.unavailable is not None or not self._running.is_set() or TRACE.on:
             return False
-        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        nind = indirect_pages_for(npages)
         if (nind and npages > self.max_indirect_segments) or (
                 self.persistent and len(self.grants.pool) < (npages + nind) * requests):
             return False
@@ -368,7 +369,7 @@ class BlkFront(FrontBlockIO):
         npages = -(-nbytes // PAGE_SIZE)
         if not self.room(1, npages):
             return False
-        nind = indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        nind = indirect_pages_for(npages)
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
         if not q.ids.try_acquire():
@@ -491,19 +492,18 @@ class BlkFront(FrontBlockIO):
         shadow = q.shadows.complete(req_id, operation)
         pending: Pending = shadow.cookie
         q.ids.release()
-        if (pending.want_bytes or pending.read_into is not None) and status == BLKIF_RSP_OKAY:
-            mem = self.domain.memory
+        mem = self.domain.memory
+        if pending.want_bytes and status == BLKIF_RSP_OKAY:
             runs = page_runs(pending.frames, pending.nbytes)
-            if not pending.want_bytes:
-                out = pending.read_into
-                assert out is not None
-                for pos, start, n in runs:
-                    out[pos : pos + n] = mem[start : start + n]
-            elif len(runs) == 1:
+            if len(runs) == 1:
                 _, start, n = runs[0]
                 pending.data = mem[start : start + n].tobytes()
             else:
                 pending.data = b"".join([mem[start : start + n] for _, start, n in runs])
+        elif pending.read_into is not None and status == BLKIF_RSP_OKAY:
+            out = pending.read_into
+            for pos, start, n in page_runs(pending.frames, pending.nbytes):
+                out[pos : pos + n] = mem[start : start + n]
         if pending.pooled is not None and self.persistent:
             self.grants.give_back(pending.pooled)
         elif pending.pooled is not None:  # persistence was given up meanwhile

@@ -179,6 +179,12 @@ def indirect_pages(nr_segments: int) -> int:
     return -(-nr_segments // SEGMENTS_PER_INDIRECT_FRAME)
 
 
+def indirect_pages_for(npages: int) -> int:
+    """The indirect pages a request of `npages` data pages needs: none when it fits a
+    direct request (11 segments), else INDIRECT_PAGES(npages)."""
+    return indirect_pages(npages) if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+
+
 def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
     """Parse a request slot already copied out of the ring (at least `abi.request.size`)."""
     values = abi.request_flat.unpack_from(raw)
