@@ -160,6 +160,29 @@ def test_transmit_completions_wake_netfront_by_the_half() -> None:
     run(body())
 
 
+def test_a_sender_held_by_a_full_ring_is_called_back_once_answers_free_it() -> None:
+    """`tx_room_waiters`: the TAP reader's back-pressure.  A waiter registered while the
+    ring is full is called once slots come back (and not before), and then fits."""
+    async def body() -> None:
+        async with net_pair() as pair:
+            front = pair.front
+            frames = [_frame(60) for _ in range(n.NET_TX_RING_SIZE)]
+            for f in frames:  # filled within one loop turn: netback has seen none yet
+                assert front.send(f)
+            held = _frame(9000)
+            assert not front.send(held)  # no room: the caller holds the frame
+            called: list[int] = []
+            front.tx_room_waiters.append(lambda: called.append(front.tx_room()))
+            assert not called
+            await wait_for(lambda: bool(called))
+            assert called[0] >= 3 and front.tx_room_waiters == []  # called once, with room
+            assert front.send(held)
+            await wait_for(lambda: len(pair.to_host) == len(frames) + 1)
+            assert pair.to_host[-1][0] == held
+
+    run(body())
+
+
 def test_rx_ring_never_refilled_stalls_then_drops_and_nothing_crashes() -> None:
     async def body() -> None:
         async with net_pair(rx_stall_timeout=0.2, rx_queue_max=1000) as pair:

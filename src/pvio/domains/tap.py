@@ -371,20 +371,40 @@ class TapLink:
     _queue: deque[Frame] = field(default_factory=deque)
     _loop: asyncio.AbstractEventLoop | None = None
     _writing: bool = False
+    #: reading stopped until `resume`: the consumer has no room (back-pressure)
+    paused: bool = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.tap.fd, self._readable)
+        if not self.paused:
+            loop.add_reader(self.tap.fd, self._readable)
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.tap.fd)
+            if not self.paused:
+                self._loop.remove_reader(self.tap.fd)
             if self._writing:
                 self._loop.remove_writer(self.tap.fd)
             self._loop = None
 
+    def pause(self) -> None:
+        """Read no more frames until `resume`: the kernel keeps them in the TAP's queue
+        and its qdisc, and TCP is slowed where it sends instead of losing segments."""
+        if not self.paused:
+            self.paused = True
+            if self._loop is not None:
+                self._loop.remove_reader(self.tap.fd)
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self._loop is not None:
+                self._loop.add_reader(self.tap.fd, self._readable)
+
     def _readable(self) -> None:
         for _ in range(READ_BATCH):
+            if self.paused:
+                return
             try:
                 frame = self.tap.read_frame()
             except OSError as exc:

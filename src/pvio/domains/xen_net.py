@@ -62,7 +62,7 @@ from pvio.domains.tap import (
 )
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
-from pvio.net.frontend import BackendFeatures, RxMeta
+from pvio.net.frontend import BackendFeatures, NetFront, RxMeta
 from pvio.net.offload import VNET_HDR_SIZE, parse_vnet_header, vnet_parts
 from pvio.net.slots import FrameParts, TxFrame
 from pvio.net.xenbus_backend import VifConfig
@@ -264,6 +264,59 @@ def _total_front_stats(vif: GuestVif) -> dict[str, int]:
     return total
 
 
+# T:1032 A full transmit ring holds the TAP, it does not drop
+# The kernel picked the queue (the TAP fd a frame was read from); the frame goes onto that
+# queue's transmit ring.  When the ring has no room, the frame is held and the TAP is
+# no longer read: the kernel keeps the next frames in the TAP's queue, and TCP's own
+# limits on what a socket may have queued slow the sender, as Linux's netfront stops
+# its transmit queue when the ring is nearly full.  Dropping instead loses whole 64 KiB
+# segments, and every loss halves a TCP sender's window.  The answers that free slots
+# call the feeder back (`tx_room_waiters`), which sends the held frame and reads the TAP again.
+# :T
+class _TxFeeder:
+    """Frames read from one TAP queue, onto its netfront's transmit ring."""
+
+    def __init__(self, net: GuestNet, index: int, link: TapLink) -> None:
+        self.net = net
+        self.index = index
+        self.link = link
+        self.held: Frame | None = None
+        link.on_frame = self.from_tap
+
+    def _front(self) -> NetFront:
+        fronts = self.net.vif.fronts
+        return fronts[self.index] if self.index < len(fronts) else fronts[0]
+
+    def _offer(self, raw: Frame) -> bool:
+        """True if the frame is on the ring or dropped; False if it waits for room."""
+        try:
+            gso, csum_blank = parse_vnet_header(raw)
+            front = self._front()
+            if front.send(memoryview(raw)[VNET_HDR_SIZE:], gso, csum_blank):
+                return True
+            if front.broken is None:
+                return False
+        except Exception:  # a broken device, a frame netif cannot carry: dropped
+            pass
+        self.net.dropped += 1
+        return True
+
+    def from_tap(self, raw: Frame) -> None:
+        if not self._offer(raw):
+            self.held = raw
+            self.link.pause()
+            self._front().tx_room_waiters.append(self.room)
+
+    def room(self) -> None:
+        if self.held is None:
+            return
+        if self._offer(self.held):
+            self.held = None
+            self.link.resume()
+        else:
+            self._front().tx_room_waiters.append(self.room)
+
+
 async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
                             queues: Mapping[int, int] | None = None,
                             failed: dict[int, str] | None = None) -> list[GuestNet]:
@@ -315,21 +368,8 @@ async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
         for _ in vif.fronts[1:]:
             net.more.append(TapLink(await asyncio.to_thread(open_queue, tap), lambda f: None))
 
-        def reader(index: int, net: GuestNet = net) -> Callable[[Frame], None]:
-            def from_tap(raw: Frame) -> None:
-                try:
-                    gso, csum_blank = parse_vnet_header(raw)
-                    fronts = net.vif.fronts  # the kernel picked the queue: its fd's ring
-                    front = fronts[index] if index < len(fronts) else fronts[0]
-                    if not front.send(memoryview(raw)[VNET_HDR_SIZE:], gso, csum_blank):
-                        net.dropped += 1
-                except Exception:  # a broken device, a frame netif cannot carry: dropped
-                    net.dropped += 1
-
-            return from_tap
-
         for i, link in enumerate(net.links):
-            link.on_frame = reader(i)
+            _TxFeeder(net, i, link)
             link.start(asyncio.get_running_loop())
         holder.append(net)
         out.append(net)

@@ -23,7 +23,8 @@ difference in how grants live:
   but the last, the GSO extra-info after the first when the backend accepts GSO), copies
   the bytes into the ids' pages, and pushes once per turn of the event loop with
   RING_PUSH_REQUESTS_AND_CHECK_NOTIFY.  No free ids: `send` returns False, and
-  `wait_tx_room` waits (back-pressure for the TAP reader).
+  `tx_room_waiters` are called when answers free some (or `wait_tx_room` waits): the TAP
+  reader's back-pressure, as Linux's netfront stops its queue rather than drop.
 - Receive buffers are posted ahead: every free slot of the rx ring holds a request whose
   id is its ring index (as Linux's netfront), reposted as soon as its response is
   consumed, and netback is kicked only if it asked (feature-rx-notify: it asks for as
@@ -156,6 +157,9 @@ class NetFront:
         self._partial = _RxPartial()
         self._push_scheduled = False
         self._room = asyncio.Event()
+        #: called once when transmit slots may have come free (answers, a new backend,
+        #: a break): a TAP reader held by back-pressure waits here
+        self.tx_room_waiters: list[Callable[[], None]] = []
 
     # T:1020 netfront sets up its rings and its pages
     # netfront owns both rings: two shareable pages, initialised and granted to the
@@ -193,7 +197,7 @@ class NetFront:
             self.rx_port = await dom.alloc_unbound(self.backend_domid)
             dom.set_handler(self.rx_port, self._on_event)
         self._post_rx()
-        self._room.set()
+        self._tx_room_back()
         keys = {
             "tx-ring-ref": str(self._ring_refs[0]),
             "rx-ring-ref": str(self._ring_refs[1]),
@@ -375,7 +379,14 @@ class NetFront:
             self._tx_free.append(i)
             if status not in (n.NETIF_RSP_OKAY, n.NETIF_RSP_NULL):
                 self.stats.tx_errors += 1
+        self._tx_room_back()
+
+    def _tx_room_back(self) -> None:
         self._room.set()
+        if self.tx_room_waiters:
+            waiters, self.tx_room_waiters = self.tx_room_waiters, []
+            for waiter in waiters:
+                waiter()
 
     # T:1070 netfront joins received slots into frames
     # Responses come in the order netback filled the buffers: a frame's first piece (its
@@ -441,7 +452,7 @@ class NetFront:
         if self.broken is None:
             log.warning("netfront: device broken: %s", reason)
             self.broken = NetfrontBroken(reason)
-            self._room.set()
+            self._tx_room_back()
 
     # -- teardown -------------------------------------------------------------------------
 
