@@ -109,7 +109,7 @@ MIXED = """
 name = "xmix1"
 disks = ["vdev=xvda, size=16M, target=xmix1.img"]
 vifs = ["mac=00:16:3e:00:0b:01, bridge=pvbrmix0, ip=10.0.11.1/24",
-        "mac=00:16:3e:00:0c:01, bridge=pvbrmix1, ip=10.0.12.1/24"]
+        "mac=00:16:3e:00:0c:01, bridge=pvbrmix1, ip=10.0.12.1/24, vifname=pvmixvif1"]
 
 [[domain]]
 name = "lmix1"
@@ -141,11 +141,18 @@ def test_a_xen_guest_with_a_disk_and_two_vifs_next_to_lguest_guests(tmp_path: Pa
             assert r.returncode == 0, r.stdout + r.stderr + up.output()
         r = _ping(["ip", "netns", "exec", "pvio-lmix1"], "10.78.0.2")
         assert r.returncode == 0, r.stdout + r.stderr
+        # xl's vifname names the second vif's end in the driver domain (the built-in
+        # attach, as Xen's vif-bridge renames it); the first keeps Xen's vif<domid>.<devid>
+        assert os.path.exists("/sys/class/net/pvbrmix1/brif/pvmixvif1")
+        assert os.path.exists("/sys/class/net/pvbrmix0/brif/vif1.0")
+        assert not os.path.exists("/sys/class/net/vif1.1")
+        assert up.device("xmix1", type="vif", devid=1)["ifname"] == "pvmixvif1"
     finally:
         rc = up.stop()
     assert rc == 0, up.output()
     assert not any(namespace_exists(f"pvio-{n}") for n in ("xmix1", "lmix1", "lmix2"))
     assert not os.path.exists("/sys/class/net/pvbrmix0") and not os.path.exists("/sys/class/net/pvbrmix1")
+    assert not os.path.exists("/sys/class/net/pvmixvif1")
 
 
 MQ_BRIDGE = "pvbrmq0"

@@ -209,10 +209,11 @@ async def open_vif_host(config: VifConfig) -> TapVifHost:
     def work() -> TapInterface:
         bridge = config.bridge or "xenbr0"
         ensure_bridge(bridge)
-        tap = vnet_tap(create_host_tap(config.ifname, address="", mac=BACKEND_MAC, mtu=config.mtu,
+        name = config.host_ifname  # xl's vifname, as Xen's vif-bridge renames to it
+        tap = vnet_tap(create_host_tap(name, address="", mac=BACKEND_MAC, mtu=config.mtu,
                                        nocsum=True, multi_queue=True))
         try:
-            _ip("link", "set", "dev", config.ifname, "master", bridge)
+            _ip("link", "set", "dev", name, "master", bridge)
         except BaseException:
             tap.close()
             raise

@@ -61,7 +61,8 @@ from pvio.xenstore.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
-VIF_KEYS = ("mac", "bridge", "script", "handle", "type", "ip", "rate", "mtu", "frontend", "frontend-id")
+VIF_KEYS = ("mac", "bridge", "script", "handle", "type", "ip", "rate", "mtu", "vifname", "frontend",
+            "frontend-id")
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,19 @@ class VifConfig:
     rate: str = ""
     mtu: int = 1500
     type: str = "vif"
+    #: the name the vif's end in the driver domain is given instead (xl's `vifname`)
+    vifname: str = ""
 
     @property
     def ifname(self) -> str:
-        """Xen's name for the vif's end in the driver domain: vif<domid>.<devid>."""
+        """Xen's name for the vif's end in the driver domain: vif<domid>.<devid>.  (A
+        hotplug script is handed this name and renames the interface to `vifname`.)"""
         return f"vif{self.frontend_id}.{self.devid}"
+
+    @property
+    def host_ifname(self) -> str:
+        """The name the interface ends up with: `vifname` if given, else `ifname`."""
+        return self.vifname or self.ifname
 
 
 def parse_mac(text: str) -> bytes:
@@ -112,6 +121,7 @@ async def read_vif_config(xs: AsyncClient, path: str) -> VifConfig:
         rate=v.get("rate", ""),
         mtu=read_uint(v, "mtu", 65535, default=1500),
         type=v.get("type", "vif"),
+        vifname=v.get("vifname", ""),
     )
 
 
@@ -245,12 +255,12 @@ class NetbackService(BackendService[NetbackDevice]):
             dev = XenbusDevice(self.xs, path, config.frontend)
             with contextlib.suppress(Exception):
                 await self.xs.write(f"{path}/hotplug-status", "error")
-                await dev.dev_fatal(errno.EIO, f"attaching {config.ifname}: {e}")
+                await dev.dev_fatal(errno.EIO, f"attaching {config.host_ifname}: {e}")
             return
         driver = NetbackDevice(self.domain, config, host)
         end = Backend(self.xs, path, config.frontend, driver)
         await self._serve(Served(path, end, driver))
-        log.info("netback: serving %s as %s", path, config.ifname)
+        log.info("netback: serving %s as %s", path, config.host_ifname)
 
     async def _close(self, vif: Served[NetbackDevice]) -> None:
         await vif.driver.disconnect(vif.end.dev)
