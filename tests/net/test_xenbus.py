@@ -212,3 +212,37 @@ async def test_netfront_recovers_when_netback_restarts(tmp_path: Path) -> None:
         await wait_for(lambda: got2 == [frame])
         await detach_vif(v1)
         await detach_vif(v2)
+
+
+@asynctest
+async def test_request_multicast_control_is_watched_while_connected(tmp_path: Path) -> None:
+    """xen_mcast_ctrl_changed: a frontend turning the filter on (and off) after it
+    connected is heeded; a multicast frame for a group it never listed goes through
+    before, not while the filter is on, and again after."""
+    group = bytes.fromhex("01005e000001")
+
+    def to(dest: bytes, tag: bytes) -> bytes:
+        return dest + bytes.fromhex("00163e000002") + b"\x08\x00" + tag + os.urandom(60)
+
+    async with world(tmp_path) as w:
+        got1: list[bytes] = []
+        v1 = await attach(w, 1, got1)
+        v2 = await attach(w, 2, [])
+        queue = w.hosts["vif1.0"].queues[0]
+        first = to(group, b"first")
+        assert v2.front.send(first)
+        await wait_for(lambda: first in got1)  # no filter: every group is delivered
+        _dom, xs = w.guests[1]
+        await xs.write(f"{FE1}/request-multicast-control", "1")
+        await wait_for(lambda: queue.features.multicast_control)
+        filtered, broadcast = to(group, b"filtered"), to(b"\xff" * 6, b"broadcast")
+        assert v2.front.send(filtered) and v2.front.send(broadcast)
+        await wait_for(lambda: broadcast in got1)  # sent after the multicast frame
+        assert filtered not in got1
+        await xs.write(f"{FE1}/request-multicast-control", "0")
+        await wait_for(lambda: not queue.features.multicast_control)
+        last = to(group, b"last")
+        assert v2.front.send(last)
+        await wait_for(lambda: last in got1)
+        await detach_vif(v1)
+        await detach_vif(v2)

@@ -52,7 +52,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from pvio.abi import grant_table as gt
 from pvio.abi import netif as n
@@ -262,6 +262,11 @@ class NetbackQueue:
         self._rxq.append(RxFrame(data, gso, csum_blank))
         self._wake.set()
         return True
+
+    def set_multicast_control(self, on: bool) -> None:
+        """The frontend changed ``request-multicast-control`` while connected
+        (xen_mcast_ctrl_changed); the list of groups it gave is kept either way."""
+        self.features = replace(self.features, multicast_control=on)
 
     def _mcast_wanted(self, data: bytes | memoryview) -> bool:
         """xenvif_mcast_match: with multicast control on, a multicast (not broadcast)

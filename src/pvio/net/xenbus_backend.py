@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pvio.abi.xenbus import XenbusState
-from pvio.blk.keys import read_uint
+from pvio.blk.keys import read_bool, read_uint
 from pvio.blk.xenbus_backend import read_keys
 from pvio.hypervisor.client import Domain
 from pvio.net.backend import NetbackQueue
@@ -149,6 +149,7 @@ class NetbackDevice:
         self.queues: list[NetbackQueue] = []
         self._ring_keys: list[dict[str, str]] | None = None
         self._fatal: set[asyncio.Task[None]] = set()
+        self._mcast_watch: asyncio.Task[None] | None = None
 
     @property
     def queue(self) -> NetbackQueue | None:
@@ -195,7 +196,30 @@ class NetbackDevice:
                 raise
             self.queues, self._ring_keys = queues, values
             self.host.attach(queues)
+        if self._mcast_watch is None:
+            self._mcast_watch = asyncio.get_running_loop().create_task(self._watch_multicast_control(dev))
         return True
+
+    async def _watch_multicast_control(self, dev: XenbusDevice) -> None:
+        """xen_mcast_ctrl_changed: ``request-multicast-control`` is watched while the vif
+        is connected, so a frontend may ask for the filter (or drop it) at any time."""
+        path = f"{dev.otherend}/request-multicast-control"
+        try:
+            stream = await dev.xs.watch(path)
+        except Exception as e:  # pragma: no cover - the store went away
+            log.info("netback: cannot watch %s: %s", path, e)
+            return
+        try:
+            async for _ in stream:  # the first event comes at once: the value now
+                value = await dev.xs.read_or(path, b"0")
+                on = read_bool({"v": (value or b"0").decode(errors="replace")}, "v")
+                for queue in self.queues:
+                    queue.set_multicast_control(on)
+        except Exception as e:  # pragma: no cover - the store went away
+            log.info("netback: watching %s: %s", path, e)
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
 
     def _deliver_from(self, index: int) -> Callable[[FrameParts, TxFrame], None]:
         host = self.host
@@ -210,6 +234,11 @@ class NetbackDevice:
 
     async def _drop_queues(self) -> None:
         queues, self.queues, self._ring_keys = self.queues, [], None
+        watch, self._mcast_watch = self._mcast_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         if queues:
             self.host.attach([])
             for queue in queues:
