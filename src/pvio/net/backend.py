@@ -22,7 +22,7 @@ Transmit (guest → host), one turn:
 
 Receive (host → guest): `transmit(frame)` queues a frame (bounded: a full queue drops,
 as Linux's rx_queue_max does).  A turn takes as many queued frames as the posted receive
-buffers can hold, lays them out with `plan_rx`, and moves them with ONE GNTTABOP_copy
+buffers can hold, lays them out with `rx_layout`, and moves them with ONE GNTTABOP_copy
 from netback's pages into the guest's buffers.  When the head frame needs more buffers
 than are posted, netback sets rx req_event = req_cons + needed (the final check, with a
 count) and sleeps until the frontend posts that many: notification avoidance on the
@@ -54,7 +54,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from pvio.abi import grant_table as gt
 from pvio.abi import netif as n
 from pvio.abi.ring import XEN_PAGE_SIZE
 from pvio.hypervisor.client import Domain, GrantMapping
@@ -64,14 +63,16 @@ from pvio.net.slots import (
     FrameParts,
     Gso,
     NetifFatal,
+    RxFrame,
     TxFrame,
     parse_tx,
-    plan_rx,
-    rx_gso_extra,
-    rx_response,
+    rx_layout,
+    rx_responses,
     rx_slots_needed,
 )
 from pvio.ring import BackRing, RingBroken, SharedRing
+
+_RXREQ = n.RX_REQUEST.packer
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,6 @@ class FrontendRings:
     gso_tcpv6: bool = False
     #: request-multicast-control: only the groups the frontend listed reach it
     multicast_control: bool = False
-
-
-@dataclass
-class RxFrame:
-    """A frame waiting for the guest's receive buffers."""
-
-    data: bytes | memoryview
-    gso: Gso | None = None
-    csum_blank: bool = False
 
 
 #: The host end of a queue: a frame from the guest, in pieces valid during the call only
@@ -465,40 +457,14 @@ class NetbackQueue:
         if not take:
             return False
         self.stats.rx_batches += 1
-        reqs = [n.RX_REQUEST.packer.unpack_from(r) for r in rx.take_requests(need)]
-        puts: list[tuple[int, memoryview]] = []  # (gref, bytes for it)
-        layout: list[tuple[RxFrame, list[tuple[int, int, int, int]]]] = []
-        k = 0  # request index
-        for f in take:
-            plan = plan_rx(len(f.data), gso=f.gso is not None, csum_blank=f.csum_blank)
-            data = memoryview(f.data)
-            slots = []
-            for j, piece in enumerate(plan):
-                req_id, _pad, gref = reqs[k]
-                puts.append((gref, data[piece.start : piece.start + piece.length]))
-                slots.append((req_id, piece.flags, piece.length, len(puts) - 1))
-                k += 1
-                if j == 0 and f.gso is not None:
-                    slots.append((reqs[k][0], -1, 0, -1))  # the extra-info slot
-                    k += 1
-            layout.append((f, slots))
-        statuses = await self.pages.put(puts)
+        reqs = list(_RXREQ.iter_unpack(b"".join(rx.take_requests(need))))  # (id, _pad, gref)
+        grefs, pieces = rx_layout(take, reqs)
+        statuses = await self.pages.put(grefs, pieces)
         self.stats.grant_ops = self.pages.grant_ops
-        responses = []
+        responses, whole = rx_responses(take, reqs, statuses)
         st = self.stats
-        for f, slots in layout:
-            ok = True
-            for req_id, flags, length, seg in slots:
-                if seg < 0:
-                    assert f.gso is not None
-                    responses.append(rx_gso_extra(f.gso))
-                    continue
-                if statuses[seg] != gt.GNTST_okay:
-                    ok = False
-                    responses.append(rx_response(req_id, flags, n.NETIF_RSP_ERROR))
-                else:
-                    responses.append(rx_response(req_id, flags, length))
-            st.rx_slots += len(slots)
+        st.rx_slots += len(reqs)
+        for f, ok in zip(take, whole, strict=True):
             if ok:
                 st.rx_frames += 1
                 st.rx_bytes += len(f.data)

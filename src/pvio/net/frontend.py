@@ -68,6 +68,7 @@ _TXRSP = n.TX_RESPONSE.packer
 _RXREQ = n.RX_REQUEST.packer
 _RXRSP = n.RX_RESPONSE.packer
 _EXTRA = n.EXTRA_GSO.packer
+_TX_MORE = n.NETTXF_more_data
 
 #: The largest frame netfront sends: a 64 KiB GSO segment (as Linux's GSO_MAX_SIZE)
 MAX_FRAME = n.XEN_NETIF_MAX_TX_SIZE
@@ -149,6 +150,7 @@ class NetFront:
         self._ring_frames: list[int] = []
         self._ring_refs: list[int] = []
         self._tx_pages: list[int] = []
+        self._tx_views: list[memoryview] = []  # each id's page
         self._tx_refs: list[int] = []
         self._rx_pages: list[int] = []
         self._rx_refs: list[int] = []
@@ -186,6 +188,7 @@ class NetFront:
         self._ring_frames = frames
         self._ring_refs = await dom.grant_access(self.backend_domid, frames)
         self._tx_pages = dom.alloc_pages(n.NET_TX_RING_SIZE)
+        self._tx_views = [dom.frame(page) for page in self._tx_pages]
         self._tx_refs = await dom.grant_access(self.backend_domid, self._tx_pages, readonly=True)
         self._rx_pages = dom.alloc_pages(n.NET_RX_RING_SIZE)
         self._rx_refs = await dom.grant_access(self.backend_domid, self._rx_pages)
@@ -256,29 +259,34 @@ class NetFront:
         slots = pieces + (1 if use_gso else 0)
         if pieces > len(self._tx_free) or slots > tx.free_requests():
             return False
-        mem = self.domain.memory
-        reqs = []
-        for k in range(pieces):
-            i = self._tx_free.pop()
-            self._tx_busy.add(i)
-            start = k * XEN_PAGE_SIZE
-            chunk = frame[start : start + XEN_PAGE_SIZE]
-            base = self._tx_pages[i] * XEN_PAGE_SIZE
-            mem[base : base + len(chunk)] = chunk
-            flags = n.NETTXF_more_data if k < pieces - 1 else 0
-            size = len(chunk)
-            if k == 0:
-                size = length
-                if csum_blank:
-                    flags |= n.NETTXF_csum_blank | n.NETTXF_data_validated
-                if use_gso:
-                    flags |= n.NETTXF_extra_info
-            reqs.append(_TXREQ.pack(self._tx_refs[i], 0, flags, i, size))
-            if k == 0 and use_gso:
-                # The extra-info takes a ring slot but no id (its response is NETIF_RSP_NULL)
-                assert gso is not None
-                extra = n.EXTRA_GSO.pack(type=n.XEN_NETIF_EXTRA_TYPE_GSO, size=gso.size, gso_type=gso.type)
-                reqs.append(extra + bytes(n.TX_REQUEST.size - len(extra)))
+        views = self._tx_views
+        refs = self._tx_refs
+        free = self._tx_free
+        ids = free[-pieces:]  # free ids, and their pages, for the frame's pieces
+        del free[-pieces:]
+        self._tx_busy.update(ids)
+        off = 0
+        for i in ids:
+            chunk = frame[off : off + XEN_PAGE_SIZE]
+            views[i][: len(chunk)] = chunk
+            off += XEN_PAGE_SIZE
+        # the first slot's size is the whole frame's; the last's is what is left of it
+        i = ids[0]
+        flags = _TX_MORE if pieces > 1 else 0
+        if csum_blank:
+            flags |= n.NETTXF_csum_blank | n.NETTXF_data_validated
+        if use_gso:
+            flags |= n.NETTXF_extra_info
+        reqs = [_TXREQ.pack(refs[i], 0, flags, i, length)]
+        if use_gso:
+            # The extra-info takes a ring slot but no id (its response is NETIF_RSP_NULL)
+            assert gso is not None
+            extra = n.EXTRA_GSO.pack(type=n.XEN_NETIF_EXTRA_TYPE_GSO, size=gso.size, gso_type=gso.type)
+            reqs.append(extra + bytes(n.TX_REQUEST.size - len(extra)))
+        if pieces > 1:
+            reqs += [_TXREQ.pack(refs[i], 0, _TX_MORE, i, XEN_PAGE_SIZE) for i in ids[1:-1]]
+            i = ids[-1]
+            reqs.append(_TXREQ.pack(refs[i], 0, 0, i, length - (pieces - 1) * XEN_PAGE_SIZE))
         try:
             tx.put_requests(reqs)
         except RingBroken as e:
@@ -479,6 +487,7 @@ class NetFront:
             dom.end_access(self._ring_refs)
         self._tx_refs, self._rx_refs, self._ring_refs = [], [], []
         self._tx_pages, self._rx_pages, self._ring_frames = [], [], []
+        self._tx_views = []
         if self.broken is None:
             self.broken = NetfrontBroken("the device is closed")
         self._room.set()

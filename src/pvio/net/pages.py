@@ -38,6 +38,10 @@ class GuestPages:
         self.frontend_domid = frontend_domid
         self.persistent = domain.transport == "map"
         self.mapped: dict[tuple[int, bool], GrantMapping] = {}
+        #: the live views of `mapped`, by grant reference: transmit (read-only) pages
+        #: and receive (writable) pages
+        self._ro: dict[int, memoryview] = {}
+        self._rw: dict[int, memoryview] = {}
         self.grant_ops = 0  # map and copy hypercall batches
 
     # T:1045 Persistent mappings in the map transport
@@ -48,30 +52,32 @@ class GuestPages:
     # memory copies: no hypercall at all in the steady state.  In the copy transport every
     # batch is one GNTTABOP_copy instead.
     # :T
-    async def views(self, keys: list[tuple[int, bool]]) -> list[memoryview | None]:
-        """Live views of the frontend's pages (gref, read-only), mapped once and kept;
-        None where the frontend did not grant the page so."""
-        cache = self.mapped
+    async def views(self, grefs: list[int], readonly: bool) -> list[memoryview | None]:
+        """Live views of the frontend's pages `grefs` (read-only: transmit pages,
+        writable: receive pages), mapped once and kept; None where the frontend did not
+        grant the page so."""
+        cache = self._ro if readonly else self._rw
         try:  # the steady state: every page already mapped
-            return [cache[k].view for k in keys]
+            return list(map(cache.__getitem__, grefs))
         except KeyError:
             pass
-        missing = list(dict.fromkeys(k for k in keys if k not in cache))
+        missing = list(dict.fromkeys(r for r in grefs if r not in cache))
         if missing:
-            if len(cache) + len(missing) > PERSISTENT_LIMIT:
+            if len(self.mapped) + len(missing) > PERSISTENT_LIMIT:
                 await self.unmap_all()  # a frontend cycling through grants: start over
-                cache = self.mapped
-                missing = list(dict.fromkeys(keys))
+                cache = self._ro if readonly else self._rw
+                missing = list(dict.fromkeys(grefs))
             self.grant_ops += 1
-            maps = await self.domain.map_grants(self.frontend_domid, [r for r, _ in missing],
-                                                [ro for _, ro in missing], strict=False)
-            for key, m in zip(missing, maps, strict=True):
+            maps = await self.domain.map_grants(self.frontend_domid, missing, readonly, strict=False)
+            for ref, m in zip(missing, maps, strict=True):
                 if m.status == gt.GNTST_okay and m.view is not None:
-                    cache[key] = m
-        return [got.view if (got := cache.get(k)) is not None else None for k in keys]
+                    self.mapped[(ref, readonly)] = m
+                    cache[ref] = m.view
+        return [cache.get(r) for r in grefs]
 
     async def unmap_all(self) -> None:
         maps, self.mapped = list(self.mapped.values()), {}
+        self._ro, self._rw = {}, {}
         if maps:
             try:
                 await self.domain.unmap_grants(maps)
@@ -83,17 +89,17 @@ class GuestPages:
         where a grant failed.  With persistent mappings a frame is its slots' live views
         (no copy: valid until the slots are answered); copied, one bytes object."""
         if self.persistent:
-            views = await self.views([(s.gref, True) for f in frames for s in f.slots])
+            views = await self.views([s[0] for f in frames for s in f.slots], True)
             out: list[FrameParts | None] = []
             k = 0
             for f in frames:
                 mine = views[k : k + len(f.slots)]
-                k += len(f.slots)
-                if any(v is None for v in mine):
+                k += len(mine)
+                if None in mine:
                     out.append(None)
                 else:
-                    out.append([v[s.offset : s.offset + s.size]  # type: ignore[index]
-                                for v, s in zip(mine, f.slots, strict=True)])
+                    out.append([v[offset : offset + size]  # type: ignore[index]
+                                for v, (_g, offset, _f, _i, size) in zip(mine, f.slots, strict=True)])
             return out
         nslots = sum(len(f.slots) for f in frames)
         pages = self.domain.alloc_pages(nslots)
@@ -101,9 +107,9 @@ class GuestPages:
             segs = []
             k = 0
             for f in frames:
-                for s in f.slots:
-                    segs.append(CopySeg.from_grant(self.frontend_domid, s.gref, pages[k], s.size,
-                                                   grant_offset=s.offset))
+                for gref, offset, _flags, _id, size in f.slots:
+                    segs.append(CopySeg.from_grant(self.frontend_domid, gref, pages[k], size,
+                                                   grant_offset=offset))
                     k += 1
             self.grant_ops += 1
             try:
@@ -118,31 +124,36 @@ class GuestPages:
                 if any(st != gt.GNTST_okay for st in got):
                     out.append(None)
                 else:
-                    out.append([b"".join(self.domain.frame(pages[k + j])[: s.size]
+                    out.append([b"".join(self.domain.frame(pages[k + j])[: s[4]]
                                          for j, s in enumerate(f.slots))])
                 k += len(f.slots)
             return out
         finally:
             self.domain.free_pages(pages)
 
-    async def put(self, puts: list[tuple[int, memoryview]]) -> list[int]:
-        """Write each piece at offset 0 of its granted page: by persistent mappings, or
-        through netback's own pages and ONE GNTTABOP_copy.  A GNTST status each."""
+    async def put(self, grefs: list[int], pieces: list[memoryview]) -> list[int]:
+        """Write each piece at offset 0 of its granted page (`grefs`, in step): by
+        persistent mappings, or through netback's own pages and ONE GNTTABOP_copy.  A
+        GNTST status each."""
         if self.persistent:
-            views = await self.views([(gref, False) for gref, _ in puts])
+            views = await self.views(grefs, False)
+            if None not in views:
+                for view, data in zip(views, pieces, strict=True):
+                    view[: len(data)] = data  # type: ignore[index]
+                return [gt.GNTST_okay] * len(views)
             out = []
-            for view, (_, data) in zip(views, puts, strict=True):
+            for view, data in zip(views, pieces, strict=True):
                 if view is None:
                     out.append(gt.GNTST_general_error)
                 else:
                     view[: len(data)] = data
                     out.append(gt.GNTST_okay)
             return out
-        pages = self.domain.alloc_pages(len(puts))
+        pages = self.domain.alloc_pages(len(pieces))
         try:
             mem = self.domain.memory
             segs = []
-            for page, (gref, data) in zip(pages, puts, strict=True):
+            for page, gref, data in zip(pages, grefs, pieces, strict=True):
                 base = page * XEN_PAGE_SIZE
                 mem[base : base + len(data)] = data
                 segs.append(CopySeg.to_grant(page, self.frontend_domid, gref, len(data)))

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from itertools import repeat, starmap
+from operator import itemgetter
 
 from pvio.abi import netif as n
+from pvio.abi.grant_table import GNTST_okay
 from pvio.abi.ring import XEN_PAGE_SIZE
 
 #: xen-netback's max_skb_slots default (XEN_NETBK_LEGACY_SLOTS_MAX): more is dropped
@@ -49,6 +51,7 @@ _TXREQ = n.TX_REQUEST.packer
 _EXTRA = n.EXTRA_GSO.packer
 _TXRSP = n.TX_RESPONSE.packer
 _RXRSP = n.RX_RESPONSE.packer
+_RX_MORE = n.NETRXF_more_data
 
 
 #: A frame handed over in pieces (a slot's bytes each), valid only during the call that
@@ -65,13 +68,10 @@ class NetifFatal(Exception):
         self.field = field_name
 
 
-class TxSlot(NamedTuple):
-    """One data slot of a frame: a grant, and the bytes of it the frame uses.  (A tuple:
-    made for every slot of every frame, it costs a tenth of a frozen dataclass.)"""
-
-    gref: int
-    offset: int
-    size: int
+#: One data slot of a frame: a netif_tx_request's fields as struct unpacks them,
+#: (gref, offset, flags, id, size) -- the first slot's size being its own bytes, not the
+#: frame's.  Plain tuples: made for every slot of every frame, straight from the unpack.
+TxSlot = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TxFrame:
 
     @property
     def length(self) -> int:
-        return sum(s.size for s in self.slots)
+        return sum(s[4] for s in self.slots)
 
     @property
     def csum_blank(self) -> bool:
@@ -104,7 +104,7 @@ class TxFrame:
 
     def responses(self, ok: bool) -> list[bytes]:
         if ok:
-            return [_TXRSP.pack(i, st) for i, st in self.answers]
+            return list(starmap(_TXRSP.pack, self.answers))
         return error_responses(self.answers)
 
 
@@ -150,6 +150,11 @@ def _extras(raws: list[bytes], i: int, frame: TxFrame) -> int:
     return i
 
 
+_MORE = n.NETTXF_more_data
+_OKAY = n.NETIF_RSP_OKAY
+_ID = itemgetter(3)
+
+
 # T:1040 netback reads a frame off the transmit ring
 # A frame starts with a slot whose `size` is the whole frame's length and whose flags say
 # whether extra-info slots follow (GSO, multicast) and whether more data slots do.  netback
@@ -159,42 +164,49 @@ def _extras(raws: list[bytes], i: int, frame: TxFrame) -> int:
 # with (a slot crossing its page, an unknown extra, a frame running off the published
 # requests) gets its vif disabled.  Nothing is fetched yet: a frame is a list of (grant,
 # offset, size), and the copy that follows fetches every frame of the batch at once.
+# The whole batch is unpacked by one call, and a frame's later slots are those tuples
+# themselves: a 64 KiB frame is 17 slots, and Python's cost per slot is the budget.
 # :T
 def parse_tx(raws: list[bytes], *, max_slots: int = MAX_SLOTS, fatal_slots: int = FATAL_SLOTS) -> TxRequests:
     """Frames from a batch of transmit requests (see the module notes)."""
     out = TxRequests()
+    reqs: list[TxSlot] = list(_TXREQ.iter_unpack(b"".join(raws)))
     i = 0
-    total = len(raws)
+    total = len(reqs)
     try:
         while i < total:
-            gref, offset, flags, req_id, size = _TXREQ.unpack_from(raws[i])
+            gref, offset, flags, req_id, size = reqs[i]
             frame = TxFrame([], flags)
-            frame.answers.append((req_id, n.NETIF_RSP_OKAY))
+            answers = frame.answers
+            answers.append((req_id, _OKAY))
             i += 1
             if flags & n.NETTXF_extra_info:
                 i = _extras(raws, i, frame)
             # xenvif_count_requests: the later slots, each taken from the first's length
             first_size = size
-            rest: list[TxSlot] = []
             drop = ""
-            more = bool(flags & n.NETTXF_more_data)
+            start = i
+            more = flags & _MORE
             while more:
-                if len(rest) + 1 >= fatal_slots:
-                    raise NetifFatal(f"Too many slots ({len(rest) + 1}) exceeding limit ({fatal_slots})")
+                count = i - start + 1  # the slots of the frame so far, with this one
+                if count >= fatal_slots:
+                    raise NetifFatal(f"Too many slots ({count}) exceeding limit ({fatal_slots})")
                 if i >= total:
-                    raise NetifFatal(f"Asked for {len(rest) + 2} slots but exceeds this limit", "flags")
-                g2, o2, f2, id2, s2 = _TXREQ.unpack_from(raws[i])
+                    raise NetifFatal(f"Asked for {count + 1} slots but exceeds this limit", "flags")
+                _g2, o2, more, _id2, s2 = reqs[i]
+                more &= _MORE
                 i += 1
-                if not drop and len(rest) + 1 >= max_slots:
-                    drop = f"Too many slots ({len(rest) + 1}) exceeding limit ({max_slots})"
-                if not drop and s2 > first_size:
+                if drop:
+                    pass
+                elif count >= max_slots:
+                    drop = f"Too many slots ({count}) exceeding limit ({max_slots})"
+                elif s2 > first_size:
                     drop = f"Invalid tx request, slot size {s2} > remaining size {first_size}"
-                first_size -= min(s2, first_size)
+                first_size = first_size - s2 if s2 <= first_size else 0
                 if o2 + s2 > XEN_PAGE_SIZE:
                     raise NetifFatal(f"Cross page boundary, txp offset: {o2}, size: {s2}", "offset")
-                rest.append(TxSlot(g2, o2, s2))
-                frame.answers.append((id2, n.NETIF_RSP_OKAY))
-                more = bool(f2 & n.NETTXF_more_data)
+            rest = reqs[start:i]
+            answers.extend(zip(map(_ID, rest), repeat(_OKAY)))
             if not drop and first_size < n.ETH_HLEN and not (frame.mcast and size == 0):
                 drop = f"Bad packet size: {first_size}"  # the first slot's own bytes
             if offset + first_size > XEN_PAGE_SIZE:
@@ -202,24 +214,26 @@ def parse_tx(raws: list[bytes], *, max_slots: int = MAX_SLOTS, fatal_slots: int 
             out.consumed = i
             if drop:
                 out.dropped += 1
-                out.immediate.extend(error_responses(frame.answers))
+                out.immediate.extend(error_responses(answers))
                 continue
             if frame.mcast and size == 0:  # a multicast control request: no data
                 out.frames.append(frame)
                 continue
-            frame.slots = [TxSlot(gref, offset, first_size), *rest]
+            rest.insert(0, (gref, offset, flags, req_id, first_size))
+            frame.slots = rest
             out.frames.append(frame)
     except NetifFatal as e:
         out.fatal = e
     return out
 
 
-class RxSlotPlan(NamedTuple):
-    """Where one piece of a frame goes: its bytes [start, start+length), its response flags."""
+@dataclass
+class RxFrame:
+    """A frame waiting for the guest's receive buffers."""
 
-    start: int
-    length: int
-    flags: int
+    data: bytes | memoryview
+    gso: Gso | None = None
+    csum_blank: bool = False
 
 
 def rx_slots_needed(length: int, gso: bool) -> int:
@@ -235,29 +249,60 @@ def rx_slots_needed(length: int, gso: bool) -> int:
 # the checksum flags.  A GSO frame's segment size rides in an extra-info slot right after
 # the first response, which takes a buffer of its own (the frontend simply posts that
 # page again).  The bytes move by one grant copy per batch, from netback's own pages into
-# the guest's, so netback never maps guest memory to receive.
+# the guest's, or by plain copies into the pages kept mapped; either way `rx_layout`
+# says which grant each piece fills, and `rx_responses` answers every request taken,
+# a failed piece failing its frame.
 # :T
-def plan_rx(length: int, *, gso: bool, csum_blank: bool) -> list[RxSlotPlan]:
-    """The data pieces of a frame of `length` bytes, with their rx response flags."""
-    pieces = max(1, -(-length // XEN_PAGE_SIZE))
-    out = []
-    for k in range(pieces):
-        flags = 0
-        if k == 0:
-            flags |= n.NETRXF_data_validated
-            if csum_blank:
-                flags |= n.NETRXF_csum_blank
-            if gso:
-                flags |= n.NETRXF_extra_info
-        if k < pieces - 1:
-            flags |= n.NETRXF_more_data
-        start = k * XEN_PAGE_SIZE
-        out.append(RxSlotPlan(start, min(XEN_PAGE_SIZE, length - start), flags))
-    return out
+def rx_layout(frames: Sequence[RxFrame], reqs: Sequence[tuple[int, int, int]]) -> tuple[list[int], list[memoryview]]:
+    """The grant each piece of `frames` fills and the piece itself, in step, from the
+    receive requests taken for them ((id, pad, gref) each, rx_slots_needed of them a frame)."""
+    grefs: list[int] = []
+    pieces: list[memoryview] = []
+    k = 0
+    for f in frames:
+        data = memoryview(f.data)
+        start = 0
+        if f.gso is not None:  # the first piece, then the extra-info's request
+            grefs.append(reqs[k][2])
+            pieces.append(data[:XEN_PAGE_SIZE])
+            k += 2
+            start = XEN_PAGE_SIZE
+        for off in range(start, len(data) or 1, XEN_PAGE_SIZE):
+            grefs.append(reqs[k][2])
+            pieces.append(data[off : off + XEN_PAGE_SIZE])
+            k += 1
+    return grefs, pieces
 
 
-def rx_response(req_id: int, flags: int, status: int) -> bytes:
-    return _RXRSP.pack(req_id, 0, flags, status)
+def rx_responses(frames: Sequence[RxFrame], reqs: Sequence[tuple[int, int, int]],
+                 statuses: Sequence[int]) -> tuple[list[bytes], list[bool]]:
+    """The responses to every request `rx_layout` used, given each piece's GNTST status
+    (NETIF_RSP_ERROR for a piece that failed), and whether each frame arrived whole."""
+    responses: list[bytes] = []
+    whole: list[bool] = []
+    k = p = 0  # request index, piece index
+    for f in frames:
+        length = len(f.data)
+        last = max(1, -(-length // XEN_PAGE_SIZE)) - 1
+        flags = n.NETRXF_data_validated | (n.NETRXF_csum_blank if f.csum_blank else 0)
+        if f.gso is not None:
+            flags |= n.NETRXF_extra_info
+        ok = True
+        for j in range(last + 1):
+            status = XEN_PAGE_SIZE if j < last else length - j * XEN_PAGE_SIZE
+            if statuses[p] != GNTST_okay:
+                ok = False
+                status = n.NETIF_RSP_ERROR
+            responses.append(_RXRSP.pack(reqs[k][0], 0, flags | _RX_MORE if j < last else flags, status))
+            p += 1
+            k += 1
+            if j == 0:
+                flags = 0
+                if f.gso is not None:
+                    responses.append(rx_gso_extra(f.gso))
+                    k += 1
+        whole.append(ok)
+    return responses, whole
 
 
 def rx_gso_extra(gso: Gso) -> bytes:
@@ -271,14 +316,14 @@ __all__ = [
     "FrameParts",
     "Gso",
     "NetifFatal",
-    "RxSlotPlan",
+    "RxFrame",
     "TxFrame",
     "TxRequests",
     "TxSlot",
     "error_responses",
     "parse_tx",
-    "plan_rx",
     "rx_gso_extra",
-    "rx_response",
+    "rx_layout",
+    "rx_responses",
     "rx_slots_needed",
 ]
