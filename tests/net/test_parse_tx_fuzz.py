@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from pvio.abi import netif as n
 from pvio.abi.ring import XEN_PAGE_SIZE
-from pvio.net.slots import FATAL_SLOTS, MAX_SLOTS, Gso, NetifFatal, TxRequests, error_responses, parse_tx
+from pvio.net.slots import (
+    FATAL_SLOTS,
+    MAX_SLOTS,
+    Gso,
+    NetifFatal,
+    TxRequests,
+    error_responses,
+    parse_tx,
+)
 
 _TXREQ = n.TX_REQUEST.packer
 _EXTRA = n.EXTRA_GSO.packer

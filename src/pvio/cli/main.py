@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("pvio.toolstack.console_cli:console", "Attach the terminal to a guest's console (lguest or Xen-style)."),
     "top": ("pvio.toolstack.top_cli:top", "Show a running pvio up's domains and devices live, as xentop does."),
     "trace": ("pvio.toolstack.trace_cli:trace", "Record a running pvio up's rings, grants and notifies as a Perfetto trace."),
-    "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device (console, block, net) from an lguest guest."),
+    "unplug": ("pvio.toolstack.unplug_cli:unplug", "Unplug a device from a running guest (lguest's console, block, net; a Xen vif)."),
     "run": ("pvio.toolstack.run_cli:run", "Run a program built on Xen's libraries as a domain of a running pvio up."),
     "xenstored": ("pvio.xenstore.cli:xenstored", "Serve XenStore (xs_wire) on a UNIX socket."),
     "xenconsoled": ("pvio.domains.xenconsoled:xenconsoled", "Serve Xen-style guests' consoles on ptys."),
@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "block-detach": ("pvio.toolstack.block_cli:block_detach", "Detach a disk from a running Xen guest."),
     "block-list": ("pvio.toolstack.block_cli:block_list", "List the disks of running Xen guests."),
     "block-resize": ("pvio.toolstack.block_cli:block_resize", "Grow a running Xen guest's disk."),
+    "network-attach": ("pvio.toolstack.net_cli:network_attach", "Attach a vif (xl vif spec) to a running Xen guest."),
+    "network-detach": ("pvio.toolstack.net_cli:network_detach", "Detach a vif from a running Xen guest."),
+    "network-list": ("pvio.toolstack.net_cli:network_list", "List the vifs of running Xen guests."),
 }
 
 

@@ -1,4 +1,4 @@
-"""A guest's devices at run time: vbds the toolstack adds or removes, vifs it removes.
+"""A guest's devices at run time: vbds and vifs the toolstack adds or removes.
 
 Theory of operation
 -------------------
@@ -17,7 +17,12 @@ stops the export and forgets the disk.  A backend that grew the disk (online res
 makes the export advertise the new size to every new NBD connection (NBD has no way to
 tell a connected client).
 
-A vif goes as Linux's netfront goes (`VifWatcher`): the toolstack's removal closes
+A vif comes as a vbd does (`VifWatcher`, after `xl network-attach` or `pvio
+network-attach`): a new directory under ``device/vif`` in state Initialising gets a
+netfront through the handshake and a TAP ``eth<devid>`` in ``pvio-<name>`` (the
+namespace made now if the guest had no vif; `pvio.domains.xen_net.attach_guest_vif`); one
+that fails is recorded with why, and not tried again.  A vif goes as Linux's netfront
+goes: the toolstack's removal closes
 both ends (the backend Closing with `online` = 0, netfront Closed), and once the
 toolstack has removed the device's directory the netfront stops and its TAP in
 ``pvio-<name>`` is removed -- with the namespace when it was the guest's last vif
@@ -37,7 +42,7 @@ import os
 
 from pvio.abi.xenbus import XenbusState as S
 from pvio.domains.xen_guest import GuestDisk, attach_disk, export_disk
-from pvio.domains.xen_net import GuestNet
+from pvio.domains.xen_net import GuestNet, attach_guest_vif
 from pvio.hypervisor.client import Domain
 from pvio.nbd.server_asyncio import NbdServer
 from pvio.xenstore.client import AsyncClient, WatchStream
@@ -80,6 +85,16 @@ class _DeviceWatcher:
             if e.errno != "ENOENT":
                 raise
             return set()
+
+    async def new_device(self, devid: int) -> str | None:
+        """The backend path of device `devid` if it is new and written completely (the
+        frontend Initialising, its backend named); None until then."""
+        node = f"{self.root}/{devid}"
+        state = await self.xs.read_or(f"{node}/state", None)
+        backend = await self.xs.read_or(f"{node}/backend", None)
+        if state != str(int(S.Initialising)).encode() or backend is None:
+            return None  # not written completely yet, or not a new device: the next event
+        return backend.decode()
 
     async def start(self) -> None:
         stream = await self.xs.watch(self.root)
@@ -132,12 +147,10 @@ class VbdWatcher(_DeviceWatcher):
             await self._attach(devid)
 
     async def _attach(self, devid: int) -> None:
-        node = f"{self.root}/{devid}"
-        state = await self.xs.read_or(f"{node}/state", None)
-        backend = await self.xs.read_or(f"{node}/backend", None)
-        if state != str(int(S.Initialising)).encode() or backend is None:
-            return  # not written completely yet, or not a new device: the next event
-        vdev = (await self.xs.read_or(f"{backend.decode()}/dev", b"") or b"").decode() or f"d{devid}"
+        backend = await self.new_device(devid)
+        if backend is None:
+            return
+        vdev = (await self.xs.read_or(f"{backend}/dev", b"") or b"").decode() or f"d{devid}"
         try:
             disk = await attach_disk(self.dom, self.xs, vdev, devid, **self.attach_kw)  # type: ignore[arg-type]
             sock = os.path.join(self.state_dir, f"{self.name}-{vdev}.sock")
@@ -165,7 +178,8 @@ class VbdWatcher(_DeviceWatcher):
 
 
 class VifWatcher(_DeviceWatcher):
-    """Forget the vifs whose device directory the toolstack removed (module notes)."""
+    """Attach the vifs that appear under device/vif, forget those whose directory the
+    toolstack removed (module notes)."""
 
     def __init__(self, dom: Domain, xs: AsyncClient, nets: list[GuestNet], *, name: str,
                  failures: dict[int, str] | None = None) -> None:
@@ -180,6 +194,20 @@ class VifWatcher(_DeviceWatcher):
         for net in [n for n in self.nets if n.vif.devid not in present]:
             await forget_vif(self.nets, net)
             log.info("guest %s: vif %d removed (%s)", self.name, net.vif.devid, net.tap.ifname)
+        served = {n.vif.devid for n in self.nets}
+        for devid in sorted(present - served - set(self.failures)):
+            await self._attach(devid)
+
+    async def _attach(self, devid: int) -> None:
+        if await self.new_device(devid) is None:
+            return
+        try:
+            net = await attach_guest_vif(self.dom, self.xs, self.name, devid, self.nets)
+        except Exception as e:
+            log.warning("guest %s: attaching vif %d: %s", self.name, devid, e)
+            self.failures[devid] = str(e)
+            return
+        log.info("guest %s: vif %d attached as %s in %s", self.name, devid, net.tap.ifname, net.tap.netns)
 
 
 async def forget_vif(nets: list[GuestNet], net: GuestNet) -> None:

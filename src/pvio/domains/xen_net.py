@@ -20,8 +20,10 @@ toolstack removes later goes with `pvio.domains.xen_hotplug.VifWatcher`), and it
 ``eth<devid>`` in the guest's namespace ``pvio-<name>`` (`pvio.domains.tap.create_tap`)
 with the vif's MAC, MTU and the address the toolstack wrote as the backend's `ip`.
 Frames the namespace's stack sends are netfront's transmits; frames netfront receives
-are written back.  A frame arriving while the transmit ring is full is dropped and
-counted (a real NIC's queue overflowing), never waited for on the TAP's reader.
+are written back.  A frame arriving while the transmit ring is full is held and the
+TAP is not read until answers free slots (`_TxFeeder`), as Linux's netfront stops its
+queue.  A vif the toolstack adds while the guest runs (`pvio network-attach`) is
+attached the same way, by `attach_guest_vif`, when `VifWatcher` sees it appear.
 
 Offloads cross both TAPs: each is opened with IFF_VNET_HDR, and once the frontend's
 features are known TUNSETOFFLOAD lets the kernel hand it partial checksums and (when
@@ -43,6 +45,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import subprocess
@@ -237,6 +240,10 @@ class GuestNet:
     owns_netns: bool = True  # the guest's first TAP made pvio-<name>; the others are added
     #: with multi-queue, the links of the TAP's other queues (queue i is more[i - 1])
     more: list[TapLink] = dataclasses.field(default_factory=list)
+    #: the bridge and the name of the vif's end in the driver domain, as the toolstack
+    #: wrote them in the backend directory (for `pvio list`)
+    bridge: str = ""
+    backend_ifname: str = ""
 
     @property
     def links(self) -> list[TapLink]:
@@ -250,6 +257,8 @@ class GuestNet:
             "address": self.address,
             "netns": self.tap.netns,
             "ifname": self.tap.ifname,
+            "bridge": self.bridge,
+            "backend_ifname": self.backend_ifname,
             "queues": len(self.vif.fronts),
             "queue_frames": [[f.stats.tx_frames, f.stats.rx_frames] for f in self.vif.fronts],
             "dropped": self.dropped,
@@ -321,62 +330,77 @@ class _TxFeeder:
 async def attach_guest_vifs(dom: Domain, xs: AsyncClient, name: str,
                             queues: Mapping[int, int] | None = None,
                             failed: dict[int, str] | None = None) -> list[GuestNet]:
-    """netfront for every device/vif of this guest, each ending in a TAP eth<devid> in
-    pvio-<name> (the first makes the namespace, the others are added to it).  `queues`
-    says how many queues a vif asks for, by devid (default 1); a vif that got several
-    has a multi-queue TAP, one fd per queue.  A vif that cannot connect is left out,
-    with why in `failed`."""
+    """netfront for every device/vif of this guest (`attach_guest_vif`).  `queues` says
+    how many queues a vif asks for, by devid (default 1).  A vif that cannot connect is
+    left out, with why in `failed`."""
     try:
         devids = sorted(int(d) for d in await xs.directory(f"/local/domain/{dom.domid}/device/vif"))
     except Exception:
         return []
     out: list[GuestNet] = []
     for devid in devids:
-        holder: list[GuestNet] = []
-
-        def to_tap(data: FrameParts, meta: RxMeta, holder: list[GuestNet] = holder) -> None:
-            if not holder:
-                return
-            net = holder[0]
-            parts = vnet_parts(data, meta.gso, meta.csum_blank, bool(meta.flags & n.NETRXF_data_validated))
-            if parts is None:
-                net.dropped += 1
-            else:  # into the TAP queue of the ring it came on
-                (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send_parts(parts)
-
         try:
-            vif = await attach_vif(dom, xs, devid, to_tap, queues=(queues or {}).get(devid, 1))
+            await attach_guest_vif(dom, xs, name, devid, out, (queues or {}).get(devid, 1))
         except Exception as e:
             log.warning("netfront: vif %d not attached: %s", devid, e)
             if failed is not None:
                 failed[devid] = str(e)
-            continue
+    return out
+
+
+async def attach_guest_vif(dom: Domain, xs: AsyncClient, name: str, devid: int, nets: list[GuestNet],
+                           queues: int = 1) -> GuestNet:
+    """netfront for device/vif/<devid>, ending in a TAP eth<devid> in pvio-<name> (the
+    guest's first vif makes the namespace, the others join the one `nets` have); added to
+    `nets`.  A vif that got several queues has a multi-queue TAP, one fd per queue."""
+    holder: list[GuestNet] = []
+
+    def to_tap(data: FrameParts, meta: RxMeta) -> None:
+        if not holder:
+            return
+        net = holder[0]
+        parts = vnet_parts(data, meta.gso, meta.csum_blank, bool(meta.flags & n.NETRXF_data_validated))
+        if parts is None:
+            net.dropped += 1
+        else:  # into the TAP queue of the ring it came on
+            (net.more[meta.queue - 1] if 0 < meta.queue <= len(net.more) else net.link).send_parts(parts)
+
+    vif = await attach_vif(dom, xs, devid, to_tap, queues=queues)
+    links: list[TapLink] = []
+    tap: TapInterface | None = None
+    try:
         backend = (await xs.read(f"/local/domain/{dom.domid}/device/vif/{devid}/backend")).decode()
         address = (await xs.read_or(f"{backend}/ip", b"") or b"").decode()
+        bridge = (await xs.read_or(f"{backend}/bridge", b"") or b"").decode()
+        host_ifname = (await xs.read_or(f"{backend}/vifname", b"") or b"").decode() or f"vif{dom.domid}.{devid}"
         mq = len(vif.fronts) > 1
-        if out:
-            tap = vnet_tap(await asyncio.to_thread(add_tap, out[0].tap.netns, address=address, mac=vif.mac,
-                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True,
-                                                   multi_queue=mq))
-        else:
-            tap = vnet_tap(await asyncio.to_thread(create_tap, name, address=address, mac=vif.mac,
-                                                   ifname=f"eth{devid}", mtu=vif.mtu, nocsum=True,
-                                                   multi_queue=mq))
+        make = functools.partial(add_tap, nets[0].tap.netns) if nets else functools.partial(create_tap, name)
+        tap = vnet_tap(await asyncio.to_thread(make, address=address, mac=vif.mac, ifname=f"eth{devid}",
+                                               mtu=vif.mtu, nocsum=True, multi_queue=mq))
         features: BackendFeatures = vif.front.features
         await asyncio.to_thread(set_offload, tap, tso4=features.sg and features.gso_tcpv4,
                                 tso6=features.sg and features.gso_tcpv6)
-        net = GuestNet(vif, tap, TapLink(tap, lambda f: None), address, owns_netns=not out)
+        links.append(TapLink(tap, lambda f: None))
         for _ in vif.fronts[1:]:
-            net.more.append(TapLink(await asyncio.to_thread(open_queue, tap), lambda f: None))
-
-        for i, link in enumerate(net.links):
-            _TxFeeder(net, i, link)
-            link.start(asyncio.get_running_loop())
-        holder.append(net)
-        out.append(net)
-        log.info("netfront: vif %d up in %s as %s (%s), %d queue(s)", devid, tap.netns, tap.ifname, address,
-                 len(vif.fronts))
-    return out
+            links.append(TapLink(await asyncio.to_thread(open_queue, tap), lambda f: None))
+    except BaseException:
+        for link in links[1:]:
+            link.tap.close_device()
+        if tap is not None:
+            await asyncio.to_thread(tap.close if not nets else tap.close_device)
+        with contextlib.suppress(Exception):
+            await detach_vif(vif)
+        raise
+    net = GuestNet(vif, tap, links[0], address, owns_netns=not nets, more=links[1:], bridge=bridge,
+                   backend_ifname=host_ifname)
+    for i, link in enumerate(net.links):
+        _TxFeeder(net, i, link)
+        link.start(asyncio.get_running_loop())
+    holder.append(net)
+    nets.append(net)
+    log.info("netfront: vif %d up in %s as %s (%s), %d queue(s)", devid, tap.netns, tap.ifname, address,
+             len(vif.fronts))
+    return net
 
 
 async def detach_guest_vifs(nets: list[GuestNet]) -> None:
@@ -397,6 +421,7 @@ __all__ = [
     "BACKEND_MAC",
     "GuestNet",
     "TapVifHost",
+    "attach_guest_vif",
     "attach_guest_vifs",
     "detach_guest_vifs",
     "ensure_bridge",

@@ -14,7 +14,7 @@ from pvio.domains.spec import pid_alive, read_status
 from pvio.nbd.cli import tcp_tls_context
 from pvio.toolstack.config import ConfigError, default_config, from_disk_options, load, xen_vifs
 from pvio.toolstack.paths import StatePaths, default_state_dir
-from pvio.toolstack.status import load_up_status, merge_guest_disks
+from pvio.toolstack.status import load_up_status, merge_guest_disks, merge_guest_vifs
 from pvio.toolstack.up import Toolstack, run_up
 
 STATE_DIR_HELP = "Directory for sockets, logs and default images (default: ~/.local/state/pvio)."
@@ -139,16 +139,7 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             gone = set(launcher.get("stats", {}).get("removed", []))
             d["devices"] = [dev for dev in d["devices"] if kinds.get(dev["type"]) not in gone]
             d["unplugged"] = sorted(gone)
-        elif d.get("role") == "guest":  # the vifs it serves now, as its status file says
-            guest = read_status(paths.status(d["name"])) or {}
-            if "vifs" in guest:
-                serving = {v.get("devid") for v in guest["vifs"]}
-                failed = guest.get("vif_failures") or {}
-                vifs = [dev for dev in d["devices"] if dev["type"] == "vif"]
-                d["devices"] = [dev for dev in d["devices"] if dev["type"] != "vif" or dev["devid"] in serving]
-                d["unplugged"] = [f"vif{v['devid']}" for v in vifs
-                                  if v["devid"] not in serving and str(v["devid"]) not in failed]
-                d["failed"] = {f"vif{k}": why for k, why in failed.items()}
+        merge_guest_vifs(paths, d)  # the vifs it serves now, as its status file says
     if as_json:
         click.echo(json.dumps({"running": True} | status, indent=2))
         return
@@ -171,7 +162,8 @@ def list_(state_dir: Path | None, as_json: bool) -> None:
             elif dev["type"] == "vif":
                 queues = f" queues {dev['queues']}" if dev.get("queues", 1) > 1 else ""
                 devices.append(f"vif {dev['ifname']} {dev['mac']} {dev['ip'] or '-'} bridge {dev['bridge']} "
-                               f"netns {dev['netns']}{queues}")
+                               f"netns {dev['netns']}{queues}"
+                               + (" (attached at run time)" if dev.get("attached") else ""))
             elif dev["type"] == "lguest-net":
                 devices.append(f"net {dev['address']} netns {dev['netns']}")
             elif dev["type"] == "console":

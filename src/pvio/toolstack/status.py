@@ -145,6 +145,32 @@ def merge_guest_disks(paths: StatePaths, domain: dict[str, Any]) -> None:
     domain["devices"] = devices
 
 
+def merge_guest_vifs(paths: StatePaths, domain: dict[str, Any]) -> None:
+    """A Xen guest's vifs as its own status file has them now: those attached at run time
+    (`pvio network-attach`) added, marked ``"attached": "run time"``; those removed
+    (`pvio unplug`) dropped and named in ``unplugged``; those the guest failed named in
+    ``failed`` with why.  Without a guest status listing vifs the entry stays as it is."""
+    if domain.get("role") != "guest":
+        return
+    guest = read_status(paths.status(domain["name"])) or {}
+    if not isinstance(guest.get("vifs"), list):
+        return
+    serving = {int(v["devid"]): v for v in guest["vifs"] if isinstance(v, dict) and "devid" in v}
+    failed = guest.get("vif_failures") or {}
+    started = [dev for dev in domain["devices"] if dev.get("type") == "vif"]
+    devices = [dev for dev in domain["devices"] if dev.get("type") != "vif" or dev.get("devid") in serving]
+    known = {dev.get("devid") for dev in started}
+    for devid, v in sorted(serving.items()):
+        if devid not in known:
+            devices.append({"type": "vif", "devid": devid, "mac": v.get("mac", ""), "bridge": v.get("bridge", ""),
+                            "ip": v.get("address", ""), "ifname": v.get("backend_ifname", ""),
+                            "netns": v.get("netns", ""), "queues": v.get("queues", 1), "attached": "run time"})
+    domain["devices"] = devices
+    domain["unplugged"] = [f"vif{v['devid']}" for v in started
+                           if v["devid"] not in serving and str(v["devid"]) not in failed]
+    domain["failed"] = {f"vif{k}": why for k, why in failed.items()}
+
+
 def stale_processes(status: dict[str, Any]) -> list[int]:
     """The processes a `pvio-up.json` names (services, domains) that still run pvio or
     qemu-nbd: what an earlier pvio up left behind if it ended without stopping them."""
