@@ -126,6 +126,10 @@ async def test_handshake_resize_and_close(tmp_path: Path) -> None:
         while int(await w.read(f"{BE}/statistics/wr_req") or 0) < 2:
             assert asyncio.get_running_loop().time() < deadline, "no statistics within 10 s"
             await asyncio.sleep(0.05)
+        # with how the image's transfers were made: every write and read accounted for
+        ways = [int(await w.read(f"{BE}/statistics/{k}") or -1) for k in ("io_nowait", "io_gated", "io_pool_jobs")]
+        assert min(ways) >= 0 and sum(ways) >= 1, ways
+        assert await w.read(f"{BE}/statistics/gate_slow_writes") is not None
         # orderly close: both ends Closed
         await detach_disk(d)
         await w.until(f"{FE}/state", "6")

@@ -339,7 +339,16 @@ class BlkbackService(BackendService[BlkbackDevice]):
 
     def _stats_keys(self, device: Served[BlkbackDevice]) -> dict[str, str] | None:
         stats = device.driver.stats()
-        return None if stats is None else stats.as_keys()
+        if stats is None:
+            return None
+        keys = stats.as_keys()
+        disk = device.driver.disk
+        if isinstance(disk, RawFile):  # how the image's transfers were made
+            keys |= {"io_nowait": str(disk.nowait), "io_gated": str(disk.gated), "io_pool_jobs": str(disk.pool_jobs)}
+            gate = disk.gate
+            if gate is not None:
+                keys |= {"gate_slow_writes": str(gate.slow_writes), "gate_preempted_writes": str(gate.preempted_writes)}
+        return keys
 
     async def resize(self, path: str) -> None:
         """Publish the disk's current size to a connected frontend (online resize)."""

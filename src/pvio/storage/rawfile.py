@@ -160,6 +160,11 @@ class RawFile:
         return self._info
 
     @property
+    def gate(self) -> WriteGate | None:
+        """The write gate this image's inline writes go through (None: never inline)."""
+        return self._gate
+
+    @property
     def size(self) -> int:
         return self._info.size
 
