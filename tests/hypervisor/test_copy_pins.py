@@ -1,0 +1,96 @@
+"""GNTTABOP_copy's pins, against the hypervisor core: a copy pins each granted side for
+the op alone (GTF_reading, and GTF_writing for a destination) and leaves the entry as
+it found it, as Xen's acquire_grant_for_copy / release_grant_for_copy do; an entry a map
+holds keeps the map's bits; every refusal leaves the entry and the memory alone."""
+
+from __future__ import annotations
+
+import struct
+
+from pvio.abi import grant_table as gt
+from pvio.hypervisor.core import Hypervisor
+from pvio.hypervisor.domain import PAGE_SIZE, DomainRecord
+from pvio.hypervisor.wire import Op
+from pvio.testing.hypervisor import FakePlatform
+
+PERMIT = gt.GTF_permit_access
+
+
+def world() -> tuple[Hypervisor, DomainRecord, DomainRecord]:
+    hv = Hypervisor(FakePlatform(), lambda fd: fd)
+    return hv, hv.create_domain("granter", 8, max_grant_frames=1), hv.create_domain("copier", 8, max_grant_frames=1)
+
+
+def grant(d: DomainRecord, ref: int, flags: int, domid: int, frame: int) -> None:
+    struct.pack_into("<HHI", d.gnttab, ref * 8, flags, domid, frame)
+
+
+def flags_of(d: DomainRecord, ref: int) -> int:
+    return int(struct.unpack_from("<H", d.gnttab, ref * 8)[0])
+
+
+def copy(hv: Hypervisor, caller: DomainRecord, *ops: dict[str, int]) -> list[int]:
+    args = b"".join(gt.GNTTAB_COPY.pack(**o) for o in ops)
+    (reply,) = hv.execute(caller.domid, [Op(20, gt.GNTTABOP_copy, len(ops), args)])
+    assert reply.rc == 0
+    return [gt.GNTTAB_COPY.unpack(reply.args[i * 40 : (i + 1) * 40])["status"] for i in range(len(ops))]
+
+
+def into_grant(granter: DomainRecord, ref: int, frame: int, length: int = PAGE_SIZE) -> dict[str, int]:
+    """Copy the copier's own `frame` into `granter`'s grant `ref`."""
+    return dict(source_u=frame, source_domid=gt.DOMID_SELF, dest_u=ref, dest_domid=granter.domid, len=length,
+                flags=gt.GNTCOPY_dest_gref)
+
+
+def from_grant(granter: DomainRecord, ref: int, frame: int) -> dict[str, int]:
+    return dict(source_u=ref, source_domid=granter.domid, dest_u=frame, dest_domid=gt.DOMID_SELF, len=PAGE_SIZE,
+                flags=gt.GNTCOPY_source_gref)
+
+
+def test_a_copy_leaves_the_entry_as_it_found_it() -> None:
+    hv, g, c = world()
+    grant(g, 1, PERMIT, c.domid, 3)
+    grant(g, 2, PERMIT | gt.GTF_readonly, c.domid, 4)
+    c.frame_view(5)[:] = b"w" * PAGE_SIZE
+    g.frame_view(4)[:] = b"r" * PAGE_SIZE
+    assert copy(hv, c, into_grant(g, 1, 5), from_grant(g, 2, 6)) == [gt.GNTST_okay, gt.GNTST_okay]
+    assert bytes(g.frame_view(3)) == b"w" * PAGE_SIZE and bytes(c.frame_view(6)) == b"r" * PAGE_SIZE
+    assert (flags_of(g, 1), flags_of(g, 2)) == (PERMIT, PERMIT | gt.GTF_readonly) and not g.active
+
+
+def test_refusals_touch_neither_the_entry_nor_the_memory() -> None:
+    hv, g, c = world()
+    grant(g, 1, PERMIT | gt.GTF_readonly, c.domid, 3)  # read-only: not a destination
+    grant(g, 2, PERMIT, c.domid + 1, 3)  # granted to another domain
+    grant(g, 3, PERMIT, c.domid, 999)  # a frame outside the granter's memory
+    g.frame_view(3)[:] = b"g" * PAGE_SIZE
+    c.frame_view(5)[:] = b"w" * PAGE_SIZE
+    statuses = copy(hv, c, into_grant(g, 1, 5), into_grant(g, 2, 5), into_grant(g, 3, 5),
+                    into_grant(g, 1, 5, PAGE_SIZE + 1), into_grant(g, 64 * 8, 5))
+    assert statuses == [gt.GNTST_general_error] * 3 + [gt.GNTST_bad_copy_arg, gt.GNTST_bad_gntref]
+    assert bytes(g.frame_view(3)) == b"g" * PAGE_SIZE
+    assert [flags_of(g, r) for r in (1, 2, 3)] == [PERMIT | gt.GTF_readonly, PERMIT, PERMIT] and not g.active
+
+
+def test_one_entry_on_both_sides_of_a_copy() -> None:
+    hv, g, c = world()
+    grant(g, 1, PERMIT, c.domid, 3)
+    g.frame_view(3)[:8] = b"abcdefgh"
+    op = dict(source_u=1, source_domid=g.domid, source_offset=0, dest_u=1, dest_domid=g.domid, dest_offset=8,
+              len=8, flags=gt.GNTCOPY_source_gref | gt.GNTCOPY_dest_gref)
+    assert copy(hv, c, op) == [gt.GNTST_okay]
+    assert bytes(g.frame_view(3)[:16]) == b"abcdefghabcdefgh" and flags_of(g, 1) == PERMIT
+
+
+def test_a_mapped_entry_keeps_its_maps_bits_through_a_copy() -> None:
+    hv, g, c = world()
+    grant(g, 1, PERMIT, c.domid, 3)
+    mapping = gt.GNTTAB_MAP_GRANT_REF.pack(flags=gt.GNTMAP_host_map, ref=1, dom=g.domid)
+    (reply,) = hv.execute(c.domid, [Op(20, gt.GNTTABOP_map_grant_ref, 1, mapping)])
+    handle = gt.GNTTAB_MAP_GRANT_REF.unpack(reply.args)["handle"]
+    assert flags_of(g, 1) == PERMIT | gt.GTF_reading | gt.GTF_writing
+    assert copy(hv, c, into_grant(g, 1, 5)) == [gt.GNTST_okay]
+    assert flags_of(g, 1) == PERMIT | gt.GTF_reading | gt.GTF_writing  # the map still holds it
+    unmap = gt.GNTTAB_UNMAP_GRANT_REF.pack(handle=handle)
+    hv.execute(c.domid, [Op(20, gt.GNTTABOP_unmap_grant_ref, 1, unmap)])
+    assert flags_of(g, 1) == PERMIT and not g.active
