@@ -120,6 +120,26 @@ def _cas(d: DomainRecord, ref: int, old: int, new: int) -> int:
 # "unstable" and the map fails.  The frame is read after the pin, validated against the
 # granter's memory, and remembered: later pins use that frame, never a re-read.
 # :T
+def _set_pin_bits(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> None:
+    """The compare-and-swap of a pin: GTF_reading (and GTF_writing) into an entry that
+    grants `mapper` access (writable, for a writing pin); raise _Fail."""
+    word = _read_word(granter, ref)
+    want = GTF_reading if readonly else GTF_reading | GTF_writing
+    for _ in range(CAS_RETRIES):
+        flags, domid = word & 0xFFFF, word >> 16
+        if (flags & GTF_type_mask) != GTF_permit_access or domid != mapper:
+            raise _Fail(GNTST_general_error, f"bad flags {flags:#x} or dom {domid}")
+        if not readonly and flags & GTF_readonly:
+            raise _Fail(GNTST_general_error, "write pin of a read-only grant")
+        if flags & want == want:
+            return  # set already: another pin holds the entry
+        found = _cas(granter, ref, word, word | want)
+        if found == word:
+            return
+        word = found
+    raise _Fail(GNTST_general_error, "grant entry is unstable")
+
+
 def pin(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> ActiveGrant:
     """Take one pin on `granter`'s entry `ref` for domain `mapper`; raise _Fail."""
     if granter.dying:
@@ -129,22 +149,7 @@ def pin(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> ActiveG
     act = granter.active.get(ref)
     if act is not None and act.pins and act.mapper != mapper:
         raise _Fail(GNTST_general_error, "entry pinned by another domain")
-    word = _read_word(granter, ref)
-    for _ in range(CAS_RETRIES):
-        flags, domid = word & 0xFFFF, word >> 16
-        if (flags & GTF_type_mask) != GTF_permit_access or domid != mapper:
-            raise _Fail(GNTST_general_error, f"bad flags {flags:#x} or dom {domid}")
-        if not readonly and flags & GTF_readonly:
-            raise _Fail(GNTST_general_error, "write pin of a read-only grant")
-        new = flags | GTF_reading | (0 if readonly else GTF_writing)
-        if new == flags:
-            break
-        found = _cas(granter, ref, word, (domid << 16) | new)
-        if found == word:
-            break
-        word = found
-    else:
-        raise _Fail(GNTST_general_error, "grant entry is unstable")
+    _set_pin_bits(granter, ref, mapper, readonly)
     if act is None or not act.pins:
         frame = _read_frame(granter, ref)
         if not granter.valid_frame(frame):
@@ -170,22 +175,7 @@ def pin_for_copy(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -
     act = granter.active.get(ref)
     if act is not None or granter.dying or not 0 <= ref < granter.nr_grant_entries:
         return pin(granter, ref, mapper, readonly).frame, -1
-    word = _read_word(granter, ref)
-    want = GTF_reading if readonly else GTF_reading | GTF_writing
-    for _ in range(CAS_RETRIES):
-        flags, domid = word & 0xFFFF, word >> 16
-        if (flags & GTF_type_mask) != GTF_permit_access or domid != mapper:
-            raise _Fail(GNTST_general_error, f"bad flags {flags:#x} or dom {domid}")
-        if not readonly and flags & GTF_readonly:
-            raise _Fail(GNTST_general_error, "write pin of a read-only grant")
-        if flags & want == want:
-            break  # set already (the same entry on both sides of one copy)
-        found = _cas(granter, ref, word, word | want)
-        if found == word:
-            break
-        word = found
-    else:
-        raise _Fail(GNTST_general_error, "grant entry is unstable")
+    _set_pin_bits(granter, ref, mapper, readonly)
     frame = _read_frame(granter, ref)
     if not granter.valid_frame(frame):
         _clear_bits(granter, ref, GTF_reading | GTF_writing)
