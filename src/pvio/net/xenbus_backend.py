@@ -211,8 +211,8 @@ class NetbackDevice:
             return
         try:
             async for _ in stream:  # the first event comes at once: the value now
-                value = await dev.xs.read_or(path, b"0")
-                on = read_bool({"v": (value or b"0").decode(errors="replace")}, "v")
+                values = await read_keys(dev.xs, dev.otherend, ("request-multicast-control",))
+                on = read_bool(values, "request-multicast-control")  # as parse_frontend_rings reads it
                 for queue in self.queues:
                     queue.set_multicast_control(on)
         except Exception as e:  # pragma: no cover - the store went away
