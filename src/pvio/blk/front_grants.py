@@ -41,6 +41,9 @@ class FrontGrants:
         self.check = check  # raises if the device broke while a claim waited
         self.pool: list[tuple[int, int]] = []  # persistent (ref, frame) pairs not in use
         self.pool_size = 0
+        #: the pool grows no larger than this (the backend's persistent mappings: None, no bound)
+        self.cap: int | None = None
+        self.pool_waiters: list[asyncio.Future[None]] = []  # for pages to come back
         self._ref_frames: dict[int, int] = {}  # ref -> the page it grants, freed with it
 
     async def claim(self, n: int) -> list[int]:
@@ -91,7 +94,19 @@ class FrontGrants:
         self._ref_frames[ref] = frame
 
     async def take_pooled(self, n: int) -> list[tuple[int, int]]:
-        """`n` persistently granted pages: reused ones first, new ones granted read-write."""
+        """`n` persistently granted pages: reused ones first, new ones granted read-write
+        -- or, when the pool is at its `cap`, the ones given back next (pages lent to an
+        NBD reply come back within a turn of the loop; the others with their responses)."""
+        while self.cap is not None and len(self.pool) < n <= self.pool_size and self.pool_size + n - len(
+                self.pool) > self.cap:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.pool_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self.pool_waiters:
+                    self.pool_waiters.remove(fut)
+            self.check()
         take = self.pool[-n:] if n else []
         del self.pool[len(self.pool) - len(take) :]
         more = n - len(take)
@@ -113,6 +128,21 @@ class FrontGrants:
     def give_back(self, pooled: list[tuple[int, int]]) -> None:
         """Persistent pages a request is done with: still granted, the next one reuses them."""
         self.pool.extend(pooled)
+        if self.pool_waiters:
+            waiters, self.pool_waiters = self.pool_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def put_back(self, pooled: list[tuple[int, int]] | None, grefs: tuple[int, ...], persistent: bool) -> None:
+        """A request's pages once it is done with them: pooled ones back to the pool
+        (their grants ended, if persistence was given up meanwhile), others' grants ended."""
+        if pooled is not None and persistent:
+            self.give_back(pooled)
+        elif pooled is not None:
+            self.end(tuple(r for r, _ in pooled))
+        else:
+            self.end(grefs)
 
     def purge(self) -> int:
         """Revoke and free every pooled grant the backend does not map; returns how many."""

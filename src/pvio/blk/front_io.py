@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Coroutine
+import functools
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from pvio.abi.blkif import (
@@ -31,16 +32,21 @@ from pvio.abi.blkif import (
     BLKIF_OP_WRITE_BARRIER,
     SECTOR_SIZE,
 )
+from pvio.blk.front_grants import FrontGrants
 from pvio.blk.keys import BackendDisk
+from pvio.blk.request import indirect_pages_for
 from pvio.blk.shadow import Submitted
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.storage.backend import BackendInfo
+from pvio.storage.lent import Lent, LentDone
 
 
 class FrontBlockIO:
     """BlockBackend's calls over `_issue` (see the module notes)."""
 
     _rmw: asyncio.Lock
+    persistent: bool
+    grants: FrontGrants
 
     # -- what BlkFront provides ------------------------------------------------------
 
@@ -59,11 +65,13 @@ class FrontBlockIO:
         nbytes: int,
         read_into: memoryview | None = None,
         want_bytes: bool = False,
-    ) -> bytes:
+        lend: bool = False,
+        pages: list[tuple[int, int]] | None = None,
+    ) -> bytes | Lent:
         raise NotImplementedError
 
     def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
-                done: Submitted, read_into: memoryview | None = None) -> bool:
+                done: Submitted, read_into: memoryview | None = None, lend: bool = False) -> bool:
         raise NotImplementedError
 
     def room(self, requests: int, npages: int) -> bool:
@@ -95,7 +103,9 @@ class FrontBlockIO:
             disk = self._disk()
             if offset + length > disk.size:
                 raise OSError(errno.EINVAL, f"{offset}+{length} is past the disk ({disk.size})")
-            return await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
+            data = await self._issue(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, want_bytes=True)
+            assert not isinstance(data, Lent)
+            return data
         buf = bytearray(length)
         await self.read_into(offset, memoryview(buf))
         return buf  # handed to the NBD reply as it is: no second copy of a large read
@@ -114,6 +124,56 @@ class FrontBlockIO:
             return self._submit_parts(BLKIF_OP_READ, offset, length, None, done)
         return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done)
 
+    # -- lent reads (`pvio.storage.lent.Lending`) ---------------------------------------
+
+    def submit_read_lent(self, offset: int, length: int, done: LentDone) -> bool:
+        """`submit_read`, the data lent in the pages it was read into (`Lent`): they go
+        back to the pool when the caller releases the loan."""
+        if length <= 0 or (offset | length) % self.unit:
+            return False
+        disk = self.disk_if_connected()
+        if disk is None or offset + length > disk.size:
+            return False
+        if length > self.max_request_bytes:
+            return self._submit_parts(BLKIF_OP_READ, offset, length, None, done, lend=True)
+        return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done, lend=True)
+
+    async def read_lent(self, offset: int, length: int) -> Lent:
+        """`read`, the data lent as `submit_read_lent` lends it.  The pages of a READ of
+        several requests are all taken from the pool at once, before the first is
+        issued: a read holding some pages while it waits for more could leave none for
+        the others.  Unaligned reads, and large ones without a pool to take from, are
+        copied out as `read` does."""
+        step = self.max_request_bytes
+        sizes = [min(step, length - pos) for pos in range(0, length, step)]
+        need = [-(-n // PAGE_SIZE) + indirect_pages_for(-(-n // PAGE_SIZE)) for n in sizes]
+        cap = self.grants.cap
+        if (length <= 0 or (offset | length) % self.unit or offset + length > self._disk().size
+                or (len(sizes) > 1 and not (self.persistent and cap is not None and 2 * sum(need) <= cap))):
+            data = await self.read(offset, length)
+            return Lent([memoryview(data)], lambda: None)
+        pages = await self.grants.take_pooled(sum(need)) if len(sizes) > 1 else []
+        parts = []
+        for k, n in enumerate(sizes):
+            mine = pages[sum(need[:k]) : sum(need[: k + 1])] or None
+            sector = (offset + k * step) // SECTOR_SIZE
+            parts.append(asyncio.ensure_future(self._issue(BLKIF_OP_READ, sector, None, n, lend=True, pages=mine)))
+        try:
+            await asyncio.wait(parts)
+        except asyncio.CancelledError:
+            for t in parts:  # a part answered later is given back then
+                t.cancel()
+                t.add_done_callback(_release_result)
+            raise
+        loans = [got for t in parts if not t.cancelled() and t.exception() is None
+                 and isinstance(got := t.result(), Lent)]
+        if len(loans) != len(parts):
+            for loan in loans:
+                loan.release()
+            failed = next((t.exception() for t in parts if not t.cancelled() and t.exception()), None)
+            raise failed or OSError(errno.EIO, "blkfront: a READ was not answered")
+        return loans[0] if len(loans) == 1 else Lent.joined(loans)
+
     def submit_write(self, offset: int, data: bytes | memoryview, done: Submitted) -> bool:
         """Put a WRITE (not FUA) of whole sectors in the ring now; False: `write` it."""
         length = len(data)
@@ -127,35 +187,49 @@ class FrontBlockIO:
         return self._submit(BLKIF_OP_WRITE, offset // SECTOR_SIZE, data, length, done)
 
     def _submit_parts(
-        self, operation: int, offset: int, length: int, data: memoryview | None, done: Submitted
+        self, operation: int, offset: int, length: int, data: memoryview | None, done: Submitted,
+        lend: bool = False,
     ) -> bool:
         """A transfer of several requests, all put into the ring now or none: a READ into
-        one buffer, `done` called once, when the last is answered (the first error, if any)."""
+        one buffer (or lent: one loan of all the parts' pages), `done` called once, when
+        the last is answered (the first error, if any)."""
         step = self.max_request_bytes
         parts = -(-length // step)
         if not self.room(parts, step // PAGE_SIZE):
             return False
-        buf = bytearray(length) if data is None else None
+        buf = bytearray(length) if data is None and not lend else None
         into = memoryview(buf) if buf is not None else None
+        loans: list[Lent | None] = [None] * parts
         left = parts
         failed: BaseException | None = None
 
-        def part_done(exc: BaseException | None, _: bytes | bytearray) -> None:
+        def part_done(k: int, exc: BaseException | None, got: bytes | bytearray | Lent) -> None:
             nonlocal left, failed
             if exc is not None and failed is None:
                 failed = exc
+            if isinstance(got, Lent):
+                loans[k] = got
             left -= 1
-            if left == 0:
+            if left:
+                return
+            if not lend:
                 done(failed, b"" if failed is not None or buf is None else buf)
+            elif failed is not None:
+                for loan in loans:
+                    if loan is not None:
+                        loan.release()
+                done(failed, None)
+            else:
+                done(None, Lent.joined([loan for loan in loans if loan is not None]))
 
-        for pos in range(0, length, step):
+        for k, pos in enumerate(range(0, length, step)):
             n = min(step, length - pos)
             sector = (offset + pos) // SECTOR_SIZE
             piece = data[pos : pos + n] if data is not None else None
             target = into[pos : pos + n] if into is not None else None
-            if not self._submit(operation, sector, piece, n, part_done, target):
+            if not self._submit(operation, sector, piece, n, functools.partial(part_done, k), target, lend):
                 # `room` said all would go: a part that does not fails, the others complete
-                part_done(OSError(errno.EIO, "blkfront: a request could not be put into the ring"), b"")
+                part_done(k, OSError(errno.EIO, "blkfront: a request could not be put into the ring"), b"")
         return True
 
     def disk_if_connected(self) -> BackendDisk | None:
@@ -250,7 +324,12 @@ class FrontBlockIO:
             await self.flush()
 
 
-async def _gather_all(jobs: list[Coroutine[Any, Any, bytes]]) -> None:
+def _release_result(task: asyncio.Future[bytes | Lent]) -> None:
+    if not task.cancelled() and task.exception() is None and isinstance(got := task.result(), Lent):
+        got.release()
+
+
+async def _gather_all(jobs: Sequence[Coroutine[Any, Any, object]]) -> None:
     """Await every job; the first failure is raised after all have finished."""
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for r in results:

@@ -49,7 +49,7 @@ backend's).  It does what Linux's xen-blkfront does:
   and length, so the NBD export serves the disk directly.
 
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
-directly; the data is copied once, between the caller's bytes and those pages)."""
+directly; the data is copied once, between the caller's bytes and those pages, or lent)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ from pvio.blk.shadow import (
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
 from pvio.ring import RingBroken
+from pvio.storage.lent import Lent
 from pvio.trace import CURRENT_FLOW, TRACE, flow_id
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,8 @@ class BlkFront(FrontBlockIO):
     def _negotiate(self, disk: BackendDisk) -> None:
         n = min(disk.max_indirect_segments, self.want_indirect_segments)
         self.max_indirect_segments = n if n > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        segs = max(BLKIF_MAX_SEGMENTS_PER_REQUEST, n)  # the pool: full rings' pages (32 × 33, as blkback keeps)
+        self.grants.cap = sum(q.nr_ents for q in self.queues) * (segs + indirect_pages_for(segs))
         if self.persistent and self._purger is None:
             self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
 
@@ -264,9 +267,12 @@ class BlkFront(FrontBlockIO):
         nbytes: int,
         read_into: memoryview | None = None,
         want_bytes: bool = False,
-    ) -> bytes:
+        lend: bool = False,
+        pages: list[tuple[int, int]] | None = None,
+    ) -> bytes | Lent:
         """One request for `nbytes` (a multiple of 512, up to `max_request_bytes`) at
-        `sector`; returns the data of a READ made with `want_bytes`, else b""."""
+        `sector`; returns the data of a READ made with `want_bytes`, or lent (`lend`), else
+        b"".  `pages`: pooled pages taken for it already (given back if it never starts)."""
         self._check_broken()
         # A discard names sectors, it carries no data: no pages, no grants.
         npages = 0 if operation == BLKIF_OP_DISCARD else -(-nbytes // PAGE_SIZE)
@@ -274,11 +280,17 @@ class BlkFront(FrontBlockIO):
         nind = indirect_pages_for(npages)
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
-        await q.ids.acquire()
-        pooled: list[tuple[int, int]] | None = None
+        pooled = pages
+        try:
+            await q.ids.acquire()
+        except BaseException:
+            self.grants.put_back(pages, (), self.persistent)
+            raise
         try:
             await self._wait_running()
-            if self.persistent:
+            if pooled is not None:
+                grefs, frames = [r for r, _ in pooled], [f for _, f in pooled]
+            elif self.persistent:
                 pooled = await self.grants.take_pooled(npages + nind)
                 grefs = [r for r, _ in pooled]
                 frames = [f for _, f in pooled]
@@ -287,9 +299,10 @@ class BlkFront(FrontBlockIO):
                 frames = self.domain.alloc_pages(npages + nind)
         except BaseException:
             q.ids.release()
+            self.grants.put_back(pages, (), self.persistent)
             raise
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes)
+        pending = Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes, lend)
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         t0 = time.monotonic_ns() if TRACE.on else 0
@@ -359,13 +372,13 @@ class BlkFront(FrontBlockIO):
             return False
         nind = indirect_pages_for(npages)
         if (nind and npages > self.max_indirect_segments) or (
-                self.persistent and len(self.grants.pool) < (npages + nind) * requests):
+                self.persistent and (len(self.grants.pool) < (npages + nind) * requests or self.grants.pool_waiters)):
             return False
         return requests == 1 or (self.persistent and len(self.queues) == 1
                                  and self.queues[0].ids.free_now() >= requests)
 
     def _submit(self, operation: int, sector: int, payload: bytes | memoryview | None, nbytes: int,
-                done: Submitted, read_into: memoryview | None = None) -> bool:
+                done: Submitted, read_into: memoryview | None = None, lend: bool = False) -> bool:
         npages = -(-nbytes // PAGE_SIZE)
         if not self.room(1, npages):
             return False
@@ -384,8 +397,8 @@ class BlkFront(FrontBlockIO):
                 q.ids.release()
                 return False
             grefs, frames = got
-        want_bytes = operation == BLKIF_OP_READ and read_into is None
-        pending = Pending(None, frames[:npages], nbytes, read_into, pooled, want_bytes, done=done)
+        want_bytes = operation == BLKIF_OP_READ and read_into is None and not lend
+        pending = Pending(None, frames[:npages], nbytes, read_into, pooled, want_bytes, lend, done=done)
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         self._put(q, shadow)
@@ -492,28 +505,19 @@ class BlkFront(FrontBlockIO):
         shadow = q.shadows.complete(req_id, operation)
         pending: Pending = shadow.cookie
         q.ids.release()
-        mem = self.domain.memory
-        if pending.want_bytes and status == BLKIF_RSP_OKAY:
-            runs = page_runs(pending.frames, pending.nbytes)
-            if len(runs) == 1:
-                _, start, n = runs[0]
-                pending.data = mem[start : start + n].tobytes()
-            else:
-                pending.data = b"".join([mem[start : start + n] for _, start, n in runs])
-        elif pending.read_into is not None and status == BLKIF_RSP_OKAY:
-            out = pending.read_into
-            for pos, start, n in page_runs(pending.frames, pending.nbytes):
-                out[pos : pos + n] = mem[start : start + n]
-        if pending.pooled is not None and self.persistent:
-            self.grants.give_back(pending.pooled)
-        elif pending.pooled is not None:  # persistence was given up meanwhile
-            self.grants.end(tuple(r for r, _ in pending.pooled))
+        if pending.lend and status == BLKIF_RSP_OKAY:  # the pages come back when the loan ends
+            pooled, grefs = pending.pooled, shadow.grefs
+            pending.lend_data(self.domain.memory, lambda: self.grants.put_back(pooled, grefs, self.persistent))
         else:
-            self.grants.end(shadow.grefs)
+            if status == BLKIF_RSP_OKAY:
+                pending.copy_data(self.domain.memory)
+            self.grants.put_back(pending.pooled, shadow.grefs, self.persistent)
         if pending.done is not None:
             pending.done(None if status == BLKIF_RSP_OKAY else status_error(shadow, status), pending.data)
         elif pending.future is not None and not pending.future.done():
             pending.future.set_result(status)
+        elif isinstance(pending.data, Lent):  # its caller is gone
+            pending.data.release()
 
     def _check_broken(self) -> None:
         if self.broken is not None:

@@ -24,10 +24,11 @@ from typing import Any
 
 from pvio.abi.blkif import BLKIF_RSP_EOPNOTSUPP
 from pvio.hypervisor.domain import PAGE_SIZE
+from pvio.storage.lent import Lent
 
 #: A submitted request's completion: (None, data) on success -- data is a READ's bytes,
 #: b"" for a WRITE -- or (the error, b"").
-Submitted = Callable[[BaseException | None, bytes | bytearray], None]
+Submitted = Callable[[BaseException | None, Any], None]  # the data: bytes, or a `Lent`
 
 
 class BackendProtocolError(Exception):
@@ -124,8 +125,27 @@ class Pending:
     read_into: memoryview | None = None
     pooled: list[tuple[int, int]] | None = None  # persistent (ref, frame) pairs in use
     want_bytes: bool = False  # a READ whose data the caller takes as bytes
-    data: bytes = b""
+    lend: bool = False  # a READ whose data the caller borrows in place (`Lent`)
+    data: bytes | Lent = b""
     done: Submitted | None = None
+
+    def copy_data(self, mem: memoryview) -> None:
+        """A completed READ's data out of its pages: as bytes, or into the caller's buffer."""
+        if self.want_bytes:
+            runs = page_runs(self.frames, self.nbytes)
+            if len(runs) == 1:
+                _, start, n = runs[0]
+                self.data = mem[start : start + n].tobytes()
+            else:
+                self.data = b"".join([mem[start : start + n] for _, start, n in runs])
+        elif self.read_into is not None:
+            out = self.read_into
+            for pos, start, n in page_runs(self.frames, self.nbytes):
+                out[pos : pos + n] = mem[start : start + n]
+
+    def lend_data(self, mem: memoryview, give_back: Callable[[], None]) -> None:
+        """A completed READ's data lent in its pages, which `give_back` returns."""
+        self.data = Lent([mem[start : start + n] for _, start, n in page_runs(self.frames, self.nbytes)], give_back)
 
 
 def page_runs(frames: list[int], nbytes: int) -> list[list[int]]:

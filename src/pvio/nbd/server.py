@@ -81,6 +81,9 @@ from pvio.nbd.events import (
     StartTls,
 )
 from pvio.nbd.requests import data_bytes, info_replies, parse_info_request, validate_request
+from pvio.storage.lent import Lent
+
+ReplyData = bytes | bytearray | memoryview | Lent
 
 #: Option data larger than this is streamed past and answered NBD_REP_ERR_TOO_BIG: the
 #: largest legal option (NBD_OPT_GO: a 4096-byte name and a few info requests) is far less.
@@ -268,13 +271,10 @@ class NbdServerConnection:
         self._starttls_pending = False
         self._tls_active = True
 
-    def reply(
-        self, command: Command, error: int = 0, data: bytes | bytearray | memoryview = b""
-    ) -> list[bytes | bytearray | memoryview]:
-        """The simple reply to `command` (header, then a successful read's data).
-
-        Return the pieces rather than one joined buffer: the adapter gathers them with
-        other replies and copies each once, into the one buffer it sends.
+    def reply(self, command: Command, error: int = 0, data: ReplyData = b"") -> list[ReplyData]:
+        """The simple reply to `command` (header, then a successful read's data, maybe
+        `Lent`).  Return the pieces rather than one joined buffer: the adapter gathers
+        them with other replies and sends them together, lent data from where it lies.
         """
         if self._in_flight.pop(command.tag, None) is None:
             raise LocalProtocolError(f"reply to {command.name} #{command.tag}: not in flight")

@@ -67,9 +67,11 @@ from pvio.nbd.events import (
     OptionRejected,
     StartTls,
 )
+from pvio.nbd.replies import JOIN_LIMIT, ReplyData, release_all, send_replies
 from pvio.nbd.requests import nbd_error_for
 from pvio.nbd.server import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, NbdServerConnection
 from pvio.storage.backend import BlockBackend, Submitting
+from pvio.storage.lent import Lending, Lent
 from pvio.trace import CURRENT_FLOW, TRACE
 
 log = logging.getLogger("pvio.nbd")
@@ -103,8 +105,6 @@ SOCKET_SEND_BUFFER = 4 << 20
 _READ_CHUNK = 256 << 10
 #: ...with at least this much left to come: then straight into the payload's buffer.
 _PAYLOAD_DIRECT = 64 << 10
-#: Reply pieces at least this large are written on their own rather than joined.
-_JOIN_LIMIT = 64 << 10
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -125,10 +125,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
         #: the backend's short way (`Submitting`), if it has one, and the commands it runs
         self.fast: Submitting | None = None
+        #: ...and whether it lends reads (sent from its pages: not over TLS)
+        self.lender: Lending | None = None
+        self.fd: int | None = None  # the socket, for sending lent data in place
         self.fast_in_flight = 0
         self.fast_idle: asyncio.Future[None] | None = None  # shutdown waits on it
         self.feed_scheduled = False
-        self.replies: list[bytes | bytearray | memoryview] = []
+        self.replies: list[ReplyData] = []
         self.flush_scheduled = False
         self.lost = False
         self.closing = False  # close once the in-flight commands are answered
@@ -154,6 +157,7 @@ class _Connection(asyncio.BufferedProtocol):
             # and shift in its own buffer.  The kernel caps this at net.core.wmem_max.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+            self.fd = sock.fileno() if self.tls is None else None
         if len(self.server._connections) >= self.server.max_connections and not self.server.evict_idle(
                 self.server._connections):
             # Refused before the greeting: memory per connection is bounded, so is their number.
@@ -227,6 +231,7 @@ class _Connection(asyncio.BufferedProtocol):
             elif isinstance(event, ExportChosen):
                 self.backend = self.server.backends[event.export.name]
                 self.fast = self.backend if isinstance(self.backend, Submitting) else None
+                self.lender = self.backend if isinstance(self.backend, Lending) and self.fd is not None else None
                 if self.handshake_timer is not None:
                     self.handshake_timer.cancel()
                 commands += 1  # the idle clock starts now
@@ -324,7 +329,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def _run(self, cmd: Command) -> None:
         backend = self.backend
         assert backend is not None
-        data: bytes | bytearray | memoryview = b""
+        data: ReplyData = b""
         error = 0
         t0 = time.monotonic_ns() if TRACE.on else 0
         if t0:  # the ring requests made for this command put their flows here (this task's own)
@@ -332,8 +337,10 @@ class _Connection(asyncio.BufferedProtocol):
             CURRENT_FLOW.set(flows)
         try:
             if cmd.type == w.NBD_CMD_READ:
-                data = await backend.read(cmd.offset, cmd.length)
+                lender = self.lender if cmd.length >= JOIN_LIMIT else None
+                data = await (lender.read_lent if lender else backend.read)(cmd.offset, cmd.length)
                 if len(data) != cmd.length:
+                    release_all([data])
                     raise OSError(errno.EIO, f"backend returned {len(data)} of {cmd.length} bytes")
             elif cmd.type == w.NBD_CMD_WRITE:
                 await backend.write(cmd.offset, cmd.data, cmd.fua)
@@ -350,9 +357,7 @@ class _Connection(asyncio.BufferedProtocol):
             error = nbd_error_for(exc)
             self.server.stats["backend_errors"] += 1
             log.warning("%s at %d+%d failed: %r", cmd.name, cmd.offset, cmd.length, exc)
-        parts = self.core.reply(cmd, error, data)
-        if not self.lost and self.transport is not None and not self.transport.is_closing():
-            self._queue_reply(parts)
+        self._queue_reply(self.core.reply(cmd, error, data))
         if TRACE.on and t0:  # the command's life here; its flows run on into blkfront
             TRACE.span(f"nbd {cmd.name}", "nbd", t0, args={"offset": cmd.offset, "length": cmd.length,
                                                              "error": error}, flow=flows, flow_phase="s")
@@ -371,7 +376,9 @@ class _Connection(asyncio.BufferedProtocol):
             return False
         done = functools.partial(self._fast_done, cmd)
         self.fast_in_flight += 1  # before: a backend may call `done` before it returns
-        if cmd.type == w.NBD_CMD_READ:
+        if cmd.type == w.NBD_CMD_READ and self.lender is not None and cmd.length >= JOIN_LIMIT:
+            started = self.lender.submit_read_lent(cmd.offset, cmd.length, done)
+        elif cmd.type == w.NBD_CMD_READ:
             started = fast.submit_read(cmd.offset, cmd.length, done)
         else:
             started = fast.submit_write(cmd.offset, cmd.data, done)
@@ -379,20 +386,20 @@ class _Connection(asyncio.BufferedProtocol):
             self.fast_in_flight -= 1
         return started
 
-    def _fast_done(self, cmd: Command, exc: BaseException | None, data: bytes | bytearray) -> None:
+    def _fast_done(self, cmd: Command, exc: BaseException | None, data: bytes | bytearray | Lent | None) -> None:
         self.fast_in_flight -= 1
         error = 0
         if exc is not None:
             error = nbd_error_for(exc)
             self.server.stats["backend_errors"] += 1
             log.warning("%s at %d+%d failed: %r", cmd.name, cmd.offset, cmd.length, exc)
-        elif cmd.type == w.NBD_CMD_READ and len(data) != cmd.length:
+        elif cmd.type == w.NBD_CMD_READ and (data is None or len(data) != cmd.length):
             error = w.NBD_EIO
-            log.warning("%s at %d+%d: the backend returned %d bytes", cmd.name, cmd.offset, cmd.length, len(data))
+            log.warning("%s at %d+%d: the backend returned %d bytes", cmd.name, cmd.offset, cmd.length,
+                        len(data or b""))
+            release_all([data] if isinstance(data, Lent) else [])
             data = b""
-        parts = self.core.reply(cmd, error, data)
-        if not self.lost and self.transport is not None and not self.transport.is_closing():
-            self._queue_reply(parts)
+        self._queue_reply(self.core.reply(cmd, error, data if data is not None and not error else b""))
         if not self.fast_in_flight and self.fast_idle is not None and not self.fast_idle.done():
             self.fast_idle.set_result(None)
         if not self.feed_scheduled:  # once per turn: the core may hold commands that fit now
@@ -415,7 +422,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    def _queue_reply(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    def _queue_reply(self, parts: list[ReplyData]) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            release_all(parts)  # no one to send them to
+            return
         self.replies.extend(parts)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -424,21 +434,10 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush_replies(self) -> None:
         self.flush_scheduled = False
         replies, self.replies = self.replies, []
-        if not replies or self.lost or self.transport is None or self.transport.is_closing():
-            return
-        # Small replies travel together; a large read's data is handed over on its own, so
-        # the transport can send it from the buffer it is in rather than from a copy.
-        small: list[bytes | bytearray | memoryview] = []
-        for part in replies:
-            if len(part) < _JOIN_LIMIT:
-                small.append(part)
-                continue
-            if small:
-                self.transport.write(b"".join(small))
-                small = []
-            self.transport.write(part)
-        if small:
-            self.transport.write(b"".join(small))
+        if self.lost or self.transport is None or self.transport.is_closing():
+            release_all(replies)
+        elif replies:
+            send_replies(self.transport, self.fd, replies, self.server.stats)
 
     def _send(self) -> None:
         out = self.core.data_to_send()
