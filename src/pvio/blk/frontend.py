@@ -25,11 +25,10 @@ backend's).  It does what Linux's xen-blkfront does:
   advance (read-only when the backend only reads it: a WRITE).  Segments never cross a
   page.  The request's exact bytes and its grants are kept in a shadow
   (`pvio.blk.shadow`) whose index is the request id.
-- Requests issued in the same turn of the event loop are pushed together: one
-  RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, one kick at most, and only if the backend asked
-  (req_event).
-- Back-pressure: a request waits for a free shadow (and so a free ring slot) and, when
-  the grant table runs dry, for a grant free callback; waiters are served in order.
+- Requests issued in one turn of the loop are pushed together: one kick at most, only
+  if the backend asked (req_event).  A request waits for a free shadow (a ring slot),
+  for a grant free callback when the table runs dry, and, with persistent grants, for
+  pooled pages once the pool holds a full ring's (what blkback keeps mapped).
 - Responses are consumed from the event channel's handler, then
   RING_FINAL_CHECK_FOR_RESPONSES; each is matched to its shadow — an unknown id, a
   duplicate, a wrong operation or an impossible rsp_prod marks the device broken: every
@@ -46,10 +45,11 @@ backend's).  It does what Linux's xen-blkfront does:
   PURGE_INTERVAL seconds the pooled grants the backend no longer maps are revoked and
   freed (Linux's purge_persistent_grants).
 - `BlockBackend` (`pvio.blk.front_io`): `read`/`write`/`flush`/`trim` of any offset
-  and length, so the NBD export serves the disk directly.
+  and length, so the NBD export serves the disk directly; a READ's data may be lent in
+  its pages (`pvio.storage.lent`), which go back to the pool when the loan ends.
 
 Alternatives rejected: a bounce buffer per request (the guest's own pages are granted
-directly; the data is copied once, between the caller's bytes and those pages, or lent)."""
+directly; the data is copied once, between the caller's bytes and those pages)."""
 
 from __future__ import annotations
 
@@ -228,12 +228,10 @@ class BlkFront(FrontBlockIO):
 
     def _purge(self) -> None:
         self._purger = None
-        if self.broken is not None or not self.persistent:
-            return
-        n = self.grants.purge()
-        if n:
-            log.debug("blkfront: %d unused persistent grants purged", n)
-        self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
+        if self.broken is None and self.persistent:
+            if n := self.grants.purge():
+                log.debug("blkfront: %d unused persistent grants purged", n)
+            self._purger = asyncio.get_running_loop().call_later(PURGE_INTERVAL, self._purge)
 
     @property
     def max_request_bytes(self) -> int:
@@ -288,12 +286,9 @@ class BlkFront(FrontBlockIO):
             raise
         try:
             await self._wait_running()
-            if pooled is not None:
+            if self.persistent or pooled is not None:
+                pooled = pooled if pooled is not None else await self.grants.take_pooled(npages + nind)
                 grefs, frames = [r for r, _ in pooled], [f for _, f in pooled]
-            elif self.persistent:
-                pooled = await self.grants.take_pooled(npages + nind)
-                grefs = [r for r, _ in pooled]
-                frames = [f for _, f in pooled]
             else:
                 grefs = await self.grants.claim(npages + nind)
                 frames = self.domain.alloc_pages(npages + nind)
@@ -599,5 +594,5 @@ class BlkFront(FrontBlockIO):
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None
-        self.grants.release_pool()
+        self.set_persistent(False)  # the pool's grants end, and so do those of pages lent now
 
