@@ -57,8 +57,8 @@ def test_qemu_io_through_blkfront(tmp_path: Path, transport: str, persistent: bo
                 )
                 assert "Pattern verification failed" not in out, out
                 assert out.count("wrote") == 2 and out.count("read ") == 3, out
-                # reads of 64 KiB and more leave from blkfront's pages (`Lent`)
-                assert server.stats["reads_lent"] >= 2, server.stats
+                # with persistent grants, reads of 64 KiB and more leave from blkfront's pages
+                assert server.stats["reads_lent"] >= 2 or not persistent, server.stats
                 assert len(p.front.grants.pool) == p.front.grants.pool_size  # every loan came back
             finally:
                 await server.close()

@@ -128,28 +128,31 @@ class FrontBlockIO:
 
     def submit_read_lent(self, offset: int, length: int, done: LentDone) -> bool:
         """`submit_read`, the data lent in the pages it was read into (`Lent`): they go
-        back to the pool when the caller releases the loan."""
+        back to the pool when the caller releases the loan.  Without persistent grants
+        the data comes as bytes, as from `submit_read`."""
         if length <= 0 or (offset | length) % self.unit:
             return False
         disk = self.disk_if_connected()
         if disk is None or offset + length > disk.size:
             return False
+        lend = self.persistent  # (pages claimed per request would hold grant references while lent)
         if length > self.max_request_bytes:
-            return self._submit_parts(BLKIF_OP_READ, offset, length, None, done, lend=True)
-        return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done, lend=True)
+            return self._submit_parts(BLKIF_OP_READ, offset, length, None, done, lend=lend)
+        return self._submit(BLKIF_OP_READ, offset // SECTOR_SIZE, None, length, done, lend=lend)
 
     async def read_lent(self, offset: int, length: int) -> Lent:
         """`read`, the data lent as `submit_read_lent` lends it.  The pages of a READ of
         several requests are all taken from the pool at once, before the first is
         issued: a read holding some pages while it waits for more could leave none for
-        the others.  Unaligned reads, and large ones without a pool to take from, are
-        copied out as `read` does."""
+        the others.  Unaligned reads, reads without persistent grants (pages claimed per
+        request would hold grant references while lent) and reads too large for the
+        pool are copied out as `read` does."""
         step = self.max_request_bytes
         sizes = [min(step, length - pos) for pos in range(0, length, step)]
         need = [-(-n // PAGE_SIZE) + indirect_pages_for(-(-n // PAGE_SIZE)) for n in sizes]
         cap = self.grants.cap
         if (length <= 0 or (offset | length) % self.unit or offset + length > self._disk().size
-                or (len(sizes) > 1 and not (self.persistent and cap is not None and 2 * sum(need) <= cap))):
+                or not self.persistent or (len(sizes) > 1 and (cap is None or 2 * sum(need) > cap))):
             data = await self.read(offset, length)
             return Lent([memoryview(data)], lambda: None)
         pages = await self.grants.take_pooled(sum(need)) if len(sizes) > 1 else []

@@ -62,7 +62,8 @@ class Lent:
         return cls([v for p in parts for v in p.views], release_all)
 
 
-LentDone = Callable[[BaseException | None, "Lent | None"], None]
+#: `done(None, data)` -- lent, or bytes when the backend cannot lend just now -- or `done(exc, None)`
+LentDone = Callable[[BaseException | None, "Lent | bytes | bytearray | None"], None]
 
 
 @runtime_checkable
@@ -70,8 +71,8 @@ class Lending(Protocol):
     """A backend that lends READ data (blkfront, `pvio.blk.front_io`)."""
 
     def submit_read_lent(self, offset: int, length: int, done: LentDone) -> bool:
-        """Start a READ now, `done(None, lent)` or `done(exc, None)` when it completes;
-        False: it could not start without waiting (then `read_lent`)."""
+        """Start a READ now, `done` called when it completes; False: it could not start
+        without waiting (then `read_lent`)."""
         ...
 
     async def read_lent(self, offset: int, length: int) -> Lent: ...
