@@ -21,9 +21,10 @@ a raw image, or an NBD URI for qcow2 behind qemu-nbd and for remote disks), and 
   multi-queue-max-queues, as Linux does; each queue's keys under queue-<i>/) — and
   publish sectors, sector-size,
   physical-sector-size, info (VDISK_READONLY / CDROM / REMOVABLE) and
-  feature-persistent (map transport: mappings of a frontend's persistent grants are
-  kept, so the steady state needs no hypercall) — Linux blkback writes
-  feature-persistent only here, so a frontend reads it when the backend is Connected;
+  feature-persistent (both transports, as Linux; the map transport keeps the mappings
+  of a frontend's persistent grants, so the steady state needs no hypercall) — Linux
+  blkback writes feature-persistent only here, so a frontend reads it when the backend
+  is Connected;
 - disconnect: the engine drains and lets the ring go.
 
 The handshake table (`pvio.xenbus.handshake`) gives reconnection (Closed → the
@@ -248,8 +249,11 @@ class BlkbackDevice:
             physical_sector_size=max(self.config.sector_size, physical_sector_size(self.disk.info)),
             discard=self.discard,
         )
-        # persistent grants: only a map-transport backend can keep mappings
-        keys["feature-persistent"] = "1" if self.domain.transport == "map" else "0"
+        # Persistent grants, in both transports as Linux's blkback offers them whatever it
+        # does with them: a map-transport backend keeps the mappings; a copying one has
+        # nothing to keep, but the frontend still reuses its granted pool (no grant claimed,
+        # granted and ended per request) and can lend a read's pages to its export.
+        keys["feature-persistent"] = "1"
         for k, v in keys.items():
             await dev.xs.write(f"{dev.nodename}/{k}", v, tx)
         return True
