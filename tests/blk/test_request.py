@@ -30,7 +30,9 @@ from pvio.blk.request import (
     build_response,
     check_indirect,
     indirect_pages_for,
+    pack_page_segments,
     pack_segments,
+    page_segments,
     parse_indirect_segments,
     parse_request,
     parse_response,
@@ -214,3 +216,17 @@ def test_4k_logical_sectors_refuse_partial_sectors(sector: int, segs: list[tuple
 def test_indirect_pages_for_a_request() -> None:
     # Up to 11 pages fit a direct request; beyond, 512 segments fill an indirect page.
     assert [indirect_pages_for(n) for n in (0, 1, 11, 12, 32, 512, 513)] == [0, 0, 0, 1, 1, 1, 2]
+
+
+@given(
+    st.lists(st.integers(0, 0xFFFFFFFF), min_size=1, max_size=256),
+    st.integers(1, 8),
+)
+@settings(max_examples=300)
+def test_page_segments_packed_straight_are_pack_segments_bytes(grefs: list[int], last_sectors: int) -> None:
+    # `nbytes` covers every page but the last whole, the last one `last_sectors` sectors
+    nbytes = (len(grefs) - 1) * 4096 + last_sectors * 512
+    segs = page_segments(grefs, nbytes)
+    assert len(segs) == len(grefs) and segs[-1] == Segment(grefs[-1], 0, last_sectors - 1)
+    assert all(s == Segment(g, 0, 7) for s, g in zip(segs[:-1], grefs, strict=False))
+    assert pack_page_segments(grefs, nbytes) == pack_segments(segs)

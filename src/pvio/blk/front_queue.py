@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from pvio.abi.blkif import BlkifABI
 from pvio.blk.front_grants import FrontGrants
-from pvio.blk.request import Segment, pack_segments
 from pvio.blk.shadow import ShadowTable
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.domain import PAGE_SIZE
@@ -132,10 +131,9 @@ def pick(queues: list[FrontQueue]) -> FrontQueue:
 
 
 def write_indirect(
-    domain: Domain, grants: FrontGrants, segs: list[Segment], refs: list[int], frames: list[int], grant: bool,
+    domain: Domain, grants: FrontGrants, raw: bytes, refs: list[int], frames: list[int], grant: bool,
 ) -> None:
-    """Write the segments into the indirect pages; grant those read-only (not pooled)."""
-    raw = pack_segments(segs)
+    """Write the packed segments into the indirect pages; grant those read-only (not pooled)."""
     mem = domain.memory
     for k, (ref, frame) in enumerate(zip(refs, frames, strict=True)):
         chunk = raw[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]

@@ -85,6 +85,8 @@ from pvio.blk.request import (
     build_request,
     indirect_pages,
     indirect_pages_for,
+    pack_page_segments,
+    page_segments,
     parse_response,
 )
 from pvio.blk.shadow import (
@@ -319,17 +321,16 @@ class BlkFront(FrontBlockIO):
     ) -> Shadow:
         """Grant the pages (unless pooled), write the payload and indirect pages, and
         build the request into a shadow of `q`."""
-        readonly = operation != BLKIF_OP_READ
-        segs: list[Segment] = []
-        left = nbytes
-        for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
-            n = min(left, PAGE_SIZE)
-            if pending.pooled is None:
+        if pending.pooled is None:
+            readonly = operation != BLKIF_OP_READ
+            for ref, frame in zip(grefs[:npages], frames[:npages], strict=True):
                 self.grants.grant(ref, frame, readonly)
-            segs.append(Segment(ref, 0, n // SECTOR_SIZE - 1))
-            left -= n
-        if nind:
-            write_indirect(self.domain, self.grants, segs, grefs[npages:], frames[npages:], pending.pooled is None)
+        segs: list[Segment] = []
+        if nind:  # the segments go into the indirect pages, packed straight from the references
+            raw = pack_page_segments(grefs[:npages], nbytes)
+            write_indirect(self.domain, self.grants, raw, grefs[npages:], frames[npages:], pending.pooled is None)
+        else:
+            segs = page_segments(grefs[:npages], nbytes)
         if payload is not None:
             mem = self.domain.memory
             for pos, start, n in page_runs(frames[:npages], nbytes):

@@ -36,6 +36,8 @@ WRITE) as its operation, as Linux blkback answers and blkfront expects.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from dataclasses import dataclass, replace
 from itertools import starmap
 from typing import NamedTuple
@@ -58,6 +60,7 @@ from pvio.abi.blkif import (
     SEGMENTS_PER_INDIRECT_FRAME,
     BlkifABI,
 )
+from pvio.abi.ring import XEN_PAGE_SIZE as PAGE_SIZE
 
 # T:650 A request, copied out and checked
 # blkback's first act on a request is to copy its slot out of the shared ring: from then
@@ -392,6 +395,35 @@ def build_indirect(
 def pack_segments(segments: list[Segment] | tuple[Segment, ...]) -> bytes:
     """The bytes of struct blkif_request_segment[], as written into indirect pages."""
     return b"".join(starmap(_SEGMENT.pack, segments))
+
+
+def page_segments(grefs: list[int], nbytes: int) -> list[Segment]:
+    """The segments of `nbytes` of data in the pages of `grefs`, from the first sector of
+    each page in turn: whole pages, the last one maybe in part (blkfront's requests)."""
+    full, tail = divmod(nbytes, PAGE_SIZE)
+    segs = [Segment(ref, 0, PAGE_SIZE // SECTOR_SIZE - 1) for ref in grefs[:full]]
+    if tail:
+        segs.append(Segment(grefs[full], 0, tail // SECTOR_SIZE - 1))
+    return segs
+
+
+# A segment is 8 bytes (the grant reference, first_sect, last_sect, 2 bytes of padding):
+# one little-endian 64-bit word whose low half is the reference, so a whole indirect
+# page's worth is packed as an array of words -- the same bytes as `pack_segments`.
+assert _SEGMENT.size == 8
+_LAST_SECT = [int.from_bytes(_SEGMENT.pack(0, 0, last), "little") for last in range(PAGE_SIZE // SECTOR_SIZE)]
+
+
+def pack_page_segments(grefs: list[int], nbytes: int) -> bytes:
+    """`pack_segments(page_segments(grefs, nbytes))`, without a `Segment` per page."""
+    full, tail = divmod(nbytes, PAGE_SIZE)
+    whole = _LAST_SECT[-1]
+    words = array("Q", [ref | whole for ref in grefs[:full]])
+    if tail:
+        words.append(grefs[full] | _LAST_SECT[tail // SECTOR_SIZE - 1])
+    if sys.byteorder != "little":  # pragma: no cover - pvio runs on x86 and arm64, both little
+        words.byteswap()
+    return words.tobytes()
 
 
 def build_response(abi: BlkifABI, req_id: int, operation: int, status: int) -> bytes:
