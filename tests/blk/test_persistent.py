@@ -78,8 +78,13 @@ async def test_kept_views_are_the_guest_pages_or_nothing(tmp_path: Path) -> None
         base = frame * PAGE_SIZE
         p.front.domain.memory[base + 512 : base + 1536] = b"x" * 1024
         assert bytes(views[0]) == b"x" * 1024  # the guest's page itself, not a copy
-        assert p.back.grants.last_used[(ref, False)] == 5.0
+        assert p.back.grants.last_used[ref] == 5.0
         views[0].release()
+        # Whole pages: the kept page itself, not a slice of it (the caller must not release it).
+        pages = p.back.grants.kept_views((Segment(ref, 0, 7),), 7.0, whole=True)
+        assert pages is not None and pages[0] is kept[(ref, False)].view and len(pages[0]) == PAGE_SIZE
+        assert p.back.grants.last_used[ref] == 7.0
         # One page not kept: no views at all (the caller maps the batch instead).
         unknown = max(r for r, _ in kept) + 1000
         assert p.back.grants.kept_views((Segment(ref, 0, 7), Segment(unknown, 0, 7)), 6.0) is None
+        assert p.back.grants.kept_views((Segment(ref, 0, 7), Segment(unknown, 0, 7)), 6.0, whole=True) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,3 +232,30 @@ def test_page_segments_packed_straight_are_pack_segments_bytes(grefs: list[int],
     assert len(segs) == len(grefs) and segs[-1] == Segment(grefs[-1], 0, last_sectors - 1)
     assert all(s == Segment(g, 0, 7) for s, g in zip(segs[:-1], grefs, strict=False))
     assert pack_page_segments(grefs, nbytes) == pack_segments(segs)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 255), st.integers(0, 255)), min_size=1, max_size=64),
+    st.sampled_from([(0, 0), (0, 7)]),
+    st.sampled_from([512, 4096]),
+)
+@settings(max_examples=400)
+def test_the_whole_pages_shortcut_decides_as_the_segment_by_segment_check(
+    segs: list[tuple[int, int, int]], whole: tuple[int, int], sector_size: int
+) -> None:
+    # Mostly whole pages (the shortcut's case), some segments as the hostile frontend chose.
+    segs = [s if k % 3 else (s[0], *whole) for k, s in enumerate(segs)]
+    disk = DiskInfo(sectors=1 << 20, max_indirect_segments=64, sector_size=sector_size)
+    req = parse_request(ABI_NATIVE, build_indirect(ABI_NATIVE, BLKIF_OP_WRITE, 1, 64, len(segs), [70]))
+    page = pack_segments([Segment(*s) for s in segs])
+    parsed = parse_indirect_segments(req, [page + bytes(4096 - len(page))])
+    assert parsed.whole_pages == all((f, last) == (0, 7) for _, f, last in segs)
+    slow = dataclasses.replace(parsed, whole_pages=False)
+    outcomes = []
+    for r in (parsed, slow):
+        try:
+            io = validate(r, disk)
+            outcomes.append((io.kind, io.offset, io.length, io.segments))
+        except BlkifRequestError as e:
+            outcomes.append((e.field, e.status))
+    assert outcomes[0] == outcomes[1]

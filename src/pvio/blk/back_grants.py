@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from operator import itemgetter
 
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, SECTOR_SIZE
@@ -63,23 +64,36 @@ class BackGrants:
         self.persistent = persistent and domain.transport == "map"
         self.limit = limit
         self.on_op = on_op  # one grant hypercall batch was made (counted in the statistics)
-        self.kept: dict[Key, GrantMapping] = {}
-        self.last_used: dict[Key, float] = {}  # when a kept mapping last served a batch
+        self.kept: dict[Key, GrantMapping] = {}  # (read-write ones only: (ref, False))
+        self.pages: dict[int, memoryview] = {}  # ref -> its kept mapping's page
+        self.last_used: dict[int, float] = {}  # ref -> when its kept mapping last served a batch
 
-    def kept_views(self, segments: tuple[Segment, ...], now: float) -> list[memoryview] | None:
+    def kept_views(self, segments: tuple[Segment, ...], now: float, whole: bool = False) -> list[memoryview] | None:
         """Each segment's bytes in a kept mapping, when every one is kept -- the steady
-        state of persistent grants, found in one pass -- else None (then `map`)."""
-        kept = self.kept
-        if not kept:
+        state of persistent grants, found in one pass -- else None (then `map`).  With
+        `whole` (every segment is a whole page) they are the kept pages themselves,
+        shared: the caller must not release them."""
+        pages = self.pages
+        if not pages:
             return None
-        last_used = self.last_used
+        if whole:
+            return self._kept_pages(segments, now)
         views = []
         for gref, first, last in segments:
-            m = kept.get((gref, False))
-            if m is None or m.view is None:
+            page = pages.get(gref)
+            if page is None:
                 return None
-            views.append(m.view[first * SECTOR_SIZE : (last + 1) * SECTOR_SIZE])
-            last_used[(gref, False)] = now
+            views.append(page[first * SECTOR_SIZE : (last + 1) * SECTOR_SIZE])
+        self.last_used.update(dict.fromkeys(map(itemgetter(0), segments), now))
+        return views
+
+    def _kept_pages(self, segments: tuple[Segment, ...], now: float) -> list[memoryview] | None:
+        grefs = list(map(itemgetter(0), segments))
+        try:
+            views = list(map(self.pages.__getitem__, grefs))
+        except KeyError:
+            return None
+        self.last_used.update(dict.fromkeys(grefs, now))
         return views
 
     async def map(self, keys: list[Key]) -> tuple[dict[Key, GrantMapping | None], list[GrantMapping]]:
@@ -103,7 +117,7 @@ class BackGrants:
         kept = self.kept
         refs = list(dict.fromkeys(r for r, _ in keys))
         now = time.monotonic()
-        self.last_used.update(((r, False), now) for r in refs)
+        self.last_used.update(dict.fromkeys(refs, now))
         by_ref = {r: kept[(r, False)] for r in refs if (r, False) in kept}
         transient: list[GrantMapping] = []
         missing = [r for r in refs if r not in by_ref]
@@ -116,6 +130,7 @@ class BackGrants:
                     denied.append(r)  # granted read-only (or not at all)
                 elif len(kept) < self.limit:
                     kept[(r, False)] = by_ref[r] = m
+                    self.pages[r] = m.view
                 else:
                     by_ref[r] = m
                     transient.append(m)
@@ -211,12 +226,13 @@ class BackGrants:
     async def purge(self, older_than: float) -> int:
         """Unmap kept mappings unused for `older_than` seconds (none may be in use now)."""
         limit = time.monotonic() - older_than
-        stale = [k for k in self.kept if self.last_used.get(k, 0.0) <= limit]
+        stale = [k for k in self.kept if self.last_used.get(k[0], 0.0) <= limit]
         if not stale:
             return 0
         maps = [self.kept.pop(k) for k in stale]
-        for k in stale:
-            self.last_used.pop(k, None)
+        for ref, _ in stale:
+            self.last_used.pop(ref, None)
+            self.pages.pop(ref, None)
         await self.unmap(maps)
         return len(maps)
 
@@ -225,4 +241,5 @@ class BackGrants:
         if self.kept:
             kept, self.kept = list(self.kept.values()), {}
             self.last_used.clear()
+            self.pages.clear()
             await self.domain.unmap_grants(kept)

@@ -31,6 +31,7 @@ class Work:
     io: DiskIO
     status: int = BLKIF_RSP_OKAY
     buffers: list[memoryview] | None = None
+    shared: bool = False  # the buffers are kept mappings' pages themselves: not released
     frames: list[int] | None = None  # copy transport: local bounce pages
 
 

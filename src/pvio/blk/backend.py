@@ -388,7 +388,8 @@ class BlkbackRing:
             grants = self.grants
             slow = []
             for w in works:
-                w.buffers = grants.kept_views(w.io.segments, when)
+                w.buffers = grants.kept_views(w.io.segments, when, whole=w.io.request.whole_pages)
+                w.shared = w.io.request.whole_pages  # (the kept pages themselves, if any)
                 if w.buffers is None:
                     slow.append(w)
             keys: list[tuple[int, bool]] = []
@@ -413,7 +414,7 @@ class BlkbackRing:
                 await asyncio.gather(*(self._disk_io(w) for w in waiting))
         finally:
             for w in works:
-                for b in w.buffers or ():
+                for b in () if w.shared else w.buffers or ():
                     b.release()
                 w.buffers = None
             await self.grants.unmap(transient)

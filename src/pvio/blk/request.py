@@ -118,6 +118,9 @@ class BlkifRequest:
     flag: int = 0
     indirect_op: int = 0
     indirect_grefs: tuple[int, ...] = ()
+    #: every segment is a whole page (sectors 0..7), read from blkback's own copy of the
+    #: indirect pages: validation and the kept mappings take the page without slicing it
+    whole_pages: bool = False
 
     @property
     def op_name(self) -> str:
@@ -212,6 +215,8 @@ def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
 
 
 _SEGMENT = SEGMENT.packer  # struct blkif_request_segment: the same bytes in every ABI
+_FIRST_SECT_AT = _SEGMENT.pack(0, 0xFF, 0).index(0xFF)  # where first_sect and last_sect lie
+_LAST_SECT_AT = _SEGMENT.pack(0, 0, 0xFF).index(0xFF)
 
 
 def check_indirect(request: BlkifRequest, disk: DiskInfo) -> None:
@@ -238,7 +243,10 @@ def parse_indirect_segments(request: BlkifRequest, pages: list[bytes]) -> BlkifR
     if len(data) < need:
         raise ValueError(f"{len(pages)} indirect pages hold fewer than {request.nr_segments} segments")
     segs = tuple(map(Segment._make, _SEGMENT.iter_unpack(data[:need])))
-    return replace(request, segments=segs)
+    n = request.nr_segments  # first_sect and last_sect of every segment, read by stepping
+    whole = (data[_FIRST_SECT_AT:need:_SEGMENT.size].count(0) == n
+             and data[_LAST_SECT_AT:need:_SEGMENT.size].count(SECTORS_PER_PAGE - 1) == n)
+    return replace(request, segments=segs, whole_pages=whole)
 
 
 def validate(request: BlkifRequest, disk: DiskInfo) -> DiskIO:
@@ -282,8 +290,8 @@ def _validate_rw(
             request, BLKIF_RSP_ERROR, "nr_segments", f"{n} not in 1..{BLKIF_MAX_SEGMENTS_PER_REQUEST}"
         )
     align = disk.sector_size // SECTOR_SIZE - 1  # 0 for 512-byte sectors
-    total = 0
-    for i, (_, first, last) in enumerate(request.segments):
+    total = n * SECTORS_PER_PAGE if request.whole_pages else 0
+    for i, (_, first, last) in enumerate(() if request.whole_pages else request.segments):
         if last >= SECTORS_PER_PAGE or first > last:
             raise BlkifRequestError(
                 request, BLKIF_RSP_ERROR, f"seg[{i}]", f"sectors {first}..{last} are not inside one page"
