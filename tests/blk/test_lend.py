@@ -129,3 +129,34 @@ async def test_a_cancelled_or_failed_lent_read_gives_its_pages_back(tmp_path: Pa
                 break
             await asyncio.sleep(0.01)
         assert len(p.front.grants.pool) == pool
+
+
+@asynctest
+async def test_reads_holding_the_whole_pool_and_writes_holding_every_slot_do_not_deadlock(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 16 * MiB, fill=True)
+    async with blk_pair(img, persistent=True) as p:
+        grants = p.front.grants
+        held = [await p.front.read_lent(i * MiB, MiB) for i in range(4)]  # the pool at its cap
+        for loan in held:
+            loan.release()
+        assert grants.cap is not None and len(grants.pool) == grants.pool_size == grants.cap
+
+        async def read(i: int) -> bytes:
+            lent = await p.front.read_lent(i * MiB, MiB)
+            try:
+                return lent.tobytes()
+            finally:
+                lent.release()
+
+        # In one turn of the loop: four 1 MiB reads take every pooled page, then a ring's
+        # worth of single-page writes arrive; each side then waits for what the other holds
+        # unless pages and slots are taken in one order.
+        reads = [asyncio.ensure_future(read(i)) for i in range(4)]
+        writes = [asyncio.ensure_future(p.front.write(8 * MiB + i * 4096, b"w" * 4096))
+                  for i in range(p.front.queues[0].nr_ents)]
+        got = await asyncio.wait_for(asyncio.gather(*reads), 10)
+        await asyncio.wait_for(asyncio.gather(*writes), 10)
+        want = img.read_bytes()
+        assert got == [want[i * MiB : (i + 1) * MiB] for i in range(4)]
+        assert want[8 * MiB : 8 * MiB + 4096] == b"w" * 4096
+        assert len(grants.pool) == grants.pool_size <= grants.cap

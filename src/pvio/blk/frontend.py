@@ -280,23 +280,24 @@ class BlkFront(FrontBlockIO):
         nind = indirect_pages_for(npages)
         queues = self.queues
         q = queues[0] if len(queues) == 1 else pick(queues)
-        pooled = pages
+        # Pooled pages before the slot, as a lent READ of several requests takes them (taken
+        # in two orders, pages and slots could each be held by someone waiting for the other).
+        pooled = pages if pages is not None or not self.persistent else await self.grants.take_pooled(npages + nind)
         try:
             await q.ids.acquire()
         except BaseException:
-            self.grants.put_back(pages, (), self.persistent)
+            self.grants.put_back(pooled, (), self.persistent)
             raise
         try:
             await self._wait_running()
-            if self.persistent or pooled is not None:
-                pooled = pooled if pooled is not None else await self.grants.take_pooled(npages + nind)
+            if pooled is not None:
                 grefs, frames = [r for r, _ in pooled], [f for _, f in pooled]
             else:
                 grefs = await self.grants.claim(npages + nind)
                 frames = self.domain.alloc_pages(npages + nind)
         except BaseException:
             q.ids.release()
-            self.grants.put_back(pages, (), self.persistent)
+            self.grants.put_back(pooled, (), self.persistent)
             raise
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         pending = Pending(fut, frames[:npages], nbytes, read_into, pooled, want_bytes, lend)
