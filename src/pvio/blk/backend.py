@@ -389,7 +389,7 @@ class BlkbackRing:
             slow = []
             for w in works:
                 w.buffers = grants.kept_views(w.io.segments, when, whole=w.io.request.whole_pages)
-                w.shared = w.io.request.whole_pages  # (the kept pages themselves, if any)
+                w.shared = w.buffers is not None and w.io.request.whole_pages  # the kept pages themselves
                 if w.buffers is None:
                     slow.append(w)
             keys: list[tuple[int, bool]] = []

@@ -409,7 +409,7 @@ def page_segments(grefs: list[int], nbytes: int) -> list[Segment]:
     """The segments of `nbytes` of data in the pages of `grefs`, from the first sector of
     each page in turn: whole pages, the last one maybe in part (blkfront's requests)."""
     full, tail = divmod(nbytes, PAGE_SIZE)
-    segs = [Segment(ref, 0, PAGE_SIZE // SECTOR_SIZE - 1) for ref in grefs[:full]]
+    segs = [Segment(ref, 0, SECTORS_PER_PAGE - 1) for ref in grefs[:full]]
     if tail:
         segs.append(Segment(grefs[full], 0, tail // SECTOR_SIZE - 1))
     return segs
@@ -419,7 +419,7 @@ def page_segments(grefs: list[int], nbytes: int) -> list[Segment]:
 # one little-endian 64-bit word whose low half is the reference, so a whole indirect
 # page's worth is packed as an array of words -- the same bytes as `pack_segments`.
 assert _SEGMENT.size == 8
-_LAST_SECT = [int.from_bytes(_SEGMENT.pack(0, 0, last), "little") for last in range(PAGE_SIZE // SECTOR_SIZE)]
+_LAST_SECT = [int.from_bytes(_SEGMENT.pack(0, 0, last), "little") for last in range(SECTORS_PER_PAGE)]
 
 
 def pack_page_segments(grefs: list[int], nbytes: int) -> bytes:
