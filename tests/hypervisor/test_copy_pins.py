@@ -5,11 +5,16 @@ holds keeps the map's bits; every refusal leaves the entry and the memory alone.
 
 from __future__ import annotations
 
+import mmap
 import struct
 
+import pytest
+
 from pvio.abi import grant_table as gt
+from pvio.hypervisor.atomic import AtomicWords
 from pvio.hypervisor.core import Hypervisor
 from pvio.hypervisor.domain import PAGE_SIZE, DomainRecord
+from pvio.hypervisor.grant_table import _end_copy_pin, pin_for_copy
 from pvio.hypervisor.wire import Op
 from pvio.testing.hypervisor import FakePlatform
 
@@ -94,3 +99,28 @@ def test_a_mapped_entry_keeps_its_maps_bits_through_a_copy() -> None:
     unmap = gt.GNTTAB_UNMAP_GRANT_REF.pack(handle=handle)
     hv.execute(c.domid, [Op(20, gt.GNTTABOP_unmap_grant_ref, 1, unmap)])
     assert flags_of(g, 1) == PERMIT and not g.active
+
+
+def test_the_pin_bits_are_cleared_alone() -> None:
+    """The end of a copy clears GTF_reading/GTF_writing with one atomic AND: what the
+    granter wrote to the word meanwhile (here another domid and GTF_readonly) stays."""
+    _hv, g, c = world()
+    grant(g, 1, PERMIT, c.domid, 3)
+    frame, clear = pin_for_copy(g, 1, c.domid, readonly=False)
+    assert (frame, flags_of(g, 1)) == (3, PERMIT | gt.GTF_reading | gt.GTF_writing)
+    struct.pack_into("<HH", g.gnttab, 8, PERMIT | gt.GTF_readonly | gt.GTF_reading | gt.GTF_writing, 77)
+    _end_copy_pin(g, 1, clear, False)
+    assert struct.unpack_from("<HH", g.gnttab, 8) == (PERMIT | gt.GTF_readonly, 77)
+
+
+def test_fetch_and_answers_the_old_word_and_checks_its_offset() -> None:
+    mm = mmap.mmap(-1, 4096)
+    words = AtomicWords(mm)
+    struct.pack_into("<I", mm, 8, 0xABCD001F)
+    assert words.fetch_and32(8, 0xFFFFFFF0) == 0xABCD001F
+    assert struct.unpack_from("<I", mm, 8)[0] == 0xABCD0010
+    for bad in (-4, 4094, 4096, 6):
+        with pytest.raises(ValueError):
+            words.fetch_and32(bad, 0)
+    words.release()
+    mm.close()

@@ -72,7 +72,8 @@ LIBATOMIC = ctypes.util.find_library("atomic") or "libatomic.so.1"
 
 @functools.cache
 def libatomic() -> Any:
-    """GCC's libatomic, with `atomic_thread_fence` and `__atomic_compare_exchange_4` typed."""
+    """GCC's libatomic, with `atomic_thread_fence`, `__atomic_compare_exchange_4` and
+    `__atomic_fetch_and_4` typed."""
     try:
         lib = ctypes.CDLL(LIBATOMIC)
     except OSError as exc:  # pragma: no cover - the install scripts provide libatomic1
@@ -85,4 +86,7 @@ def libatomic() -> Any:
     cas = lib.__atomic_compare_exchange_4
     cas.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
     cas.restype = ctypes.c_bool
+    fetch_and = lib.__atomic_fetch_and_4
+    fetch_and.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
+    fetch_and.restype = ctypes.c_uint32
     return lib

@@ -42,8 +42,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pvio.abi import grant_table as gt
 from pvio.abi.grant_table import DOMID_SELF
@@ -78,9 +80,9 @@ class GrantMapping:
 _COPY = gt.GNTTAB_COPY.packer
 
 
-@dataclass
-class CopySeg:
-    """One GNTTABOP_copy: each side a grant reference of `domid` or a frame of ours."""
+class CopySeg(NamedTuple):
+    """One GNTTABOP_copy: each side a grant reference of `domid` or a frame of ours (a
+    named tuple: a 1 MiB copy is 256 of them, built per request)."""
 
     source: int
     dest: int
@@ -150,11 +152,12 @@ def _copy_op(segs: Sequence[CopySeg]) -> Op:
     return Op(wire.HYPERVISOR_grant_table_op, gt.GNTTABOP_copy, len(segs), b"".join(s.pack() for s in segs))
 
 
+_STATUS = struct.Struct("<h")  # every op's status is an int16_t
+
+
 def _statuses(op: Op, lay_status_offset: int, size: int) -> list[int]:
-    return [
-        int.from_bytes(op.args[i * size + lay_status_offset : i * size + lay_status_offset + 2], "little", signed=True)
-        for i in range(op.count)
-    ]
+    unpack, args = _STATUS.unpack_from, op.args
+    return [unpack(args, at)[0] for at in range(lay_status_offset, op.count * size, size)]
 
 
 class MappingClient:

@@ -123,8 +123,12 @@ def _cas(d: DomainRecord, ref: int, old: int, new: int) -> int:
 def _set_pin_bits(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> None:
     """The compare-and-swap of a pin: GTF_reading (and GTF_writing) into an entry that
     grants `mapper` access (writable, for a writing pin); raise _Fail."""
-    word = _read_word(granter, ref)
+    at = ref * _ENTRY
+    word: int = _WORD.unpack_from(granter.gnttab, at)[0]
     want = GTF_reading if readonly else GTF_reading | GTF_writing
+    atomic = granter.gnttab_atomic
+    assert atomic is not None
+    cas = atomic.cmpxchg32
     for _ in range(CAS_RETRIES):
         flags, domid = word & 0xFFFF, word >> 16
         if (flags & GTF_type_mask) != GTF_permit_access or domid != mapper:
@@ -133,7 +137,7 @@ def _set_pin_bits(granter: DomainRecord, ref: int, mapper: int, readonly: bool) 
             raise _Fail(GNTST_general_error, "write pin of a read-only grant")
         if flags & want == want:
             return  # set already: another pin holds the entry
-        found = _cas(granter, ref, word, word | want)
+        found = cas(at, word, word | want)
         if found == word:
             return
         word = found
@@ -176,25 +180,27 @@ def pin_for_copy(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -
     if act is not None or granter.dying or not 0 <= ref < granter.nr_grant_entries:
         return pin(granter, ref, mapper, readonly).frame, -1
     _set_pin_bits(granter, ref, mapper, readonly)
-    frame = _read_frame(granter, ref)
-    if not granter.valid_frame(frame):
+    frame: int = _WORD.unpack_from(granter.gnttab, ref * _ENTRY + GRANT_ENTRY_V1_FRAME)[0]
+    if not 0 <= frame < granter.nr_pages and frame not in granter.shareable:  # valid_frame
         _clear_bits(granter, ref, GTF_reading | GTF_writing)
         raise _Fail(GNTST_general_error, f"bad frame {frame}")
     return frame, GTF_reading | GTF_writing
 
 
+def _end_copy_pin(granter: DomainRecord, ref: int, clear: int, readonly: bool) -> None:
+    """Undo `pin_for_copy`: clear its bits, or `unpin` (bits -1: a map holds the entry)."""
+    if clear < 0:
+        unpin(granter, ref, readonly)
+    else:
+        _clear_bits(granter, ref, clear)
+
+
 def _clear_bits(granter: DomainRecord, ref: int, clear: int) -> None:
+    """Clear pin bits with one atomic AND (Xen's gnttab_clear_flags): whatever else the
+    granter writes to the word meanwhile is kept."""
     if granter.dying or granter.gnttab_atomic is None or not clear:
         return
-    word = _read_word(granter, ref)
-    for _ in range(CAS_RETRIES * 4):
-        if not word & clear:
-            return
-        found = _cas(granter, ref, word, word & ~clear)
-        if found == word:
-            return
-        word = found
-    log.warning("d%d ref %d: flags keep changing while pinned; left as is", granter.domid, ref)
+    granter.gnttab_atomic.fetch_and32(ref * _ENTRY, ~clear & 0xFFFFFFFF)
 
 
 def unpin(granter: DomainRecord, ref: int, readonly: bool) -> None:
@@ -309,42 +315,44 @@ class GrantTables:
         """GNTTABOP_copy for every gnttab_copy in `args`; the same structs, with status."""
         out = []
         pack = _COPY.pack
-        lookup = self._domain
+        side = self._copy_side
+        owners: dict[int, DomainRecord | None] = {}  # this batch's lookups, by domid
         for su, sdom, soff, du, ddom, doff, length, flags, _status in _COPY.iter_unpack(args):
             status = GNTST_bad_copy_arg
             if length <= PAGE_SIZE and soff <= PAGE_SIZE - length and doff <= PAGE_SIZE - length:
-                pins: list[tuple[DomainRecord, int, bool, int]] = []
+                src_pin = dst_pin = None
                 try:
-                    src = self._copy_side(caller, lookup(caller, sdom), su, flags & GNTCOPY_source_gref, True, pins)
-                    dst = self._copy_side(caller, lookup(caller, ddom), du, flags & GNTCOPY_dest_gref, False, pins)
+                    src_owner = owners.get(sdom) or owners.setdefault(sdom, self._domain(caller, sdom))
+                    src, src_pin = side(caller, src_owner, su, flags & GNTCOPY_source_gref, True)
+                    dst_owner = owners.get(ddom) or owners.setdefault(ddom, self._domain(caller, ddom))
+                    dst, dst_pin = side(caller, dst_owner, du, flags & GNTCOPY_dest_gref, False)
                     dst[doff : doff + length] = src[soff : soff + length]
                     status = GNTST_okay
                 except _Fail as fail:
                     status = fail.status
                 finally:
-                    for granter, ref, ro, clear in pins:
-                        if clear < 0:
-                            unpin(granter, ref, ro)
-                        else:
-                            _clear_bits(granter, ref, clear)
+                    if src_pin is not None:
+                        _end_copy_pin(*src_pin, True)
+                    if dst_pin is not None:
+                        _end_copy_pin(*dst_pin, False)
             out.append(pack(su, sdom, soff, du, ddom, doff, length, flags, status))
         return b"".join(out)
 
     @staticmethod
-    def _copy_side(caller: DomainRecord, owner: DomainRecord | None, value: int, is_gref: int, readonly: bool,
-                   pins: list[tuple[DomainRecord, int, bool, int]]) -> memoryview:
+    def _copy_side(caller: DomainRecord, owner: DomainRecord | None, value: int, is_gref: int,
+                   readonly: bool) -> tuple[memoryview, tuple[DomainRecord, int, int] | None]:
+        """One side of a copy: the page's view, and (granter, ref, bits) for a pinned grant."""
         if owner is None:
             raise _Fail(GNTST_bad_domain, "no such domain")
         if is_gref:
             ref = value & 0xFFFFFFFF
             frame, clear = pin_for_copy(owner, ref, caller.domid, readonly)
-            pins.append((owner, ref, readonly, clear))
-            return owner.frame_view(frame)
+            return owner.frame_view(frame), (owner, ref, clear)
         if owner is not caller and not caller.privileged:
             raise _Fail(GNTST_permission_denied, "a frame of another domain")
         if not owner.valid_frame(value):
             raise _Fail(GNTST_bad_page, f"frame {value} outside memory")
-        return owner.frame_view(value)
+        return owner.frame_view(value), None
 
     def query_size(self, caller: DomainRecord, op: dict[str, Any]) -> None:
         d = self._checked_target(caller, op, "dom")
