@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
@@ -95,6 +96,10 @@ DEFAULT_MAX_IN_FLIGHT = 64
 MAX_INDIRECT_SEGMENTS = 256
 #: copy transport: bounce pages one ring may hold at once (8 MiB)
 DEFAULT_BOUNCE_PAGES = 2048
+#: A batch of large requests is worked in parts of about this many pages, each answered
+#: when its own data has moved, so the frontend has the first answers while blkback
+#: still reads (or the hypervisor still copies) the rest
+PIECE_PAGES = int(os.environ.get("PVIO_BLK_PIECE_PAGES", "128"))
 #: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
 PGRANT_TIMEOUT = 60.0
 #: persistent mappings one ring keeps (Linux's xen_blkif_max_pgrants: a 32-slot ring of
@@ -330,7 +335,18 @@ class BlkbackRing:
 
     def _start(self, group: list[DiskIO]) -> None:
         self._in_flight += len(group)
-        self._start_task(self._run_group(group))
+        if self.domain.transport != "copy":
+            self._start_task(self._run_group(group))
+            return
+        part: list[DiskIO] = []
+        pages = 0
+        for io in group:
+            if part and pages + len(io.segments) > PIECE_PAGES:
+                self._start_task(self._run_group(part))
+                part, pages = [], 0
+            part.append(io)
+            pages += len(io.segments)
+        self._start_task(self._run_group(part))
 
     async def _drain(self) -> None:
         while self._batches:
