@@ -35,6 +35,25 @@ class Work:
     frames: list[int] | None = None  # copy transport: local bounce pages
 
 
+def in_parts(group: list[DiskIO], pages: int) -> list[list[DiskIO]]:
+    """`group` cut, in order, into parts of at most `pages` pages (a larger request alone).
+
+    The copy transport works a batch part by part, each answered when its data has moved:
+    while the hypervisor copies one part, blkback reads the next from the disk and the
+    frontend already has the first answers.  (With the map transport there is no third
+    process to overlap with, and a batch is worked whole.)"""
+    parts: list[list[DiskIO]] = []
+    size = 0
+    for io in group:
+        n = len(io.segments)
+        if not parts or size + n > pages:
+            parts.append([])
+            size = 0
+        parts[-1].append(io)
+        size += n
+    return parts
+
+
 async def disk_io(disk: VectoredBackend, w: Work, frontend_domid: int) -> None:
     io = w.io
     try:

@@ -68,7 +68,7 @@ from typing import Any
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, BlkifABI
 from pvio.blk.back_grants import BackGrants
-from pvio.blk.back_io import Work, disk_io, disk_io_now
+from pvio.blk.back_io import Work, disk_io, disk_io_now, in_parts
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
 from pvio.blk.polling import POLL_WINDOW_US, poll_for
@@ -96,9 +96,8 @@ DEFAULT_MAX_IN_FLIGHT = 64
 MAX_INDIRECT_SEGMENTS = 256
 #: copy transport: bounce pages one ring may hold at once (8 MiB)
 DEFAULT_BOUNCE_PAGES = 2048
-#: A batch of large requests is worked in parts of about this many pages, each answered
-#: when its own data has moved, so the frontend has the first answers while blkback
-#: still reads (or the hypervisor still copies) the rest
+#: copy transport: a batch of large requests is worked in parts of about this many pages,
+#: each answered when its own data has moved (`in_parts`)
 PIECE_PAGES = int(os.environ.get("PVIO_BLK_PIECE_PAGES", "128"))
 #: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
 PGRANT_TIMEOUT = 60.0
@@ -335,18 +334,8 @@ class BlkbackRing:
 
     def _start(self, group: list[DiskIO]) -> None:
         self._in_flight += len(group)
-        if self.domain.transport != "copy":
-            self._start_task(self._run_group(group))
-            return
-        part: list[DiskIO] = []
-        pages = 0
-        for io in group:
-            if part and pages + len(io.segments) > PIECE_PAGES:
-                self._start_task(self._run_group(part))
-                part, pages = [], 0
-            part.append(io)
-            pages += len(io.segments)
-        self._start_task(self._run_group(part))
+        for part in in_parts(group, PIECE_PAGES) if self.domain.transport == "copy" else [group]:
+            self._start_task(self._run_group(part))
 
     async def _drain(self) -> None:
         while self._batches:

@@ -1,0 +1,38 @@
+"""blkback's parts of a batch (`in_parts`): order kept, nothing lost, each part within its
+pages unless one request alone is larger."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, cast
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pvio.blk.back_io import in_parts
+from pvio.blk.request import DiskIO
+
+
+class _IO:
+    def __init__(self, n: int) -> None:
+        self.segments = (None,) * n
+
+
+@given(st.lists(st.integers(0, 300), max_size=40), st.integers(1, 256))
+def test_parts_keep_every_request_in_order_within_the_limit(sizes: list[int], pages: int) -> None:
+    group = cast(list[DiskIO], [_IO(n) for n in sizes])
+    parts = in_parts(group, pages)
+    assert [io for part in parts for io in part] == group
+    for part in parts:
+        assert part
+        total = sum(len(io.segments) for io in part)
+        assert total <= pages or len(part) == 1
+    # No two neighbours could have been one part.
+    for a, b in itertools.pairwise(parts):
+        assert sum(len(io.segments) for io in a) + len(b[0].segments) > pages
+
+
+def test_a_batch_of_small_requests_is_one_part() -> None:
+    group: list[Any] = [_IO(1) for _ in range(32)]
+    assert in_parts(group, 128) == [group]
+    assert in_parts([], 128) == []
