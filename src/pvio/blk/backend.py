@@ -367,7 +367,8 @@ class BlkbackRing:
     # `(last_sect+1)*512` of each — and go to preadv/pwritev: at once on the loop when
     # the transfer cannot block (RWF_NOWAIT: the page cache has it), otherwise in the
     # thread pool, all requests of the batch at once.  Then ONE unmap.  In the copy transport the same
-    # shape uses GNTTABOP_copy batches and local bounce pages instead of maps.
+    # shape uses GNTTABOP_copy batches and local bounce pages instead of maps, a batch of
+    # large requests in parts (`in_parts`), so the hypervisor copies one while blkback reads the next.
     # :T
     async def _do_data(self, works: list[Work]) -> None:
         data = [w for w in works if w.io.segments]
