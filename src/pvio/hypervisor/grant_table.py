@@ -123,12 +123,8 @@ def _cas(d: DomainRecord, ref: int, old: int, new: int) -> int:
 def _set_pin_bits(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -> None:
     """The compare-and-swap of a pin: GTF_reading (and GTF_writing) into an entry that
     grants `mapper` access (writable, for a writing pin); raise _Fail."""
-    at = ref * _ENTRY
-    word: int = _WORD.unpack_from(granter.gnttab, at)[0]
+    word = _read_word(granter, ref)
     want = GTF_reading if readonly else GTF_reading | GTF_writing
-    atomic = granter.gnttab_atomic
-    assert atomic is not None
-    cas = atomic.cmpxchg32
     for _ in range(CAS_RETRIES):
         flags, domid = word & 0xFFFF, word >> 16
         if (flags & GTF_type_mask) != GTF_permit_access or domid != mapper:
@@ -137,7 +133,7 @@ def _set_pin_bits(granter: DomainRecord, ref: int, mapper: int, readonly: bool) 
             raise _Fail(GNTST_general_error, "write pin of a read-only grant")
         if flags & want == want:
             return  # set already: another pin holds the entry
-        found = cas(at, word, word | want)
+        found = _cas(granter, ref, word, word | want)
         if found == word:
             return
         word = found
@@ -180,8 +176,8 @@ def pin_for_copy(granter: DomainRecord, ref: int, mapper: int, readonly: bool) -
     if act is not None or granter.dying or not 0 <= ref < granter.nr_grant_entries:
         return pin(granter, ref, mapper, readonly).frame, -1
     _set_pin_bits(granter, ref, mapper, readonly)
-    frame: int = _WORD.unpack_from(granter.gnttab, ref * _ENTRY + GRANT_ENTRY_V1_FRAME)[0]
-    if not 0 <= frame < granter.nr_pages and frame not in granter.shareable:  # valid_frame
+    frame = _read_frame(granter, ref)
+    if not granter.valid_frame(frame):
         _clear_bits(granter, ref, GTF_reading | GTF_writing)
         raise _Fail(GNTST_general_error, f"bad frame {frame}")
     return frame, GTF_reading | GTF_writing
