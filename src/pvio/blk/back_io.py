@@ -11,6 +11,7 @@ answers that request with BLKIF_RSP_ERROR; nothing is raised.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,10 @@ from pvio.blk.request import DiskIO
 from pvio.storage.backend import VectoredBackend
 
 log = logging.getLogger("pvio.blk.backend")
+
+#: copy transport: a batch of large requests is worked in parts of about this many pages,
+#: each answered when its own data has moved (`in_parts`)
+PIECE_PAGES = int(os.environ.get("PVIO_BLK_PIECE_PAGES", "128"))
 
 #: `RawFile.transfer_now(offset, buffers, write)`: True when done, False when it would block.
 TransferNow = Callable[[int, Sequence[memoryview], bool], bool]

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
@@ -68,7 +67,7 @@ from typing import Any
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, BlkifABI
 from pvio.blk.back_grants import BackGrants
-from pvio.blk.back_io import Work, disk_io, disk_io_now, in_parts
+from pvio.blk.back_io import PIECE_PAGES, Work, disk_io, disk_io_now, in_parts
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
 from pvio.blk.polling import POLL_WINDOW_US, poll_for
@@ -96,9 +95,6 @@ DEFAULT_MAX_IN_FLIGHT = 64
 MAX_INDIRECT_SEGMENTS = 256
 #: copy transport: bounce pages one ring may hold at once (8 MiB)
 DEFAULT_BOUNCE_PAGES = 2048
-#: copy transport: a batch of large requests is worked in parts of about this many pages,
-#: each answered when its own data has moved (`in_parts`)
-PIECE_PAGES = int(os.environ.get("PVIO_BLK_PIECE_PAGES", "128"))
 #: persistent grants unused this long are unmapped (Linux's xen_blkif_pgrant_timeout)
 PGRANT_TIMEOUT = 60.0
 #: persistent mappings one ring keeps (Linux's xen_blkif_max_pgrants: a 32-slot ring of
