@@ -49,6 +49,7 @@ from typing import NamedTuple
 
 from pvio.abi import grant_table as gt
 from pvio.abi.grant_table import DOMID_SELF
+from pvio.abi.layout import Layout
 from pvio.hypervisor import wire
 from pvio.hypervisor.client_channel import Hypercalls, check
 from pvio.hypervisor.client_memory import MemoryClient, close_mmap
@@ -152,12 +153,11 @@ def _copy_op(segs: Sequence[CopySeg]) -> Op:
     return Op(wire.HYPERVISOR_grant_table_op, gt.GNTTABOP_copy, len(segs), b"".join(s.pack() for s in segs))
 
 
-_STATUS = struct.Struct("<h")  # every op's status is an int16_t
-
-
-def _statuses(op: Op, lay_status_offset: int, size: int) -> list[int]:
-    unpack, args = _STATUS.unpack_from, op.args
-    return [unpack(args, at)[0] for at in range(lay_status_offset, op.count * size, size)]
+def _statuses(op: Op, lay: Layout) -> list[int]:
+    """Every op's `status` member, read in place from the answered structs."""
+    status = lay.member("status")
+    unpack, args = struct.Struct(lay.byte_order + status.code).unpack_from, op.args
+    return [unpack(args, at)[0] for at in range(status.offset, op.count * lay.size, lay.size)]
 
 
 class MappingClient:
@@ -291,7 +291,7 @@ class MappingClient:
         replies = await self._calls.batch([_map_op(domid, refs, readonly), _copy_op(segs)])
         map_reply = check(replies[0], "GNTTABOP_map_grant_ref")
         copy_reply = check(replies[1], "GNTTABOP_copy")
-        copy_status = _statuses(copy_reply, gt.GNTTAB_COPY.offset("status"), gt.GNTTAB_COPY.size)
+        copy_status = _statuses(copy_reply, gt.GNTTAB_COPY)
         out = []
         for i, (ref, (_, _, _, _, status, handle, bus)) in enumerate(
             zip(refs, _MAP.iter_unpack(map_reply.args), strict=True)
@@ -324,7 +324,7 @@ class MappingClient:
         ops.append(_unmap_op([m.handle for m in live]))
         replies = await self._calls.batch(ops)
         reply = check(replies[-1], "GNTTABOP_unmap_grant_ref")
-        statuses = _statuses(reply, gt.GNTTAB_UNMAP_GRANT_REF.offset("status"), gt.GNTTAB_UNMAP_GRANT_REF.size)
+        statuses = _statuses(reply, gt.GNTTAB_UNMAP_GRANT_REF)
         for m in live:
             if m.view is not None:
                 m.view.release()
@@ -357,7 +357,7 @@ class MappingClient:
         if not segs:
             return []
         reply = await self._calls.one(_copy_op(segs), "GNTTABOP_copy")
-        return _statuses(reply, gt.GNTTAB_COPY.offset("status"), gt.GNTTAB_COPY.size)
+        return _statuses(reply, gt.GNTTAB_COPY)
 
     # -- the granter's death and ours ------------------------------------------------------
 
