@@ -312,16 +312,14 @@ class GrantTables:
         out = []
         pack = _COPY.pack
         side = self._copy_side
-        owners: dict[int, DomainRecord | None] = {}  # this batch's lookups, by domid
+        lookup = self._domain
         for su, sdom, soff, du, ddom, doff, length, flags, _status in _COPY.iter_unpack(args):
             status = GNTST_bad_copy_arg
             if length <= PAGE_SIZE and soff <= PAGE_SIZE - length and doff <= PAGE_SIZE - length:
                 src_pin = dst_pin = None
                 try:
-                    src_owner = owners.get(sdom) or owners.setdefault(sdom, self._domain(caller, sdom))
-                    src, src_pin = side(caller, src_owner, su, flags & GNTCOPY_source_gref, True)
-                    dst_owner = owners.get(ddom) or owners.setdefault(ddom, self._domain(caller, ddom))
-                    dst, dst_pin = side(caller, dst_owner, du, flags & GNTCOPY_dest_gref, False)
+                    src, src_pin = side(caller, lookup(caller, sdom), su, flags & GNTCOPY_source_gref, True)
+                    dst, dst_pin = side(caller, lookup(caller, ddom), du, flags & GNTCOPY_dest_gref, False)
                     dst[doff : doff + length] = src[soff : soff + length]
                     status = GNTST_okay
                 except _Fail as fail:
