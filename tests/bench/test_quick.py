@@ -48,3 +48,9 @@ def test_quick_from_a_fresh_directory_completes_every_layer(tmp_path: Path) -> N
     targets = result["extra"]["targets"]  # evaluated, never asserted
     assert {t["subject"] for t in targets} >= set(blk.TRANSPORTS)
     assert all(isinstance(t["met"], bool) for t in targets)
+
+    # The network layer says where the CPUs went during its guest -> guest stream
+    (net,) = (r for r in document["benchmarks"] if r["name"] == "net")
+    shares = {f["name"]: f["median"] for f in net["figures"] if f["unit"].startswith("%")}
+    assert {"guest->guest: driver domain on a CPU", "guest->guest: machine idle"} <= shares.keys()
+    assert shares["guest->guest: driver domain on a CPU"] > 0

@@ -9,8 +9,11 @@ pair between two namespaces:
 * TCP guest → host (the bridge given an address, iperf3's server in the host's
   namespace);
 * ping round trip guest → guest;
-* and, from netback's own counters over the TCP runs: slots (netif requests) per frame
-  and notifications per frame, which say what GSO and the event-index protocol achieve.
+* from netback's own counters over the TCP runs: slots (netif requests) per frame
+  and notifications per frame, which say what GSO and the event-index protocol achieve;
+* and, during the guest → guest stream, each pvio process's share of a core on a CPU and
+  runnable but waiting for one, and the machine's idle share (`CpuShares`): what bounds
+  the stream, measured in the same run.
 
 The ratio is pvio / veth (for ping: veth rtt / pvio rtt, so higher is better in every
 row).  ``--queues 1,2`` runs the whole set once per queue count (each vif asks for that
@@ -40,7 +43,7 @@ import click
 
 from pvio.bench.harness.benchmark import Benchmark, Context
 from pvio.bench.harness.figures import Figure, compare
-from pvio.bench.netbase import Row, VethPair, iperf_received, ping_average_us
+from pvio.bench.netbase import CpuShares, Row, VethPair, iperf_received, ping_average_us
 from pvio.domains.tap import netns_name
 from pvio.testing.up import UpProcess
 
@@ -107,6 +110,17 @@ def _netback_counters(up: UpProcess) -> dict[str, int]:
     return total
 
 
+def _pids(up: UpProcess, guests: list[str]) -> dict[str, int]:
+    """The processes a guest -> guest stream runs through: the driver domain, both guests."""
+    pids = {}
+    for dom in up.status.get("domains", []):
+        if dom.get("role") == "driver":
+            pids["driver domain"] = int(dom.get("pid") or 0)
+        elif dom.get("name") in guests:
+            pids[f"guest {guests.index(dom['name']) + 1}"] = int(dom.get("pid") or 0)
+    return {k: v for k, v in sorted(pids.items()) if v}
+
+
 def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> list[Row]:
     tag = secrets.token_hex(2)
     samples: dict[str, dict[str, list[float]]] = {}
@@ -119,6 +133,7 @@ def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> li
 
     text, names, _bridge = _config(tag, queues)
     per_frame: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="pvio-bench-net-") as tmp:
         cfg = Path(tmp) / "net.toml"
         cfg.write_text(text)
@@ -131,8 +146,11 @@ def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> li
                     veth_tcp = _iperf(ns[0], ns[1], f"{NET}.2", seconds, streams=streams)
                     veth_rtt = _ping(ns[0], f"{NET}.2")
                 before = _netback_counters(up)
+                shares = CpuShares(_pids(up, names))
                 add("TCP guest->guest (iperf3)", _iperf(g1, g2, f"{NET}.2", seconds, streams=streams) / 1e6,
                     veth_tcp / 1e6)
+                for k, v in shares.shares().items():
+                    cpu.setdefault(k, []).append(v)
                 add("TCP guest->host (iperf3)", _iperf(g1, "", f"{NET}.254", seconds, streams=streams) / 1e6,
                     veth_tcp / 1e6)
                 pvio_rtt = _ping(g1, f"{NET}.2")
@@ -156,6 +174,9 @@ def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> li
             rows.append(Row(name, "Mbit/s", p, b, p / b))
     for name, value in per_frame.items():
         rows.append(Row(f"netback: {name}{suffix}", "count", value, float("nan"), float("nan")))
+    for name, values in cpu.items():  # what bounds the stream: see CpuShares
+        unit = "% cores" if name == "machine idle" else "% core"
+        rows.append(Row(f"guest->guest: {name}{suffix}", unit, statistics.median(values), float("nan"), float("nan")))
     return rows
 
 
@@ -203,6 +224,9 @@ def _suite(params: Mapping[str, Any], ctx: Context) -> list[Figure]:
     ctx.progress(f"{runs} runs: two Xen guests on a bridge, and a veth pair")
     for r in _measure(seconds, runs):
         if r.unit == "count":
+            continue
+        if r.unit.startswith("%"):  # where the CPUs went: pvio's alone, no baseline
+            figures.append(compare(r.scenario, r.unit, {"pvio": [r.pvio]}, higher_is_better=False))
             continue
         unit = "µs" if r.unit == "us" else r.unit
         figures.append(compare(r.scenario, unit, {"pvio": [r.pvio], "veth pair": [r.baseline]},

@@ -8,13 +8,19 @@ with iperf3 and ping as real processes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import click
 
 from pvio.domains.tap import netns_name, remove_namespace
+from pvio.toolstack.top import proc_times
+
+_TICK = 1 / os.sysconf("SC_CLK_TCK")
 
 _PING_AVG = re.compile(r"= [\d.]+/([\d.]+)/")  # rtt min/avg/max/mdev = a/b/c/d ms
 
@@ -50,6 +56,59 @@ def iperf_received(out: str) -> tuple[float | None, str]:
     return float(end["sum_received"]["bits_per_second"]), ""
 
 
+def _run_wait(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process so far;
+    None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting, _slices = (int(x) for x in f.read().split())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # a kernel without schedstats: no waiting figure
+        times = proc_times(pid)
+        return None if times is None else (times[0] * _TICK, 0.0)
+    return on_cpu / 1e9, waiting / 1e9
+
+
+def _machine_idle() -> tuple[int, int]:
+    """(idle + iowait jiffies, all jiffies) of every CPU so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+class CpuShares:
+    """Where the CPUs went while a measurement ran: each named process's share of a
+    core on a CPU and runnable but waiting for one, and the machine's idle share.
+
+    A stack of Python processes on few cores is bound either by one process's work
+    (near 100% of a core on a CPU), by them all together (little idle, much waiting),
+    or by the time each waits for the next to wake (idle cores, little waiting)."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self._start = time.monotonic()
+        self._procs = {name: _run_wait(pid) for name, pid in self.pids.items()}
+        self._idle = _machine_idle()
+
+    def shares(self) -> dict[str, float]:
+        """Percentages since construction: `<name> on a CPU`, `<name> waiting for a
+        CPU` (of one core), and `machine idle` (of all cores); a process that was gone
+        at either end is left out."""
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        out = {}
+        for name, pid in self.pids.items():
+            then, now = self._procs[name], _run_wait(pid)
+            if then is None or now is None:
+                continue
+            (run0, wait0), (run, wait) = then, now
+            out[f"{name} on a CPU"] = 100 * (run - run0) / elapsed
+            out[f"{name} waiting for a CPU"] = 100 * (wait - wait0) / elapsed
+        idle, total = _machine_idle()
+        out["machine idle"] = 100 * (idle - self._idle[0]) / max(total - self._idle[1], 1)
+        return out
+
+
 class VethPair:
     """Two namespaces joined by a veth pair `dev`, at `<net>.1` and `<net>.2`."""
 
@@ -76,4 +135,4 @@ class VethPair:
             remove_namespace(ns)
 
 
-__all__ = ["Row", "VethPair", "iperf_received", "ping_average_us"]
+__all__ = ["CpuShares", "Row", "VethPair", "iperf_received", "ping_average_us"]
