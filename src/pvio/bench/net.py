@@ -168,15 +168,17 @@ def _measure(seconds: float, runs: int, queues: int = 1, streams: int = 1) -> li
     rows = []
     for name, per in samples.items():
         p, b = statistics.median(per["pvio"]), statistics.median(per["base"])
+        runs_of = (tuple(per["pvio"]), tuple(per["base"]))
         if name.startswith("ping"):
-            rows.append(Row(name, "us", p, b, b / p))
+            rows.append(Row(name, "us", p, b, b / p, *runs_of))
         else:
-            rows.append(Row(name, "Mbit/s", p, b, p / b))
+            rows.append(Row(name, "Mbit/s", p, b, p / b, *runs_of))
     for name, value in per_frame.items():
         rows.append(Row(f"netback: {name}{suffix}", "count", value, float("nan"), float("nan")))
     for name, values in cpu.items():  # what bounds the stream: see CpuShares
         unit = "% cores" if name == "machine idle" else "% core"
-        rows.append(Row(f"guest->guest: {name}{suffix}", unit, statistics.median(values), float("nan"), float("nan")))
+        rows.append(Row(f"guest->guest: {name}{suffix}", unit, statistics.median(values), float("nan"), float("nan"),
+                        tuple(values)))
     return rows
 
 
@@ -226,10 +228,11 @@ def _suite(params: Mapping[str, Any], ctx: Context) -> list[Figure]:
         if r.unit == "count":
             continue
         if r.unit.startswith("%"):  # where the CPUs went: pvio's alone, no baseline
-            figures.append(compare(r.scenario, r.unit, {"pvio": [r.pvio]}, higher_is_better=False))
+            figures.append(compare(r.scenario, r.unit, {"pvio": r.pvio_runs or [r.pvio]}, higher_is_better=False))
             continue
         unit = "µs" if r.unit == "us" else r.unit
-        figures.append(compare(r.scenario, unit, {"pvio": [r.pvio], "veth pair": [r.baseline]},
+        figures.append(compare(r.scenario, unit, {"pvio": r.pvio_runs or [r.pvio],
+                                                  "veth pair": r.baseline_runs or [r.baseline]},
                                higher_is_better=unit != "µs"))
     return figures
 

@@ -31,9 +31,11 @@ class Row:
 
     scenario: str
     unit: str
-    pvio: float
+    pvio: float  # the median of pvio_runs, where there are runs
     baseline: float
     ratio: float
+    pvio_runs: tuple[float, ...] = ()  # every run's figure, for min..max
+    baseline_runs: tuple[float, ...] = ()
 
 
 def ping_average_us(out: str) -> float:
