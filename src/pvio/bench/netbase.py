@@ -59,8 +59,9 @@ def iperf_received(out: str) -> tuple[float | None, str]:
 
 
 def _run_wait(pid: int) -> tuple[float, float] | None:
-    """(seconds on a CPU, seconds runnable but waiting for one) of a process so far;
-    None if it is gone."""
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process's main
+    thread so far (/proc/<pid>/schedstat: the thread of a domain's event loop, where its
+    rings are served); None if it is gone."""
     try:
         with open(f"/proc/{pid}/schedstat") as f:
             on_cpu, waiting, _slices = (int(x) for x in f.read().split())
@@ -80,8 +81,9 @@ def _machine_idle() -> tuple[int, int]:
 
 
 class CpuShares:
-    """Where the CPUs went while a measurement ran: each named process's share of a
-    core on a CPU and runnable but waiting for one, and the machine's idle share.
+    """Where the CPUs went while a measurement ran: each named process's (main
+    thread's) share of a core on a CPU and runnable but waiting for one, and the
+    machine's idle share.
 
     A stack of Python processes on few cores is bound either by one process's work
     (near 100% of a core on a CPU), by them all together (little idle, much waiting),
