@@ -8,7 +8,6 @@ with iperf3 and ping as real processes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -18,9 +17,6 @@ from dataclasses import dataclass
 import click
 
 from pvio.domains.tap import netns_name, remove_namespace
-from pvio.toolstack.top import proc_times
-
-_TICK = 1 / os.sysconf("SC_CLK_TCK")
 
 _PING_AVG = re.compile(r"= [\d.]+/([\d.]+)/")  # rtt min/avg/max/mdev = a/b/c/d ms
 
@@ -61,15 +57,12 @@ def iperf_received(out: str) -> tuple[float | None, str]:
 def _run_wait(pid: int) -> tuple[float, float] | None:
     """(seconds on a CPU, seconds runnable but waiting for one) of a process's main
     thread so far (/proc/<pid>/schedstat: the thread of a domain's event loop, where its
-    rings are served); None if it is gone."""
+    rings are served); None if it cannot be read."""
     try:
         with open(f"/proc/{pid}/schedstat") as f:
             on_cpu, waiting, _slices = (int(x) for x in f.read().split())
-    except FileNotFoundError:
+    except (OSError, ValueError):  # gone (or a kernel without CONFIG_SCHED_INFO)
         return None
-    except (OSError, ValueError):  # a kernel without schedstats: no waiting figure
-        times = proc_times(pid)
-        return None if times is None else (times[0] * _TICK, 0.0)
     return on_cpu / 1e9, waiting / 1e9
 
 
