@@ -27,6 +27,7 @@ from pvio.nbd.events import (
 )
 from pvio.nbd.server import NbdServerConnection, State
 from pvio.storage.backend import BackendInfo
+from pvio.storage.buffers import BufferPool, size_class
 
 SIZE = 1 << 20
 RW = Export("disk", BackendInfo(size=SIZE, can_trim=True, can_write_zeroes=True), "a disk")
@@ -457,3 +458,25 @@ def test_fuzz_transmission_never_raises_and_answers_every_rejection(
                 assert len(event.data) == event.length and not info.read_only
             conn.reply(event, 0, bytes(event.length) if event.type == w.NBD_CMD_READ else b"")
     assert conn.in_flight == 0
+
+
+def test_large_write_payloads_are_received_into_pooled_buffers_given_back_at_the_reply() -> None:
+    pool = BufferPool()
+    conn = NbdServerConnection(EXPORTS, default_export="disk", buffers=pool)
+    conn.data_to_send()
+    conn.receive_data(client_flags() + option(w.NBD_OPT_GO, go_data("disk")))
+    conn.data_to_send()
+    big, small = bytes(range(256)) * 400, b"s" * 1000  # 100 KiB, and under the pool's minimum
+    cmds: list[Command] = []
+    for cookie in (1, 2):
+        events = conn.receive_data(request(w.NBD_CMD_WRITE, 0, len(big), cookie=cookie) + big)
+        events += conn.receive_data(request(w.NBD_CMD_WRITE, 0, len(small), cookie=9) + small)
+        cmd, tiny = [e for e in events if isinstance(e, Command)]
+        assert cmd.data == big and tiny.data == small
+        conn.reply(tiny)
+        assert pool.kept == 0  # the small payload had a buffer of its own
+        cmds.append(cmd)
+        conn.reply(cmd)  # answered: the backend is done with the payload
+        assert pool.kept == size_class(len(big))
+    assert pool.allocated == 1 and pool.reused == 1
+    assert cmds[0].data.obj is cmds[1].data.obj  # type: ignore[union-attr]  # the same buffer, twice

@@ -14,11 +14,12 @@ from pvio.storage.lent import Lending, Lent
 from pvio.storage.rawfile import RawFile
 
 
-def test_size_classes_are_powers_of_two_from_the_minimum() -> None:
-    assert size_class(1) == size_class(MIN_SIZE) == MIN_SIZE
+def test_size_classes_are_multiples_of_the_minimum() -> None:
+    assert size_class(0) == size_class(1) == size_class(MIN_SIZE) == MIN_SIZE
     assert size_class(MIN_SIZE + 1) == 2 * MIN_SIZE
     assert size_class(1 << 20) == 1 << 20
-    assert size_class((1 << 20) + 1) == 2 << 20
+    assert size_class((1 << 20) + 1) == (1 << 20) + MIN_SIZE
+    assert all(n <= size_class(n) < n + MIN_SIZE for n in range(MIN_SIZE, 3 << 20, 4099))
 
 
 def test_a_buffer_given_back_is_taken_again() -> None:

@@ -1,8 +1,9 @@
 """What an NBD client asks, checked before anything acts on it: transmission requests
 against the export (`validate_request`) and the data of NBD_OPT_INFO/NBD_OPT_GO
 (`parse_info_request`), and what the server answers: the NBD_REP_INFO data
-(`info_replies`) and the wire error for a backend failure (`nbd_error_for`).  Pure
-functions of bytes and numbers, used by `pvio.nbd.server` and its adapter.
+(`info_replies`) and the wire error for a backend failure (`nbd_error_for`); where a
+write's payload is received (`payload_buffer`, `payload_done`).  Functions of bytes and
+numbers, used by `pvio.nbd.server` and its adapter.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import errno
 
 from pvio.abi.fault import Fault
 from pvio.nbd import wire as w
-from pvio.nbd.events import Export, NbdError
+from pvio.nbd.events import Command, Export, NbdError
+from pvio.storage.buffers import MIN_SIZE, BufferPool
 
 
 # Which command flags each command accepts (beyond that: EINVAL), given the export.
@@ -81,6 +83,26 @@ def validate_request(
 def data_bytes(cmd: int, length: int) -> int:
     """The data a command moves through this server: a read's reply, a write's payload."""
     return length if cmd in (w.NBD_CMD_READ, w.NBD_CMD_WRITE) else 0
+
+
+# A WRITE's payload of `MIN_SIZE` or more is received into a buffer of the server's pool
+# (`pvio.storage.buffers`) and given back when the command is answered: by then the
+# backend has written it or copied it (into granted pages, to another server's socket),
+# and the reply is the command's end.  A command that is never answered (the client
+# went while a backend still held its data) leaves its buffer to the garbage collector.
+def payload_buffer(pool: BufferPool | None, length: int) -> memoryview:
+    """Where a WRITE's `length`-byte payload is received."""
+    if pool is None or length < MIN_SIZE:
+        return memoryview(bytearray(length))
+    return memoryview(pool.take(length))[:length]
+
+
+def payload_done(pool: BufferPool | None, command: Command) -> None:
+    """`command` is answered: its payload's buffer goes back to `pool`."""
+    data = command.data
+    if pool is not None and command.length >= MIN_SIZE and isinstance(data, memoryview) \
+            and isinstance(data.obj, bytearray):
+        pool.give(data.obj)
 
 
 def parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | str:

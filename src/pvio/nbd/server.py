@@ -67,6 +67,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pvio.abi.fault import Fault
+from pvio.nbd import requests as rq
 from pvio.nbd import wire as w
 from pvio.nbd.events import (
     Command,
@@ -81,6 +82,7 @@ from pvio.nbd.events import (
     StartTls,
 )
 from pvio.nbd.requests import data_bytes, info_replies, parse_info_request, validate_request
+from pvio.storage.buffers import BufferPool
 from pvio.storage.lent import Lent
 
 ReplyData = bytes | bytearray | memoryview | Lent
@@ -134,7 +136,7 @@ class _Payload:
     cookie: int
     flags: int
     offset: int
-    buf: bytearray
+    buf: memoryview
     filled: int = 0
 
 
@@ -165,6 +167,8 @@ class NbdServerConnection:
     #: Asked as a client enters an export: None admits it, a message refuses it
     #: (NBD_REP_ERR_POLICY to NBD_OPT_GO; NBD_OPT_EXPORT_NAME, which cannot fail, disconnects).
     admit: Callable[[Export], str | None] | None = None
+    #: Where payloads of `MIN_SIZE` or more are received, each given back at its reply
+    buffers: BufferPool | None = None
     state: State = field(default=State.CLIENT_FLAGS, init=False)
     export: Export | None = field(default=None, init=False)
     no_zeroes: bool = field(default=False, init=False)
@@ -186,13 +190,8 @@ class NbdServerConnection:
         self._starttls_pending = False
         self._tls_active = False
         self._disc_seen = False
-        self._out.append(
-            w.NEW_HANDSHAKE.pack(
-                nbdmagic=w.NBDMAGIC,
-                version=w.IHAVEOPT,
-                gflags=w.NBD_FLAG_FIXED_NEWSTYLE | w.NBD_FLAG_NO_ZEROES,
-            )
-        )
+        self._out.append(w.NEW_HANDSHAKE.pack(
+            nbdmagic=w.NBDMAGIC, version=w.IHAVEOPT, gflags=w.NBD_FLAG_FIXED_NEWSTYLE | w.NBD_FLAG_NO_ZEROES))
 
     # --- the adapter's interface ----------------------------------------------------------
 
@@ -254,7 +253,7 @@ class NbdServerConnection:
         p = self._payload
         if p is None or self._in or not self.reading_wanted:
             return None
-        return memoryview(p.buf)[p.filled :]
+        return p.buf[p.filled :]
 
     def payload_received(self, n: int) -> list[Event]:
         """`n` bytes were read into the `payload_view()`; returns the events they complete."""
@@ -279,6 +278,7 @@ class NbdServerConnection:
         if self._in_flight.pop(command.tag, None) is None:
             raise LocalProtocolError(f"reply to {command.name} #{command.tag}: not in flight")
         self._bytes_in_flight -= data_bytes(command.type, command.length)
+        rq.payload_done(self.buffers, command)
         header = w.SIMPLE_REPLY.packer.pack(w.NBD_SIMPLE_REPLY_MAGIC, error, command.cookie)
         if command.type != w.NBD_CMD_READ or error:
             return [header]
@@ -392,11 +392,8 @@ class NbdServerConnection:
         handler(self, option, data)
 
     def _option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
-        self._out.append(
-            w.FIXED_NEW_OPTION_REPLY.pack(
-                magic=w.NBD_REP_MAGIC, option=option, reply=reply, replylen=len(data)
-            )
-        )
+        self._out.append(w.FIXED_NEW_OPTION_REPLY.pack(
+            magic=w.NBD_REP_MAGIC, option=option, reply=reply, replylen=len(data)))
         if data:
             self._out.append(data)
 
@@ -520,7 +517,7 @@ class NbdServerConnection:
             if p.filled < len(p.buf):
                 return n or None
             self._payload = None
-            self._issue(p.cookie, w.NBD_CMD_WRITE, p.flags, p.offset, len(p.buf), memoryview(p.buf))
+            self._issue(p.cookie, w.NBD_CMD_WRITE, p.flags, p.offset, len(p.buf), p.buf)
             return n
         if self._avail(pos) < w.REQUEST.size:
             return None
@@ -548,7 +545,7 @@ class NbdServerConnection:
                 # Keep in step: stream the payload past, then answer.
                 self._draining = _Draining(length, lambda: self._reject(cookie, cmd, error))
             else:
-                self._payload = _Payload(cookie, flags, offset, bytearray(length))
+                self._payload = _Payload(cookie, flags, offset, rq.payload_buffer(self.buffers, length))
             return w.REQUEST.size
         if error is not None:
             self._reject(cookie, cmd, error)

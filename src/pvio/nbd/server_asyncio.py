@@ -71,6 +71,7 @@ from pvio.nbd.replies import JOIN_LIMIT, ReplyData, release_all, send_replies
 from pvio.nbd.requests import nbd_error_for
 from pvio.nbd.server import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_BYTES, NbdServerConnection
 from pvio.storage.backend import BlockBackend, Submitting
+from pvio.storage.buffers import BufferPool
 from pvio.storage.lent import Lending, Lent
 from pvio.trace import CURRENT_FLOW, TRACE
 
@@ -118,6 +119,7 @@ class _Connection(asyncio.BufferedProtocol):
             max_in_flight_bytes=server.max_in_flight_bytes,
             tls_required=tls is not None,
             admit=self._admit,
+            buffers=server.buffers,
         )
         self.backend: BlockBackend | None = None
         self.export_name: str | None = None  # the export whose slot this connection holds
@@ -498,14 +500,12 @@ class NbdServer:
             raise ValueError("an NBD server needs at least one export")
         self.backends = dict(exports)
         descriptions = descriptions or {}
-        self.exports = {
-            name: Export(name, backend.info, descriptions.get(name, ""))
-            for name, backend in self.backends.items()
-        }
+        self.exports = {name: Export(name, b.info, descriptions.get(name, "")) for name, b in self.backends.items()}
         self.default_export = default_export if default_export is not None else next(iter(self.backends))
         if self.default_export not in self.backends:
             raise ValueError(f"default export {self.default_export!r} is not an export")
         self.max_in_flight = max_in_flight
+        self.buffers = BufferPool()  # large WRITE payloads are received into these (every connection's)
         self.max_in_flight_bytes = max_in_flight_bytes
         self.max_connections = max_connections
         self.max_connections_per_export = max_connections_per_export

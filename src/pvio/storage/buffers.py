@@ -5,11 +5,14 @@ Theory of operation
 A server that answers a 1 MiB READ with a new ``bytearray(1 << 20)`` pays for the memory
 every time: glibc hands out fresh pages for a block that size, the kernel faults them in
 one by one and Python zeroes them, before the disk's bytes overwrite the zeroes.  Served
-over NBD from a file, that allocation was most of the server's time for 1 MiB reads.
+over NBD from a file, that allocation was most of the server's time for 1 MiB reads; a
+1 MiB WRITE's payload buffer cost the same.
 
-`BufferPool` keeps the buffers of finished reads and hands them out again.  Sizes are
-rounded up to a power of two (64 KiB at least) so that reads of nearby lengths share
-buffers; a caller uses the first `length` bytes of what it gets.  The pool is bounded
+`BufferPool` keeps the buffers of finished transfers and hands them out again.  Sizes
+are rounded up to a multiple of 64 KiB, so that transfers of nearby lengths share
+buffers while no buffer is more than 64 KiB larger than what it holds (a server's bound
+on the bytes a client keeps in flight stays nearly what it says); a caller uses the
+first `length` bytes of what it gets.  The pool is bounded
 (`max_bytes` in all, nothing over `max_size` kept), so a client that reads once with
 32 MiB commands does not leave the process holding them.  A buffer is given back only
 when nothing can still write into it: the owner of a read that failed or was cancelled
@@ -30,8 +33,8 @@ MAX_BYTES = 64 << 20
 
 
 def size_class(length: int) -> int:
-    """The power of two (at least `MIN_SIZE`) a buffer for `length` bytes has."""
-    return max(MIN_SIZE, 1 << max(0, length - 1).bit_length())
+    """The size of a buffer for `length` bytes: a multiple of `MIN_SIZE`, at least one."""
+    return max(MIN_SIZE, -(-length // MIN_SIZE) * MIN_SIZE)
 
 
 class BufferPool:
@@ -59,7 +62,7 @@ class BufferPool:
     def give(self, buf: bytearray) -> None:
         """`buf` (from `take`) is no longer in use by anyone."""
         size = len(buf)
-        if size > self.max_size or size != size_class(size) or self.kept + size > self.max_bytes:
+        if size > self.max_size or size % MIN_SIZE or self.kept + size > self.max_bytes:
             return  # not ours to keep, or the pool is full: let it go
         self._free.setdefault(size, []).append(buf)
         self.kept += size

@@ -93,3 +93,30 @@ def test_a_slow_reader_gets_copies_while_the_buffers_serve_others(tmp_path: Path
         await raw.close()
 
     asyncio.run(main())
+
+
+def test_pipelined_large_writes_land_whole_through_reused_payload_buffers(tmp_path: Path) -> None:
+    path, data = image(tmp_path, 16 * MiB)
+    rng = random.Random(11)
+    sizes = [64 << 10, MiB, (200 << 10) + 3, 2 * MiB, (64 << 10) + 1, 4096, MiB]
+
+    async def main() -> None:
+        raw = RawFile(path)
+        server = NbdServer({"disk": raw})
+        sock = await server.listen_unix(tmp_path / "nbd.sock")
+        async with server, await NbdClient.connect(NbdAddress(socket_path=sock)) as client:
+            for _round in range(3):
+                # One slot each, so that the file's bytes do not depend on the order.
+                rng.shuffle(sizes)
+                slot = 2 * MiB + (64 << 10)
+                writes = [(k * slot + rng.randrange(0, 4096), os.urandom(n)) for k, n in enumerate(sizes)]
+                await asyncio.gather(*(client.write(o, b) for o, b in writes))
+                for o, b in writes:
+                    data[o : o + len(b)] = b
+                got = await asyncio.gather(*(client.read(o, len(b)) for o, b in writes))
+                assert got == [b for _, b in writes]
+        assert path.read_bytes() == bytes(data)
+        assert server.buffers.reused > 0, vars(server.buffers)
+        await raw.close()
+
+    asyncio.run(main())
