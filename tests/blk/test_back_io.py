@@ -9,7 +9,7 @@ from typing import Any, cast
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pvio.blk.back_io import in_parts
+from pvio.blk.back_io import MAP_PIECE_PAGES, in_parts
 from pvio.blk.request import DiskIO
 
 
@@ -35,4 +35,11 @@ def test_parts_keep_every_request_in_order_within_the_limit(sizes: list[int], pa
 def test_a_batch_of_small_requests_is_one_part() -> None:
     group: list[Any] = [_IO(1) for _ in range(32)]
     assert in_parts(group, 128) == [group]
+    assert in_parts(group, 32) == [group]  # the map transport's parts: 4 KiB at QD32 stays whole
     assert in_parts([], 128) == []
+
+
+def test_the_map_transports_parts_split_large_requests_and_zero_means_whole() -> None:
+    reads_64k: list[Any] = [_IO(16) for _ in range(8)]
+    assert [len(p) for p in in_parts(reads_64k, MAP_PIECE_PAGES)] == [2, 2, 2, 2]
+    assert in_parts(reads_64k, 0) == [reads_64k] and in_parts([], 0) == []

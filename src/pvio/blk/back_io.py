@@ -24,6 +24,8 @@ log = logging.getLogger("pvio.blk.backend")
 #: copy transport: a batch of large requests is worked in parts of about this many pages,
 #: each answered when its own data has moved (`in_parts`)
 PIECE_PAGES = int(os.environ.get("PVIO_BLK_PIECE_PAGES", "128"))
+#: map transport: the same, in smaller parts (`PVIO_BLK_MAP_PIECE_PAGES`; 0: whole batches)
+MAP_PIECE_PAGES = int(os.environ.get("PVIO_BLK_MAP_PIECE_PAGES", "32"))
 
 #: `RawFile.transfer_now(offset, buffers, write)`: True when done, False when it would block.
 TransferNow = Callable[[int, Sequence[memoryview], bool], bool]
@@ -43,10 +45,16 @@ class Work:
 def in_parts(group: list[DiskIO], pages: int) -> list[list[DiskIO]]:
     """`group` cut, in order, into parts of at most `pages` pages (a larger request alone).
 
-    The copy transport works a batch part by part, each answered when its data has moved:
-    while the hypervisor copies one part, blkback reads the next from the disk and the
-    frontend already has the first answers.  (With the map transport there is no third
-    process to overlap with, and a batch is worked whole.)"""
+    A batch is worked part by part, each answered (and the frontend kicked, if it asked)
+    when its data has moved, so the frontend already sends the first answers on while
+    blkback reads the rest: the two processes overlap instead of taking turns with the
+    whole batch.  In the copy transport the hypervisor copies one part meanwhile, too.
+    Parts of 32 pages (two 64 KiB requests, one of the 128 KiB requests a 1 MiB read
+    becomes) for the map transport with persistent grants, where a part needs no map of
+    its own; a batch of 4 KiB requests at queue depth 32 is still one part.  `pages` 0:
+    the whole group."""
+    if pages <= 0:
+        return [group] if group else []
     parts: list[list[DiskIO]] = []
     size = 0
     for io in group:

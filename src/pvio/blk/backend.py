@@ -49,10 +49,9 @@ fetched together — one map (or copy) — and their segments parsed from the co
 other.  In the copy transport bounce pages are bounded (`bounce_pages`): a batch whose
 segments need more is moved in pieces that fit.
 
-Alternatives rejected: mapping per request (a round trip each: the batch is the unit);
-a response per request pushed at once (the point of io/ring.h is batching).  Persistent
-grants are honoured in the map transport (a frontend's persistent grants stay mapped, up
-to `persistent_limit`).
+Alternatives rejected: mapping per request (a round trip each: the batch is the unit); a
+response per request pushed at once (io/ring.h is batching; large requests are answered in
+parts, `in_parts`).  Persistent grants stay mapped, up to `persistent_limit`.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ from typing import Any
 from pvio.abi import grant_table as gt
 from pvio.abi.blkif import BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, SECTOR_SIZE, BlkifABI
 from pvio.blk.back_grants import BackGrants
-from pvio.blk.back_io import PIECE_PAGES, Work, disk_io, disk_io_now, in_parts
+from pvio.blk.back_io import MAP_PIECE_PAGES, PIECE_PAGES, Work, disk_io, disk_io_now, in_parts
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
 from pvio.blk.polling import POLL_WINDOW_US, poll_for
@@ -145,9 +144,8 @@ class BlkbackRing:
         self.abi: BlkifABI | None = None
         self.port = -1
         #: feature-persistent: keep data mappings (map transport only), up to the limit
-        self.grants = BackGrants(
-            domain, frontend_domid, persistent=persistent, limit=persistent_limit, on_op=self._count_op
-        )
+        self.grants = BackGrants(domain, frontend_domid, persistent=persistent, limit=persistent_limit,
+                                 on_op=self._count_op)
         self.persistent = self.grants.persistent
         self.pgrant_timeout = pgrant_timeout
         self._purge_timer: asyncio.TimerHandle | None = None
@@ -330,7 +328,8 @@ class BlkbackRing:
 
     def _start(self, group: list[DiskIO]) -> None:
         self._in_flight += len(group)
-        for part in in_parts(group, PIECE_PAGES) if self.domain.transport == "copy" else [group]:
+        copy = self.domain.transport == "copy"  # mapped: parts only where they cost no map each
+        for part in in_parts(group, PIECE_PAGES if copy else MAP_PIECE_PAGES if self.persistent else 0):
             self._start_task(self._run_group(part))
 
     async def _drain(self) -> None:
@@ -353,18 +352,19 @@ class BlkbackRing:
             self._in_flight -= len(group)
             self._wake.set()
 
-    # T:660 Moving the data: one map for the batch, then the disk
-    # Every segment of every data request in the batch is mapped by ONE
-    # GNTTABOP_map_grant_ref: read-only where the request is a WRITE, writable where it is
-    # a READ (so a READ into a page the guest granted read-only fails at the map, as in
-    # Linux).  Each mapping's status is checked against its own request: a bad grant fails
-    # that request with BLKIF_RSP_ERROR before any byte moves.  The surviving requests'
-    # segments become memoryviews onto the guest's pages — byte `first_sect*512` to
-    # `(last_sect+1)*512` of each — and go to preadv/pwritev: at once on the loop when
-    # the transfer cannot block (RWF_NOWAIT: the page cache has it), otherwise in the
-    # thread pool, all requests of the batch at once.  Then ONE unmap.  In the copy transport the same
-    # shape uses GNTTABOP_copy batches and local bounce pages instead of maps, a batch of
-    # large requests in parts (`in_parts`), so the hypervisor copies one while blkback reads the next.
+    # T:660 Moving the data: one map for a part of the batch, then the disk
+    # A batch of large requests is worked in parts of a few dozen pages (`in_parts`; mapped,
+    # with persistent grants only), each answered when its data has moved, so the frontend
+    # sends the first answers on while blkback reads the rest.  Every segment of every data request in a part is mapped by ONE
+    # GNTTABOP_map_grant_ref: read-only where the request is a WRITE, writable where it is a READ
+    # (so a READ into a page the guest granted read-only fails at the map, as in Linux).  Each
+    # mapping's status is checked against its own request: a bad grant fails that request with
+    # BLKIF_RSP_ERROR before any byte moves.  The surviving requests' segments become memoryviews
+    # onto the guest's pages — byte `first_sect*512` to `(last_sect+1)*512` of each — and go to
+    # preadv/pwritev: at once on the loop when the transfer cannot block (RWF_NOWAIT: the page
+    # cache has it), otherwise in the thread pool, all requests of the part at once.  Then ONE
+    # unmap.  In the copy transport the same shape uses GNTTABOP_copy batches and local bounce
+    # pages instead of maps, and the hypervisor copies one part while blkback reads the next.
     # :T
     async def _do_data(self, works: list[Work]) -> None:
         data = [w for w in works if w.io.segments]
