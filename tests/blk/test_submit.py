@@ -177,3 +177,28 @@ async def test_without_persistent_grants_submit_grants_pages_of_its_own(tmp_path
         assert not p.front.grants.pool
         # The grants end with the response: the references come back.
         assert p.front.domain.gnttab.free_count == free
+
+
+@asynctest
+async def test_reads_put_in_one_turn_are_pushed_every_32_pages_writes_at_the_turns_end(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, os.urandom(MiB))  # grows the pool for what follows
+        q = p.front.queues[0]
+        pushes = p.front.stats.pushes
+        reads = [Done() for _ in range(8)]
+        for k, done in enumerate(reads):  # eight 64 KiB reads (16 pages each) in this turn
+            assert p.front.submit_read(k * 65536, 65536, done)
+        assert p.front.stats.pushes == pushes + 4 and q.read_pages == 0  # one push per two
+        for done in reads:
+            await done.wait()
+            assert done.exc is None
+        assert b"".join(d.data for d in reads) == img.read_bytes()[: 8 * 65536]
+        pushes = p.front.stats.pushes
+        writes = [Done() for _ in range(4)]
+        for k, done in enumerate(writes):
+            assert p.front.submit_write(k * 65536, bytes(65536), done)
+        assert p.front.stats.pushes == pushes and q.push_scheduled  # the writes wait for the turn's end
+        for done in writes:
+            await done.wait()
+        assert p.front.stats.pushes == pushes + 1

@@ -10,12 +10,21 @@ port; `put` writes a request into a free slot and `push` publishes what was put
 (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, a kick only when the backend asked);
 `responses` drains what the backend answered, with the final check; `teardown` gives
 the ring up.  What a request means — its pages, its caller — is `pvio.blk.frontend`'s.
+
+Requests are pushed once per turn of the event loop, after everything the turn put —
+except READs: once those put since the last push reach `EARLY_PUSH_READ_PAGES` pages
+(`put_read_pages`), they are pushed at once, so that blkback starts reading them while
+the guest parses and puts the rest (eight 64 KiB READs from one socket read: four
+pushes, not one).  Through `pvio up`, 64 KiB reads at QD8 gained 14–70% that way; the
+same for 1 MiB writes lost 3–30% (the guest's copying competes with a woken blkback),
+so writes wait for the turn's end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -54,6 +63,11 @@ class RequestIds(asyncio.Semaphore):
         return 0 if self.locked() else self._value
 
 
+#: READ pages put since the last push at which they are pushed at once (0: never early);
+#: ``PVIO_BLK_EARLY_PUSH_PAGES`` sets it, for measurements
+EARLY_PUSH_READ_PAGES = int(os.environ.get("PVIO_BLK_EARLY_PUSH_PAGES", "32"))
+
+
 class FrontQueue:
     """One ring of a blkfront (see the module notes)."""
 
@@ -66,6 +80,12 @@ class FrontQueue:
         self.port = -1
         self.ring_refs: list[int] = []
         self.push_scheduled = False
+        self.read_pages = 0  # pages of the READs put since the last push
+
+    def put_read_pages(self, pages: int) -> bool:
+        """`pages` of READs were put: True when they are to be pushed at once."""
+        self.read_pages += pages
+        return 0 < EARLY_PUSH_READ_PAGES <= self.read_pages
 
     async def setup(
         self, domain: Domain, backend_domid: int, abi: BlkifABI, order: int, on_event: Callable[[int], None]
@@ -99,6 +119,7 @@ class FrontQueue:
     def push(self, domain: Domain) -> bool:
         """Publish what was put; True when the backend was kicked (raises RingBroken)."""
         self.push_scheduled = False
+        self.read_pages = 0
         ring = self.ring
         if ring is None:
             return False

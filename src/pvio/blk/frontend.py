@@ -200,9 +200,8 @@ class BlkFront(FrontBlockIO):
         if n > 1:
             keys["multi-queue-num-queues"] = str(n)
         for q in self.queues:
-            mine = await q.setup(
-                self.domain, self.backend_domid, self.abi, self.ring_order, functools.partial(self._on_event, q)
-            )
+            mine = await q.setup(self.domain, self.backend_domid, self.abi, self.ring_order,
+                                 functools.partial(self._on_event, q))
             keys.update((f"queue-{q.index}/{k}" if n > 1 else k, v) for k, v in mine.items())
         return keys
 
@@ -304,7 +303,7 @@ class BlkFront(FrontBlockIO):
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         t0 = time.monotonic_ns() if TRACE.on else 0
-        self._put(q, shadow)
+        self._put(q, shadow, npages if operation == BLKIF_OP_READ else 0)
         status = await fut
         if TRACE.on and t0:  # the request's hop in this domain; blkback names it alike
             flow = flow_id(self.domain.domid, q.ring_refs[0] if q.ring_refs else 0, shadow.id, sector)
@@ -349,10 +348,8 @@ class BlkFront(FrontBlockIO):
                 lambda i: build_indirect(self.abi, operation, i, sector, npages, ind, self.handle),
                 tuple(grefs), pending,
             )
-        return q.shadows.alloc(
-            operation, sector, lambda i: build_request(self.abi, operation, i, sector, segs, self.handle),
-            tuple(grefs), pending,
-        )
+        return q.shadows.alloc(operation, sector, lambda i: build_request(
+            self.abi, operation, i, sector, segs, self.handle), tuple(grefs), pending)
 
     # T:635 The short way: a request put in the caller's own turn of the loop
     # An NBD READ or WRITE that fits one request (an INDIRECT one too: 64 KiB is 16
@@ -398,7 +395,7 @@ class BlkFront(FrontBlockIO):
         pending = Pending(None, frames[:npages], nbytes, read_into, pooled, want_bytes, lend, done=done)
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
-        self._put(q, shadow)
+        self._put(q, shadow, npages if operation == BLKIF_OP_READ else 0)
         return True
 
     async def _wait_running(self) -> None:
@@ -427,7 +424,7 @@ class BlkFront(FrontBlockIO):
     def _grant_wait(self) -> None:
         self.stats.grant_waits += 1
 
-    def _put(self, q: FrontQueue, shadow: Shadow) -> None:
+    def _put(self, q: FrontQueue, shadow: Shadow, read_pages: int) -> None:
         ring = q.ring
         assert ring is not None
         try:
@@ -435,7 +432,9 @@ class BlkFront(FrontBlockIO):
         except RingBroken as e:
             self._break(str(e))
             return
-        if not q.push_scheduled:
+        if q.put_read_pages(read_pages):  # enough READs for blkback to start on (front_queue)
+            self._push(q)
+        elif not q.push_scheduled:
             q.push_scheduled = True
             asyncio.get_running_loop().call_soon(self._push, q)
 
