@@ -4,8 +4,10 @@ never showing a former read's bytes, safe while a slow client leaves replies que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nbd.helpers import client_flags, go_data, option, request
@@ -25,6 +27,17 @@ def image(tmp_path: Path, size: int) -> tuple[Path, bytearray]:
     return path, data
 
 
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, path: Path) -> AsyncIterator[tuple[RawFile, NbdServer, NbdClient]]:
+    """`path` served by a raw file over NBD on a UNIX socket, and a client of it."""
+    raw = RawFile(path)
+    server = NbdServer({"disk": raw})
+    sock = await server.listen_unix(tmp_path / "nbd.sock")
+    async with server, await NbdClient.connect(NbdAddress(socket_path=sock)) as client:
+        yield raw, server, client
+    await raw.close()
+
+
 async def until(condition: object, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():  # type: ignore[operator]
@@ -38,10 +51,7 @@ def test_large_reads_come_from_reused_buffers_and_are_always_fresh(tmp_path: Pat
     sizes = [64 << 10, MiB, (200 << 10) + 3, 3 * MiB, (64 << 10) + 1, 4096]
 
     async def main() -> None:
-        raw = RawFile(path)
-        server = NbdServer({"disk": raw})
-        sock = await server.listen_unix(tmp_path / "nbd.sock")
-        async with server, await NbdClient.connect(NbdAddress(socket_path=sock)) as client:
+        async with served(tmp_path, path) as (raw, server, client):
             for _round in range(4):
                 reads = [(rng.randrange(0, 16 * MiB - n), n) for n in sizes * 3]
                 got = await asyncio.gather(*(client.read(o, n) for o, n in reads))
@@ -53,7 +63,6 @@ def test_large_reads_come_from_reused_buffers_and_are_always_fresh(tmp_path: Pat
                 data[o : o + MiB] = fresh
             assert server.stats["reads_lent"] >= 4 * 5 * 3  # every read of 64 KiB or more
         assert raw.buffers.reused > 0 and raw.buffers.allocated < 4 * 5 * 3, vars(raw.buffers)
-        await raw.close()
 
     asyncio.run(main())
 
@@ -101,10 +110,7 @@ def test_pipelined_large_writes_land_whole_through_reused_payload_buffers(tmp_pa
     sizes = [64 << 10, MiB, (200 << 10) + 3, 2 * MiB, (64 << 10) + 1, 4096, MiB]
 
     async def main() -> None:
-        raw = RawFile(path)
-        server = NbdServer({"disk": raw})
-        sock = await server.listen_unix(tmp_path / "nbd.sock")
-        async with server, await NbdClient.connect(NbdAddress(socket_path=sock)) as client:
+        async with served(tmp_path, path) as (_raw, server, client):
             for _round in range(3):
                 # One slot each, so that the file's bytes do not depend on the order.
                 rng.shuffle(sizes)
@@ -115,8 +121,7 @@ def test_pipelined_large_writes_land_whole_through_reused_payload_buffers(tmp_pa
                     data[o : o + len(b)] = b
                 got = await asyncio.gather(*(client.read(o, len(b)) for o, b in writes))
                 assert got == [b for _, b in writes]
+            assert server.buffers.reused > 0, vars(server.buffers)
         assert path.read_bytes() == bytes(data)
-        assert server.buffers.reused > 0, vars(server.buffers)
-        await raw.close()
 
     asyncio.run(main())
