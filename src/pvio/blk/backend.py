@@ -353,18 +353,18 @@ class BlkbackRing:
             self._wake.set()
 
     # T:660 Moving the data: one map for a part of the batch, then the disk
-    # A batch of large requests is worked in parts of a few dozen pages (`in_parts`; mapped,
-    # with persistent grants only), each answered when its data has moved, so the frontend
-    # sends the first answers on while blkback reads the rest.  Every segment of every data request in a part is mapped by ONE
-    # GNTTABOP_map_grant_ref: read-only where the request is a WRITE, writable where it is a READ
-    # (so a READ into a page the guest granted read-only fails at the map, as in Linux).  Each
-    # mapping's status is checked against its own request: a bad grant fails that request with
-    # BLKIF_RSP_ERROR before any byte moves.  The surviving requests' segments become memoryviews
-    # onto the guest's pages — byte `first_sect*512` to `(last_sect+1)*512` of each — and go to
-    # preadv/pwritev: at once on the loop when the transfer cannot block (RWF_NOWAIT: the page
-    # cache has it), otherwise in the thread pool, all requests of the part at once.  Then ONE
-    # unmap.  In the copy transport the same shape uses GNTTABOP_copy batches and local bounce
-    # pages instead of maps, and the hypervisor copies one part while blkback reads the next.
+    # A batch of large requests is worked in parts of a few dozen pages (`in_parts`; mapped, with
+    # persistent grants only), each answered when its data has moved, so the frontend sends the
+    # first answers on while blkback reads the rest.  Every segment of every data request in a part
+    # is mapped by ONE GNTTABOP_map_grant_ref: read-only where the request is a WRITE, writable
+    # where it is a READ (so a READ into a page the guest granted read-only fails at the map, as in
+    # Linux).  Each mapping's status is checked against its own request: a bad grant fails that
+    # request with BLKIF_RSP_ERROR before any byte moves.  The surviving requests' segments become
+    # memoryviews onto the guest's pages — byte `first_sect*512` to `(last_sect+1)*512` of each —
+    # and go to preadv/pwritev: at once on the loop when the transfer cannot block (RWF_NOWAIT: the
+    # page cache has it), otherwise in the thread pool, all requests of the part at once.  Then ONE
+    # unmap.  In the copy transport the same shape uses GNTTABOP_copy batches and local bounce pages
+    # instead of maps, and the hypervisor copies one part while blkback reads the next.
     # :T
     async def _do_data(self, works: list[Work]) -> None:
         data = [w for w in works if w.io.segments]

@@ -1,4 +1,4 @@
-"""Read buffers used again: a large READ's bytes without a fresh allocation each time.
+"""Large buffers used again: a READ's bytes or a WRITE's payload without a fresh allocation.
 
 Theory of operation
 -------------------
@@ -12,19 +12,20 @@ over NBD from a file, that allocation was most of the server's time for 1 MiB re
 are rounded up to a multiple of 64 KiB, so that transfers of nearby lengths share
 buffers while no buffer is more than 64 KiB larger than what it holds (a server's bound
 on the bytes a client keeps in flight stays nearly what it says); a caller uses the
-first `length` bytes of what it gets.  The pool is bounded
-(`max_bytes` in all, nothing over `max_size` kept), so a client that reads once with
-32 MiB commands does not leave the process holding them.  A buffer is given back only
-when nothing can still write into it: the owner of a read that failed or was cancelled
-(a worker thread may be finishing it) drops the buffer instead.
+first `length` bytes of what it gets.  The pool is bounded (`max_bytes` in all, nothing
+over `max_size` kept), so a client that reads once with 32 MiB commands does not leave
+the process holding them.  A buffer is given back only when nothing can still use it:
+the owner of a read that failed or was cancelled (a worker thread may be finishing it)
+drops the buffer instead.
 
-The bytes a buffer held before are never sent: a read fills its whole length or fails.
+The bytes a buffer held before are never sent or written: a read fills its whole length
+or fails, and a payload is used only once all of it has arrived.
 The pool belongs to one event loop and is not thread-safe.
 """
 
 from __future__ import annotations
 
-#: The smallest size class: smaller reads are cheap to allocate
+#: The smallest size class: smaller transfers are cheap to allocate
 MIN_SIZE = 64 << 10
 #: Larger buffers are not kept
 MAX_SIZE = 8 << 20
