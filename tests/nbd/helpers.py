@@ -13,6 +13,14 @@ from pvio.nbd.server_asyncio import NbdServer
 from pvio.storage.backend import BlockBackend
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `condition` to hold, checking every millisecond, at most `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
 def option(opt: int, data: bytes = b"") -> bytes:
     return w.NEW_OPTION.pack(version=w.IHAVEOPT, option=opt, optlen=len(data)) + data
 

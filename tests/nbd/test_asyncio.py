@@ -6,13 +6,13 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from nbd.helpers import client_flags, go_data, option, request
+from nbd.helpers import client_flags, go_data, option, request, until
 from pvio.nbd import wire as w
 from pvio.nbd.address import NbdAddress
 from pvio.nbd.client import ClientRequestError
@@ -76,13 +76,6 @@ async def serve(tmp_path: Path, exports: dict[str, BlockBackend], **kw: Any) -> 
     return server, path
 
 
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for `condition` to hold, checking every millisecond, at most `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
 
 def test_pipelined_out_of_order_round_trip(tmp_path: Path) -> None:
     slow = SlowBackend(MemoryBackend(1 << 20))

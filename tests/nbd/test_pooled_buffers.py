@@ -10,7 +10,7 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from nbd.helpers import client_flags, go_data, option, request
+from nbd.helpers import client_flags, go_data, option, request, until
 from pvio.nbd import wire as w
 from pvio.nbd.address import NbdAddress
 from pvio.nbd.client_asyncio import NbdClient
@@ -36,13 +36,6 @@ async def served(tmp_path: Path, path: Path) -> AsyncIterator[tuple[RawFile, Nbd
     async with server, await NbdClient.connect(NbdAddress(socket_path=sock)) as client:
         yield raw, server, client
     await raw.close()
-
-
-async def until(condition: object, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
 
 
 def test_large_reads_come_from_reused_buffers_and_are_always_fresh(tmp_path: Path) -> None:
