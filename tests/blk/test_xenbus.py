@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from blk.pair import asynctest, make_image
 from pvio.abi.xenbus import XenbusState as S
@@ -151,6 +152,32 @@ async def test_suspend_resume_reissues_in_flight(tmp_path: Path) -> None:
         assert d.driver.connections == 2
         got = await asyncio.gather(*(d.front.read(i * 4096, 4096) for i in range(64)))
         assert got == blocks
+        await detach_disk(d)
+
+
+@asynctest
+async def test_a_late_watch_event_leaves_a_connected_vbd_alone(tmp_path: Path) -> None:
+    """blkback Connected that reads a late Initialised of a frontend Connected by now
+    (a restarted driver domain met this) keeps its ring: the frontend will not
+    publish again, so dropping it would leave the disk dead."""
+    img = make_image(tmp_path / "d.img", 1 << 20)
+    async with world(tmp_path, img) as w:
+        d = await attach(w)
+        end = w.service.devices[BE].end
+        rings = list(w.service.devices[BE].driver.rings)
+        assert rings and await w.read(f"{FE}/state") == "4"
+        real = end.dev.otherend_state
+        stale = [S.Initialised]
+
+        async def late_read(*args: Any) -> S:
+            return stale.pop() if stale else await real(*args)
+
+        end.dev.otherend_state = late_read  # type: ignore[method-assign]
+        await end.kick()
+        assert not stale  # the stale state was read
+        assert w.service.devices[BE].driver.rings == rings
+        await asyncio.wait_for(d.front.write(0, b"w" * 4096), 10)
+        assert await asyncio.wait_for(d.front.read(0, 4096), 10) == b"w" * 4096
         await detach_disk(d)
 
 

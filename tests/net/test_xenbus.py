@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from blk.pair import asynctest
 from net.pair import wait_for
@@ -25,6 +26,7 @@ from pvio.net.slots import FrameParts, TxFrame
 from pvio.net.xenbus_backend import NetbackService, VifConfig
 from pvio.net.xenbus_frontend import GuestVif, attach_vif, detach_vif
 from pvio.toolstack import vifspec, xslayout
+from pvio.xenbus import XenbusState
 from pvio.xenstore.client import AsyncClient
 from pvio.xenstore.daemon import XenStoreDaemon, attach_domain
 
@@ -212,6 +214,35 @@ async def test_netfront_recovers_when_netback_restarts(tmp_path: Path) -> None:
         await wait_for(lambda: got2 == [frame])
         await detach_vif(v1)
         await detach_vif(v2)
+
+
+@asynctest
+async def test_a_late_watch_event_leaves_a_connected_vif_alone(tmp_path: Path) -> None:
+    """netback's watch fires once for the frontend's Initialised and once for its
+    Connected; when the first event is read late, netback sees (Connected,
+    Initialised) although the frontend is Connected by then (a restarted driver domain
+    met this).  It must keep its rings: the frontend will not publish again."""
+    async with world(tmp_path) as w:
+        got1: list[bytes] = []
+        got2: list[bytes] = []
+        v1 = await attach(w, 1, got1)
+        await attach(w, 2, got2)
+        end = w.service.devices[BE1].end
+        queues = w.service.devices[BE1].driver.queues
+        assert queues and await w.read(f"{FE1}/state") == str(int(XenbusState.Connected))
+        real = end.dev.otherend_state
+        stale = [XenbusState.Initialised]
+
+        async def late_read(*args: Any) -> XenbusState:
+            return stale.pop() if stale else await real(*args)
+
+        end.dev.otherend_state = late_read  # type: ignore[method-assign]
+        await end.kick()
+        assert not stale  # the stale state was read
+        assert w.service.devices[BE1].driver.queues == queues and queues[0].connected
+        frame = os.urandom(3000)
+        assert v1.front.send(frame)
+        await wait_for(lambda: got2 == [frame])
 
 
 @asynctest
