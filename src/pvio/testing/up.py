@@ -72,12 +72,13 @@ class UpProcess:
         return lines[-1].strip() if lines else "(no output)"
 
     def output(self) -> str:
-        """pvio up's output and the last lines of each domain's log."""
+        """pvio up's output and the last lines of each domain's log and console (where a
+        guest's own log messages go)."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         if self.paths.logs.exists():
-            for log in sorted(self.paths.logs.glob("*.log")):
+            for log in sorted([*self.paths.logs.glob("*.log"), *self.paths.logs.glob("consoles/*.log")]):
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-                text += f"\n--- {log.name} (last lines)\n{tail}"
+                text += f"\n--- {log.relative_to(self.paths.logs)} (last lines)\n{tail}"
         return text
 
     def refresh(self) -> dict[str, Any]:
