@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from blk.pair import asynctest, blk_pair, make_image
-from pvio.blk.polling import PollWindow, poll_for
+from pvio.blk.polling import POLL_WINDOW_US, PollWindow, poll_for
 
 MiB = 1 << 20
 
@@ -34,6 +34,18 @@ async def test_a_queue_depth_of_one_needs_no_kicks_while_both_ends_poll(tmp_path
         unpolled = (p.front.stats.notify_sent - front, p.back.stats.notify_sent - back)
         assert unpolled[0] >= 15 and unpolled[1] >= 15, unpolled
         assert polled[0] <= 2 and polled[1] <= 2, polled
+
+
+@asynctest
+async def test_blkback_polls_in_the_map_transport_only(tmp_path: Path) -> None:
+    """In the copy transport every batch waits on the hypervisor, a third process: a
+    window there would spin away the CPU that process needs."""
+    img = make_image(tmp_path / "d.img", 1 * MiB, fill=True)
+    assert POLL_WINDOW_US > 0
+    for transport, window in (("map", POLL_WINDOW_US), ("copy", 0)):
+        async with blk_pair(img, transport=transport) as p:
+            assert p.back.poll_window_us == window, transport
+            assert len(await p.front.read(0, 4096)) == 4096
 
 
 def test_a_window_ends_with_the_final_check_and_starts_only_when_busy() -> None:

@@ -118,7 +118,7 @@ class BlkbackRing:
         persistent_limit: int = MAX_PGRANTS,
         max_indirect_segments: int = 0,
         sector_size: int = SECTOR_SIZE,
-        poll_window_us: int = POLL_WINDOW_US,
+        poll_window_us: int | None = None,  # None: POLL_WINDOW_US, 0 in the copy transport
         bounce_pages: int = DEFAULT_BOUNCE_PAGES,
         pgrant_timeout: float = PGRANT_TIMEOUT,
     ) -> None:
@@ -128,7 +128,7 @@ class BlkbackRing:
         self._ring_ref = 0
         self.disk = disk
         self.max_in_flight = max_in_flight
-        self.poll_window_us = poll_window_us
+        self.poll_window_us = (0 if domain.transport == "copy" else POLL_WINDOW_US) if poll_window_us is None else poll_window_us
         self.info = DiskInfo(
             sectors=disk.info.size // sector_size * sector_size // SECTOR_SIZE,
             read_only=disk.info.read_only,

@@ -15,7 +15,9 @@ chain), so the process serves its other work (sockets, other rings) while it pol
 truly idle device costs at most one window of CPU after its last request.
 
 `poll_for` is blkback's (a coroutine in its ring loop); `PollWindow` is blkfront's (the
-response handler is a callback).  `POLL_WINDOW_US` = 0 turns both off; the environment
+response handler is a callback).  blkback in the copy transport does not poll: there
+every batch waits on GNTTABOP_copy in a third process, the hypervisor, and the CPU a
+window spins away on two cores is the CPU that process needs.  `POLL_WINDOW_US` = 0 turns both off; the environment
 variable ``PVIO_BLK_POLL_US`` sets it for the domain processes (for measurements).
 """
 
@@ -48,7 +50,8 @@ async def poll_for(ready: Callable[[], bool], window_us: int = POLL_WINDOW_US) -
 # T:685 Looking before sleeping
 # An end with nothing to do would arm its event (the final check) and sleep; a kick that
 # wakes it is the dearest thing a request does on a busy machine.  So blkback keeps
-# looking at its ring for a short window first (`poll_for`), and blkfront, while a few
+# looking at its ring for a short window first (`poll_for`; not in the copy transport,
+# whose hypervisor needs that CPU), and blkfront, while a few
 # requests are in flight, keeps looking for their responses (`PollWindow`): what comes
 # meanwhile is taken with no kick, since the other end sees a stale event index.  Only
 # a window that ends empty arms the event; blkfront never leaves requests in flight with
