@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from blk.pair import asynctest, blk_pair, make_image
-from pvio.blk.polling import POLL_WINDOW_US, PollWindow, poll_for
+from pvio.blk.polling import POLL_MISSES_TO_REST, POLL_REST, POLL_WINDOW_US, PollWindow, poll_for
 
 MiB = 1 << 20
 
@@ -76,5 +76,38 @@ def test_a_window_ends_with_the_final_check_and_starts_only_when_busy() -> None:
         assert await poll_for(lambda: True, 1000)
         assert not await poll_for(lambda: False, 1000)
         assert not await poll_for(lambda: True, 0)
+
+    asyncio.run(main())
+
+
+def test_windows_that_keep_finding_nothing_rest_then_look_again() -> None:
+    """Responses slower than a window (the copy transport): after POLL_MISSES_TO_REST
+    empty windows the next POLL_REST starts open none, then one looks again; a window
+    that finds something starts the count over."""
+    async def main() -> None:
+        arrivals: list[bool] = []  # what each look finds (nothing, once the list is empty)
+        armed = asyncio.Event()
+        w = PollWindow(lambda: arrivals.pop(0) if arrivals else False, lambda: 1, armed.set,
+                       window_us=300, max_depth=4)
+
+        async def window() -> bool:
+            """One start: True if a window opened (and ran to its end, arming)."""
+            armed.clear()
+            w.start()
+            if not w.active:
+                return False
+            await asyncio.wait_for(armed.wait(), 5)
+            return True
+
+        for _ in range(POLL_MISSES_TO_REST - 1):
+            assert await window()
+        arrivals[:] = [True]  # this window finds a response: the count starts over
+        assert await window()
+        for _ in range(POLL_MISSES_TO_REST):
+            assert await window()
+        assert w.rests == 0
+        assert [await window() for _ in range(POLL_REST)] == [False] * POLL_REST
+        assert w.rests == POLL_REST
+        assert await window()  # looks again
 
     asyncio.run(main())

@@ -12,7 +12,9 @@ what arrives meanwhile is taken without a kick -- the other end sees the stale e
 index and does not send one -- and only a window that ends empty arms the event and
 sleeps.  Every look goes through the event loop (`asyncio.sleep(0)` or a `call_soon`
 chain), so the process serves its other work (sockets, other rings) while it polls; a
-truly idle device costs at most one window of CPU after its last request.
+truly idle device costs at most one window of CPU after its last request.  blkfront's
+window rests when its windows keep ending empty (responses slower than a window: it
+then sleeps on its event at once for a while, and looks again later).
 
 `poll_for` is blkback's (a coroutine in its ring loop); `PollWindow` is blkfront's (the
 response handler is a callback).  blkback in the copy transport does not poll: there
@@ -33,6 +35,12 @@ from collections.abc import Callable
 POLL_MAX_IN_FLIGHT = int(os.environ.get("PVIO_BLK_POLL_DEPTH", "4"))
 #: Microseconds an end keeps looking at its ring before it arms the event and sleeps
 POLL_WINDOW_US = int(os.environ.get("PVIO_BLK_POLL_US", "200"))
+#: blkfront's windows that ended with nothing found, one after another, before it rests:
+#: the responses come later than a window (the copy transport, a disk that seeks), so
+#: looking only spins away CPU the other processes need ...
+POLL_MISSES_TO_REST = 4
+#: ... and the windows it then skips (arming the event at once) before it looks again
+POLL_REST = 32
 
 
 async def poll_for(ready: Callable[[], bool], window_us: int = POLL_WINDOW_US) -> bool:
@@ -62,7 +70,10 @@ class PollWindow:
     calls `take()` (consume responses without arming; True if it found any) once per turn
     of the loop until `window_us` pass with nothing found, then `done()` (consume and arm
     the event: the final check).  With nothing in flight it just stops, unarmed: no
-    response can come, and the next request pushed starts a window again."""
+    response can come, and the next request pushed starts a window again.  After
+    `POLL_MISSES_TO_REST` windows in a row that found nothing, the next `POLL_REST`
+    starts open none (`rests` counts them): where responses take longer than a window,
+    blkfront sleeps on its event as it would with no window at all."""
 
     def __init__(self, take: Callable[[], bool], outstanding: Callable[[], int], done: Callable[[], None],
                  window_us: int = POLL_WINDOW_US, max_depth: int = POLL_MAX_IN_FLIGHT) -> None:
@@ -71,10 +82,19 @@ class PollWindow:
         self.max_depth = max_depth
         self.active = False
         self.polls = 0  # looks taken
+        self.rests = 0  # windows not opened: the earlier ones kept finding nothing
+        self._misses = 0  # windows in a row that ended with nothing found
+        self._rest = 0  # starts still to skip
+        self._found = False  # the open window has found a response
 
     def start(self) -> None:
         if self.window_ns > 0 and not self.active and 0 < self.outstanding() <= self.max_depth:
+            if self._rest:
+                self._rest -= 1
+                self.rests += 1
+                return
             self.active = True
+            self._found = False
             asyncio.get_running_loop().call_soon(self._tick, time.monotonic_ns() + self.window_ns)
 
     def _tick(self, deadline: int) -> None:
@@ -82,10 +102,17 @@ class PollWindow:
         now = time.monotonic_ns()
         if self.take():
             deadline = now + self.window_ns
+            self._found = True
         n = self.outstanding()
         if n and n <= self.max_depth and now < deadline:
             asyncio.get_running_loop().call_soon(self._tick, deadline)
             return
         self.active = False
+        if self._found or not n:
+            self._misses = 0
+        else:
+            self._misses += 1
+            if self._misses >= POLL_MISSES_TO_REST:
+                self._misses, self._rest = 0, POLL_REST
         if n:
             self.done()
