@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ParamSpec
 
 from pvio.abi.blkif import ABI_NATIVE, BlkifABI, abi_for_protocol
+from pvio.abi.xenbus import XenbusState
 from pvio.blk.backend import MAX_INDIRECT_SEGMENTS, BlkbackRing
 from pvio.blk.frontend import DEFAULT_INDIRECT_SEGMENTS, BlkFront
 from pvio.blk.keys import backend_disk_keys, parse_backend_disk, parse_frontend_ring
@@ -111,3 +112,20 @@ def asynctest(fn: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
         asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
 
     return run
+
+
+async def kick_reading_late(end: Any, state: XenbusState) -> None:
+    """`end.kick()` (a `pvio.xenbus` end) with its first read of the other end's state
+    giving `state`: a watch event read late, after the other end moved on."""
+    real = end.dev.otherend_state
+    late = [state]
+
+    async def read(*args: Any) -> XenbusState:
+        return late.pop() if late else await real(*args)
+
+    end.dev.otherend_state = read
+    try:
+        await end.kick()
+    finally:
+        end.dev.otherend_state = real
+    assert not late, "the kick never read the other end's state"

@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from blk.pair import asynctest, make_image
+from blk.pair import asynctest, kick_reading_late, make_image
 from pvio.abi.xenbus import XenbusState as S
 from pvio.blk.xenbus_backend import BlkbackService
 from pvio.domains.xen_guest import GuestDisk, attach_disk, detach_disk
@@ -166,15 +165,7 @@ async def test_a_late_watch_event_leaves_a_connected_vbd_alone(tmp_path: Path) -
         end = w.service.devices[BE].end
         rings = list(w.service.devices[BE].driver.rings)
         assert rings and await w.read(f"{FE}/state") == "4"
-        real = end.dev.otherend_state
-        stale = [S.Initialised]
-
-        async def late_read(*args: Any) -> S:
-            return stale.pop() if stale else await real(*args)
-
-        end.dev.otherend_state = late_read  # type: ignore[method-assign]
-        await end.kick()
-        assert not stale  # the stale state was read
+        await kick_reading_late(end, S.Initialised)
         assert w.service.devices[BE].driver.rings == rings
         await asyncio.wait_for(d.front.write(0, b"w" * 4096), 10)
         assert await asyncio.wait_for(d.front.read(0, 4096), 10) == b"w" * 4096

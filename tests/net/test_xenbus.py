@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from blk.pair import asynctest
+from blk.pair import asynctest, kick_reading_late
 from net.pair import wait_for
 from pvio.hypervisor.client import Domain
 from pvio.hypervisor.inprocess import InProcessHypervisor
@@ -230,15 +229,7 @@ async def test_a_late_watch_event_leaves_a_connected_vif_alone(tmp_path: Path) -
         end = w.service.devices[BE1].end
         queues = w.service.devices[BE1].driver.queues
         assert queues and await w.read(f"{FE1}/state") == str(int(XenbusState.Connected))
-        real = end.dev.otherend_state
-        stale = [XenbusState.Initialised]
-
-        async def late_read(*args: Any) -> XenbusState:
-            return stale.pop() if stale else await real(*args)
-
-        end.dev.otherend_state = late_read  # type: ignore[method-assign]
-        await end.kick()
-        assert not stale  # the stale state was read
+        await kick_reading_late(end, XenbusState.Initialised)
         assert w.service.devices[BE1].driver.queues == queues and queues[0].connected
         frame = os.urandom(3000)
         assert v1.front.send(frame)
