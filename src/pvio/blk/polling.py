@@ -38,9 +38,9 @@ POLL_WINDOW_US = int(os.environ.get("PVIO_BLK_POLL_US", "200"))
 #: blkfront's windows that ended with nothing found, one after another, before it rests:
 #: the responses come later than a window (the copy transport, a disk that seeks), so
 #: looking only spins away CPU the other processes need ...
-POLL_MISSES_TO_REST = 4
+POLL_MISSES_TO_REST = int(os.environ.get("PVIO_BLK_POLL_MISSES", "8"))
 #: ... and the windows it then skips (arming the event at once) before it looks again
-POLL_REST = 32
+POLL_REST = int(os.environ.get("PVIO_BLK_POLL_REST", "64"))
 
 
 async def poll_for(ready: Callable[[], bool], window_us: int = POLL_WINDOW_US) -> bool:
