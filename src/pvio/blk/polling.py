@@ -19,8 +19,10 @@ then sleeps on its event at once for a while, and looks again later).
 `poll_for` is blkback's (a coroutine in its ring loop); `PollWindow` is blkfront's (the
 response handler is a callback).  blkback in the copy transport does not poll: there
 every batch waits on GNTTABOP_copy in a third process, the hypervisor, and the CPU a
-window spins away on two cores is the CPU that process needs.  `POLL_WINDOW_US` = 0 turns both off; the environment
-variable ``PVIO_BLK_POLL_US`` sets it for the domain processes (for measurements).
+window spins away on two cores is the CPU that process needs.  `POLL_WINDOW_US` = 0
+turns both off; the environment variables ``PVIO_BLK_POLL_US``, ``PVIO_BLK_POLL_DEPTH``,
+``PVIO_BLK_POLL_MISSES`` and ``PVIO_BLK_POLL_REST`` set the knobs below for the domain
+processes (for measurements).
 """
 
 from __future__ import annotations
@@ -108,9 +110,9 @@ class PollWindow:
             asyncio.get_running_loop().call_soon(self._tick, deadline)
             return
         self.active = False
-        if self._found or not n:
+        if self._found:
             self._misses = 0
-        else:
+        elif n and now >= deadline:  # it ran its whole length and found nothing
             self._misses += 1
             if self._misses >= POLL_MISSES_TO_REST:
                 self._misses, self._rest = 0, POLL_REST
