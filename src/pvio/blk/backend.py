@@ -69,7 +69,7 @@ from pvio.blk.back_grants import BackGrants
 from pvio.blk.back_io import MAP_PIECE_PAGES, PIECE_PAGES, Work, disk_io, disk_io_now, in_parts
 from pvio.blk.back_stats import BlkbackStats
 from pvio.blk.keys import FrontendRing
-from pvio.blk.polling import POLL_WINDOW_US, poll_for
+from pvio.blk.polling import backend_window_us, poll_for
 from pvio.blk.request import (
     BlkifRequest,
     BlkifRequestError,
@@ -118,7 +118,7 @@ class BlkbackRing:
         persistent_limit: int = MAX_PGRANTS,
         max_indirect_segments: int = 0,
         sector_size: int = SECTOR_SIZE,
-        poll_window_us: int | None = None,  # None: POLL_WINDOW_US, 0 in the copy transport
+        poll_window_us: int | None = None,  # None: by transport (`backend_window_us`)
         bounce_pages: int = DEFAULT_BOUNCE_PAGES,
         pgrant_timeout: float = PGRANT_TIMEOUT,
     ) -> None:
@@ -128,7 +128,7 @@ class BlkbackRing:
         self._ring_ref = 0
         self.disk = disk
         self.max_in_flight = max_in_flight
-        self.poll_window_us = (0 if domain.transport == "copy" else POLL_WINDOW_US) if poll_window_us is None else poll_window_us
+        self.poll_window_us = backend_window_us(domain.transport) if poll_window_us is None else poll_window_us
         self.info = DiskInfo(
             sectors=disk.info.size // sector_size * sector_size // SECTOR_SIZE,
             read_only=disk.info.read_only,

@@ -45,6 +45,11 @@ POLL_MISSES_TO_REST = int(os.environ.get("PVIO_BLK_POLL_MISSES", "8"))
 POLL_REST = int(os.environ.get("PVIO_BLK_POLL_REST", "64"))
 
 
+def backend_window_us(transport: str) -> int:
+    """blkback's window in `transport`: none in the copy transport (see the module notes)."""
+    return 0 if transport == "copy" else POLL_WINDOW_US
+
+
 async def poll_for(ready: Callable[[], bool], window_us: int = POLL_WINDOW_US) -> bool:
     """Look for `ready()` once per turn of the loop for up to `window_us`; True if it came."""
     if window_us <= 0:
