@@ -129,15 +129,13 @@ class _Draining:
     then: Callable[[], None] | None = None
 
 
-@dataclass
 class _Payload:
-    """A valid write's payload being received: straight into `buf`, its own buffer."""
+    """A write's payload being received into `buf` (not a dataclass: mypyc's cannot hold
+    a bare `memoryview` field)."""
 
-    cookie: int
-    flags: int
-    offset: int
-    buf: memoryview
-    filled: int = 0
+    def __init__(self, cookie: int, flags: int, offset: int, buf: memoryview) -> None:
+        self.cookie, self.flags, self.offset, self.buf = cookie, flags, offset, buf
+        self.filled = 0
 
 
 # T:720 The handshake, as a table
@@ -169,14 +167,17 @@ class NbdServerConnection:
     admit: Callable[[Export], str | None] | None = None
     #: Where payloads of `MIN_SIZE` or more are received, each given back at its reply
     buffers: BufferPool | None = None
-    state: State = field(default=State.CLIENT_FLAGS, init=False)
-    export: Export | None = field(default=None, init=False)
-    no_zeroes: bool = field(default=False, init=False)
-    shutting_down: bool = field(default=False, init=False)
+    # Set by __post_init__: compiled (pvio.compiled), an init=False default stays unset.
+    state: State = field(init=False)
+    export: Export | None = field(init=False)
+    no_zeroes: bool = field(init=False)
+    shutting_down: bool = field(init=False)
     #: Set by the adapter while the client is not reading what is sent: nothing is parsed.
-    output_blocked: bool = field(default=False, init=False)
+    output_blocked: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.state, self.export = State.CLIENT_FLAGS, None
+        self.no_zeroes = self.shutting_down = self.output_blocked = False
         self._in = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []

@@ -190,6 +190,7 @@ class _Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.into is not None:
             self.into = None
+            self.server.stats["payload_bytes_direct"] += nbytes
             if not (self.lost or self.transport is None):
                 self._handle(self.core.payload_received(nbytes))
                 self._send()
@@ -540,7 +541,8 @@ class NbdServer:
         NBD_OPT_STARTTLS before anything else; without it, anyone who can reach the port
         can use the exports."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self, tls), host, port, reuse_address=True)
+        # Any: `sockets` is a tuple to typeshed (which compiled code checks), a list from uvloop
+        server: Any = await loop.create_server(lambda: _Connection(self, tls), host, port, reuse_address=True)
         self._servers.append(server)
         sockname: Any = server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
