@@ -13,13 +13,14 @@ VENV="${PVIO_VENV:-$PWD/.venv}"
 # xenstore-utils, python3-pyxs: Xen's own XenStore clients; qemu-utils, libnbd-bin,
 # nbdfuse, fio: NBD clients; fuse3, e2fsprogs, util-linux: the kernel path (nbdfuse, loop,
 # mkfs.ext4, e2fsck); iproute2, iperf3: namespaces, TAP and TCP for lguest's LAN;
+# python3-dev: Python's headers, for the modules compiled with mypyc (tools/compile.py);
 # make: builds native/, the /dev/xen device layer Xen's own programs run on (libxen-dev's
 # libraries and libxenvchan are its test peers); qemu-system-xen: QEMU's qdisk backend,
 # which pvio up runs for backendtype=qdisk disks; xen-utils-4.17: Xen's C xenstored and
 # xenconsoled (`pvio up --xenstored xen`); xen-utils-common: Xen's hotplug scripts
 # (/etc/xen/scripts/vif-bridge, which the driver domain runs for script=vif-bridge vifs).
 DEBIAN_PACKAGES=(
-  gcc gcc-multilib libc6-dev libxen-dev python3-venv make qemu-system-xen xen-utils-4.17
+  gcc gcc-multilib libc6-dev libxen-dev python3-venv python3-dev make qemu-system-xen xen-utils-4.17
   xen-utils-common
   libatomic1
   xenstore-utils python3-pyxs
@@ -65,10 +66,18 @@ build_native() {
   make -s -C "$(dirname "${BASH_SOURCE[0]}")/../native" all asan
 }
 
+# The block path's hottest modules compiled with mypyc (pvio/compiled.py): used while they
+# match their sources, so this runs again after every change to one of them.
+build_compiled() {
+  step "tools/compile.py (mypyc)"
+  "$VENV/bin/python" "$(dirname "${BASH_SOURCE[0]}")/compile.py" 2>&1 | grep -v "warning: Treating generator"
+}
+
 # Run directly (as the README's first command does): install everything.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   install_debian_packages
-  install_python_env
+  install_python_env compile
   build_native
+  build_compiled
   step "pvio is installed: $VENV/bin/pvio"
 fi
