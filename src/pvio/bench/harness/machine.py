@@ -1,7 +1,8 @@
 """The machine a run happened on, and the external tools it used (with their versions).
 
 Absolute figures mean little without the machine beside them: results.json records the
-cores, memory, CPU model, kernel and Python, and the first line of each tool's version.
+cores, memory, CPU model, kernel and Python, whether pvio ran compiled (pvio.compiled),
+and the first line of each tool's version.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pvio import __version__
+from pvio import __version__, compiled
 
 
 def _first_match(path: str, pattern: str) -> str | None:
@@ -40,6 +41,8 @@ def machine_facts() -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "os": _first_match("/etc/os-release", r'^PRETTY_NAME="?([^"\n]*)"?') or platform.system(),
         "pvio": __version__,
+        # pvio's processes inherit this one's environment, so they run the same build
+        "pvio_build": compiled.status().describe(),
     }
 
 

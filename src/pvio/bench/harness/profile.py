@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pvio import compiled
 from pvio.bench.harness.figures import Figure
 from pvio.bench.harness.machine import find_tool
 
@@ -178,9 +179,12 @@ def summarise_speedscope(doc: dict[str, Any], top: int = TOP) -> str:
 def choose(directory: Path) -> Profiler:
     """py-spy when it is installed, else cProfile."""
     py_spy = find_tool("py-spy")
+    profiler: Profiler = CProfiler(directory) if py_spy is None else PySpyProfiler(directory, py_spy)
+    if compiled.status().active:
+        profiler.notes.append("pvio ran its compiled build: a profile shows each compiled module's "
+                              "time as its callers' (no Python frames); PVIO_PURE=1 profiles the sources")
     if py_spy is not None:
-        return PySpyProfiler(directory, py_spy)
-    profiler = CProfiler(directory)
+        return profiler
     profiler.notes.append("py-spy is not installed (pip install 'pvio[bench]'): cProfile "
                           "of the suite's process only, daemons not profiled")
     return profiler

@@ -188,7 +188,7 @@ def markdown(report: SuiteReport) -> str:
     lines = [
         f"`{' '.join(report.argv)}`, {report.started:%Y-%m-%d %H:%M} UTC; {m['cores']} cores "
         f"({m['cpu_model']}), {m['memory_bytes'] / 2**30:.0f} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}.",
+        f"Python {m['python']}; pvio {m.get('pvio_build', 'build not recorded')}.",
         "",
         "| layer | figure | unit | pvio | min..max | n | baseline (same run) | median | ratio |",
         "|---|---|---|--:|--:|--:|---|--:|--:|",
@@ -279,7 +279,8 @@ def run(names: Sequence[str], mode: Mode, out: Path, profile: bool,
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"results: {path}  ({report.to_json()['duration_s']:.0f} s, "
-                  f"{report.machine['cores']} cores, {report.machine['cpu_model']})",
+                  f"{report.machine['cores']} cores, {report.machine['cpu_model']}; "
+                  f"pvio {report.machine.get('pvio_build', 'build not recorded')})",
                   highlight=False, markup=False)
     return report
 
