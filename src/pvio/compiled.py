@@ -100,13 +100,18 @@ class Status:
 
 
 def check(build: Path, sources: Sequence[str] = MODULES) -> tuple[dict[str, Path], str]:
-    """The extension file of each module of a fresh build, or ({}, why it is not used)."""
+    """The extension file of each module of a fresh build, or ({}, why it is not used).
+    Never raises: whatever is wrong with a build, `import pvio` runs the sources."""
     try:
-        manifest = json.loads((build / MANIFEST).read_text())
+        return _check(build, sources)
     except FileNotFoundError:
         return {}, "no build"
-    except (OSError, ValueError) as exc:
-        return {}, f"unreadable manifest: {exc}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return {}, f"unreadable manifest: {exc!r}"
+
+
+def _check(build: Path, sources: Sequence[str]) -> tuple[dict[str, Path], str]:
+    manifest = json.loads((build / MANIFEST).read_text())
     if manifest.get("soabi") != soabi():
         return {}, f"built for {manifest.get('soabi')}, this is {soabi()}"
     hashes: dict[str, str] = manifest.get("sources", {})
@@ -119,9 +124,9 @@ def check(build: Path, sources: Sequence[str] = MODULES) -> tuple[dict[str, Path
                 return {}, f"stale: {source_path(module).relative_to(PACKAGE_DIR.parent)} changed"
         except OSError as exc:
             return {}, f"stale: {exc}"
-        files[module] = build / manifest["extensions"][module]
+        files[module] = build / str(manifest["extensions"][module])
     for name, rel in manifest.get("support", {}).items():
-        files[name] = build / rel
+        files[str(name)] = build / str(rel)
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
         return {}, f"incomplete: {missing[0]} is missing"

@@ -60,6 +60,12 @@ def test_a_build_is_used_only_while_it_matches_every_source(tmp_path: Path) -> N
 
     (tmp_path / compiled.MANIFEST).write_text("{not json")
     assert compiled.check(tmp_path)[1].startswith("unreadable manifest: ")
+    # Valid JSON of the wrong shape is unreadable too, never an exception at `import pvio`.
+    for wrong in ([], {"soabi": compiled.soabi(), "sources": manifest["sources"]},
+                  {**manifest, "extensions": {}}, {**manifest, "sources": 7}):
+        _rewrite(tmp_path, wrong)  # type: ignore[arg-type]
+        files, reason = compiled.check(tmp_path)
+        assert files == {} and reason.startswith("unreadable manifest: "), (wrong, reason)
     assert compiled.check(tmp_path / "nowhere") == ({}, "no build")
 
 
