@@ -180,11 +180,10 @@ def choose(directory: Path) -> Profiler:
     """py-spy when it is installed, else cProfile."""
     py_spy = find_tool("py-spy")
     profiler: Profiler = CProfiler(directory) if py_spy is None else PySpyProfiler(directory, py_spy)
+    if py_spy is None:
+        profiler.notes.append("py-spy is not installed (pip install 'pvio[bench]'): cProfile "
+                              "of the suite's process only, daemons not profiled")
     if compiled.status().active:
         profiler.notes.append("pvio ran its compiled build: a profile shows each compiled module's "
                               "time as its callers' (no Python frames); PVIO_PURE=1 profiles the sources")
-    if py_spy is not None:
-        return profiler
-    profiler.notes.append("py-spy is not installed (pip install 'pvio[bench]'): cProfile "
-                          "of the suite's process only, daemons not profiled")
     return profiler
