@@ -32,6 +32,8 @@ else
   step "pytest (the compiled build)"
   PVIO_EXPECT_COMPILED=1 "$VENV/bin/python" -m pytest
   step "pytest (pure Python: the compiled modules' tests)"
-  PVIO_PURE=1 "$VENV/bin/python" -m pytest -q tests/ring tests/storage tests/nbd tests/blk \
-    tests/tools/test_compiled.py
+  # tests/<package> of every package with a compiled module (pvio.compiled.MODULES)
+  mapfile -t compiled_tests < <("$VENV/bin/python" -c 'from pvio import compiled
+for p in sorted({m.split(".")[1] for m in compiled.MODULES}): print("tests/" + p)')
+  PVIO_PURE=1 "$VENV/bin/python" -m pytest -q "${compiled_tests[@]}" tests/tools/test_compiled.py
 fi
