@@ -76,6 +76,21 @@ def test_close_and_reconnect() -> None:
     assert fe.on_otherend(S.InitWait).actions == (Action.PUBLISH,)
 
 
+def test_a_new_backend_waits_for_a_closed_frontend_to_start_over() -> None:
+    # A restarted driver domain's backend (InitWait) that reads the frontend Closed (the
+    # backend before it closed the device) stays in InitWait; the frontend, Closed, sees
+    # InitWait and starts over.  Had the backend closed, both ends would sit in Closed.
+    be, fe = Handshake(Role.BACKEND, S.InitWait), Handshake(Role.FRONTEND, S.Closed)
+    assert be.on_otherend(S.Closed).actions == () and be.state is S.InitWait
+    assert fe.reconnect().switch_to is S.Initialising
+    assert be.on_otherend(S.Initialising).actions == () and be.state is S.InitWait
+    assert fe.on_otherend(S.InitWait).actions == (Action.PUBLISH,)
+    assert be.on_otherend(S.Initialised).actions == (Action.CONNECT,)
+    # Every other live backend state still follows a frontend into Closed.
+    for mine in (S.Initialising, S.Initialised, S.Connected, S.Closing):
+        assert Handshake(Role.BACKEND, mine).on_otherend(S.Closed).switch_to is S.Closed
+
+
 def test_tables_only_name_real_states_and_never_leave_closed_silently() -> None:
     for table in (FRONTEND, BACKEND):
         for (mine, other), step in table.items():

@@ -120,6 +120,9 @@ FRONTEND: dict[tuple[S, S], Step] = {
 # seeing Initialised, the backend only connects again: the driver's connect re-reads
 # the state in its transaction and keeps rings whose keys have not changed, so a late
 # watch event (Initialised, read when the frontend is Connected already) is harmless.
+# A backend just probed (InitWait) that finds the frontend Closed -- the backend before
+# it closed the device, or died -- waits: that frontend starts over when it sees
+# InitWait.  Closing there too would leave both ends Closed, each waiting for the other.
 # :T
 BACKEND: dict[tuple[S, S], Step] = {
     (S.InitWait, S.Initialised): Step((Action.CONNECT,), S.Connected),
@@ -128,7 +131,8 @@ BACKEND: dict[tuple[S, S], Step] = {
     (S.Initialised, S.Connected): Step((Action.CONNECT,), S.Connected),
     (S.Connected, S.Initialised): Step((Action.CONNECT,), S.Connected),
     **{(mine, S.Closing): Step((Action.DISCONNECT,), S.Closing) for mine in _LIVE},
-    **{(mine, S.Closed): Step((Action.DISCONNECT,), S.Closed) for mine in (*_LIVE, S.Closing)},
+    **{(mine, S.Closed): Step((Action.DISCONNECT,), S.Closed) for mine in (*_LIVE, S.Closing)
+       if mine is not S.InitWait},
     **{(mine, S.Unknown): Step((Action.DISCONNECT,), S.Closed) for mine in (*_LIVE, S.Closing)},
     (S.Closed, S.Initialising): Step((), S.InitWait),
     (S.Closing, S.Initialising): Step((), S.InitWait),
