@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from blk.pair import asynctest, blk_pair, make_image
+from pvio.blk import front_queue
 from pvio.blk.errors import DeviceBroken
 from pvio.storage.backend import MemoryBackend
 
@@ -180,25 +181,42 @@ async def test_without_persistent_grants_submit_grants_pages_of_its_own(tmp_path
 
 
 @asynctest
-async def test_reads_put_in_one_turn_are_pushed_every_32_pages_writes_at_the_turns_end(tmp_path: Path) -> None:
+async def test_requests_put_in_one_turn_are_pushed_every_8_pages_the_rest_at_the_turns_end(
+        tmp_path: Path) -> None:
+    assert front_queue.EARLY_PUSH_READ_PAGES == front_queue.EARLY_PUSH_WRITE_PAGES == 8
     img = make_image(tmp_path / "d.img", 4 * MiB)
     async with blk_pair(img, persistent=True) as p:
-        await p.front.write(0, os.urandom(MiB))  # grows the pool for what follows
+        first = os.urandom(MiB)
+        await p.front.write(0, first)  # grows the pool for what follows
         q = p.front.queues[0]
-        pushes = p.front.stats.pushes
-        reads = [Done() for _ in range(8)]
-        for k, done in enumerate(reads):  # eight 64 KiB reads (16 pages each) in this turn
-            assert p.front.submit_read(k * 65536, 65536, done)
-        assert p.front.stats.pushes == pushes + 4 and q.read_pages == 0  # one push per two
-        for done in reads:
-            await done.wait()
-            assert done.exc is None
-        assert b"".join(d.data for d in reads) == img.read_bytes()[: 8 * 65536]
+        for submit, args in ((p.front.submit_read, lambda k: (k * 4096, 4096)),
+                             (p.front.submit_write, lambda k: (k * 4096, os.urandom(4096)))):
+            pushes = p.front.stats.pushes
+            done = [Done() for _ in range(20)]
+            for k, d in enumerate(done):  # twenty 4 KiB requests in this turn
+                assert submit(*args(k), d)
+            # pushed at 8 and 16; the last four wait for the turn's end
+            assert p.front.stats.pushes == pushes + 2 and q.push_scheduled
+            for d in done:
+                await d.wait()
+                assert d.exc is None
+            assert p.front.stats.pushes == pushes + 3
+            if submit == p.front.submit_read:
+                assert b"".join(d.data for d in done) == first[: 20 * 4096]
+
+
+@asynctest
+async def test_with_no_early_push_requests_wait_for_the_turns_end(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(front_queue, "EARLY_PUSH_WRITE_PAGES", 0)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    async with blk_pair(img, persistent=True) as p:
+        await p.front.write(0, os.urandom(MiB))
         pushes = p.front.stats.pushes
         writes = [Done() for _ in range(4)]
-        for k, done in enumerate(writes):
-            assert p.front.submit_write(k * 65536, bytes(65536), done)
-        assert p.front.stats.pushes == pushes and q.push_scheduled  # the writes wait for the turn's end
-        for done in writes:
-            await done.wait()
+        for k, d in enumerate(writes):  # 64 pages of writes, none pushed early
+            assert p.front.submit_write(k * 65536, bytes(65536), d)
+        assert p.front.stats.pushes == pushes and p.front.queues[0].push_scheduled
+        for d in writes:
+            await d.wait()
         assert p.front.stats.pushes == pushes + 1
+        assert (await p.front.read(0, 4 * 65536)) == bytes(4 * 65536)

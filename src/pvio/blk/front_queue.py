@@ -11,13 +11,14 @@ port; `put` writes a request into a free slot and `push` publishes what was put
 `responses` drains what the backend answered, with the final check; `teardown` gives
 the ring up.  What a request means — its pages, its caller — is `pvio.blk.frontend`'s.
 
-Requests are pushed once per turn of the event loop, after everything the turn put —
-except READs: once those put since the last push reach `EARLY_PUSH_READ_PAGES` pages
-(`put_read_pages`), they are pushed at once, so that blkback starts reading them while
-the guest parses and puts the rest (eight 64 KiB READs from one socket read: four
-pushes, not one).  Through `pvio up`, 64 KiB reads at QD8 gained 24–58% that way (four
-alternating rounds); the same for 1 MiB writes lost 3–30% (the guest's copying competes
-with a woken blkback), so writes wait for the turn's end.
+Requests are pushed once per turn of the event loop, after everything the turn put, and
+also as they go: once the READs put since the last push reach `EARLY_PUSH_READ_PAGES`
+pages, or the WRITEs `EARLY_PUSH_WRITE_PAGES` (`put_pages`), they are pushed at once, so
+that blkback starts on them while the guest parses and puts the rest of the commands one
+socket read brought.  At 8 pages each, through `pvio bench blk` (map), 4 KiB random
+reads at QD32 gained about 40% and 4 KiB random writes about 50% against a push per turn
+(docs/blk.md's levers table); at 24 or 32 pages the writes gained nothing: one socket
+read rarely brings that many commands.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class RequestIds(asyncio.Semaphore):
 
 #: READ pages put since the last push at which they are pushed at once (0: never early);
 #: ``PVIO_BLK_EARLY_PUSH_PAGES`` sets it, for measurements
-EARLY_PUSH_READ_PAGES = int(os.environ.get("PVIO_BLK_EARLY_PUSH_PAGES", "32"))
+EARLY_PUSH_READ_PAGES = int(os.environ.get("PVIO_BLK_EARLY_PUSH_PAGES", "8"))
+#: the same for WRITEs (``PVIO_BLK_EARLY_PUSH_WRITE_PAGES``; 0: never early)
+EARLY_PUSH_WRITE_PAGES = int(os.environ.get("PVIO_BLK_EARLY_PUSH_WRITE_PAGES", "8"))
 
 
 class FrontQueue:
@@ -81,11 +84,15 @@ class FrontQueue:
         self.ring_refs: list[int] = []
         self.push_scheduled = False
         self.read_pages = 0  # pages of the READs put since the last push
+        self.write_pages = 0  # and of the WRITEs
 
-    def put_read_pages(self, pages: int) -> bool:
-        """`pages` of READs were put: True when they are to be pushed at once."""
-        self.read_pages += pages
-        return 0 < EARLY_PUSH_READ_PAGES <= self.read_pages
+    def put_pages(self, pages: int, read: bool) -> bool:
+        """`pages` of a READ (or a WRITE) were put: True when they are to be pushed at once."""
+        if read:
+            self.read_pages += pages
+            return 0 < EARLY_PUSH_READ_PAGES <= self.read_pages
+        self.write_pages += pages
+        return 0 < EARLY_PUSH_WRITE_PAGES <= self.write_pages
 
     async def setup(
         self, domain: Domain, backend_domid: int, abi: BlkifABI, order: int, on_event: Callable[[int], None]
@@ -118,8 +125,7 @@ class FrontQueue:
 
     def push(self, domain: Domain) -> bool:
         """Publish what was put; True when the backend was kicked (raises RingBroken)."""
-        self.push_scheduled = False
-        self.read_pages = 0
+        self.read_pages = self.write_pages = 0
         ring = self.ring
         if ring is None:
             return False

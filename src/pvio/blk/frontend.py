@@ -303,7 +303,7 @@ class BlkFront(FrontBlockIO):
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
         t0 = time.monotonic_ns() if TRACE.on else 0
-        self._put(q, shadow, npages if operation == BLKIF_OP_READ else 0)
+        self._put(q, shadow, npages, operation == BLKIF_OP_READ)
         status = await fut
         if TRACE.on and t0:  # the request's hop in this domain; blkback names it alike
             flow = flow_id(self.domain.domid, q.ring_refs[0] if q.ring_refs else 0, shadow.id, sector)
@@ -395,7 +395,7 @@ class BlkFront(FrontBlockIO):
         pending = Pending(None, frames[:npages], nbytes, read_into, pooled, want_bytes, lend, done=done)
         shadow = self._shadow(q, operation, sector, payload, nbytes, npages, nind, grefs, frames, pending)
         self.stats.requests += 1
-        self._put(q, shadow, npages if operation == BLKIF_OP_READ else 0)
+        self._put(q, shadow, npages, operation == BLKIF_OP_READ)
         return True
 
     async def _wait_running(self) -> None:
@@ -424,7 +424,7 @@ class BlkFront(FrontBlockIO):
     def _grant_wait(self) -> None:
         self.stats.grant_waits += 1
 
-    def _put(self, q: FrontQueue, shadow: Shadow, read_pages: int) -> None:
+    def _put(self, q: FrontQueue, shadow: Shadow, pages: int, read: bool) -> None:
         ring = q.ring
         assert ring is not None
         try:
@@ -432,15 +432,16 @@ class BlkFront(FrontBlockIO):
         except RingBroken as e:
             self._break(str(e))
             return
-        if q.put_read_pages(read_pages):  # enough READs for blkback to start on (front_queue)
-            self._push(q)
+        if q.put_pages(pages, read):  # enough for blkback to start on (front_queue)
+            self._push(q)  # a push already scheduled stays so, for what the turn puts next
         elif not q.push_scheduled:
             q.push_scheduled = True
-            asyncio.get_running_loop().call_soon(self._push, q)
+            asyncio.get_running_loop().call_soon(self._push, q, True)
 
-    def _push(self, q: FrontQueue) -> None:
-        if self.broken is not None or not self._running.is_set():
+    def _push(self, q: FrontQueue, scheduled: bool = False) -> None:
+        if scheduled:
             q.push_scheduled = False
+        if self.broken is not None or not self._running.is_set():
             return
         try:
             self.stats.pushes += 1

@@ -32,9 +32,9 @@ import os
 import time
 from collections.abc import Callable
 
-#: blkfront polls only while this few requests are in flight: a deep queue is already
-#: answered in batches with few kicks, and its polling would take CPU from the work
-POLL_MAX_IN_FLIGHT = int(os.environ.get("PVIO_BLK_POLL_DEPTH", "4"))
+#: blkfront polls only while at most this many requests are in flight: by default at any
+#: depth a ring allows (its largest holds 512); see docs/blk.md's levers table
+POLL_MAX_IN_FLIGHT = int(os.environ.get("PVIO_BLK_POLL_DEPTH", "1024"))
 #: Microseconds an end keeps looking at its ring before it arms the event and sleeps
 POLL_WINDOW_US = int(os.environ.get("PVIO_BLK_POLL_US", "200"))
 #: blkfront's windows that ended with nothing found, one after another, before it rests:
@@ -66,8 +66,8 @@ async def poll_for(ready: Callable[[], bool], window_us: int = POLL_WINDOW_US) -
 # An end with nothing to do would arm its event (the final check) and sleep; a kick that
 # wakes it is the dearest thing a request does on a busy machine.  So blkback keeps
 # looking at its ring for a short window first (`poll_for`; not in the copy transport,
-# whose hypervisor needs that CPU), and blkfront, while a few
-# requests are in flight, keeps looking for their responses (`PollWindow`): what comes
+# whose hypervisor needs that CPU), and blkfront, while requests are in flight, keeps
+# looking for their responses (`PollWindow`): what comes
 # meanwhile is taken with no kick, since the other end sees a stale event index.  Only
 # a window that ends empty arms the event; blkfront never leaves requests in flight with
 # neither a window looking nor the event armed (`BlkFront._settle`).
