@@ -10,6 +10,7 @@ import pytest
 
 from net.pair import NetPair, net_pair, wait_for
 from pvio.abi import netif as n
+from pvio.net import frontend
 from pvio.net.frontend import BackendFeatures
 from pvio.net.slots import Gso
 
@@ -115,6 +116,28 @@ def test_many_frames_are_batched_with_few_notifications() -> None:
             await wait_for(lambda: len(pair.to_guest) == len(frames))
             assert [d for d, _ in pair.to_guest] == frames
             assert pair.back.stats.rx_batches < len(frames) / 4
+
+    run(body())
+
+
+def test_a_turns_slots_are_pushed_once_a_large_frames_worth_is_put() -> None:
+    async def body() -> None:
+        async with net_pair() as pair:
+            assert frontend.EARLY_PUSH_TX_SLOTS == 17
+            front = pair.front
+            pushes = front.stats.pushes
+            big = [_frame(65535) for _ in range(2)]  # 16 slots each
+            assert front.send(big[0])
+            assert front.stats.pushes == pushes  # 16 slots: the push waits for the turn's end
+            assert front.send(big[1])
+            assert front.stats.pushes == pushes + 1  # 32: pushed at once
+            small = [_frame(1514) for _ in range(10)]
+            for f in small:
+                assert front.send(f)
+            assert front.stats.pushes == pushes + 1  # ten slots wait for the turn's end
+            await wait_for(lambda: len(pair.to_host) == 12)
+            assert [d for d, _ in pair.to_host] == big + small
+            assert front.stats.pushes >= pushes + 2
 
     run(body())
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,9 @@ _TX_MORE = n.NETTXF_more_data
 
 #: The largest frame netfront sends: a 64 KiB GSO segment (as Linux's GSO_MAX_SIZE)
 MAX_FRAME = n.XEN_NETIF_MAX_TX_SIZE
+#: transmit slots put since the last push at which they are pushed at once (0: never):
+#: a whole 64 KiB GSO frame (16 pages and its extra-info); ``PVIO_NET_EARLY_PUSH_SLOTS``
+EARLY_PUSH_TX_SLOTS = int(os.environ.get("PVIO_NET_EARLY_PUSH_SLOTS", "17"))
 
 
 @dataclass
@@ -158,6 +162,7 @@ class NetFront:
         self._tx_busy: set[int] = set()
         self._partial = _RxPartial()
         self._push_scheduled = False
+        self._tx_unpushed = 0  # slots put since the last push
         self._room = asyncio.Event()
         #: called once when transmit slots may have come free (answers, a new backend,
         #: a break): a TAP reader held by back-pressure waits here
@@ -237,7 +242,9 @@ class NetFront:
     # more_data joins them, and a GSO frame carries an extra-info slot after the first
     # with the segment size the backend should cut it into.  Requests of many frames are
     # pushed together at the end of the event loop's turn: one req_prod store and at most
-    # one kick, only if netback asked (req_event).
+    # one kick, only if netback asked (req_event); but once a turn has put a large
+    # frame's worth of slots (`EARLY_PUSH_TX_SLOTS`) they are pushed at once, so netback
+    # starts on them while netfront copies the next frame.
     # :T
     def send(self, frame: bytes | memoryview, gso: Gso | None = None, csum_blank: bool = False) -> bool:
         """Put one frame on the transmit ring; False if there are not enough free ids."""
@@ -295,7 +302,11 @@ class NetFront:
         self.stats.tx_frames += 1
         self.stats.tx_bytes += length
         self.stats.tx_slots += slots
-        self._schedule_push()
+        self._tx_unpushed += slots
+        if 0 < EARLY_PUSH_TX_SLOTS <= self._tx_unpushed:
+            self._push()
+        else:
+            self._schedule_push()
         return True
 
     def _schedule_push(self) -> None:
@@ -305,6 +316,7 @@ class NetFront:
 
     def _push(self) -> None:
         self._push_scheduled = False
+        self._tx_unpushed = 0
         if self.broken is not None:
             return
         kick: set[int] = set()
