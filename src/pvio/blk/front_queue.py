@@ -16,9 +16,9 @@ also as they go: once the READs put since the last push reach `EARLY_PUSH_READ_P
 pages, or the WRITEs `EARLY_PUSH_WRITE_PAGES` (`put_pages`), they are pushed at once, so
 that blkback starts on them while the guest parses and puts the rest of the commands one
 socket read brought.  At 8 pages each, through `pvio bench blk` (map), 4 KiB random
-reads at QD32 gained about 40% and 4 KiB random writes about 50% against a push per turn
-(docs/blk.md's levers table); at 24 or 32 pages the writes gained nothing: one socket
-read rarely brings that many commands.
+reads at QD32 gained about 40% against 32 pages, and 4 KiB random writes about 50%
+against a push per turn (docs/blk.md's levers table); at 24 or 32 pages the writes
+gained nothing: a turn seldom puts that many.
 """
 
 from __future__ import annotations

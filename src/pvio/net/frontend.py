@@ -312,10 +312,11 @@ class NetFront:
     def _schedule_push(self) -> None:
         if not self._push_scheduled:
             self._push_scheduled = True
-            asyncio.get_running_loop().call_soon(self._push)
+            asyncio.get_running_loop().call_soon(self._push, True)
 
-    def _push(self) -> None:
-        self._push_scheduled = False
+    def _push(self, scheduled: bool = False) -> None:
+        if scheduled:  # an early push leaves the scheduled one for what the turn puts next
+            self._push_scheduled = False
         self._tx_unpushed = 0
         if self.broken is not None:
             return
