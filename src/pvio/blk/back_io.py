@@ -41,6 +41,15 @@ class Work:
     shared: bool = False  # the buffers are kept mappings' pages themselves: not released
     frames: list[int] | None = None  # copy transport: local bounce pages
 
+    def __init__(self, io: DiskIO, status: int = BLKIF_RSP_OKAY, buffers: list[memoryview] | None = None,
+                 shared: bool = False, frames: list[int] | None = None) -> None:
+        # written out, not generated: compiled (see `pvio.blk.request.BlkifRequest`)
+        self.io = io
+        self.status = status
+        self.buffers = buffers
+        self.shared = shared
+        self.frames = frames
+
 
 def in_parts(group: list[DiskIO], pages: int) -> list[list[DiskIO]]:
     """`group` cut, in order, into parts of at most `pages` pages (a larger request alone).

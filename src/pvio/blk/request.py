@@ -98,7 +98,7 @@ class Segment(NamedTuple):
         return self.nsect * SECTOR_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BlkifRequest:
     """A request as the frontend sent it, not yet validated.
 
@@ -106,6 +106,12 @@ class BlkifRequest:
     struct blkif_request_discard view of the same bytes.  For BLKIF_OP_INDIRECT,
     `indirect_op` and the `indirect_grefs` the segment count needs are set, and
     `segments` stays empty until `parse_indirect_segments` reads them from the pages.
+
+    Treat it as immutable (`dataclasses.replace` makes a changed copy).  It is not
+    declared frozen because a frozen dataclass's generated ``__init__`` runs interpreted
+    even in the compiled build, setting each field through ``object.__setattr__`` (about
+    2 µs a request); the ``__init__`` written out below is compiled.  The same holds for
+    `DiskIO`, blkback's `Work`, blkfront's `Shadow` and `Pending`, and the NBD `Command`.
     """
 
     operation: int
@@ -121,6 +127,21 @@ class BlkifRequest:
     #: every segment is a whole page (sectors 0..7), read from blkback's own copy of the
     #: indirect pages: validation and the kept mappings take the page without slicing it
     whole_pages: bool = False
+
+    def __init__(self, operation: int, nr_segments: int, handle: int, id: int, sector_number: int,
+                 segments: tuple[Segment, ...], nr_sectors: int = 0, flag: int = 0, indirect_op: int = 0,
+                 indirect_grefs: tuple[int, ...] = (), whole_pages: bool = False) -> None:
+        self.operation = operation
+        self.nr_segments = nr_segments
+        self.handle = handle
+        self.id = id
+        self.sector_number = sector_number
+        self.segments = segments
+        self.nr_sectors = nr_sectors
+        self.flag = flag
+        self.indirect_op = indirect_op
+        self.indirect_grefs = indirect_grefs
+        self.whole_pages = whole_pages
 
     @property
     def op_name(self) -> str:
@@ -158,13 +179,13 @@ class DiskInfo:
     sector_size: int = SECTOR_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DiskIO:
     """A validated request: what to do to the disk and with which granted sectors.
 
     `kind` is "read", "write", "flush" (no data) or "discard".  `write` requests of
     WRITE_BARRIER/FLUSH_DISKCACHE carry `preflush`/`postflush` (QEMU's presync/postsync):
-    drain and flush before, flush after.
+    drain and flush before, flush after.  Immutable by convention, as `BlkifRequest`.
     """
 
     request: BlkifRequest
@@ -174,6 +195,16 @@ class DiskIO:
     segments: tuple[Segment, ...]
     preflush: bool = False
     postflush: bool = False
+
+    def __init__(self, request: BlkifRequest, kind: str, offset: int, length: int,
+                 segments: tuple[Segment, ...], preflush: bool = False, postflush: bool = False) -> None:
+        self.request = request
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.segments = segments
+        self.preflush = preflush
+        self.postflush = postflush
 
     @property
     def sectors(self) -> int:

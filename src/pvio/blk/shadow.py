@@ -47,6 +47,17 @@ class Shadow:
     cookie: Any = None  # the caller's completion handle
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __init__(self, id: int, operation: int, sector_number: int, request: bytes,
+                 grefs: tuple[int, ...] = (), cookie: Any = None, extra: dict[str, Any] | None = None) -> None:
+        # written out, not generated: compiled (see `pvio.blk.request.BlkifRequest`)
+        self.id = id
+        self.operation = operation
+        self.sector_number = sector_number
+        self.request = request
+        self.grefs = grefs
+        self.cookie = cookie
+        self.extra = {} if extra is None else extra
+
 
 class ShadowTable:
     """Ids 0..size-1 handed out from a free list (lowest first)."""
@@ -128,6 +139,21 @@ class Pending:
     lend: bool = False  # a READ whose data the caller borrows in place (`Lent`)
     data: bytes | Lent = b""
     done: Submitted | None = None
+
+    def __init__(self, future: asyncio.Future[int] | None, frames: list[int], nbytes: int,
+                 read_into: memoryview | None = None, pooled: list[tuple[int, int]] | None = None,
+                 want_bytes: bool = False, lend: bool = False, data: bytes | Lent = b"",
+                 done: Submitted | None = None) -> None:
+        # written out, not generated: compiled (see `pvio.blk.request.BlkifRequest`)
+        self.future = future
+        self.frames = frames
+        self.nbytes = nbytes
+        self.read_into = read_into
+        self.pooled = pooled
+        self.want_bytes = want_bytes
+        self.lend = lend
+        self.data = data
+        self.done = done
 
     def copy_data(self, mem: memoryview) -> None:
         """A completed READ's data out of its pages: as bytes, or into the caller's buffer."""

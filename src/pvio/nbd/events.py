@@ -75,9 +75,14 @@ class ExportChosen:
     via: int  # NBD_OPT_GO or NBD_OPT_EXPORT_NAME
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Command:
-    """A validated request to execute; answer it with `NbdServerConnection.reply`."""
+    """A validated request to execute; answer it with `NbdServerConnection.reply`.
+
+    Immutable by convention: not declared frozen, because a frozen dataclass's generated
+    ``__init__`` sets every field through ``object.__setattr__`` (1.4 µs a command against
+    0.6 µs for the one below, interpreted), and a connection makes one per request.
+    """
 
     tag: int  # this connection's own serial number for the request (cookies may repeat)
     cookie: int
@@ -86,6 +91,16 @@ class Command:
     offset: int
     length: int
     data: bytes | memoryview = b""  # the payload of NBD_CMD_WRITE (a view of its own buffer)
+
+    def __init__(self, tag: int, cookie: int, type: int, flags: int, offset: int, length: int,
+                 data: bytes | memoryview = b"") -> None:
+        self.tag = tag
+        self.cookie = cookie
+        self.type = type
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.data = data
 
     @property
     def fua(self) -> bool:
