@@ -211,7 +211,7 @@ class BlkbackRing:
             log.debug("blkback d%d: %d unused persistent grants unmapped", self.frontend_domid, n)
 
     def _start_task(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self._task.get_loop() if self._task else asyncio.get_running_loop()).create_task(coro)  # no getpid()
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 

@@ -85,6 +85,8 @@ class PollWindow:
     def __init__(self, take: Callable[[], bool], outstanding: Callable[[], int], done: Callable[[], None],
                  window_us: int = POLL_WINDOW_US, max_depth: int = POLL_MAX_IN_FLIGHT) -> None:
         self.take, self.outstanding, self.done = take, outstanding, done
+        #: the loop the window turns on, kept from its first start (get_running_loop() is a getpid())
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.window_ns = window_us * 1000
         self.max_depth = max_depth
         self.active = False
@@ -102,7 +104,10 @@ class PollWindow:
                 return
             self.active = True
             self._found = False
-            asyncio.get_running_loop().call_soon(self._tick, time.monotonic_ns() + self.window_ns)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._tick, time.monotonic_ns() + self.window_ns)
 
     def _tick(self, deadline: int) -> None:
         self.polls += 1
@@ -112,7 +117,8 @@ class PollWindow:
             self._found = True
         n = self.outstanding()
         if n and n <= self.max_depth and now < deadline:
-            asyncio.get_running_loop().call_soon(self._tick, deadline)
+            assert self._loop is not None  # a tick runs on the loop start() scheduled it on
+            self._loop.call_soon(self._tick, deadline)
             return
         self.active = False
         if self._found:

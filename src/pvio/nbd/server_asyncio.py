@@ -110,6 +110,7 @@ _PAYLOAD_DIRECT = 64 << 10
 
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, tls: ssl.SSLContext | None = None) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: each get_running_loop() is a getpid()
         self.server = server
         self.tls = tls
         self.core = NbdServerConnection(
@@ -170,9 +171,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.server._connections.add(self)
         self.server.stats["connections"] += 1
-        self.handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._handshake_expired
-        )
+        self.handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         if self.server.closing:
             self.core.start_shutdown()
         self._send()
@@ -221,7 +220,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.server.stats[event.name] += 1
                 if fast is not None and self._submit(fast, event):
                     continue
-                task = asyncio.get_running_loop().create_task(self._run(event))
+                task = self.loop.create_task(self._run(event))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
             elif isinstance(event, CommandRejected):
@@ -250,7 +249,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.closing = True
                 self._maybe_close()
         if commands:
-            self.last_command = asyncio.get_running_loop().time()
+            self.last_command = self.loop.time()
 
     def _admit(self, export: Export) -> str | None:
         """The core asks as a client enters `export`: take one of its slots, or refuse."""
@@ -407,7 +406,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.fast_idle.set_result(None)
         if not self.feed_scheduled:  # once per turn: the core may hold commands that fit now
             self.feed_scheduled = True
-            asyncio.get_running_loop().call_soon(self._after_fast)
+            self.loop.call_soon(self._after_fast)
 
     def _after_fast(self) -> None:
         self.feed_scheduled = False
@@ -432,7 +431,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.replies.extend(parts)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_replies)
+            self.loop.call_soon(self._flush_replies)
 
     def _flush_replies(self) -> None:
         self.flush_scheduled = False

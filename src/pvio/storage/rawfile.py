@@ -152,6 +152,8 @@ class RawFile:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pvio-rawfile")
         self._workers = workers
         self._batch: list[_Call] = []
+        #: the loop the pool answers on, kept while it lives (get_running_loop() is a getpid())
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._nowait_read = nowait and bool(_RWF_NOWAIT)
         self._nowait_write = nowait and bool(_RWF_NOWAIT) and not read_only
         #: where NOWAIT writes are refused: whole-page writes inline while the kernel is calm
@@ -191,7 +193,9 @@ class RawFile:
     # --- the thread pool, batched ----------------------------------------------------------
 
     async def _in_pool(self, fn: Callable[..., object], *args: object) -> object:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[object] = loop.create_future()
         self._batch.append((fn, args, fut))
         if len(self._batch) == 1:
