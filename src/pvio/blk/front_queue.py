@@ -54,7 +54,8 @@ class RequestIds(asyncio.Semaphore):
     waiting, and only when no one is waiting already (first come, first served)."""
 
     def try_acquire(self) -> bool:
-        if self.locked():  # none free, or others wait for one
+        # none free, or others wait for one (locked(), without its generator when no one waits)
+        if self._value <= 0 or (self._waiters and self.locked()):
             return False
         self._value -= 1  # what acquire() does when nothing is waited for
         return True
