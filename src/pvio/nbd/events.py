@@ -108,7 +108,7 @@ class Command:
 
     @property
     def name(self) -> str:
-        return w.NBD_CMD_NAMES.get(self.type, str(self.type))
+        return w.NBD_CMD_NAMES.get(self.type) or str(self.type)  # str() only when unnamed
 
 
 @dataclass(frozen=True)
