@@ -259,3 +259,20 @@ def test_the_whole_pages_shortcut_decides_as_the_segment_by_segment_check(
         except BlkifRequestError as e:
             outcomes.append((e.field, e.status))
     assert outcomes[0] == outcomes[1]
+
+
+def test_whole_page_segments_read_from_indirect_pages_are_the_segments_packed() -> None:
+    # The whole-page path makes each gref's Segment once; what it returns must be what the
+    # pages say, request after request, and a frontend naming ever new references must not
+    # grow what it keeps.
+    from pvio.blk import request as rq
+
+    req = parse_request(ABI_NATIVE, build_indirect(ABI_NATIVE, BLKIF_OP_WRITE, 1, 64, 256, [70]))
+    for first in range(0, 40_000, 256):
+        segs = [Segment(first + k, 0, 7) for k in range(256)]
+        page = pack_segments(segs)
+        for _ in range(2):
+            parsed = parse_indirect_segments(req, [page + bytes(4096 - len(page))])
+            assert parsed.whole_pages and list(parsed.segments) == segs
+        assert len(rq._whole_segments) <= rq._WHOLE_SEGMENTS_MAX + 257
+    assert len(rq._whole_segments) > 0  # first: it does keep segments
