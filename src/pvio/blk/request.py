@@ -36,7 +36,6 @@ WRITE) as its operation, as Linux blkback answers and blkfront expects.
 
 from __future__ import annotations
 
-import struct
 import sys
 from array import array
 from dataclasses import dataclass
@@ -249,24 +248,11 @@ def parse_request(abi: BlkifABI, raw: bytes) -> BlkifRequest:
 _SEGMENT = SEGMENT.packer  # struct blkif_request_segment: the same bytes in every ABI
 _FIRST_SECT_AT = _SEGMENT.pack(0, 0xFF, 0).index(0xFF)  # where first_sect and last_sect lie
 _LAST_SECT_AT = _SEGMENT.pack(0, 0, 0xFF).index(0xFF)
-# A segment's gref alone, the rest skipped: the layout's own format with its sector bytes
-# as padding (gref is its first field)
-assert _SEGMENT.format.startswith("<I") and _SEGMENT.pack(0xFFFFFFFF, 0, 0)[:4] == b"\xff" * 4
-_GREF_ONLY = "I" + "x" * (_SEGMENT.size - 4)
-_grefs_structs: dict[int, struct.Struct] = {}
 #: whole-page segments by gref, made once: with persistent grants an indirect request
 #: names the same few hundred references again and again; bounded (cleared when full),
 #: so a frontend cycling through references makes it no larger
 _whole_segments: dict[int, Segment] = {}
 _WHOLE_SEGMENTS_MAX = 4096
-
-
-def _grefs(data: bytes, n: int) -> tuple[int, ...]:
-    """The grefs of the first `n` segments in `data`."""
-    st = _grefs_structs.get(n)
-    if st is None:
-        st = _grefs_structs[n] = struct.Struct("<" + _GREF_ONLY * n)
-    return st.unpack_from(data)
 
 
 def check_indirect(request: BlkifRequest, disk: DiskInfo) -> None:
@@ -300,7 +286,8 @@ def parse_indirect_segments(request: BlkifRequest, pages: list[bytes]) -> BlkifR
         if len(made) > _WHOLE_SEGMENTS_MAX:
             made.clear()
         last = SECTORS_PER_PAGE - 1
-        segs = tuple([made.get(g) or made.setdefault(g, Segment(g, 0, last)) for g in _grefs(data, n)])
+        segs = tuple([made.get(v[0]) or made.setdefault(v[0], Segment(v[0], 0, last))
+                      for v in _SEGMENT.iter_unpack(data[:need])])
     else:
         segs = tuple(map(Segment._make, _SEGMENT.iter_unpack(data[:need])))
     r = request
