@@ -9,6 +9,8 @@ import mmap
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pvio.abi import grant_table as gt
 from pvio.hypervisor.atomic import AtomicWords
@@ -124,3 +126,48 @@ def test_fetch_and_answers_the_old_word_and_checks_its_offset() -> None:
             words.fetch_and32(bad, 0)
     words.release()
     mm.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flags=st.sampled_from([PERMIT, PERMIT | gt.GTF_readonly, PERMIT | gt.GTF_reading, 0, gt.GTF_accept_transfer,
+                           PERMIT | gt.GTF_reading | gt.GTF_writing]),
+    to_other=st.booleans(),
+    granted_frame=st.sampled_from([3, 7, 8, 999]),
+    ref=st.sampled_from([1, 511, 512, 2**32 + 1]),
+    local=st.sampled_from([5, 7, 8, 2**40]),
+    length=st.sampled_from([0, 8, PAGE_SIZE]),
+    offsets=st.sampled_from([(0, 0), (8, 100), (PAGE_SIZE - 8, 0)]),
+    into=st.booleans(),
+    mapped=st.booleans(),
+)
+def test_the_copy_transports_shortcut_decides_as_the_general_path(
+        flags: int, to_other: bool, granted_frame: int, ref: int, local: int, length: int,
+        offsets: tuple[int, int], into: bool, mapped: bool) -> None:
+    """A copy between the caller's own frame and a grant takes a shortcut in the
+    hypervisor (`_copy_with_grant`); whatever the entry, frame, bounds or map, it ends
+    as the op decided one side at a time does: same status, entry, pins and bytes."""
+    ends = []
+    for shortcut in (True, False):
+        hv, g, c = world()
+        grant(g, 1, flags, c.domid + 1 if to_other else c.domid, granted_frame)
+        grant(g, 511, PERMIT, c.domid, 4)
+        for d in (g, c):
+            for frame in range(8):
+                d.frame_view(frame)[:] = bytes([d.domid * 16 + frame]) * PAGE_SIZE
+        if mapped and flags == PERMIT and not to_other and granted_frame < 8:
+            mapping = gt.GNTTAB_MAP_GRANT_REF.pack(flags=gt.GNTMAP_host_map, ref=1, dom=g.domid)
+            hv.execute(c.domid, [Op(20, gt.GNTTABOP_map_grant_ref, 1, mapping)])
+        goff, loff = offsets
+        op = into_grant(g, ref, local, length) if into else from_grant(g, ref, local)
+        op.update(len=length, source_offset=loff if into else goff, dest_offset=goff if into else loff)
+        if shortcut:
+            (status,) = copy(hv, c, op)
+        elif length > PAGE_SIZE - max(offsets):
+            status = gt.GNTST_bad_copy_arg  # checked before either side, in copy_batch
+        else:
+            status = hv.grants._copy_one(c, op["source_u"], op["source_domid"], op["source_offset"], op["dest_u"],
+                                         op["dest_domid"], op["dest_offset"], op["len"], op["flags"])
+        ends.append((status, bytes(g.gnttab[:8 * 512]), bytes(g.memory[: 8 * PAGE_SIZE]),
+                     bytes(c.memory[: 8 * PAGE_SIZE]), {r: (a.pins_ro, a.pins_rw) for r, a in g.active.items()}))
+    assert ends[0] == ends[1]
