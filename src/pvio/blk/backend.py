@@ -79,7 +79,7 @@ from pvio.blk.request import (
     parse_request,
     validate,
 )
-from pvio.hypervisor.client import CopySeg, Domain, GrantMapping
+from pvio.hypervisor.client import Domain, GrantMapping, pack_from_grant, pack_to_grant
 from pvio.hypervisor.errors import GrantError, HypercallError
 from pvio.hypervisor.granting import NoSpace
 from pvio.ring import BackRing, RingBroken, SharedRing
@@ -477,19 +477,19 @@ class BlkbackRing:
 
     async def _copy(self, works: list[Work], *, inbound: bool) -> None:
         """One GNTTABOP_copy for every segment of `works` (into or out of the guest)."""
-        segs: list[CopySeg] = []
+        ops: list[bytes] = []
         owners: list[Work] = []
         dom = self.frontend_domid
         for w in works:
             assert w.frames is not None
             for f, seg in zip(w.frames, w.io.segments, strict=True):
                 if inbound:
-                    segs.append(CopySeg.from_grant(dom, seg.gref, f, seg.length, grant_offset=seg.offset))
+                    ops.append(pack_from_grant(dom, seg.gref, f, seg.length, seg.offset))
                 else:
-                    segs.append(CopySeg.to_grant(f, dom, seg.gref, seg.length, grant_offset=seg.offset))
+                    ops.append(pack_to_grant(f, dom, seg.gref, seg.length, seg.offset))
                 owners.append(w)
         self.stats.grant_ops += 1
-        statuses = await self.domain.copy(segs)
+        statuses = await self.domain.copy_packed(b"".join(ops))
         for w, status in zip(owners, statuses, strict=True):
             if status != gt.GNTST_okay:
                 w.status = BLKIF_RSP_ERROR

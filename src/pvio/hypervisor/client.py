@@ -48,7 +48,13 @@ from pvio.hypervisor.client_channel import Channel, Hypercalls, check
 from pvio.hypervisor.client_core import EventPorts
 from pvio.hypervisor.client_events import PORT_PUSHES, EventClient
 from pvio.hypervisor.client_lguest import LguestClient, LguestRegion
-from pvio.hypervisor.client_mapping import CopySeg, GrantMapping, MappingClient
+from pvio.hypervisor.client_mapping import (
+    CopySeg,
+    GrantMapping,
+    MappingClient,
+    pack_from_grant,
+    pack_to_grant,
+)
 from pvio.hypervisor.client_memory import MemoryClient, PageAllocator
 from pvio.hypervisor.granting import GrantRefs, NoSpace
 from pvio.hypervisor.wire import Op
@@ -61,6 +67,8 @@ __all__ = [
     "LguestRegion",
     "NoSpace",
     "create_domain",
+    "pack_from_grant",
+    "pack_to_grant",
 ]
 
 
@@ -193,6 +201,10 @@ class Domain:
     async def copy(self, segs: Sequence[CopySeg]) -> list[int]:
         """GNTTABOP_copy, batched: one round trip; returns a GNTST status per segment."""
         return await self._mapping.copy(segs)
+
+    async def copy_packed(self, args: bytes) -> list[int]:
+        """`copy` of gnttab_copy structs already packed (`pack_from_grant`, `pack_to_grant`)."""
+        return await self._mapping.copy_packed(args)
 
     # -- event channels (client_events) ----------------------------------------------------
 
