@@ -128,6 +128,19 @@ def test_fetch_and_answers_the_old_word_and_checks_its_offset() -> None:
     mm.close()
 
 
+def test_compare_and_swap_carries_all_32_bits() -> None:
+    """The atomics are called untyped (plain ints): words and values with the top bit
+    set must pass whole, and a swap that finds another word must leave it."""
+    mm = mmap.mmap(-1, 4096)
+    words = AtomicWords(mm)
+    struct.pack_into("<I", mm, 12, 0x80000001)
+    assert words.cmpxchg32(12, 0x80000001, 0xFFFF0003) == 0x80000001
+    assert words.cmpxchg32(12, 0x80000001, 5) == 0xFFFF0003
+    assert struct.unpack_from("<I", mm, 12)[0] == 0xFFFF0003
+    words.release()
+    mm.close()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     flags=st.sampled_from([PERMIT, PERMIT | gt.GTF_readonly, PERMIT | gt.GTF_reading, 0, gt.GTF_accept_transfer,

@@ -15,7 +15,8 @@ address, which is atomic between processes sharing the page, and a full barrier.
 Clearing bits needs no compare: ``__atomic_fetch_and_4`` (a ``lock and``, or a
 ``lock cmpxchg`` loop inside libatomic) does it in one call, as Xen's
 ``gnttab_clear_flags`` clears GTF_reading/GTF_writing with an atomic bit clear.  A call
-through ctypes costs about a microsecond (``pvio bench hypervisor`` reports it).
+through ctypes costs about half a microsecond untyped (``pvio bench hypervisor``
+reports it).
 
 Rejected: a PyPI package for atomics (one more dependency that wraps the same builtin);
 a design in which only the hypervisor writes the flags (every end_foreign_access would
@@ -31,7 +32,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from pvio.abi.native import libatomic
+from pvio.abi.native import libatomic_untyped
 
 __all__ = ["AtomicWords"]
 
@@ -48,24 +49,29 @@ class AtomicWords:
         self._anchor: Any = (ctypes.c_char * len(memoryview(buf))).from_buffer(buf)
         self._base = ctypes.addressof(self._anchor)
         self._size = len(self._anchor)
-        self._cas = getattr(libatomic(), "__atomic_compare_exchange_4")
-        self._fetch_and = getattr(libatomic(), "__atomic_fetch_and_4")
+        lib = libatomic_untyped()
+        self._cas = getattr(lib, "__atomic_compare_exchange_4")
+        self._fetch_and = getattr(lib, "__atomic_fetch_and_4")
         self._expected = ctypes.c_uint32(0)
-        self._expected_addr = ctypes.addressof(self._expected)
+        self._expected_ptr = ctypes.c_void_p(ctypes.addressof(self._expected))
+        #: the word's address, set before each call (untyped calls: see libatomic_untyped)
+        self._where = ctypes.c_void_p(0)
 
     def cmpxchg32(self, offset: int, old: int, new: int) -> int:
         """Atomically: if word == old, word = new.  Returns the value found (== old on success)."""
         if offset < 0 or offset + 4 > self._size or offset % 4:
             raise ValueError(f"cmpxchg32 at bad offset {offset}")
         self._expected.value = old
-        self._cas(self._base + offset, self._expected_addr, new, _ATOMIC_SEQ_CST, _ATOMIC_SEQ_CST)
+        self._where.value = self._base + offset
+        self._cas(self._where, self._expected_ptr, new & 0xFFFFFFFF, _ATOMIC_SEQ_CST, _ATOMIC_SEQ_CST)
         return self._expected.value
 
     def fetch_and32(self, offset: int, mask: int) -> int:
         """Atomically: word &= mask.  Returns the value found before."""
         if offset < 0 or offset + 4 > self._size or offset % 4:
             raise ValueError(f"fetch_and32 at bad offset {offset}")
-        found: int = self._fetch_and(self._base + offset, mask, _ATOMIC_SEQ_CST)
+        self._where.value = self._base + offset
+        found: int = self._fetch_and(self._where, mask & 0xFFFFFFFF, _ATOMIC_SEQ_CST)
         return found
 
     def release(self) -> None:
