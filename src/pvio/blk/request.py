@@ -434,16 +434,20 @@ def build_indirect(
     """The bytes of a BLKIF_OP_INDIRECT slot (its segments are in the indirect pages)."""
     if len(indirect_grefs) > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
         raise ValueError(f"{len(indirect_grefs)} indirect pages > {BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST}")
-    raw = abi.request_indirect.pack(
-        operation=BLKIF_OP_INDIRECT,
-        indirect_op=indirect_op,
-        nr_segments=nr_segments,
-        id=req_id,
-        sector_number=sector_number,
-        handle=handle,
-        indirect_grefs=tuple(indirect_grefs),
-    )
+    lay = abi.request_indirect
+    # The layout's values in order (packed positionally: the keyword path costs 3 µs a
+    # request); the unused grefs, and x86_32's pad after them, are zeros.
+    flat = [BLKIF_OP_INDIRECT, indirect_op, nr_segments, req_id, sector_number, handle, *indirect_grefs]
+    count = _VALUE_COUNT.get(lay.name)
+    if count is None:
+        count = _VALUE_COUNT[lay.name] = sum(f.count for f in lay.named_fields())
+    flat += [0] * (count - len(flat))
+    raw = lay.packer.pack(*flat)
     return raw + bytes(abi.request.size - len(raw))
+
+
+#: a layout's number of values (arrays counted by element), by its name
+_VALUE_COUNT: dict[str, int] = {}
 
 
 def pack_segments(segments: list[Segment] | tuple[Segment, ...]) -> bytes:
