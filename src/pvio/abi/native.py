@@ -72,8 +72,12 @@ LIBATOMIC = ctypes.util.find_library("atomic") or "libatomic.so.1"
 
 @functools.cache
 def libatomic() -> Any:
-    """GCC's libatomic, with `atomic_thread_fence`, `__atomic_compare_exchange_4` and
-    `__atomic_fetch_and_4` typed."""
+    """GCC's libatomic: `atomic_thread_fence`, `__atomic_compare_exchange_4` and
+    `__atomic_fetch_and_4`, their results typed and their arguments not.  Callers pass
+    plain ints (a memory order, a 32-bit value) and addresses in a `c_void_p` they reuse,
+    which ctypes hands over as they are; with `argtypes` it converted every argument on
+    every call (a compare-and-swap 0.94 µs against 0.62, a fence 0.29 against 0.18).
+    The rings make a fence per batch and the hypervisor two atomics per page it copies."""
     try:
         lib = ctypes.CDLL(LIBATOMIC)
     except OSError as exc:  # pragma: no cover - the install scripts provide libatomic1
@@ -81,25 +85,7 @@ def libatomic() -> Any:
             f"pvio needs GCC's libatomic for memory fences and compare-and-swap ({exc}); "
             "install it with: apt-get install libatomic1"
         ) from exc
-    lib.atomic_thread_fence.argtypes = [ctypes.c_int]
     lib.atomic_thread_fence.restype = None
-    cas = lib.__atomic_compare_exchange_4
-    cas.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
-    cas.restype = ctypes.c_bool
-    fetch_and = lib.__atomic_fetch_and_4
-    fetch_and.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
-    fetch_and.restype = ctypes.c_uint32
-    return lib
-
-
-@functools.cache
-def libatomic_untyped() -> Any:
-    """libatomic again, its functions without `argtypes`: a call that passes a reused
-    `c_void_p` and plain ints skips the per-argument conversions that `argtypes` makes
-    (0.6 µs a call against 0.9 here), for the hypervisor's atomics on grant entries,
-    two a page of every grant copy.  Only the results are typed."""
-    libatomic()  # the same library, with its missing-package message
-    lib = ctypes.CDLL(LIBATOMIC)
     lib.__atomic_compare_exchange_4.restype = ctypes.c_bool
     lib.__atomic_fetch_and_4.restype = ctypes.c_uint32
     return lib

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from pvio.abi.native import libatomic_untyped
+from pvio.abi.native import libatomic
 
 __all__ = ["AtomicWords"]
 
@@ -43,18 +43,19 @@ class AtomicWords:
     """Atomic 32-bit compare-and-swap at byte offsets of a writable buffer (e.g. an mmap).
 
     The buffer stays exported while this object lives; call `release()` before closing it.
+    One thread at a time: the calls share one address holder (`_where`).
     """
 
     def __init__(self, buf: Any) -> None:
         self._anchor: Any = (ctypes.c_char * len(memoryview(buf))).from_buffer(buf)
         self._base = ctypes.addressof(self._anchor)
         self._size = len(self._anchor)
-        lib = libatomic_untyped()
+        lib = libatomic()
         self._cas = getattr(lib, "__atomic_compare_exchange_4")
         self._fetch_and = getattr(lib, "__atomic_fetch_and_4")
         self._expected = ctypes.c_uint32(0)
         self._expected_ptr = ctypes.c_void_p(ctypes.addressof(self._expected))
-        #: the word's address, set before each call (untyped calls: see libatomic_untyped)
+        #: the word's address, set before each call (untyped calls: see libatomic)
         self._where = ctypes.c_void_p(0)
 
     def cmpxchg32(self, offset: int, old: int, new: int) -> int:
