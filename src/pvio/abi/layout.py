@@ -78,6 +78,8 @@ class Layout:
     #: (name, count, zero) of each value field, in order; True when all are scalars
     _plan: tuple[tuple[str, int, Any], ...] = field(init=False, repr=False)
     _scalar: bool = field(init=False, repr=False)
+    #: how many values `packer` takes (an array counts its elements): positional packing
+    value_count: int = field(init=False, repr=False)
     _names: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ class Layout:
         self._plan = tuple((f.name, f.count, b"" if f.code.endswith("s") else 0)
                            for f in out if not f.is_padding)
         self._scalar = all(count == 1 for _, count, _ in self._plan)
+        self.value_count = sum(count for _, count, _ in self._plan)
         REGISTRY.append(self)
 
     # -- derived facts -------------------------------------------------------------

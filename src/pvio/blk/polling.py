@@ -105,7 +105,7 @@ class PollWindow:
             self.active = True
             self._found = False
             loop = self._loop
-            if loop is None:
+            if loop is None or loop.is_closed():
                 loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._tick, time.monotonic_ns() + self.window_ns)
 

@@ -438,16 +438,10 @@ def build_indirect(
     # The layout's values in order (packed positionally: the keyword path costs 3 µs a
     # request); the unused grefs, and x86_32's pad after them, are zeros.
     flat = [BLKIF_OP_INDIRECT, indirect_op, nr_segments, req_id, sector_number, handle, *indirect_grefs]
-    count = _VALUE_COUNT.get(lay.name)
-    if count is None:
-        count = _VALUE_COUNT[lay.name] = sum(f.count for f in lay.named_fields())
-    flat += [0] * (count - len(flat))
+    flat += [0] * (lay.value_count - len(flat))
     raw = lay.packer.pack(*flat)
     return raw + bytes(abi.request.size - len(raw))
 
-
-#: a layout's number of values (arrays counted by element), by its name
-_VALUE_COUNT: dict[str, int] = {}
 
 
 def pack_segments(segments: list[Segment] | tuple[Segment, ...]) -> bytes:
